@@ -1,0 +1,105 @@
+//! Execute: actuators carry out steps. Each is idempotent (a second run, or a
+//! run after a cancelled one, is safe) and treats every `.await` as a
+//! cancellation point. The supervisor records every run before and after.
+
+pub mod command;
+pub mod refetch;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+
+use crate::model::{Outcome, Step};
+use crate::sensors::workload_api::Shared;
+
+pub use command::{CommandActuator, CommandConfig};
+pub use refetch::RefetchActuator;
+
+/// Name of the built-in refetch actuator.
+pub const REFETCH: &str = "refetch";
+
+/// Errors at the actuator boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum ActuatorError {
+    /// The target agent is unknown to this actuator.
+    #[error("unknown target agent {0:?}")]
+    UnknownTarget(String),
+    /// The process could not be started.
+    #[error("cannot start {program:?}: {source}")]
+    Spawn {
+        /// Program.
+        program: String,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It ran but failed.
+    #[error("{0}")]
+    Failed(String),
+    /// It did not finish in time.
+    #[error("timed out after {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+impl ActuatorError {
+    /// Closed-set label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ActuatorError::UnknownTarget(_) => "unknown_target",
+            ActuatorError::Spawn { .. } => "spawn",
+            ActuatorError::Failed(_) => "failed",
+            ActuatorError::Timeout(_) => "timeout",
+        }
+    }
+}
+
+/// Something that can act on a target.
+#[async_trait]
+pub trait Actuator: Send + Sync {
+    /// Actuator type (`refetch`, `command`): metric label.
+    fn name(&self) -> &'static str;
+    /// Runs the step. Idempotent and cancel-safe.
+    async fn execute(&self, step: &Step) -> Result<Outcome, ActuatorError>;
+}
+
+/// A configured actuator instance (`[actuators.<name>]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ActuatorConfig {
+    /// Run a program.
+    Command(CommandConfig),
+}
+
+impl ActuatorConfig {
+    /// (field, problem) pairs; empty when valid.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        match self {
+            ActuatorConfig::Command(c) => c.problems(),
+        }
+    }
+
+    /// Builds the actuator.
+    pub fn build(&self) -> Arc<dyn Actuator> {
+        match self {
+            ActuatorConfig::Command(c) => Arc::new(CommandActuator::new(c.clone())),
+        }
+    }
+}
+
+/// Actuators by instance name.
+pub type Registry = HashMap<String, Arc<dyn Actuator>>;
+
+/// The built-in `refetch` plus every configured instance.
+pub fn registry(
+    configured: &BTreeMap<String, ActuatorConfig>,
+    streams: HashMap<String, Arc<Shared>>,
+) -> Registry {
+    let mut r: Registry = configured
+        .iter()
+        .map(|(name, c)| (name.clone(), c.build()))
+        .collect();
+    r.insert(REFETCH.to_string(), Arc::new(RefetchActuator::new(streams)));
+    r
+}

@@ -1,0 +1,293 @@
+//! Analyze: sensor views → symptoms. Pure: a function of its inputs and `now`.
+//!
+//! Each symptom has an open condition and a separate, weaker close condition
+//! (hysteresis): `is_open` tells whether an incident for that key is open, and
+//! an open symptom stays active until its close condition holds.
+
+use std::time::SystemTime;
+
+use serde_json::json;
+
+use crate::clock::{saturating_since, unix_millis};
+use crate::model::{AgentView, Severity, StreamStatus, Subject, Symptom, SymptomKey, SymptomKind};
+use crate::policy::Thresholds;
+
+/// Symptoms present at `now`.
+pub fn analyze(
+    views: &[AgentView],
+    is_open: &dyn Fn(&SymptomKey) -> bool,
+    th: &Thresholds,
+    now: SystemTime,
+) -> Vec<Symptom> {
+    let mut out = Vec::new();
+    for view in views {
+        agent_symptoms(view, is_open, th, now, &mut out);
+    }
+    out
+}
+
+fn agent_symptoms(
+    view: &AgentView,
+    is_open: &dyn Fn(&SymptomKey) -> bool,
+    th: &Thresholds,
+    now: SystemTime,
+    out: &mut Vec<Symptom>,
+) {
+    let blind = saturating_since(now, view.updated_at) > th.max_staleness;
+    // Earliest notAfter among what the agent last served: when it stops
+    // renewing, that is when workloads lose mTLS.
+    let earliest_expiry = view.svids.iter().map(|s| s.not_after).min();
+
+    // agent_unreachable: opens after `unreachable_after` in a failed state,
+    // closes only once the stream is up again (Connecting keeps it open).
+    let key = SymptomKey {
+        kind: SymptomKind::AgentUnreachable,
+        subject: Subject::agent(&view.agent),
+    };
+    let failed = matches!(
+        view.status,
+        StreamStatus::Down | StreamStatus::Unanswered | StreamStatus::Rejected
+    );
+    let failed_for = saturating_since(now, view.status_since);
+    let active = if is_open(&key) {
+        view.status != StreamStatus::Up
+    } else {
+        failed && failed_for >= th.unreachable_after
+    };
+    if active {
+        out.push(Symptom {
+            kind: key.kind,
+            subject: key.subject,
+            severity: if earliest_expiry.is_some_and(|t| t <= now) {
+                Severity::Critical
+            } else {
+                Severity::Warning
+            },
+            predicted_outage: earliest_expiry,
+            evidence: json!({
+                "stream": view.status.as_str(),
+                "since_ms": unix_millis(view.status_since),
+                "last_error": view.last_error,
+                "last_message_ms": view.last_message.map(unix_millis),
+                "cached_svids": view.svids.len(),
+            }),
+            blind,
+        });
+    }
+
+    for svid in &view.svids {
+        let subject = Subject::svid(&view.agent, &svid.spiffe_id);
+        let frac = svid.elapsed_fraction(now);
+        let evidence = || {
+            json!({
+                "serial": svid.serial,
+                "not_before_ms": unix_millis(svid.not_before),
+                "not_after_ms": unix_millis(svid.not_after),
+                "elapsed_fraction": (frac * 1000.0).round() / 1000.0,
+                "stream": view.status.as_str(),
+            })
+        };
+        let mut push = |kind: SymptomKind, open_if: bool, close_if: bool, severity: Severity, extra: Option<&str>| {
+            let key = SymptomKey {
+                kind,
+                subject: subject.clone(),
+            };
+            let active = if is_open(&key) { !close_if } else { open_if };
+            if active {
+                let mut ev = evidence();
+                if let Some(reason) = extra {
+                    ev["problem"] = json!(reason);
+                }
+                out.push(Symptom {
+                    kind,
+                    subject: key.subject,
+                    severity,
+                    predicted_outage: Some(svid.not_after),
+                    evidence: ev,
+                    blind,
+                });
+            }
+        };
+        let expired = now >= svid.not_after;
+        push(
+            SymptomKind::SvidExpired,
+            expired,
+            !expired,
+            Severity::Critical,
+            None,
+        );
+        push(
+            SymptomKind::SvidExpiring,
+            !expired && frac >= th.expiring_open,
+            expired || frac < th.expiring_close,
+            Severity::Critical,
+            None,
+        );
+        push(
+            SymptomKind::SvidRotationOverdue,
+            !expired && frac >= th.rotation_overdue_open,
+            expired || frac < th.rotation_overdue_close,
+            Severity::Warning,
+            None,
+        );
+        push(
+            SymptomKind::SvidInvalid,
+            svid.invalid.is_some(),
+            svid.invalid.is_none(),
+            Severity::Critical,
+            svid.invalid.as_deref(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::SvidObservation;
+    use crate::policy::Policy;
+    use std::collections::HashSet;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn t(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    fn th() -> Thresholds {
+        Policy::builtin().unwrap().thresholds
+    }
+
+    /// A view of agent `a` serving one SVID valid from t(0) to t(100).
+    fn view(status: StreamStatus, since: u64, updated: u64) -> AgentView {
+        AgentView {
+            agent: "a".into(),
+            status,
+            status_since: t(since),
+            last_error: None,
+            last_message: Some(t(0)),
+            svids: vec![SvidObservation {
+                spiffe_id: "spiffe://td/w".into(),
+                serial: "0a".into(),
+                not_before: t(0),
+                not_after: t(100),
+                invalid: None,
+                first_seen: t(0),
+            }],
+            bundle_authorities: 1,
+            rotations: 0,
+            updated_at: t(updated),
+        }
+    }
+
+    fn kinds(symptoms: &[Symptom]) -> Vec<SymptomKind> {
+        let mut k: Vec<_> = symptoms.iter().map(|s| s.kind).collect();
+        k.sort();
+        k
+    }
+
+    fn open_set(keys: &[(SymptomKind, Subject)]) -> HashSet<SymptomKey> {
+        keys.iter()
+            .map(|(kind, subject)| SymptomKey {
+                kind: *kind,
+                subject: subject.clone(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn svid_lifecycle_table() {
+        use SymptomKind::*;
+        let none: HashSet<SymptomKey> = HashSet::new();
+        // (seconds into a 100 s lifetime, expected symptoms with nothing open)
+        let cases: &[(u64, &[SymptomKind])] = &[
+            (10, &[]),
+            (50, &[]),
+            (64, &[]),
+            (65, &[SvidRotationOverdue]),
+            (85, &[SvidRotationOverdue, SvidExpiring]),
+            (100, &[SvidExpired]),
+            (150, &[SvidExpired]),
+        ];
+        for (at, want) in cases {
+            let v = view(StreamStatus::Up, 0, *at);
+            let got = analyze(&[v], &|k| none.contains(k), &th(), t(*at));
+            assert_eq!(kinds(&got), want.to_vec(), "at {at}s");
+        }
+    }
+
+    #[test]
+    fn overdue_has_hysteresis() {
+        let subject = Subject::svid("a", "spiffe://td/w");
+        let open = open_set(&[(SymptomKind::SvidRotationOverdue, subject)]);
+        // Open incident stays active between close (0.6) and open (0.65).
+        let v = view(StreamStatus::Up, 0, 62);
+        let got = analyze(&[v.clone()], &|k| open.contains(k), &th(), t(62));
+        assert_eq!(kinds(&got), vec![SymptomKind::SvidRotationOverdue]);
+        // Not open: does not open at 0.62.
+        let got = analyze(&[v], &|_| false, &th(), t(62));
+        assert!(got.is_empty());
+        // Closes once a new serial makes the share drop below 0.6.
+        let mut fresh = view(StreamStatus::Up, 0, 70);
+        fresh.svids[0].not_before = t(60);
+        fresh.svids[0].not_after = t(160);
+        let got = analyze(&[fresh], &|k| open.contains(k), &th(), t(70));
+        assert!(got.is_empty());
+    }
+
+    #[test]
+    fn unreachable_opens_on_failure_and_closes_only_when_up() {
+        let key_open = open_set(&[(SymptomKind::AgentUnreachable, Subject::agent("a"))]);
+        for (status, open, want) in [
+            (StreamStatus::Down, false, true),
+            (StreamStatus::Unanswered, false, true),
+            (StreamStatus::Rejected, false, true),
+            (StreamStatus::Connecting, false, false),
+            (StreamStatus::Connecting, true, true),
+            (StreamStatus::Up, true, false),
+        ] {
+            let v = view(status, 20, 21);
+            let got = analyze(
+                &[v],
+                &|k| open && key_open.contains(k),
+                &th(),
+                t(21),
+            );
+            assert_eq!(
+                got.iter().any(|s| s.kind == SymptomKind::AgentUnreachable),
+                want,
+                "{status:?} open={open}"
+            );
+        }
+    }
+
+    #[test]
+    fn unreachable_predicts_outage_at_earliest_expiry() {
+        let v = view(StreamStatus::Down, 20, 21);
+        let got = analyze(&[v], &|_| false, &th(), t(21));
+        let s = got
+            .iter()
+            .find(|s| s.kind == SymptomKind::AgentUnreachable)
+            .unwrap();
+        assert_eq!(s.predicted_outage, Some(t(100)));
+        assert_eq!(s.severity, Severity::Warning);
+        assert_eq!(s.evidence["stream"], "down");
+    }
+
+    #[test]
+    fn stale_view_is_blind() {
+        let v = view(StreamStatus::Down, 20, 21);
+        let got = analyze(&[v], &|_| false, &th(), t(40));
+        assert!(got.iter().all(|s| s.blind));
+        let v = view(StreamStatus::Down, 20, 39);
+        let got = analyze(&[v], &|_| false, &th(), t(40));
+        assert!(got.iter().all(|s| !s.blind));
+    }
+
+    #[test]
+    fn invalid_svid_carries_problem() {
+        let mut v = view(StreamStatus::Up, 0, 10);
+        v.svids[0].invalid = Some("leaf certificate has cA=true".into());
+        let got = analyze(&[v], &|_| false, &th(), t(10));
+        assert_eq!(kinds(&got), vec![SymptomKind::SvidInvalid]);
+        assert_eq!(got[0].evidence["problem"], "leaf certificate has cA=true");
+    }
+}

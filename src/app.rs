@@ -1,0 +1,142 @@
+//! Wiring: from a validated config to running tasks (store, sensors,
+//! actuators, supervisor loop, HTTP). Used by `run`, `demo` and tests.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, error, info, info_span};
+
+use crate::actuators;
+use crate::clock::Clock;
+use crate::config::Resolved;
+use crate::knowledge::{self, Buffer, Store, StoreError};
+use crate::sensors::Sensor;
+use crate::sensors::workload_api::{self, Settings};
+use crate::supervisor::{Parts, Supervisor};
+use crate::telemetry::{self, Health, Metrics};
+
+/// Handles to a started supervisor.
+pub struct Running {
+    /// The store (for reading history).
+    pub store: Arc<dyn Store>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Health.
+    pub health: Arc<Health>,
+    /// Bound HTTP address, when HTTP is enabled.
+    pub http_addr: Option<SocketAddr>,
+}
+
+/// Errors while starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The knowledge store could not be opened.
+    #[error("cannot open the knowledge store: {0}")]
+    Store(#[from] StoreError),
+    /// The HTTP address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Http {
+        /// Address.
+        addr: SocketAddr,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Opens the store, spawns sensor tasks, the supervisor loop and the HTTP
+/// server on `tasks`; all stop when `shutdown` is cancelled.
+///
+/// # Errors
+/// The store cannot be opened or the HTTP address cannot be bound.
+pub async fn start(
+    resolved: &Resolved,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<Running, StartError> {
+    let cfg = &resolved.config;
+    let store = knowledge::open(resolved.database_url.expose_secret()).await?;
+    info!(backend = store.backend(), "Knowledge store open.");
+    let since = clock.now().checked_sub(Duration::from_secs(3600)).unwrap_or(clock.now());
+    let knowledge = store.load_knowledge(since).await?;
+
+    let health = Arc::new(Health::new(
+        cfg.supervisor.tick_interval * 5 + Duration::from_secs(5),
+    ));
+    let wake = Arc::new(Notify::new());
+    let mut sensors: Vec<Box<dyn Sensor>> = Vec::new();
+    let mut streams = HashMap::new();
+    for (agent, endpoint) in cfg.agents.iter().zip(&resolved.endpoints) {
+        let (sensor, task, shared) = workload_api::build(
+            Settings {
+                agent: agent.name.clone(),
+                endpoint: endpoint.clone(),
+                answer_timeout: agent.answer_timeout,
+                backoff_max: agent.backoff_max,
+            },
+            clock.clone(),
+            metrics.clone(),
+            wake.clone(),
+        );
+        let span = info_span!("sensor", sensor = "workload_api", agent = %agent.name);
+        tasks.spawn(task.run(shutdown.child_token()).instrument(span));
+        sensors.push(Box::new(sensor));
+        streams.insert(agent.name.clone(), shared);
+    }
+    let registry = actuators::registry(&cfg.actuators, streams);
+
+    let http_addr = match cfg.http.listen {
+        Some(addr) => {
+            let router = telemetry::router(metrics.clone(), health.clone(), clock.clone());
+            let (bound, fut) = telemetry::serve_http(addr, router, shutdown.child_token())
+                .await
+                .map_err(|source| StartError::Http { addr, source })?;
+            tasks.spawn(
+                async move {
+                    if let Err(e) = fut.await {
+                        error!(error = %e, "HTTP server failed.");
+                    }
+                }
+                .instrument(info_span!("http")),
+            );
+            info!(addr = %bound, "Serving /metrics, /healthz, /readyz.");
+            Some(bound)
+        }
+        None => None,
+    };
+
+    let supervisor = Supervisor::new(
+        Parts {
+            clock,
+            sensors,
+            actuators: registry,
+            policy: resolved.policy.clone(),
+            dry_run: cfg.supervisor.dry_run,
+            buffer: Buffer::new(store.clone(), cfg.database.buffer_capacity),
+            metrics: metrics.clone(),
+            health: health.clone(),
+            wake,
+            tick_interval: cfg.supervisor.tick_interval,
+        },
+        knowledge,
+    );
+    tasks.spawn(
+        supervisor
+            .run(shutdown.child_token())
+            .instrument(info_span!("supervisor")),
+    );
+    Ok(Running {
+        store,
+        metrics,
+        health,
+        http_addr,
+    })
+}

@@ -1,0 +1,374 @@
+//! Command line: `run`, `check-config`, `demo`, and the store readers
+//! `incidents` and `actions`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::clock::{Clock, SystemClock, from_unix_millis};
+use crate::config::{Config, ConfigError, EXIT_CONFIG, Resolved, process_env};
+use crate::knowledge::{self, Query};
+use crate::telemetry::{LogFormat, Metrics, init_logging};
+
+/// Exit code when a needed service (the database) is unavailable (EX_UNAVAILABLE).
+pub const EXIT_UNAVAILABLE: i32 = 69;
+
+/// spire-healer: a self-healing supervisor for SPIFFE/SPIRE.
+#[derive(Debug, Parser)]
+#[command(name = "spire-healer", version, about)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Pretty, global = true)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the supervisor until SIGINT/SIGTERM.
+    Run {
+        /// Configuration file.
+        #[arg(long, short, default_value = "spire-healer.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and print every problem.
+    CheckConfig {
+        /// Configuration file.
+        #[arg(long, short, default_value = "spire-healer.toml")]
+        config: PathBuf,
+    },
+    /// A simulated first run: a fake agent, scheduled faults, the real loop.
+    Demo {
+        /// Upper bound for the whole demo.
+        #[arg(long, default_value = "50s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Port for /metrics during the demo (0: any free port).
+        #[arg(long, default_value_t = 0)]
+        metrics_port: u16,
+    },
+    /// List incidents from the knowledge store.
+    Incidents {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Only open incidents.
+        #[arg(long)]
+        open: bool,
+    },
+    /// List remediation actions from the knowledge store.
+    Actions {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Only actions for this incident.
+        #[arg(long)]
+        incident: Option<String>,
+    },
+}
+
+/// Where to read history from.
+#[derive(Debug, clap::Args)]
+pub struct StoreArgs {
+    /// Configuration file (its `database.url` is used).
+    #[arg(long, short, default_value = "spire-healer.toml")]
+    pub config: PathBuf,
+    /// Database URL; overrides the config file.
+    #[arg(long)]
+    pub database: Option<String>,
+    /// Rows to show.
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// Output format of listings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// A JSON array for scripts.
+    Json,
+}
+
+/// Runs the parsed command; returns the process exit code.
+pub async fn main(cli: Cli) -> i32 {
+    match cli.command {
+        Command::CheckConfig { config } => check_config(&config, &mut std::io::stdout()),
+        Command::Run { config } => {
+            init_logging(cli.log_format, "info");
+            run(&config).await
+        }
+        Command::Demo {
+            duration,
+            metrics_port,
+        } => {
+            init_logging(cli.log_format, "warn");
+            crate::demo::run(duration, metrics_port, &mut std::io::stdout()).await
+        }
+        Command::Incidents { store, open } => list(&store, Listing::Incidents { open }).await,
+        Command::Actions { store, incident } => list(&store, Listing::Actions { incident }).await,
+    }
+}
+
+/// Loads and validates; prints errors. `Err(exit code)` on failure.
+fn load(path: &std::path::Path, out: &mut dyn Write) -> Result<Resolved, i32> {
+    let errors: Vec<ConfigError> = match Config::load(path) {
+        Ok(c) => match c.validate(&process_env) {
+            Ok(r) => return Ok(r),
+            Err(e) => e,
+        },
+        Err(e) => vec![e],
+    };
+    let _ = writeln!(out, "{}: {} problem(s):", path.display(), errors.len());
+    for e in &errors {
+        let _ = writeln!(out, "  - {e}");
+    }
+    Err(EXIT_CONFIG)
+}
+
+/// `check-config`.
+pub fn check_config(path: &std::path::Path, out: &mut dyn Write) -> i32 {
+    match load(path, out) {
+        Ok(r) => {
+            for w in &r.warnings {
+                let _ = writeln!(out, "warning: {w}");
+            }
+            let _ = writeln!(
+                out,
+                "{}: OK ({} agent(s), {} actuator(s), dry_run = {})",
+                path.display(),
+                r.config.agents.len(),
+                r.config.actuators.len() + 1,
+                r.config.supervisor.dry_run
+            );
+            0
+        }
+        Err(code) => code,
+    }
+}
+
+async fn run(path: &std::path::Path) -> i32 {
+    let resolved = match load(path, &mut std::io::stderr()) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    for w in &resolved.warnings {
+        warn!(warning = %w, "Configuration warning.");
+    }
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let metrics = Arc::new(Metrics::new());
+    if let Err(e) = crate::app::start(&resolved, clock, metrics, shutdown.clone(), &tasks).await {
+        tracing::error!(error = %e, "Cannot start.");
+        eprintln!("error: {e}");
+        return EXIT_UNAVAILABLE;
+    }
+    tokio::select! {
+        _ = shutdown_signal() => info!("Received shutdown signal."),
+        _ = shutdown.cancelled() => {}
+    }
+    shutdown.cancel();
+    tasks.close();
+    if tokio::time::timeout(resolved.config.supervisor.shutdown_grace, tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!("Shutdown grace period elapsed.");
+    }
+    0
+}
+
+/// SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+enum Listing {
+    Incidents { open: bool },
+    Actions { incident: Option<String> },
+}
+
+async fn list(args: &StoreArgs, what: Listing) -> i32 {
+    let url = match &args.database {
+        Some(u) => u.clone(),
+        None => match Config::load(&args.config) {
+            Ok(c) => process_env("SPIRE_HEALER_DATABASE_URL")
+                .unwrap_or_else(|| c.database.url.expose_secret().to_string()),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return EXIT_CONFIG;
+            }
+        },
+    };
+    let store = match knowledge::open(&url).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_UNAVAILABLE;
+        }
+    };
+    let mut q = Query {
+        limit: args.limit,
+        ..Query::default()
+    };
+    let mut out = std::io::stdout();
+    let res = match what {
+        Listing::Incidents { open } => {
+            q.open_only = open;
+            store.incidents(&q).await.map(|rows| match args.output {
+                Output::Json => serde_json::to_string_pretty(&rows).unwrap_or_default(),
+                Output::Table => incidents_table(&rows),
+            })
+        }
+        Listing::Actions { incident } => {
+            q.incident_id = incident;
+            store.actions(&q).await.map(|rows| match args.output {
+                Output::Json => serde_json::to_string_pretty(&rows).unwrap_or_default(),
+                Output::Table => actions_table(&rows),
+            })
+        }
+    };
+    match res {
+        Ok(text) => {
+            let _ = writeln!(out, "{text}");
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_UNAVAILABLE
+        }
+    }
+}
+
+/// Formats a unix-ms timestamp as RFC 3339 UTC.
+pub fn ts(ms: i64) -> String {
+    humantime::format_rfc3339_millis(from_unix_millis(ms)).to_string()
+}
+
+/// Renders rows as aligned columns.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = vec![line(header.iter().map(|s| s.to_string()).collect())];
+    out.extend(rows.iter().map(|r| line(r.clone())));
+    out.join("\n")
+}
+
+fn incidents_table(rows: &[knowledge::IncidentRecord]) -> String {
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.clone(),
+                r.symptom.clone(),
+                r.subject.clone(),
+                r.severity.clone(),
+                ts(r.opened_at_ms),
+                r.closed_at_ms.map_or_else(|| "open".into(), ts),
+                r.closed_at_ms
+                    .map_or_else(String::new, |c| format!("{:.1}s", (c - r.opened_at_ms) as f64 / 1000.0)),
+            ]
+        })
+        .collect();
+    table(
+        &["ID", "SYMPTOM", "SUBJECT", "SEVERITY", "OPENED", "CLOSED", "DURATION"],
+        &body,
+    )
+}
+
+fn actions_table(rows: &[knowledge::ActionRecord]) -> String {
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.clone(),
+                r.symptom.clone(),
+                r.rung.to_string(),
+                r.actuator.clone(),
+                r.target.clone(),
+                ts(r.started_at_ms),
+                r.outcome.clone().unwrap_or_else(|| "running".into()),
+                r.verification.clone().unwrap_or_default(),
+                r.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(
+        &["ID", "SYMPTOM", "RUNG", "ACTUATOR", "TARGET", "STARTED", "OUTCOME", "VERIFIED", "ERROR"],
+        &body,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_config_lists_every_error_and_exits_64() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(
+            &path,
+            "[supervisor]\ntick_interval = \"0s\"\n[[agents]]\nname = \"a\"\naddress = \"unix://rel\"\n",
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        assert_eq!(check_config(&path, &mut out), EXIT_CONFIG);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("2 problem(s)"), "{text}");
+        assert!(text.contains("supervisor.tick_interval"), "{text}");
+        assert!(text.contains("agents[0].address"), "{text}");
+    }
+
+    #[test]
+    fn check_config_missing_file() {
+        let mut out = Vec::new();
+        assert_eq!(
+            check_config(std::path::Path::new("/nonexistent/x.toml"), &mut out),
+            EXIT_CONFIG
+        );
+        assert!(String::from_utf8(out).unwrap().contains("cannot read"));
+    }
+
+    #[test]
+    fn table_aligns() {
+        let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
+        assert_eq!(t, "A    BB\nxxx  y");
+    }
+}

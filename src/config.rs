@@ -1,0 +1,558 @@
+//! Typed configuration (`spire-healer.toml`) and its validation.
+//!
+//! Parsing rejects unknown keys; [`Config::validate`] then reports every
+//! semantic problem at once. `main` exits with [`EXIT_CONFIG`] on any error.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::actuators::ActuatorConfig;
+use crate::endpoint::Endpoint;
+use crate::policy::Policy;
+
+/// Exit code for a bad configuration (EX_USAGE).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Reads environment variables; injectable so tests pass a map.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process environment.
+pub fn process_env(key: &str) -> Option<String> {
+    std::env::var(key).ok()
+}
+
+/// Whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Loop settings.
+    #[serde(default)]
+    pub supervisor: SupervisorConfig,
+    /// Knowledge store.
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    /// HTTP endpoints.
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// SPIRE agents to watch, one Workload API sensor each.
+    #[serde(default)]
+    pub agents: Vec<AgentConfig>,
+    /// Actuator instances by name (`refetch` is built in).
+    #[serde(default)]
+    pub actuators: BTreeMap<String, ActuatorConfig>,
+    /// Remediation policy file; the built-in `policies/default.toml` if unset.
+    #[serde(default)]
+    pub policy_file: Option<PathBuf>,
+}
+
+/// Loop settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupervisorConfig {
+    /// Time between ticks.
+    #[serde(default = "default_tick", with = "humantime_serde")]
+    pub tick_interval: Duration,
+    /// How long to wait for tasks on shutdown.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Record planned actions without executing them.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+fn default_tick() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            tick_interval: default_tick(),
+            shutdown_grace: default_grace(),
+            dry_run: false,
+        }
+    }
+}
+
+/// Knowledge store settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite://PATH` (default `sqlite://spire-healer.db`) or
+    /// `postgres://user:password@host:port/db`. `SPIRE_HEALER_DATABASE_URL`
+    /// overrides it.
+    #[serde(default = "default_db_url")]
+    pub url: secrecy::SecretString,
+    /// Events buffered in memory while the database is away.
+    #[serde(default = "default_buffer")]
+    pub buffer_capacity: usize,
+}
+
+fn default_db_url() -> secrecy::SecretString {
+    "sqlite://spire-healer.db".into()
+}
+fn default_buffer() -> usize {
+    100_000
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: default_db_url(),
+            buffer_capacity: default_buffer(),
+        }
+    }
+}
+
+/// HTTP endpoint settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address for `/metrics`, `/healthz`, `/readyz`; unset disables HTTP.
+    #[serde(default = "default_listen")]
+    pub listen: Option<SocketAddr>,
+}
+
+fn default_listen() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 9464)))
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+        }
+    }
+}
+
+/// One SPIRE agent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Stable name: metric label, store key, `{agent}` in commands.
+    pub name: String,
+    /// Workload API address, `unix:///abs/path` or `tcp://IP:port`;
+    /// falls back to `SPIFFE_ENDPOINT_SOCKET`.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// A connected stream that has not delivered its first message within
+    /// this time counts as unanswered.
+    #[serde(default = "default_answer_timeout", with = "humantime_serde")]
+    pub answer_timeout: Duration,
+    /// Cap of the reconnect backoff.
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    pub backoff_max: Duration,
+}
+
+fn default_answer_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// One configuration problem.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {reason}")]
+    Read {
+        /// File.
+        path: String,
+        /// OS error.
+        reason: String,
+    },
+    /// The TOML did not parse or has unknown keys / wrong types.
+    #[error("{path}: {reason}")]
+    Parse {
+        /// File.
+        path: String,
+        /// Parser message (line, column, key).
+        reason: String,
+    },
+    /// A value is invalid.
+    #[error("{key}: {reason}")]
+    Invalid {
+        /// Dotted key, e.g. `agents[0].address`.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    /// Closed-set label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ConfigError::Read { .. } => "read",
+            ConfigError::Parse { .. } => "parse",
+            ConfigError::Invalid { .. } => "invalid",
+        }
+    }
+
+    fn invalid(key: impl Into<String>, reason: impl fmt::Display) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// A validated configuration with resolved addresses and policy.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The file as parsed.
+    pub config: Config,
+    /// Agent endpoints, in `config.agents` order.
+    pub endpoints: Vec<Endpoint>,
+    /// The policy in force.
+    pub policy: Policy,
+    /// Database URL after environment overrides.
+    pub database_url: secrecy::SecretString,
+    /// Non-fatal findings (e.g. a ladder rung whose actuator is not configured).
+    pub warnings: Vec<String>,
+}
+
+impl Config {
+    /// Parses TOML text; `path` names the source in errors.
+    ///
+    /// # Errors
+    /// A single [`ConfigError::Parse`] (the parser stops at the first error).
+    pub fn from_toml(text: &str, path: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_string(),
+            reason: e.to_string().trim().replace('\n', " "),
+        })
+    }
+
+    /// Reads and parses a file.
+    ///
+    /// # Errors
+    /// `Read` or `Parse`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Checks every value and resolves addresses, environment overrides and
+    /// the policy. Reports all problems together.
+    ///
+    /// # Errors
+    /// Every problem found.
+    pub fn validate(&self, env: Env<'_>) -> Result<Resolved, Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        let sup = &self.supervisor;
+        if sup.tick_interval.is_zero() {
+            errors.push(ConfigError::invalid(
+                "supervisor.tick_interval",
+                "must be greater than zero",
+            ));
+        }
+        if sup.shutdown_grace.is_zero() {
+            errors.push(ConfigError::invalid(
+                "supervisor.shutdown_grace",
+                "must be greater than zero",
+            ));
+        }
+
+        let database_url: secrecy::SecretString = env("SPIRE_HEALER_DATABASE_URL")
+            .map(Into::into)
+            .unwrap_or_else(|| self.database.url.clone());
+        if let Err(reason) = check_database_url(secrecy::ExposeSecret::expose_secret(&database_url))
+        {
+            errors.push(ConfigError::invalid("database.url", reason));
+        }
+        if self.database.buffer_capacity == 0 {
+            errors.push(ConfigError::invalid(
+                "database.buffer_capacity",
+                "must be greater than zero",
+            ));
+        }
+
+        if self.agents.is_empty() {
+            errors.push(ConfigError::invalid(
+                "agents",
+                "at least one [[agents]] entry is required",
+            ));
+        }
+        let mut endpoints = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, a) in self.agents.iter().enumerate() {
+            let key = format!("agents[{i}]");
+            if !valid_name(&a.name) {
+                errors.push(ConfigError::invalid(
+                    format!("{key}.name"),
+                    format!(
+                        "{:?} must be 1-63 characters of a-z, 0-9, '-' or '_'",
+                        a.name
+                    ),
+                ));
+            } else if !seen.insert(a.name.clone()) {
+                errors.push(ConfigError::invalid(
+                    format!("{key}.name"),
+                    format!("{:?} is used by more than one agent", a.name),
+                ));
+            }
+            match Endpoint::resolve(a.address.as_deref(), env).and_then(|e| e.check().map(|()| e))
+            {
+                Ok(e) => endpoints.push(e),
+                Err(e) => errors.push(ConfigError::invalid(format!("{key}.address"), e)),
+            }
+            if a.answer_timeout.is_zero() {
+                errors.push(ConfigError::invalid(
+                    format!("{key}.answer_timeout"),
+                    "must be greater than zero",
+                ));
+            }
+            if a.backoff_max.is_zero() {
+                errors.push(ConfigError::invalid(
+                    format!("{key}.backoff_max"),
+                    "must be greater than zero",
+                ));
+            }
+        }
+
+        for (name, act) in &self.actuators {
+            let key = format!("actuators.{name}");
+            if !valid_name(name) {
+                errors.push(ConfigError::invalid(
+                    &key,
+                    "actuator names must be 1-63 characters of a-z, 0-9, '-' or '_'",
+                ));
+            }
+            if name == crate::actuators::REFETCH {
+                errors.push(ConfigError::invalid(
+                    &key,
+                    "\"refetch\" is built in and cannot be redefined",
+                ));
+            }
+            for (field, reason) in act.problems() {
+                errors.push(ConfigError::invalid(format!("{key}.{field}"), reason));
+            }
+        }
+
+        let policy = match &self.policy_file {
+            None => Policy::builtin().map_err(|e| vec![e]),
+            Some(p) => Policy::load(p).map_err(|e| vec![e]),
+        };
+        let mut warnings = Vec::new();
+        let policy = match policy {
+            Ok(policy) => {
+                for problem in policy.problems() {
+                    errors.push(ConfigError::invalid("policy", problem));
+                }
+                for (symptom, rung, actuator) in policy.actuators_used() {
+                    if actuator != crate::actuators::REFETCH
+                        && !self.actuators.contains_key(actuator)
+                    {
+                        warnings.push(format!(
+                            "policy ladder {symptom}[{rung}] uses actuator {actuator:?}, which is not configured; that rung is skipped"
+                        ));
+                    }
+                }
+                Some(policy)
+            }
+            Err(mut e) => {
+                errors.append(&mut e);
+                None
+            }
+        };
+
+        match policy {
+            Some(policy) if errors.is_empty() => Ok(Resolved {
+                config: self.clone(),
+                endpoints,
+                policy,
+                database_url,
+                warnings,
+            }),
+            _ => Err(errors),
+        }
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn check_database_url(url: &str) -> Result<(), String> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(());
+    }
+    let path = url.strip_prefix("sqlite://").ok_or_else(|| {
+        "must start with sqlite:// or postgres:// (or postgresql://)".to_string()
+    })?;
+    if path.is_empty() {
+        return Err("sqlite:// needs a file path".into());
+    }
+    let p = Path::new(path);
+    if p.is_dir() {
+        return Err(format!("{path} is a directory, not a database file"));
+    }
+    if let Some(parent) = p.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            return Err(format!(
+                "directory {} of the SQLite file does not exist",
+                parent.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    const GOOD: &str = r#"
+[supervisor]
+tick_interval = "500ms"
+
+[database]
+url = "sqlite://healer.db"
+
+[[agents]]
+name = "node-a"
+address = "unix:///run/spire/agent.sock"
+
+[actuators.restart-agent]
+type = "command"
+argv = ["systemctl", "restart", "spire-agent"]
+timeout = "20s"
+"#;
+
+    #[test]
+    fn good_config_validates() {
+        let c = Config::from_toml(GOOD, "t.toml").unwrap();
+        let r = c.validate(&no_env).unwrap();
+        assert_eq!(c.supervisor.tick_interval, Duration::from_millis(500));
+        assert_eq!(r.endpoints.len(), 1);
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let e = Config::from_toml("[supervisor]\ntick = \"1s\"\n", "t.toml").unwrap_err();
+        assert_eq!(e.kind(), "parse");
+        assert!(e.to_string().contains("tick"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_is_rejected() {
+        let e = Config::from_toml("[supervisor]\ntick_interval = \"soon\"\n", "t.toml")
+            .unwrap_err();
+        assert!(e.to_string().contains("tick_interval"), "{e}");
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let text = r#"
+[supervisor]
+tick_interval = "0s"
+[database]
+url = "mysql://x"
+[[agents]]
+name = "Bad Name"
+address = "unix://relative/path"
+[[agents]]
+name = "b"
+address = "tcp://127.0.0.1:8081/path"
+[[agents]]
+name = "b"
+address = "tcp://localhost:1"
+[actuators.restart]
+type = "command"
+argv = []
+"#;
+        let errors = Config::from_toml(text, "t.toml")
+            .unwrap()
+            .validate(&no_env)
+            .unwrap_err();
+        let keys: Vec<String> = errors
+            .iter()
+            .map(|e| match e {
+                ConfigError::Invalid { key, .. } => key.clone(),
+                other => other.to_string(),
+            })
+            .collect();
+        for want in [
+            "supervisor.tick_interval",
+            "database.url",
+            "agents[0].name",
+            "agents[0].address",
+            "agents[1].address",
+            "agents[2].name",
+            "agents[2].address",
+            "actuators.restart.argv",
+        ] {
+            assert!(keys.iter().any(|k| k == want), "missing {want} in {keys:?}");
+        }
+    }
+
+    #[test]
+    fn address_falls_back_to_spiffe_endpoint_socket() {
+        let text = "[[agents]]\nname = \"a\"\n";
+        let c = Config::from_toml(text, "t.toml").unwrap();
+        let env = |k: &str| {
+            (k == "SPIFFE_ENDPOINT_SOCKET").then(|| "unix:///run/x/api.sock".to_string())
+        };
+        let r = c.validate(&env).unwrap();
+        assert_eq!(r.endpoints[0].to_string(), "unix:///run/x/api.sock");
+        let errors = c.validate(&no_env).unwrap_err();
+        assert!(errors[0].to_string().contains("agents[0].address"));
+    }
+
+    #[test]
+    fn regular_file_as_socket_is_rejected() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let text = format!(
+            "[[agents]]\nname = \"a\"\naddress = \"unix://{}\"\n",
+            f.path().display()
+        );
+        let errors = Config::from_toml(&text, "t.toml")
+            .unwrap()
+            .validate(&no_env)
+            .unwrap_err();
+        assert!(
+            errors[0].to_string().contains("regular file"),
+            "{}",
+            errors[0]
+        );
+    }
+
+    #[test]
+    fn database_url_env_override() {
+        let c = Config::from_toml(GOOD, "t.toml").unwrap();
+        let env = |k: &str| (k == "SPIRE_HEALER_DATABASE_URL").then(|| "ftp://x".to_string());
+        let errors = c.validate(&env).unwrap_err();
+        assert!(errors[0].to_string().starts_with("database.url"));
+    }
+
+    #[test]
+    fn unconfigured_policy_actuator_is_a_warning() {
+        let text = "[[agents]]\nname = \"a\"\naddress = \"tcp://127.0.0.1:1\"\n";
+        let r = Config::from_toml(text, "t.toml")
+            .unwrap()
+            .validate(&no_env)
+            .unwrap();
+        assert!(r.warnings.iter().any(|w| w.contains("restart-agent")));
+    }
+}

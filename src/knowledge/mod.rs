@@ -1,0 +1,224 @@
+//! Knowledge store: SQLite (embedded default, WAL) or PostgreSQL, one schema
+//! (`migrations/sqlite`, `migrations/postgres`), one contract test suite.
+//!
+//! The supervisor writes [`Event`]s in batches through [`Buffer`], which keeps
+//! them in memory (bounded) while the database is away and retries; it reads
+//! [`Knowledge`] once at start so cooldowns, budgets and open incidents survive
+//! a restart.
+
+mod buffer;
+mod postgres;
+mod sqlite;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+pub use buffer::Buffer;
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+use crate::model::{Event, Incident};
+
+/// Errors at the store boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Could not connect or the connection dropped.
+    #[error("database unreachable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// Applying migrations failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    /// A query failed.
+    #[error("database query failed: {0}")]
+    Query(#[source] sqlx::Error),
+    /// A stored value could not be decoded.
+    #[error("stored value is malformed: {0}")]
+    Corrupt(String),
+    /// The database URL or path is unusable.
+    #[error("invalid database location: {0}")]
+    Config(String),
+}
+
+impl StoreError {
+    /// Closed-set label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::Migrate(_) => "migrate",
+            StoreError::Query(_) => "query",
+            StoreError::Corrupt(_) => "corrupt",
+            StoreError::Config(_) => "config",
+        }
+    }
+
+    /// Classifies an sqlx error: I/O, pool and protocol failures mean the
+    /// database is away; the rest are query errors.
+    pub fn from_sqlx(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
+            other => StoreError::Query(other),
+        }
+    }
+}
+
+/// One stored incident.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct IncidentRecord {
+    /// Id.
+    pub id: String,
+    /// Symptom name.
+    pub symptom: String,
+    /// Subject (display form).
+    pub subject: String,
+    /// `warning` or `critical`.
+    pub severity: String,
+    /// Opened (unix ms, UTC).
+    pub opened_at_ms: i64,
+    /// Closed (unix ms, UTC), if closed.
+    pub closed_at_ms: Option<i64>,
+    /// Why it closed.
+    pub resolution: Option<String>,
+    /// Predicted outage (unix ms, UTC).
+    pub predicted_outage_ms: Option<i64>,
+    /// Evidence JSON.
+    pub evidence: serde_json::Value,
+    /// Next ladder rung.
+    pub next_rung: i64,
+}
+
+/// One stored action.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ActionRecord {
+    /// Id.
+    pub id: String,
+    /// Incident served.
+    pub incident_id: String,
+    /// Symptom served.
+    pub symptom: String,
+    /// Ladder rung.
+    pub rung: i64,
+    /// Actuator instance name.
+    pub actuator: String,
+    /// Target agent.
+    pub target: String,
+    /// Parameters JSON.
+    pub params: serde_json::Value,
+    /// Dry run.
+    pub dry_run: bool,
+    /// Started (unix ms).
+    pub started_at_ms: i64,
+    /// Finished (unix ms).
+    pub finished_at_ms: Option<i64>,
+    /// `ok`, `error`, `timeout`, `dry_run`.
+    pub outcome: Option<String>,
+    /// Outcome details JSON.
+    pub detail: Option<serde_json::Value>,
+    /// Error text.
+    pub error: Option<String>,
+    /// `verified`, `failed`, `skipped`.
+    pub verification: Option<String>,
+    /// Verified at (unix ms).
+    pub verified_at_ms: Option<i64>,
+}
+
+/// One stored SVID lifecycle row.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SvidRecord {
+    /// Agent name.
+    pub agent: String,
+    /// SPIFFE ID.
+    pub spiffe_id: String,
+    /// Serial (hex).
+    pub serial: String,
+    /// notBefore (unix ms).
+    pub not_before_ms: i64,
+    /// notAfter (unix ms).
+    pub not_after_ms: i64,
+    /// First delivery (unix ms).
+    pub first_seen_ms: i64,
+    /// Replaced (unix ms).
+    pub replaced_at_ms: Option<i64>,
+}
+
+/// One "held back, because" decision.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HoldRecord {
+    /// Incident.
+    pub incident_id: String,
+    /// Actuator held back.
+    pub actuator: String,
+    /// Target agent.
+    pub target: String,
+    /// Reason.
+    pub reason: String,
+    /// When (unix ms).
+    pub at_ms: i64,
+}
+
+/// What the supervisor needs from history at start.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Knowledge {
+    /// Incidents not yet closed.
+    pub open_incidents: Vec<Incident>,
+    /// Actions started at or after the `since` passed to `load_knowledge`.
+    pub recent_actions: Vec<ActionRecord>,
+}
+
+/// Filter for listing.
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    /// Only open incidents (ignored for actions).
+    pub open_only: bool,
+    /// Only this incident's actions (ignored for incidents).
+    pub incident_id: Option<String>,
+    /// At most this many rows, newest first.
+    pub limit: u32,
+}
+
+/// The knowledge store.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// `sqlite` or `postgres`.
+    fn backend(&self) -> &'static str;
+    /// Applies a batch atomically, in order. Each event is idempotent by its
+    /// ids, so re-applying a batch after an unknown outcome is safe.
+    async fn apply(&self, events: &[Event]) -> Result<(), StoreError>;
+    /// Open incidents and actions started since `since`.
+    async fn load_knowledge(&self, since: SystemTime) -> Result<Knowledge, StoreError>;
+    /// Incidents, newest first.
+    async fn incidents(&self, q: &Query) -> Result<Vec<IncidentRecord>, StoreError>;
+    /// Actions, newest first.
+    async fn actions(&self, q: &Query) -> Result<Vec<ActionRecord>, StoreError>;
+    /// SVID lifecycles, newest first.
+    async fn svids(&self, q: &Query) -> Result<Vec<SvidRecord>, StoreError>;
+    /// Hold decisions, newest first.
+    async fn holds(&self, q: &Query) -> Result<Vec<HoldRecord>, StoreError>;
+    /// Cheap liveness check.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Opens the store named by `url`: `postgres://…`/`postgresql://…` selects
+/// PostgreSQL, `sqlite://PATH` or a bare path selects SQLite (file created,
+/// WAL). Applies migrations.
+///
+/// # Errors
+/// [`StoreError::Config`] for an unusable location, `Unavailable` when the
+/// database cannot be reached, `Migrate` when the schema cannot be applied.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::connect(url).await?))
+    } else {
+        let path = url.strip_prefix("sqlite://").unwrap_or(url);
+        Ok(Arc::new(SqliteStore::open(std::path::Path::new(path)).await?))
+    }
+}

@@ -1,0 +1,868 @@
+//! PostgreSQL backend, for a supervisor whose history outlives its host.
+//!
+//! Each run of same-kind events in a batch is one statement over `UNNEST`ed
+//! column arrays: one round trip per run, whatever its length, and no
+//! parameter limit. Updates pick the event that sequential application would
+//! have kept (`DISTINCT ON … ORDER BY ord`), so a run behaves exactly like
+//! its events applied one by one.
+//!
+//! A dead database must fail fast, not hang: the pool waits at most 3 s for
+//! a connection and every call at most 30 s; both surface as
+//! [`StoreError::Unavailable`], whose message names `host:port` and never the
+//! password.
+
+use std::fmt;
+use std::io;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{ConnectOptions, Connection, Postgres, Row, SqlSafeStr};
+
+use super::sqlite::{incident_from_record, limit, to_i64};
+use super::{
+    ActionRecord, HoldRecord, IncidentRecord, Knowledge, Query, Store, StoreError, SvidRecord,
+};
+use crate::clock::unix_millis;
+use crate::model::Event;
+
+/// Embedded migrations, in order. `tests.rs` checks that this list matches
+/// `migrations/postgres/` file for file.
+pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "init",
+    include_str!("../../migrations/postgres/0001_init.sql"),
+)];
+
+/// Longest wait for a pooled connection (including connecting).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest wait for one store call; covers a server that stopped answering
+/// without closing the connection.
+const OP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Writes are serialised by the buffer; a few more for API readers.
+const MAX_CONNECTIONS: u32 = 4;
+
+/// The knowledge store in a PostgreSQL database.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    /// `host:port`, for error messages.
+    addr: String,
+}
+
+// SELECT lists shared by the listing and loading queries; `concat!` keeps
+// every statement a `&'static str`. JSON leaves as text: the crate does not
+// enable sqlx's `json` feature.
+macro_rules! incident_select {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, symptom, subject, severity, opened_at_ms, closed_at_ms, resolution, \
+             predicted_outage_ms, evidence::text AS evidence, next_rung FROM incidents ",
+            $rest
+        )
+    };
+}
+
+macro_rules! action_select {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, incident_id, symptom, rung, actuator, target, params::text AS params, \
+             dry_run, started_at_ms, finished_at_ms, outcome, detail::text AS detail, error, \
+             verification, verified_at_ms FROM actions ",
+            $rest
+        )
+    };
+}
+
+macro_rules! svid_select {
+    ($rest:literal) => {
+        concat!(
+            "SELECT agent, spiffe_id, serial, not_before_ms, not_after_ms, first_seen_ms, \
+             replaced_at_ms FROM svid_lifecycles ",
+            $rest
+        )
+    };
+}
+
+macro_rules! hold_select {
+    ($rest:literal) => {
+        concat!(
+            "SELECT incident_id, actuator, target, reason, at_ms FROM holds ",
+            $rest
+        )
+    };
+}
+
+// === impl PostgresStore ===
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://user:password@host:port/db`), checks
+    /// that the server answers and applies migrations.
+    ///
+    /// # Errors
+    /// [`StoreError::Config`] for an unparsable URL or when the server
+    /// rejects the credentials or database; [`StoreError::Unavailable`] when
+    /// it cannot be reached within 3 s;
+    /// [`StoreError::Migrate`] when the schema cannot be applied. Messages
+    /// name `host:port`, never the password.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        // sqlx's URL errors describe the problem without echoing the URL.
+        let options: PgConnectOptions = url
+            .parse()
+            .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
+        let options = options.application_name("spire-healer");
+        let addr = format!("{}:{}", options.get_host(), options.get_port());
+
+        // One direct attempt first: the pool retries a refused connection
+        // until its timeout and then reports only "timed out", while this
+        // names the cause (refused, bad password, no such database).
+        match tokio::time::timeout(ACQUIRE_TIMEOUT, options.connect()).await {
+            Ok(Ok(conn)) => {
+                // Closing politely is best effort; the server cleans up.
+                let _ = conn.close().await;
+            }
+            Ok(Err(e)) => return Err(connect_error(&addr, e)),
+            Err(_) => {
+                let e = sqlx::Error::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer within {ACQUIRE_TIMEOUT:?}"),
+                ));
+                return Err(connect_error(&addr, e));
+            }
+        }
+
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options);
+        let store = Self { pool, addr };
+        store
+            .bounded(async {
+                migrator()
+                    .run(&store.pool)
+                    .await
+                    .map_err(StoreError::Migrate)
+            })
+            .await?;
+        Ok(store)
+    }
+
+    /// Runs `op` within [`OP_TIMEOUT`] and names the server in
+    /// unavailability errors.
+    async fn bounded<T>(
+        &self,
+        op: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(OP_TIMEOUT, op).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(StoreError::Unavailable(e))) => Err(unavailable(&self.addr, e)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(unavailable(
+                &self.addr,
+                sqlx::Error::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer within {OP_TIMEOUT:?}"),
+                )),
+            )),
+        }
+    }
+
+    /// The underlying pool, for tests that inspect or corrupt rows directly.
+    #[cfg(test)]
+    pub(super) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+fn migrator() -> Migrator {
+    Migrator::with_migrations(
+        MIGRATIONS
+            .iter()
+            .map(|&(version, description, sql)| {
+                Migration::new(
+                    version,
+                    description.into(),
+                    MigrationType::Simple,
+                    sql.into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    )
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn apply(&self, events: &[Event]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.bounded(async {
+            let mut tx = self.pool.begin().await.map_err(pg_error)?;
+            for run in
+                events.chunk_by(|a, b| std::mem::discriminant(a) == std::mem::discriminant(b))
+            {
+                apply_run(&mut tx, run).await?;
+            }
+            tx.commit().await.map_err(pg_error)
+        })
+        .await
+    }
+
+    async fn load_knowledge(&self, since: SystemTime) -> Result<Knowledge, StoreError> {
+        self.bounded(async {
+            let rows = sqlx::query(incident_select!(
+                "WHERE closed_at_ms IS NULL ORDER BY opened_at_ms, id"
+            ))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(pg_error)?;
+            let mut open_incidents = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let record = incident_record(row)?;
+                match incident_from_record(&record) {
+                    Ok(incident) => open_incidents.push(incident),
+                    // One bad row must not keep the supervisor from starting;
+                    // the symptom, if still present, opens a fresh incident.
+                    Err(problem) => {
+                        tracing::warn!(incident = %record.id, %problem, "Skipping unreadable open incident.");
+                    }
+                }
+            }
+            let rows = sqlx::query(action_select!(
+                "WHERE started_at_ms >= $1 ORDER BY started_at_ms, id"
+            ))
+            .bind(unix_millis(since))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(pg_error)?;
+            let recent_actions = rows.iter().map(action_record).collect::<Result<_, _>>()?;
+            Ok(Knowledge {
+                open_incidents,
+                recent_actions,
+            })
+        })
+        .await
+    }
+
+    async fn incidents(&self, q: &Query) -> Result<Vec<IncidentRecord>, StoreError> {
+        let query = if q.open_only {
+            sqlx::query(incident_select!(
+                "WHERE closed_at_ms IS NULL ORDER BY opened_at_ms DESC, id DESC LIMIT $1"
+            ))
+        } else {
+            sqlx::query(incident_select!(
+                "ORDER BY opened_at_ms DESC, id DESC LIMIT $1"
+            ))
+        };
+        let rows = self
+            .bounded(async {
+                query
+                    .bind(limit(q))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(pg_error)
+            })
+            .await?;
+        rows.iter().map(incident_record).collect()
+    }
+
+    async fn actions(&self, q: &Query) -> Result<Vec<ActionRecord>, StoreError> {
+        let query = match &q.incident_id {
+            Some(id) => sqlx::query(action_select!(
+                "WHERE incident_id = $2 ORDER BY started_at_ms DESC, id DESC LIMIT $1"
+            ))
+            .bind(limit(q))
+            .bind(id.clone()),
+            None => sqlx::query(action_select!(
+                "ORDER BY started_at_ms DESC, id DESC LIMIT $1"
+            ))
+            .bind(limit(q)),
+        };
+        let rows = self
+            .bounded(async { query.fetch_all(&self.pool).await.map_err(pg_error) })
+            .await?;
+        rows.iter().map(action_record).collect()
+    }
+
+    /// `open_only` lists only serials not yet replaced.
+    async fn svids(&self, q: &Query) -> Result<Vec<SvidRecord>, StoreError> {
+        let query = if q.open_only {
+            sqlx::query(svid_select!(
+                "WHERE replaced_at_ms IS NULL \
+                 ORDER BY first_seen_ms DESC, agent DESC, spiffe_id DESC, serial DESC LIMIT $1"
+            ))
+        } else {
+            sqlx::query(svid_select!(
+                "ORDER BY first_seen_ms DESC, agent DESC, spiffe_id DESC, serial DESC LIMIT $1"
+            ))
+        };
+        let rows = self
+            .bounded(async {
+                query
+                    .bind(limit(q))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(pg_error)
+            })
+            .await?;
+        rows.iter().map(svid_record).collect()
+    }
+
+    /// `incident_id` filters by incident.
+    async fn holds(&self, q: &Query) -> Result<Vec<HoldRecord>, StoreError> {
+        let query = match &q.incident_id {
+            Some(id) => sqlx::query(hold_select!(
+                "WHERE incident_id = $2 ORDER BY at_ms DESC, id DESC LIMIT $1"
+            ))
+            .bind(limit(q))
+            .bind(id.clone()),
+            None => sqlx::query(hold_select!("ORDER BY at_ms DESC, id DESC LIMIT $1")).bind(limit(q)),
+        };
+        let rows = self
+            .bounded(async { query.fetch_all(&self.pool).await.map_err(pg_error) })
+            .await?;
+        rows.iter().map(hold_record).collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.bounded(async {
+            sqlx::query("SELECT 1")
+                .execute(&self.pool)
+                .await
+                .map(drop)
+                .map_err(pg_error)
+        })
+        .await
+    }
+}
+
+// === Errors ===
+
+/// [`StoreError::from_sqlx`], plus the server-side codes that mean "the
+/// database is going away" rather than "this query is wrong": class 08
+/// (connection exception), 53300 (too many connections) and 57P01–57P03
+/// (shutdown, crash, starting up).
+fn pg_error(e: sqlx::Error) -> StoreError {
+    let gone = e
+        .as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| {
+            code.starts_with("08") || code == "53300" || code.starts_with("57P0")
+        });
+    if gone {
+        StoreError::Unavailable(e)
+    } else {
+        StoreError::from_sqlx(e)
+    }
+}
+
+/// A connection-time failure. The server answering "no" to our credentials
+/// or database name is a configuration problem; anything else means it is
+/// not there.
+fn connect_error(addr: &str, e: sqlx::Error) -> StoreError {
+    let rejected = e
+        .as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code.starts_with("28") || code == "3D000");
+    if rejected {
+        StoreError::Config(format!("PostgreSQL at {addr} refused the connection: {e}"))
+    } else {
+        unavailable(addr, e)
+    }
+}
+
+/// [`StoreError::Unavailable`] whose message names the server; the original
+/// error stays reachable through `source()`.
+fn unavailable(addr: &str, e: sqlx::Error) -> StoreError {
+    if let sqlx::Error::Io(io_err) = &e
+        && io_err
+            .get_ref()
+            .is_some_and(|inner| inner.is::<AtAddress>())
+    {
+        return StoreError::Unavailable(e); // already named
+    }
+    let kind = match &e {
+        sqlx::Error::Io(io_err) => io_err.kind(),
+        _ => io::ErrorKind::Other,
+    };
+    StoreError::Unavailable(sqlx::Error::Io(io::Error::new(
+        kind,
+        AtAddress {
+            addr: addr.to_owned(),
+            source: e,
+        },
+    )))
+}
+
+/// "PostgreSQL at host:port: cause".
+#[derive(Debug)]
+struct AtAddress {
+    addr: String,
+    source: sqlx::Error,
+}
+
+impl fmt::Display for AtAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The outer `sqlx::Error::Io` already says "error communicating".
+        match &self.source {
+            sqlx::Error::Io(io_err) => write!(f, "PostgreSQL at {}: {io_err}", self.addr),
+            other => write!(f, "PostgreSQL at {}: {other}", self.addr),
+        }
+    }
+}
+
+impl std::error::Error for AtAddress {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+// === Writes ===
+
+/// Applies a run of events that all have the same variant as one statement.
+async fn apply_run(conn: &mut PgConnection, run: &[Event]) -> Result<(), StoreError> {
+    let Some(first) = run.first() else {
+        return Ok(());
+    };
+    let query = match first {
+        Event::SubjectSeen { .. } => {
+            let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for e in run {
+                if let Event::SubjectSeen { subject, at } = e {
+                    cols.0.push(text(&subject.to_string()));
+                    cols.1.push(subject.kind());
+                    cols.2.push(text(subject.agent_name()));
+                    cols.3.push(unix_millis(*at));
+                }
+            }
+            // Grouping first: ON CONFLICT DO UPDATE may touch a row only
+            // once per statement. min/max make it order-independent.
+            sqlx::query(
+                "INSERT INTO subjects (subject, kind, agent, first_seen_ms, last_seen_ms) \
+                 SELECT subject, kind, agent, min(at_ms), max(at_ms) \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[]) \
+                   AS u(subject, kind, agent, at_ms) \
+                 GROUP BY subject, kind, agent \
+                 ON CONFLICT (subject) DO UPDATE SET \
+                   first_seen_ms = LEAST(subjects.first_seen_ms, EXCLUDED.first_seen_ms), \
+                   last_seen_ms = GREATEST(subjects.last_seen_ms, EXCLUDED.last_seen_ms)",
+            )
+            .bind(cols.0)
+            .bind(cols.1)
+            .bind(cols.2)
+            .bind(cols.3)
+        }
+        Event::SvidSeen { .. } => {
+            let mut cols = (
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+            );
+            for e in run {
+                if let Event::SvidSeen {
+                    agent,
+                    spiffe_id,
+                    serial,
+                    not_before,
+                    not_after,
+                    at,
+                } = e
+                {
+                    cols.0.push(text(agent));
+                    cols.1.push(text(spiffe_id));
+                    cols.2.push(text(serial));
+                    cols.3.push(unix_millis(*not_before));
+                    cols.4.push(unix_millis(*not_after));
+                    cols.5.push(unix_millis(*at));
+                }
+            }
+            sqlx::query(
+                "INSERT INTO svid_lifecycles \
+                   (agent, spiffe_id, serial, not_before_ms, not_after_ms, first_seen_ms) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], \
+                                      $4::int8[], $5::int8[], $6::int8[]) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(cols.0)
+            .bind(cols.1)
+            .bind(cols.2)
+            .bind(cols.3)
+            .bind(cols.4)
+            .bind(cols.5)
+        }
+        Event::SvidReplaced { .. } => {
+            let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for e in run {
+                if let Event::SvidReplaced {
+                    agent,
+                    spiffe_id,
+                    serial,
+                    at,
+                } = e
+                {
+                    cols.0.push(text(agent));
+                    cols.1.push(text(spiffe_id));
+                    cols.2.push(text(serial));
+                    cols.3.push(unix_millis(*at));
+                }
+            }
+            // First replacement wins, as when applied one by one.
+            sqlx::query(
+                "UPDATE svid_lifecycles AS s SET replaced_at_ms = u.at_ms \
+                 FROM (SELECT DISTINCT ON (agent, spiffe_id, serial) agent, spiffe_id, serial, at_ms \
+                       FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[]) \
+                         WITH ORDINALITY AS u(agent, spiffe_id, serial, at_ms, ord) \
+                       ORDER BY agent, spiffe_id, serial, ord) AS u \
+                 WHERE s.agent = u.agent AND s.spiffe_id = u.spiffe_id AND s.serial = u.serial \
+                   AND s.replaced_at_ms IS NULL",
+            )
+            .bind(cols.0)
+            .bind(cols.1)
+            .bind(cols.2)
+            .bind(cols.3)
+        }
+        Event::IncidentOpened { .. } => {
+            let mut cols = (
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+            );
+            for e in run {
+                if let Event::IncidentOpened { incident: i } = e {
+                    cols.0.push(text(&i.id));
+                    cols.1.push(i.kind.as_str());
+                    cols.2.push(text(&i.subject.to_string()));
+                    cols.3.push(i.severity.as_str());
+                    cols.4.push(unix_millis(i.opened_at));
+                    cols.5.push(i.predicted_outage.map(unix_millis));
+                    cols.6.push(json(&i.evidence));
+                    cols.7.push(to_i64(i.next_rung));
+                }
+            }
+            sqlx::query(
+                "INSERT INTO incidents (id, symptom, subject, severity, opened_at_ms, \
+                   predicted_outage_ms, evidence, next_rung) \
+                 SELECT id, symptom, subject, severity, opened_at_ms, predicted_outage_ms, \
+                   evidence::jsonb, next_rung \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], \
+                             $6::int8[], $7::text[], $8::int8[]) \
+                   AS u(id, symptom, subject, severity, opened_at_ms, predicted_outage_ms, \
+                        evidence, next_rung) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(cols.0)
+            .bind(cols.1)
+            .bind(cols.2)
+            .bind(cols.3)
+            .bind(cols.4)
+            .bind(cols.5)
+            .bind(cols.6)
+            .bind(cols.7)
+        }
+        Event::IncidentClosed { .. } => {
+            let mut cols = (Vec::new(), Vec::new(), Vec::new());
+            for e in run {
+                if let Event::IncidentClosed { id, at, resolution } = e {
+                    cols.0.push(text(id));
+                    cols.1.push(unix_millis(*at));
+                    cols.2.push(text(resolution));
+                }
+            }
+            // First close wins; a closed incident stays as it closed.
+            sqlx::query(
+                "UPDATE incidents AS i SET closed_at_ms = u.at_ms, resolution = u.resolution \
+                 FROM (SELECT DISTINCT ON (id) id, at_ms, resolution \
+                       FROM UNNEST($1::text[], $2::int8[], $3::text[]) \
+                         WITH ORDINALITY AS u(id, at_ms, resolution, ord) \
+                       ORDER BY id, ord) AS u \
+                 WHERE i.id = u.id AND i.closed_at_ms IS NULL",
+            )
+            .bind(cols.0)
+            .bind(cols.1)
+            .bind(cols.2)
+        }
+        Event::IncidentEscalated { .. } => {
+            let mut cols = (Vec::new(), Vec::new());
+            for e in run {
+                if let Event::IncidentEscalated { id, next_rung } = e {
+                    cols.0.push(text(id));
+                    cols.1.push(to_i64(*next_rung));
+                }
+            }
+            // Last escalation wins.
+            sqlx::query(
+                "UPDATE incidents AS i SET next_rung = u.next_rung \
+                 FROM (SELECT DISTINCT ON (id) id, next_rung \
+                       FROM UNNEST($1::text[], $2::int8[]) WITH ORDINALITY AS u(id, next_rung, ord) \
+                       ORDER BY id, ord DESC) AS u \
+                 WHERE i.id = u.id",
+            )
+            .bind(cols.0)
+            .bind(cols.1)
+        }
+        Event::ActionStarted { .. } => {
+            let mut cols = (
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+            );
+            for e in run {
+                if let Event::ActionStarted { step, at } = e {
+                    cols.0.push(text(&step.action_id));
+                    cols.1.push(text(&step.incident_id));
+                    cols.2.push(step.symptom.as_str());
+                    cols.3.push(to_i64(step.rung));
+                    cols.4.push(text(&step.actuator));
+                    cols.5.push(text(&step.target));
+                    cols.6.push(json(&step.params));
+                    cols.7.push(step.dry_run);
+                    cols.8.push(unix_millis(*at));
+                }
+            }
+            sqlx::query(
+                "INSERT INTO actions (id, incident_id, symptom, rung, actuator, target, params, \
+                   dry_run, started_at_ms) \
+                 SELECT id, incident_id, symptom, rung, actuator, target, params::jsonb, \
+                   dry_run, started_at_ms \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], \
+                             $6::text[], $7::text[], $8::bool[], $9::int8[]) \
+                   AS u(id, incident_id, symptom, rung, actuator, target, params, dry_run, \
+                        started_at_ms) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(cols.0)
+            .bind(cols.1)
+            .bind(cols.2)
+            .bind(cols.3)
+            .bind(cols.4)
+            .bind(cols.5)
+            .bind(cols.6)
+            .bind(cols.7)
+            .bind(cols.8)
+        }
+        Event::ActionFinished { .. } => {
+            let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for e in run {
+                if let Event::ActionFinished { id, outcome, at } = e {
+                    cols.0.push(text(id));
+                    cols.1.push(unix_millis(*at));
+                    cols.2.push(outcome.kind.as_str());
+                    cols.3.push(json(&outcome.detail));
+                    cols.4.push(outcome.error.as_deref().map(text));
+                }
+            }
+            // First finish wins.
+            sqlx::query(
+                "UPDATE actions AS a SET finished_at_ms = u.at_ms, outcome = u.outcome, \
+                   detail = u.detail::jsonb, error = u.error \
+                 FROM (SELECT DISTINCT ON (id) id, at_ms, outcome, detail, error \
+                       FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[]) \
+                         WITH ORDINALITY AS u(id, at_ms, outcome, detail, error, ord) \
+                       ORDER BY id, ord) AS u \
+                 WHERE a.id = u.id AND a.finished_at_ms IS NULL",
+            )
+            .bind(cols.0)
+            .bind(cols.1)
+            .bind(cols.2)
+            .bind(cols.3)
+            .bind(cols.4)
+        }
+        Event::ActionVerified { .. } => {
+            let mut cols = (Vec::new(), Vec::new(), Vec::new());
+            for e in run {
+                if let Event::ActionVerified {
+                    id,
+                    verification,
+                    at,
+                } = e
+                {
+                    cols.0.push(text(id));
+                    cols.1.push(verification.as_str());
+                    cols.2.push(unix_millis(*at));
+                }
+            }
+            // First verdict wins.
+            sqlx::query(
+                "UPDATE actions AS a SET verification = u.verification, verified_at_ms = u.at_ms \
+                 FROM (SELECT DISTINCT ON (id) id, verification, at_ms \
+                       FROM UNNEST($1::text[], $2::text[], $3::int8[]) \
+                         WITH ORDINALITY AS u(id, verification, at_ms, ord) \
+                       ORDER BY id, ord) AS u \
+                 WHERE a.id = u.id AND a.verification IS NULL",
+            )
+            .bind(cols.0)
+            .bind(cols.1)
+            .bind(cols.2)
+        }
+        Event::Held { .. } => {
+            let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for e in run {
+                if let Event::Held {
+                    incident_id,
+                    actuator,
+                    target,
+                    reason,
+                    at,
+                } = e
+                {
+                    cols.0.push(text(incident_id));
+                    cols.1.push(text(actuator));
+                    cols.2.push(text(target));
+                    cols.3.push(text(reason));
+                    cols.4.push(unix_millis(*at));
+                }
+            }
+            sqlx::query(
+                "INSERT INTO holds (incident_id, actuator, target, reason, at_ms) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[]) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(cols.0)
+            .bind(cols.1)
+            .bind(cols.2)
+            .bind(cols.3)
+            .bind(cols.4)
+        }
+    };
+    query
+        .execute(&mut *conn)
+        .await
+        .map(drop)
+        .map_err(pg_error)
+}
+
+/// PostgreSQL text cannot hold NUL, and one such string (say, in an
+/// actuator's output tail) would fail its batch on every retry. Replaced by
+/// U+FFFD.
+fn text(s: &str) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}")
+    } else {
+        s.to_owned()
+    }
+}
+
+/// JSON text for a `jsonb` column, which rejects `\u0000` for the same
+/// reason as [`text`].
+fn json(v: &serde_json::Value) -> String {
+    let s = v.to_string();
+    if s.contains("\\u0000") {
+        scrub_nul(v.clone()).to_string()
+    } else {
+        s
+    }
+}
+
+fn scrub_nul(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => Value::String(text(&s)),
+        Value::Array(items) => Value::Array(items.into_iter().map(scrub_nul).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (text(&k), scrub_nul(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+// === Reads ===
+
+fn incident_record(row: &PgRow) -> Result<IncidentRecord, StoreError> {
+    Ok(IncidentRecord {
+        id: col(row, "id")?,
+        symptom: col(row, "symptom")?,
+        subject: col(row, "subject")?,
+        severity: col(row, "severity")?,
+        opened_at_ms: col(row, "opened_at_ms")?,
+        closed_at_ms: col(row, "closed_at_ms")?,
+        resolution: col(row, "resolution")?,
+        predicted_outage_ms: col(row, "predicted_outage_ms")?,
+        evidence: json_col(row, "evidence")?,
+        next_rung: col(row, "next_rung")?,
+    })
+}
+
+fn action_record(row: &PgRow) -> Result<ActionRecord, StoreError> {
+    let detail: Option<String> = col(row, "detail")?;
+    Ok(ActionRecord {
+        id: col(row, "id")?,
+        incident_id: col(row, "incident_id")?,
+        symptom: col(row, "symptom")?,
+        rung: col(row, "rung")?,
+        actuator: col(row, "actuator")?,
+        target: col(row, "target")?,
+        params: json_col(row, "params")?,
+        dry_run: col(row, "dry_run")?,
+        started_at_ms: col(row, "started_at_ms")?,
+        finished_at_ms: col(row, "finished_at_ms")?,
+        outcome: col(row, "outcome")?,
+        detail: detail
+            .as_deref()
+            .map(|s| parse_json("detail", s))
+            .transpose()?,
+        error: col(row, "error")?,
+        verification: col(row, "verification")?,
+        verified_at_ms: col(row, "verified_at_ms")?,
+    })
+}
+
+fn svid_record(row: &PgRow) -> Result<SvidRecord, StoreError> {
+    Ok(SvidRecord {
+        agent: col(row, "agent")?,
+        spiffe_id: col(row, "spiffe_id")?,
+        serial: col(row, "serial")?,
+        not_before_ms: col(row, "not_before_ms")?,
+        not_after_ms: col(row, "not_after_ms")?,
+        first_seen_ms: col(row, "first_seen_ms")?,
+        replaced_at_ms: col(row, "replaced_at_ms")?,
+    })
+}
+
+fn hold_record(row: &PgRow) -> Result<HoldRecord, StoreError> {
+    Ok(HoldRecord {
+        incident_id: col(row, "incident_id")?,
+        actuator: col(row, "actuator")?,
+        target: col(row, "target")?,
+        reason: col(row, "reason")?,
+        at_ms: col(row, "at_ms")?,
+    })
+}
+
+fn col<'r, T>(row: &'r PgRow, name: &str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
+{
+    row.try_get(name)
+        .map_err(|e| StoreError::Corrupt(format!("column {name}: {e}")))
+}
+
+fn json_col(row: &PgRow, name: &str) -> Result<serde_json::Value, StoreError> {
+    let text: String = col(row, name)?;
+    parse_json(name, &text)
+}
+
+fn parse_json(name: &str, text: &str) -> Result<serde_json::Value, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("column {name}: {e}")))
+}

@@ -1,0 +1,701 @@
+//! SQLite backend: one local file in WAL mode, the embedded default.
+//!
+//! Writes take the write lock up front (`BEGIN IMMEDIATE`), so two writers
+//! queue on the busy timeout instead of failing with `SQLITE_BUSY` when a
+//! deferred transaction tries to upgrade. Inserts are sent as multi-row
+//! statements (the benchmark target is 50,000 rows/s); updates are rare and go
+//! one statement per event, which also keeps their in-batch order exact.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::sqlite::{
+    SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool,
+    SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, Row, Sqlite, SqlSafeStr};
+
+use super::{
+    ActionRecord, HoldRecord, IncidentRecord, Knowledge, Query, Store, StoreError, SvidRecord,
+};
+use crate::clock::{from_unix_millis, unix_millis};
+use crate::model::{Event, Incident, Severity, Subject, SymptomKind};
+
+/// Embedded migrations, in order. `tests.rs` checks that this list matches
+/// `migrations/sqlite/` file for file.
+pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "init",
+    include_str!("../../migrations/sqlite/0001_init.sql"),
+)];
+
+/// How long a writer waits for another writer's lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// One writer at a time anyway (WAL); a few more for concurrent readers.
+const MAX_CONNECTIONS: u32 = 4;
+/// SQLite's default `SQLITE_MAX_VARIABLE_NUMBER` since 3.32.
+const MAX_PARAMS: usize = 32_766;
+/// Rows per multi-row INSERT; bigger statements gain little and cost parse
+/// time and memory.
+const MAX_ROWS_PER_STATEMENT: usize = 256;
+
+type SqliteQuery = sqlx::query::Query<'static, Sqlite, SqliteArguments>;
+
+/// The knowledge store in a local SQLite file.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+// SELECT lists shared by the listing and loading queries; `concat!` keeps
+// every statement a `&'static str`.
+macro_rules! incident_select {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, symptom, subject, severity, opened_at_ms, closed_at_ms, resolution, \
+             predicted_outage_ms, evidence, next_rung FROM incidents ",
+            $rest
+        )
+    };
+}
+macro_rules! action_select {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, incident_id, symptom, rung, actuator, target, params, dry_run, \
+             started_at_ms, finished_at_ms, outcome, detail, error, verification, \
+             verified_at_ms FROM actions ",
+            $rest
+        )
+    };
+}
+macro_rules! svid_select {
+    ($rest:literal) => {
+        concat!(
+            "SELECT agent, spiffe_id, serial, not_before_ms, not_after_ms, first_seen_ms, \
+             replaced_at_ms FROM svid_lifecycles ",
+            $rest
+        )
+    };
+}
+macro_rules! hold_select {
+    ($rest:literal) => {
+        concat!(
+            "SELECT incident_id, actuator, target, reason, at_ms FROM holds ",
+            $rest
+        )
+    };
+}
+// === impl SqliteStore ===
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database file at `path` and applies
+    /// migrations. `:memory:` opens a private in-memory database on a single
+    /// connection, for tests.
+    ///
+    /// # Errors
+    /// [`StoreError::Config`], naming the path, when its directory is missing
+    /// or the file cannot be opened or created; [`StoreError::Migrate`] when
+    /// the schema cannot be applied.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let in_memory = path == Path::new(":memory:");
+        let base = SqliteConnectOptions::new().busy_timeout(BUSY_TIMEOUT);
+        let (options, pool) = if in_memory {
+            // Every connection would see its own empty database: keep one
+            // forever.
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None);
+            (base.in_memory(true), pool)
+        } else {
+            check_location(path).await?;
+            let options = base
+                .filename(path)
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal);
+            let pool = SqlitePoolOptions::new().max_connections(MAX_CONNECTIONS);
+            (options, pool)
+        };
+        let pool = pool.connect_with(options).await.map_err(|e| {
+            StoreError::Config(format!("cannot open SQLite database {}: {e}", path.display()))
+        })?;
+        migrator().run(&pool).await.map_err(StoreError::Migrate)?;
+        Ok(Self { pool })
+    }
+
+    /// The underlying pool, for tests that inspect or corrupt rows directly.
+    #[cfg(test)]
+    pub(super) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+fn migrator() -> Migrator {
+    Migrator::with_migrations(
+        MIGRATIONS
+            .iter()
+            .map(|&(version, description, sql)| {
+                Migration::new(
+                    version,
+                    description.into(),
+                    MigrationType::Simple,
+                    sql.into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    )
+}
+
+/// Fails early, naming the path, when the file cannot possibly be created:
+/// SQLite's own error ("unable to open database file") names neither.
+async fn check_location(path: &Path) -> Result<(), StoreError> {
+    if path.as_os_str().is_empty() {
+        return Err(StoreError::Config("SQLite path is empty".into()));
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    match tokio::fs::metadata(&dir).await {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(StoreError::Config(format!(
+                "cannot open SQLite database {}: {} is not a directory",
+                path.display(),
+                dir.display()
+            )));
+        }
+        Err(e) => {
+            return Err(StoreError::Config(format!(
+                "cannot open SQLite database {}: directory {}: {e}",
+                path.display(),
+                dir.display()
+            )));
+        }
+    }
+    if tokio::fs::metadata(path).await.is_ok_and(|m| m.is_dir()) {
+        return Err(StoreError::Config(format!(
+            "cannot open SQLite database {}: it is a directory",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn apply(&self, events: &[Event]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(StoreError::from_sqlx)?;
+        // Consecutive events of one kind become one multi-row statement;
+        // runs keep the batch order between kinds.
+        for run in events.chunk_by(|a, b| std::mem::discriminant(a) == std::mem::discriminant(b))
+        {
+            apply_run(&mut tx, run).await?;
+        }
+        tx.commit().await.map_err(StoreError::from_sqlx)
+    }
+
+    async fn load_knowledge(&self, since: SystemTime) -> Result<Knowledge, StoreError> {
+        let rows = sqlx::query(incident_select!(
+            "WHERE closed_at_ms IS NULL ORDER BY opened_at_ms, id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from_sqlx)?;
+        let mut open_incidents = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let record = incident_record(row)?;
+            match incident_from_record(&record) {
+                Ok(incident) => open_incidents.push(incident),
+                // One bad row must not keep the supervisor from starting; the
+                // symptom, if still present, opens a fresh incident.
+                Err(problem) => {
+                    tracing::warn!(incident = %record.id, %problem, "Skipping unreadable open incident.");
+                }
+            }
+        }
+        let rows = sqlx::query(action_select!(
+            "WHERE started_at_ms >= ? ORDER BY started_at_ms, id"
+        ))
+        .bind(unix_millis(since))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from_sqlx)?;
+        let recent_actions = rows.iter().map(action_record).collect::<Result<_, _>>()?;
+        Ok(Knowledge {
+            open_incidents,
+            recent_actions,
+        })
+    }
+
+    async fn incidents(&self, q: &Query) -> Result<Vec<IncidentRecord>, StoreError> {
+        let query = if q.open_only {
+            sqlx::query(incident_select!(
+                "WHERE closed_at_ms IS NULL ORDER BY opened_at_ms DESC, id DESC LIMIT ?"
+            ))
+        } else {
+            sqlx::query(incident_select!(
+                "ORDER BY opened_at_ms DESC, id DESC LIMIT ?"
+            ))
+        };
+        let rows = query
+            .bind(limit(q))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::from_sqlx)?;
+        rows.iter().map(incident_record).collect()
+    }
+
+    async fn actions(&self, q: &Query) -> Result<Vec<ActionRecord>, StoreError> {
+        let query = match &q.incident_id {
+            Some(id) => sqlx::query(action_select!(
+                "WHERE incident_id = ? ORDER BY started_at_ms DESC, id DESC LIMIT ?"
+            ))
+            .bind(id.clone()),
+            None => sqlx::query(action_select!(
+                "ORDER BY started_at_ms DESC, id DESC LIMIT ?"
+            )),
+        };
+        let rows = query
+            .bind(limit(q))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::from_sqlx)?;
+        rows.iter().map(action_record).collect()
+    }
+
+    /// `open_only` lists only serials not yet replaced.
+    async fn svids(&self, q: &Query) -> Result<Vec<SvidRecord>, StoreError> {
+        let query = if q.open_only {
+            sqlx::query(svid_select!(
+                "WHERE replaced_at_ms IS NULL \
+                 ORDER BY first_seen_ms DESC, agent DESC, spiffe_id DESC, serial DESC LIMIT ?"
+            ))
+        } else {
+            sqlx::query(svid_select!(
+                "ORDER BY first_seen_ms DESC, agent DESC, spiffe_id DESC, serial DESC LIMIT ?"
+            ))
+        };
+        let rows = query
+            .bind(limit(q))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::from_sqlx)?;
+        rows.iter().map(svid_record).collect()
+    }
+
+    /// `incident_id` filters by incident.
+    async fn holds(&self, q: &Query) -> Result<Vec<HoldRecord>, StoreError> {
+        let query = match &q.incident_id {
+            Some(id) => sqlx::query(hold_select!(
+                "WHERE incident_id = ? ORDER BY at_ms DESC, id DESC LIMIT ?"
+            ))
+            .bind(id.clone()),
+            None => sqlx::query(hold_select!("ORDER BY at_ms DESC, id DESC LIMIT ?")),
+        };
+        let rows = query
+            .bind(limit(q))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::from_sqlx)?;
+        rows.iter().map(hold_record).collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(drop)
+            .map_err(StoreError::from_sqlx)
+    }
+}
+
+// === Writes ===
+
+/// Applies a run of events that all have the same variant.
+async fn apply_run(conn: &mut SqliteConnection, run: &[Event]) -> Result<(), StoreError> {
+    let Some(first) = run.first() else {
+        return Ok(());
+    };
+    match first {
+        Event::SubjectSeen { .. } => {
+            // Re-seeing a subject widens [first_seen, last_seen]; min/max make
+            // the upsert order-independent and so idempotent.
+            insert_rows(
+                conn,
+                "INSERT INTO subjects (subject, kind, agent, first_seen_ms, last_seen_ms) VALUES ",
+                5,
+                " ON CONFLICT (subject) DO UPDATE SET \
+                 first_seen_ms = min(first_seen_ms, excluded.first_seen_ms), \
+                 last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
+                run,
+                |q, e| match e {
+                    Event::SubjectSeen { subject, at } => {
+                        let at = unix_millis(*at);
+                        q.bind(subject.to_string())
+                            .bind(subject.kind())
+                            .bind(subject.agent_name().to_owned())
+                            .bind(at)
+                            .bind(at)
+                    }
+                    _ => q,
+                },
+            )
+            .await
+        }
+        Event::SvidSeen { .. } => {
+            insert_rows(
+                conn,
+                "INSERT INTO svid_lifecycles \
+                 (agent, spiffe_id, serial, not_before_ms, not_after_ms, first_seen_ms) VALUES ",
+                6,
+                " ON CONFLICT DO NOTHING",
+                run,
+                |q, e| match e {
+                    Event::SvidSeen {
+                        agent,
+                        spiffe_id,
+                        serial,
+                        not_before,
+                        not_after,
+                        at,
+                    } => q
+                        .bind(agent.clone())
+                        .bind(spiffe_id.clone())
+                        .bind(serial.clone())
+                        .bind(unix_millis(*not_before))
+                        .bind(unix_millis(*not_after))
+                        .bind(unix_millis(*at)),
+                    _ => q,
+                },
+            )
+            .await
+        }
+        Event::IncidentOpened { .. } => {
+            insert_rows(
+                conn,
+                "INSERT INTO incidents (id, symptom, subject, severity, opened_at_ms, \
+                 predicted_outage_ms, evidence, next_rung) VALUES ",
+                8,
+                " ON CONFLICT DO NOTHING",
+                run,
+                |q, e| match e {
+                    Event::IncidentOpened { incident } => q
+                        .bind(incident.id.clone())
+                        .bind(incident.kind.as_str())
+                        .bind(incident.subject.to_string())
+                        .bind(incident.severity.as_str())
+                        .bind(unix_millis(incident.opened_at))
+                        .bind(incident.predicted_outage.map(unix_millis))
+                        .bind(incident.evidence.to_string())
+                        .bind(to_i64(incident.next_rung)),
+                    _ => q,
+                },
+            )
+            .await
+        }
+        Event::ActionStarted { .. } => {
+            insert_rows(
+                conn,
+                "INSERT INTO actions (id, incident_id, symptom, rung, actuator, target, params, \
+                 dry_run, started_at_ms) VALUES ",
+                9,
+                " ON CONFLICT DO NOTHING",
+                run,
+                |q, e| match e {
+                    Event::ActionStarted { step, at } => q
+                        .bind(step.action_id.clone())
+                        .bind(step.incident_id.clone())
+                        .bind(step.symptom.as_str())
+                        .bind(to_i64(step.rung))
+                        .bind(step.actuator.clone())
+                        .bind(step.target.clone())
+                        .bind(step.params.to_string())
+                        .bind(step.dry_run)
+                        .bind(unix_millis(*at)),
+                    _ => q,
+                },
+            )
+            .await
+        }
+        Event::Held { .. } => {
+            insert_rows(
+                conn,
+                "INSERT INTO holds (incident_id, actuator, target, reason, at_ms) VALUES ",
+                5,
+                " ON CONFLICT DO NOTHING",
+                run,
+                |q, e| match e {
+                    Event::Held {
+                        incident_id,
+                        actuator,
+                        target,
+                        reason,
+                        at,
+                    } => q
+                        .bind(incident_id.clone())
+                        .bind(actuator.clone())
+                        .bind(target.clone())
+                        .bind(reason.clone())
+                        .bind(unix_millis(*at)),
+                    _ => q,
+                },
+            )
+            .await
+        }
+        Event::SvidReplaced { .. }
+        | Event::IncidentClosed { .. }
+        | Event::IncidentEscalated { .. }
+        | Event::ActionFinished { .. }
+        | Event::ActionVerified { .. } => {
+            for event in run {
+                update(conn, event).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Sends `rows` as `head (?, …), (?, …) tail` statements of at most
+/// [`MAX_ROWS_PER_STATEMENT`] rows and [`MAX_PARAMS`] parameters. `bind`
+/// binds one row's `cols` values.
+async fn insert_rows<T>(
+    conn: &mut SqliteConnection,
+    head: &'static str,
+    cols: usize,
+    tail: &'static str,
+    rows: &[T],
+    bind: impl Fn(SqliteQuery, &T) -> SqliteQuery,
+) -> Result<(), StoreError> {
+    let per_statement = (MAX_PARAMS / cols).min(MAX_ROWS_PER_STATEMENT);
+    for chunk in rows.chunks(per_statement) {
+        // Only the full-size statement is worth keeping prepared; a tail of
+        // arbitrary length would churn the statement cache.
+        let persistent = chunk.len() == per_statement;
+        let sql = values_sql(head, cols, chunk.len(), tail);
+        // The SQL is built from our constants and `?` placeholders only.
+        let query = sqlx::query(AssertSqlSafe(sql)).persistent(persistent);
+        chunk
+            .iter()
+            .fold(query, &bind)
+            .execute(&mut *conn)
+            .await
+            .map_err(StoreError::from_sqlx)?;
+    }
+    Ok(())
+}
+
+/// `head (?, ?), (?, ?) tail` with `rows` groups of `cols` placeholders.
+fn values_sql(head: &str, cols: usize, rows: usize, tail: &str) -> String {
+    let group = format!("({})", vec!["?"; cols].join(", "));
+    let mut sql = String::with_capacity(head.len() + tail.len() + rows * (group.len() + 2));
+    sql.push_str(head);
+    for i in 0..rows {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&group);
+    }
+    sql.push_str(tail);
+    sql
+}
+
+/// One update event. Each is a no-op when it already took effect (or its row
+/// is unknown, e.g. dropped by the buffer), so re-applying is safe.
+async fn update(conn: &mut SqliteConnection, event: &Event) -> Result<(), StoreError> {
+    let query = match event {
+        Event::SvidReplaced {
+            agent,
+            spiffe_id,
+            serial,
+            at,
+        } => sqlx::query(
+            "UPDATE svid_lifecycles SET replaced_at_ms = ? \
+             WHERE agent = ? AND spiffe_id = ? AND serial = ? AND replaced_at_ms IS NULL",
+        )
+        .bind(unix_millis(*at))
+        .bind(agent.clone())
+        .bind(spiffe_id.clone())
+        .bind(serial.clone()),
+        Event::IncidentClosed { id, at, resolution } => sqlx::query(
+            "UPDATE incidents SET closed_at_ms = ?, resolution = ? \
+             WHERE id = ? AND closed_at_ms IS NULL",
+        )
+        .bind(unix_millis(*at))
+        .bind(resolution.clone())
+        .bind(id.clone()),
+        Event::IncidentEscalated { id, next_rung } => {
+            sqlx::query("UPDATE incidents SET next_rung = ? WHERE id = ?")
+                .bind(to_i64(*next_rung))
+                .bind(id.clone())
+        }
+        Event::ActionFinished { id, outcome, at } => sqlx::query(
+            "UPDATE actions SET finished_at_ms = ?, outcome = ?, detail = ?, error = ? \
+             WHERE id = ? AND finished_at_ms IS NULL",
+        )
+        .bind(unix_millis(*at))
+        .bind(outcome.kind.as_str())
+        .bind(outcome.detail.to_string())
+        .bind(outcome.error.clone())
+        .bind(id.clone()),
+        Event::ActionVerified {
+            id,
+            verification,
+            at,
+        } => sqlx::query(
+            "UPDATE actions SET verification = ?, verified_at_ms = ? \
+             WHERE id = ? AND verification IS NULL",
+        )
+        .bind(verification.as_str())
+        .bind(unix_millis(*at))
+        .bind(id.clone()),
+        Event::SubjectSeen { .. }
+        | Event::SvidSeen { .. }
+        | Event::IncidentOpened { .. }
+        | Event::ActionStarted { .. }
+        | Event::Held { .. } => return Ok(()),
+    };
+    query
+        .execute(&mut *conn)
+        .await
+        .map(drop)
+        .map_err(StoreError::from_sqlx)
+}
+
+// === Reads ===
+
+fn incident_record(row: &SqliteRow) -> Result<IncidentRecord, StoreError> {
+    Ok(IncidentRecord {
+        id: col(row, "id")?,
+        symptom: col(row, "symptom")?,
+        subject: col(row, "subject")?,
+        severity: col(row, "severity")?,
+        opened_at_ms: col(row, "opened_at_ms")?,
+        closed_at_ms: col(row, "closed_at_ms")?,
+        resolution: col(row, "resolution")?,
+        predicted_outage_ms: col(row, "predicted_outage_ms")?,
+        evidence: json_col(row, "evidence")?,
+        next_rung: col(row, "next_rung")?,
+    })
+}
+
+fn action_record(row: &SqliteRow) -> Result<ActionRecord, StoreError> {
+    let detail: Option<String> = col(row, "detail")?;
+    Ok(ActionRecord {
+        id: col(row, "id")?,
+        incident_id: col(row, "incident_id")?,
+        symptom: col(row, "symptom")?,
+        rung: col(row, "rung")?,
+        actuator: col(row, "actuator")?,
+        target: col(row, "target")?,
+        params: json_col(row, "params")?,
+        dry_run: col(row, "dry_run")?,
+        started_at_ms: col(row, "started_at_ms")?,
+        finished_at_ms: col(row, "finished_at_ms")?,
+        outcome: col(row, "outcome")?,
+        detail: detail.as_deref().map(|s| parse_json("detail", s)).transpose()?,
+        error: col(row, "error")?,
+        verification: col(row, "verification")?,
+        verified_at_ms: col(row, "verified_at_ms")?,
+    })
+}
+
+fn svid_record(row: &SqliteRow) -> Result<SvidRecord, StoreError> {
+    Ok(SvidRecord {
+        agent: col(row, "agent")?,
+        spiffe_id: col(row, "spiffe_id")?,
+        serial: col(row, "serial")?,
+        not_before_ms: col(row, "not_before_ms")?,
+        not_after_ms: col(row, "not_after_ms")?,
+        first_seen_ms: col(row, "first_seen_ms")?,
+        replaced_at_ms: col(row, "replaced_at_ms")?,
+    })
+}
+
+fn hold_record(row: &SqliteRow) -> Result<HoldRecord, StoreError> {
+    Ok(HoldRecord {
+        incident_id: col(row, "incident_id")?,
+        actuator: col(row, "actuator")?,
+        target: col(row, "target")?,
+        reason: col(row, "reason")?,
+        at_ms: col(row, "at_ms")?,
+    })
+}
+
+fn col<'r, T>(row: &'r SqliteRow, name: &str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
+{
+    row.try_get(name)
+        .map_err(|e| StoreError::Corrupt(format!("column {name}: {e}")))
+}
+
+fn json_col(row: &SqliteRow, name: &str) -> Result<serde_json::Value, StoreError> {
+    let text: String = col(row, name)?;
+    parse_json(name, &text)
+}
+
+fn parse_json(name: &str, text: &str) -> Result<serde_json::Value, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("column {name}: {e}")))
+}
+
+// === Shared with the PostgreSQL backend ===
+
+/// Rebuilds an open incident for the supervisor. Backend-neutral: both
+/// stores decode to [`IncidentRecord`] first.
+///
+/// # Errors
+/// A description of the first field that does not parse.
+pub(super) fn incident_from_record(r: &IncidentRecord) -> Result<Incident, String> {
+    let kind =
+        SymptomKind::parse(&r.symptom).ok_or_else(|| format!("unknown symptom {:?}", r.symptom))?;
+    let subject =
+        Subject::parse(&r.subject).ok_or_else(|| format!("unparsable subject {:?}", r.subject))?;
+    let severity = match r.severity.as_str() {
+        "warning" => Severity::Warning,
+        "critical" => Severity::Critical,
+        other => return Err(format!("unknown severity {other:?}")),
+    };
+    let next_rung =
+        usize::try_from(r.next_rung).map_err(|_| format!("negative next_rung {}", r.next_rung))?;
+    Ok(Incident {
+        id: r.id.clone(),
+        kind,
+        subject,
+        severity,
+        opened_at: from_unix_millis(r.opened_at_ms),
+        predicted_outage: r.predicted_outage_ms.map(from_unix_millis),
+        evidence: r.evidence.clone(),
+        next_rung,
+    })
+}
+
+/// Listing limit: 0 means the default of 100.
+pub(super) fn limit(q: &Query) -> i64 {
+    if q.limit == 0 {
+        100
+    } else {
+        i64::from(q.limit)
+    }
+}
+
+/// Ladder rungs are small; saturate rather than wrap.
+pub(super) fn to_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,1412 @@
+//! Store contract suite: every case in [`contract!`] runs on SQLite (a fresh
+//! temp file) and on PostgreSQL (a fresh database per test, dropped after).
+//!
+//! PostgreSQL comes from `SPIRE_HEALER_TEST_PG_URL` (a role with CREATEDB);
+//! `scripts/test.sh` starts a server and sets it. Without it the PostgreSQL
+//! half fails, unless `SPIRE_HEALER_SKIP_PG=1` says to skip it.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde_json::json;
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+
+use super::*;
+use crate::clock::{from_unix_millis, unix_millis};
+use crate::model::{
+    Event, Incident, Outcome, OutcomeKind, Severity, Step, Subject, SymptomKind, Verification,
+    new_id,
+};
+
+const PG_URL_ENV: &str = "SPIRE_HEALER_TEST_PG_URL";
+const SKIP_PG_ENV: &str = "SPIRE_HEALER_SKIP_PG";
+
+// === Fixtures ===
+
+/// A store on a fresh database, plus what a case needs to look underneath.
+struct Fixture {
+    store: Arc<dyn Store>,
+    raw: Raw,
+    /// What [`open`] takes to reach the same database again.
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+    _db: Option<PgDatabase>,
+}
+
+enum Raw {
+    Sqlite(SqliteStore),
+    Postgres(PostgresStore),
+}
+
+impl Fixture {
+    async fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("knowledge.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        Self {
+            store: Arc::new(store.clone()),
+            raw: Raw::Sqlite(store),
+            url: format!("sqlite://{}", path.display()),
+            _dir: Some(dir),
+            _db: None,
+        }
+    }
+
+    /// `None` when the PostgreSQL half is skipped.
+    async fn postgres() -> Option<Self> {
+        let db = PgDatabase::create().await?;
+        let store = PostgresStore::connect(&db.url).await.unwrap();
+        Some(Self {
+            store: Arc::new(store.clone()),
+            raw: Raw::Postgres(store),
+            url: db.url.clone(),
+            _dir: None,
+            _db: Some(db),
+        })
+    }
+
+    fn is_postgres(&self) -> bool {
+        matches!(self.raw, Raw::Postgres(_))
+    }
+
+    /// `(kind, agent, first_seen_ms, last_seen_ms)` of a subject.
+    async fn subject_row(&self, subject: &Subject) -> Option<(String, String, i64, i64)> {
+        const SQL: &str =
+            "SELECT kind, agent, first_seen_ms, last_seen_ms FROM subjects WHERE subject = $1";
+        let key = subject.to_string();
+        match &self.raw {
+            Raw::Sqlite(s) => sqlx::query_as(SQL)
+                .bind(key)
+                .fetch_optional(s.pool())
+                .await
+                .unwrap(),
+            Raw::Postgres(s) => sqlx::query_as(SQL)
+                .bind(key)
+                .fetch_optional(s.pool())
+                .await
+                .unwrap(),
+        }
+    }
+
+    async fn count(&self, table: &str) -> i64 {
+        assert!(
+            ["subjects", "svid_lifecycles", "incidents", "actions", "holds"].contains(&table),
+            "unknown table {table}"
+        );
+        let sql = format!("SELECT count(*) FROM {table}");
+        match &self.raw {
+            Raw::Sqlite(s) => sqlx::query_scalar(AssertSqlSafe(sql))
+                .fetch_one(s.pool())
+                .await
+                .unwrap(),
+            Raw::Postgres(s) => sqlx::query_scalar(AssertSqlSafe(sql))
+                .fetch_one(s.pool())
+                .await
+                .unwrap(),
+        }
+    }
+
+    /// Runs raw SQL, bypassing the store (to plant bad rows).
+    async fn execute(&self, sql: &'static str) {
+        match &self.raw {
+            Raw::Sqlite(s) => sqlx::query(sql).execute(s.pool()).await.map(drop),
+            Raw::Postgres(s) => sqlx::query(sql).execute(s.pool()).await.map(drop),
+        }
+        .unwrap()
+    }
+}
+
+/// A uniquely named database, dropped (even after a panic) with the value.
+struct PgDatabase {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl PgDatabase {
+    async fn create() -> Option<Self> {
+        let admin_url = pg_admin_url()?;
+        let name = format!("spire_healer_test_{}", new_id().replace('-', ""));
+        let mut conn = PgConnection::connect(&admin_url)
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach {PG_URL_ENV}: {e}; run scripts/test.sh"));
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let _ = conn.close().await;
+        let url = rewrite_url(&admin_url, None, Some(&name));
+        Some(Self {
+            admin_url,
+            name,
+            url,
+        })
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        // The test's runtime may be shutting down or panicking: use a
+        // thread with its own. FORCE ends the store's pooled connections.
+        let admin_url = self.admin_url.clone();
+        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut conn) = PgConnection::connect(&admin_url).await {
+                    let _ = sqlx::query(AssertSqlSafe(sql)).execute(&mut conn).await;
+                    let _ = conn.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+fn pg_admin_url() -> Option<String> {
+    match std::env::var(PG_URL_ENV) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var(SKIP_PG_ENV).is_ok_and(|v| v == "1") => {
+            eprintln!(
+                "!!!! SKIPPING the PostgreSQL half of this test: {SKIP_PG_ENV}=1. \
+                 The PostgreSQL backend is NOT being tested. !!!!"
+            );
+            None
+        }
+        _ => panic!(
+            "{PG_URL_ENV} is not set, so the PostgreSQL half of the store contract cannot run. \
+             Run scripts/test.sh (it starts PostgreSQL and sets {PG_URL_ENV}), or set \
+             {SKIP_PG_ENV}=1 to skip it knowingly."
+        ),
+    }
+}
+
+/// `url` with its `host:port` and/or database replaced. Test URLs are plain
+/// `postgres://user:pw@host:port/db[?params]`.
+fn rewrite_url(url: &str, host_port: Option<&str>, db: Option<&str>) -> String {
+    let (scheme, rest) = url.split_once("://").expect("URL has a scheme");
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, Some(q)),
+        None => (rest, None),
+    };
+    let (authority, path) = match rest.split_once('/') {
+        Some((a, p)) => (a, p),
+        None => (rest, ""),
+    };
+    let (userinfo, hp) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let mut out = format!("{scheme}://");
+    if let Some(u) = userinfo {
+        out.push_str(u);
+        out.push('@');
+    }
+    out.push_str(host_port.unwrap_or(hp));
+    out.push('/');
+    out.push_str(db.unwrap_or(path));
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+/// The error and all its sources, as one string.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(" <- ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+// === Builders ===
+
+/// An arbitrary instant with a non-zero millisecond part.
+const T0: i64 = 1_700_000_000_123;
+
+fn at(ms: i64) -> SystemTime {
+    from_unix_millis(ms)
+}
+
+fn q() -> Query {
+    Query::default()
+}
+
+fn incident(id: &str, opened_ms: i64) -> Incident {
+    Incident {
+        id: id.into(),
+        kind: SymptomKind::SvidExpiring,
+        subject: Subject::svid("node-a", "spiffe://example.org/web"),
+        severity: Severity::Critical,
+        opened_at: at(opened_ms),
+        predicted_outage: Some(at(opened_ms + 3_600_000)),
+        evidence: json!({"remaining_s": 600, "serial": "0a1b"}),
+        next_rung: 0,
+    }
+}
+
+fn step(action_id: &str, incident_id: &str, rung: usize) -> Step {
+    Step {
+        action_id: action_id.into(),
+        incident_id: incident_id.into(),
+        symptom: SymptomKind::SvidExpiring,
+        rung,
+        actuator: "restart-agent".into(),
+        target: "node-a".into(),
+        params: json!({"signal": "SIGHUP"}),
+        timeout: Duration::from_secs(30),
+        verify_within: Duration::from_secs(60),
+        dry_run: false,
+    }
+}
+
+fn opened(i: Incident) -> Event {
+    Event::IncidentOpened { incident: i }
+}
+
+fn started(action_id: &str, incident_id: &str, ms: i64) -> Event {
+    Event::ActionStarted {
+        step: step(action_id, incident_id, 0),
+        at: at(ms),
+    }
+}
+
+fn finished(id: &str, kind: OutcomeKind, ms: i64) -> Event {
+    Event::ActionFinished {
+        id: id.into(),
+        outcome: Outcome {
+            kind,
+            detail: json!({"exit_code": 0}),
+            error: (kind == OutcomeKind::Error).then(|| "exit status 1".to_owned()),
+        },
+        at: at(ms),
+    }
+}
+
+fn verified(id: &str, verification: Verification, ms: i64) -> Event {
+    Event::ActionVerified {
+        id: id.into(),
+        verification,
+        at: at(ms),
+    }
+}
+
+fn closed(id: &str, ms: i64, resolution: &str) -> Event {
+    Event::IncidentClosed {
+        id: id.into(),
+        at: at(ms),
+        resolution: resolution.into(),
+    }
+}
+
+fn svid_seen(agent: &str, spiffe_id: &str, serial: &str, ms: i64) -> Event {
+    Event::SvidSeen {
+        agent: agent.into(),
+        spiffe_id: spiffe_id.into(),
+        serial: serial.into(),
+        not_before: at(ms - 60_000),
+        not_after: at(ms + 3_540_000),
+        at: at(ms),
+    }
+}
+
+fn svid_replaced(agent: &str, spiffe_id: &str, serial: &str, ms: i64) -> Event {
+    Event::SvidReplaced {
+        agent: agent.into(),
+        spiffe_id: spiffe_id.into(),
+        serial: serial.into(),
+        at: at(ms),
+    }
+}
+
+fn held(incident_id: &str, reason: &str, ms: i64) -> Event {
+    Event::Held {
+        incident_id: incident_id.into(),
+        actuator: "restart-agent".into(),
+        target: "node-a".into(),
+        reason: reason.into(),
+        at: at(ms),
+    }
+}
+
+fn seen(subject: Subject, ms: i64) -> Event {
+    Event::SubjectSeen {
+        subject,
+        at: at(ms),
+    }
+}
+
+/// One of everything, with updates that depend on batch order.
+fn mixed_batch(tag: &str, t: i64) -> Vec<Event> {
+    let inc = format!("inc-{tag}");
+    let act = format!("act-{tag}");
+    let spiffe_id = format!("spiffe://example.org/{tag}");
+    vec![
+        seen(Subject::agent("node-a"), t),
+        seen(Subject::svid("node-a", &spiffe_id), t),
+        svid_seen("node-a", &spiffe_id, "01", t),
+        svid_seen("node-a", &spiffe_id, "02", t + 1),
+        svid_replaced("node-a", &spiffe_id, "01", t + 1),
+        opened(incident(&inc, t)),
+        Event::IncidentEscalated {
+            id: inc.clone(),
+            next_rung: 1,
+        },
+        held(&inc, "cooldown", t + 2),
+        started(&act, &inc, t + 3),
+        finished(&act, OutcomeKind::Ok, t + 4),
+        verified(&act, Verification::Verified, t + 5),
+        closed(&inc, t + 6, "cleared"),
+    ]
+}
+
+// === Contract ===
+
+/// Declares each case twice: `sqlite::<case>` and `postgres::<case>`.
+macro_rules! contract {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::$case(super::Fixture::sqlite().await).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    if let Some(f) = super::Fixture::postgres().await {
+                        super::$case(f).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    migrations_are_idempotent,
+    svid_lifecycle,
+    incident_open_escalate_close,
+    action_lifecycle_and_listing,
+    reapplying_batches_is_idempotent,
+    updates_follow_batch_order,
+    load_knowledge_returns_open_incidents_and_recent_actions,
+    subject_upsert_keeps_first_seen,
+    timestamps_round_trip_exactly,
+    json_round_trips,
+    nul_characters_do_not_poison_a_batch,
+    holds_listing,
+    every_closed_set_value_is_accepted,
+    large_batches_are_chunked,
+    unreadable_open_incident_is_skipped,
+    concurrent_applies_all_land,
+    empty_store_lists_nothing,
+);
+
+async fn migrations_are_idempotent(f: Fixture) {
+    f.store.apply(&[opened(incident("inc-1", T0))]).await.unwrap();
+    for _ in 0..2 {
+        let again = open(&f.url).await.unwrap();
+        assert_eq!(again.backend(), f.store.backend());
+        let incidents = again.incidents(&q()).await.unwrap();
+        assert_eq!(incidents.len(), 1);
+        assert_eq!(incidents[0].id, "inc-1");
+    }
+}
+
+async fn svid_lifecycle(f: Fixture) {
+    let id = "spiffe://example.org/web";
+    f.store
+        .apply(&[
+            svid_seen("node-a", id, "01", T0),
+            svid_seen("node-b", id, "01", T0 + 10),
+        ])
+        .await
+        .unwrap();
+    f.store
+        .apply(&[
+            svid_seen("node-a", id, "02", T0 + 1_000),
+            svid_replaced("node-a", id, "01", T0 + 1_000),
+        ])
+        .await
+        .unwrap();
+    // A later, different replacement time does not move the first one.
+    f.store
+        .apply(&[svid_replaced("node-a", id, "01", T0 + 9_999)])
+        .await
+        .unwrap();
+    // Replacing an unknown serial is a no-op, not an error.
+    f.store
+        .apply(&[svid_replaced("node-z", id, "ff", T0)])
+        .await
+        .unwrap();
+
+    let all = f.store.svids(&q()).await.unwrap();
+    let keys: Vec<(&str, &str)> = all
+        .iter()
+        .map(|s| (s.agent.as_str(), s.serial.as_str()))
+        .collect();
+    assert_eq!(keys, [("node-a", "02"), ("node-b", "01"), ("node-a", "01")]);
+    assert_eq!(
+        all[2],
+        SvidRecord {
+            agent: "node-a".into(),
+            spiffe_id: id.into(),
+            serial: "01".into(),
+            not_before_ms: T0 - 60_000,
+            not_after_ms: T0 + 3_540_000,
+            first_seen_ms: T0,
+            replaced_at_ms: Some(T0 + 1_000),
+        }
+    );
+    assert_eq!(all[0].replaced_at_ms, None);
+
+    let current = f
+        .store
+        .svids(&Query {
+            open_only: true,
+            ..q()
+        })
+        .await
+        .unwrap();
+    assert_eq!(current.len(), 2);
+    assert!(current.iter().all(|s| s.replaced_at_ms.is_none()));
+    let limited = f.store.svids(&Query { limit: 1, ..q() }).await.unwrap();
+    assert_eq!(limited, all[..1]);
+}
+
+async fn incident_open_escalate_close(f: Fixture) {
+    f.store.apply(&[opened(incident("inc-1", T0))]).await.unwrap();
+    let open_only = Query {
+        open_only: true,
+        ..q()
+    };
+    assert_eq!(f.store.incidents(&open_only).await.unwrap().len(), 1);
+
+    f.store
+        .apply(&[Event::IncidentEscalated {
+            id: "inc-1".into(),
+            next_rung: 2,
+        }])
+        .await
+        .unwrap();
+    f.store
+        .apply(&[closed("inc-1", T0 + 5_000, "cleared")])
+        .await
+        .unwrap();
+    // Closing again, differently, changes nothing.
+    f.store
+        .apply(&[closed("inc-1", T0 + 9_000, "expired")])
+        .await
+        .unwrap();
+
+    let all = f.store.incidents(&q()).await.unwrap();
+    assert_eq!(
+        all,
+        [IncidentRecord {
+            id: "inc-1".into(),
+            symptom: "svid_expiring".into(),
+            subject: "svid:node-a/spiffe://example.org/web".into(),
+            severity: "critical".into(),
+            opened_at_ms: T0,
+            closed_at_ms: Some(T0 + 5_000),
+            resolution: Some("cleared".into()),
+            predicted_outage_ms: Some(T0 + 3_600_000),
+            evidence: json!({"remaining_s": 600, "serial": "0a1b"}),
+            next_rung: 2,
+        }]
+    );
+    assert!(f.store.incidents(&open_only).await.unwrap().is_empty());
+}
+
+async fn action_lifecycle_and_listing(f: Fixture) {
+    f.store
+        .apply(&[
+            opened(incident("inc-a", T0)),
+            opened(incident("inc-b", T0)),
+            started("act-a1", "inc-a", T0 + 100),
+            started("act-b1", "inc-b", T0 + 500),
+            started("act-a2", "inc-a", T0 + 1_000),
+        ])
+        .await
+        .unwrap();
+    f.store
+        .apply(&[
+            finished("act-a1", OutcomeKind::Ok, T0 + 200),
+            verified("act-a1", Verification::Verified, T0 + 300),
+            finished("act-a2", OutcomeKind::Error, T0 + 1_100),
+        ])
+        .await
+        .unwrap();
+    // Second reports for the same action are ignored.
+    f.store
+        .apply(&[
+            finished("act-a1", OutcomeKind::Timeout, T0 + 9_000),
+            verified("act-a1", Verification::Failed, T0 + 9_000),
+        ])
+        .await
+        .unwrap();
+
+    let all = f.store.actions(&q()).await.unwrap();
+    let ids: Vec<&str> = all.iter().map(|a| a.id.as_str()).collect();
+    assert_eq!(ids, ["act-a2", "act-b1", "act-a1"]);
+    assert_eq!(
+        all[2],
+        ActionRecord {
+            id: "act-a1".into(),
+            incident_id: "inc-a".into(),
+            symptom: "svid_expiring".into(),
+            rung: 0,
+            actuator: "restart-agent".into(),
+            target: "node-a".into(),
+            params: json!({"signal": "SIGHUP"}),
+            dry_run: false,
+            started_at_ms: T0 + 100,
+            finished_at_ms: Some(T0 + 200),
+            outcome: Some("ok".into()),
+            detail: Some(json!({"exit_code": 0})),
+            error: None,
+            verification: Some("verified".into()),
+            verified_at_ms: Some(T0 + 300),
+        }
+    );
+    assert_eq!(all[0].outcome.as_deref(), Some("error"));
+    assert_eq!(all[0].error.as_deref(), Some("exit status 1"));
+    assert_eq!(all[0].verification, None);
+    assert_eq!(all[1].finished_at_ms, None);
+    assert_eq!(all[1].outcome, None);
+    assert_eq!(all[1].detail, None);
+
+    let limited = f.store.actions(&Query { limit: 2, ..q() }).await.unwrap();
+    assert_eq!(limited, all[..2]);
+    let of_a = f
+        .store
+        .actions(&Query {
+            incident_id: Some("inc-a".into()),
+            ..q()
+        })
+        .await
+        .unwrap();
+    let ids: Vec<&str> = of_a.iter().map(|a| a.id.as_str()).collect();
+    assert_eq!(ids, ["act-a2", "act-a1"]);
+    let of_a_limited = f
+        .store
+        .actions(&Query {
+            incident_id: Some("inc-a".into()),
+            limit: 1,
+            ..q()
+        })
+        .await
+        .unwrap();
+    assert_eq!(of_a_limited, of_a[..1]);
+    // `open_only` does not apply to actions.
+    let open_only = f
+        .store
+        .actions(&Query {
+            open_only: true,
+            ..q()
+        })
+        .await
+        .unwrap();
+    assert_eq!(open_only, all);
+}
+
+/// Everything a listing can show, for before/after comparisons.
+async fn snapshot(
+    f: &Fixture,
+) -> (
+    Vec<IncidentRecord>,
+    Vec<ActionRecord>,
+    Vec<SvidRecord>,
+    Vec<HoldRecord>,
+    Option<(String, String, i64, i64)>,
+) {
+    let all = Query {
+        limit: 10_000,
+        ..q()
+    };
+    (
+        f.store.incidents(&all).await.unwrap(),
+        f.store.actions(&all).await.unwrap(),
+        f.store.svids(&all).await.unwrap(),
+        f.store.holds(&all).await.unwrap(),
+        f.subject_row(&Subject::agent("node-a")).await,
+    )
+}
+
+async fn reapplying_batches_is_idempotent(f: Fixture) {
+    let first = mixed_batch("x", T0);
+    let second = mixed_batch("y", T0 + 10_000);
+    f.store.apply(&first).await.unwrap();
+    f.store.apply(&second).await.unwrap();
+    let once = snapshot(&f).await;
+    assert_eq!(once.0.len(), 2);
+    assert_eq!(once.3.len(), 2);
+
+    // An unknown outcome: the client retries batches that did commit,
+    // including an older one after a newer one.
+    f.store.apply(&second).await.unwrap();
+    f.store.apply(&first).await.unwrap();
+    f.store.apply(&[first.clone(), second.clone()].concat()).await.unwrap();
+    assert_eq!(snapshot(&f).await, once);
+    for table in ["incidents", "actions", "holds"] {
+        assert_eq!(f.count(table).await, 2, "{table}");
+    }
+    assert_eq!(f.count("svid_lifecycles").await, 4);
+    assert_eq!(f.count("subjects").await, 3);
+}
+
+async fn updates_follow_batch_order(f: Fixture) {
+    let id = "spiffe://example.org/web";
+    f.store
+        .apply(&[
+            // Finishing before starting: the finish finds no row yet.
+            finished("act-early", OutcomeKind::Ok, T0),
+            started("act-early", "inc-1", T0),
+            svid_seen("node-a", id, "01", T0),
+            svid_replaced("node-a", id, "01", T0 + 1),
+            svid_replaced("node-a", id, "01", T0 + 2),
+            opened(incident("inc-1", T0)),
+            Event::IncidentEscalated {
+                id: "inc-1".into(),
+                next_rung: 1,
+            },
+            Event::IncidentEscalated {
+                id: "inc-1".into(),
+                next_rung: 3,
+            },
+            closed("inc-1", T0 + 5, "cleared"),
+            closed("inc-1", T0 + 6, "expired"),
+            started("act-1", "inc-1", T0),
+            finished("act-1", OutcomeKind::Error, T0 + 7),
+            finished("act-1", OutcomeKind::Ok, T0 + 8),
+            verified("act-1", Verification::Failed, T0 + 9),
+            verified("act-1", Verification::Verified, T0 + 10),
+        ])
+        .await
+        .unwrap();
+
+    let svids = f.store.svids(&q()).await.unwrap();
+    assert_eq!(svids[0].replaced_at_ms, Some(T0 + 1), "first replacement wins");
+    let incidents = f.store.incidents(&q()).await.unwrap();
+    assert_eq!(incidents[0].next_rung, 3, "last escalation wins");
+    assert_eq!(incidents[0].closed_at_ms, Some(T0 + 5), "first close wins");
+    assert_eq!(incidents[0].resolution.as_deref(), Some("cleared"));
+    let actions = f
+        .store
+        .actions(&Query {
+            incident_id: Some("inc-1".into()),
+            ..q()
+        })
+        .await
+        .unwrap();
+    let by_id = |id: &str| actions.iter().find(|a| a.id == id).unwrap().clone();
+    let act = by_id("act-1");
+    assert_eq!(act.outcome.as_deref(), Some("error"), "first finish wins");
+    assert_eq!(act.finished_at_ms, Some(T0 + 7));
+    assert_eq!(act.verification.as_deref(), Some("failed"), "first verdict wins");
+    assert_eq!(by_id("act-early").finished_at_ms, None);
+}
+
+async fn load_knowledge_returns_open_incidents_and_recent_actions(f: Fixture) {
+    let mut second = incident("inc-2", T0 + 2_000);
+    second.kind = SymptomKind::AgentUnreachable;
+    second.subject = Subject::agent("node-b");
+    second.severity = Severity::Warning;
+    second.predicted_outage = None;
+    f.store
+        .apply(&[
+            opened(incident("inc-1", T0)),
+            opened(incident("inc-closed", T0 + 1_000)),
+            opened(second.clone()),
+            Event::IncidentEscalated {
+                id: "inc-2".into(),
+                next_rung: 2,
+            },
+            closed("inc-closed", T0 + 1_500, "cleared"),
+            started("act-old", "inc-1", T0),
+            started("act-edge", "inc-1", T0 + 1_000),
+            started("act-new", "inc-2", T0 + 2_000),
+        ])
+        .await
+        .unwrap();
+
+    let k = f.store.load_knowledge(at(T0 + 1_000)).await.unwrap();
+    second.next_rung = 2;
+    assert_eq!(k.open_incidents, [incident("inc-1", T0), second]);
+    let ids: Vec<&str> = k.recent_actions.iter().map(|a| a.id.as_str()).collect();
+    assert_eq!(ids, ["act-edge", "act-new"], "since is inclusive, oldest first");
+
+    let everything = f.store.load_knowledge(at(0)).await.unwrap();
+    assert_eq!(everything.recent_actions.len(), 3);
+    let nothing = f.store.load_knowledge(at(T0 + 2_001)).await.unwrap();
+    assert!(nothing.recent_actions.is_empty());
+}
+
+async fn subject_upsert_keeps_first_seen(f: Fixture) {
+    let agent = Subject::agent("node-a");
+    let svid = Subject::svid("node-a", "spiffe://example.org/web");
+    // Duplicates inside one batch, out of order.
+    f.store
+        .apply(&[
+            seen(agent.clone(), T0 + 1_000),
+            seen(svid.clone(), T0),
+            seen(agent.clone(), T0 + 3_000),
+            seen(agent.clone(), T0 + 2_000),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        f.subject_row(&agent).await,
+        Some(("agent".into(), "node-a".into(), T0 + 1_000, T0 + 3_000))
+    );
+    assert_eq!(
+        f.subject_row(&svid).await,
+        Some(("workload".into(), "node-a".into(), T0, T0))
+    );
+    f.store.apply(&[seen(agent.clone(), T0 + 60_000)]).await.unwrap();
+    f.store.apply(&[seen(agent.clone(), T0 + 5_000)]).await.unwrap();
+    assert_eq!(
+        f.subject_row(&agent).await,
+        Some(("agent".into(), "node-a".into(), T0 + 1_000, T0 + 60_000))
+    );
+}
+
+async fn timestamps_round_trip_exactly(f: Fixture) {
+    // Epoch, one millisecond, "now"-ish, and the last millisecond of 9999.
+    let instants = [0, 1, T0, 253_402_300_799_999];
+    for (n, &ms) in instants.iter().enumerate() {
+        let inc = format!("inc-{n}");
+        let mut i = incident(&inc, ms);
+        i.predicted_outage = Some(at(ms));
+        f.store
+            .apply(&[
+                opened(i),
+                closed(&inc, ms, "cleared"),
+                Event::SvidSeen {
+                    agent: "node-a".into(),
+                    spiffe_id: "spiffe://example.org/t".into(),
+                    serial: format!("{n:02x}"),
+                    not_before: at(ms),
+                    not_after: at(ms),
+                    at: at(ms),
+                },
+                svid_replaced("node-a", "spiffe://example.org/t", &format!("{n:02x}"), ms),
+                started(&format!("act-{n}"), &inc, ms),
+                finished(&format!("act-{n}"), OutcomeKind::Ok, ms),
+                verified(&format!("act-{n}"), Verification::Skipped, ms),
+                held(&inc, "budget", ms),
+            ])
+            .await
+            .unwrap();
+    }
+    let all = Query {
+        limit: 100,
+        ..q()
+    };
+    let mut seen_ms = BTreeSet::new();
+    for i in f.store.incidents(&all).await.unwrap() {
+        assert_eq!(i.closed_at_ms, Some(i.opened_at_ms));
+        assert_eq!(i.predicted_outage_ms, Some(i.opened_at_ms));
+        seen_ms.insert(i.opened_at_ms);
+    }
+    for s in f.store.svids(&all).await.unwrap() {
+        assert_eq!(
+            [s.not_before_ms, s.not_after_ms, s.replaced_at_ms.unwrap()],
+            [s.first_seen_ms; 3]
+        );
+        seen_ms.insert(s.first_seen_ms);
+    }
+    for a in f.store.actions(&all).await.unwrap() {
+        assert_eq!(a.finished_at_ms, Some(a.started_at_ms));
+        assert_eq!(a.verified_at_ms, Some(a.started_at_ms));
+        seen_ms.insert(a.started_at_ms);
+    }
+    for h in f.store.holds(&all).await.unwrap() {
+        seen_ms.insert(h.at_ms);
+    }
+    assert_eq!(seen_ms, instants.into_iter().collect());
+
+    // And back into SystemTime, exactly.
+    let f2 = f.store.load_knowledge(at(0)).await.unwrap();
+    assert!(f2.open_incidents.is_empty());
+    f.store.apply(&[opened(incident("open", T0))]).await.unwrap();
+    let k = f.store.load_knowledge(at(0)).await.unwrap();
+    assert_eq!(k.open_incidents[0].opened_at, at(T0));
+    assert_eq!(unix_millis(k.open_incidents[0].opened_at), T0);
+}
+
+async fn json_round_trips(f: Fixture) {
+    let evidence = json!({
+        "nested": {"list": [1, -2, 3.5, null, true, "x"], "empty": {}, "none": []},
+        "text": "ünïcødé ✓ 🔐 \"quoted\" back\\slash\nnew line\ttab",
+        "big": u64::MAX,
+        "small": i64::MIN,
+        "fraction": 0.1,
+        "tiny": 1e-7,
+        "one": 1.0,
+        "null": null,
+    });
+    let params = json!(["--flag", {"k": "v"}, 42]);
+    let mut i = incident("inc-json", T0);
+    i.evidence = evidence.clone();
+    let mut s = step("act-json", "inc-json", 1);
+    s.params = params.clone();
+    s.dry_run = true;
+    let detail = json!({"stdout_tail": "ok\n", "exit_code": 0, "list": []});
+    f.store
+        .apply(&[
+            opened(i.clone()),
+            Event::ActionStarted {
+                step: s,
+                at: at(T0),
+            },
+            Event::ActionFinished {
+                id: "act-json".into(),
+                outcome: Outcome {
+                    kind: OutcomeKind::DryRun,
+                    detail: detail.clone(),
+                    error: None,
+                },
+                at: at(T0 + 1),
+            },
+        ])
+        .await
+        .unwrap();
+    // Scalars and null are JSON too.
+    let mut scalar = incident("inc-scalar", T0 + 1);
+    scalar.evidence = json!("just a string");
+    let mut null = incident("inc-null", T0 + 2);
+    null.evidence = serde_json::Value::Null;
+    f.store
+        .apply(&[opened(scalar), opened(null)])
+        .await
+        .unwrap();
+
+    let incidents = f.store.incidents(&q()).await.unwrap();
+    let by_id = |id: &str| incidents.iter().find(|r| r.id == id).unwrap().evidence.clone();
+    assert_eq!(by_id("inc-json"), evidence);
+    assert_eq!(by_id("inc-scalar"), json!("just a string"));
+    assert_eq!(by_id("inc-null"), serde_json::Value::Null);
+    let action = &f.store.actions(&q()).await.unwrap()[0];
+    assert_eq!(action.params, params);
+    assert_eq!(action.detail, Some(detail));
+    assert!(action.dry_run);
+    assert_eq!(action.rung, 1);
+    let k = f.store.load_knowledge(at(0)).await.unwrap();
+    let loaded = k.open_incidents.iter().find(|x| x.id == "inc-json").unwrap();
+    assert_eq!(loaded, &i);
+}
+
+async fn nul_characters_do_not_poison_a_batch(f: Fixture) {
+    let nul = "before\0after";
+    let mut i = incident("inc-nul", T0);
+    i.evidence = json!({"out": nul, nul: 1});
+    f.store
+        .apply(&[
+            opened(i),
+            started("act-nul", "inc-nul", T0),
+            Event::ActionFinished {
+                id: "act-nul".into(),
+                outcome: Outcome {
+                    kind: OutcomeKind::Error,
+                    detail: json!([nul]),
+                    error: Some(nul.into()),
+                },
+                at: at(T0),
+            },
+            held("inc-nul", nul, T0),
+        ])
+        .await
+        .unwrap();
+    // SQLite keeps NUL; PostgreSQL cannot store it and gets U+FFFD.
+    let expected = if f.is_postgres() {
+        "before\u{FFFD}after"
+    } else {
+        nul
+    };
+    let action = &f.store.actions(&q()).await.unwrap()[0];
+    assert_eq!(action.error.as_deref(), Some(expected));
+    assert_eq!(action.detail, Some(json!([expected])));
+    let incident = &f.store.incidents(&q()).await.unwrap()[0];
+    assert_eq!(incident.evidence, json!({"out": expected, expected: 1}));
+    assert_eq!(f.store.holds(&q()).await.unwrap()[0].reason, expected);
+}
+
+async fn holds_listing(f: Fixture) {
+    let batch = [
+        held("inc-a", "cooldown", T0),
+        held("inc-b", "budget", T0 + 10),
+        held("inc-a", "blind", T0 + 20),
+        // Same decision reported twice: one row.
+        held("inc-a", "blind", T0 + 20),
+    ];
+    f.store.apply(&batch).await.unwrap();
+    f.store.apply(&batch).await.unwrap();
+
+    let all = f.store.holds(&q()).await.unwrap();
+    let rows: Vec<(&str, &str, i64)> = all
+        .iter()
+        .map(|h| (h.incident_id.as_str(), h.reason.as_str(), h.at_ms))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("inc-a", "blind", T0 + 20),
+            ("inc-b", "budget", T0 + 10),
+            ("inc-a", "cooldown", T0),
+        ]
+    );
+    assert_eq!(
+        all[2],
+        HoldRecord {
+            incident_id: "inc-a".into(),
+            actuator: "restart-agent".into(),
+            target: "node-a".into(),
+            reason: "cooldown".into(),
+            at_ms: T0,
+        }
+    );
+    let of_a = f
+        .store
+        .holds(&Query {
+            incident_id: Some("inc-a".into()),
+            ..q()
+        })
+        .await
+        .unwrap();
+    assert_eq!(of_a, [all[0].clone(), all[2].clone()]);
+    let limited = f.store.holds(&Query { limit: 1, ..q() }).await.unwrap();
+    assert_eq!(limited, all[..1]);
+}
+
+/// Every value of every closed set the schema CHECKs. The `match`es stop
+/// compiling when a variant is added: then extend the list and, if the
+/// store CHECKs that set, both migrations.
+async fn every_closed_set_value_is_accepted(f: Fixture) {
+    fn outcome_kinds() -> [OutcomeKind; 4] {
+        match OutcomeKind::Ok {
+            OutcomeKind::Ok | OutcomeKind::Error | OutcomeKind::DryRun | OutcomeKind::Timeout => {}
+        }
+        [
+            OutcomeKind::Ok,
+            OutcomeKind::Error,
+            OutcomeKind::DryRun,
+            OutcomeKind::Timeout,
+        ]
+    }
+    fn verifications() -> [Verification; 3] {
+        match Verification::Verified {
+            Verification::Verified | Verification::Failed | Verification::Skipped => {}
+        }
+        [
+            Verification::Verified,
+            Verification::Failed,
+            Verification::Skipped,
+        ]
+    }
+    fn severities() -> [Severity; 2] {
+        match Severity::Warning {
+            Severity::Warning | Severity::Critical => {}
+        }
+        [Severity::Warning, Severity::Critical]
+    }
+
+    let mut events = vec![
+        seen(Subject::agent("node-a"), T0),
+        seen(Subject::svid("node-a", "spiffe://example.org/w"), T0),
+    ];
+    for (n, kind) in SymptomKind::ALL.into_iter().enumerate() {
+        for severity in severities() {
+            let mut i = incident(&format!("inc-{n}-{}", severity.as_str()), T0);
+            i.kind = kind;
+            i.severity = severity;
+            events.push(opened(i));
+        }
+    }
+    for (n, kind) in outcome_kinds().into_iter().enumerate() {
+        for v in verifications() {
+            let id = format!("act-{n}-{}", v.as_str());
+            events.push(started(&id, "inc-0-warning", T0));
+            events.push(finished(&id, kind, T0 + 1));
+            events.push(verified(&id, v, T0 + 2));
+        }
+    }
+    f.store.apply(&events).await.unwrap();
+    let k = f.store.load_knowledge(at(0)).await.unwrap();
+    assert_eq!(k.open_incidents.len(), SymptomKind::ALL.len() * 2);
+    assert_eq!(k.recent_actions.len(), 12);
+    let outcomes: BTreeSet<_> = k
+        .recent_actions
+        .iter()
+        .filter_map(|a| a.outcome.clone())
+        .collect();
+    let expected: BTreeSet<_> = outcome_kinds()
+        .iter()
+        .map(|o| o.as_str().to_owned())
+        .collect();
+    assert_eq!(outcomes, expected);
+}
+
+async fn large_batches_are_chunked(f: Fixture) {
+    // Well past SQLite's 32,766 parameters per statement in every run.
+    let mut events: Vec<Event> = (0..12_000)
+        .map(|n| svid_seen("node-a", "spiffe://example.org/bulk", &format!("{n:x}"), T0 + n))
+        .collect();
+    events.extend((0..7_000).map(|n| seen(Subject::agent(format!("node-{n}")), T0 + n)));
+    events.extend((0..4_000).map(|n| started(&format!("act-{n}"), "inc-1", T0 + n)));
+    events.extend((0..7_000).map(|n| held("inc-1", "cooldown", T0 + n)));
+    f.store.apply(&events).await.unwrap();
+    assert_eq!(f.count("svid_lifecycles").await, 12_000);
+    assert_eq!(f.count("subjects").await, 7_000);
+    assert_eq!(f.count("actions").await, 4_000);
+    assert_eq!(f.count("holds").await, 7_000);
+    let newest = f.store.svids(&Query { limit: 1, ..q() }).await.unwrap();
+    assert_eq!(newest[0].first_seen_ms, T0 + 11_999);
+    assert_eq!(f.store.svids(&q()).await.unwrap().len(), 100, "limit 0 means 100");
+}
+
+async fn unreadable_open_incident_is_skipped(f: Fixture) {
+    f.store.apply(&[opened(incident("inc-good", T0))]).await.unwrap();
+    f.execute(
+        "INSERT INTO incidents (id, symptom, subject, severity, opened_at_ms, evidence, next_rung) \
+         VALUES ('inc-bad-symptom', 'no_such_symptom', 'agent:node-a', 'warning', 1, '{}', 0), \
+                ('inc-bad-subject', 'svid_expired', 'garbage', 'warning', 2, '{}', 0)",
+    )
+    .await;
+    let k = f.store.load_knowledge(at(0)).await.unwrap();
+    let ids: Vec<&str> = k.open_incidents.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(ids, ["inc-good"]);
+    // Listings show raw rows, unreadable or not.
+    assert_eq!(f.store.incidents(&q()).await.unwrap().len(), 3);
+}
+
+async fn concurrent_applies_all_land(f: Fixture) {
+    let writers = (0..4).map(|w| {
+        let store = f.store.clone();
+        async move {
+            for b in 0..5 {
+                let batch: Vec<Event> = (0..50)
+                    .map(|n| {
+                        svid_seen(
+                            &format!("node-{w}"),
+                            "spiffe://example.org/c",
+                            &format!("{b}-{n}"),
+                            T0 + n,
+                        )
+                    })
+                    .collect();
+                store.apply(&batch).await.unwrap();
+            }
+        }
+    });
+    futures::future::join_all(writers).await;
+    assert_eq!(f.count("svid_lifecycles").await, 4 * 5 * 50);
+}
+
+async fn empty_store_lists_nothing(f: Fixture) {
+    f.store.apply(&[]).await.unwrap();
+    f.store.ping().await.unwrap();
+    assert!(f.store.incidents(&q()).await.unwrap().is_empty());
+    assert!(f.store.actions(&q()).await.unwrap().is_empty());
+    assert!(f.store.svids(&q()).await.unwrap().is_empty());
+    assert!(f.store.holds(&q()).await.unwrap().is_empty());
+    assert_eq!(
+        f.store.load_knowledge(at(0)).await.unwrap(),
+        Knowledge::default()
+    );
+}
+
+// === Backend-specific ===
+
+#[test]
+fn embedded_migrations_match_the_directories() {
+    for (dir, list) in [
+        ("sqlite", super::sqlite::MIGRATIONS),
+        ("postgres", super::postgres::MIGRATIONS),
+    ] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("migrations")
+            .join(dir);
+        let mut files: Vec<String> = std::fs::read_dir(&path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        files.sort();
+        let expected: Vec<String> = list
+            .iter()
+            .map(|(v, d, _)| format!("{v:04}_{d}.sql"))
+            .collect();
+        assert_eq!(files, expected, "migrations/{dir} vs the embedded list");
+        for ((_, _, sql), file) in list.iter().zip(&files) {
+            assert_eq!(*sql, std::fs::read_to_string(path.join(file)).unwrap());
+        }
+    }
+}
+
+#[tokio::test]
+async fn sqlite_missing_directory_is_a_config_error_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("no-such-dir").join("knowledge.db");
+    let err = SqliteStore::open(&path).await.unwrap_err();
+    assert_eq!(err.kind(), "config", "{err}");
+    assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+
+    let url = format!("sqlite://{}", path.display());
+    let err = open(&url).await.err().expect("open fails");
+    assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+
+    // A directory where the file should be.
+    let err = SqliteStore::open(dir.path()).await.unwrap_err();
+    assert_eq!(err.kind(), "config", "{err}");
+    assert!(err.to_string().contains(&dir.path().display().to_string()), "{err}");
+}
+
+#[tokio::test]
+async fn sqlite_in_memory_keeps_its_data() {
+    let store = SqliteStore::open(std::path::Path::new(":memory:"))
+        .await
+        .unwrap();
+    store.apply(&mixed_batch("m", T0)).await.unwrap();
+    assert_eq!(store.incidents(&q()).await.unwrap().len(), 1);
+    assert_eq!(store.svids(&q()).await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn postgres_unreachable_at_start_fails_fast_naming_address_not_password() {
+    // A port with nothing listening.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let secret = "hunter2-not-for-logs";
+    let url = format!("postgres://spire_healer:{secret}@127.0.0.1:{port}/spire_healer");
+    let started = Instant::now();
+    let err = open(&url).await.err().expect("connect fails");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(err.kind(), "unavailable", "{err}");
+    let text = format!("{} | {err:?}", chain(&err));
+    assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+    assert!(!text.contains(secret), "{text}");
+}
+
+#[tokio::test]
+async fn postgres_wrong_password_is_a_config_error_without_the_password() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let secret = "definitely-wrong-password";
+    let (scheme, rest) = db.url.split_once("://").unwrap();
+    let (userinfo, rest) = rest.split_once('@').unwrap();
+    let user = userinfo.split(':').next().unwrap();
+    let url = format!("{scheme}://{user}:{secret}@{rest}");
+    let err = PostgresStore::connect(&url).await.unwrap_err();
+    let text = format!("{} | {err:?}", chain(&err));
+    assert!(!text.contains(secret), "{text}");
+    // Local servers may trust the role; only a rejection is checked.
+    if !matches!(err, StoreError::Config(_)) {
+        assert_eq!(err.kind(), "unavailable", "{text}");
+    }
+}
+
+#[tokio::test]
+async fn schemas_agree_across_backends() {
+    let Some(pg) = Fixture::postgres().await else {
+        return;
+    };
+    let lite = Fixture::sqlite().await;
+    let (Raw::Sqlite(s), Raw::Postgres(p)) = (&lite.raw, &pg.raw) else {
+        unreachable!()
+    };
+    let lite_cols: BTreeSet<(String, String, bool)> = sqlx::query_as(
+        "SELECT m.name, c.name, c.\"notnull\" = 1 OR c.pk > 0 \
+         FROM sqlite_master m, pragma_table_info(m.name) c \
+         WHERE m.type = 'table' AND m.name NOT LIKE '\\_%' ESCAPE '\\' \
+           AND m.name NOT LIKE 'sqlite%'",
+    )
+    .fetch_all(s.pool())
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    let pg_cols: BTreeSet<(String, String, bool)> = sqlx::query_as(
+        "SELECT table_name::text, column_name::text, is_nullable = 'NO' \
+         FROM information_schema.columns \
+         WHERE table_schema = 'public' AND table_name NOT LIKE '\\_%'",
+    )
+    .fetch_all(p.pool())
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    assert_eq!(lite_cols, pg_cols);
+}
+
+// === The database goes away ===
+
+/// A TCP forwarder between the store and PostgreSQL that can be cut: all
+/// connections dropped and new ones closed on accept.
+struct Forwarder {
+    addr: SocketAddr,
+    open: Arc<AtomicBool>,
+    conns: Arc<Mutex<JoinSet<()>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Forwarder {
+    async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(AtomicBool::new(true));
+        let conns = Arc::new(Mutex::new(JoinSet::new()));
+        let accept = tokio::spawn({
+            let open = open.clone();
+            let conns = conns.clone();
+            async move {
+                loop {
+                    let Ok((mut inbound, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    if !open.load(Ordering::SeqCst) {
+                        drop(inbound);
+                        continue;
+                    }
+                    conns.lock().unwrap().spawn(async move {
+                        if let Ok(mut outbound) = TcpStream::connect(upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                }
+            }
+        });
+        Self {
+            addr,
+            open,
+            conns,
+            accept,
+        }
+    }
+
+    fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        self.conns.lock().unwrap().abort_all();
+    }
+
+    fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_mid_run_buffers_and_recovers() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let options: sqlx::postgres::PgConnectOptions = db.url.parse().unwrap();
+    let upstream = tokio::net::lookup_host((options.get_host(), options.get_port()))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let fwd = Forwarder::start(upstream).await;
+    let proxied = rewrite_url(&db.url, Some(&fwd.addr.to_string()), None);
+    let store: Arc<dyn Store> = Arc::new(PostgresStore::connect(&proxied).await.unwrap());
+    let mut buffer = Buffer::new(store.clone(), 100_000);
+
+    let before = mixed_batch("before", T0);
+    buffer.push(before.clone());
+    assert_eq!(buffer.flush().await.unwrap(), before.len());
+
+    fwd.cut();
+    let during = mixed_batch("during", T0 + 10_000);
+    buffer.push(during.clone());
+    let started = Instant::now();
+    let err = buffer.flush().await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(err.kind(), "unavailable", "{}", chain(&err));
+    assert!(chain(&err).contains(&fwd.addr.to_string()), "{}", chain(&err));
+    assert_eq!(buffer.len(), during.len());
+    assert!(store.ping().await.is_err());
+
+    fwd.restore();
+    let after = mixed_batch("after", T0 + 20_000);
+    buffer.push(after.clone());
+    assert_eq!(buffer.flush().await.unwrap(), during.len() + after.len());
+
+    // Cut again while a large flush is in flight: whichever chunk the cut
+    // lands in, everything arrives exactly once after the restore.
+    let bulk: Vec<Event> = (0..30_000)
+        .map(|n| svid_seen("node-bulk", "spiffe://example.org/bulk", &format!("{n:x}"), T0 + n))
+        .collect();
+    buffer.push(bulk.clone());
+    let cutter = async {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        fwd.cut();
+    };
+    let (first_try, ()) = tokio::join!(buffer.flush(), cutter);
+    if let Err(e) = &first_try {
+        assert_eq!(e.kind(), "unavailable", "{}", chain(e));
+    }
+    fwd.restore();
+    buffer.flush().await.unwrap();
+    assert!(buffer.is_empty());
+    assert_eq!(buffer.dropped(), 0);
+
+    // Check through a direct connection.
+    let direct = PostgresStore::connect(&db.url).await.unwrap();
+    let check = Fixture {
+        store: Arc::new(direct.clone()),
+        raw: Raw::Postgres(direct),
+        url: db.url.clone(),
+        _dir: None,
+        _db: None,
+    };
+    assert_eq!(check.count("incidents").await, 3);
+    assert_eq!(check.count("actions").await, 3);
+    assert_eq!(check.count("holds").await, 3);
+    assert_eq!(check.count("svid_lifecycles").await, 6 + 30_000);
+    let incidents = check.store.incidents(&q()).await.unwrap();
+    assert!(
+        incidents.iter().all(|i| i.closed_at_ms.is_some() && i.next_rung == 1),
+        "updates applied in order after their inserts: {incidents:?}"
+    );
+    let actions = check.store.actions(&q()).await.unwrap();
+    assert!(
+        actions
+            .iter()
+            .all(|a| a.outcome.as_deref() == Some("ok") && a.verification.is_some())
+    );
+    drop(db);
+}

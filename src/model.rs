@@ -1,0 +1,566 @@
+//! Domain vocabulary shared by every stage: subjects, observed SVIDs,
+//! symptoms, incidents, steps, outcomes and the events written to the store.
+
+use std::fmt;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+// === Subjects ===
+
+/// What a symptom, incident or action is about.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Subject {
+    /// A SPIRE agent, by its configured name.
+    Agent {
+        /// Configured agent name.
+        agent: String,
+    },
+    /// One SVID identity as served by one agent.
+    Svid {
+        /// Configured agent name.
+        agent: String,
+        /// The SVID's SPIFFE ID.
+        spiffe_id: String,
+    },
+}
+
+impl Subject {
+    /// An agent subject.
+    pub fn agent(agent: impl Into<String>) -> Self {
+        Subject::Agent {
+            agent: agent.into(),
+        }
+    }
+
+    /// An SVID subject.
+    pub fn svid(agent: impl Into<String>, spiffe_id: impl Into<String>) -> Self {
+        Subject::Svid {
+            agent: agent.into(),
+            spiffe_id: spiffe_id.into(),
+        }
+    }
+
+    /// `agent` or `workload`: the store's `subjects.kind`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Subject::Agent { .. } => "agent",
+            Subject::Svid { .. } => "workload",
+        }
+    }
+
+    /// The agent this subject lives on: actions target agents.
+    pub fn agent_name(&self) -> &str {
+        match self {
+            Subject::Agent { agent } | Subject::Svid { agent, .. } => agent,
+        }
+    }
+
+    /// Parses the [`Display`](fmt::Display) form back.
+    pub fn parse(s: &str) -> Option<Self> {
+        if let Some(rest) = s.strip_prefix("agent:") {
+            return Some(Subject::agent(rest));
+        }
+        let rest = s.strip_prefix("svid:")?;
+        let (agent, id) = rest.split_once('/')?;
+        Some(Subject::svid(agent, id))
+    }
+}
+
+/// `agent:<name>` or `svid:<agent>/<spiffe id>`: the store key.
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Subject::Agent { agent } => write!(f, "agent:{agent}"),
+            Subject::Svid { agent, spiffe_id } => write!(f, "svid:{agent}/{spiffe_id}"),
+        }
+    }
+}
+
+// === Observed SVIDs ===
+
+/// One X.509-SVID as the Workload API served it, parsed and checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SvidObservation {
+    /// SPIFFE ID from the response (the URI SAN when valid).
+    pub spiffe_id: String,
+    /// Leaf serial, lower-case hex; empty when the leaf did not parse.
+    pub serial: String,
+    /// Leaf notBefore.
+    pub not_before: SystemTime,
+    /// Leaf notAfter.
+    pub not_after: SystemTime,
+    /// `None` when the SVID passed every check of the X509-SVID spec.
+    pub invalid: Option<String>,
+    /// When this serial was first delivered.
+    pub first_seen: SystemTime,
+}
+
+impl SvidObservation {
+    /// notAfter − notBefore.
+    pub fn lifetime(&self) -> std::time::Duration {
+        crate::clock::saturating_since(self.not_after, self.not_before)
+    }
+
+    /// Share of the lifetime elapsed at `now` (0.0 at notBefore, 1.0 at notAfter).
+    pub fn elapsed_fraction(&self, now: SystemTime) -> f64 {
+        let life = self.lifetime().as_secs_f64();
+        if life <= 0.0 {
+            return 1.0;
+        }
+        crate::clock::saturating_since(now, self.not_before).as_secs_f64() / life
+    }
+}
+
+/// State of a Workload API stream pair as the sensor last saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamStatus {
+    /// Both streams open and the agent has answered since the last (re)connect.
+    Up,
+    /// Connecting, or connected but no first message yet (not yet overdue).
+    Connecting,
+    /// Connected but the agent has not answered within the answer timeout.
+    Unanswered,
+    /// The connection failed or the stream ended.
+    Down,
+    /// The agent refused us permanently (`InvalidArgument`/`Unimplemented`).
+    Rejected,
+}
+
+impl StreamStatus {
+    /// Snake-case name for metrics and evidence.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamStatus::Up => "up",
+            StreamStatus::Connecting => "connecting",
+            StreamStatus::Unanswered => "unanswered",
+            StreamStatus::Down => "down",
+            StreamStatus::Rejected => "rejected",
+        }
+    }
+}
+
+/// What the Workload API sensor knows about one agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentView {
+    /// Configured agent name.
+    pub agent: String,
+    /// Stream state.
+    pub status: StreamStatus,
+    /// Since when the stream has been in `status`.
+    pub status_since: SystemTime,
+    /// Last gRPC status code or transport error class, if any.
+    pub last_error: Option<String>,
+    /// Last message received on the SVID stream.
+    pub last_message: Option<SystemTime>,
+    /// SVIDs from the last message (full state), kept while the stream is down.
+    pub svids: Vec<SvidObservation>,
+    /// Number of CA certificates in the agent's own trust-domain bundle.
+    pub bundle_authorities: usize,
+    /// Count of rotations (new serial for a known SPIFFE ID) since start.
+    pub rotations: u64,
+    /// When the sensor last refreshed this view (its heartbeat); an old
+    /// value means the sensor itself is stuck and the view is blind.
+    pub updated_at: SystemTime,
+}
+
+/// One sensor result, stamped by the supervisor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reading {
+    /// From the `workload_api` sensor.
+    WorkloadApi(AgentView),
+}
+
+impl Reading {
+    /// The agent this reading describes.
+    pub fn agent(&self) -> &str {
+        match self {
+            Reading::WorkloadApi(v) => &v.agent,
+        }
+    }
+}
+
+// === Symptoms and incidents ===
+
+/// Closed set of symptoms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SymptomKind {
+    /// Past ~60 % of its lifetime with no new serial.
+    SvidRotationOverdue,
+    /// Close to notAfter and still not replaced.
+    SvidExpiring,
+    /// Past notAfter and still served.
+    SvidExpired,
+    /// Fails the X509-SVID checks.
+    SvidInvalid,
+    /// Workload API stream down or unanswered.
+    AgentUnreachable,
+}
+
+impl SymptomKind {
+    /// Every kind, in a stable order.
+    pub const ALL: [SymptomKind; 5] = [
+        SymptomKind::SvidRotationOverdue,
+        SymptomKind::SvidExpiring,
+        SymptomKind::SvidExpired,
+        SymptomKind::SvidInvalid,
+        SymptomKind::AgentUnreachable,
+    ];
+
+    /// Snake-case name: metric label, policy key and store value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SymptomKind::SvidRotationOverdue => "svid_rotation_overdue",
+            SymptomKind::SvidExpiring => "svid_expiring",
+            SymptomKind::SvidExpired => "svid_expired",
+            SymptomKind::SvidInvalid => "svid_invalid",
+            SymptomKind::AgentUnreachable => "agent_unreachable",
+        }
+    }
+
+    /// Inverse of [`as_str`](Self::as_str).
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl fmt::Display for SymptomKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How bad a symptom is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// Worth a look.
+    Warning,
+    /// mTLS will break soon or has broken.
+    Critical,
+}
+
+impl Severity {
+    /// Snake-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+/// Identity of an incident: one per (symptom, subject) while open.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SymptomKey {
+    /// Which symptom.
+    pub kind: SymptomKind,
+    /// About whom.
+    pub subject: Subject,
+}
+
+/// A symptom currently present, as computed by `analyze`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Symptom {
+    /// Which symptom.
+    pub kind: SymptomKind,
+    /// About whom.
+    pub subject: Subject,
+    /// How bad.
+    pub severity: Severity,
+    /// Earliest expiry that can no longer be renewed, if known.
+    pub predicted_outage: Option<SystemTime>,
+    /// Machine-readable facts that led here.
+    pub evidence: serde_json::Value,
+    /// The observation behind it is too old to act on.
+    pub blind: bool,
+}
+
+impl Symptom {
+    /// Its incident key.
+    pub fn key(&self) -> SymptomKey {
+        SymptomKey {
+            kind: self.kind,
+            subject: self.subject.clone(),
+        }
+    }
+}
+
+/// An open incident as the supervisor tracks it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Incident {
+    /// Store id.
+    pub id: String,
+    /// Which symptom.
+    pub kind: SymptomKind,
+    /// About whom.
+    pub subject: Subject,
+    /// Current severity.
+    pub severity: Severity,
+    /// When it opened.
+    pub opened_at: SystemTime,
+    /// Predicted outage when it opened.
+    pub predicted_outage: Option<SystemTime>,
+    /// Evidence when it opened.
+    pub evidence: serde_json::Value,
+    /// Index of the next ladder rung to try.
+    pub next_rung: usize,
+}
+
+impl Incident {
+    /// Its key.
+    pub fn key(&self) -> SymptomKey {
+        SymptomKey {
+            kind: self.kind,
+            subject: self.subject.clone(),
+        }
+    }
+}
+
+// === Steps and outcomes ===
+
+/// One remediation step chosen by `plan`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    /// Store id of the action this step becomes.
+    pub action_id: String,
+    /// The incident it serves.
+    pub incident_id: String,
+    /// The symptom it serves.
+    pub symptom: SymptomKind,
+    /// Ladder rung index.
+    pub rung: usize,
+    /// Actuator instance name (policy/config key).
+    pub actuator: String,
+    /// The agent acted upon.
+    pub target: String,
+    /// Actuator parameters (recorded as-is).
+    pub params: serde_json::Value,
+    /// Hard timeout for the actuator.
+    pub timeout: std::time::Duration,
+    /// How long to wait for the symptom to clear after the action.
+    pub verify_within: std::time::Duration,
+    /// Record but do not execute.
+    pub dry_run: bool,
+}
+
+/// Result class of an action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutcomeKind {
+    /// The actuator did its job.
+    Ok,
+    /// The actuator failed.
+    Error,
+    /// Dry run: recorded, not executed.
+    DryRun,
+    /// Timed out.
+    Timeout,
+}
+
+impl OutcomeKind {
+    /// Snake-case name: metric label and store value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutcomeKind::Ok => "ok",
+            OutcomeKind::Error => "error",
+            OutcomeKind::DryRun => "dry_run",
+            OutcomeKind::Timeout => "timeout",
+        }
+    }
+}
+
+/// What an actuator run produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// Result class.
+    pub kind: OutcomeKind,
+    /// Details (exit code, output tail, …).
+    pub detail: serde_json::Value,
+    /// Error text when it failed.
+    pub error: Option<String>,
+}
+
+impl Outcome {
+    /// A success with details.
+    pub fn ok(detail: serde_json::Value) -> Self {
+        Self {
+            kind: OutcomeKind::Ok,
+            detail,
+            error: None,
+        }
+    }
+}
+
+/// Whether the symptom cleared after an action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verification {
+    /// The symptom cleared within the window.
+    Verified,
+    /// It did not.
+    Failed,
+    /// Nothing to verify (dry run or the actuator failed).
+    Skipped,
+}
+
+impl Verification {
+    /// Snake-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verification::Verified => "verified",
+            Verification::Failed => "failed",
+            Verification::Skipped => "skipped",
+        }
+    }
+}
+
+// === Store events ===
+
+/// Everything the supervisor writes to the knowledge store. Applied in
+/// batches, each batch atomically; every event is idempotent by id so a
+/// retried batch never duplicates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A subject was seen (upsert; keeps the first `first_seen`).
+    SubjectSeen {
+        /// Who.
+        subject: Subject,
+        /// When.
+        at: SystemTime,
+    },
+    /// A serial was delivered for the first time.
+    SvidSeen {
+        /// Agent name.
+        agent: String,
+        /// SPIFFE ID.
+        spiffe_id: String,
+        /// Leaf serial (hex).
+        serial: String,
+        /// notBefore.
+        not_before: SystemTime,
+        /// notAfter.
+        not_after: SystemTime,
+        /// First delivery.
+        at: SystemTime,
+    },
+    /// A newer serial replaced this one.
+    SvidReplaced {
+        /// Agent name.
+        agent: String,
+        /// SPIFFE ID.
+        spiffe_id: String,
+        /// The replaced serial.
+        serial: String,
+        /// When the replacement was seen.
+        at: SystemTime,
+    },
+    /// An incident opened.
+    IncidentOpened {
+        /// Its id.
+        incident: Incident,
+    },
+    /// An incident closed.
+    IncidentClosed {
+        /// Its id.
+        id: String,
+        /// When.
+        at: SystemTime,
+        /// Why (`cleared`, …).
+        resolution: String,
+    },
+    /// The incident's ladder moved.
+    IncidentEscalated {
+        /// Its id.
+        id: String,
+        /// The next rung to try.
+        next_rung: usize,
+    },
+    /// An action is about to run (recorded before acting).
+    ActionStarted {
+        /// The step.
+        step: Step,
+        /// When.
+        at: SystemTime,
+    },
+    /// An action returned.
+    ActionFinished {
+        /// Action id.
+        id: String,
+        /// What happened.
+        outcome: Outcome,
+        /// When.
+        at: SystemTime,
+    },
+    /// The action's effect was checked.
+    ActionVerified {
+        /// Action id.
+        id: String,
+        /// Result.
+        verification: Verification,
+        /// When.
+        at: SystemTime,
+    },
+    /// A decision not to act, with the reason (audit trail).
+    Held {
+        /// Incident id.
+        incident_id: String,
+        /// Actuator that was held back.
+        actuator: String,
+        /// Target agent.
+        target: String,
+        /// Closed-set reason (`cooldown`, `budget`, `blind`, …).
+        reason: String,
+        /// When.
+        at: SystemTime,
+    },
+}
+
+/// A new random, time-ordered id for incidents and actions.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn subject_display_round_trips() {
+        for s in [
+            Subject::agent("node-a"),
+            Subject::svid("node-a", "spiffe://td/w/x"),
+        ] {
+            assert_eq!(Subject::parse(&s.to_string()), Some(s));
+        }
+        assert_eq!(Subject::parse("nope"), None);
+    }
+
+    #[test]
+    fn elapsed_fraction() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1000);
+        let s = SvidObservation {
+            spiffe_id: "spiffe://td/a".into(),
+            serial: "01".into(),
+            not_before: t0,
+            not_after: t0 + Duration::from_secs(100),
+            invalid: None,
+            first_seen: t0,
+        };
+        assert!((s.elapsed_fraction(t0 + Duration::from_secs(60)) - 0.6).abs() < 1e-9);
+        assert_eq!(s.elapsed_fraction(t0 - Duration::from_secs(5)), 0.0);
+    }
+
+    #[test]
+    fn symptom_kind_names_round_trip() {
+        for k in SymptomKind::ALL {
+            assert_eq!(SymptomKind::parse(k.as_str()), Some(k));
+        }
+    }
+}

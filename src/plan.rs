@@ -1,0 +1,354 @@
+//! Plan: open incidents + history + policy → steps or holds. Pure.
+//!
+//! For each open incident, most urgent first, the next rung of its ladder is
+//! proposed unless a guard holds it back: the target already has an action
+//! running or awaiting verification, the observation is blind, the
+//! (target, actuator) cooldown has not passed, or the hourly budget is spent.
+//! Every hold carries its reason so "held back, because" is recorded.
+
+use std::collections::{HashMap, HashSet};
+use std::time::SystemTime;
+
+use serde_json::json;
+
+use crate::clock::saturating_since;
+use crate::model::{Incident, Step, Symptom, SymptomKey, new_id};
+use crate::policy::Policy;
+
+/// Why a step was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HoldReason {
+    /// Another action on the same agent is running or being verified.
+    TargetBusy,
+    /// The observation is too old to act on.
+    Blind,
+    /// The (target, actuator) cooldown has not passed.
+    Cooldown,
+    /// The hourly action budget is spent.
+    Budget,
+    /// No configured actuator on the remaining ladder.
+    NotConfigured,
+    /// The policy has no ladder for this symptom.
+    NoLadder,
+}
+
+impl HoldReason {
+    /// Snake-case name: metric label and store value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldReason::TargetBusy => "target_busy",
+            HoldReason::Blind => "blind",
+            HoldReason::Cooldown => "cooldown",
+            HoldReason::Budget => "budget",
+            HoldReason::NotConfigured => "not_configured",
+            HoldReason::NoLadder => "no_ladder",
+        }
+    }
+}
+
+/// One planning decision.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Run this step; the incident's ladder moves to `next_rung`.
+    Act {
+        /// The step.
+        step: Step,
+        /// Rung to try if this one does not verify.
+        next_rung: usize,
+    },
+    /// Hold back.
+    Hold {
+        /// Incident id.
+        incident_id: String,
+        /// Actuator that would have run (empty when none).
+        actuator: String,
+        /// Target agent.
+        target: String,
+        /// Why.
+        reason: HoldReason,
+    },
+}
+
+/// Everything `plan` looks at.
+pub struct PlanInput<'a> {
+    /// Active symptoms (for blindness).
+    pub symptoms: &'a [Symptom],
+    /// Open incidents.
+    pub incidents: &'a [Incident],
+    /// Agents with an action running or awaiting verification.
+    pub busy_targets: &'a HashSet<String>,
+    /// Last start per (target, actuator).
+    pub last_run: &'a HashMap<(String, String), SystemTime>,
+    /// Actions started in the last hour.
+    pub actions_last_hour: usize,
+    /// Whether an actuator name is configured.
+    pub configured: &'a dyn Fn(&str) -> bool,
+    /// The policy.
+    pub policy: &'a Policy,
+    /// Record without executing.
+    pub dry_run: bool,
+    /// Now.
+    pub now: SystemTime,
+}
+
+/// Decides what to do for each open incident.
+pub fn plan(input: &PlanInput<'_>) -> Vec<Decision> {
+    let blind: HashSet<SymptomKey> = input
+        .symptoms
+        .iter()
+        .filter(|s| s.blind)
+        .map(Symptom::key)
+        .collect();
+    let mut order: Vec<&Incident> = input.incidents.iter().collect();
+    // Most urgent first: severity, then earliest predicted outage, then age.
+    order.sort_by(|a, b| {
+        b.severity
+            .cmp(&a.severity)
+            .then_with(|| {
+                let ka = a.predicted_outage.unwrap_or(SystemTime::UNIX_EPOCH + std::time::Duration::MAX / 4);
+                let kb = b.predicted_outage.unwrap_or(SystemTime::UNIX_EPOCH + std::time::Duration::MAX / 4);
+                ka.cmp(&kb)
+            })
+            .then_with(|| a.opened_at.cmp(&b.opened_at))
+            .then_with(|| a.id.cmp(&b.id))
+    });
+
+    let mut busy = input.busy_targets.clone();
+    let mut planned = 0usize;
+    let mut out = Vec::new();
+    for inc in order {
+        let target = inc.subject.agent_name().to_string();
+        let hold = |actuator: &str, reason| Decision::Hold {
+            incident_id: inc.id.clone(),
+            actuator: actuator.to_string(),
+            target: target.clone(),
+            reason,
+        };
+        let ladder = input.policy.ladder(inc.kind);
+        if ladder.is_empty() {
+            out.push(hold("", HoldReason::NoLadder));
+            continue;
+        }
+        // Past the end, repeat the last rung. Skip rungs whose actuator is
+        // not configured.
+        let start = inc.next_rung.min(ladder.len() - 1);
+        let Some((idx, rung)) = ladder
+            .iter()
+            .enumerate()
+            .skip(start)
+            .find(|(_, r)| (input.configured)(&r.actuator))
+        else {
+            out.push(hold("", HoldReason::NotConfigured));
+            continue;
+        };
+        if busy.contains(&target) {
+            out.push(hold(&rung.actuator, HoldReason::TargetBusy));
+            continue;
+        }
+        if blind.contains(&inc.key()) {
+            out.push(hold(&rung.actuator, HoldReason::Blind));
+            continue;
+        }
+        if let Some(last) = input.last_run.get(&(target.clone(), rung.actuator.clone())) {
+            if saturating_since(input.now, *last) < input.policy.cooldown(rung) {
+                out.push(hold(&rung.actuator, HoldReason::Cooldown));
+                continue;
+            }
+        }
+        if input.actions_last_hour + planned >= input.policy.guards.budget_per_hour as usize {
+            out.push(hold(&rung.actuator, HoldReason::Budget));
+            continue;
+        }
+        busy.insert(target.clone());
+        planned += 1;
+        out.push(Decision::Act {
+            step: Step {
+                action_id: new_id(),
+                incident_id: inc.id.clone(),
+                symptom: inc.kind,
+                rung: idx,
+                actuator: rung.actuator.clone(),
+                target: target.clone(),
+                params: json!({ "subject": inc.subject.to_string() }),
+                timeout: rung.timeout,
+                verify_within: rung.verify_within,
+                dry_run: input.dry_run,
+            },
+            next_rung: idx + 1,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Severity, Subject, SymptomKind};
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn t(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    fn incident(id: &str, kind: SymptomKind, agent: &str, rung: usize) -> Incident {
+        Incident {
+            id: id.into(),
+            kind,
+            subject: Subject::agent(agent),
+            severity: Severity::Warning,
+            opened_at: t(0),
+            predicted_outage: Some(t(100)),
+            evidence: json!({}),
+            next_rung: rung,
+        }
+    }
+
+    struct Case {
+        incidents: Vec<Incident>,
+        blind: bool,
+        busy: Vec<&'static str>,
+        last_run: Vec<(&'static str, &'static str, u64)>,
+        hour: usize,
+        configured: &'static [&'static str],
+    }
+
+    impl Default for Case {
+        fn default() -> Self {
+            Self {
+                incidents: vec![incident("i1", SymptomKind::AgentUnreachable, "a", 0)],
+                blind: false,
+                busy: vec![],
+                last_run: vec![],
+                hour: 0,
+                configured: &["refetch", "restart-agent"],
+            }
+        }
+    }
+
+    fn run(c: &Case, now: u64) -> Vec<Decision> {
+        let policy = Policy::builtin().unwrap();
+        let symptoms: Vec<Symptom> = c
+            .incidents
+            .iter()
+            .map(|i| Symptom {
+                kind: i.kind,
+                subject: i.subject.clone(),
+                severity: i.severity,
+                predicted_outage: i.predicted_outage,
+                evidence: json!({}),
+                blind: c.blind,
+            })
+            .collect();
+        let busy = c.busy.iter().map(|s| s.to_string()).collect();
+        let last_run = c
+            .last_run
+            .iter()
+            .map(|(tg, a, at)| ((tg.to_string(), a.to_string()), t(*at)))
+            .collect();
+        let configured = |a: &str| c.configured.contains(&a);
+        plan(&PlanInput {
+            symptoms: &symptoms,
+            incidents: &c.incidents,
+            busy_targets: &busy,
+            last_run: &last_run,
+            actions_last_hour: c.hour,
+            configured: &configured,
+            policy: &policy,
+            dry_run: false,
+            now: t(now),
+        })
+    }
+
+    fn summary(d: &[Decision]) -> Vec<String> {
+        d.iter()
+            .map(|d| match d {
+                Decision::Act { step, next_rung } => {
+                    format!("act {} {} rung{} next{}", step.target, step.actuator, step.rung, next_rung)
+                }
+                Decision::Hold { target, reason, .. } => format!("hold {target} {}", reason.as_str()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn table() {
+        let cases: Vec<(&str, Case, u64, Vec<&str>)> = vec![
+            ("first rung", Case::default(), 10, vec!["act a refetch rung0 next1"]),
+            (
+                "second rung",
+                Case {
+                    incidents: vec![incident("i1", SymptomKind::AgentUnreachable, "a", 1)],
+                    ..Case::default()
+                },
+                10,
+                vec!["act a restart-agent rung1 next2"],
+            ),
+            (
+                "past the end repeats the last rung",
+                Case {
+                    incidents: vec![incident("i1", SymptomKind::AgentUnreachable, "a", 7)],
+                    ..Case::default()
+                },
+                10,
+                vec!["act a restart-agent rung1 next2"],
+            ),
+            (
+                "unconfigured rung is skipped",
+                Case {
+                    configured: &["restart-agent"],
+                    ..Case::default()
+                },
+                10,
+                vec!["act a restart-agent rung1 next2"],
+            ),
+            (
+                "nothing configured",
+                Case {
+                    incidents: vec![incident("i1", SymptomKind::SvidExpired, "a", 0)],
+                    configured: &["refetch"],
+                    ..Case::default()
+                },
+                10,
+                vec!["hold a not_configured"],
+            ),
+            ("blind", Case { blind: true, ..Case::default() }, 10, vec!["hold a blind"]),
+            ("busy", Case { busy: vec!["a"], ..Case::default() }, 10, vec!["hold a target_busy"]),
+            (
+                "cooldown",
+                Case { last_run: vec![("a", "refetch", 5)], ..Case::default() },
+                10,
+                vec!["hold a cooldown"],
+            ),
+            (
+                "cooldown passed",
+                Case { last_run: vec![("a", "refetch", 5)], ..Case::default() },
+                30,
+                vec!["act a refetch rung0 next1"],
+            ),
+            ("budget", Case { hour: 30, ..Case::default() }, 10, vec!["hold a budget"]),
+            (
+                "one action per target per tick, most urgent first",
+                Case {
+                    incidents: vec![
+                        incident("i1", SymptomKind::SvidRotationOverdue, "a", 0),
+                        Incident {
+                            severity: Severity::Critical,
+                            ..incident("i2", SymptomKind::SvidExpired, "a", 0)
+                        },
+                        incident("i3", SymptomKind::AgentUnreachable, "b", 0),
+                    ],
+                    ..Case::default()
+                },
+                10,
+                vec![
+                    "act a restart-agent rung0 next1",
+                    "hold a target_busy",
+                    "act b refetch rung0 next1",
+                ],
+            ),
+        ];
+        for (name, case, now, want) in cases {
+            assert_eq!(summary(&run(&case, now)), want, "{name}");
+        }
+    }
+}

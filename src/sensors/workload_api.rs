@@ -1,0 +1,447 @@
+//! `workload_api` sensor: our own SPIFFE Workload API client, one per agent.
+//!
+//! A background task keeps `FetchX509SVID` and `FetchX509Bundles` streams open
+//! (header `workload.spiffe.io: true`), validates every SVID against the
+//! X509-SVID rules, and publishes an [`AgentView`]. Reconnects follow the
+//! spec's codes: `InvalidArgument`/`Unimplemented` are not retried until a
+//! refetch asks for it; everything else is retried with capped exponential
+//! backoff. A connected stream that stays silent past `answer_timeout` is
+//! `Unanswered` (a frozen agent accepts connections but never answers).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use super::{Sensor, SensorError};
+use crate::clock::Clock;
+use crate::endpoint::Endpoint;
+use crate::model::{AgentView, Reading, StreamStatus, SvidObservation};
+use crate::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use crate::proto::workload::{X509BundlesRequest, X509BundlesResponse, X509svidRequest, X509svidResponse};
+use crate::svid;
+use crate::telemetry::Metrics;
+
+/// The security header every Workload API call carries.
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+
+/// Settings for one agent's sensor.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Agent name.
+    pub agent: String,
+    /// Workload API endpoint.
+    pub endpoint: Endpoint,
+    /// Silence after (re)connect that counts as unanswered.
+    pub answer_timeout: Duration,
+    /// Backoff cap.
+    pub backoff_max: Duration,
+}
+
+/// State shared by the task, the sensor and the refetch actuator.
+#[derive(Debug)]
+pub struct Shared {
+    view: Mutex<AgentView>,
+    reconnect: Notify,
+    reconnects: AtomicU64,
+    reconnected: Notify,
+}
+
+impl Shared {
+    fn new(agent: &str, now: std::time::SystemTime) -> Self {
+        Self {
+            view: Mutex::new(AgentView {
+                agent: agent.to_string(),
+                status: StreamStatus::Connecting,
+                status_since: now,
+                last_error: None,
+                last_message: None,
+                svids: Vec::new(),
+                bundle_authorities: 0,
+                rotations: 0,
+                updated_at: now,
+            }),
+            reconnect: Notify::new(),
+            reconnects: AtomicU64::new(0),
+            reconnected: Notify::new(),
+        }
+    }
+
+    /// A copy of the current view.
+    pub fn view(&self) -> AgentView {
+        self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut AgentView)) {
+        let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut v);
+    }
+
+    /// Asks the task to drop its streams and reconnect now, then waits (up
+    /// to `wait`) until it has done so. Returns whether it did. Idempotent:
+    /// a second request while one is pending coalesces.
+    pub async fn request_reconnect(&self, wait: Duration) -> bool {
+        let before = self.reconnects.load(Ordering::SeqCst);
+        let done = self.reconnected.notified();
+        tokio::pin!(done);
+        done.as_mut().enable();
+        self.reconnect.notify_one();
+        if self.reconnects.load(Ordering::SeqCst) != before {
+            return true;
+        }
+        timeout(wait, done).await.is_ok()
+    }
+
+    /// How many times the task tore its streams down on request.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::SeqCst)
+    }
+}
+
+/// The sensor half: reads the shared view.
+pub struct WorkloadApiSensor {
+    agent: String,
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl Sensor for WorkloadApiSensor {
+    fn name(&self) -> &'static str {
+        "workload_api"
+    }
+    fn instance(&self) -> &str {
+        &self.agent
+    }
+    async fn observe(&self) -> Result<Vec<Reading>, SensorError> {
+        Ok(vec![Reading::WorkloadApi(self.shared.view())])
+    }
+}
+
+/// The background task half.
+pub struct WorkloadApiTask {
+    settings: Settings,
+    shared: Arc<Shared>,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    wake: Arc<Notify>,
+}
+
+/// Builds the sensor, its task and the shared handle (for `refetch`).
+/// `wake` is notified on every state change so the loop can tick early.
+pub fn build(
+    settings: Settings,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    wake: Arc<Notify>,
+) -> (WorkloadApiSensor, WorkloadApiTask, Arc<Shared>) {
+    let shared = Arc::new(Shared::new(&settings.agent, clock.now()));
+    (
+        WorkloadApiSensor {
+            agent: settings.agent.clone(),
+            shared: shared.clone(),
+        },
+        WorkloadApiTask {
+            settings,
+            shared: shared.clone(),
+            clock,
+            metrics,
+            wake,
+        },
+        shared,
+    )
+}
+
+/// Why a session ended.
+enum End {
+    Shutdown,
+    Reconnect,
+    Failed { code: &'static str, detail: String, retry: bool, unanswered: bool },
+}
+
+/// Heartbeat period: the view's `updated_at` advances at least this often.
+const HEARTBEAT: Duration = Duration::from_millis(500);
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+
+impl WorkloadApiTask {
+    /// Runs until `shutdown`.
+    ///
+    /// # Cancel safety
+    /// Holds no external state; dropping it just closes the streams.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let end = self.session(&shutdown).await;
+            let wait = match end {
+                End::Shutdown => return,
+                End::Reconnect => {
+                    self.acknowledge_reconnect();
+                    backoff = BACKOFF_MIN;
+                    Duration::ZERO
+                }
+                End::Failed {
+                    code,
+                    detail,
+                    retry,
+                    unanswered,
+                } => {
+                    self.metrics
+                        .spiffe_workload_api_errors_total
+                        .with_label_values(&[&self.settings.agent, code])
+                        .inc();
+                    let status = if !retry {
+                        StreamStatus::Rejected
+                    } else if unanswered {
+                        StreamStatus::Unanswered
+                    } else {
+                        StreamStatus::Down
+                    };
+                    warn!(agent = %self.settings.agent, code, %detail, status = status.as_str(), "Workload API stream failed.");
+                    self.set_status(status, Some(code.to_string()));
+                    let w = if retry { backoff } else { self.settings.backoff_max };
+                    backoff = (backoff * 2).min(self.settings.backoff_max);
+                    w
+                }
+            };
+            // Wait out the backoff, but wake for shutdown or a refetch.
+            let sleep = tokio::time::sleep(wait);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    _ = self.shared.reconnect.notified() => {
+                        self.acknowledge_reconnect();
+                        backoff = BACKOFF_MIN;
+                        break;
+                    }
+                    _ = &mut sleep => break,
+                    _ = tokio::time::sleep(HEARTBEAT) => self.heartbeat(),
+                }
+            }
+        }
+    }
+
+    fn acknowledge_reconnect(&self) {
+        self.shared.reconnects.fetch_add(1, Ordering::SeqCst);
+        self.shared.reconnected.notify_waiters();
+    }
+
+    fn heartbeat(&self) {
+        let now = self.clock.now();
+        self.shared.update(|v| v.updated_at = now);
+    }
+
+    fn set_status(&self, status: StreamStatus, error: Option<String>) {
+        let now = self.clock.now();
+        let up = status == StreamStatus::Up;
+        let mut changed = false;
+        self.shared.update(|v| {
+            if v.status != status {
+                v.status = status;
+                v.status_since = now;
+                changed = true;
+            }
+            if error.is_some() || up {
+                v.last_error = error;
+            }
+            v.updated_at = now;
+        });
+        self.metrics
+            .workload_api_stream_up
+            .with_label_values(&[&self.settings.agent])
+            .set(i64::from(up));
+        if changed {
+            self.wake.notify_one();
+        }
+    }
+
+    /// One connection: open both streams, read until something ends it.
+    async fn session(&self, shutdown: &CancellationToken) -> End {
+        let agent = &self.settings.agent;
+        // Keep Down/Unanswered while retrying so "down since" stays true.
+        let current = self.shared.view().status;
+        if matches!(current, StreamStatus::Up) {
+            self.set_status(StreamStatus::Connecting, None);
+        }
+        let channel = match self.settings.endpoint.channel(self.settings.answer_timeout) {
+            Ok(c) => c,
+            Err(e) => {
+                return End::Failed {
+                    code: "invalid_endpoint",
+                    detail: e.to_string(),
+                    retry: false,
+                    unanswered: false,
+                };
+            }
+        };
+        let mut client = SpiffeWorkloadApiClient::new(channel)
+            .max_decoding_message_size(4 * 1024 * 1024);
+        let answer = self.settings.answer_timeout;
+
+        let open = async {
+            let svids = client.fetch_x509svid(request(X509svidRequest {})).await?;
+            let bundles = client.fetch_x509_bundles(request(X509BundlesRequest {})).await?;
+            Ok::<_, Status>((svids.into_inner(), bundles.into_inner()))
+        };
+        let opened = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return End::Shutdown,
+            _ = self.shared.reconnect.notified() => return End::Reconnect,
+            r = timeout(answer, open) => r,
+        };
+        let (mut svids, mut bundles): (Streaming<X509svidResponse>, Streaming<X509BundlesResponse>) =
+            match opened {
+                Err(_) => {
+                    return End::Failed {
+                        code: "unanswered",
+                        detail: format!("no response within {answer:?}"),
+                        retry: true,
+                        unanswered: true,
+                    };
+                }
+                Ok(Err(status)) => return failed(&status),
+                Ok(Ok(s)) => s,
+            };
+        debug!(agent = %agent, "Workload API streams open.");
+
+        let started = tokio::time::Instant::now();
+        let mut answered = false;
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return End::Shutdown,
+                _ = self.shared.reconnect.notified() => return End::Reconnect,
+                msg = svids.message() => match msg {
+                    Ok(Some(resp)) => {
+                        if !answered {
+                            info!(agent = %agent, "Workload API answered.");
+                        }
+                        answered = true;
+                        self.on_svids(resp);
+                    }
+                    Ok(None) => return End::Failed { code: "stream_ended", detail: "server closed the X.509-SVID stream".into(), retry: true, unanswered: false },
+                    Err(status) => return failed(&status),
+                },
+                msg = bundles.message() => match msg {
+                    Ok(Some(resp)) => self.on_bundles(&resp),
+                    Ok(None) => return End::Failed { code: "stream_ended", detail: "server closed the X.509 bundle stream".into(), retry: true, unanswered: false },
+                    Err(status) => return failed(&status),
+                },
+                _ = heartbeat.tick() => {
+                    if !answered && started.elapsed() >= answer {
+                        return End::Failed {
+                            code: "unanswered",
+                            detail: format!("no X.509-SVID message within {answer:?}"),
+                            retry: true,
+                            unanswered: true,
+                        };
+                    }
+                    self.heartbeat();
+                }
+            }
+        }
+    }
+
+    fn on_svids(&self, resp: X509svidResponse) {
+        let now = self.clock.now();
+        let previous: HashMap<String, SvidObservation> = self
+            .shared
+            .view()
+            .svids
+            .into_iter()
+            .map(|s| (format!("{}\u{0}{}", s.spiffe_id, s.serial), s))
+            .collect();
+        // Full state: an empty list means everything was redacted.
+        let svids: Vec<SvidObservation> = resp
+            .svids
+            .iter()
+            .map(|s| {
+                let insp = svid::inspect(&s.spiffe_id, &s.x509_svid, &s.bundle);
+                let (serial, not_before, not_after) = match &insp.leaf {
+                    Some(l) => (l.serial.clone(), l.not_before, l.not_after),
+                    None => (String::new(), std::time::UNIX_EPOCH, std::time::UNIX_EPOCH),
+                };
+                let first_seen = previous
+                    .get(&format!("{}\u{0}{}", s.spiffe_id, serial))
+                    .map_or(now, |p| p.first_seen);
+                SvidObservation {
+                    spiffe_id: s.spiffe_id.clone(),
+                    serial,
+                    not_before,
+                    not_after,
+                    invalid: insp.problem.map(|p| p.to_string()),
+                    first_seen,
+                }
+            })
+            .collect();
+        for s in &svids {
+            if let Some(reason) = &s.invalid {
+                self.metrics
+                    .spiffe_workload_api_errors_total
+                    .with_label_values(&[&self.settings.agent, "invalid_svid"])
+                    .inc();
+                warn!(agent = %self.settings.agent, spiffe_id = %s.spiffe_id, %reason, "Agent served an invalid X.509-SVID.");
+            }
+        }
+        self.shared.update(|v| {
+            v.svids = svids;
+            v.last_message = Some(now);
+            v.updated_at = now;
+        });
+        self.set_status(StreamStatus::Up, None);
+        self.wake.notify_one();
+    }
+
+    fn on_bundles(&self, resp: &X509BundlesResponse) {
+        let count: usize = resp
+            .bundles
+            .values()
+            .map(|der| svid::split_der(der).map_or(0, |c| c.len()))
+            .sum();
+        let now = self.clock.now();
+        self.shared.update(|v| {
+            v.bundle_authorities = count;
+            v.updated_at = now;
+        });
+    }
+}
+
+fn request<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut()
+        .insert(SECURITY_HEADER, tonic::metadata::MetadataValue::from_static("true"));
+    req
+}
+
+/// Maps a gRPC status to how we react, per the Workload API spec.
+fn failed(status: &Status) -> End {
+    let (code, retry) = match status.code() {
+        Code::InvalidArgument => ("invalid_argument", false),
+        Code::Unimplemented => ("unimplemented", false),
+        Code::PermissionDenied => ("permission_denied", true),
+        Code::Unavailable => ("unavailable", true),
+        Code::DeadlineExceeded => ("deadline_exceeded", true),
+        Code::Cancelled => ("cancelled", true),
+        Code::Internal => ("internal", true),
+        Code::Unknown => ("unknown", true),
+        Code::ResourceExhausted => ("resource_exhausted", true),
+        _ => ("other", true),
+    };
+    End::Failed {
+        code,
+        detail: status.message().to_string(),
+        retry,
+        unanswered: false,
+    }
+}
+
+#[cfg(test)]
+mod tests;

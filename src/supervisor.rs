@@ -1,0 +1,635 @@
+//! The MAPE-K loop. [`Supervisor::tick`] runs one pass:
+//! sense → analyze → (open/close incidents) → verify → plan → execute →
+//! record; [`Supervisor::run`] repeats it until shutdown.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::actuators::{ActuatorError, Registry};
+use crate::analyze::analyze;
+use crate::clock::{Clock, saturating_since, unix_secs_f64};
+use crate::knowledge::{Buffer, Knowledge};
+use crate::model::{
+    AgentView, Event, Incident, Outcome, OutcomeKind, Reading, Step, Subject, Symptom, SymptomKey,
+    Verification, new_id,
+};
+use crate::plan::{Decision, PlanInput, plan};
+use crate::policy::Policy;
+use crate::sensors::Sensor;
+use crate::telemetry::{Health, Metrics};
+
+/// An action in flight or awaiting verification.
+#[derive(Debug, Clone)]
+struct Pending {
+    step: Step,
+    key: SymptomKey,
+    finished: Option<(SystemTime, OutcomeKind)>,
+}
+
+/// What one tick did (for tests and logs).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct TickReport {
+    /// Symptoms present.
+    pub symptoms: Vec<Symptom>,
+    /// Incident ids opened this tick.
+    pub opened: Vec<String>,
+    /// Incident ids closed this tick.
+    pub closed: Vec<String>,
+    /// Steps started this tick.
+    pub started: Vec<Step>,
+    /// (action id, verification) decided this tick.
+    pub verified: Vec<(String, Verification)>,
+    /// Events still waiting for the store after this tick.
+    pub buffered: usize,
+}
+
+/// Everything the loop needs.
+pub struct Parts {
+    /// Clock.
+    pub clock: Arc<dyn Clock>,
+    /// Sensors.
+    pub sensors: Vec<Box<dyn Sensor>>,
+    /// Actuators by instance name.
+    pub actuators: Registry,
+    /// Policy.
+    pub policy: Policy,
+    /// Record without executing.
+    pub dry_run: bool,
+    /// Store write path.
+    pub buffer: Buffer,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Health.
+    pub health: Arc<Health>,
+    /// Notified by sensors on state changes.
+    pub wake: Arc<Notify>,
+    /// Tick interval.
+    pub tick_interval: Duration,
+}
+
+/// The supervisor.
+pub struct Supervisor {
+    p: Parts,
+    views: HashMap<String, AgentView>,
+    incidents: HashMap<SymptomKey, Incident>,
+    pending: HashMap<String, Pending>,
+    last_run: HashMap<(String, String), SystemTime>,
+    recent_starts: VecDeque<SystemTime>,
+    last_hold: HashMap<String, (String, &'static str)>,
+    subjects: HashSet<Subject>,
+    results_tx: mpsc::UnboundedSender<(String, Outcome, SystemTime)>,
+    results_rx: mpsc::UnboundedReceiver<(String, Outcome, SystemTime)>,
+    actions: TaskTracker,
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+impl Supervisor {
+    /// A supervisor resuming from `knowledge` (open incidents, recent
+    /// actions: cooldowns and budget survive restarts). Actions recorded as
+    /// started but never finished are closed as abandoned.
+    pub fn new(parts: Parts, knowledge: Knowledge) -> Self {
+        let (results_tx, results_rx) = mpsc::unbounded_channel();
+        let mut s = Self {
+            p: parts,
+            views: HashMap::new(),
+            incidents: HashMap::new(),
+            pending: HashMap::new(),
+            last_run: HashMap::new(),
+            recent_starts: VecDeque::new(),
+            last_hold: HashMap::new(),
+            subjects: HashSet::new(),
+            results_tx,
+            results_rx,
+            actions: TaskTracker::new(),
+        };
+        let now = s.p.clock.now();
+        for inc in knowledge.open_incidents {
+            s.incidents.insert(inc.key(), inc);
+        }
+        let mut abandoned = Vec::new();
+        for a in &knowledge.recent_actions {
+            let at = crate::clock::from_unix_millis(a.started_at_ms);
+            let key = (a.target.clone(), a.actuator.clone());
+            if s.last_run.get(&key).is_none_or(|t| *t < at) {
+                s.last_run.insert(key, at);
+            }
+            if !a.dry_run {
+                s.recent_starts.push_back(at);
+            }
+            if a.finished_at_ms.is_none() {
+                abandoned.push(Event::ActionFinished {
+                    id: a.id.clone(),
+                    outcome: Outcome {
+                        kind: OutcomeKind::Error,
+                        detail: serde_json::json!({}),
+                        error: Some("abandoned: the supervisor stopped before the action finished".into()),
+                    },
+                    at: now,
+                });
+            }
+        }
+        s.recent_starts.make_contiguous().sort();
+        s.p.buffer.push(abandoned);
+        s
+    }
+
+    /// Open incidents (for tests and the demo).
+    pub fn open_incidents(&self) -> Vec<Incident> {
+        self.incidents.values().cloned().collect()
+    }
+
+    /// One pass of the loop at `now`.
+    pub async fn tick(&mut self, now: SystemTime) -> TickReport {
+        let timer = self.p.metrics.tick_duration_seconds.start_timer();
+        let mut report = TickReport::default();
+        let mut events = Vec::new();
+
+        // Monitor.
+        let views = self.sense().await;
+        self.record_lifecycles(&views, now, &mut events);
+
+        // Analyze.
+        let symptoms = {
+            let open = &self.incidents;
+            analyze(&views, &|k| open.contains_key(k), &self.p.policy.thresholds, now)
+        };
+        self.update_symptom_gauges(&symptoms);
+        self.track_incidents(&symptoms, now, &mut events, &mut report);
+
+        // Verify what previous ticks did.
+        self.collect_results(&mut events);
+        self.verify(now, &mut events, &mut report);
+
+        // Plan.
+        while self
+            .recent_starts
+            .front()
+            .is_some_and(|t| saturating_since(now, *t) >= HOUR)
+        {
+            self.recent_starts.pop_front();
+        }
+        let incidents: Vec<Incident> = self.incidents.values().cloned().collect();
+        let busy: HashSet<String> = self.pending.values().map(|p| p.step.target.clone()).collect();
+        let actuators = &self.p.actuators;
+        let configured = |name: &str| actuators.contains_key(name);
+        let decisions = plan(&PlanInput {
+            symptoms: &symptoms,
+            incidents: &incidents,
+            busy_targets: &busy,
+            last_run: &self.last_run,
+            actions_last_hour: self.recent_starts.len(),
+            configured: &configured,
+            policy: &self.p.policy,
+            dry_run: self.p.dry_run,
+            now,
+        });
+
+        // Execute: record first, then act.
+        let mut to_run = Vec::new();
+        for d in decisions {
+            match d {
+                Decision::Act { step, next_rung } => {
+                    let key = self
+                        .incidents
+                        .values()
+                        .find(|i| i.id == step.incident_id)
+                        .map(Incident::key);
+                    let Some(key) = key else { continue };
+                    if let Some(inc) = self.incidents.get_mut(&key) {
+                        inc.next_rung = next_rung;
+                    }
+                    events.push(Event::IncidentEscalated {
+                        id: step.incident_id.clone(),
+                        next_rung,
+                    });
+                    events.push(Event::ActionStarted {
+                        step: step.clone(),
+                        at: now,
+                    });
+                    self.last_hold.remove(&step.incident_id);
+                    self.last_run
+                        .insert((step.target.clone(), step.actuator.clone()), now);
+                    if !step.dry_run {
+                        self.recent_starts.push_back(now);
+                    }
+                    info!(action = %step.action_id, incident = %step.incident_id, symptom = %step.symptom, actuator = %step.actuator, target = %step.target, rung = step.rung, dry_run = step.dry_run, "Starting action.");
+                    self.pending.insert(
+                        step.action_id.clone(),
+                        Pending {
+                            step: step.clone(),
+                            key,
+                            finished: None,
+                        },
+                    );
+                    report.started.push(step.clone());
+                    to_run.push(step);
+                }
+                Decision::Hold {
+                    incident_id,
+                    actuator,
+                    target,
+                    reason,
+                } => {
+                    let r = reason.as_str();
+                    if self.last_hold.get(&incident_id) != Some(&(actuator.clone(), r)) {
+                        self.last_hold
+                            .insert(incident_id.clone(), (actuator.clone(), r));
+                        self.p.metrics.holds_total.with_label_values(&[r]).inc();
+                        info!(incident = %incident_id, %actuator, %target, reason = r, "Holding back.");
+                        events.push(Event::Held {
+                            incident_id,
+                            actuator,
+                            target,
+                            reason: r.to_string(),
+                            at: now,
+                        });
+                    }
+                }
+            }
+        }
+        self.p.buffer.push(events);
+        if !to_run.is_empty() {
+            // "Recorded before acting": try to land ActionStarted first. If
+            // the store is away the events stay buffered and we act anyway;
+            // the loop must not stall on the database.
+            self.flush().await;
+        }
+        for step in to_run {
+            self.launch(step, now);
+        }
+
+        // Knowledge.
+        self.flush().await;
+        report.buffered = self.p.buffer.len();
+        report.symptoms = symptoms;
+        self.p.health.ticked(now);
+        self.p.metrics.last_tick_timestamp_seconds.set(unix_secs_f64(now));
+        timer.observe_duration();
+        report
+    }
+
+    async fn sense(&mut self) -> Vec<AgentView> {
+        let mut out = Vec::new();
+        for s in &self.p.sensors {
+            let t = self
+                .p
+                .metrics
+                .sensor_duration_seconds
+                .with_label_values(&[s.name()])
+                .start_timer();
+            match s.observe().await {
+                Ok(readings) => {
+                    for r in readings {
+                        match r {
+                            Reading::WorkloadApi(v) => out.push(v),
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.p.metrics.error("sensor", e.kind());
+                    warn!(sensor = s.name(), instance = s.instance(), error = %e, "Sensor failed.");
+                    // Keep the last view: it goes blind by itself.
+                    if let Some(v) = self.views.get(s.instance()) {
+                        out.push(v.clone());
+                    }
+                }
+            }
+            t.observe_duration();
+        }
+        out
+    }
+
+    /// SVID lifecycles: first delivery of a serial and its replacement.
+    fn record_lifecycles(&mut self, views: &[AgentView], now: SystemTime, events: &mut Vec<Event>) {
+        let mut expiries = Vec::new();
+        for v in views {
+            let agent_subject = Subject::agent(&v.agent);
+            if self.subjects.insert(agent_subject.clone()) {
+                events.push(Event::SubjectSeen {
+                    subject: agent_subject,
+                    at: now,
+                });
+            }
+            let prev = self.views.get(&v.agent);
+            for s in &v.svids {
+                if s.serial.is_empty() {
+                    continue;
+                }
+                expiries.push((
+                    v.agent.clone(),
+                    s.spiffe_id.clone(),
+                    unix_secs_f64(s.not_after),
+                    unix_secs_f64(s.not_after) - unix_secs_f64(now),
+                ));
+                let subject = Subject::svid(&v.agent, &s.spiffe_id);
+                if self.subjects.insert(subject.clone()) {
+                    events.push(Event::SubjectSeen {
+                        subject,
+                        at: now,
+                    });
+                }
+                let old = prev.and_then(|p| p.svids.iter().find(|o| o.spiffe_id == s.spiffe_id));
+                match old {
+                    Some(o) if o.serial == s.serial => {}
+                    _ => {
+                        events.push(Event::SvidSeen {
+                            agent: v.agent.clone(),
+                            spiffe_id: s.spiffe_id.clone(),
+                            serial: s.serial.clone(),
+                            not_before: s.not_before,
+                            not_after: s.not_after,
+                            at: s.first_seen,
+                        });
+                        if let Some(o) = old.filter(|o| !o.serial.is_empty()) {
+                            events.push(Event::SvidReplaced {
+                                agent: v.agent.clone(),
+                                spiffe_id: o.spiffe_id.clone(),
+                                serial: o.serial.clone(),
+                                at: s.first_seen,
+                            });
+                            self.p
+                                .metrics
+                                .spiffe_certificate_rotation_total
+                                .with_label_values(&[&v.agent])
+                                .inc();
+                            info!(agent = %v.agent, spiffe_id = %s.spiffe_id, old = %o.serial, new = %s.serial, "SVID rotated.");
+                        }
+                    }
+                }
+            }
+        }
+        self.p.metrics.set_svid_expiries(expiries);
+        for v in views {
+            self.views.insert(v.agent.clone(), v.clone());
+        }
+    }
+
+    fn update_symptom_gauges(&self, symptoms: &[Symptom]) {
+        self.p.metrics.symptoms.reset();
+        for s in symptoms {
+            self.p
+                .metrics
+                .symptoms
+                .with_label_values(&[s.kind.as_str(), s.severity.as_str()])
+                .inc();
+        }
+    }
+
+    fn track_incidents(
+        &mut self,
+        symptoms: &[Symptom],
+        now: SystemTime,
+        events: &mut Vec<Event>,
+        report: &mut TickReport,
+    ) {
+        let present: HashSet<SymptomKey> = symptoms.iter().map(Symptom::key).collect();
+        let closed: Vec<SymptomKey> = self
+            .incidents
+            .keys()
+            .filter(|k| !present.contains(k))
+            .cloned()
+            .collect();
+        for key in closed {
+            if let Some(inc) = self.incidents.remove(&key) {
+                let took = saturating_since(now, inc.opened_at);
+                self.p
+                    .metrics
+                    .incident_duration_seconds
+                    .with_label_values(&[inc.kind.as_str()])
+                    .observe(took.as_secs_f64());
+                info!(incident = %inc.id, symptom = %inc.kind, subject = %inc.subject, after_ms = took.as_millis() as u64, "Incident closed.");
+                self.last_hold.remove(&inc.id);
+                events.push(Event::IncidentClosed {
+                    id: inc.id.clone(),
+                    at: now,
+                    resolution: "cleared".into(),
+                });
+                report.closed.push(inc.id);
+            }
+        }
+        // An agent whose action is still running or being verified is
+        // expected to drop its stream (a restart does exactly that): defer
+        // opening agent_unreachable until the action's verdict is in.
+        let busy: HashSet<&str> = self.pending.values().map(|p| p.step.target.as_str()).collect();
+        for s in symptoms {
+            let key = s.key();
+            if self.incidents.contains_key(&key) {
+                continue;
+            }
+            if s.kind == crate::model::SymptomKind::AgentUnreachable
+                && busy.contains(s.subject.agent_name())
+            {
+                continue;
+            }
+            let inc = Incident {
+                id: new_id(),
+                kind: s.kind,
+                subject: s.subject.clone(),
+                severity: s.severity,
+                opened_at: now,
+                predicted_outage: s.predicted_outage,
+                evidence: s.evidence.clone(),
+                next_rung: 0,
+            };
+            self.p
+                .metrics
+                .incidents_opened_total
+                .with_label_values(&[s.kind.as_str()])
+                .inc();
+            warn!(incident = %inc.id, symptom = %s.kind, subject = %s.subject, severity = s.severity.as_str(), blind = s.blind, "Incident opened.");
+            events.push(Event::IncidentOpened {
+                incident: inc.clone(),
+            });
+            report.opened.push(inc.id.clone());
+            self.incidents.insert(key, inc);
+        }
+        self.p.metrics.incidents_open.reset();
+        for inc in self.incidents.values() {
+            self.p
+                .metrics
+                .incidents_open
+                .with_label_values(&[inc.kind.as_str()])
+                .inc();
+        }
+    }
+
+    fn collect_results(&mut self, events: &mut Vec<Event>) {
+        while let Ok((id, outcome, at)) = self.results_rx.try_recv() {
+            if let Some(p) = self.pending.get_mut(&id) {
+                p.finished = Some((at, outcome.kind));
+                self.p
+                    .metrics
+                    .actions_total
+                    .with_label_values(&[&p.step.actuator, outcome.kind.as_str()])
+                    .inc();
+            }
+            events.push(Event::ActionFinished { id, outcome, at });
+        }
+    }
+
+    fn verify(&mut self, now: SystemTime, events: &mut Vec<Event>, report: &mut TickReport) {
+        let mut done = Vec::new();
+        for (id, p) in &self.pending {
+            let Some((finished_at, kind)) = p.finished else {
+                continue;
+            };
+            let cleared = !self.incidents.contains_key(&p.key);
+            let deadline_passed = saturating_since(now, finished_at) >= p.step.verify_within;
+            let verdict = match kind {
+                OutcomeKind::DryRun if deadline_passed || cleared => Some(Verification::Skipped),
+                OutcomeKind::Ok if cleared => Some(Verification::Verified),
+                OutcomeKind::Ok if deadline_passed => Some(Verification::Failed),
+                OutcomeKind::Error | OutcomeKind::Timeout if cleared => Some(Verification::Verified),
+                OutcomeKind::Error | OutcomeKind::Timeout => Some(Verification::Failed),
+                _ => None,
+            };
+            if let Some(v) = verdict {
+                done.push((id.clone(), v));
+            }
+        }
+        for (id, v) in done {
+            if let Some(p) = self.pending.remove(&id) {
+                self.p
+                    .metrics
+                    .verifications_total
+                    .with_label_values(&[&p.step.actuator, v.as_str()])
+                    .inc();
+                info!(action = %id, actuator = %p.step.actuator, target = %p.step.target, verification = v.as_str(), "Action verified.");
+                events.push(Event::ActionVerified {
+                    id: id.clone(),
+                    verification: v,
+                    at: now,
+                });
+                report.verified.push((id, v));
+            }
+        }
+    }
+
+    fn launch(&mut self, step: Step, now: SystemTime) {
+        let tx = self.results_tx.clone();
+        if step.dry_run {
+            let _ = tx.send((
+                step.action_id.clone(),
+                Outcome {
+                    kind: OutcomeKind::DryRun,
+                    detail: serde_json::json!({}),
+                    error: None,
+                },
+                now,
+            ));
+            return;
+        }
+        let Some(actuator) = self.p.actuators.get(&step.actuator).cloned() else {
+            let _ = tx.send((
+                step.action_id.clone(),
+                Outcome {
+                    kind: OutcomeKind::Error,
+                    detail: serde_json::json!({}),
+                    error: Some(format!("actuator {:?} is not configured", step.actuator)),
+                },
+                now,
+            ));
+            return;
+        };
+        let clock = self.p.clock.clone();
+        let metrics = self.p.metrics.clone();
+        let wake = self.p.wake.clone();
+        let span = info_span!("action", action = %step.action_id, actuator = %step.actuator, target = %step.target, reason = %step.symptom);
+        self.actions.spawn(
+            async move {
+                let timer = metrics
+                    .action_duration_seconds
+                    .with_label_values(&[&step.actuator])
+                    .start_timer();
+                let outcome = match tokio::time::timeout(step.timeout, actuator.execute(&step)).await {
+                    Ok(Ok(o)) => o,
+                    Ok(Err(e)) => {
+                        metrics.error("actuator", e.kind());
+                        warn!(error = %e, "Action failed.");
+                        error_outcome(&e)
+                    }
+                    Err(_) => error_outcome(&ActuatorError::Timeout(step.timeout)),
+                };
+                timer.observe_duration();
+                let _ = tx.send((step.action_id.clone(), outcome, clock.now()));
+                wake.notify_one();
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn flush(&mut self) {
+        let timer = self
+            .p
+            .metrics
+            .store_flush_duration_seconds
+            .start_timer();
+        let dropped_before = self.p.buffer.dropped();
+        match self.p.buffer.flush().await {
+            Ok(_) => self.p.metrics.store_up.set(1),
+            Err(e) => {
+                self.p.metrics.store_up.set(0);
+                self.p.metrics.error("store", e.kind());
+                warn!(error = %e, buffered = self.p.buffer.len(), "Store write failed; keeping events buffered.");
+            }
+        }
+        timer.observe_duration();
+        let dropped = self.p.buffer.dropped().saturating_sub(dropped_before);
+        self.p.metrics.store_dropped_events_total.inc_by(dropped as u64);
+        self.p.metrics.store_buffered_events.set(self.p.buffer.len() as i64);
+    }
+
+    /// Ticks every `tick_interval` (or early when a sensor reports a change)
+    /// until `shutdown`; then waits for running actions and flushes.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut interval = tokio::time::interval(self.p.tick_interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let wake = self.p.wake.clone();
+        self.p.health.set_ready(true);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = interval.tick() => {}
+                _ = wake.notified() => {
+                    // Debounce bursts of changes.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            let now = self.p.clock.now();
+            let span = info_span!("tick");
+            self.tick(now).instrument(span).await;
+        }
+        info!("Supervisor stopping.");
+        self.actions.close();
+        self.actions.wait().await;
+        let now = self.p.clock.now();
+        let mut events = Vec::new();
+        self.collect_results(&mut events);
+        self.verify(now, &mut events, &mut TickReport::default());
+        self.p.buffer.push(events);
+        self.flush().await;
+    }
+}
+
+fn error_outcome(e: &ActuatorError) -> Outcome {
+    Outcome {
+        kind: if matches!(e, ActuatorError::Timeout(_)) {
+            OutcomeKind::Timeout
+        } else {
+            OutcomeKind::Error
+        },
+        detail: serde_json::json!({ "kind": e.kind() }),
+        error: Some(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

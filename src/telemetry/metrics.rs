@@ -1,0 +1,332 @@
+//! Every metric spire-healer exports, declared in one place.
+//!
+//! Label values come from closed sets or config keys (agent names, actuator
+//! names). SPIFFE IDs appear only on the per-SVID expiry gauges, and only for
+//! the `top_k` soonest-expiring SVIDs, so the series count stays bounded.
+
+use prometheus::{
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Buckets for durations of sub-second work.
+const FAST_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+/// Buckets for times to recover.
+const MTTR_BUCKETS: &[f64] = &[
+    0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0,
+];
+
+/// The metric set, registered on its own [`Registry`].
+pub struct Metrics {
+    registry: Registry,
+    /// Duration of one supervisor tick.
+    pub tick_duration_seconds: Histogram,
+    /// Unix time of the last completed tick.
+    pub last_tick_timestamp_seconds: prometheus::Gauge,
+    /// Duration of one sensor observation, by sensor.
+    pub sensor_duration_seconds: HistogramVec,
+    /// Errors by stage and closed-set kind.
+    pub errors_total: IntCounterVec,
+    /// Symptoms currently present, by symptom and severity.
+    pub symptoms: IntGaugeVec,
+    /// Incidents currently open, by symptom.
+    pub incidents_open: IntGaugeVec,
+    /// Incidents opened, by symptom.
+    pub incidents_opened_total: IntCounterVec,
+    /// Time from open to close, by symptom.
+    pub incident_duration_seconds: HistogramVec,
+    /// Actions run, by actuator and outcome.
+    pub actions_total: IntCounterVec,
+    /// Actuator run time, by actuator.
+    pub action_duration_seconds: HistogramVec,
+    /// Verifications, by actuator and result.
+    pub verifications_total: IntCounterVec,
+    /// Decisions not to act, by reason.
+    pub holds_total: IntCounterVec,
+    /// Events waiting in the write buffer.
+    pub store_buffered_events: IntGauge,
+    /// Events dropped because the write buffer was full.
+    pub store_dropped_events_total: prometheus::IntCounter,
+    /// Store flush duration.
+    pub store_flush_duration_seconds: Histogram,
+    /// 1 when the store accepted the last flush.
+    pub store_up: IntGauge,
+    /// Workload API stream state per agent (1 = up).
+    pub workload_api_stream_up: IntGaugeVec,
+    /// SVID notAfter, top-k soonest.
+    pub svid_expiration_timestamp_seconds: GaugeVec,
+    /// `spiffe_svid_expiry_seconds`: seconds until notAfter, top-k soonest.
+    pub spiffe_svid_expiry_seconds: GaugeVec,
+    /// `spiffe_workload_api_errors_total`: Workload API errors by agent and code.
+    pub spiffe_workload_api_errors_total: IntCounterVec,
+    /// `spiffe_certificate_rotation_total`: new serials seen, by agent.
+    pub spiffe_certificate_rotation_total: IntCounterVec,
+    /// Per-agent set of labelled SVID series currently exported, so stale
+    /// ones can be removed.
+    exported_svids: std::sync::Mutex<Vec<(String, String)>>,
+}
+
+/// How many SVID expiry series at most.
+pub const SVID_TOP_K: usize = 20;
+
+impl Metrics {
+    /// Builds and registers every metric.
+    ///
+    /// # Panics
+    /// Only if two metrics share a name, a programming error caught by tests.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m.expect("metric definition is valid");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("metric names are unique");
+                m
+            }};
+        }
+        let h = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
+            )
+        };
+        let c = |name: &str, help: &str, labels: &[&str]| IntCounterVec::new(Opts::new(name, help), labels);
+        let g = |name: &str, help: &str, labels: &[&str]| IntGaugeVec::new(Opts::new(name, help), labels);
+        Self {
+            tick_duration_seconds: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "spire_healer_tick_duration_seconds",
+                    "Duration of one supervisor tick (sense, analyze, plan, execute, verify, record)."
+                )
+                .buckets(FAST_BUCKETS.to_vec())
+            )),
+            last_tick_timestamp_seconds: reg!(prometheus::Gauge::new(
+                "spire_healer_last_tick_timestamp_seconds",
+                "Unix time of the last completed tick."
+            )),
+            sensor_duration_seconds: reg!(h(
+                "spire_healer_sensor_duration_seconds",
+                "Duration of one sensor observation.",
+                &["sensor"],
+                FAST_BUCKETS
+            )),
+            errors_total: reg!(c(
+                "spire_healer_errors_total",
+                "Errors by stage and kind.",
+                &["stage", "kind"]
+            )),
+            symptoms: reg!(g(
+                "spire_healer_symptoms",
+                "Symptoms currently present.",
+                &["symptom", "severity"]
+            )),
+            incidents_open: reg!(g(
+                "spire_healer_incidents_open",
+                "Incidents currently open.",
+                &["symptom"]
+            )),
+            incidents_opened_total: reg!(c(
+                "spire_healer_incidents_opened_total",
+                "Incidents opened.",
+                &["symptom"]
+            )),
+            incident_duration_seconds: reg!(h(
+                "spire_healer_incident_duration_seconds",
+                "Time from incident open to close (time to recover).",
+                &["symptom"],
+                MTTR_BUCKETS
+            )),
+            actions_total: reg!(c(
+                "spire_healer_actions_total",
+                "Remediation actions by actuator and outcome.",
+                &["actuator", "outcome"]
+            )),
+            action_duration_seconds: reg!(h(
+                "spire_healer_action_duration_seconds",
+                "Actuator run time.",
+                &["actuator"],
+                MTTR_BUCKETS
+            )),
+            verifications_total: reg!(c(
+                "spire_healer_verifications_total",
+                "Action verifications by actuator and result.",
+                &["actuator", "result"]
+            )),
+            holds_total: reg!(c(
+                "spire_healer_holds_total",
+                "Decisions not to act, by reason.",
+                &["reason"]
+            )),
+            store_buffered_events: reg!(IntGauge::new(
+                "spire_healer_store_buffered_events",
+                "Events waiting to be written to the knowledge store."
+            )),
+            store_dropped_events_total: reg!(prometheus::IntCounter::new(
+                "spire_healer_store_dropped_events_total",
+                "Events dropped because the write buffer was full."
+            )),
+            store_flush_duration_seconds: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "spire_healer_store_flush_duration_seconds",
+                    "Duration of one write-buffer flush."
+                )
+                .buckets(FAST_BUCKETS.to_vec())
+            )),
+            store_up: reg!(IntGauge::new(
+                "spire_healer_store_up",
+                "1 when the knowledge store accepted the last flush, else 0."
+            )),
+            workload_api_stream_up: reg!(g(
+                "spire_healer_workload_api_stream_up",
+                "1 when the Workload API streams to the agent are up and answering.",
+                &["agent"]
+            )),
+            svid_expiration_timestamp_seconds: reg!(GaugeVec::new(
+                Opts::new(
+                    "spire_healer_svid_expiration_timestamp_seconds",
+                    "notAfter of the soonest-expiring SVIDs (top-k)."
+                ),
+                &["agent", "spiffe_id"]
+            )),
+            spiffe_svid_expiry_seconds: reg!(GaugeVec::new(
+                Opts::new(
+                    "spiffe_svid_expiry_seconds",
+                    "Seconds until the SVID expires (top-k soonest)."
+                ),
+                &["agent", "spiffe_id"]
+            )),
+            spiffe_workload_api_errors_total: reg!(c(
+                "spiffe_workload_api_errors_total",
+                "Workload API errors by agent and gRPC code or transport class.",
+                &["agent", "code"]
+            )),
+            spiffe_certificate_rotation_total: reg!(c(
+                "spiffe_certificate_rotation_total",
+                "SVID rotations observed (a new serial for a known SPIFFE ID).",
+                &["agent"]
+            )),
+            exported_svids: std::sync::Mutex::new(Vec::new()),
+            registry,
+        }
+    }
+
+    /// The registry, for tests and custom exporters.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if encoder.encode(&self.registry.gather(), &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Counts an error for `stage` with a closed-set `kind`.
+    pub fn error(&self, stage: &str, kind: &str) {
+        self.errors_total.with_label_values(&[stage, kind]).inc();
+    }
+
+    /// Replaces the per-SVID expiry series with `svids` (agent, spiffe id,
+    /// notAfter unix secs, seconds left), keeping only the `SVID_TOP_K`
+    /// soonest and removing series no longer present.
+    pub fn set_svid_expiries(&self, mut svids: Vec<(String, String, f64, f64)>) {
+        svids.sort_by(|a, b| a.3.total_cmp(&b.3));
+        svids.truncate(SVID_TOP_K);
+        let mut exported = self
+            .exported_svids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for (agent, id) in exported.iter() {
+            if !svids.iter().any(|s| &s.0 == agent && &s.1 == id) {
+                let _ = self
+                    .svid_expiration_timestamp_seconds
+                    .remove_label_values(&[agent, id]);
+                let _ = self.spiffe_svid_expiry_seconds.remove_label_values(&[agent, id]);
+            }
+        }
+        exported.clear();
+        for (agent, id, not_after, left) in svids {
+            self.svid_expiration_timestamp_seconds
+                .with_label_values(&[&agent, &id])
+                .set(not_after);
+            self.spiffe_svid_expiry_seconds
+                .with_label_values(&[&agent, &id])
+                .set(left);
+            exported.push((agent, id));
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Value of one sample in Prometheus text `text`, for tests: the line
+/// starting with `series` (name plus exact label block).
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registers_and_renders() {
+        let m = Metrics::new();
+        m.error("sensor", "unavailable");
+        m.spiffe_certificate_rotation_total
+            .with_label_values(&["a"])
+            .inc();
+        let text = m.render();
+        assert_eq!(
+            sample(&text, r#"spire_healer_errors_total{kind="unavailable",stage="sensor"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, r#"spiffe_certificate_rotation_total{agent="a"}"#),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn svid_series_are_bounded_and_pruned() {
+        let m = Metrics::new();
+        let many: Vec<_> = (0..50)
+            .map(|i| ("a".to_string(), format!("spiffe://td/w{i}"), 0.0, f64::from(i)))
+            .collect();
+        m.set_svid_expiries(many);
+        let text = m.render();
+        let n = text
+            .lines()
+            .filter(|l| l.starts_with("spiffe_svid_expiry_seconds{"))
+            .count();
+        assert_eq!(n, SVID_TOP_K);
+        m.set_svid_expiries(vec![("a".into(), "spiffe://td/x".into(), 1.0, 5.0)]);
+        let text = m.render();
+        assert_eq!(
+            sample(&text, r#"spiffe_svid_expiry_seconds{agent="a",spiffe_id="spiffe://td/x"}"#),
+            Some(5.0)
+        );
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("spiffe_svid_expiry_seconds{"))
+                .count(),
+            1
+        );
+    }
+}
