@@ -134,13 +134,17 @@ fn postgres(c: &mut Criterion) {
     );
     bench_store(c, &rt, "store_postgres", &store);
     drop(store);
-    admin(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"));
+    // Not FORCE: that may not end an autovacuum worker busy with the rows
+    // just written; a plain DROP stops it and waits for our closed sessions.
+    admin(format!("DROP DATABASE IF EXISTS \"{name}\""));
 }
 
 /// `postgres://user:pw@host:port/db?params` with another database.
 fn with_database(url: &str, db: &str) -> String {
     let (scheme, rest) = url.split_once("://").expect("URL has a scheme");
-    let (rest, query) = rest.split_once('?').map_or((rest, None), |(r, q)| (r, Some(q)));
+    let (rest, query) = rest
+        .split_once('?')
+        .map_or((rest, None), |(r, q)| (r, Some(q)));
     let authority = rest.split_once('/').map_or(rest, |(a, _)| a);
     match query {
         Some(q) => format!("{scheme}://{authority}/{db}?{q}"),

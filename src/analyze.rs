@@ -87,7 +87,11 @@ fn agent_symptoms(
                 "stream": view.status.as_str(),
             })
         };
-        let mut push = |kind: SymptomKind, open_if: bool, close_if: bool, severity: Severity, extra: Option<&str>| {
+        let mut push = |kind: SymptomKind,
+                        open_if: bool,
+                        close_if: bool,
+                        severity: Severity,
+                        extra: Option<&str>| {
             let key = SymptomKey {
                 kind,
                 subject: subject.clone(),
@@ -245,12 +249,7 @@ mod tests {
             (StreamStatus::Up, true, false),
         ] {
             let v = view(status, 20, 21);
-            let got = analyze(
-                &[v],
-                &|k| open && key_open.contains(k),
-                &th(),
-                t(21),
-            );
+            let got = analyze(&[v], &|k| open && key_open.contains(k), &th(), t(21));
             assert_eq!(
                 got.iter().any(|s| s.kind == SymptomKind::AgentUnreachable),
                 want,

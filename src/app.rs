@@ -65,7 +65,10 @@ pub async fn start(
     let cfg = &resolved.config;
     let store = knowledge::open(resolved.database_url.expose_secret()).await?;
     info!(backend = store.backend(), "Knowledge store open.");
-    let since = clock.now().checked_sub(Duration::from_secs(3600)).unwrap_or(clock.now());
+    let since = clock
+        .now()
+        .checked_sub(Duration::from_secs(3600))
+        .unwrap_or(clock.now());
     let knowledge = store.load_knowledge(since).await?;
 
     let health = Arc::new(Health::new(
@@ -93,7 +96,7 @@ pub async fn start(
     }
     let registry = actuators::registry(&cfg.actuators, streams);
 
-    let http_addr = match cfg.http.listen {
+    let http_addr = match cfg.http.enabled.then_some(cfg.http.listen) {
         Some(addr) => {
             let router = telemetry::router(metrics.clone(), health.clone(), clock.clone());
             let (bound, fut) = telemetry::serve_http(addr, router, shutdown.child_token())

@@ -192,7 +192,10 @@ async fn run(path: &std::path::Path) -> i32 {
 /// SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
         (Ok(mut int), Ok(mut term)) => {
             tokio::select! {
                 _ = int.recv() => {}
@@ -301,13 +304,16 @@ fn incidents_table(rows: &[knowledge::IncidentRecord]) -> String {
                 r.severity.clone(),
                 ts(r.opened_at_ms),
                 r.closed_at_ms.map_or_else(|| "open".into(), ts),
-                r.closed_at_ms
-                    .map_or_else(String::new, |c| format!("{:.1}s", (c - r.opened_at_ms) as f64 / 1000.0)),
+                r.closed_at_ms.map_or_else(String::new, |c| {
+                    format!("{:.1}s", (c - r.opened_at_ms) as f64 / 1000.0)
+                }),
             ]
         })
         .collect();
     table(
-        &["ID", "SYMPTOM", "SUBJECT", "SEVERITY", "OPENED", "CLOSED", "DURATION"],
+        &[
+            "ID", "SYMPTOM", "SUBJECT", "SEVERITY", "OPENED", "CLOSED", "DURATION",
+        ],
         &body,
     )
 }
@@ -330,7 +336,10 @@ fn actions_table(rows: &[knowledge::ActionRecord]) -> String {
         })
         .collect();
     table(
-        &["ID", "SYMPTOM", "RUNG", "ACTUATOR", "TARGET", "STARTED", "OUTCOME", "VERIFIED", "ERROR"],
+        &[
+            "ID", "SYMPTOM", "RUNG", "ACTUATOR", "TARGET", "STARTED", "OUTCOME", "VERIFIED",
+            "ERROR",
+        ],
         &body,
     )
 }

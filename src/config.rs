@@ -116,18 +116,26 @@ impl Default for DatabaseConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
-    /// Address for `/metrics`, `/healthz`, `/readyz`; unset disables HTTP.
+    /// Serve `/metrics`, `/healthz`, `/readyz`.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Address to listen on (port 0: any free port).
     #[serde(default = "default_listen")]
-    pub listen: Option<SocketAddr>,
+    pub listen: SocketAddr,
 }
 
-fn default_listen() -> Option<SocketAddr> {
-    Some(SocketAddr::from(([127, 0, 0, 1], 9464)))
+fn default_true() -> bool {
+    true
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
             listen: default_listen(),
         }
     }
@@ -304,8 +312,7 @@ impl Config {
                     format!("{:?} is used by more than one agent", a.name),
                 ));
             }
-            match Endpoint::resolve(a.address.as_deref(), env).and_then(|e| e.check().map(|()| e))
-            {
+            match Endpoint::resolve(a.address.as_deref(), env).and_then(|e| e.check().map(|()| e)) {
                 Ok(e) => endpoints.push(e),
                 Err(e) => errors.push(ConfigError::invalid(format!("{key}.address"), e)),
             }
@@ -393,9 +400,9 @@ fn check_database_url(url: &str) -> Result<(), String> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         return Ok(());
     }
-    let path = url.strip_prefix("sqlite://").ok_or_else(|| {
-        "must start with sqlite:// or postgres:// (or postgresql://)".to_string()
-    })?;
+    let path = url
+        .strip_prefix("sqlite://")
+        .ok_or_else(|| "must start with sqlite:// or postgres:// (or postgresql://)".to_string())?;
     if path.is_empty() {
         return Err("sqlite:// needs a file path".into());
     }
@@ -457,8 +464,8 @@ timeout = "20s"
 
     #[test]
     fn bad_duration_is_rejected() {
-        let e = Config::from_toml("[supervisor]\ntick_interval = \"soon\"\n", "t.toml")
-            .unwrap_err();
+        let e =
+            Config::from_toml("[supervisor]\ntick_interval = \"soon\"\n", "t.toml").unwrap_err();
         assert!(e.to_string().contains("tick_interval"), "{e}");
     }
 
@@ -511,9 +518,8 @@ argv = []
     fn address_falls_back_to_spiffe_endpoint_socket() {
         let text = "[[agents]]\nname = \"a\"\n";
         let c = Config::from_toml(text, "t.toml").unwrap();
-        let env = |k: &str| {
-            (k == "SPIFFE_ENDPOINT_SOCKET").then(|| "unix:///run/x/api.sock".to_string())
-        };
+        let env =
+            |k: &str| (k == "SPIFFE_ENDPOINT_SOCKET").then(|| "unix:///run/x/api.sock".to_string());
         let r = c.validate(&env).unwrap();
         assert_eq!(r.endpoints[0].to_string(), "unix:///run/x/api.sock");
         let errors = c.validate(&no_env).unwrap_err();

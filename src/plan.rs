@@ -105,8 +105,12 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Decision> {
         b.severity
             .cmp(&a.severity)
             .then_with(|| {
-                let ka = a.predicted_outage.unwrap_or(SystemTime::UNIX_EPOCH + std::time::Duration::MAX / 4);
-                let kb = b.predicted_outage.unwrap_or(SystemTime::UNIX_EPOCH + std::time::Duration::MAX / 4);
+                let ka = a
+                    .predicted_outage
+                    .unwrap_or(SystemTime::UNIX_EPOCH + std::time::Duration::MAX / 4);
+                let kb = b
+                    .predicted_outage
+                    .unwrap_or(SystemTime::UNIX_EPOCH + std::time::Duration::MAX / 4);
                 ka.cmp(&kb)
             })
             .then_with(|| a.opened_at.cmp(&b.opened_at))
@@ -263,9 +267,14 @@ mod tests {
         d.iter()
             .map(|d| match d {
                 Decision::Act { step, next_rung } => {
-                    format!("act {} {} rung{} next{}", step.target, step.actuator, step.rung, next_rung)
+                    format!(
+                        "act {} {} rung{} next{}",
+                        step.target, step.actuator, step.rung, next_rung
+                    )
                 }
-                Decision::Hold { target, reason, .. } => format!("hold {target} {}", reason.as_str()),
+                Decision::Hold { target, reason, .. } => {
+                    format!("hold {target} {}", reason.as_str())
+                }
             })
             .collect()
     }
@@ -273,7 +282,12 @@ mod tests {
     #[test]
     fn table() {
         let cases: Vec<(&str, Case, u64, Vec<&str>)> = vec![
-            ("first rung", Case::default(), 10, vec!["act a refetch rung0 next1"]),
+            (
+                "first rung",
+                Case::default(),
+                10,
+                vec!["act a refetch rung0 next1"],
+            ),
             (
                 "second rung",
                 Case {
@@ -311,21 +325,51 @@ mod tests {
                 10,
                 vec!["hold a not_configured"],
             ),
-            ("blind", Case { blind: true, ..Case::default() }, 10, vec!["hold a blind"]),
-            ("busy", Case { busy: vec!["a"], ..Case::default() }, 10, vec!["hold a target_busy"]),
+            (
+                "blind",
+                Case {
+                    blind: true,
+                    ..Case::default()
+                },
+                10,
+                vec!["hold a blind"],
+            ),
+            (
+                "busy",
+                Case {
+                    busy: vec!["a"],
+                    ..Case::default()
+                },
+                10,
+                vec!["hold a target_busy"],
+            ),
             (
                 "cooldown",
-                Case { last_run: vec![("a", "refetch", 5)], ..Case::default() },
+                Case {
+                    last_run: vec![("a", "refetch", 5)],
+                    ..Case::default()
+                },
                 10,
                 vec!["hold a cooldown"],
             ),
             (
                 "cooldown passed",
-                Case { last_run: vec![("a", "refetch", 5)], ..Case::default() },
+                Case {
+                    last_run: vec![("a", "refetch", 5)],
+                    ..Case::default()
+                },
                 30,
                 vec!["act a refetch rung0 next1"],
             ),
-            ("budget", Case { hour: 30, ..Case::default() }, 10, vec!["hold a budget"]),
+            (
+                "budget",
+                Case {
+                    hour: 30,
+                    ..Case::default()
+                },
+                10,
+                vec!["hold a budget"],
+            ),
             (
                 "one action per target per tick, most urgent first",
                 Case {

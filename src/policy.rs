@@ -120,7 +120,9 @@ impl Policy {
             }
         }
         if t.rotation_overdue_close > t.rotation_overdue_open {
-            out.push("thresholds.rotation_overdue_close must not exceed rotation_overdue_open".into());
+            out.push(
+                "thresholds.rotation_overdue_close must not exceed rotation_overdue_open".into(),
+            );
         }
         if t.expiring_close > t.expiring_open {
             out.push("thresholds.expiring_close must not exceed expiring_open".into());
@@ -134,7 +136,9 @@ impl Policy {
             }
             for (i, r) in ladder.iter().enumerate() {
                 if r.timeout.is_zero() {
-                    out.push(format!("ladders.{symptom}[{i}].timeout must be greater than zero"));
+                    out.push(format!(
+                        "ladders.{symptom}[{i}].timeout must be greater than zero"
+                    ));
                 }
                 if r.verify_within.is_zero() {
                     out.push(format!(

@@ -129,7 +129,9 @@ impl Supervisor {
                     outcome: Outcome {
                         kind: OutcomeKind::Error,
                         detail: serde_json::json!({}),
-                        error: Some("abandoned: the supervisor stopped before the action finished".into()),
+                        error: Some(
+                            "abandoned: the supervisor stopped before the action finished".into(),
+                        ),
                     },
                     at: now,
                 });
@@ -158,7 +160,12 @@ impl Supervisor {
         // Analyze.
         let symptoms = {
             let open = &self.incidents;
-            analyze(&views, &|k| open.contains_key(k), &self.p.policy.thresholds, now)
+            analyze(
+                &views,
+                &|k| open.contains_key(k),
+                &self.p.policy.thresholds,
+                now,
+            )
         };
         self.update_symptom_gauges(&symptoms);
         self.track_incidents(&symptoms, now, &mut events, &mut report);
@@ -176,7 +183,11 @@ impl Supervisor {
             self.recent_starts.pop_front();
         }
         let incidents: Vec<Incident> = self.incidents.values().cloned().collect();
-        let busy: HashSet<String> = self.pending.values().map(|p| p.step.target.clone()).collect();
+        let busy: HashSet<String> = self
+            .pending
+            .values()
+            .map(|p| p.step.target.clone())
+            .collect();
         let actuators = &self.p.actuators;
         let configured = |name: &str| actuators.contains_key(name);
         let decisions = plan(&PlanInput {
@@ -270,7 +281,10 @@ impl Supervisor {
         report.buffered = self.p.buffer.len();
         report.symptoms = symptoms;
         self.p.health.ticked(now);
-        self.p.metrics.last_tick_timestamp_seconds.set(unix_secs_f64(now));
+        self.p
+            .metrics
+            .last_tick_timestamp_seconds
+            .set(unix_secs_f64(now));
         timer.observe_duration();
         report
     }
@@ -330,10 +344,7 @@ impl Supervisor {
                 ));
                 let subject = Subject::svid(&v.agent, &s.spiffe_id);
                 if self.subjects.insert(subject.clone()) {
-                    events.push(Event::SubjectSeen {
-                        subject,
-                        at: now,
-                    });
+                    events.push(Event::SubjectSeen { subject, at: now });
                 }
                 let old = prev.and_then(|p| p.svids.iter().find(|o| o.spiffe_id == s.spiffe_id));
                 match old {
@@ -417,7 +428,11 @@ impl Supervisor {
         // An agent whose action is still running or being verified is
         // expected to drop its stream (a restart does exactly that): defer
         // opening agent_unreachable until the action's verdict is in.
-        let busy: HashSet<&str> = self.pending.values().map(|p| p.step.target.as_str()).collect();
+        let busy: HashSet<&str> = self
+            .pending
+            .values()
+            .map(|p| p.step.target.as_str())
+            .collect();
         for s in symptoms {
             let key = s.key();
             if self.incidents.contains_key(&key) {
@@ -486,7 +501,9 @@ impl Supervisor {
                 OutcomeKind::DryRun if deadline_passed || cleared => Some(Verification::Skipped),
                 OutcomeKind::Ok if cleared => Some(Verification::Verified),
                 OutcomeKind::Ok if deadline_passed => Some(Verification::Failed),
-                OutcomeKind::Error | OutcomeKind::Timeout if cleared => Some(Verification::Verified),
+                OutcomeKind::Error | OutcomeKind::Timeout if cleared => {
+                    Some(Verification::Verified)
+                }
                 OutcomeKind::Error | OutcomeKind::Timeout => Some(Verification::Failed),
                 _ => None,
             };
@@ -548,15 +565,16 @@ impl Supervisor {
                     .action_duration_seconds
                     .with_label_values(&[&step.actuator])
                     .start_timer();
-                let outcome = match tokio::time::timeout(step.timeout, actuator.execute(&step)).await {
-                    Ok(Ok(o)) => o,
-                    Ok(Err(e)) => {
-                        metrics.error("actuator", e.kind());
-                        warn!(error = %e, "Action failed.");
-                        error_outcome(&e)
-                    }
-                    Err(_) => error_outcome(&ActuatorError::Timeout(step.timeout)),
-                };
+                let outcome =
+                    match tokio::time::timeout(step.timeout, actuator.execute(&step)).await {
+                        Ok(Ok(o)) => o,
+                        Ok(Err(e)) => {
+                            metrics.error("actuator", e.kind());
+                            warn!(error = %e, "Action failed.");
+                            error_outcome(&e)
+                        }
+                        Err(_) => error_outcome(&ActuatorError::Timeout(step.timeout)),
+                    };
                 timer.observe_duration();
                 let _ = tx.send((step.action_id.clone(), outcome, clock.now()));
                 wake.notify_one();
@@ -566,11 +584,7 @@ impl Supervisor {
     }
 
     async fn flush(&mut self) {
-        let timer = self
-            .p
-            .metrics
-            .store_flush_duration_seconds
-            .start_timer();
+        let timer = self.p.metrics.store_flush_duration_seconds.start_timer();
         let dropped_before = self.p.buffer.dropped();
         match self.p.buffer.flush().await {
             Ok(_) => self.p.metrics.store_up.set(1),
@@ -582,8 +596,14 @@ impl Supervisor {
         }
         timer.observe_duration();
         let dropped = self.p.buffer.dropped().saturating_sub(dropped_before);
-        self.p.metrics.store_dropped_events_total.inc_by(dropped as u64);
-        self.p.metrics.store_buffered_events.set(self.p.buffer.len() as i64);
+        self.p
+            .metrics
+            .store_dropped_events_total
+            .inc_by(dropped as u64);
+        self.p
+            .metrics
+            .store_buffered_events
+            .set(self.p.buffer.len() as i64);
     }
 
     /// Ticks every `tick_interval` (or early when a sensor reports a change)

@@ -17,7 +17,9 @@ use tonic::{Request, Response, Status};
 
 use super::issuer::{Flavor, TestCa};
 use crate::clock::Clock;
-use crate::proto::workload::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
+use crate::proto::workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
 use crate::proto::workload::{
     JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
     ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
@@ -141,7 +143,9 @@ pub struct FakeAgent {
 fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
     match req.metadata().get(SECURITY_HEADER).map(|v| v.to_str()) {
         Some(Ok("true")) => Ok(()),
-        _ => Err(Status::invalid_argument("security header missing from request")),
+        _ => Err(Status::invalid_argument(
+            "security header missing from request",
+        )),
     }
 }
 
@@ -192,7 +196,10 @@ impl SpiffeWorkloadApi for Service {
         req: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         check_header(&req)?;
-        Ok(Response::new(stream(self.0.clone(), Inner::bundles_response)))
+        Ok(Response::new(stream(
+            self.0.clone(),
+            Inner::bundles_response,
+        )))
     }
 
     async fn fetch_jwtsvid(
@@ -200,7 +207,9 @@ impl SpiffeWorkloadApi for Service {
         req: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
         check_header(&req)?;
-        Err(Status::unimplemented("the simulated agent serves X.509-SVIDs only"))
+        Err(Status::unimplemented(
+            "the simulated agent serves X.509-SVIDs only",
+        ))
     }
 
     async fn fetch_jwt_bundles(
@@ -208,7 +217,9 @@ impl SpiffeWorkloadApi for Service {
         req: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(&req)?;
-        Err(Status::unimplemented("the simulated agent serves X.509-SVIDs only"))
+        Err(Status::unimplemented(
+            "the simulated agent serves X.509-SVIDs only",
+        ))
     }
 
     async fn validate_jwtsvid(
@@ -216,7 +227,9 @@ impl SpiffeWorkloadApi for Service {
         req: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
         check_header(&req)?;
-        Err(Status::unimplemented("the simulated agent serves X.509-SVIDs only"))
+        Err(Status::unimplemented(
+            "the simulated agent serves X.509-SVIDs only",
+        ))
     }
 }
 

@@ -58,9 +58,7 @@ impl TestCa {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        p.subject_alt_names = vec![SanType::URI(
-            format!("spiffe://{trust_domain}").try_into()?,
-        )];
+        p.subject_alt_names = vec![SanType::URI(format!("spiffe://{trust_domain}").try_into()?)];
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, format!("{trust_domain} demo CA"));
         p.distinguished_name = dn;

@@ -198,7 +198,13 @@ timeout = "5s"
         start - Duration::from_secs(60),
         start + Duration::from_secs(3600),
     )?;
-    let agent = Arc::new(FakeAgent::new(ca, SPIFFE_ID, SVID_TTL, clock.clone(), &socket));
+    let agent = Arc::new(FakeAgent::new(
+        ca,
+        SPIFFE_ID,
+        SVID_TTL,
+        clock.clone(),
+        &socket,
+    ));
     agent.start()?;
 
     let resolved = Config::from_toml(&config_text, &config_path.display().to_string())
@@ -208,9 +214,14 @@ timeout = "5s"
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let metrics = Arc::new(Metrics::new());
-    let running =
-        crate::app::start(&resolved, clock.clone(), metrics.clone(), shutdown.clone(), &tasks)
-            .await?;
+    let running = crate::app::start(
+        &resolved,
+        clock.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+        &tasks,
+    )
+    .await?;
     if let Some(addr) = running.http_addr {
         let _ = writeln!(out, "metrics: http://{addr}/metrics\n");
     }
@@ -235,7 +246,14 @@ timeout = "5s"
     let store = running.store.clone();
     let mut results = Vec::new();
     // Let the first rotation happen before the first fault.
-    sleep_watching(&mut timeline, &*store, out, Duration::from_secs(4), deadline).await;
+    sleep_watching(
+        &mut timeline,
+        &*store,
+        out,
+        Duration::from_secs(4),
+        deadline,
+    )
+    .await;
     for fault in [Fault::RotationStuck, Fault::AgentDown, Fault::InvalidSvid] {
         if tokio::time::Instant::now() >= deadline {
             results.push(FaultResult {
@@ -248,11 +266,22 @@ timeout = "5s"
             continue;
         }
         let injected = clock.now();
-        timeline.say(out, injected, &format!(">>> inject fault: {}", fault.label()));
+        timeline.say(
+            out,
+            injected,
+            &format!(">>> inject fault: {}", fault.label()),
+        );
         fault.inject(&agent);
         let r = watch_fault(fault, injected, &mut timeline, &*store, out, deadline).await;
         results.push(r);
-        sleep_watching(&mut timeline, &*store, out, Duration::from_secs(2), deadline).await;
+        sleep_watching(
+            &mut timeline,
+            &*store,
+            out,
+            Duration::from_secs(2),
+            deadline,
+        )
+        .await;
     }
 
     shutdown.cancel();
@@ -261,7 +290,9 @@ timeout = "5s"
     agent.stop();
 
     let ok = results.iter().all(|r| r.healed.is_some() && r.verified);
-    let fmt = |d: Option<Duration>| d.map_or_else(|| "-".to_string(), |d| format!("{:.2}s", d.as_secs_f64()));
+    let fmt = |d: Option<Duration>| {
+        d.map_or_else(|| "-".to_string(), |d| format!("{:.2}s", d.as_secs_f64()))
+    };
     let rows: Vec<Vec<String>> = results
         .iter()
         .map(|r| {
@@ -279,7 +310,14 @@ timeout = "5s"
         out,
         "\n{}\n",
         crate::cli::table(
-            &["FAULT", "SYMPTOM", "DETECTED AFTER", "HEALED AFTER", "VERIFIED", "ACTIONS"],
+            &[
+                "FAULT",
+                "SYMPTOM",
+                "DETECTED AFTER",
+                "HEALED AFTER",
+                "VERIFIED",
+                "ACTIONS"
+            ],
             &rows
         )
     );
@@ -320,7 +358,11 @@ impl Timeline {
         crate::clock::from_unix_millis(ms)
     }
 
-    async fn poll(&mut self, store: &dyn Store, out: &mut dyn Write) -> (Vec<IncidentRecord>, Vec<ActionRecord>) {
+    async fn poll(
+        &mut self,
+        store: &dyn Store,
+        out: &mut dyn Write,
+    ) -> (Vec<IncidentRecord>, Vec<ActionRecord>) {
         let q = Query {
             limit: 200,
             ..Query::default()
@@ -332,11 +374,26 @@ impl Timeline {
         for i in &incidents {
             let prev = self.incidents.get(&i.id).cloned();
             if prev.is_none() {
-                self.say(out, self.at(i.opened_at_ms), &format!("incident opened: {} on {} ({})", i.symptom, i.subject, i.severity));
+                self.say(
+                    out,
+                    self.at(i.opened_at_ms),
+                    &format!(
+                        "incident opened: {} on {} ({})",
+                        i.symptom, i.subject, i.severity
+                    ),
+                );
             }
             if i.closed_at_ms.is_some() && prev.flatten().is_none() {
                 if let Some(c) = i.closed_at_ms {
-                    self.say(out, self.at(c), &format!("incident closed: {} after {:.2}s", i.symptom, (c - i.opened_at_ms) as f64 / 1000.0));
+                    self.say(
+                        out,
+                        self.at(c),
+                        &format!(
+                            "incident closed: {} after {:.2}s",
+                            i.symptom,
+                            (c - i.opened_at_ms) as f64 / 1000.0
+                        ),
+                    );
                 }
             }
             self.incidents.insert(i.id.clone(), i.closed_at_ms);
@@ -344,16 +401,40 @@ impl Timeline {
         for a in &actions {
             let prev = self.actions.get(&a.id).cloned();
             if prev.is_none() {
-                self.say(out, self.at(a.started_at_ms), &format!("action: {} on {} (rung {} for {})", a.actuator, a.target, a.rung, a.symptom));
+                self.say(
+                    out,
+                    self.at(a.started_at_ms),
+                    &format!(
+                        "action: {} on {} (rung {} for {})",
+                        a.actuator, a.target, a.rung, a.symptom
+                    ),
+                );
             }
             let (po, pv) = prev.unwrap_or((None, None));
             if a.outcome.is_some() && po.is_none() {
-                self.say(out, self.at(a.finished_at_ms.unwrap_or(a.started_at_ms)), &format!("  {} finished: {}", a.actuator, a.outcome.as_deref().unwrap_or("")));
+                self.say(
+                    out,
+                    self.at(a.finished_at_ms.unwrap_or(a.started_at_ms)),
+                    &format!(
+                        "  {} finished: {}",
+                        a.actuator,
+                        a.outcome.as_deref().unwrap_or("")
+                    ),
+                );
             }
             if a.verification.is_some() && pv.is_none() {
-                self.say(out, self.at(a.verified_at_ms.unwrap_or(a.started_at_ms)), &format!("  {} verification: {}", a.actuator, a.verification.as_deref().unwrap_or("")));
+                self.say(
+                    out,
+                    self.at(a.verified_at_ms.unwrap_or(a.started_at_ms)),
+                    &format!(
+                        "  {} verification: {}",
+                        a.actuator,
+                        a.verification.as_deref().unwrap_or("")
+                    ),
+                );
             }
-            self.actions.insert(a.id.clone(), (a.outcome.clone(), a.verification.clone()));
+            self.actions
+                .insert(a.id.clone(), (a.outcome.clone(), a.verification.clone()));
         }
         (incidents, actions)
     }
@@ -398,7 +479,9 @@ async fn watch_fault(
             .filter(|i| i.symptom == fault.symptom() && i.opened_at_ms >= since)
             .collect();
         if let Some(first) = mine.first() {
-            r.detected = Some(Duration::from_millis((first.opened_at_ms - since).max(0) as u64));
+            r.detected = Some(Duration::from_millis(
+                (first.opened_at_ms - since).max(0) as u64
+            ));
             let ids: Vec<&str> = mine.iter().map(|i| i.id.as_str()).collect();
             let acts: Vec<&ActionRecord> = actions
                 .iter()
@@ -406,10 +489,16 @@ async fn watch_fault(
                 .collect();
             r.actions = acts.iter().map(|a| a.actuator.clone()).collect();
             let all_closed = mine.iter().all(|i| i.closed_at_ms.is_some());
-            let verified = acts.iter().any(|a| a.verification.as_deref() == Some("verified"));
+            let verified = acts
+                .iter()
+                .any(|a| a.verification.as_deref() == Some("verified"));
             let settled = acts.iter().all(|a| a.verification.is_some());
             if all_closed && settled {
-                let closed = mine.iter().filter_map(|i| i.closed_at_ms).max().unwrap_or(since);
+                let closed = mine
+                    .iter()
+                    .filter_map(|i| i.closed_at_ms)
+                    .max()
+                    .unwrap_or(since);
                 r.healed = Some(Duration::from_millis((closed - since).max(0) as u64));
                 r.verified = verified;
                 return r;

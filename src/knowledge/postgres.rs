@@ -322,7 +322,9 @@ impl Store for PostgresStore {
             ))
             .bind(limit(q))
             .bind(id.clone()),
-            None => sqlx::query(hold_select!("ORDER BY at_ms DESC, id DESC LIMIT $1")).bind(limit(q)),
+            None => {
+                sqlx::query(hold_select!("ORDER BY at_ms DESC, id DESC LIMIT $1")).bind(limit(q))
+            }
         };
         let rows = self
             .bounded(async { query.fetch_all(&self.pool).await.map_err(pg_error) })
@@ -352,9 +354,7 @@ fn pg_error(e: sqlx::Error) -> StoreError {
     let gone = e
         .as_database_error()
         .and_then(|d| d.code())
-        .is_some_and(|code| {
-            code.starts_with("08") || code == "53300" || code.starts_with("57P0")
-        });
+        .is_some_and(|code| code.starts_with("08") || code == "53300" || code.starts_with("57P0"));
     if gone {
         StoreError::Unavailable(e)
     } else {
@@ -744,11 +744,7 @@ async fn apply_run(conn: &mut PgConnection, run: &[Event]) -> Result<(), StoreEr
             .bind(cols.4)
         }
     };
-    query
-        .execute(&mut *conn)
-        .await
-        .map(drop)
-        .map_err(pg_error)
+    query.execute(&mut *conn).await.map(drop).map_err(pg_error)
 }
 
 /// PostgreSQL text cannot hold NUL, and one such string (say, in an

@@ -15,7 +15,7 @@ use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool,
     SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{AssertSqlSafe, Row, Sqlite, SqlSafeStr};
+use sqlx::{AssertSqlSafe, Row, SqlSafeStr, Sqlite};
 
 use super::{
     ActionRecord, HoldRecord, IncidentRecord, Knowledge, Query, Store, StoreError, SvidRecord,
@@ -121,7 +121,10 @@ impl SqliteStore {
             (options, pool)
         };
         let pool = pool.connect_with(options).await.map_err(|e| {
-            StoreError::Config(format!("cannot open SQLite database {}: {e}", path.display()))
+            StoreError::Config(format!(
+                "cannot open SQLite database {}: {e}",
+                path.display()
+            ))
         })?;
         migrator().run(&pool).await.map_err(StoreError::Migrate)?;
         Ok(Self { pool })
@@ -204,8 +207,7 @@ impl Store for SqliteStore {
             .map_err(StoreError::from_sqlx)?;
         // Consecutive events of one kind become one multi-row statement;
         // runs keep the batch order between kinds.
-        for run in events.chunk_by(|a, b| std::mem::discriminant(a) == std::mem::discriminant(b))
-        {
+        for run in events.chunk_by(|a, b| std::mem::discriminant(a) == std::mem::discriminant(b)) {
             apply_run(&mut tx, run).await?;
         }
         tx.commit().await.map_err(StoreError::from_sqlx)
@@ -609,7 +611,10 @@ fn action_record(row: &SqliteRow) -> Result<ActionRecord, StoreError> {
         started_at_ms: col(row, "started_at_ms")?,
         finished_at_ms: col(row, "finished_at_ms")?,
         outcome: col(row, "outcome")?,
-        detail: detail.as_deref().map(|s| parse_json("detail", s)).transpose()?,
+        detail: detail
+            .as_deref()
+            .map(|s| parse_json("detail", s))
+            .transpose()?,
         error: col(row, "error")?,
         verification: col(row, "verification")?,
         verified_at_ms: col(row, "verified_at_ms")?,

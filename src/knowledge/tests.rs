@@ -96,7 +96,14 @@ impl Fixture {
 
     async fn count(&self, table: &str) -> i64 {
         assert!(
-            ["subjects", "svid_lifecycles", "incidents", "actions", "holds"].contains(&table),
+            [
+                "subjects",
+                "svid_lifecycles",
+                "incidents",
+                "actions",
+                "holds"
+            ]
+            .contains(&table),
             "unknown table {table}"
         );
         let sql = format!("SELECT count(*) FROM {table}");
@@ -153,23 +160,41 @@ impl PgDatabase {
 impl Drop for PgDatabase {
     fn drop(&mut self) {
         // The test's runtime may be shutting down or panicking: use a
-        // thread with its own. FORCE ends the store's pooled connections.
+        // thread with its own.
         let admin_url = self.admin_url.clone();
-        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
-        let _ = std::thread::spawn(move || {
+        let name = self.name.clone();
+        let dropped = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(async {
-                if let Ok(mut conn) = PgConnection::connect(&admin_url).await {
-                    let _ = sqlx::query(AssertSqlSafe(sql)).execute(&mut conn).await;
-                    let _ = conn.close().await;
-                }
-            });
+            rt.block_on(drop_database(&admin_url, &name))
         })
         .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop test database {}: {dropped:?}", self.name);
+        }
     }
+}
+
+/// FORCE ends the store's pooled connections, but a role without
+/// `pg_signal_backend` may not end an autovacuum worker; a plain DROP stops
+/// autovacuum itself and waits a few seconds for closing sessions.
+async fn drop_database(admin_url: &str, name: &str) -> Result<(), sqlx::Error> {
+    let mut conn = PgConnection::connect(admin_url).await?;
+    let force = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+    let result = match sqlx::query(AssertSqlSafe(force)).execute(&mut conn).await {
+        Ok(_) => Ok(()),
+        Err(_) => {
+            let plain = format!("DROP DATABASE IF EXISTS \"{name}\"");
+            sqlx::query(AssertSqlSafe(plain))
+                .execute(&mut conn)
+                .await
+                .map(drop)
+        }
+    };
+    let _ = conn.close().await;
+    result
 }
 
 fn pg_admin_url() -> Option<String> {
@@ -421,7 +446,10 @@ contract!(
 );
 
 async fn migrations_are_idempotent(f: Fixture) {
-    f.store.apply(&[opened(incident("inc-1", T0))]).await.unwrap();
+    f.store
+        .apply(&[opened(incident("inc-1", T0))])
+        .await
+        .unwrap();
     for _ in 0..2 {
         let again = open(&f.url).await.unwrap();
         assert_eq!(again.backend(), f.store.backend());
@@ -493,7 +521,10 @@ async fn svid_lifecycle(f: Fixture) {
 }
 
 async fn incident_open_escalate_close(f: Fixture) {
-    f.store.apply(&[opened(incident("inc-1", T0))]).await.unwrap();
+    f.store
+        .apply(&[opened(incident("inc-1", T0))])
+        .await
+        .unwrap();
     let open_only = Query {
         open_only: true,
         ..q()
@@ -664,7 +695,10 @@ async fn reapplying_batches_is_idempotent(f: Fixture) {
     // including an older one after a newer one.
     f.store.apply(&second).await.unwrap();
     f.store.apply(&first).await.unwrap();
-    f.store.apply(&[first.clone(), second.clone()].concat()).await.unwrap();
+    f.store
+        .apply(&[first.clone(), second.clone()].concat())
+        .await
+        .unwrap();
     assert_eq!(snapshot(&f).await, once);
     for table in ["incidents", "actions", "holds"] {
         assert_eq!(f.count(table).await, 2, "{table}");
@@ -704,7 +738,11 @@ async fn updates_follow_batch_order(f: Fixture) {
         .unwrap();
 
     let svids = f.store.svids(&q()).await.unwrap();
-    assert_eq!(svids[0].replaced_at_ms, Some(T0 + 1), "first replacement wins");
+    assert_eq!(
+        svids[0].replaced_at_ms,
+        Some(T0 + 1),
+        "first replacement wins"
+    );
     let incidents = f.store.incidents(&q()).await.unwrap();
     assert_eq!(incidents[0].next_rung, 3, "last escalation wins");
     assert_eq!(incidents[0].closed_at_ms, Some(T0 + 5), "first close wins");
@@ -721,7 +759,11 @@ async fn updates_follow_batch_order(f: Fixture) {
     let act = by_id("act-1");
     assert_eq!(act.outcome.as_deref(), Some("error"), "first finish wins");
     assert_eq!(act.finished_at_ms, Some(T0 + 7));
-    assert_eq!(act.verification.as_deref(), Some("failed"), "first verdict wins");
+    assert_eq!(
+        act.verification.as_deref(),
+        Some("failed"),
+        "first verdict wins"
+    );
     assert_eq!(by_id("act-early").finished_at_ms, None);
 }
 
@@ -752,7 +794,11 @@ async fn load_knowledge_returns_open_incidents_and_recent_actions(f: Fixture) {
     second.next_rung = 2;
     assert_eq!(k.open_incidents, [incident("inc-1", T0), second]);
     let ids: Vec<&str> = k.recent_actions.iter().map(|a| a.id.as_str()).collect();
-    assert_eq!(ids, ["act-edge", "act-new"], "since is inclusive, oldest first");
+    assert_eq!(
+        ids,
+        ["act-edge", "act-new"],
+        "since is inclusive, oldest first"
+    );
 
     let everything = f.store.load_knowledge(at(0)).await.unwrap();
     assert_eq!(everything.recent_actions.len(), 3);
@@ -781,8 +827,14 @@ async fn subject_upsert_keeps_first_seen(f: Fixture) {
         f.subject_row(&svid).await,
         Some(("workload".into(), "node-a".into(), T0, T0))
     );
-    f.store.apply(&[seen(agent.clone(), T0 + 60_000)]).await.unwrap();
-    f.store.apply(&[seen(agent.clone(), T0 + 5_000)]).await.unwrap();
+    f.store
+        .apply(&[seen(agent.clone(), T0 + 60_000)])
+        .await
+        .unwrap();
+    f.store
+        .apply(&[seen(agent.clone(), T0 + 5_000)])
+        .await
+        .unwrap();
     assert_eq!(
         f.subject_row(&agent).await,
         Some(("agent".into(), "node-a".into(), T0 + 1_000, T0 + 60_000))
@@ -817,10 +869,7 @@ async fn timestamps_round_trip_exactly(f: Fixture) {
             .await
             .unwrap();
     }
-    let all = Query {
-        limit: 100,
-        ..q()
-    };
+    let all = Query { limit: 100, ..q() };
     let mut seen_ms = BTreeSet::new();
     for i in f.store.incidents(&all).await.unwrap() {
         assert_eq!(i.closed_at_ms, Some(i.opened_at_ms));
@@ -847,7 +896,10 @@ async fn timestamps_round_trip_exactly(f: Fixture) {
     // And back into SystemTime, exactly.
     let f2 = f.store.load_knowledge(at(0)).await.unwrap();
     assert!(f2.open_incidents.is_empty());
-    f.store.apply(&[opened(incident("open", T0))]).await.unwrap();
+    f.store
+        .apply(&[opened(incident("open", T0))])
+        .await
+        .unwrap();
     let k = f.store.load_knowledge(at(0)).await.unwrap();
     assert_eq!(k.open_incidents[0].opened_at, at(T0));
     assert_eq!(unix_millis(k.open_incidents[0].opened_at), T0);
@@ -901,7 +953,14 @@ async fn json_round_trips(f: Fixture) {
         .unwrap();
 
     let incidents = f.store.incidents(&q()).await.unwrap();
-    let by_id = |id: &str| incidents.iter().find(|r| r.id == id).unwrap().evidence.clone();
+    let by_id = |id: &str| {
+        incidents
+            .iter()
+            .find(|r| r.id == id)
+            .unwrap()
+            .evidence
+            .clone()
+    };
     assert_eq!(by_id("inc-json"), evidence);
     assert_eq!(by_id("inc-scalar"), json!("just a string"));
     assert_eq!(by_id("inc-null"), serde_json::Value::Null);
@@ -911,7 +970,11 @@ async fn json_round_trips(f: Fixture) {
     assert!(action.dry_run);
     assert_eq!(action.rung, 1);
     let k = f.store.load_knowledge(at(0)).await.unwrap();
-    let loaded = k.open_incidents.iter().find(|x| x.id == "inc-json").unwrap();
+    let loaded = k
+        .open_incidents
+        .iter()
+        .find(|x| x.id == "inc-json")
+        .unwrap();
     assert_eq!(loaded, &i);
 }
 
@@ -1068,7 +1131,14 @@ async fn every_closed_set_value_is_accepted(f: Fixture) {
 async fn large_batches_are_chunked(f: Fixture) {
     // Well past SQLite's 32,766 parameters per statement in every run.
     let mut events: Vec<Event> = (0..12_000)
-        .map(|n| svid_seen("node-a", "spiffe://example.org/bulk", &format!("{n:x}"), T0 + n))
+        .map(|n| {
+            svid_seen(
+                "node-a",
+                "spiffe://example.org/bulk",
+                &format!("{n:x}"),
+                T0 + n,
+            )
+        })
         .collect();
     events.extend((0..7_000).map(|n| seen(Subject::agent(format!("node-{n}")), T0 + n)));
     events.extend((0..4_000).map(|n| started(&format!("act-{n}"), "inc-1", T0 + n)));
@@ -1080,11 +1150,18 @@ async fn large_batches_are_chunked(f: Fixture) {
     assert_eq!(f.count("holds").await, 7_000);
     let newest = f.store.svids(&Query { limit: 1, ..q() }).await.unwrap();
     assert_eq!(newest[0].first_seen_ms, T0 + 11_999);
-    assert_eq!(f.store.svids(&q()).await.unwrap().len(), 100, "limit 0 means 100");
+    assert_eq!(
+        f.store.svids(&q()).await.unwrap().len(),
+        100,
+        "limit 0 means 100"
+    );
 }
 
 async fn unreadable_open_incident_is_skipped(f: Fixture) {
-    f.store.apply(&[opened(incident("inc-good", T0))]).await.unwrap();
+    f.store
+        .apply(&[opened(incident("inc-good", T0))])
+        .await
+        .unwrap();
     f.execute(
         "INSERT INTO incidents (id, symptom, subject, severity, opened_at_ms, evidence, next_rung) \
          VALUES ('inc-bad-symptom', 'no_such_symptom', 'agent:node-a', 'warning', 1, '{}', 0), \
@@ -1167,16 +1244,25 @@ async fn sqlite_missing_directory_is_a_config_error_naming_the_path() {
     let path = dir.path().join("no-such-dir").join("knowledge.db");
     let err = SqliteStore::open(&path).await.unwrap_err();
     assert_eq!(err.kind(), "config", "{err}");
-    assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
 
     let url = format!("sqlite://{}", path.display());
     let err = open(&url).await.err().expect("open fails");
-    assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
 
     // A directory where the file should be.
     let err = SqliteStore::open(dir.path()).await.unwrap_err();
     assert_eq!(err.kind(), "config", "{err}");
-    assert!(err.to_string().contains(&dir.path().display().to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&dir.path().display().to_string()),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -1294,7 +1380,8 @@ impl Forwarder {
                     }
                     conns.lock().unwrap().spawn(async move {
                         if let Ok(mut outbound) = TcpStream::connect(upstream).await {
-                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                         }
                     });
                 }
@@ -1356,7 +1443,11 @@ async fn postgres_outage_mid_run_buffers_and_recovers() {
         started.elapsed()
     );
     assert_eq!(err.kind(), "unavailable", "{}", chain(&err));
-    assert!(chain(&err).contains(&fwd.addr.to_string()), "{}", chain(&err));
+    assert!(
+        chain(&err).contains(&fwd.addr.to_string()),
+        "{}",
+        chain(&err)
+    );
     assert_eq!(buffer.len(), during.len());
     assert!(store.ping().await.is_err());
 
@@ -1368,7 +1459,14 @@ async fn postgres_outage_mid_run_buffers_and_recovers() {
     // Cut again while a large flush is in flight: whichever chunk the cut
     // lands in, everything arrives exactly once after the restore.
     let bulk: Vec<Event> = (0..30_000)
-        .map(|n| svid_seen("node-bulk", "spiffe://example.org/bulk", &format!("{n:x}"), T0 + n))
+        .map(|n| {
+            svid_seen(
+                "node-bulk",
+                "spiffe://example.org/bulk",
+                &format!("{n:x}"),
+                T0 + n,
+            )
+        })
         .collect();
     buffer.push(bulk.clone());
     let cutter = async {
@@ -1399,7 +1497,9 @@ async fn postgres_outage_mid_run_buffers_and_recovers() {
     assert_eq!(check.count("svid_lifecycles").await, 6 + 30_000);
     let incidents = check.store.incidents(&q()).await.unwrap();
     assert!(
-        incidents.iter().all(|i| i.closed_at_ms.is_some() && i.next_rung == 1),
+        incidents
+            .iter()
+            .all(|i| i.closed_at_ms.is_some() && i.next_rung == 1),
         "updates applied in order after their inserts: {incidents:?}"
     );
     let actions = check.store.actions(&q()).await.unwrap();
@@ -1408,5 +1508,4 @@ async fn postgres_outage_mid_run_buffers_and_recovers() {
             .iter()
             .all(|a| a.outcome.as_deref() == Some("ok") && a.verification.is_some())
     );
-    drop(db);
 }

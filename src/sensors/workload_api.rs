@@ -25,7 +25,9 @@ use crate::clock::Clock;
 use crate::endpoint::Endpoint;
 use crate::model::{AgentView, Reading, StreamStatus, SvidObservation};
 use crate::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-use crate::proto::workload::{X509BundlesRequest, X509BundlesResponse, X509svidRequest, X509svidResponse};
+use crate::proto::workload::{
+    X509BundlesRequest, X509BundlesResponse, X509svidRequest, X509svidResponse,
+};
 use crate::svid;
 use crate::telemetry::Metrics;
 
@@ -162,7 +164,12 @@ pub fn build(
 enum End {
     Shutdown,
     Reconnect,
-    Failed { code: &'static str, detail: String, retry: bool, unanswered: bool },
+    Failed {
+        code: &'static str,
+        detail: String,
+        retry: bool,
+        unanswered: bool,
+    },
 }
 
 /// Heartbeat period: the view's `updated_at` advances at least this often.
@@ -204,7 +211,11 @@ impl WorkloadApiTask {
                     };
                     warn!(agent = %self.settings.agent, code, %detail, status = status.as_str(), "Workload API stream failed.");
                     self.set_status(status, Some(code.to_string()));
-                    let w = if retry { backoff } else { self.settings.backoff_max };
+                    let w = if retry {
+                        backoff
+                    } else {
+                        self.settings.backoff_max
+                    };
                     backoff = (backoff * 2).min(self.settings.backoff_max);
                     w
                 }
@@ -281,13 +292,15 @@ impl WorkloadApiTask {
                 };
             }
         };
-        let mut client = SpiffeWorkloadApiClient::new(channel)
-            .max_decoding_message_size(4 * 1024 * 1024);
+        let mut client =
+            SpiffeWorkloadApiClient::new(channel).max_decoding_message_size(4 * 1024 * 1024);
         let answer = self.settings.answer_timeout;
 
         let open = async {
             let svids = client.fetch_x509svid(request(X509svidRequest {})).await?;
-            let bundles = client.fetch_x509_bundles(request(X509BundlesRequest {})).await?;
+            let bundles = client
+                .fetch_x509_bundles(request(X509BundlesRequest {}))
+                .await?;
             Ok::<_, Status>((svids.into_inner(), bundles.into_inner()))
         };
         let opened = tokio::select! {
@@ -296,19 +309,21 @@ impl WorkloadApiTask {
             _ = self.shared.reconnect.notified() => return End::Reconnect,
             r = timeout(answer, open) => r,
         };
-        let (mut svids, mut bundles): (Streaming<X509svidResponse>, Streaming<X509BundlesResponse>) =
-            match opened {
-                Err(_) => {
-                    return End::Failed {
-                        code: "unanswered",
-                        detail: format!("no response within {answer:?}"),
-                        retry: true,
-                        unanswered: true,
-                    };
-                }
-                Ok(Err(status)) => return failed(&status),
-                Ok(Ok(s)) => s,
-            };
+        let (mut svids, mut bundles): (
+            Streaming<X509svidResponse>,
+            Streaming<X509BundlesResponse>,
+        ) = match opened {
+            Err(_) => {
+                return End::Failed {
+                    code: "unanswered",
+                    detail: format!("no response within {answer:?}"),
+                    retry: true,
+                    unanswered: true,
+                };
+            }
+            Ok(Err(status)) => return failed(&status),
+            Ok(Ok(s)) => s,
+        };
         debug!(agent = %agent, "Workload API streams open.");
 
         let started = tokio::time::Instant::now();
@@ -416,8 +431,10 @@ impl WorkloadApiTask {
 
 fn request<T>(msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
-    req.metadata_mut()
-        .insert(SECURITY_HEADER, tonic::metadata::MetadataValue::from_static("true"));
+    req.metadata_mut().insert(
+        SECURITY_HEADER,
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
     req
 }
 

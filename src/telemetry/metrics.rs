@@ -5,8 +5,8 @@
 //! the `top_k` soonest-expiring SVIDs, so the series count stays bounded.
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Buckets for durations of sub-second work.
@@ -93,8 +93,12 @@ impl Metrics {
                 labels,
             )
         };
-        let c = |name: &str, help: &str, labels: &[&str]| IntCounterVec::new(Opts::new(name, help), labels);
-        let g = |name: &str, help: &str, labels: &[&str]| IntGaugeVec::new(Opts::new(name, help), labels);
+        let c = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels)
+        };
+        let g = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels)
+        };
         Self {
             tick_duration_seconds: reg!(Histogram::with_opts(
                 HistogramOpts::new(
@@ -248,7 +252,9 @@ impl Metrics {
                 let _ = self
                     .svid_expiration_timestamp_seconds
                     .remove_label_values(&[agent, id]);
-                let _ = self.spiffe_svid_expiry_seconds.remove_label_values(&[agent, id]);
+                let _ = self
+                    .spiffe_svid_expiry_seconds
+                    .remove_label_values(&[agent, id]);
             }
         }
         exported.clear();
@@ -273,12 +279,10 @@ impl Default for Metrics {
 /// Value of one sample in Prometheus text `text`, for tests: the line
 /// starting with `series` (name plus exact label block).
 pub fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
 }
 
 #[cfg(test)]
@@ -294,7 +298,10 @@ mod tests {
             .inc();
         let text = m.render();
         assert_eq!(
-            sample(&text, r#"spire_healer_errors_total{kind="unavailable",stage="sensor"}"#),
+            sample(
+                &text,
+                r#"spire_healer_errors_total{kind="unavailable",stage="sensor"}"#
+            ),
             Some(1.0)
         );
         assert_eq!(
@@ -307,7 +314,14 @@ mod tests {
     fn svid_series_are_bounded_and_pruned() {
         let m = Metrics::new();
         let many: Vec<_> = (0..50)
-            .map(|i| ("a".to_string(), format!("spiffe://td/w{i}"), 0.0, f64::from(i)))
+            .map(|i| {
+                (
+                    "a".to_string(),
+                    format!("spiffe://td/w{i}"),
+                    0.0,
+                    f64::from(i),
+                )
+            })
             .collect();
         m.set_svid_expiries(many);
         let text = m.render();
@@ -319,7 +333,10 @@ mod tests {
         m.set_svid_expiries(vec![("a".into(), "spiffe://td/x".into(), 1.0, 5.0)]);
         let text = m.render();
         assert_eq!(
-            sample(&text, r#"spiffe_svid_expiry_seconds{agent="a",spiffe_id="spiffe://td/x"}"#),
+            sample(
+                &text,
+                r#"spiffe_svid_expiry_seconds{agent="a",spiffe_id="spiffe://td/x"}"#
+            ),
             Some(5.0)
         );
         assert_eq!(

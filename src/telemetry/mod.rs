@@ -113,7 +113,10 @@ async fn healthz(State(s): State<HttpState>) -> impl IntoResponse {
     if s.health.is_live(s.clock.now()) {
         (StatusCode::OK, "ok\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "loop has not ticked recently\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "loop has not ticked recently\n",
+        )
     }
 }
 
@@ -182,9 +185,11 @@ mod tests {
         let get = |path: &'static str| async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-                .await
-                .unwrap();
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
             let mut out = String::new();
             s.read_to_string(&mut out).await.unwrap();
             out

@@ -12,16 +12,13 @@ use crate::spire_lab::{LabOptions, SpireLab, WAIT_LIMIT, effective_uid, log_tail
 async fn wait_fetch_has(lab: &SpireLab, id: &str) -> Result<()> {
     let deadline = Instant::now() + WAIT_LIMIT;
     loop {
-        let out = lab.fetch_x509(Duration::from_secs(3)).await?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        if out.status.success() && stdout.contains(id) {
+        let last = lab.fetch_x509_ids(Duration::from_secs(3)).await;
+        if matches!(&last, Ok(ids) if ids.iter().any(|i| i == id)) {
             return Ok(());
         }
         if Instant::now() >= deadline {
             bail!(
-                "fetch x509 never returned {id}; last attempt ({}): {stdout}{}\nagent log:\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr),
+                "fetch x509 never returned {id}; last attempt: {last:?}\nagent log:\n{}",
                 log_tail(&lab.agent_log())
             );
         }

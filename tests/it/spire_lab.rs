@@ -9,6 +9,11 @@
 //! control method reads the pidfile, so kill/freeze/thaw and `Drop` act on
 //! whichever agent is current. Every wait is bounded; a timeout error carries
 //! the tail of the relevant log.
+//!
+//! Starting a lab makes the test process a child subreaper
+//! (`PR_SET_CHILD_SUBREAPER`), so agents started by the restart script, whose
+//! parent shell exits at once, are re-parented to the test process and can be
+//! reaped here rather than left as zombies where init does not reap.
 #![allow(dead_code)]
 
 use std::fs;
@@ -17,11 +22,13 @@ use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -89,6 +96,8 @@ pub struct SpireLab {
     /// The agent this harness spawned last (it may since have been killed by
     /// the restart script; it is reaped whenever that is noticed).
     agent_child: Mutex<Option<Child>>,
+    /// Agent pids read from the pidfile that may still need reaping.
+    seen_agent_pids: Mutex<Vec<i32>>,
 }
 
 impl SpireLab {
@@ -105,6 +114,9 @@ impl SpireLab {
                 bin.display()
             );
         }
+
+        // Adopt orphaned agents (see the module docs); best effort.
+        let _ = nix::sys::prctl::set_child_subreaper(true);
 
         // Short path: Unix socket paths are limited to 108 bytes.
         let dir = tempfile::Builder::new()
@@ -142,6 +154,7 @@ impl SpireLab {
             agent_health_port,
             server: Mutex::new(None),
             agent_child: Mutex::new(None),
+            seen_agent_pids: Mutex::new(Vec::new()),
         };
         lab.write_server_conf()?;
         lab.start_server().await?;
@@ -245,11 +258,19 @@ impl SpireLab {
     }
 
     fn pidfile_pid(&self) -> Option<i32> {
-        fs::read_to_string(self.agent_pidfile())
+        let pid: i32 = fs::read_to_string(self.agent_pidfile())
             .ok()?
             .trim()
             .parse()
-            .ok()
+            .ok()?;
+        let mut seen = self
+            .seen_agent_pids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !seen.contains(&pid) {
+            seen.push(pid);
+        }
+        Some(pid)
     }
 
     fn is_our_agent(&self, pid: i32) -> bool {
@@ -335,7 +356,10 @@ impl SpireLab {
             .id()
             .ok_or_else(|| anyhow!("spire-agent exited at once"))? as i32;
         write_file(&self.agent_pidfile(), format!("{pid}\n").as_bytes())?;
-        *self.agent_child.lock().unwrap() = Some(child);
+        *self
+            .agent_child
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(child);
         Ok(pid)
     }
 
@@ -344,18 +368,22 @@ impl SpireLab {
     /// has died.
     pub async fn wait_agent_ready(&self) -> Result<()> {
         let deadline = Instant::now() + WAIT_LIMIT;
+        let mut gone_since: Option<Instant> = None;
         loop {
             self.reap_stale_child();
             if self.agent_pid().is_none() {
-                // Give a just-restarted agent a moment to show up in the pidfile.
-                sleep(Duration::from_millis(500)).await;
-                if self.agent_pid().is_none() {
+                // A restart in progress may leave the pidfile naming the old
+                // agent for a moment; only a lasting absence is an error.
+                let since = *gone_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= Duration::from_secs(3) {
                     bail!(
                         "spire-agent is not running (pidfile {:?}); last agent log lines:\n{}",
                         self.pidfile_pid(),
                         log_tail(&self.agent_log())
                     );
                 }
+            } else {
+                gone_since = None;
             }
             if self.agent_healthcheck().await {
                 return Ok(());
@@ -413,6 +441,34 @@ impl SpireLab {
             fetch_timeout + Duration::from_secs(5),
         )
         .await
+    }
+
+    /// The SPIFFE IDs of the X.509-SVIDs the Workload API gives this
+    /// process's uid; an error when the fetch fails.
+    pub async fn fetch_x509_ids(&self, fetch_timeout: Duration) -> Result<Vec<String>> {
+        let out = self.fetch_x509(fetch_timeout).await?;
+        ensure!(
+            out.status.success(),
+            "spire-agent api fetch x509 failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "fetch x509 output: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })?;
+        Ok(v["svids"]
+            .as_array()
+            .map(|svids| {
+                svids
+                    .iter()
+                    .filter_map(|s| s["spiffe_id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
     /// Issues a new join token for the node alias and keeps it for the next
@@ -486,19 +542,19 @@ impl SpireLab {
             .ok_or_else(|| anyhow!("entry create: no entry id in {v}"))
     }
 
-    /// Waits (bounded) until the current agent run has an SVID for the entry:
-    /// its log mentions the SPIFFE ID, or a Workload API fetch (as this
-    /// process's uid) returns it.
+    /// Waits (bounded) until the current agent run has cached an SVID for
+    /// the entry: its log (from the last start on) has `Creating X509-SVID`
+    /// (or `Renewing X509-SVID`) with that `spiffe_id`. The agent does this for every entry parented to
+    /// it, whatever the uid. New entries take up to ~5 s (server cache reload).
     pub async fn wait_for_entry_synced(&self, spiffe_id_path: &str) -> Result<()> {
         let id = self.spiffe_id(spiffe_id_path);
+        let logged = format!("spiffe_id=\"{id}\"");
         let deadline = Instant::now() + WAIT_LIMIT;
         loop {
-            if self.current_agent_log().contains(&id) {
-                return Ok(());
-            }
-            if let Ok(out) = self.fetch_x509(Duration::from_secs(2)).await
-                && out.status.success()
-                && String::from_utf8_lossy(&out.stdout).contains(&id)
+            let log = self.current_agent_log();
+            if log
+                .lines()
+                .any(|l| l.contains("X509-SVID") && l.contains(&logged))
             {
                 return Ok(());
             }
@@ -701,7 +757,7 @@ exit 0
             .kill_on_drop(true)
             .spawn()
             .context("spawning spire-server")?;
-        *self.server.lock().unwrap() = Some(child);
+        *self.server.lock().unwrap_or_else(PoisonError::into_inner) = Some(child);
 
         let deadline = Instant::now() + WAIT_LIMIT;
         let args = [
@@ -712,7 +768,7 @@ exit 0
         .map(String::from);
         loop {
             let exited = {
-                let mut guard = self.server.lock().unwrap();
+                let mut guard = self.server.lock().unwrap_or_else(PoisonError::into_inner);
                 guard.as_mut().and_then(|c| c.try_wait().ok().flatten())
             };
             if let Some(status) = exited {
@@ -757,10 +813,41 @@ exit 0
         Ok(log)
     }
 
-    /// Reaps the agent child we spawned once it is no longer the current
-    /// agent or has exited (e.g. killed by the restart script).
+    /// Reaps dead agents: the child we spawned once it is no longer current
+    /// or has exited (e.g. killed by the restart script), and agents started
+    /// by the restart script that were re-parented to this process.
     fn reap_stale_child(&self) {
-        let mut guard = self.agent_child.lock().unwrap();
+        let own = self.reap_own_child();
+        self.reap_adopted(own);
+    }
+
+    /// Reaps exited agents among the pids seen in the pidfile, except `own`
+    /// (our tokio child, reaped through its handle).
+    fn reap_adopted(&self, own: Option<i32>) {
+        let mut seen = self
+            .seen_agent_pids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        seen.retain(|&pid| {
+            if Some(pid) == own {
+                return true;
+            }
+            match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => true,
+                Ok(_) => false,
+                // Not (yet) our child: keep watching while it lives.
+                Err(Errno::ECHILD) => process_alive(pid),
+                Err(_) => false,
+            }
+        });
+    }
+
+    /// Returns the pid of our agent child if it is still unreaped.
+    fn reap_own_child(&self) -> Option<i32> {
+        let mut guard = self
+            .agent_child
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(child) = guard.as_mut() {
             let current = self.pidfile_pid();
             let exited = matches!(child.try_wait(), Ok(Some(_)) | Err(_));
@@ -778,6 +865,7 @@ exit 0
                 *guard = None;
             }
         }
+        guard.as_ref().and_then(|c| c.id()).map(|p| p as i32)
     }
 
     async fn wait_agent_gone(&self, pid: i32) -> Result<()> {
@@ -802,8 +890,14 @@ impl Drop for SpireLab {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
         let children = [
-            self.agent_child.get_mut().map(Option::take).unwrap_or(None),
-            self.server.get_mut().map(Option::take).unwrap_or(None),
+            self.agent_child
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+            self.server
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
         ];
         for mut child in children.into_iter().flatten() {
             let _ = child.start_kill();
@@ -816,12 +910,14 @@ impl Drop for SpireLab {
         }
         if let Some(pid) = self.pidfile_pid() {
             for _ in 0..500 {
+                self.reap_adopted(None);
                 if !process_alive(pid) {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
+        self.reap_adopted(None);
     }
 }
 

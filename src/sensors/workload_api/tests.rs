@@ -1,0 +1,613 @@
+//! The sensor against real gRPC peers on Unix sockets: the simulated agent
+//! ([`FakeAgent`]), a server that rejects everything, and raw listeners that
+//! hang or speak garbage. Every test asserts the sensor's metrics.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request, Response, Status};
+
+use super::*;
+use crate::clock::{Clock, SystemClock};
+use crate::demo::fake_agent::FakeAgent;
+use crate::demo::issuer::{Flavor, TestCa};
+use crate::endpoint::Endpoint;
+use crate::model::{AgentView, Reading, StreamStatus};
+use crate::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use crate::proto::workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
+use crate::proto::workload::{
+    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
+    ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svidRequest,
+    X509svidResponse,
+};
+use crate::telemetry::Metrics;
+use crate::telemetry::metrics::sample;
+
+const AGENT: &str = "a";
+const SPIFFE_ID: &str = "spiffe://example.org/workload/web";
+/// Upper bound for any state change we wait for.
+const WAIT: Duration = Duration::from_secs(10);
+const STREAM_UP: &str = r#"spire_healer_workload_api_stream_up{agent="a"}"#;
+
+// === Fixtures ===
+
+fn settings(socket: &Path) -> Settings {
+    Settings {
+        agent: AGENT.to_string(),
+        endpoint: Endpoint::Unix(socket.to_path_buf()),
+        answer_timeout: Duration::from_millis(500),
+        backoff_max: Duration::from_secs(1),
+    }
+}
+
+/// A simulated agent serving `SPIFFE_ID` with SVIDs of `ttl` at
+/// `<dir>/agent.sock`, already started.
+fn fake_agent(dir: &Path, ttl: Duration) -> FakeAgent {
+    let clock = Arc::new(SystemClock);
+    let now = clock.now();
+    let ca = TestCa::new(
+        "example.org",
+        now - Duration::from_secs(3600),
+        now + Duration::from_secs(24 * 3600),
+    )
+    .expect("test CA");
+    let agent = FakeAgent::new(ca, SPIFFE_ID, ttl, clock, &dir.join("agent.sock"));
+    agent.start().expect("fake agent binds its socket");
+    agent
+}
+
+/// A sensor and its running task.
+struct Running {
+    sensor: WorkloadApiSensor,
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    token: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+fn start(settings: Settings) -> Running {
+    let metrics = Arc::new(Metrics::new());
+    let (sensor, task, shared) = build(
+        settings,
+        Arc::new(SystemClock),
+        metrics.clone(),
+        Arc::new(Notify::new()),
+    );
+    let token = CancellationToken::new();
+    let task = tokio::spawn(task.run(token.clone()));
+    Running {
+        sensor,
+        shared,
+        metrics,
+        token,
+        task: Some(task),
+    }
+}
+
+impl Running {
+    async fn view(&self) -> AgentView {
+        let mut readings = self.sensor.observe().await.expect("observe never fails");
+        assert_eq!(readings.len(), 1, "one reading per agent");
+        match readings.remove(0) {
+            Reading::WorkloadApi(v) => v,
+        }
+    }
+
+    /// Polls the view until `done` holds; panics after [`WAIT`].
+    async fn wait_for(&self, what: &str, done: impl Fn(&AgentView) -> bool) -> AgentView {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let v = self.view().await;
+            if done(&v) {
+                return v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: not reached within {WAIT:?}; last view: {v:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn metric(&self, series: &str) -> Option<f64> {
+        sample(&self.metrics.render(), series)
+    }
+
+    fn errors(&self, code: &str) -> f64 {
+        self.metric(&format!(
+            r#"spiffe_workload_api_errors_total{{agent="{AGENT}",code="{code}"}}"#
+        ))
+        .unwrap_or(0.0)
+    }
+
+    /// Workload API errors of every code.
+    fn all_errors(&self) -> f64 {
+        let prefix = format!(r#"spiffe_workload_api_errors_total{{agent="{AGENT}","#);
+        self.metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// The task is alive (it did not panic or return on its own).
+    fn assert_running(&self) {
+        let task = self.task.as_ref().expect("task not yet shut down");
+        assert!(!task.is_finished(), "the sensor task ended on its own");
+    }
+
+    /// Cancels the task and checks that it ends promptly.
+    async fn shutdown(mut self) {
+        self.assert_running();
+        self.token.cancel();
+        let task = self.task.take().expect("task not yet shut down");
+        tokio::time::timeout(WAIT, task)
+            .await
+            .expect("the sensor task stops on shutdown")
+            .expect("the sensor task did not panic");
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+fn is_up_with_svid(v: &AgentView) -> bool {
+    v.status == StreamStatus::Up && !v.svids.is_empty() && v.bundle_authorities > 0
+}
+
+fn serial_hex(agent: &FakeAgent) -> String {
+    format!(
+        "{:x}",
+        agent.serial().expect("the agent has minted an SVID")
+    )
+}
+
+/// Keeps accepted connections open until dropped.
+struct RawPeer {
+    accepted: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for RawPeer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A listener that accepts connections and never writes a byte.
+fn mute_peer(socket: &Path) -> RawPeer {
+    let listener = UnixListener::bind(socket).expect("bind mute peer");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let task = tokio::spawn(async move {
+        let mut held: Vec<UnixStream> = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(conn);
+        }
+    });
+    RawPeer { accepted, task }
+}
+
+/// A listener that answers every connection with pseudo-random bytes
+/// (fixed seed) and hangs up.
+fn garbage_peer(socket: &Path) -> RawPeer {
+    let listener = UnixListener::bind(socket).expect("bind garbage peer");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let task = tokio::spawn(async move {
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        while let Ok((mut conn, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let garbage: Vec<u8> = (0..512)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    (seed >> 56) as u8
+                })
+                .collect();
+            let _ = conn.write_all(&garbage).await;
+            let _ = conn.shutdown().await;
+        }
+    });
+    RawPeer { accepted, task }
+}
+
+/// A Workload API server that refuses every call with `InvalidArgument`.
+#[derive(Clone, Default)]
+struct Refuser {
+    calls: Arc<AtomicUsize>,
+}
+
+impl Refuser {
+    fn refuse(&self) -> Status {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Status::invalid_argument("refused by test server")
+    }
+}
+
+type Never<T> = tokio_stream::Empty<Result<T, Status>>;
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for Refuser {
+    type FetchX509SVIDStream = Never<X509svidResponse>;
+    type FetchX509BundlesStream = Never<X509BundlesResponse>;
+    type FetchJWTBundlesStream = Never<JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        _: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        Err(self.refuse())
+    }
+    async fn fetch_x509_bundles(
+        &self,
+        _: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        Err(self.refuse())
+    }
+    async fn fetch_jwtsvid(
+        &self,
+        _: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        Err(self.refuse())
+    }
+    async fn fetch_jwt_bundles(
+        &self,
+        _: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        Err(self.refuse())
+    }
+    async fn validate_jwtsvid(
+        &self,
+        _: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        Err(self.refuse())
+    }
+}
+
+fn serve_refuser(socket: &Path, shutdown: CancellationToken) -> Refuser {
+    let refuser = Refuser::default();
+    let listener = UnixListener::bind(socket).expect("bind refusing server");
+    let svc = SpiffeWorkloadApiServer::new(refuser.clone());
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown.cancelled())
+            .await;
+    });
+    refuser
+}
+
+fn socket_in(dir: &TempDir, name: &str) -> PathBuf {
+    dir.path().join(name)
+}
+
+// === Tests ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn happy_path_publishes_the_svid_and_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = fake_agent(dir.path(), Duration::from_secs(60));
+    let run = start(settings(agent.socket()));
+
+    let v = run
+        .wait_for("stream up with an SVID and a bundle", is_up_with_svid)
+        .await;
+    assert_eq!(v.agent, AGENT);
+    assert_eq!(v.last_error, None);
+    assert!(v.last_message.is_some());
+    assert_eq!(v.svids.len(), 1, "{v:#?}");
+    let s = &v.svids[0];
+    assert_eq!(s.spiffe_id, SPIFFE_ID);
+    assert_eq!(s.invalid, None);
+    assert!(!s.serial.is_empty());
+    assert_eq!(s.serial, serial_hex(&agent));
+    assert!(s.not_after > s.not_before);
+    assert!(v.bundle_authorities >= 1);
+
+    assert_eq!(run.metric(STREAM_UP), Some(1.0));
+    assert_eq!(run.all_errors(), 0.0);
+    run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_delivers_a_new_serial() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = fake_agent(dir.path(), Duration::from_secs(2));
+    let run = start(settings(agent.socket()));
+
+    let first = run.wait_for("first SVID", is_up_with_svid).await;
+    let first_serial = first.svids[0].serial.clone();
+    let next = run
+        .wait_for("a rotated serial", |v| {
+            v.svids.first().is_some_and(|s| s.serial != first_serial)
+        })
+        .await;
+    let s = &next.svids[0];
+    assert_eq!(next.svids.len(), 1, "full state: the old SVID is gone");
+    assert_eq!(s.spiffe_id, SPIFFE_ID);
+    assert_eq!(s.invalid, None);
+    assert!(s.not_after > first.svids[0].not_after, "{next:#?}");
+    assert!(s.first_seen >= first.svids[0].first_seen);
+    assert_eq!(next.status, StreamStatus::Up);
+
+    assert_eq!(run.metric(STREAM_UP), Some(1.0));
+    assert_eq!(run.all_errors(), 0.0);
+    run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_stop_is_down_and_restart_is_up_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = fake_agent(dir.path(), Duration::from_secs(60));
+    let run = start(settings(agent.socket()));
+    let before = run.wait_for("stream up", is_up_with_svid).await;
+
+    agent.stop();
+    let down = run
+        .wait_for("down after the agent stopped", |v| {
+            v.status == StreamStatus::Down
+        })
+        .await;
+    assert!(down.last_error.is_some(), "{down:#?}");
+    assert!(down.status_since >= before.status_since);
+    // The last SVIDs are kept while the stream is down.
+    assert_eq!(down.svids, before.svids);
+    let code = down.last_error.as_deref().unwrap();
+    assert!(run.errors(code) > 0.0, "{}", run.metrics.render());
+    assert_eq!(run.metric(STREAM_UP), Some(0.0));
+
+    agent.restart().unwrap();
+    let up = run
+        .wait_for("up again after the restart", |v| {
+            v.status == StreamStatus::Up
+                && v.svids
+                    .first()
+                    .is_some_and(|s| s.serial != before.svids[0].serial)
+        })
+        .await;
+    assert_eq!(up.last_error, None);
+    assert_eq!(up.svids[0].serial, serial_hex(&agent));
+    assert_eq!(run.metric(STREAM_UP), Some(1.0));
+    run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_svids_from_the_agent_are_flagged() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = fake_agent(dir.path(), Duration::from_secs(60));
+    let run = start(settings(agent.socket()));
+    run.wait_for("stream up", is_up_with_svid).await;
+    assert_eq!(run.errors("invalid_svid"), 0.0);
+
+    agent.serve_flavor(Flavor::CaLeaf);
+    let v = run
+        .wait_for("CA leaf flagged", |v| {
+            v.svids.first().is_some_and(|s| s.invalid.is_some())
+        })
+        .await;
+    let problem = v.svids[0].invalid.clone().unwrap();
+    assert!(problem.contains("cA=true"), "{problem}");
+    assert_eq!(
+        v.svids[0].serial,
+        serial_hex(&agent),
+        "the bad SVID is still parsed"
+    );
+    // An invalid SVID is a valid message: the stream stays up.
+    assert_eq!(v.status, StreamStatus::Up);
+    let after_ca_leaf = run.errors("invalid_svid");
+    assert!(after_ca_leaf >= 1.0);
+
+    agent.serve_flavor(Flavor::TwoUriSans);
+    let v = run
+        .wait_for("two URI SANs flagged", |v| {
+            v.svids
+                .first()
+                .and_then(|s| s.invalid.as_deref())
+                .is_some_and(|p| p.contains("URI SANs"))
+        })
+        .await;
+    assert_eq!(v.svids[0].spiffe_id, SPIFFE_ID);
+    assert!(run.errors("invalid_svid") > after_ca_leaf);
+    assert_eq!(run.metric(STREAM_UP), Some(1.0));
+    run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_agent_is_unanswered() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = fake_agent(dir.path(), Duration::from_secs(60));
+    agent.set_silent(true);
+    let run = start(settings(agent.socket()));
+
+    let v = run
+        .wait_for("unanswered", |v| v.status == StreamStatus::Unanswered)
+        .await;
+    assert_eq!(v.last_error.as_deref(), Some("unanswered"));
+    assert!(v.svids.is_empty());
+    assert_eq!(v.last_message, None);
+    assert!(run.errors("unanswered") >= 1.0);
+    assert_eq!(run.metric(STREAM_UP), Some(0.0));
+
+    // It answers again: the next session is up.
+    agent.set_silent(false);
+    agent.serve_flavor(Flavor::Valid);
+    run.wait_for("up once the agent answers", is_up_with_svid)
+        .await;
+    assert_eq!(run.metric(STREAM_UP), Some(1.0));
+    run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_that_never_completes_the_handshake_is_unanswered() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = socket_in(&dir, "mute.sock");
+    let peer = mute_peer(&socket);
+    let run = start(settings(&socket));
+
+    let v = run
+        .wait_for("unanswered", |v| v.status == StreamStatus::Unanswered)
+        .await;
+    assert_eq!(v.last_error.as_deref(), Some("unanswered"));
+    assert!(
+        peer.accepted.load(Ordering::SeqCst) >= 1,
+        "the sensor did connect"
+    );
+    assert!(run.errors("unanswered") >= 1.0);
+    assert_eq!(run.metric(STREAM_UP), Some(0.0));
+    run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_from_the_peer_is_down_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = socket_in(&dir, "garbage.sock");
+    let peer = garbage_peer(&socket);
+    let run = start(settings(&socket));
+
+    let v = run
+        .wait_for("down after garbage", |v| v.status == StreamStatus::Down)
+        .await;
+    assert!(v.last_error.is_some(), "{v:#?}");
+    assert!(v.svids.is_empty());
+    assert!(peer.accepted.load(Ordering::SeqCst) >= 1);
+    assert!(run.all_errors() >= 1.0, "{}", run.metrics.render());
+    assert_eq!(run.metric(STREAM_UP), Some(0.0));
+
+    // It keeps retrying (retryable failure) and keeps running.
+    let seen = peer.accepted.load(Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while peer.accepted.load(Ordering::SeqCst) == seen {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no retry after garbage"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    run.assert_running();
+    assert_eq!(run.view().await.status, StreamStatus::Down);
+    run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_security_header_is_required_and_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = fake_agent(dir.path(), Duration::from_secs(60));
+    let channel = Endpoint::Unix(agent.socket().to_path_buf())
+        .channel(WAIT)
+        .unwrap();
+    let mut client = SpiffeWorkloadApiClient::new(channel);
+
+    let bare = client
+        .fetch_x509svid(X509svidRequest {})
+        .await
+        .expect_err("a request without the header is refused");
+    assert_eq!(bare.code(), Code::InvalidArgument);
+    let mut ok = client
+        .fetch_x509svid(request(X509svidRequest {}))
+        .await
+        .expect("a request with the header is served")
+        .into_inner();
+    let first = ok.message().await.unwrap().expect("one full-state message");
+    assert_eq!(first.svids.len(), 1);
+    assert_eq!(first.svids[0].spiffe_id, SPIFFE_ID);
+
+    // The sensor's own requests carry it.
+    let run = start(settings(agent.socket()));
+    run.wait_for("stream up", is_up_with_svid).await;
+    assert_eq!(run.errors("invalid_argument"), 0.0);
+    assert_eq!(run.metric(STREAM_UP), Some(1.0));
+    run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_argument_is_rejected_and_not_retried_until_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = socket_in(&dir, "refuser.sock");
+    let server_stop = CancellationToken::new();
+    let _stop_server = server_stop.clone().drop_guard();
+    let refuser = serve_refuser(&socket, server_stop);
+    let run = start(Settings {
+        // Long enough that a rejected stream is not retried in this test.
+        backoff_max: Duration::from_secs(30),
+        ..settings(&socket)
+    });
+
+    let v = run
+        .wait_for("rejected", |v| v.status == StreamStatus::Rejected)
+        .await;
+    assert_eq!(v.last_error.as_deref(), Some("invalid_argument"));
+    assert_eq!(run.metric(STREAM_UP), Some(0.0));
+
+    // No rapid retries: within 2 s the server sees no new attempt. Allow one
+    // for a session that was already in flight.
+    let calls = refuser.calls.load(Ordering::SeqCst);
+    assert!(calls >= 1);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = refuser.calls.load(Ordering::SeqCst);
+    assert!(later <= calls + 1, "retried {later} times");
+    assert!(
+        run.errors("invalid_argument") <= 2.0,
+        "{}",
+        run.metrics.render()
+    );
+    assert!(run.errors("invalid_argument") >= 1.0);
+    assert_eq!(run.view().await.status, StreamStatus::Rejected);
+
+    // A refetch asks for it: reconnect at once.
+    assert!(run.shared.request_reconnect(WAIT).await);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while refuser.calls.load(Ordering::SeqCst) == later {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no attempt after a refetch"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(run.shared.reconnects(), 1);
+    run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_on_request_returns_the_cached_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = fake_agent(dir.path(), Duration::from_secs(60));
+    let run = start(settings(agent.socket()));
+    let before = run.wait_for("stream up", is_up_with_svid).await;
+    let last_message = before.last_message.expect("a message arrived");
+    assert_eq!(run.shared.reconnects(), 0);
+
+    assert!(run.shared.request_reconnect(WAIT).await);
+    assert_eq!(run.shared.reconnects(), 1);
+    let after = run
+        .wait_for("a fresh message after the reconnect", |v| {
+            v.status == StreamStatus::Up && v.last_message.is_some_and(|t| t > last_message)
+        })
+        .await;
+    assert_eq!(after.svids.len(), 1);
+    assert_eq!(after.svids[0].serial, before.svids[0].serial);
+    assert_eq!(
+        after.svids[0].first_seen, before.svids[0].first_seen,
+        "same serial, same first delivery"
+    );
+    assert_eq!(run.metric(STREAM_UP), Some(1.0));
+    assert_eq!(run.all_errors(), 0.0);
+    run.shutdown().await;
+}

@@ -1,0 +1,165 @@
+//! Starting spire-healer in-process against a lab, and reading its results.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use spire_healer::clock::{Clock, SystemClock, unix_millis};
+use spire_healer::config::Config;
+use spire_healer::knowledge::{ActionRecord, IncidentRecord, Query, Store, SvidRecord};
+use spire_healer::telemetry::Metrics;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::spire_lab::SpireLab;
+
+/// A supervisor running in this process.
+pub struct Healer {
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+    pub clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    _dir: tempfile::TempDir,
+}
+
+/// The agent name used in configs.
+pub const AGENT: &str = "lab-agent";
+
+impl Healer {
+    /// Starts spire-healer watching the lab's agent, with the lab's restart
+    /// script as the `restart-agent` command and the built-in policy.
+    pub async fn start(lab: &SpireLab, database_url: Option<String>) -> Result<Healer> {
+        let dir = tempfile::tempdir()?;
+        let url = database_url
+            .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("healer.db").display()));
+        let argv = lab
+            .restart_command()
+            .iter()
+            .map(|a| format!("{a:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let text = format!(
+            r#"
+[supervisor]
+tick_interval = "250ms"
+
+[database]
+url = "{url}"
+
+[http]
+listen = "127.0.0.1:0"
+
+[[agents]]
+name = "{AGENT}"
+address = "unix://{sock}"
+answer_timeout = "2s"
+backoff_max = "2s"
+
+[actuators.restart-agent]
+type = "command"
+argv = [{argv}]
+timeout = "20s"
+"#,
+            sock = lab.workload_socket().display(),
+        );
+        let resolved = Config::from_toml(&text, "test.toml")
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .validate(&|_| None)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let running = spire_healer::app::start(
+            &resolved,
+            clock.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+            &tasks,
+        )
+        .await
+        .context("starting spire-healer")?;
+        Ok(Healer {
+            store: running.store,
+            metrics,
+            clock,
+            shutdown,
+            tasks,
+            _dir: dir,
+        })
+    }
+
+    /// Stops the loop and waits (bounded) for its tasks.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.tasks.wait()).await;
+    }
+
+    pub async fn incidents(&self) -> Vec<IncidentRecord> {
+        self.store
+            .incidents(&Query {
+                limit: 500,
+                ..Query::default()
+            })
+            .await
+            .unwrap_or_default()
+    }
+
+    pub async fn actions(&self) -> Vec<ActionRecord> {
+        self.store
+            .actions(&Query {
+                limit: 500,
+                ..Query::default()
+            })
+            .await
+            .unwrap_or_default()
+    }
+
+    pub async fn svids(&self) -> Vec<SvidRecord> {
+        self.store
+            .svids(&Query {
+                limit: 500,
+                ..Query::default()
+            })
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Value of one metric series, or 0.
+    pub fn metric(&self, series: &str) -> f64 {
+        spire_healer::telemetry::metrics::sample(&self.metrics.render(), series).unwrap_or(0.0)
+    }
+
+    /// Polls `check` every 200 ms until it returns `Some`, or fails after `limit`.
+    pub async fn wait_for<T, F, Fut>(&self, what: &str, limit: Duration, mut check: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(v) = check().await {
+                return Ok(v);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "timed out after {limit:?} waiting for {what}\nincidents: {:#?}\nactions: {:#?}",
+                    self.incidents().await,
+                    self.actions().await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        unix_millis(self.clock.now())
+    }
+}
+
+/// Milliseconds between two unix-ms instants, as seconds.
+pub fn secs(from_ms: i64, to_ms: i64) -> f64 {
+    (to_ms - from_ms) as f64 / 1000.0
+}

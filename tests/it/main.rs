@@ -1,0 +1,8 @@
+//! Integration tests: one binary. Real SPIRE (spire-server + spire-agent
+//! v1.15.3, installed by scripts/install-spire.sh) runs as child processes in
+//! temporary directories; spire-healer runs in-process against them.
+
+mod healing;
+mod helpers;
+mod lab_smoke;
+mod spire_lab;
