@@ -28,7 +28,7 @@ if [[ -x "$bin/spire-server" && -x "$bin/spire-agent" && -f "$bin/.version" \
   exit 0
 fi
 
-command -v go >/dev/null || { echo "error: go (>= 1.26.6) is required to build SPIRE; install it from https://go.dev/dl/" >&2; exit 1; }
+command -v go >/dev/null || { echo "error: go (>= 1.26.6) is required to build SPIRE" >&2; exit 1; }
 command -v gcc >/dev/null || { echo "error: gcc is required to build SPIRE (cgo, sqlite3 datastore)" >&2; exit 1; }
 
 mkdir -p "$bin"

@@ -140,13 +140,13 @@ fi
 export SPIRE_HEALER_SPIRE_BIN="$root/.spire/bin"
 if ! command -v go >/dev/null \
    && ! [[ -x "$SPIRE_HEALER_SPIRE_BIN/spire-server" && -x "$SPIRE_HEALER_SPIRE_BIN/spire-agent" ]]; then
-  die "go is not installed; Go >= 1.26.6 (and gcc) is needed once to build SPIRE into .spire/bin (https://go.dev/dl/)"
+  die "go is not installed; Go >= 1.26.6 (and gcc) is needed once to build SPIRE into .spire/bin"
 fi
 say "installing SPIRE (scripts/install-spire.sh)"
 "$root/scripts/install-spire.sh" || die "scripts/install-spire.sh failed"
 
 # --- Rust ---------------------------------------------------------------------
-command -v cargo >/dev/null || die "cargo is not installed (https://rustup.rs)"
+command -v cargo >/dev/null || die "cargo is not installed"
 
 say "cargo fmt --check"
 cargo fmt --check || die "formatting differs; run 'cargo fmt'"

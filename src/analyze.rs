@@ -224,7 +224,12 @@ mod tests {
         let open = open_set(&[(SymptomKind::SvidRotationOverdue, subject)]);
         // Open incident stays active between close (0.6) and open (0.65).
         let v = view(StreamStatus::Up, 0, 62);
-        let got = analyze(&[v.clone()], &|k| open.contains(k), &th(), t(62));
+        let got = analyze(
+            std::slice::from_ref(&v),
+            &|k| open.contains(k),
+            &th(),
+            t(62),
+        );
         assert_eq!(kinds(&got), vec![SymptomKind::SvidRotationOverdue]);
         // Not open: does not open at 0.62.
         let got = analyze(&[v], &|_| false, &th(), t(62));

@@ -410,13 +410,13 @@ fn check_database_url(url: &str) -> Result<(), String> {
     if p.is_dir() {
         return Err(format!("{path} is a directory, not a database file"));
     }
-    if let Some(parent) = p.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.is_dir() {
-            return Err(format!(
-                "directory {} of the SQLite file does not exist",
-                parent.display()
-            ));
-        }
+    if let Some(parent) = p.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.is_dir()
+    {
+        return Err(format!(
+            "directory {} of the SQLite file does not exist",
+            parent.display()
+        ));
     }
     Ok(())
 }

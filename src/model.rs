@@ -404,7 +404,8 @@ pub enum Verification {
     Verified,
     /// It did not.
     Failed,
-    /// Nothing to verify (dry run or the actuator failed).
+    /// Nothing to verify: a dry run. (A failed or timed-out actuator is
+    /// still judged by the symptom: cleared means verified, else failed.)
     Skipped,
 }
 

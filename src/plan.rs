@@ -153,11 +153,11 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Decision> {
             out.push(hold(&rung.actuator, HoldReason::Blind));
             continue;
         }
-        if let Some(last) = input.last_run.get(&(target.clone(), rung.actuator.clone())) {
-            if saturating_since(input.now, *last) < input.policy.cooldown(rung) {
-                out.push(hold(&rung.actuator, HoldReason::Cooldown));
-                continue;
-            }
+        if let Some(last) = input.last_run.get(&(target.clone(), rung.actuator.clone()))
+            && saturating_since(input.now, *last) < input.policy.cooldown(rung)
+        {
+            out.push(hold(&rung.actuator, HoldReason::Cooldown));
+            continue;
         }
         if input.actions_last_hour + planned >= input.policy.guards.budget_per_hour as usize {
             out.push(hold(&rung.actuator, HoldReason::Budget));

@@ -28,6 +28,7 @@ use crate::telemetry::{Health, Metrics};
 #[derive(Debug, Clone)]
 struct Pending {
     step: Step,
+    started: SystemTime,
     key: SymptomKey,
     finished: Option<(SystemTime, OutcomeKind)>,
 }
@@ -235,6 +236,7 @@ impl Supervisor {
                         step.action_id.clone(),
                         Pending {
                             step: step.clone(),
+                            started: now,
                             key,
                             finished: None,
                         },
@@ -425,12 +427,19 @@ impl Supervisor {
                 report.closed.push(inc.id);
             }
         }
-        // An agent whose action is still running or being verified is
-        // expected to drop its stream (a restart does exactly that): defer
-        // opening agent_unreachable until the action's verdict is in.
+        // An action on an agent may drop its stream (a restart does exactly
+        // that): defer opening agent_unreachable while an action that started
+        // before the stream went down awaits its verdict. A stream already
+        // down when the action started is not explained by it.
+        let views = &self.views;
         let busy: HashSet<&str> = self
             .pending
             .values()
+            .filter(|p| {
+                views
+                    .get(&p.step.target)
+                    .is_some_and(|v| v.status_since >= p.started)
+            })
             .map(|p| p.step.target.as_str())
             .collect();
         for s in symptoms {
@@ -596,10 +605,7 @@ impl Supervisor {
         }
         timer.observe_duration();
         let dropped = self.p.buffer.dropped().saturating_sub(dropped_before);
-        self.p
-            .metrics
-            .store_dropped_events_total
-            .inc_by(dropped as u64);
+        self.p.metrics.store_dropped_events_total.inc_by(dropped);
         self.p
             .metrics
             .store_buffered_events

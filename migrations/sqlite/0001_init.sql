@@ -36,7 +36,7 @@ CREATE TABLE svid_lifecycles (
     first_seen_ms  INTEGER NOT NULL,
     replaced_at_ms INTEGER,
     PRIMARY KEY (agent, spiffe_id, serial)
-) STRICT;
+) STRICT, WITHOUT ROWID;
 
 CREATE INDEX svid_lifecycles_first_seen ON svid_lifecycles (first_seen_ms);
 

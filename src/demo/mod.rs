@@ -383,18 +383,18 @@ impl Timeline {
                     ),
                 );
             }
-            if i.closed_at_ms.is_some() && prev.flatten().is_none() {
-                if let Some(c) = i.closed_at_ms {
-                    self.say(
-                        out,
-                        self.at(c),
-                        &format!(
-                            "incident closed: {} after {:.2}s",
-                            i.symptom,
-                            (c - i.opened_at_ms) as f64 / 1000.0
-                        ),
-                    );
-                }
+            if let Some(c) = i.closed_at_ms
+                && prev.flatten().is_none()
+            {
+                self.say(
+                    out,
+                    self.at(c),
+                    &format!(
+                        "incident closed: {} after {:.2}s",
+                        i.symptom,
+                        (c - i.opened_at_ms) as f64 / 1000.0
+                    ),
+                );
             }
             self.incidents.insert(i.id.clone(), i.closed_at_ms);
         }

@@ -116,7 +116,10 @@ impl SqliteStore {
                 .filename(path)
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Normal);
+                .synchronous(SqliteSynchronous::Normal)
+                .pragma("cache_size", "-32768")
+                .pragma("wal_autocheckpoint", "10000")
+                .pragma("temp_store", "memory");
             let pool = SqlitePoolOptions::new().max_connections(MAX_CONNECTIONS);
             (options, pool)
         };

@@ -3,8 +3,9 @@
 //! A background task keeps `FetchX509SVID` and `FetchX509Bundles` streams open
 //! (header `workload.spiffe.io: true`), validates every SVID against the
 //! X509-SVID rules, and publishes an [`AgentView`]. Reconnects follow the
-//! spec's codes: `InvalidArgument`/`Unimplemented` are not retried until a
-//! refetch asks for it; everything else is retried with capped exponential
+//! spec's codes: after `InvalidArgument`/`Unimplemented` ("do not retry") the
+//! status is `Rejected` and the next attempt waits the full `backoff_max`
+//! (or a refetch); everything else is retried with capped exponential
 //! backoff. A connected stream that stays silent past `answer_timeout` is
 //! `Unanswered` (a frozen agent accepts connections but never answers).
 
@@ -407,6 +408,18 @@ impl WorkloadApiTask {
             }
         }
         self.shared.update(|v| {
+            let rotated = svids
+                .iter()
+                .filter(|s| {
+                    !s.serial.is_empty()
+                        && v.svids.iter().any(|o| {
+                            o.spiffe_id == s.spiffe_id
+                                && !o.serial.is_empty()
+                                && o.serial != s.serial
+                        })
+                })
+                .count() as u64;
+            v.rotations += rotated;
             v.svids = svids;
             v.last_message = Some(now);
             v.updated_at = now;

@@ -1,1 +1,887 @@
+//! The loop driven tick by tick with literal times: fake sensors and
+//! actuators, a real SQLite store, the built-in policy.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde_json::json;
+use tempfile::TempDir;
+use tokio::sync::Notify;
+
+use super::*;
+use crate::actuators::{Actuator, ActuatorError, Registry};
+use crate::clock::{Clock, ManualClock, unix_millis};
+use crate::knowledge::{
+    self, ActionRecord, HoldRecord, IncidentRecord, Knowledge, Query, Store, StoreError, SvidRecord,
+};
+use crate::model::{
+    AgentView, Event, Outcome, Reading, Step, StreamStatus, SvidObservation, SymptomKind,
+    Verification,
+};
+use crate::policy::{Policy, Rung};
+use crate::sensors::{Sensor, SensorError};
+use crate::telemetry::metrics::sample;
+use crate::telemetry::{Health, Metrics};
+
+/// `secs` seconds into the test's timeline.
+fn t(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+}
+
+const SPIFFE_ID: &str = "spiffe://example.org/workload/web";
+/// Generous bound for a spawned fake action to report back.
+const WAIT: Duration = Duration::from_secs(5);
+
+// === Fixtures ===
+
+fn svid(serial: &str, from: u64, to: u64) -> SvidObservation {
+    SvidObservation {
+        spiffe_id: SPIFFE_ID.to_string(),
+        serial: serial.to_string(),
+        not_before: t(from),
+        not_after: t(to),
+        invalid: None,
+        first_seen: t(from),
+    }
+}
+
+/// Agent `agent`, stream up since t(0), serving serial `01` valid from t(0)
+/// to t(100): overdue from t(65) under the built-in thresholds.
+fn view(agent: &str) -> AgentView {
+    AgentView {
+        agent: agent.to_string(),
+        status: StreamStatus::Up,
+        status_since: t(0),
+        last_error: None,
+        last_message: Some(t(0)),
+        svids: vec![svid("01", 0, 100)],
+        bundle_authorities: 1,
+        rotations: 0,
+        updated_at: t(0),
+    }
+}
+
+/// The view a fake sensor serves. While `heartbeat` is on, `updated_at` is
+/// stamped with the clock on every observation, as a live sensor task does.
+#[derive(Clone)]
+struct AgentHandle {
+    view: Arc<Mutex<AgentView>>,
+    heartbeat: Arc<AtomicBool>,
+}
+
+impl AgentHandle {
+    fn new(view: AgentView) -> Self {
+        Self {
+            view: Arc::new(Mutex::new(view)),
+            heartbeat: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut AgentView)) {
+        f(&mut self.view.lock().unwrap());
+    }
+
+    /// The agent rotates: serial `serial`, valid for 100 s from `at`.
+    fn rotate(&self, serial: &str, at: u64) {
+        self.update(|v| v.svids = vec![svid(serial, at, at + 100)]);
+    }
+
+    /// The stream drops at `at`.
+    fn drop_stream(&self, at: u64) {
+        self.update(|v| {
+            v.status = StreamStatus::Down;
+            v.status_since = t(at);
+            v.last_error = Some("unavailable".into());
+        });
+    }
+}
+
+struct FakeSensor {
+    agent: String,
+    handle: AgentHandle,
+    clock: Arc<ManualClock>,
+}
+
+#[async_trait]
+impl Sensor for FakeSensor {
+    fn name(&self) -> &'static str {
+        "workload_api"
+    }
+    fn instance(&self) -> &str {
+        &self.agent
+    }
+    async fn observe(&self) -> Result<Vec<Reading>, SensorError> {
+        let mut v = self.handle.view.lock().unwrap().clone();
+        if self.handle.heartbeat.load(Ordering::SeqCst) {
+            v.updated_at = self.clock.now();
+        }
+        Ok(vec![Reading::WorkloadApi(v)])
+    }
+}
+
+type Effect = Box<dyn Fn() + Send + Sync>;
+
+/// Records every step it is given and answers `Ok`, running `effect` first
+/// (e.g. "the restart healed the agent").
+#[derive(Default)]
+struct FakeActuator {
+    calls: Mutex<Vec<Step>>,
+    effect: Mutex<Option<Effect>>,
+}
+
+impl FakeActuator {
+    fn on_run(&self, f: impl Fn() + Send + Sync + 'static) {
+        *self.effect.lock().unwrap() = Some(Box::new(f));
+    }
+
+    fn calls(&self) -> Vec<Step> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl Actuator for FakeActuator {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+    async fn execute(&self, step: &Step) -> Result<Outcome, ActuatorError> {
+        self.calls.lock().unwrap().push(step.clone());
+        if let Some(f) = &*self.effect.lock().unwrap() {
+            f();
+        }
+        Ok(Outcome::ok(json!({ "fake": true })))
+    }
+}
+
+/// Delegates to a real store but fails every call while `down` is set.
+struct FlakyStore {
+    inner: Arc<dyn Store>,
+    down: AtomicBool,
+}
+
+impl FlakyStore {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl Store for FlakyStore {
+    fn backend(&self) -> &'static str {
+        "flaky"
+    }
+    async fn apply(&self, events: &[Event]) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.apply(events).await
+    }
+    async fn load_knowledge(&self, since: SystemTime) -> Result<Knowledge, StoreError> {
+        self.check()?;
+        self.inner.load_knowledge(since).await
+    }
+    async fn incidents(&self, q: &Query) -> Result<Vec<IncidentRecord>, StoreError> {
+        self.check()?;
+        self.inner.incidents(q).await
+    }
+    async fn actions(&self, q: &Query) -> Result<Vec<ActionRecord>, StoreError> {
+        self.check()?;
+        self.inner.actions(q).await
+    }
+    async fn svids(&self, q: &Query) -> Result<Vec<SvidRecord>, StoreError> {
+        self.check()?;
+        self.inner.svids(q).await
+    }
+    async fn holds(&self, q: &Query) -> Result<Vec<HoldRecord>, StoreError> {
+        self.check()?;
+        self.inner.holds(q).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.ping().await
+    }
+}
+
+/// Everything around a supervisor, shared by the supervisors a test builds.
+struct Harness {
+    _dir: TempDir,
+    url: String,
+    store: Arc<dyn Store>,
+    clock: Arc<ManualClock>,
+    metrics: Arc<Metrics>,
+    wake: Arc<Notify>,
+    agents: Vec<(String, AgentHandle)>,
+    refetch: Arc<FakeActuator>,
+    restart: Arc<FakeActuator>,
+    policy: Policy,
+    dry_run: bool,
+}
+
+impl Harness {
+    /// Agents serving `views`, a fresh SQLite file, the built-in policy.
+    async fn new(views: Vec<AgentView>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = knowledge::open(&url).await.expect("open SQLite store");
+        Self {
+            _dir: dir,
+            url,
+            store,
+            clock: Arc::new(ManualClock::new(t(0))),
+            metrics: Arc::new(Metrics::new()),
+            wake: Arc::new(Notify::new()),
+            agents: views
+                .into_iter()
+                .map(|v| (v.agent.clone(), AgentHandle::new(v)))
+                .collect(),
+            refetch: Arc::default(),
+            restart: Arc::default(),
+            policy: Policy::builtin().unwrap(),
+            dry_run: false,
+        }
+    }
+
+    fn agent(&self, name: &str) -> AgentHandle {
+        self.agents
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, h)| h.clone())
+            .expect("known agent")
+    }
+
+    fn parts(&self, store: Arc<dyn Store>) -> Parts {
+        let sensors: Vec<Box<dyn Sensor>> = self
+            .agents
+            .iter()
+            .map(|(name, handle)| {
+                Box::new(FakeSensor {
+                    agent: name.clone(),
+                    handle: handle.clone(),
+                    clock: self.clock.clone(),
+                }) as Box<dyn Sensor>
+            })
+            .collect();
+        let actuators: Registry = HashMap::from([
+            (
+                "refetch".to_string(),
+                self.refetch.clone() as Arc<dyn Actuator>,
+            ),
+            (
+                "restart-agent".to_string(),
+                self.restart.clone() as Arc<dyn Actuator>,
+            ),
+        ]);
+        Parts {
+            clock: self.clock.clone(),
+            sensors,
+            actuators,
+            policy: self.policy.clone(),
+            dry_run: self.dry_run,
+            buffer: Buffer::new(store, 10_000),
+            metrics: self.metrics.clone(),
+            health: Arc::new(Health::new(Duration::from_secs(60))),
+            wake: self.wake.clone(),
+            tick_interval: Duration::from_secs(1),
+        }
+    }
+
+    /// A supervisor over `store`, resuming from what it holds.
+    async fn supervisor_over(&self, store: Arc<dyn Store>) -> Supervisor {
+        let since = self.clock.now() - HOUR;
+        let knowledge = store.load_knowledge(since).await.expect("load knowledge");
+        Supervisor::new(self.parts(store), knowledge)
+    }
+
+    async fn supervisor(&self) -> Supervisor {
+        self.supervisor_over(self.store.clone()).await
+    }
+
+    /// Moves the clock to `t(at)` and ticks there.
+    async fn tick(&self, sup: &mut Supervisor, at: u64) -> TickReport {
+        self.clock.set(t(at));
+        sup.tick(t(at)).await
+    }
+
+    /// Waits until a spawned action has sent its result (it notifies `wake`
+    /// right after).
+    async fn action_finished(&self) {
+        tokio::time::timeout(WAIT, self.wake.notified())
+            .await
+            .expect("the action reports back");
+    }
+
+    async fn incidents(&self) -> Vec<IncidentRecord> {
+        self.store.incidents(&Query::default()).await.unwrap()
+    }
+
+    async fn actions(&self) -> Vec<ActionRecord> {
+        let mut a = self.store.actions(&Query::default()).await.unwrap();
+        a.sort_by_key(|a| (a.started_at_ms, a.rung));
+        a
+    }
+
+    async fn holds(&self) -> Vec<HoldRecord> {
+        self.store.holds(&Query::default()).await.unwrap()
+    }
+
+    fn metric(&self, series: &str) -> Option<f64> {
+        sample(&self.metrics.render(), series)
+    }
+}
+
+/// A policy whose overdue ladder is `refetch` only, so a repeat of the same
+/// (target, actuator) is what the cooldown guards.
+fn refetch_only(mut policy: Policy) -> Policy {
+    let rung = Rung {
+        actuator: "refetch".into(),
+        timeout: Duration::from_secs(5),
+        verify_within: Duration::from_secs(4),
+        cooldown: None,
+    };
+    policy
+        .ladders
+        .insert(SymptomKind::SvidRotationOverdue.as_str().into(), vec![rung]);
+    policy
+}
+
+fn kinds(report: &TickReport) -> Vec<SymptomKind> {
+    report.symptoms.iter().map(|s| s.kind).collect()
+}
+
+// === Tests ===
+
+#[tokio::test]
+async fn overdue_escalates_from_refetch_to_restart_and_closes() {
+    let h = Harness::new(vec![view("a")]).await;
+    let agent = h.agent("a");
+    h.restart.on_run(move || agent.rotate("02", 75));
+    let mut sup = h.supervisor().await;
+
+    // t(70): 70 % of the lifetime, no new serial.
+    let r = h.tick(&mut sup, 70).await;
+    assert_eq!(kinds(&r), vec![SymptomKind::SvidRotationOverdue]);
+    assert_eq!(r.opened.len(), 1);
+    let incident = r.opened[0].clone();
+    assert_eq!(r.started.len(), 1);
+    let refetch = r.started[0].clone();
+    assert_eq!((refetch.actuator.as_str(), refetch.rung), ("refetch", 0));
+    assert_eq!(refetch.incident_id, incident);
+    assert_eq!(refetch.target, "a");
+    h.action_finished().await;
+    assert_eq!(h.refetch.calls().len(), 1);
+
+    // t(72): refetch returned ok but the serial did not change; still inside
+    // its verification window, so nothing else may run on the agent.
+    let r = h.tick(&mut sup, 72).await;
+    assert!(r.started.is_empty() && r.verified.is_empty() && r.closed.is_empty());
+
+    // t(75): the 4 s window has passed: failed; rung 1 runs.
+    let r = h.tick(&mut sup, 75).await;
+    assert_eq!(
+        r.verified,
+        vec![(refetch.action_id.clone(), Verification::Failed)]
+    );
+    assert_eq!(r.started.len(), 1);
+    let restart = r.started[0].clone();
+    assert_eq!(
+        (restart.actuator.as_str(), restart.rung),
+        ("restart-agent", 1)
+    );
+    h.action_finished().await;
+    assert_eq!(h.restart.calls().len(), 1);
+
+    // t(76): the restart delivered a new serial: the incident closes and the
+    // restart is verified.
+    let r = h.tick(&mut sup, 76).await;
+    assert!(r.symptoms.is_empty(), "{:?}", r.symptoms);
+    assert_eq!(r.closed, vec![incident.clone()]);
+    assert_eq!(
+        r.verified,
+        vec![(restart.action_id.clone(), Verification::Verified)]
+    );
+    assert!(sup.open_incidents().is_empty());
+    assert_eq!(r.buffered, 0);
+
+    let incidents = h.incidents().await;
+    assert_eq!(incidents.len(), 1);
+    let i = &incidents[0];
+    assert_eq!(i.id, incident);
+    assert_eq!(i.symptom, "svid_rotation_overdue");
+    assert_eq!(i.subject, format!("svid:a/{SPIFFE_ID}"));
+    assert_eq!(i.opened_at_ms, unix_millis(t(70)));
+    assert_eq!(i.closed_at_ms, Some(unix_millis(t(76))));
+    assert_eq!(i.resolution.as_deref(), Some("cleared"));
+    assert_eq!(i.predicted_outage_ms, Some(unix_millis(t(100))));
+    assert_eq!(i.next_rung, 2);
+
+    let actions = h.actions().await;
+    let summary: Vec<_> = actions
+        .iter()
+        .map(|a| {
+            (
+                a.id.as_str(),
+                a.actuator.as_str(),
+                a.outcome.as_deref(),
+                a.verification.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (
+                refetch.action_id.as_str(),
+                "refetch",
+                Some("ok"),
+                Some("failed")
+            ),
+            (
+                restart.action_id.as_str(),
+                "restart-agent",
+                Some("ok"),
+                Some("verified")
+            ),
+        ]
+    );
+    assert_eq!(actions[0].started_at_ms, unix_millis(t(70)));
+    assert_eq!(actions[0].verified_at_ms, Some(unix_millis(t(75))));
+    assert_eq!(actions[1].started_at_ms, unix_millis(t(75)));
+    assert_eq!(actions[1].verified_at_ms, Some(unix_millis(t(76))));
+    assert!(
+        actions
+            .iter()
+            .all(|a| a.incident_id == incident && !a.dry_run)
+    );
+
+    // Both serials are recorded; the first was replaced when the second came.
+    let mut svids = h.store.svids(&Query::default()).await.unwrap();
+    svids.sort_by(|a, b| a.serial.cmp(&b.serial));
+    assert_eq!(svids.len(), 2);
+    assert_eq!(svids[0].replaced_at_ms, Some(unix_millis(t(75))));
+    assert_eq!(svids[1].replaced_at_ms, None);
+
+    assert_eq!(
+        h.metric(
+            r#"spire_healer_incident_duration_seconds_count{symptom="svid_rotation_overdue"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        h.metric(r#"spire_healer_incident_duration_seconds_sum{symptom="svid_rotation_overdue"}"#),
+        Some(6.0)
+    );
+    assert_eq!(
+        h.metric(r#"spire_healer_actions_total{actuator="refetch",outcome="ok"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        h.metric(r#"spire_healer_verifications_total{actuator="refetch",result="failed"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        h.metric(r#"spire_healer_verifications_total{actuator="restart-agent",result="verified"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        h.metric(r#"spiffe_certificate_rotation_total{agent="a"}"#),
+        Some(1.0)
+    );
+    assert_eq!(h.metric("spire_healer_store_up"), Some(1.0));
+}
+
+#[tokio::test]
+async fn stream_down_opens_agent_unreachable_in_the_first_tick() {
+    let h = Harness::new(vec![view("a")]).await;
+    h.agent("a").drop_stream(20);
+    let mut sup = h.supervisor().await;
+
+    let r = h.tick(&mut sup, 20).await;
+    assert_eq!(kinds(&r), vec![SymptomKind::AgentUnreachable]);
+    assert_eq!(r.opened.len(), 1);
+    let symptom = &r.symptoms[0];
+    assert_eq!(
+        symptom.predicted_outage,
+        Some(t(100)),
+        "the cached SVID's notAfter"
+    );
+    assert_eq!(symptom.evidence["stream"], "down");
+    assert_eq!(r.started.len(), 1);
+    assert_eq!(r.started[0].actuator, "refetch");
+
+    let incidents = h.incidents().await;
+    assert_eq!(incidents.len(), 1);
+    assert_eq!(incidents[0].symptom, "agent_unreachable");
+    assert_eq!(incidents[0].subject, "agent:a");
+    assert_eq!(incidents[0].opened_at_ms, unix_millis(t(20)));
+    assert_eq!(incidents[0].predicted_outage_ms, Some(unix_millis(t(100))));
+    assert_eq!(
+        h.metric(r#"spire_healer_incidents_open{symptom="agent_unreachable"}"#),
+        Some(1.0)
+    );
+    h.action_finished().await;
+}
+
+#[tokio::test]
+async fn cooldown_and_open_incidents_survive_a_restart() {
+    let mut h = Harness::new(vec![view("a")]).await;
+    h.policy = refetch_only(h.policy);
+    let incident;
+    let refetch_id;
+    {
+        let mut first = h.supervisor().await;
+        let r = h.tick(&mut first, 70).await;
+        incident = r.opened[0].clone();
+        refetch_id = r.started[0].action_id.clone();
+        h.action_finished().await;
+        let r = h.tick(&mut first, 71).await;
+        assert_eq!(r.buffered, 0);
+    }
+    assert_eq!(h.refetch.calls().len(), 1);
+
+    // A new process on the same file: the overdue incident is still open and
+    // refetch on `a` ran 5 s ago (cooldown 20 s).
+    let reopened = knowledge::open(&h.url).await.unwrap();
+    let mut second = h.supervisor_over(reopened).await;
+    let restored = second.open_incidents();
+    assert_eq!(restored.len(), 1);
+    assert_eq!(restored[0].id, incident);
+    assert_eq!(restored[0].next_rung, 1);
+
+    let r = h.tick(&mut second, 76).await;
+    assert_eq!(kinds(&r), vec![SymptomKind::SvidRotationOverdue]);
+    assert!(r.opened.is_empty(), "no duplicate incident");
+    assert!(r.started.is_empty());
+    assert_eq!(h.refetch.calls().len(), 1);
+
+    // (The first process recorded target_busy while its refetch was pending.)
+    let holds: Vec<_> = h
+        .holds()
+        .await
+        .into_iter()
+        .filter(|h| h.at_ms == unix_millis(t(76)))
+        .collect();
+    assert_eq!(holds.len(), 1, "{holds:?}");
+    assert_eq!(holds[0].incident_id, incident);
+    assert_eq!(holds[0].actuator, "refetch");
+    assert_eq!(holds[0].target, "a");
+    assert_eq!(holds[0].reason, "cooldown");
+    assert_eq!(holds[0].at_ms, unix_millis(t(76)));
+    let incidents = h.incidents().await;
+    assert_eq!(incidents.len(), 1);
+    assert_eq!(incidents[0].closed_at_ms, None);
+    let actions = h.actions().await;
+    assert_eq!(actions.len(), 1);
+    assert_eq!(actions[0].id, refetch_id);
+    assert_eq!(
+        h.metric(r#"spire_healer_holds_total{reason="cooldown"}"#),
+        Some(1.0)
+    );
+
+    // Once the cooldown has passed, refetch runs again.
+    let r = h.tick(&mut second, 91).await;
+    assert_eq!(r.started.len(), 1);
+    assert_eq!(r.started[0].actuator, "refetch");
+    h.action_finished().await;
+}
+
+#[tokio::test]
+async fn hourly_budget_holds_the_second_incident() {
+    let mut h = Harness::new(vec![view("a"), view("b")]).await;
+    h.policy.guards.budget_per_hour = 1;
+    let mut sup = h.supervisor().await;
+
+    let r = h.tick(&mut sup, 70).await;
+    assert_eq!(r.opened.len(), 2);
+    assert_eq!(r.started.len(), 1);
+    let acted = r.started[0].incident_id.clone();
+    let other = r.opened.iter().find(|id| **id != acted).unwrap().clone();
+    h.action_finished().await;
+
+    let holds = h.holds().await;
+    assert_eq!(holds.len(), 1, "{holds:?}");
+    assert_eq!(holds[0].incident_id, other);
+    assert_eq!(holds[0].reason, "budget");
+    assert_eq!(holds[0].actuator, "refetch");
+    assert_ne!(holds[0].target, r.started[0].target);
+    assert_eq!(
+        h.metric(r#"spire_healer_holds_total{reason="budget"}"#),
+        Some(1.0)
+    );
+
+    // Still spent on the next tick; the same hold is not recorded twice.
+    let r = h.tick(&mut sup, 71).await;
+    assert!(r.started.is_empty());
+    let budget: Vec<_> = h
+        .holds()
+        .await
+        .into_iter()
+        .filter(|h| h.reason == "budget")
+        .collect();
+    assert_eq!(budget.len(), 1, "{budget:?}");
+    assert_eq!(h.refetch.calls().len(), 1);
+    assert!(h.restart.calls().is_empty());
+}
+
+#[tokio::test]
+async fn dry_run_records_without_acting() {
+    let mut h = Harness::new(vec![view("a")]).await;
+    h.dry_run = true;
+    let mut sup = h.supervisor().await;
+
+    let r = h.tick(&mut sup, 70).await;
+    assert_eq!(r.started.len(), 1);
+    let step = r.started[0].clone();
+    assert!(step.dry_run);
+
+    // A dry run is not verified against the symptom: skipped once the window
+    // has passed.
+    let r = h.tick(&mut sup, 72).await;
+    assert!(r.verified.is_empty());
+    let r = h.tick(&mut sup, 75).await;
+    assert_eq!(
+        r.verified,
+        vec![(step.action_id.clone(), Verification::Skipped)]
+    );
+
+    assert!(h.refetch.calls().is_empty());
+    assert!(h.restart.calls().is_empty());
+    let actions = h.actions().await;
+    let a = actions.iter().find(|a| a.id == step.action_id).unwrap();
+    assert!(a.dry_run);
+    assert_eq!(a.outcome.as_deref(), Some("dry_run"));
+    assert_eq!(a.verification.as_deref(), Some("skipped"));
+    assert!(actions.iter().all(|a| a.dry_run));
+    assert_eq!(
+        h.metric(r#"spire_healer_actions_total{actuator="refetch",outcome="dry_run"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        h.metric(r#"spire_healer_verifications_total{actuator="refetch",result="skipped"}"#),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn blind_view_opens_but_never_acts() {
+    let h = Harness::new(vec![view("a")]).await;
+    let agent = h.agent("a");
+    agent.heartbeat.store(false, Ordering::SeqCst);
+    // Last refreshed 20 s before the tick; max_staleness is 10 s.
+    agent.update(|v| v.updated_at = t(50));
+    let mut sup = h.supervisor().await;
+
+    let r = h.tick(&mut sup, 70).await;
+    assert_eq!(kinds(&r), vec![SymptomKind::SvidRotationOverdue]);
+    assert!(r.symptoms.iter().all(|s| s.blind));
+    assert_eq!(r.opened.len(), 1);
+    let incident = r.opened[0].clone();
+    assert!(r.started.is_empty());
+    let r = h.tick(&mut sup, 71).await;
+    assert!(r.started.is_empty());
+
+    assert!(h.refetch.calls().is_empty());
+    assert!(h.restart.calls().is_empty());
+    assert!(h.actions().await.is_empty());
+    let holds = h.holds().await;
+    assert_eq!(
+        holds.len(),
+        1,
+        "recorded once, not once per tick: {holds:?}"
+    );
+    assert_eq!(holds[0].reason, "blind");
+    assert_eq!(holds[0].actuator, "refetch");
+    assert_eq!(holds[0].incident_id, incident);
+    assert_eq!(
+        h.metric(r#"spire_healer_holds_total{reason="blind"}"#),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn store_outage_buffers_then_lands_everything_once() {
+    let h = Harness::new(vec![view("a")]).await;
+    let agent = h.agent("a");
+    h.restart.on_run(move || agent.rotate("02", 75));
+    let flaky = Arc::new(FlakyStore {
+        inner: h.store.clone(),
+        down: AtomicBool::new(false),
+    });
+    let mut sup = h.supervisor_over(flaky.clone()).await;
+
+    let r = h.tick(&mut sup, 10).await;
+    assert_eq!(r.buffered, 0);
+    assert_eq!(h.metric("spire_healer_store_up"), Some(1.0));
+
+    flaky.down.store(true, Ordering::SeqCst);
+    let mut buffered = Vec::new();
+    // The whole incident happens while the database is away.
+    let r = h.tick(&mut sup, 70).await;
+    assert_eq!(r.opened.len(), 1);
+    assert_eq!(
+        r.started.len(),
+        1,
+        "acts even though the start is not yet recorded"
+    );
+    let incident = r.opened[0].clone();
+    buffered.push(r.buffered);
+    h.action_finished().await;
+    let r = h.tick(&mut sup, 72).await;
+    buffered.push(r.buffered);
+    let r = h.tick(&mut sup, 75).await;
+    assert_eq!(r.started.len(), 1);
+    buffered.push(r.buffered);
+    h.action_finished().await;
+    let r = h.tick(&mut sup, 76).await;
+    assert_eq!(r.closed, vec![incident.clone()]);
+    buffered.push(r.buffered);
+
+    assert!(buffered[0] > 0, "{buffered:?}");
+    assert!(buffered.windows(2).all(|w| w[1] > w[0]), "{buffered:?}");
+    assert_eq!(h.metric("spire_healer_store_up"), Some(0.0));
+    assert_eq!(
+        h.metric("spire_healer_store_buffered_events"),
+        Some(buffered[3] as f64)
+    );
+    assert!(
+        h.metric(r#"spire_healer_errors_total{kind="unavailable",stage="store"}"#)
+            .is_some_and(|n| n >= 4.0)
+    );
+    assert!(
+        h.incidents().await.is_empty(),
+        "nothing reached the store yet"
+    );
+
+    flaky.down.store(false, Ordering::SeqCst);
+    let r = h.tick(&mut sup, 77).await;
+    assert_eq!(r.buffered, 0);
+    assert_eq!(h.metric("spire_healer_store_up"), Some(1.0));
+    assert_eq!(h.metric("spire_healer_store_buffered_events"), Some(0.0));
+
+    let incidents = h.incidents().await;
+    assert_eq!(incidents.len(), 1);
+    assert_eq!(incidents[0].id, incident);
+    assert_eq!(incidents[0].closed_at_ms, Some(unix_millis(t(76))));
+    assert_eq!(incidents[0].next_rung, 2);
+    let actions = h.actions().await;
+    let summary: Vec<_> = actions
+        .iter()
+        .map(|a| {
+            (
+                a.actuator.as_str(),
+                a.outcome.as_deref(),
+                a.verification.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("refetch", Some("ok"), Some("failed")),
+            ("restart-agent", Some("ok"), Some("verified")),
+        ]
+    );
+    let holds = h.holds().await;
+    assert_eq!(holds.len(), 1, "{holds:?}");
+    assert_eq!(holds[0].reason, "target_busy");
+    let svids = h.store.svids(&Query::default()).await.unwrap();
+    assert_eq!(svids.len(), 2);
+    assert_eq!(
+        h.metric("spire_healer_store_dropped_events_total"),
+        Some(0.0)
+    );
+}
+
+#[tokio::test]
+async fn unfinished_action_is_closed_as_abandoned() {
+    let h = Harness::new(vec![view("a")]).await;
+    let step = Step {
+        action_id: "action-1".into(),
+        incident_id: "incident-1".into(),
+        symptom: SymptomKind::AgentUnreachable,
+        rung: 1,
+        actuator: "restart-agent".into(),
+        target: "a".into(),
+        params: json!({}),
+        timeout: Duration::from_secs(30),
+        verify_within: Duration::from_secs(20),
+        dry_run: false,
+    };
+    h.store
+        .apply(&[Event::ActionStarted { step, at: t(5) }])
+        .await
+        .unwrap();
+
+    h.clock.set(t(10));
+    let mut sup = h.supervisor().await;
+    let r = h.tick(&mut sup, 10).await;
+    assert_eq!(r.buffered, 0);
+
+    let actions = h.actions().await;
+    assert_eq!(actions.len(), 1);
+    let a = &actions[0];
+    assert_eq!(a.id, "action-1");
+    assert_eq!(a.outcome.as_deref(), Some("error"));
+    assert_eq!(a.finished_at_ms, Some(unix_millis(t(10))));
+    assert!(
+        a.error.as_deref().is_some_and(|e| e.contains("abandoned")),
+        "{a:?}"
+    );
+    assert!(
+        h.restart.calls().is_empty(),
+        "an abandoned action is not re-run"
+    );
+}
+
+#[tokio::test]
+async fn unreachable_waits_for_the_pending_verdict() {
+    let mut h = Harness::new(vec![view("a")]).await;
+    h.policy = refetch_only(h.policy);
+    let agent = h.agent("a");
+    // The refetch drops the stream and it does not come back.
+    h.refetch.on_run(move || agent.drop_stream(70));
+    let mut sup = h.supervisor().await;
+
+    let r = h.tick(&mut sup, 70).await;
+    assert_eq!(r.started.len(), 1);
+    let refetch = r.started[0].action_id.clone();
+    h.action_finished().await;
+
+    // The stream is down but the refetch is still being verified: expected,
+    // so agent_unreachable is present but not opened.
+    for at in [71, 73] {
+        let r = h.tick(&mut sup, at).await;
+        assert!(
+            kinds(&r).contains(&SymptomKind::AgentUnreachable),
+            "at {at}"
+        );
+        assert!(r.opened.is_empty(), "at {at}");
+    }
+    // t(75): the verdict comes in this tick (after incidents were tracked);
+    // refetch is now cooling down, so the agent is no longer busy.
+    let r = h.tick(&mut sup, 75).await;
+    assert_eq!(r.verified, vec![(refetch, Verification::Failed)]);
+    assert!(r.opened.is_empty());
+    assert!(r.started.is_empty());
+
+    // t(76): still down with nothing pending: it opens.
+    let r = h.tick(&mut sup, 76).await;
+    assert_eq!(r.opened.len(), 1);
+    let open: Vec<_> = h
+        .incidents()
+        .await
+        .into_iter()
+        .filter(|i| i.symptom == "agent_unreachable")
+        .collect();
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0].id, r.opened[0]);
+    assert_eq!(open[0].opened_at_ms, unix_millis(t(76)));
+    assert_eq!(
+        h.metric(r#"spire_healer_incidents_opened_total{symptom="agent_unreachable"}"#),
+        Some(1.0)
+    );
+}

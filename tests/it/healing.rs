@@ -127,7 +127,7 @@ async fn heals_a_killed_agent() -> Result<()> {
     assert_eq!(restart.outcome.as_deref(), Some("ok"));
     assert_eq!(restart.verification.as_deref(), Some("verified"));
     assert_eq!(restart.detail.as_ref().unwrap()["exit_code"], 0);
-    assert_eq!(incident.predicted_outage_ms.is_some(), true);
+    assert!(incident.predicted_outage_ms.is_some());
     assert_ne!(lab.agent_pid(), old_pid, "a new agent process runs");
     assert!(lab.agent_pid().is_some());
     let mttr = secs(incident.opened_at_ms, closed.closed_at_ms.unwrap());

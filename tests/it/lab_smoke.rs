@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use tokio::process::Command;
 use tokio::time::{Instant, sleep, timeout};
 
-use crate::spire_lab::{LabOptions, SpireLab, WAIT_LIMIT, effective_uid, log_tail, process_alive};
+use crate::spire_lab::{LabOptions, SpireLab, WAIT_LIMIT, log_tail, process_alive};
 
 /// Polls `spire-agent api fetch x509` until it succeeds and returns `id`.
 async fn wait_fetch_has(lab: &SpireLab, id: &str) -> Result<()> {
@@ -43,7 +43,7 @@ async fn wait_health_ok(lab: &SpireLab) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lab_fetch_then_external_restart() -> Result<()> {
     let lab = SpireLab::start(LabOptions::default()).await?;
-    let uid = effective_uid()?;
+    let uid = nix::unistd::geteuid().as_raw();
     lab.register_entry("/smoke/restart", uid, 30).await?;
     lab.wait_for_entry_synced("/smoke/restart").await?;
     let id = lab.spiffe_id("/smoke/restart");
@@ -104,7 +104,7 @@ async fn lab_fetch_then_external_restart() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lab_freeze_and_thaw() -> Result<()> {
     let lab = SpireLab::start(LabOptions::default()).await?;
-    let uid = effective_uid()?;
+    let uid = nix::unistd::geteuid().as_raw();
     lab.register_entry("/smoke/freeze", uid, 30).await?;
     lab.wait_for_entry_synced("/smoke/freeze").await?;
     let id = lab.spiffe_id("/smoke/freeze");

@@ -986,18 +986,6 @@ pub fn process_alive(pid: i32) -> bool {
     }
 }
 
-/// This process's effective uid (what the agent's unix WorkloadAttestor
-/// sees), from `/proc/self/status`.
-pub fn effective_uid() -> Result<u32> {
-    let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1))
-        .and_then(|euid| euid.parse().ok())
-        .ok_or_else(|| anyhow!("no effective uid in /proc/self/status"))
-}
-
 /// The last lines of a log file, for error messages.
 pub fn log_tail(path: &Path) -> String {
     match fs::read(path) {

@@ -344,7 +344,9 @@ async fn rotation_delivers_a_new_serial() {
     assert_eq!(next.svids.len(), 1, "full state: the old SVID is gone");
     assert_eq!(s.spiffe_id, SPIFFE_ID);
     assert_eq!(s.invalid, None);
-    assert!(s.not_after > first.svids[0].not_after, "{next:#?}");
+    // Certificate times have whole-second precision: a rotation within the
+    // same second may keep the notAfter.
+    assert!(s.not_after >= first.svids[0].not_after, "{next:#?}");
     assert!(s.first_seen >= first.svids[0].first_seen);
     assert_eq!(next.status, StreamStatus::Up);
 
