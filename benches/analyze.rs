@@ -63,7 +63,7 @@ fn views(now: SystemTime) -> Vec<AgentView> {
 }
 
 /// One sensor serving every agent's view (as a server-API sensor would).
-struct FleetSensor(Vec<AgentView>);
+struct FleetSensor(Vec<Arc<AgentView>>);
 
 #[async_trait]
 impl Sensor for FleetSensor {
@@ -132,7 +132,9 @@ fn bench(c: &mut Criterion) {
     let mut supervisor = Supervisor::new(
         Parts {
             clock: clock.clone() as Arc<dyn Clock>,
-            sensors: vec![Box::new(FleetSensor(fleet))],
+            sensors: vec![Box::new(FleetSensor(
+                fleet.into_iter().map(Arc::new).collect(),
+            ))],
             actuators: Default::default(),
             policy,
             dry_run: true,

@@ -13,15 +13,15 @@ use crate::model::{AgentView, Severity, StreamStatus, Subject, Symptom, SymptomK
 use crate::policy::Thresholds;
 
 /// Symptoms present at `now`.
-pub fn analyze(
-    views: &[AgentView],
+pub fn analyze<V: std::borrow::Borrow<AgentView>>(
+    views: &[V],
     is_open: &dyn Fn(&SymptomKey) -> bool,
     th: &Thresholds,
     now: SystemTime,
 ) -> Vec<Symptom> {
     let mut out = Vec::new();
     for view in views {
-        agent_symptoms(view, is_open, th, now, &mut out);
+        agent_symptoms(view.borrow(), is_open, th, now, &mut out);
     }
     out
 }
@@ -76,71 +76,70 @@ fn agent_symptoms(
     }
 
     for svid in &view.svids {
-        let subject = Subject::svid(&view.agent, &svid.spiffe_id);
         let frac = svid.elapsed_fraction(now);
-        let evidence = || {
-            json!({
+        let expired = now >= svid.not_after;
+        let checks = [
+            (
+                SymptomKind::SvidExpired,
+                expired,
+                !expired,
+                Severity::Critical,
+            ),
+            (
+                SymptomKind::SvidExpiring,
+                !expired && frac >= th.expiring_open,
+                expired || frac < th.expiring_close,
+                Severity::Critical,
+            ),
+            (
+                SymptomKind::SvidRotationOverdue,
+                !expired && frac >= th.rotation_overdue_open,
+                expired || frac < th.rotation_overdue_close,
+                Severity::Warning,
+            ),
+            (
+                SymptomKind::SvidInvalid,
+                svid.invalid.is_some(),
+                svid.invalid.is_none(),
+                Severity::Critical,
+            ),
+        ];
+        for (kind, open_if, close_if, severity) in checks {
+            // The open and close conditions are disjoint, so the incident
+            // state matters only inside the hysteresis band (neither holds).
+            // Subjects are built only then or when active: this runs for
+            // every SVID of the fleet on every tick.
+            if !open_if && close_if {
+                continue;
+            }
+            let key = SymptomKey {
+                kind,
+                subject: Subject::svid(&view.agent, &svid.spiffe_id),
+            };
+            if !open_if && !is_open(&key) {
+                continue;
+            }
+            let mut evidence = json!({
                 "serial": svid.serial,
                 "not_before_ms": unix_millis(svid.not_before),
                 "not_after_ms": unix_millis(svid.not_after),
                 "elapsed_fraction": (frac * 1000.0).round() / 1000.0,
                 "stream": view.status.as_str(),
-            })
-        };
-        let mut push = |kind: SymptomKind,
-                        open_if: bool,
-                        close_if: bool,
-                        severity: Severity,
-                        extra: Option<&str>| {
-            let key = SymptomKey {
-                kind,
-                subject: subject.clone(),
-            };
-            let active = if is_open(&key) { !close_if } else { open_if };
-            if active {
-                let mut ev = evidence();
-                if let Some(reason) = extra {
-                    ev["problem"] = json!(reason);
-                }
-                out.push(Symptom {
-                    kind,
-                    subject: key.subject,
-                    severity,
-                    predicted_outage: Some(svid.not_after),
-                    evidence: ev,
-                    blind,
-                });
+            });
+            if kind == SymptomKind::SvidInvalid
+                && let Some(problem) = &svid.invalid
+            {
+                evidence["problem"] = json!(problem);
             }
-        };
-        let expired = now >= svid.not_after;
-        push(
-            SymptomKind::SvidExpired,
-            expired,
-            !expired,
-            Severity::Critical,
-            None,
-        );
-        push(
-            SymptomKind::SvidExpiring,
-            !expired && frac >= th.expiring_open,
-            expired || frac < th.expiring_close,
-            Severity::Critical,
-            None,
-        );
-        push(
-            SymptomKind::SvidRotationOverdue,
-            !expired && frac >= th.rotation_overdue_open,
-            expired || frac < th.rotation_overdue_close,
-            Severity::Warning,
-            None,
-        );
-        push(
-            SymptomKind::SvidInvalid,
-            svid.invalid.is_some(),
-            svid.invalid.is_none(),
-            Severity::Critical,
-            svid.invalid.as_deref(),
-        );
+            out.push(Symptom {
+                kind,
+                subject: key.subject,
+                severity,
+                predicted_outage: Some(svid.not_after),
+                evidence,
+                blind,
+            });
+        }
     }
 }
 

@@ -166,12 +166,12 @@ pub struct AgentView {
     pub updated_at: SystemTime,
 }
 
-/// One sensor result, stamped by the supervisor.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+/// One sensor result.
+#[derive(Debug, Clone, PartialEq)]
 pub enum Reading {
-    /// From the `workload_api` sensor.
-    WorkloadApi(AgentView),
+    /// From the `workload_api` sensor: a shared, immutable snapshot, so a
+    /// fleet-sized view costs a pointer copy per tick, not a deep clone.
+    WorkloadApi(std::sync::Arc<AgentView>),
 }
 
 impl Reading {

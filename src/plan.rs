@@ -74,7 +74,7 @@ pub struct PlanInput<'a> {
     /// Active symptoms (for blindness).
     pub symptoms: &'a [Symptom],
     /// Open incidents.
-    pub incidents: &'a [Incident],
+    pub incidents: Vec<&'a Incident>,
     /// Agents with an action running or awaiting verification.
     pub busy_targets: &'a HashSet<String>,
     /// Last start per (target, actuator).
@@ -99,7 +99,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Decision> {
         .filter(|s| s.blind)
         .map(Symptom::key)
         .collect();
-    let mut order: Vec<&Incident> = input.incidents.iter().collect();
+    let mut order: Vec<&Incident> = input.incidents.clone();
     // Most urgent first: severity, then earliest predicted outage, then age.
     order.sort_by(|a, b| {
         b.severity
@@ -252,7 +252,7 @@ mod tests {
         let configured = |a: &str| c.configured.contains(&a);
         plan(&PlanInput {
             symptoms: &symptoms,
-            incidents: &c.incidents,
+            incidents: c.incidents.iter().collect(),
             busy_targets: &busy,
             last_run: &last_run,
             actions_last_hour: c.hour,

@@ -2,7 +2,7 @@
 //! sense → analyze → (open/close incidents) → verify → plan → execute →
 //! record; [`Supervisor::run`] repeats it until shutdown.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -22,6 +22,7 @@ use crate::model::{
 use crate::plan::{Decision, PlanInput, plan};
 use crate::policy::Policy;
 use crate::sensors::Sensor;
+use crate::telemetry::metrics::SVID_TOP_K;
 use crate::telemetry::{Health, Metrics};
 
 /// An action in flight or awaiting verification.
@@ -77,7 +78,7 @@ pub struct Parts {
 /// The supervisor.
 pub struct Supervisor {
     p: Parts,
-    views: HashMap<String, AgentView>,
+    views: HashMap<String, Arc<AgentView>>,
     incidents: HashMap<SymptomKey, Incident>,
     pending: HashMap<String, Pending>,
     last_run: HashMap<(String, String), SystemTime>,
@@ -168,6 +169,7 @@ impl Supervisor {
                 now,
             )
         };
+        self.views = views.into_iter().map(|v| (v.agent.clone(), v)).collect();
         self.update_symptom_gauges(&symptoms);
         self.track_incidents(&symptoms, now, &mut events, &mut report);
 
@@ -183,7 +185,7 @@ impl Supervisor {
         {
             self.recent_starts.pop_front();
         }
-        let incidents: Vec<Incident> = self.incidents.values().cloned().collect();
+        let incidents: Vec<&Incident> = self.incidents.values().collect();
         let busy: HashSet<String> = self
             .pending
             .values()
@@ -193,7 +195,7 @@ impl Supervisor {
         let configured = |name: &str| actuators.contains_key(name);
         let decisions = plan(&PlanInput {
             symptoms: &symptoms,
-            incidents: &incidents,
+            incidents,
             busy_targets: &busy,
             last_run: &self.last_run,
             actions_last_hour: self.recent_starts.len(),
@@ -291,7 +293,7 @@ impl Supervisor {
         report
     }
 
-    async fn sense(&mut self) -> Vec<AgentView> {
+    async fn sense(&mut self) -> Vec<Arc<AgentView>> {
         let mut out = Vec::new();
         for s in &self.p.sensors {
             let t = self
@@ -322,66 +324,89 @@ impl Supervisor {
         out
     }
 
-    /// SVID lifecycles: first delivery of a serial and its replacement.
-    fn record_lifecycles(&mut self, views: &[AgentView], now: SystemTime, events: &mut Vec<Event>) {
-        let mut expiries = Vec::new();
-        for v in views {
-            let agent_subject = Subject::agent(&v.agent);
-            if self.subjects.insert(agent_subject.clone()) {
-                events.push(Event::SubjectSeen {
-                    subject: agent_subject,
-                    at: now,
-                });
+    /// SVID lifecycles: first delivery of a serial and its replacement,
+    /// compared with the previous tick's views. Subjects are recorded with
+    /// their first serial (a new subject always brings a new serial).
+    fn record_lifecycles(
+        &mut self,
+        views: &[Arc<AgentView>],
+        now: SystemTime,
+        events: &mut Vec<Event>,
+    ) {
+        // Top-k soonest expiries without copying every SPIFFE ID: a max-heap
+        // of (notAfter, view index, svid index) bounded to k.
+        let mut soonest: BinaryHeap<(SystemTime, usize, usize)> = BinaryHeap::new();
+        for (vi, v) in views.iter().enumerate() {
+            if !self.views.contains_key(&v.agent) {
+                let subject = Subject::agent(&v.agent);
+                if self.subjects.insert(subject.clone()) {
+                    events.push(Event::SubjectSeen { subject, at: now });
+                }
             }
             let prev = self.views.get(&v.agent);
-            for s in &v.svids {
+            for (si, s) in v.svids.iter().enumerate() {
                 if s.serial.is_empty() {
                     continue;
                 }
-                expiries.push((
-                    v.agent.clone(),
-                    s.spiffe_id.clone(),
-                    unix_secs_f64(s.not_after),
-                    unix_secs_f64(s.not_after) - unix_secs_f64(now),
-                ));
+                if soonest.len() < SVID_TOP_K {
+                    soonest.push((s.not_after, vi, si));
+                } else if soonest.peek().is_some_and(|top| s.not_after < top.0) {
+                    soonest.pop();
+                    soonest.push((s.not_after, vi, si));
+                }
+                // Same position first: the agent's list order is stable.
+                let old = prev.and_then(|p| {
+                    p.svids
+                        .get(si)
+                        .filter(|o| o.spiffe_id == s.spiffe_id)
+                        .or_else(|| p.svids.iter().find(|o| o.spiffe_id == s.spiffe_id))
+                });
+                if old.is_some_and(|o| o.serial == s.serial) {
+                    continue;
+                }
                 let subject = Subject::svid(&v.agent, &s.spiffe_id);
                 if self.subjects.insert(subject.clone()) {
                     events.push(Event::SubjectSeen { subject, at: now });
                 }
-                let old = prev.and_then(|p| p.svids.iter().find(|o| o.spiffe_id == s.spiffe_id));
-                match old {
-                    Some(o) if o.serial == s.serial => {}
-                    _ => {
-                        events.push(Event::SvidSeen {
-                            agent: v.agent.clone(),
-                            spiffe_id: s.spiffe_id.clone(),
-                            serial: s.serial.clone(),
-                            not_before: s.not_before,
-                            not_after: s.not_after,
-                            at: s.first_seen,
-                        });
-                        if let Some(o) = old.filter(|o| !o.serial.is_empty()) {
-                            events.push(Event::SvidReplaced {
-                                agent: v.agent.clone(),
-                                spiffe_id: o.spiffe_id.clone(),
-                                serial: o.serial.clone(),
-                                at: s.first_seen,
-                            });
-                            self.p
-                                .metrics
-                                .spiffe_certificate_rotation_total
-                                .with_label_values(&[&v.agent])
-                                .inc();
-                            info!(agent = %v.agent, spiffe_id = %s.spiffe_id, old = %o.serial, new = %s.serial, "SVID rotated.");
-                        }
-                    }
+                events.push(Event::SvidSeen {
+                    agent: v.agent.clone(),
+                    spiffe_id: s.spiffe_id.clone(),
+                    serial: s.serial.clone(),
+                    not_before: s.not_before,
+                    not_after: s.not_after,
+                    at: s.first_seen,
+                });
+                if let Some(o) = old.filter(|o| !o.serial.is_empty()) {
+                    events.push(Event::SvidReplaced {
+                        agent: v.agent.clone(),
+                        spiffe_id: o.spiffe_id.clone(),
+                        serial: o.serial.clone(),
+                        at: s.first_seen,
+                    });
+                    self.p
+                        .metrics
+                        .spiffe_certificate_rotation_total
+                        .with_label_values(&[&v.agent])
+                        .inc();
+                    info!(agent = %v.agent, spiffe_id = %s.spiffe_id, old = %o.serial, new = %s.serial, "SVID rotated.");
                 }
             }
         }
-        self.p.metrics.set_svid_expiries(expiries);
-        for v in views {
-            self.views.insert(v.agent.clone(), v.clone());
-        }
+        let now_s = unix_secs_f64(now);
+        self.p.metrics.set_svid_expiries(
+            soonest
+                .into_iter()
+                .map(|(not_after, vi, si)| {
+                    let at = unix_secs_f64(not_after);
+                    (
+                        views[vi].agent.clone(),
+                        views[vi].svids[si].spiffe_id.clone(),
+                        at,
+                        at - now_s,
+                    )
+                })
+                .collect(),
+        );
     }
 
     fn update_symptom_gauges(&self, symptoms: &[Symptom]) {

@@ -6,6 +6,8 @@
 --   `*_ms`.
 -- * JSON is TEXT, checked with json_valid().
 -- * STRICT tables: a value of the wrong type is an error, not a silent cast.
+--   Tables keyed by short text (subjects, svid_lifecycles) are WITHOUT ROWID:
+--   the key is the table, with no second B-tree to keep in step.
 -- * CHECKs cover only closed sets that the domain types guarantee (severity,
 --   subject kind, outcome, verification). Symptom names, resolutions and hold
 --   reasons are open-ended and validated by the reader instead: widening a
@@ -23,7 +25,7 @@ CREATE TABLE subjects (
     first_seen_ms INTEGER NOT NULL,
     last_seen_ms  INTEGER NOT NULL,
     CHECK (first_seen_ms <= last_seen_ms)
-) STRICT;
+) STRICT, WITHOUT ROWID;
 
 CREATE TABLE svid_lifecycles (
     agent          TEXT    NOT NULL,

@@ -201,10 +201,16 @@ fn pg_admin_url() -> Option<String> {
     match std::env::var(PG_URL_ENV) {
         Ok(url) if !url.is_empty() => Some(url),
         _ if std::env::var(SKIP_PG_ENV).is_ok_and(|v| v == "1") => {
-            eprintln!(
-                "!!!! SKIPPING the PostgreSQL half of this test: {SKIP_PG_ENV}=1. \
-                 The PostgreSQL backend is NOT being tested. !!!!"
-            );
+            // Straight to stderr: the test harness captures `eprintln!`.
+            static BANNER: std::sync::Once = std::sync::Once::new();
+            BANNER.call_once(|| {
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "\n!!!! {SKIP_PG_ENV}=1: SKIPPING every PostgreSQL store test. \
+                     The PostgreSQL backend is NOT being tested. !!!!\n"
+                );
+            });
             None
         }
         _ => panic!(

@@ -123,7 +123,7 @@ impl Sensor for WorkloadApiSensor {
         &self.agent
     }
     async fn observe(&self) -> Result<Vec<Reading>, SensorError> {
-        Ok(vec![Reading::WorkloadApi(self.shared.view())])
+        Ok(vec![Reading::WorkloadApi(Arc::new(self.shared.view()))])
     }
 }
 

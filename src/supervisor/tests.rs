@@ -118,7 +118,7 @@ impl Sensor for FakeSensor {
         if self.handle.heartbeat.load(Ordering::SeqCst) {
             v.updated_at = self.clock.now();
         }
-        Ok(vec![Reading::WorkloadApi(v)])
+        Ok(vec![Reading::WorkloadApi(Arc::new(v))])
     }
 }
 

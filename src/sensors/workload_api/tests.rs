@@ -100,7 +100,7 @@ impl Running {
         let mut readings = self.sensor.observe().await.expect("observe never fails");
         assert_eq!(readings.len(), 1, "one reading per agent");
         match readings.remove(0) {
-            Reading::WorkloadApi(v) => v,
+            Reading::WorkloadApi(v) => (*v).clone(),
         }
     }
 
