@@ -2,7 +2,9 @@
 //! v1.15.3, installed by scripts/install-spire.sh) runs as child processes in
 //! temporary directories; spire-healer runs in-process against them.
 
+mod cli;
 mod healing;
 mod helpers;
+mod idle;
 mod lab_smoke;
 mod spire_lab;

@@ -1,0 +1,188 @@
+//! The binary's command line: exit codes, every config error at once, the
+//! store readers, and a graceful stop on SIGTERM.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Result;
+use spire_healer::knowledge;
+use spire_healer::model::{Event, Incident, Severity, Step, Subject, SymptomKind};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_spire-healer"))
+}
+
+#[test]
+fn check_config_reports_every_error_with_exit_64() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let regular = dir.path().join("not-a-socket");
+    std::fs::write(&regular, "x")?;
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[supervisor]
+tick_interval = "0s"
+[[agents]]
+name = "a"
+address = "unix://relative/api.sock"
+[[agents]]
+name = "b"
+address = "tcp://127.0.0.1:8081/path"
+[[agents]]
+name = "c"
+address = "unix://{}"
+"#,
+            regular.display()
+        ),
+    )?;
+    let out = bin().args(["check-config", "--config"]).arg(&cfg).output()?;
+    assert_eq!(out.status.code(), Some(64));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "4 problem(s)",
+        "supervisor.tick_interval",
+        "agents[0].address",
+        "agents[1].address",
+        "agents[2].address",
+        "regular file",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+    // Unknown keys are a parse error, also 64.
+    std::fs::write(&cfg, "[supervisor]\ntick = \"1s\"\n")?;
+    let out = bin().args(["check-config", "--config"]).arg(&cfg).output()?;
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tick"));
+    // `run` refuses the same config with the same code.
+    let out = bin().args(["run", "--config"]).arg(&cfg).output()?;
+    assert_eq!(out.status.code(), Some(64));
+    Ok(())
+}
+
+#[test]
+fn run_fails_clearly_when_the_database_is_unreachable() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        "[database]\nurl = \"postgres://u:secret-pw@127.0.0.1:1/db\"\n[http]\nenabled = false\n[[agents]]\nname = \"a\"\naddress = \"tcp://127.0.0.1:1\"\n",
+    )?;
+    let out = bin().args(["run", "--config"]).arg(&cfg).output()?;
+    assert_eq!(out.status.code(), Some(69));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("127.0.0.1:1"), "{err}");
+    assert!(!err.contains("secret-pw"), "password leaked: {err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn incidents_and_actions_read_the_store() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let url = format!("sqlite://{}", dir.path().join("h.db").display());
+    let store = knowledge::open(&url).await?;
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let incident = Incident {
+        id: "inc-1".into(),
+        kind: SymptomKind::AgentUnreachable,
+        subject: Subject::agent("node-a"),
+        severity: Severity::Warning,
+        opened_at: t,
+        predicted_outage: Some(t + Duration::from_secs(600)),
+        evidence: serde_json::json!({"stream": "down"}),
+        next_rung: 0,
+    };
+    let step = Step {
+        action_id: "act-1".into(),
+        incident_id: "inc-1".into(),
+        symptom: SymptomKind::AgentUnreachable,
+        rung: 0,
+        actuator: "refetch".into(),
+        target: "node-a".into(),
+        params: serde_json::json!({}),
+        timeout: Duration::from_secs(5),
+        verify_within: Duration::from_secs(3),
+        dry_run: false,
+    };
+    store
+        .apply(&[
+            Event::IncidentOpened { incident },
+            Event::ActionStarted { step, at: t },
+        ])
+        .await?;
+    drop(store);
+
+    let out = bin()
+        .args(["incidents", "--database", &url, "--output", "json"])
+        .output()?;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v[0]["id"], "inc-1");
+    assert_eq!(v[0]["symptom"], "agent_unreachable");
+
+    let out = bin().args(["incidents", "--database", &url]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("ID"), "{text}");
+    assert!(text.contains("agent:node-a") && text.contains("open"), "{text}");
+
+    let out = bin()
+        .args(["actions", "--database", &url, "--incident", "inc-1", "-o", "json"])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v[0]["actuator"], "refetch");
+    assert!(v[0]["outcome"].is_null());
+    Ok(())
+}
+
+#[tokio::test]
+async fn run_stops_gracefully_on_sigterm() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[database]\nurl = \"sqlite://{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n[[agents]]\nname = \"a\"\naddress = \"unix://{}\"\n",
+            dir.path().join("h.db").display(),
+            dir.path().join("missing.sock").display()
+        ),
+    )?;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_spire-healer"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .kill_on_drop(true)
+        .spawn()?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap_or(0) as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;
+    assert_eq!(status.code(), Some(0));
+    // The loop ran and recorded the agent it could not reach.
+    let store = knowledge::open(&format!("sqlite://{}", dir.path().join("h.db").display())).await?;
+    let incidents = store.incidents(&knowledge::Query::default()).await?;
+    assert!(
+        incidents.iter().any(|i| i.symptom == "agent_unreachable"),
+        "{incidents:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn demo_heals_every_fault_and_exits_0() -> Result<()> {
+    let out = bin()
+        .args(["demo", "--duration", "60s"])
+        .env("RUST_LOG", "error")
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("SIMULATION"), "{text}");
+    for fault in ["rotation stuck", "agent down", "invalid SVID"] {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(fault))
+            .unwrap_or_else(|| panic!("no row for {fault}:\n{text}"));
+        assert!(row.contains(" yes "), "{row}");
+    }
+    assert!(text.contains("Every fault was detected, healed and verified."));
+    Ok(())
+}
