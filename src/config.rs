@@ -562,3 +562,21 @@ argv = []
         assert!(r.warnings.iter().any(|w| w.contains("restart-agent")));
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    #[test]
+    fn shipped_example_config_is_valid() {
+        let text = include_str!("../deploy/examples/spire-healer.toml");
+        let c = Config::from_toml(text, "deploy/examples/spire-healer.toml").unwrap();
+        // The example's database directory exists only on a real host.
+        let env = |k: &str| {
+            (k == "SPIRE_HEALER_DATABASE_URL").then(|| "sqlite://healer-example.db".to_string())
+        };
+        let r = c.validate(&env).unwrap();
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        assert_eq!(r.endpoints[0].to_string(), "unix:///run/spire/agent/public/api.sock");
+    }
+}
