@@ -36,7 +36,12 @@ fn agent_symptoms(
     let blind = saturating_since(now, view.updated_at) > th.max_staleness;
     // Earliest notAfter among what the agent last served: when it stops
     // renewing, that is when workloads lose mTLS.
-    let earliest_expiry = view.svids.iter().map(|s| s.not_after).min();
+    let earliest_expiry = view
+        .svids
+        .iter()
+        .filter(|s| !s.serial.is_empty())
+        .map(|s| s.not_after)
+        .min();
 
     // agent_unreachable: opens after `unreachable_after` in a failed state,
     // closes only once the stream is up again (Connecting keeps it open).
@@ -76,8 +81,10 @@ fn agent_symptoms(
     }
 
     for svid in &view.svids {
+        // A leaf that did not parse has no lifetime: only svid_invalid applies.
+        let timed = !svid.serial.is_empty();
         let frac = svid.elapsed_fraction(now);
-        let expired = now >= svid.not_after;
+        let expired = timed && now >= svid.not_after;
         let checks = [
             (
                 SymptomKind::SvidExpired,
@@ -87,13 +94,13 @@ fn agent_symptoms(
             ),
             (
                 SymptomKind::SvidExpiring,
-                !expired && frac >= th.expiring_open,
+                timed && !expired && frac >= th.expiring_open,
                 expired || frac < th.expiring_close,
                 Severity::Critical,
             ),
             (
                 SymptomKind::SvidRotationOverdue,
-                !expired && frac >= th.rotation_overdue_open,
+                timed && !expired && frac >= th.rotation_overdue_open,
                 expired || frac < th.rotation_overdue_close,
                 Severity::Warning,
             ),
@@ -135,7 +142,7 @@ fn agent_symptoms(
                 kind,
                 subject: key.subject,
                 severity,
-                predicted_outage: Some(svid.not_after),
+                predicted_outage: timed.then_some(svid.not_after),
                 evidence,
                 blind,
             });
@@ -283,6 +290,18 @@ mod tests {
         let v = view(StreamStatus::Down, 20, 39);
         let got = analyze(&[v], &|_| false, &th(), t(40));
         assert!(got.iter().all(|s| !s.blind));
+    }
+
+    #[test]
+    fn unparsable_leaf_is_only_invalid() {
+        let mut v = view(StreamStatus::Up, 0, 10);
+        v.svids[0].serial.clear();
+        v.svids[0].not_before = UNIX_EPOCH;
+        v.svids[0].not_after = UNIX_EPOCH;
+        v.svids[0].invalid = Some("certificate 0 is malformed".into());
+        let got = analyze(&[v], &|_| false, &th(), t(10));
+        assert_eq!(kinds(&got), vec![SymptomKind::SvidInvalid]);
+        assert_eq!(got[0].predicted_outage, None);
     }
 
     #[test]

@@ -577,6 +577,9 @@ mod example_tests {
         };
         let r = c.validate(&env).unwrap();
         assert!(r.warnings.is_empty(), "{:?}", r.warnings);
-        assert_eq!(r.endpoints[0].to_string(), "unix:///run/spire/agent/public/api.sock");
+        assert_eq!(
+            r.endpoints[0].to_string(),
+            "unix:///run/spire/agent/public/api.sock"
+        );
     }
 }

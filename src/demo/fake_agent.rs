@@ -70,10 +70,14 @@ impl Inner {
         let flavor = self.lock_faults().flavor.unwrap_or(Flavor::Valid);
         let not_before = now - Duration::from_secs(10).min(self.ttl / 4);
         let not_after = now + self.ttl;
-        let (chain, key, serial) = self
+        let (mut chain, key, serial) = self
             .ca
             .issue(&self.spiffe_id, not_before, not_after, flavor)
             .map_err(|e| Status::internal(e.to_string()))?;
+        if flavor == Flavor::GarbageDer {
+            // A SEQUENCE header claiming more bytes than follow.
+            chain = vec![0x30, 0x82, 0x04, 0x00, 0xde, 0xad, 0xbe, 0xef];
+        }
         *self.lock_current() = Some(Current {
             chain,
             key,

@@ -17,6 +17,8 @@ pub enum Flavor {
     CaLeaf,
     /// Two URI SANs.
     TwoUriSans,
+    /// Not a certificate at all: DER-looking garbage in place of the chain.
+    GarbageDer,
 }
 
 /// Errors minting certificates.

@@ -37,7 +37,10 @@ address = "unix://{}"
             regular.display()
         ),
     )?;
-    let out = bin().args(["check-config", "--config"]).arg(&cfg).output()?;
+    let out = bin()
+        .args(["check-config", "--config"])
+        .arg(&cfg)
+        .output()?;
     assert_eq!(out.status.code(), Some(64));
     let text = String::from_utf8_lossy(&out.stdout);
     for want in [
@@ -52,7 +55,10 @@ address = "unix://{}"
     }
     // Unknown keys are a parse error, also 64.
     std::fs::write(&cfg, "[supervisor]\ntick = \"1s\"\n")?;
-    let out = bin().args(["check-config", "--config"]).arg(&cfg).output()?;
+    let out = bin()
+        .args(["check-config", "--config"])
+        .arg(&cfg)
+        .output()?;
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stdout).contains("tick"));
     // `run` refuses the same config with the same code.
@@ -116,7 +122,12 @@ async fn incidents_and_actions_read_the_store() -> Result<()> {
     let out = bin()
         .args(["incidents", "--database", &url, "--output", "json"])
         .output()?;
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(v[0]["id"], "inc-1");
     assert_eq!(v[0]["symptom"], "agent_unreachable");
@@ -124,10 +135,21 @@ async fn incidents_and_actions_read_the_store() -> Result<()> {
     let out = bin().args(["incidents", "--database", &url]).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("ID"), "{text}");
-    assert!(text.contains("agent:node-a") && text.contains("open"), "{text}");
+    assert!(
+        text.contains("agent:node-a") && text.contains("open"),
+        "{text}"
+    );
 
     let out = bin()
-        .args(["actions", "--database", &url, "--incident", "inc-1", "-o", "json"])
+        .args([
+            "actions",
+            "--database",
+            &url,
+            "--incident",
+            "inc-1",
+            "-o",
+            "json",
+        ])
         .output()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(v[0]["actuator"], "refetch");

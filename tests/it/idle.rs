@@ -25,11 +25,7 @@ fn vm_kib(pid: u32, key: &str) -> Result<u64> {
         .lines()
         .find(|l| l.starts_with(key))
         .context("status key")?;
-    Ok(line
-        .split_whitespace()
-        .nth(1)
-        .context("value")?
-        .parse()?)
+    Ok(line.split_whitespace().nth(1).context("value")?.parse()?)
 }
 
 #[tokio::test]

@@ -427,8 +427,26 @@ async fn invalid_svids_from_the_agent_are_flagged() {
         })
         .await;
     assert_eq!(v.svids[0].spiffe_id, SPIFFE_ID);
-    assert!(run.errors("invalid_svid") > after_ca_leaf);
+    let after_two_sans = run.errors("invalid_svid");
+    assert!(after_two_sans > after_ca_leaf);
     assert_eq!(run.metric(STREAM_UP), Some(1.0));
+
+    // Garbage DER in place of the chain: flagged, no leaf, stream still up.
+    agent.serve_flavor(Flavor::GarbageDer);
+    let v = run
+        .wait_for("garbage DER flagged", |v| {
+            v.svids
+                .first()
+                .is_some_and(|s| s.invalid.is_some() && s.serial.is_empty())
+        })
+        .await;
+    let problem = v.svids[0].invalid.clone().unwrap();
+    assert!(
+        problem.to_lowercase().contains("malformed") || problem.contains("DER"),
+        "{problem}"
+    );
+    assert_eq!(v.status, StreamStatus::Up);
+    assert!(run.errors("invalid_svid") > after_two_sans);
     run.shutdown().await;
 }
 
