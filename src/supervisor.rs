@@ -91,6 +91,8 @@ pub struct Supervisor {
 }
 
 const HOUR: Duration = Duration::from_secs(3600);
+/// Time a tick may spend writing to the store.
+const FLUSH_BUDGET: Duration = Duration::from_millis(400);
 
 impl Supervisor {
     /// A supervisor resuming from `knowledge` (open incidents, recent
@@ -620,9 +622,22 @@ impl Supervisor {
     async fn flush(&mut self) {
         let timer = self.p.metrics.store_flush_duration_seconds.start_timer();
         let dropped_before = self.p.buffer.dropped();
-        match self.p.buffer.flush().await {
-            Ok(_) => self.p.metrics.store_up.set(1),
-            Err(e) => {
+        // Bounded: a database that hangs (pool timeouts, dropped packets)
+        // must not stall detection. Flushing is cancel-safe: committed chunks
+        // are gone from the buffer, the rest waits for the next tick.
+        let flushed = tokio::time::timeout(FLUSH_BUDGET, self.p.buffer.flush()).await;
+        match flushed {
+            Ok(Ok(_)) => self.p.metrics.store_up.set(1),
+            Err(_) => {
+                self.p.metrics.store_up.set(0);
+                self.p.metrics.error("store", "timeout");
+                warn!(
+                    buffered = self.p.buffer.len(),
+                    budget_ms = FLUSH_BUDGET.as_millis() as u64,
+                    "Store write did not finish within its budget; keeping events buffered."
+                );
+            }
+            Ok(Err(e)) => {
                 self.p.metrics.store_up.set(0);
                 self.p.metrics.error("store", e.kind());
                 warn!(error = %e, buffered = self.p.buffer.len(), "Store write failed; keeping events buffered.");
@@ -666,7 +681,13 @@ impl Supervisor {
         self.collect_results(&mut events);
         self.verify(now, &mut events, &mut TickReport::default());
         self.p.buffer.push(events);
-        self.flush().await;
+        // A few bounded attempts to land what is left before exiting.
+        for _ in 0..10 {
+            self.flush().await;
+            if self.p.buffer.len() == 0 {
+                break;
+            }
+        }
     }
 }
 

@@ -1272,6 +1272,35 @@ async fn sqlite_missing_directory_is_a_config_error_naming_the_path() {
 }
 
 #[tokio::test]
+async fn sqlite_file_is_wal_with_normal_sync() {
+    let f = Fixture::sqlite().await;
+    let Raw::Sqlite(s) = &f.raw else {
+        unreachable!()
+    };
+    let mut conn = s.pool().acquire().await.unwrap();
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(mode, "wal");
+    let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(synchronous, 1, "NORMAL");
+    let temp_store: i64 = sqlx::query_scalar("PRAGMA temp_store")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(temp_store, 2, "MEMORY");
+    let busy_timeout: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert!(busy_timeout >= 1_000, "{busy_timeout}");
+}
+
+#[tokio::test]
 async fn sqlite_in_memory_keeps_its_data() {
     let store = SqliteStore::open(std::path::Path::new(":memory:"))
         .await
