@@ -684,7 +684,7 @@ impl Supervisor {
         // A few bounded attempts to land what is left before exiting.
         for _ in 0..10 {
             self.flush().await;
-            if self.p.buffer.len() == 0 {
+            if self.p.buffer.is_empty() {
                 break;
             }
         }
