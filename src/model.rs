@@ -166,19 +166,199 @@ pub struct AgentView {
     pub updated_at: SystemTime,
 }
 
-/// One sensor result.
+/// One agent as a SPIRE server lists it (`Agent.ListAgents`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerAgent {
+    /// `spiffe://td/spire/agent/...`.
+    pub spiffe_id: String,
+    /// Node attestor type.
+    pub attestation_type: String,
+    /// Current agent SVID serial; empty when banned.
+    pub serial: String,
+    /// Agent SVID notAfter.
+    pub expires_at: SystemTime,
+    /// Banned (cannot re-attest until deleted).
+    pub banned: bool,
+    /// Can re-attest after eviction.
+    pub can_reattest: bool,
+}
+
+/// One X.509 authority of a bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Authority {
+    /// SHA-256 of the DER, lower-case hex: identity across sources.
+    pub fingerprint: String,
+    /// Subject key identifier (hex) when present, as SPIRE names authorities.
+    pub key_id: String,
+    /// notAfter.
+    pub not_after: SystemTime,
+    /// Tainted (forced rotation in progress).
+    pub tainted: bool,
+}
+
+/// What the `server_api` sensor knows about one SPIRE server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerView {
+    /// Configured server name.
+    pub server: String,
+    /// The admin API answered on the last poll.
+    pub reachable: bool,
+    /// Closed-set error class of the last failed poll.
+    pub last_error: Option<String>,
+    /// Since when `reachable` has had its current value.
+    pub since: SystemTime,
+    /// When the sensor last refreshed this view.
+    pub updated_at: SystemTime,
+    /// Server uptime (Debug.GetInfo).
+    pub uptime_secs: u64,
+    /// The server's own SVID chain notAfter (earliest in the chain).
+    pub svid_expires_at: Option<SystemTime>,
+    /// Agents known to the server (Debug.GetInfo count).
+    pub agents_count: u64,
+    /// Registration entries (Debug.GetInfo count).
+    pub entries_count: u64,
+    /// Agents listed (paged ListAgents), possibly truncated.
+    pub agents: Vec<ServerAgent>,
+    /// Paging stopped at the configured bound before the end.
+    pub agents_truncated: bool,
+    /// Trust bundle (Bundle.GetBundle).
+    pub bundle: Vec<Authority>,
+    /// Bundle sequence number.
+    pub bundle_sequence: u64,
+}
+
+/// What the `agent_debug` sensor knows about one agent (admin socket).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentDebugView {
+    /// Configured agent name.
+    pub agent: String,
+    /// The admin API answered on the last poll.
+    pub reachable: bool,
+    /// Closed-set error class of the last failed poll.
+    pub last_error: Option<String>,
+    /// When the sensor last refreshed this view.
+    pub updated_at: SystemTime,
+    /// Last successful sync with a server.
+    pub last_sync_success: Option<SystemTime>,
+    /// Agent uptime.
+    pub uptime_secs: u64,
+    /// Cached X.509-SVIDs.
+    pub cached_x509_svids: u64,
+    /// The agent's own SPIFFE ID (leaf of its SVID chain).
+    pub spiffe_id: Option<String>,
+    /// The agent's own SVID notAfter (earliest in its chain).
+    pub svid_expires_at: Option<SystemTime>,
+}
+
+/// Which kind of SPIRE process a target is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// spire-agent.
+    Agent,
+    /// spire-server.
+    Server,
+}
+
+/// HTTP `/live` and `/ready` of one SPIRE process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthView {
+    /// Configured agent or server name.
+    pub target: String,
+    /// Agent or server.
+    pub role: Role,
+    /// `/live` answered 200 (None: not reachable).
+    pub live: Option<bool>,
+    /// `/ready` answered 200 (None: not reachable).
+    pub ready: Option<bool>,
+    /// Closed-set error class of the last failed probe.
+    pub last_error: Option<String>,
+    /// When probed.
+    pub updated_at: SystemTime,
+}
+
+/// One scraped Prometheus sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Metric name.
+    pub name: String,
+    /// Labels, sorted by name.
+    pub labels: Vec<(String, String)>,
+    /// Value.
+    pub value: f64,
+}
+
+/// A scrape of one SPIRE (or Envoy) metrics endpoint, reduced to the
+/// series spire-healer uses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsView {
+    /// Configured agent or server name.
+    pub target: String,
+    /// Agent or server.
+    pub role: Role,
+    /// The endpoint answered and parsed.
+    pub reachable: bool,
+    /// Closed-set error class of the last failed scrape.
+    pub last_error: Option<String>,
+    /// When scraped.
+    pub updated_at: SystemTime,
+    /// Samples kept (filtered by the sensor's name list).
+    pub samples: Vec<Sample>,
+}
+
+/// One sensor result: a shared, immutable snapshot, so a fleet-sized view
+/// costs a pointer copy per tick, not a deep clone.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reading {
-    /// From the `workload_api` sensor: a shared, immutable snapshot, so a
-    /// fleet-sized view costs a pointer copy per tick, not a deep clone.
+    /// From the `workload_api` sensor.
     WorkloadApi(std::sync::Arc<AgentView>),
+    /// From the `server_api` sensor.
+    Server(std::sync::Arc<ServerView>),
+    /// From the `agent_debug` sensor.
+    AgentDebug(std::sync::Arc<AgentDebugView>),
+    /// From the `health` sensor.
+    Health(std::sync::Arc<HealthView>),
+    /// From the `metrics_scrape` sensor.
+    Metrics(std::sync::Arc<MetricsView>),
 }
 
 impl Reading {
-    /// The agent this reading describes.
-    pub fn agent(&self) -> &str {
+    /// The configured name of the agent or server this reading describes.
+    pub fn target(&self) -> &str {
         match self {
             Reading::WorkloadApi(v) => &v.agent,
+            Reading::Server(v) => &v.server,
+            Reading::AgentDebug(v) => &v.agent,
+            Reading::Health(v) => &v.target,
+            Reading::Metrics(v) => &v.target,
+        }
+    }
+}
+
+/// Everything sensed in one tick, by kind.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Observations {
+    /// Workload API views, one per agent.
+    pub agents: Vec<std::sync::Arc<AgentView>>,
+    /// Server admin API views, one per server.
+    pub servers: Vec<std::sync::Arc<ServerView>>,
+    /// Agent admin (Debug) views.
+    pub agent_debug: Vec<std::sync::Arc<AgentDebugView>>,
+    /// HTTP health probes.
+    pub health: Vec<std::sync::Arc<HealthView>>,
+    /// Metrics scrapes.
+    pub metrics: Vec<std::sync::Arc<MetricsView>>,
+}
+
+impl Observations {
+    /// Files a reading under its kind.
+    pub fn push(&mut self, r: Reading) {
+        match r {
+            Reading::WorkloadApi(v) => self.agents.push(v),
+            Reading::Server(v) => self.servers.push(v),
+            Reading::AgentDebug(v) => self.agent_debug.push(v),
+            Reading::Health(v) => self.health.push(v),
+            Reading::Metrics(v) => self.metrics.push(v),
         }
     }
 }

@@ -16,8 +16,8 @@ use crate::analyze::analyze;
 use crate::clock::{Clock, saturating_since, unix_secs_f64};
 use crate::knowledge::{Buffer, Knowledge};
 use crate::model::{
-    AgentView, Event, Incident, Outcome, OutcomeKind, Reading, Step, Subject, Symptom, SymptomKey,
-    Verification, new_id,
+    AgentView, Event, Incident, Observations, Outcome, OutcomeKind, Reading, Step, Subject,
+    Symptom, SymptomKey, Verification, new_id,
 };
 use crate::plan::{Decision, PlanInput, plan};
 use crate::policy::Policy;
@@ -79,6 +79,7 @@ pub struct Parts {
 pub struct Supervisor {
     p: Parts,
     views: HashMap<String, Arc<AgentView>>,
+    last_readings: HashMap<usize, Vec<Reading>>,
     incidents: HashMap<SymptomKey, Incident>,
     pending: HashMap<String, Pending>,
     last_run: HashMap<(String, String), SystemTime>,
@@ -103,6 +104,7 @@ impl Supervisor {
         let mut s = Self {
             p: parts,
             views: HashMap::new(),
+            last_readings: HashMap::new(),
             incidents: HashMap::new(),
             pending: HashMap::new(),
             last_run: HashMap::new(),
@@ -158,7 +160,8 @@ impl Supervisor {
         let mut events = Vec::new();
 
         // Monitor.
-        let views = self.sense().await;
+        let obs = self.sense().await;
+        let views = obs.agents;
         self.record_lifecycles(&views, now, &mut events);
 
         // Analyze.
@@ -295,9 +298,9 @@ impl Supervisor {
         report
     }
 
-    async fn sense(&mut self) -> Vec<Arc<AgentView>> {
-        let mut out = Vec::new();
-        for s in &self.p.sensors {
+    async fn sense(&mut self) -> Observations {
+        let mut obs = Observations::default();
+        for (i, s) in self.p.sensors.iter().enumerate() {
             let t = self
                 .p
                 .metrics
@@ -306,24 +309,24 @@ impl Supervisor {
                 .start_timer();
             match s.observe().await {
                 Ok(readings) => {
+                    self.last_readings.insert(i, readings.clone());
                     for r in readings {
-                        match r {
-                            Reading::WorkloadApi(v) => out.push(v),
-                        }
+                        obs.push(r);
                     }
                 }
                 Err(e) => {
                     self.p.metrics.error("sensor", e.kind());
                     warn!(sensor = s.name(), instance = s.instance(), error = %e, "Sensor failed.");
-                    // Keep the last view: it goes blind by itself.
-                    if let Some(v) = self.views.get(s.instance()) {
-                        out.push(v.clone());
+                    // Keep the last readings: their `updated_at` ages and
+                    // they go blind by themselves.
+                    for r in self.last_readings.get(&i).into_iter().flatten() {
+                        obs.push(r.clone());
                     }
                 }
             }
             t.observe_duration();
         }
-        out
+        obs
     }
 
     /// SVID lifecycles: first delivery of a serial and its replacement,

@@ -101,6 +101,7 @@ impl Running {
         assert_eq!(readings.len(), 1, "one reading per agent");
         match readings.remove(0) {
             Reading::WorkloadApi(v) => (*v).clone(),
+            other => panic!("workload_api produced {other:?}"),
         }
     }
 
