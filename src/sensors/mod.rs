@@ -2,6 +2,10 @@
 //! `observe` is cancel-safe; long-lived connections live in a background task
 //! per sensor (see [`workload_api`]), and `observe` returns its latest view.
 
+pub mod agent_debug;
+pub mod health;
+pub mod metrics_scrape;
+pub mod server_api;
 pub mod workload_api;
 
 use async_trait::async_trait;
