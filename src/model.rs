@@ -17,6 +17,16 @@ pub enum Subject {
         /// Configured agent name.
         agent: String,
     },
+    /// A SPIRE server, by its configured name.
+    Server {
+        /// Configured server name.
+        server: String,
+    },
+    /// The whole trust domain (bundle, CA, all servers).
+    Cluster {
+        /// Trust domain name.
+        trust_domain: String,
+    },
     /// One SVID identity as served by one agent.
     Svid {
         /// Configured agent name.
@@ -42,19 +52,43 @@ impl Subject {
         }
     }
 
-    /// `agent` or `workload`: the store's `subjects.kind`.
+    /// A server subject.
+    pub fn server(server: impl Into<String>) -> Self {
+        Subject::Server {
+            server: server.into(),
+        }
+    }
+
+    /// The cluster subject of a trust domain.
+    pub fn cluster(trust_domain: impl Into<String>) -> Self {
+        Subject::Cluster {
+            trust_domain: trust_domain.into(),
+        }
+    }
+
+    /// `agent`, `workload`, `server` or `cluster`: the store's `subjects.kind`.
     pub fn kind(&self) -> &'static str {
         match self {
             Subject::Agent { .. } => "agent",
             Subject::Svid { .. } => "workload",
+            Subject::Server { .. } => "server",
+            Subject::Cluster { .. } => "cluster",
         }
     }
 
-    /// The agent this subject lives on: actions target agents.
+    /// What actions on this subject target: the agent an SVID or agent
+    /// subject lives on, the server, or the trust domain.
     pub fn agent_name(&self) -> &str {
         match self {
             Subject::Agent { agent } | Subject::Svid { agent, .. } => agent,
+            Subject::Server { server } => server,
+            Subject::Cluster { trust_domain } => trust_domain,
         }
+    }
+
+    /// Whether this subject is an agent or lives on one.
+    pub fn is_agent_level(&self) -> bool {
+        matches!(self, Subject::Agent { .. } | Subject::Svid { .. })
     }
 
     /// Parses the [`Display`](fmt::Display) form back.
@@ -62,17 +96,26 @@ impl Subject {
         if let Some(rest) = s.strip_prefix("agent:") {
             return Some(Subject::agent(rest));
         }
+        if let Some(rest) = s.strip_prefix("server:") {
+            return Some(Subject::server(rest));
+        }
+        if let Some(rest) = s.strip_prefix("cluster:") {
+            return Some(Subject::cluster(rest));
+        }
         let rest = s.strip_prefix("svid:")?;
         let (agent, id) = rest.split_once('/')?;
         Some(Subject::svid(agent, id))
     }
 }
 
-/// `agent:<name>` or `svid:<agent>/<spiffe id>`: the store key.
+/// `agent:<name>`, `server:<name>`, `cluster:<trust domain>` or
+/// `svid:<agent>/<spiffe id>`: the store key.
 impl fmt::Display for Subject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Subject::Agent { agent } => write!(f, "agent:{agent}"),
+            Subject::Server { server } => write!(f, "server:{server}"),
+            Subject::Cluster { trust_domain } => write!(f, "cluster:{trust_domain}"),
             Subject::Svid { agent, spiffe_id } => write!(f, "svid:{agent}/{spiffe_id}"),
         }
     }
@@ -159,6 +202,9 @@ pub struct AgentView {
     pub svids: Vec<SvidObservation>,
     /// Number of CA certificates in the agent's own trust-domain bundle.
     pub bundle_authorities: usize,
+    /// SHA-256 fingerprints (hex) of the agent's own trust-domain bundle,
+    /// sorted: compared with the servers' bundles.
+    pub bundle: Vec<String>,
     /// Count of rotations (new serial for a known SPIFFE ID) since start.
     pub rotations: u64,
     /// When the sensor last refreshed this view (its heartbeat); an old
@@ -379,16 +425,37 @@ pub enum SymptomKind {
     SvidInvalid,
     /// Workload API stream down or unanswered.
     AgentUnreachable,
+    /// The agent has not synced with a server for too long (Debug API).
+    AgentSyncStale,
+    /// The server sees the agent's SVID past the point it should have renewed.
+    AgentNotRenewing,
+    /// A server lists the agent as banned.
+    AgentBanned,
+    /// A server's admin API or readiness fails.
+    ServerUnhealthy,
+    /// No configured server answers.
+    AllServersDown,
+    /// Every authority in the trust bundle expires soon.
+    CaExpiring,
+    /// Servers and agents disagree on the trust bundle.
+    BundleDivergence,
 }
 
 impl SymptomKind {
     /// Every kind, in a stable order.
-    pub const ALL: [SymptomKind; 5] = [
+    pub const ALL: [SymptomKind; 12] = [
         SymptomKind::SvidRotationOverdue,
         SymptomKind::SvidExpiring,
         SymptomKind::SvidExpired,
         SymptomKind::SvidInvalid,
         SymptomKind::AgentUnreachable,
+        SymptomKind::AgentSyncStale,
+        SymptomKind::AgentNotRenewing,
+        SymptomKind::AgentBanned,
+        SymptomKind::ServerUnhealthy,
+        SymptomKind::AllServersDown,
+        SymptomKind::CaExpiring,
+        SymptomKind::BundleDivergence,
     ];
 
     /// Snake-case name: metric label, policy key and store value.
@@ -399,6 +466,13 @@ impl SymptomKind {
             SymptomKind::SvidExpired => "svid_expired",
             SymptomKind::SvidInvalid => "svid_invalid",
             SymptomKind::AgentUnreachable => "agent_unreachable",
+            SymptomKind::AgentSyncStale => "agent_sync_stale",
+            SymptomKind::AgentNotRenewing => "agent_not_renewing",
+            SymptomKind::AgentBanned => "agent_banned",
+            SymptomKind::ServerUnhealthy => "server_unhealthy",
+            SymptomKind::AllServersDown => "all_servers_down",
+            SymptomKind::CaExpiring => "ca_expiring",
+            SymptomKind::BundleDivergence => "bundle_divergence",
         }
     }
 
@@ -716,6 +790,8 @@ mod tests {
     fn subject_display_round_trips() {
         for s in [
             Subject::agent("node-a"),
+            Subject::server("server-a"),
+            Subject::cluster("example.org"),
             Subject::svid("node-a", "spiffe://td/w/x"),
         ] {
             assert_eq!(Subject::parse(&s.to_string()), Some(s));

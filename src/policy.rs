@@ -43,6 +43,73 @@ pub struct Thresholds {
     /// Sensor views older than this are blind.
     #[serde(with = "humantime_serde")]
     pub max_staleness: Duration,
+    /// `agent_sync_stale` opens when the agent's last successful sync is
+    /// older than this (SPIRE syncs every 5 s by default; its Debug API
+    /// caches answers for 5 s).
+    #[serde(default = "d_sync_open", with = "humantime_serde")]
+    pub sync_stale_open: Duration,
+    /// … and closes when it is younger than this.
+    #[serde(default = "d_sync_close", with = "humantime_serde")]
+    pub sync_stale_close: Duration,
+    /// Agent SVID TTL (`agent_ttl`, default `default_x509_svid_ttl` = 1 h).
+    #[serde(default = "d_agent_ttl", with = "humantime_serde")]
+    pub agent_svid_ttl: Duration,
+    /// `agent_not_renewing` opens when the server sees less than this share
+    /// of `agent_svid_ttl` left (SPIRE renews at 50 ± 5 % left).
+    #[serde(default = "d_renew_open")]
+    pub not_renewing_open: f64,
+    /// … and closes above this share.
+    #[serde(default = "d_renew_close")]
+    pub not_renewing_close: f64,
+    /// `ca_expiring` opens when every bundle authority expires within this.
+    #[serde(default = "d_ca_within", with = "humantime_serde")]
+    pub ca_expiring_within: Duration,
+    /// A symptom must persist this long before its incident opens (e.g.
+    /// bundle propagation takes a sync interval or two). By symptom name.
+    #[serde(default = "d_open_after", with = "open_after_serde")]
+    pub open_after: BTreeMap<String, Duration>,
+}
+
+fn d_sync_open() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_sync_close() -> Duration {
+    Duration::from_secs(15)
+}
+fn d_agent_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+fn d_renew_open() -> f64 {
+    0.4
+}
+fn d_renew_close() -> f64 {
+    0.45
+}
+fn d_ca_within() -> Duration {
+    Duration::from_secs(6 * 3600)
+}
+fn d_open_after() -> BTreeMap<String, Duration> {
+    BTreeMap::from([("bundle_divergence".to_string(), Duration::from_secs(30))])
+}
+
+mod open_after_serde {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, Duration>, D::Error> {
+        let raw = BTreeMap::<String, String>::deserialize(d)?;
+        raw.into_iter()
+            .map(|(k, v)| {
+                humantime::parse_duration(&v)
+                    .map(|d| (k.clone(), d))
+                    .map_err(|e| serde::de::Error::custom(format!("open_after.{k}: {e}")))
+            })
+            .collect()
+    }
 }
 
 /// Guards applied to every step.
@@ -54,6 +121,29 @@ pub struct Guards {
     pub cooldown: Duration,
     /// Actions per rolling hour, all targets.
     pub budget_per_hour: u32,
+    /// Hold disruptive agent actions (restart, evict, failover) while no
+    /// configured server answers: a restarted agent serves nothing until it
+    /// has synced, so that would turn "stale but working" into "down".
+    #[serde(default = "d_true")]
+    pub hold_disruptive_without_server: bool,
+    /// Cluster circuit breaker: when more than this share of the watched
+    /// agents is unhealthy at once, the cause is upstream; hold disruptive
+    /// agent-level actions.
+    #[serde(default = "d_breaker_share")]
+    pub breaker_share: f64,
+    /// … but only once at least this many agents are unhealthy.
+    #[serde(default = "d_breaker_min")]
+    pub breaker_min_agents: usize,
+}
+
+fn d_true() -> bool {
+    true
+}
+fn d_breaker_share() -> f64 {
+    0.5
+}
+fn d_breaker_min() -> usize {
+    2
 }
 
 /// One step of a ladder.
@@ -130,6 +220,30 @@ impl Policy {
         if t.max_staleness.is_zero() {
             out.push("thresholds.max_staleness must be greater than zero".into());
         }
+        if t.sync_stale_close > t.sync_stale_open {
+            out.push("thresholds.sync_stale_close must not exceed sync_stale_open".into());
+        }
+        if !(t.not_renewing_open > 0.0
+            && t.not_renewing_open <= t.not_renewing_close
+            && t.not_renewing_close < 1.0)
+        {
+            out.push("thresholds: need 0 < not_renewing_open <= not_renewing_close < 1".into());
+        }
+        if t.agent_svid_ttl.is_zero() {
+            out.push("thresholds.agent_svid_ttl must be greater than zero".into());
+        }
+        for k in t.open_after.keys() {
+            if SymptomKind::parse(k).is_none() {
+                out.push(format!("thresholds.open_after.{k}: unknown symptom"));
+            }
+        }
+        let g = &self.guards;
+        if !(g.breaker_share > 0.0 && g.breaker_share <= 1.0) {
+            out.push(format!(
+                "guards.breaker_share = {} must be in (0, 1]",
+                g.breaker_share
+            ));
+        }
         for (symptom, ladder) in &self.ladders {
             if SymptomKind::parse(symptom).is_none() {
                 out.push(format!("ladders.{symptom}: unknown symptom"));
@@ -182,7 +296,13 @@ mod tests {
         let p = Policy::builtin().unwrap();
         assert!(p.problems().is_empty(), "{:?}", p.problems());
         for k in SymptomKind::ALL {
-            assert!(!p.ladder(k).is_empty(), "no ladder for {k}");
+            let observe_only = matches!(
+                k,
+                SymptomKind::ServerUnhealthy
+                    | SymptomKind::AllServersDown
+                    | SymptomKind::CaExpiring
+            );
+            assert_eq!(p.ladder(k).is_empty(), observe_only, "ladder for {k}");
         }
     }
 

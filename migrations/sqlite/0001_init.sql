@@ -20,7 +20,7 @@
 
 CREATE TABLE subjects (
     subject       TEXT    NOT NULL PRIMARY KEY,
-    kind          TEXT    NOT NULL CHECK (kind IN ('agent', 'workload')),
+    kind          TEXT    NOT NULL CHECK (kind IN ('agent', 'workload', 'server', 'cluster')),
     agent         TEXT    NOT NULL,
     first_seen_ms INTEGER NOT NULL,
     last_seen_ms  INTEGER NOT NULL,

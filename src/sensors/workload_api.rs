@@ -68,6 +68,7 @@ impl Shared {
                 last_message: None,
                 svids: Vec::new(),
                 bundle_authorities: 0,
+                bundle: Vec::new(),
                 rotations: 0,
                 updated_at: now,
             }),
@@ -436,10 +437,34 @@ impl WorkloadApiTask {
             .sum();
         let now = self.clock.now();
         self.shared.update(|v| {
+            // Our own trust domain's bundle: the one keyed by the trust
+            // domain of the SVIDs we hold (all bundles until we hold one).
+            let own = v
+                .svids
+                .first()
+                .and_then(|s| s.spiffe_id.strip_prefix("spiffe://"))
+                .map(|rest| format!("spiffe://{}", rest.split('/').next().unwrap_or(rest)));
+            let mut fingerprints: Vec<String> = resp
+                .bundles
+                .iter()
+                .filter(|(td, _)| own.as_ref().is_none_or(|o| o == *td))
+                .flat_map(|(_, der)| svid::split_der(der).unwrap_or_default())
+                .map(fingerprint)
+                .collect();
+            fingerprints.sort();
+            fingerprints.dedup();
             v.bundle_authorities = count;
+            v.bundle = fingerprints;
             v.updated_at = now;
         });
     }
+}
+
+/// SHA-256 of a DER certificate, lower-case hex: how authorities are
+/// compared across the Workload API and the servers' bundles.
+pub fn fingerprint(der: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(der))
 }
 
 fn request<T>(msg: T) -> tonic::Request<T> {

@@ -59,6 +59,7 @@ fn view(agent: &str) -> AgentView {
         last_message: Some(t(0)),
         svids: vec![svid("01", 0, 100)],
         bundle_authorities: 1,
+        bundle: Vec::new(),
         rotations: 0,
         updated_at: t(0),
     }
