@@ -242,7 +242,7 @@ impl Harness {
                 .collect(),
             refetch: Arc::default(),
             restart: Arc::default(),
-            policy: Policy::builtin().unwrap(),
+            policy: two_rung_policy(),
             dry_run: false,
         }
     }
@@ -885,4 +885,14 @@ async fn unreachable_waits_for_the_pending_verdict() {
         h.metric(r#"spire_healer_incidents_opened_total{symptom="agent_unreachable"}"#),
         Some(1.0)
     );
+}
+
+/// The built-in policy with the overdue ladder pinned to refetch →
+/// restart-agent, the two actuators these tests fake.
+fn two_rung_policy() -> Policy {
+    let mut p = Policy::builtin().unwrap();
+    if let Some(l) = p.ladders.get_mut("svid_rotation_overdue") {
+        l.retain(|r| r.actuator == "refetch" || r.actuator == "restart-agent");
+    }
+    p
 }
