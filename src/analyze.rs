@@ -4,6 +4,10 @@
 //! (hysteresis): `is_open` tells whether an incident for that key is open, and
 //! an open symptom stays active until its close condition holds.
 
+mod control_plane;
+
+pub use control_plane::{control_plane, debug_view};
+
 use std::time::SystemTime;
 
 use serde_json::json;

@@ -400,24 +400,18 @@ impl Config {
                     format!("{:?} is used by more than one agent or server", srv.name),
                 ));
             }
-            if let Some(p) = &srv.admin_socket {
-                if let Err(e) = check_socket_path(p) {
-                    errors.push(ConfigError::invalid(format!("{key}.admin_socket"), e));
-                }
+            if let Some(Err(e)) = srv.admin_socket.as_deref().map(check_socket_path) {
+                errors.push(ConfigError::invalid(format!("{key}.admin_socket"), e));
             }
-            if let Some(a) = &srv.address {
-                if let Err(e) = check_host_port(a) {
-                    errors.push(ConfigError::invalid(format!("{key}.address"), e));
-                }
+            if let Some(Err(e)) = srv.address.as_deref().map(check_host_port) {
+                errors.push(ConfigError::invalid(format!("{key}.address"), e));
             }
             for (field, url) in [
                 ("health_url", &srv.health_url),
                 ("metrics_url", &srv.metrics_url),
             ] {
-                if let Some(u) = url {
-                    if let Err(e) = check_http_url(u) {
-                        errors.push(ConfigError::invalid(format!("{key}.{field}"), e));
-                    }
+                if let Some(Err(e)) = url.as_deref().map(check_http_url) {
+                    errors.push(ConfigError::invalid(format!("{key}.{field}"), e));
                 }
             }
             if srv.poll_interval.is_zero() || srv.timeout.is_zero() {
@@ -429,28 +423,24 @@ impl Config {
         }
         for (i, a) in self.agents.iter().enumerate() {
             let key = format!("agents[{i}]");
-            if let Some(p) = &a.admin_socket {
-                if let Err(e) = check_socket_path(p) {
-                    errors.push(ConfigError::invalid(format!("{key}.admin_socket"), e));
-                }
+            if let Some(Err(e)) = a.admin_socket.as_deref().map(check_socket_path) {
+                errors.push(ConfigError::invalid(format!("{key}.admin_socket"), e));
             }
             for (field, url) in [
                 ("health_url", &a.health_url),
                 ("metrics_url", &a.metrics_url),
             ] {
-                if let Some(u) = url {
-                    if let Err(e) = check_http_url(u) {
-                        errors.push(ConfigError::invalid(format!("{key}.{field}"), e));
-                    }
+                if let Some(Err(e)) = url.as_deref().map(check_http_url) {
+                    errors.push(ConfigError::invalid(format!("{key}.{field}"), e));
                 }
             }
-            if let Some(f) = &a.config_file {
-                if !f.is_absolute() {
-                    errors.push(ConfigError::invalid(
-                        format!("{key}.config_file"),
-                        format!("{} must be an absolute path", f.display()),
-                    ));
-                }
+            if let Some(f) = &a.config_file
+                && !f.is_absolute()
+            {
+                errors.push(ConfigError::invalid(
+                    format!("{key}.config_file"),
+                    format!("{} must be an absolute path", f.display()),
+                ));
             }
             if a.poll_interval.is_zero() {
                 errors.push(ConfigError::invalid(

@@ -11,6 +11,7 @@ use std::time::SystemTime;
 
 use serde_json::json;
 
+use crate::actuators::Class;
 use crate::clock::saturating_since;
 use crate::model::{Incident, Step, Symptom, SymptomKey, new_id};
 use crate::policy::Policy;
@@ -30,6 +31,13 @@ pub enum HoldReason {
     NotConfigured,
     /// The policy has no ladder for this symptom.
     NoLadder,
+    /// The subject is a server or the cluster: reported, not acted on.
+    ObserveOnly,
+    /// No server answers: restarting, evicting or moving an agent now would
+    /// turn "stale but working" into "down".
+    NoServerReachable,
+    /// Too many agents are unhealthy at once: the cause is upstream.
+    CircuitOpen,
 }
 
 impl HoldReason {
@@ -42,6 +50,9 @@ impl HoldReason {
             HoldReason::Budget => "budget",
             HoldReason::NotConfigured => "not_configured",
             HoldReason::NoLadder => "no_ladder",
+            HoldReason::ObserveOnly => "observe_only",
+            HoldReason::NoServerReachable => "no_server_reachable",
+            HoldReason::CircuitOpen => "circuit_open",
         }
     }
 }
@@ -81,8 +92,12 @@ pub struct PlanInput<'a> {
     pub last_run: &'a HashMap<(String, String), SystemTime>,
     /// Actions started in the last hour.
     pub actions_last_hour: usize,
-    /// Whether an actuator name is configured.
-    pub configured: &'a dyn Fn(&str) -> bool,
+    /// The class of a configured actuator; `None` when not configured.
+    pub class: &'a dyn Fn(&str) -> Option<Class>,
+    /// Whether any watched server answers (`None`: no server is watched).
+    pub servers_reachable: Option<bool>,
+    /// The cluster circuit breaker is open.
+    pub breaker_open: bool,
     /// The policy.
     pub policy: &'a Policy,
     /// Record without executing.
@@ -133,6 +148,10 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Decision> {
             out.push(hold("", HoldReason::NoLadder));
             continue;
         }
+        if !inc.subject.is_agent_level() {
+            out.push(hold("", HoldReason::ObserveOnly));
+            continue;
+        }
         // Past the end, repeat the last rung. Skip rungs whose actuator is
         // not configured.
         let start = inc.next_rung.min(ladder.len() - 1);
@@ -140,17 +159,29 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Decision> {
             .iter()
             .enumerate()
             .skip(start)
-            .find(|(_, r)| (input.configured)(&r.actuator))
+            .find(|(_, r)| (input.class)(&r.actuator).is_some())
         else {
             out.push(hold("", HoldReason::NotConfigured));
             continue;
         };
+        let class = (input.class)(&rung.actuator).unwrap_or(Class::AgentLocal);
         if busy.contains(&target) {
             out.push(hold(&rung.actuator, HoldReason::TargetBusy));
             continue;
         }
         if blind.contains(&inc.key()) {
             out.push(hold(&rung.actuator, HoldReason::Blind));
+            continue;
+        }
+        if class != Class::Gentle
+            && input.policy.guards.hold_disruptive_without_server
+            && input.servers_reachable == Some(false)
+        {
+            out.push(hold(&rung.actuator, HoldReason::NoServerReachable));
+            continue;
+        }
+        if class == Class::AgentLocal && input.breaker_open {
+            out.push(hold(&rung.actuator, HoldReason::CircuitOpen));
             continue;
         }
         if let Some(last) = input.last_run.get(&(target.clone(), rung.actuator.clone()))
@@ -214,6 +245,8 @@ mod tests {
         last_run: Vec<(&'static str, &'static str, u64)>,
         hour: usize,
         configured: &'static [&'static str],
+        servers_reachable: Option<bool>,
+        breaker_open: bool,
     }
 
     impl Default for Case {
@@ -224,7 +257,9 @@ mod tests {
                 busy: vec![],
                 last_run: vec![],
                 hour: 0,
-                configured: &["refetch", "restart-agent"],
+                configured: &["refetch", "restart-agent", "failover"],
+                servers_reachable: None,
+                breaker_open: false,
             }
         }
     }
@@ -249,14 +284,22 @@ mod tests {
             .iter()
             .map(|(tg, a, at)| ((tg.to_string(), a.to_string()), t(*at)))
             .collect();
-        let configured = |a: &str| c.configured.contains(&a);
+        let class = |a: &str| {
+            c.configured.contains(&a).then_some(match a {
+                "refetch" => Class::Gentle,
+                "failover" => Class::Failover,
+                _ => Class::AgentLocal,
+            })
+        };
         plan(&PlanInput {
             symptoms: &symptoms,
             incidents: c.incidents.iter().collect(),
             busy_targets: &busy,
             last_run: &last_run,
             actions_last_hour: c.hour,
-            configured: &configured,
+            class: &class,
+            servers_reachable: c.servers_reachable,
+            breaker_open: c.breaker_open,
             policy: &policy,
             dry_run: false,
             now: t(now),
@@ -369,6 +412,68 @@ mod tests {
                 },
                 10,
                 vec!["hold a budget"],
+            ),
+            (
+                "gentle steps run while no server answers",
+                Case {
+                    servers_reachable: Some(false),
+                    ..Case::default()
+                },
+                10,
+                vec!["act a refetch rung0 next1"],
+            ),
+            (
+                "no restart while no server answers",
+                Case {
+                    incidents: vec![incident("i1", SymptomKind::AgentUnreachable, "a", 1)],
+                    servers_reachable: Some(false),
+                    ..Case::default()
+                },
+                10,
+                vec!["hold a no_server_reachable"],
+            ),
+            (
+                "no failover while no server answers",
+                Case {
+                    incidents: vec![incident("i1", SymptomKind::AgentSyncStale, "a", 0)],
+                    servers_reachable: Some(false),
+                    ..Case::default()
+                },
+                10,
+                vec!["hold a no_server_reachable"],
+            ),
+            (
+                "breaker holds restarts",
+                Case {
+                    incidents: vec![incident("i1", SymptomKind::AgentUnreachable, "a", 1)],
+                    breaker_open: true,
+                    ..Case::default()
+                },
+                10,
+                vec!["hold a circuit_open"],
+            ),
+            (
+                "breaker lets failover through",
+                Case {
+                    incidents: vec![incident("i1", SymptomKind::AgentSyncStale, "a", 0)],
+                    breaker_open: true,
+                    servers_reachable: Some(true),
+                    ..Case::default()
+                },
+                10,
+                vec!["act a failover rung0 next1"],
+            ),
+            (
+                "server subjects are observed only",
+                Case {
+                    incidents: vec![Incident {
+                        subject: Subject::server("s1"),
+                        ..incident("i1", SymptomKind::BundleDivergence, "x", 0)
+                    }],
+                    ..Case::default()
+                },
+                10,
+                vec!["hold s1 observe_only"],
             ),
             (
                 "one action per target per tick, most urgent first",

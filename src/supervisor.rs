@@ -148,6 +148,31 @@ impl Supervisor {
         s
     }
 
+    /// Cluster circuit breaker: more than `breaker_share` of the watched
+    /// agents (and at least `breaker_min_agents`) have open agent-level
+    /// incidents at once.
+    fn breaker_open(&self) -> bool {
+        let total = self.views.len().max(
+            self.incidents
+                .values()
+                .filter(|i| i.subject.is_agent_level())
+                .map(|i| i.subject.agent_name())
+                .collect::<HashSet<_>>()
+                .len(),
+        );
+        let unhealthy = self
+            .incidents
+            .values()
+            .filter(|i| i.subject.is_agent_level())
+            .map(|i| i.subject.agent_name())
+            .collect::<HashSet<_>>()
+            .len();
+        let g = &self.p.policy.guards;
+        total > 0
+            && unhealthy >= g.breaker_min_agents
+            && unhealthy as f64 > g.breaker_share * total as f64
+    }
+
     /// Open incidents (for tests and the demo).
     pub fn open_incidents(&self) -> Vec<Incident> {
         self.incidents.values().cloned().collect()
@@ -161,6 +186,7 @@ impl Supervisor {
 
         // Monitor.
         let obs = self.sense().await;
+        let obs_servers = obs.servers.clone();
         let views = obs.agents;
         self.record_lifecycles(&views, now, &mut events);
 
@@ -197,14 +223,19 @@ impl Supervisor {
             .map(|p| p.step.target.clone())
             .collect();
         let actuators = &self.p.actuators;
-        let configured = |name: &str| actuators.contains_key(name);
+        let class = |name: &str| actuators.get(name).map(|a| a.class());
+        let servers_reachable =
+            (!obs_servers.is_empty()).then(|| obs_servers.iter().any(|s| s.reachable));
+        let breaker_open = self.breaker_open();
         let decisions = plan(&PlanInput {
             symptoms: &symptoms,
             incidents,
             busy_targets: &busy,
             last_run: &self.last_run,
             actions_last_hour: self.recent_starts.len(),
-            configured: &configured,
+            class: &class,
+            servers_reachable,
+            breaker_open,
             policy: &self.p.policy,
             dry_run: self.p.dry_run,
             now,

@@ -55,11 +55,30 @@ impl ActuatorError {
     }
 }
 
+/// How much an actuator disturbs its target: decides which do-no-harm
+/// guards apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Cannot make things worse (re-open a stream, bump an entry).
+    Gentle,
+    /// Restarts or evicts the agent: it serves nothing until it has synced
+    /// again. Held while no server answers and while the cluster circuit
+    /// breaker is open (the cause is upstream).
+    AgentLocal,
+    /// Moves the agent to another server: held while no server answers, but
+    /// not by the breaker (a dead server is exactly what it fixes).
+    Failover,
+}
+
 /// Something that can act on a target.
 #[async_trait]
 pub trait Actuator: Send + Sync {
     /// Actuator type (`refetch`, `command`): metric label.
     fn name(&self) -> &'static str;
+    /// Which guards apply; restarts and evictions unless stated otherwise.
+    fn class(&self) -> Class {
+        Class::AgentLocal
+    }
     /// Runs the step. Idempotent and cancel-safe.
     async fn execute(&self, step: &Step) -> Result<Outcome, ActuatorError>;
 }

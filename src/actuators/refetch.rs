@@ -32,6 +32,10 @@ impl Actuator for RefetchActuator {
         "refetch"
     }
 
+    fn class(&self) -> super::Class {
+        super::Class::Gentle
+    }
+
     async fn execute(&self, step: &Step) -> Result<Outcome, ActuatorError> {
         let shared = self
             .streams

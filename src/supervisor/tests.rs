@@ -594,6 +594,9 @@ async fn cooldown_and_open_incidents_survive_a_restart() {
 async fn hourly_budget_holds_the_second_incident() {
     let mut h = Harness::new(vec![view("a"), view("b")]).await;
     h.policy.guards.budget_per_hour = 1;
+    // Two of two agents unhealthy would open the circuit breaker; this test
+    // is about the budget.
+    h.policy.guards.breaker_min_agents = 10;
     let mut sup = h.supervisor().await;
 
     let r = h.tick(&mut sup, 70).await;
