@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::actuators::{ActuatorError, Registry};
-use crate::analyze::analyze;
+use crate::analyze::{analyze, control_plane};
 use crate::clock::{Clock, saturating_since, unix_secs_f64};
 use crate::knowledge::{Buffer, Knowledge};
 use crate::model::{
@@ -80,6 +80,7 @@ pub struct Supervisor {
     p: Parts,
     views: HashMap<String, Arc<AgentView>>,
     last_readings: HashMap<usize, Vec<Reading>>,
+    pending_since: HashMap<SymptomKey, SystemTime>,
     incidents: HashMap<SymptomKey, Incident>,
     pending: HashMap<String, Pending>,
     last_run: HashMap<(String, String), SystemTime>,
@@ -105,6 +106,7 @@ impl Supervisor {
             p: parts,
             views: HashMap::new(),
             last_readings: HashMap::new(),
+            pending_since: HashMap::new(),
             incidents: HashMap::new(),
             pending: HashMap::new(),
             last_run: HashMap::new(),
@@ -187,20 +189,23 @@ impl Supervisor {
         // Monitor.
         let obs = self.sense().await;
         let obs_servers = obs.servers.clone();
-        let views = obs.agents;
-        self.record_lifecycles(&views, now, &mut events);
+        self.record_lifecycles(&obs.agents, now, &mut events);
 
         // Analyze.
         let symptoms = {
             let open = &self.incidents;
-            analyze(
-                &views,
-                &|k| open.contains_key(k),
-                &self.p.policy.thresholds,
-                now,
-            )
+            let is_open = |k: &SymptomKey| open.contains_key(k);
+            let th = &self.p.policy.thresholds;
+            let mut s = analyze(&obs.agents, &is_open, th, now);
+            s.extend(control_plane(&obs, obs.servers.len(), &is_open, th, now));
+            s
         };
-        self.views = views.into_iter().map(|v| (v.agent.clone(), v)).collect();
+        self.views = obs
+            .agents
+            .iter()
+            .map(|v| (v.agent.clone(), v.clone()))
+            .collect();
+        self.update_cluster_view(&obs, now);
         self.update_symptom_gauges(&symptoms);
         self.track_incidents(&symptoms, now, &mut events, &mut report);
 
@@ -445,6 +450,31 @@ impl Supervisor {
         );
     }
 
+    /// The cluster view: agents at risk and the earliest predicted outage
+    /// over open incidents, plus what the admin APIs report.
+    fn update_cluster_view(&self, obs: &Observations, now: SystemTime) {
+        let m = &self.p.metrics;
+        let at_risk: HashSet<&str> = self
+            .incidents
+            .values()
+            .filter(|i| i.subject.is_agent_level())
+            .map(|i| i.subject.agent_name())
+            .collect();
+        m.agents_at_risk.set(at_risk.len() as i64);
+        let outage = self.incidents.values().filter_map(|i| i.predicted_outage).min();
+        m.predicted_outage_timestamp_seconds
+            .set(outage.map_or(0.0, unix_secs_f64));
+        m.servers_up
+            .set(obs.servers.iter().filter(|s| s.reachable).count() as i64);
+        for d in &obs.agent_debug {
+            if let Some(last) = d.last_sync_success {
+                m.agent_last_sync_age_seconds
+                    .with_label_values(&[&d.agent])
+                    .set(saturating_since(now, last).as_secs_f64());
+            }
+        }
+    }
+
     fn update_symptom_gauges(&self, symptoms: &[Symptom]) {
         self.p.metrics.symptoms.reset();
         for s in symptoms {
@@ -464,6 +494,8 @@ impl Supervisor {
         report: &mut TickReport,
     ) {
         let present: HashSet<SymptomKey> = symptoms.iter().map(Symptom::key).collect();
+        // Debounce: symptoms with an `open_after` must persist that long.
+        self.pending_since.retain(|k, _| present.contains(k));
         let closed: Vec<SymptomKey> = self
             .incidents
             .keys()
@@ -512,6 +544,12 @@ impl Supervisor {
                 && busy.contains(s.subject.agent_name())
             {
                 continue;
+            }
+            if let Some(wait) = self.p.policy.thresholds.open_after.get(s.kind.as_str()) {
+                let since = *self.pending_since.entry(key.clone()).or_insert(now);
+                if saturating_since(now, since) < *wait {
+                    continue;
+                }
             }
             let inc = Incident {
                 id: new_id(),

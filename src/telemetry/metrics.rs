@@ -63,6 +63,14 @@ pub struct Metrics {
     pub spiffe_workload_api_errors_total: IntCounterVec,
     /// `spiffe_certificate_rotation_total`: new serials seen, by agent.
     pub spiffe_certificate_rotation_total: IntCounterVec,
+    /// Agents with at least one open incident.
+    pub agents_at_risk: IntGauge,
+    /// Earliest predicted outage over open incidents (0: none).
+    pub predicted_outage_timestamp_seconds: prometheus::Gauge,
+    /// Servers whose admin API answers.
+    pub servers_up: IntGauge,
+    /// Seconds since the agent's last successful server sync (Debug API).
+    pub agent_last_sync_age_seconds: GaugeVec,
     /// Per-agent set of labelled SVID series currently exported, so stale
     /// ones can be removed.
     exported_svids: std::sync::Mutex<Vec<(String, String)>>,
@@ -210,6 +218,25 @@ impl Metrics {
             spiffe_certificate_rotation_total: reg!(c(
                 "spiffe_certificate_rotation_total",
                 "SVID rotations observed (a new serial for a known SPIFFE ID).",
+                &["agent"]
+            )),
+            agents_at_risk: reg!(IntGauge::new(
+                "spire_healer_agents_at_risk",
+                "Agents with at least one open incident."
+            )),
+            predicted_outage_timestamp_seconds: reg!(prometheus::Gauge::new(
+                "spire_healer_predicted_outage_timestamp_seconds",
+                "Earliest predicted outage (unix time) over open incidents; 0 when none."
+            )),
+            servers_up: reg!(IntGauge::new(
+                "spire_healer_servers_up",
+                "SPIRE servers whose admin API answered the last poll."
+            )),
+            agent_last_sync_age_seconds: reg!(GaugeVec::new(
+                Opts::new(
+                    "spire_healer_agent_last_sync_age_seconds",
+                    "Seconds since the agent last synced with a server (agent Debug API)."
+                ),
                 &["agent"]
             )),
             exported_svids: std::sync::Mutex::new(Vec::new()),
