@@ -94,7 +94,25 @@ pub async fn start(
         sensors.push(Box::new(sensor));
         streams.insert(agent.name.clone(), shared);
     }
-    let registry = actuators::registry(&cfg.actuators, streams);
+    let topo = Arc::new(actuators::spire::Topology {
+        servers: cfg
+            .servers
+            .iter()
+            .map(|s| (s.name.clone(), s.admin_socket.clone(), s.address.clone()))
+            .collect(),
+        agents: cfg
+            .agents
+            .iter()
+            .map(|a| {
+                (
+                    a.name.clone(),
+                    (a.config_file.clone(), a.node_alias.clone()),
+                )
+            })
+            .collect(),
+    });
+    spawn_control_plane_sensors(cfg, &clock, &metrics, &wake, &shutdown, tasks, &mut sensors);
+    let registry = actuators::registry(&cfg.actuators, topo, streams);
 
     let http_addr = match cfg.http.enabled.then_some(cfg.http.listen) {
         Some(addr) => {
@@ -142,4 +160,81 @@ pub async fn start(
         health,
         http_addr,
     })
+}
+
+/// Admin API, health and metrics sensors for every configured server and
+/// agent that names an admin socket or URL.
+fn spawn_control_plane_sensors(
+    cfg: &crate::config::Config,
+    clock: &Arc<dyn Clock>,
+    metrics: &Arc<Metrics>,
+    wake: &Arc<Notify>,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+    sensors: &mut Vec<Box<dyn Sensor>>,
+) {
+    use crate::model::Role;
+    use crate::sensors::{agent_debug, health, metrics_scrape, server_api};
+    let c = || (clock.clone(), metrics.clone(), wake.clone());
+    macro_rules! spawn {
+        ($module:ident, $settings:expr, $sensor:literal, $target:expr) => {{
+            let (clock, metrics, wake) = c();
+            let (sensor, task) = $module::build($settings, clock, metrics, wake);
+            let span = info_span!("sensor", sensor = $sensor, target = %$target);
+            tasks.spawn(task.run(shutdown.child_token()).instrument(span));
+            sensors.push(Box::new(sensor));
+        }};
+    }
+    for s in &cfg.servers {
+        if let Some(sock) = &s.admin_socket {
+            let mut st = server_api::Settings::new(&s.name, sock);
+            st.poll_interval = s.poll_interval;
+            st.timeout = s.timeout;
+            spawn!(server_api, st, "server_api", s.name);
+        }
+        if let Some(url) = &s.health_url {
+            let st = health::Settings::from_base_url(
+                &s.name,
+                Role::Server,
+                url,
+                s.poll_interval,
+                s.timeout,
+            );
+            spawn!(health, st, "health", s.name);
+        }
+        if let Some(url) = &s.metrics_url {
+            let st = metrics_scrape::Settings::new(
+                &s.name,
+                Role::Server,
+                url,
+                s.poll_interval,
+                s.timeout,
+            );
+            spawn!(metrics_scrape, st, "metrics_scrape", s.name);
+        }
+    }
+    for a in &cfg.agents {
+        let timeout = a.poll_interval.max(Duration::from_secs(1));
+        if let Some(sock) = &a.admin_socket {
+            let mut st = agent_debug::Settings::new(&a.name, sock);
+            st.poll_interval = a.poll_interval;
+            st.timeout = timeout;
+            spawn!(agent_debug, st, "agent_debug", a.name);
+        }
+        if let Some(url) = &a.health_url {
+            let st = health::Settings::from_base_url(
+                &a.name,
+                Role::Agent,
+                url,
+                a.poll_interval,
+                timeout,
+            );
+            spawn!(health, st, "health", a.name);
+        }
+        if let Some(url) = &a.metrics_url {
+            let st =
+                metrics_scrape::Settings::new(&a.name, Role::Agent, url, a.poll_interval, timeout);
+            spawn!(metrics_scrape, st, "metrics_scrape", a.name);
+        }
+    }
 }

@@ -174,6 +174,11 @@ pub struct AgentConfig {
     /// The agent's config file, rewritten by `server_failover`.
     #[serde(default)]
     pub config_file: Option<PathBuf>,
+    /// SPIFFE ID a fresh join token is aliased to (`-spiffeID` of
+    /// `token generate`), so entries parented to it apply again after
+    /// `agent_evict` re-admits the agent.
+    #[serde(default)]
+    pub node_alias: Option<String>,
     /// Admin API, health and metrics poll interval.
     #[serde(default = "default_poll", with = "humantime_serde")]
     pub poll_interval: Duration,
@@ -466,6 +471,17 @@ impl Config {
             }
             for (field, reason) in act.problems() {
                 errors.push(ConfigError::invalid(format!("{key}.{field}"), reason));
+            }
+            if let Some(dep) = act.depends_on()
+                && !matches!(
+                    self.actuators.get(dep),
+                    Some(crate::actuators::ActuatorConfig::Command(_))
+                )
+            {
+                errors.push(ConfigError::invalid(
+                    format!("{key}.restart"),
+                    format!("{dep:?} must name a configured actuator of type \"command\""),
+                ));
             }
         }
 

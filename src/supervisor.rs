@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::actuators::{ActuatorError, Registry};
+use crate::actuators::{ActuatorError, Prepared, Registry};
 use crate::analyze::{analyze, control_plane};
 use crate::clock::{Clock, saturating_since, unix_secs_f64};
 use crate::knowledge::{Buffer, Knowledge};
@@ -150,6 +150,36 @@ impl Supervisor {
         s
     }
 
+    /// Records "held back, because" once per (incident, actuator, reason).
+    fn hold(
+        &mut self,
+        incident_id: &str,
+        actuator: &str,
+        target: &str,
+        reason: &'static str,
+        now: SystemTime,
+        events: &mut Vec<Event>,
+    ) {
+        let entry = (actuator.to_string(), reason);
+        if self.last_hold.get(incident_id) == Some(&entry) {
+            return;
+        }
+        self.last_hold.insert(incident_id.to_string(), entry);
+        self.p
+            .metrics
+            .holds_total
+            .with_label_values(&[reason])
+            .inc();
+        info!(incident = %incident_id, %actuator, %target, reason, "Holding back.");
+        events.push(Event::Held {
+            incident_id: incident_id.to_string(),
+            actuator: actuator.to_string(),
+            target: target.to_string(),
+            reason: reason.to_string(),
+            at: now,
+        });
+    }
+
     /// Cluster circuit breaker: more than `breaker_share` of the watched
     /// agents (and at least `breaker_min_agents`) have open agent-level
     /// incidents at once.
@@ -250,13 +280,49 @@ impl Supervisor {
         let mut to_run = Vec::new();
         for d in decisions {
             match d {
-                Decision::Act { step, next_rung } => {
-                    let key = self
-                        .incidents
-                        .values()
-                        .find(|i| i.id == step.incident_id)
-                        .map(Incident::key);
-                    let Some(key) = key else { continue };
+                Decision::Act {
+                    mut step,
+                    next_rung,
+                } => {
+                    let Some(inc) = self.incidents.values().find(|i| i.id == step.incident_id)
+                    else {
+                        continue;
+                    };
+                    let key = inc.key();
+                    if let Some(id) = inc.evidence.get("spiffe_id").and_then(|v| v.as_str()) {
+                        step.params["evidence_spiffe_id"] = serde_json::json!(id);
+                    }
+                    // Precondition against what was just observed.
+                    let prepared = self
+                        .p
+                        .actuators
+                        .get(&step.actuator)
+                        .map_or(Prepared::Ready, |a| a.prepare(&mut step, &obs));
+                    let hold_reason = match prepared {
+                        Prepared::Ready => None,
+                        Prepared::Skip(r) | Prepared::Wait(r) => Some(r),
+                    };
+                    if let Some(reason) = hold_reason {
+                        self.hold(
+                            &step.incident_id,
+                            &step.actuator,
+                            &step.target,
+                            reason,
+                            now,
+                            &mut events,
+                        );
+                        if matches!(prepared, Prepared::Skip(_)) {
+                            // Not applicable: the next tick tries the next rung.
+                            if let Some(inc) = self.incidents.get_mut(&key) {
+                                inc.next_rung = next_rung;
+                            }
+                            events.push(Event::IncidentEscalated {
+                                id: step.incident_id.clone(),
+                                next_rung,
+                            });
+                        }
+                        continue;
+                    }
                     if let Some(inc) = self.incidents.get_mut(&key) {
                         inc.next_rung = next_rung;
                     }
@@ -292,22 +358,14 @@ impl Supervisor {
                     actuator,
                     target,
                     reason,
-                } => {
-                    let r = reason.as_str();
-                    if self.last_hold.get(&incident_id) != Some(&(actuator.clone(), r)) {
-                        self.last_hold
-                            .insert(incident_id.clone(), (actuator.clone(), r));
-                        self.p.metrics.holds_total.with_label_values(&[r]).inc();
-                        info!(incident = %incident_id, %actuator, %target, reason = r, "Holding back.");
-                        events.push(Event::Held {
-                            incident_id,
-                            actuator,
-                            target,
-                            reason: r.to_string(),
-                            at: now,
-                        });
-                    }
-                }
+                } => self.hold(
+                    &incident_id,
+                    &actuator,
+                    &target,
+                    reason.as_str(),
+                    now,
+                    &mut events,
+                ),
             }
         }
         self.p.buffer.push(events);
@@ -461,7 +519,11 @@ impl Supervisor {
             .map(|i| i.subject.agent_name())
             .collect();
         m.agents_at_risk.set(at_risk.len() as i64);
-        let outage = self.incidents.values().filter_map(|i| i.predicted_outage).min();
+        let outage = self
+            .incidents
+            .values()
+            .filter_map(|i| i.predicted_outage)
+            .min();
         m.predicted_outage_timestamp_seconds
             .set(outage.map_or(0.0, unix_secs_f64));
         m.servers_up

@@ -2,8 +2,10 @@
 //! run after a cancelled one, is safe) and treats every `.await` as a
 //! cancellation point. The supervisor records every run before and after.
 
+pub mod agent_config;
 pub mod command;
 pub mod refetch;
+pub mod spire;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use crate::model::{Outcome, Step};
+use crate::model::{Observations, Outcome, Step};
 use crate::sensors::workload_api::Shared;
 
 pub use command::{CommandActuator, CommandConfig};
@@ -70,6 +72,17 @@ pub enum Class {
     Failover,
 }
 
+/// Result of [`Actuator::prepare`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prepared {
+    /// Run it.
+    Ready,
+    /// Not applicable here (closed-set reason): move to the next rung.
+    Skip(&'static str),
+    /// Not yet (closed-set reason): hold and try again later.
+    Wait(&'static str),
+}
+
 /// Something that can act on a target.
 #[async_trait]
 pub trait Actuator: Send + Sync {
@@ -78,6 +91,12 @@ pub trait Actuator: Send + Sync {
     /// Which guards apply; restarts and evictions unless stated otherwise.
     fn class(&self) -> Class {
         Class::AgentLocal
+    }
+    /// Checks the step's precondition against the latest observations and
+    /// fills in parameters (target server, SPIFFE ID, …). Pure: no I/O
+    /// beyond reading local files.
+    fn prepare(&self, _step: &mut Step, _obs: &Observations) -> Prepared {
+        Prepared::Ready
     }
     /// Runs the step. Idempotent and cancel-safe.
     async fn execute(&self, step: &Step) -> Result<Outcome, ActuatorError>;
@@ -89,6 +108,12 @@ pub trait Actuator: Send + Sync {
 pub enum ActuatorConfig {
     /// Run a program.
     Command(CommandConfig),
+    /// Bump the registration entry so the agent re-signs the SVID.
+    EntryBump(spire::EntryBumpConfig),
+    /// DeleteAgent + join token + restart: re-attestation.
+    AgentEvict(spire::AgentEvictConfig),
+    /// Move the agent to another HA server.
+    ServerFailover(spire::FailoverConfig),
 }
 
 impl ActuatorConfig {
@@ -96,13 +121,17 @@ impl ActuatorConfig {
     pub fn problems(&self) -> Vec<(&'static str, String)> {
         match self {
             ActuatorConfig::Command(c) => c.problems(),
+            ActuatorConfig::EntryBump(_) | ActuatorConfig::AgentEvict(_) => Vec::new(),
+            ActuatorConfig::ServerFailover(_) => Vec::new(),
         }
     }
 
-    /// Builds the actuator.
-    pub fn build(&self) -> Arc<dyn Actuator> {
+    /// The other actuator this one runs (a restart), if any.
+    pub fn depends_on(&self) -> Option<&str> {
         match self {
-            ActuatorConfig::Command(c) => Arc::new(CommandActuator::new(c.clone())),
+            ActuatorConfig::AgentEvict(c) => Some(&c.restart),
+            ActuatorConfig::ServerFailover(c) => Some(&c.restart),
+            _ => None,
         }
     }
 }
@@ -110,15 +139,37 @@ impl ActuatorConfig {
 /// Actuators by instance name.
 pub type Registry = HashMap<String, Arc<dyn Actuator>>;
 
-/// The built-in `refetch` plus every configured instance.
+/// The built-in `refetch` plus every configured instance. Composite
+/// actuators (evict, failover) get the restart actuator they name; config
+/// validation guarantees it is a configured `command`.
 pub fn registry(
     configured: &BTreeMap<String, ActuatorConfig>,
+    topo: Arc<spire::Topology>,
     streams: HashMap<String, Arc<Shared>>,
 ) -> Registry {
-    let mut r: Registry = configured
-        .iter()
-        .map(|(name, c)| (name.clone(), c.build()))
-        .collect();
+    let mut r: Registry = HashMap::new();
+    for (name, c) in configured {
+        if let ActuatorConfig::Command(c) = c {
+            r.insert(name.clone(), Arc::new(CommandActuator::new(c.clone())));
+        }
+    }
+    for (name, c) in configured {
+        let restart = c.depends_on().and_then(|d| r.get(d).cloned());
+        let a: Arc<dyn Actuator> = match (c, restart) {
+            (ActuatorConfig::Command(_), _) => continue,
+            (ActuatorConfig::EntryBump(c), _) => {
+                Arc::new(spire::EntryBump::new(c.clone(), topo.clone()))
+            }
+            (ActuatorConfig::AgentEvict(c), Some(restart)) => {
+                Arc::new(spire::AgentEvict::new(c.clone(), topo.clone(), restart))
+            }
+            (ActuatorConfig::ServerFailover(c), Some(restart)) => {
+                Arc::new(spire::Failover::new(c.clone(), topo.clone(), restart))
+            }
+            (_, None) => continue,
+        };
+        r.insert(name.clone(), a);
+    }
     r.insert(REFETCH.to_string(), Arc::new(RefetchActuator::new(streams)));
     r
 }

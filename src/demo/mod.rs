@@ -9,6 +9,7 @@
 //! treats as `systemctl restart spire-agent`.
 
 pub mod fake_agent;
+pub mod fake_server;
 pub mod issuer;
 
 use std::io::Write;

@@ -54,8 +54,9 @@ mod manifest;
 mod process;
 mod single;
 
+pub use database::database_exists;
 pub use ha::{HaAgent, HaLab, HaOptions, HaServer, ListedAgent};
-pub use manifest::{AgentManifest, DatabaseManifest, LabManifest, ServerManifest};
+pub use manifest::{AgentManifest, DatabaseManifest, LabManifest, ServerManifest, healer_config};
 pub use single::{LabOptions, SpireLab};
 
 /// How long any single readiness or sync wait may take.

@@ -1,1 +1,248 @@
-//! Placeholder: being written.
+//! `health` sensor: polls the HTTP `health_checks` listener (`/live`,
+//! `/ready`) of one SPIRE agent or server.
+//!
+//! SPIRE answers 200 when every subsystem is live (ready) and 500
+//! otherwise, and re-checks only every 60 s once healthy, so a result can be
+//! up to a minute stale (SPIRE.md §3.1). Here 200 reads as `true`, any other
+//! status as `false`, and an endpoint that does not answer (refused,
+//! timeout, garbage) as `None` with the error class in `last_error`.
+//!
+//! # What `/ready` means
+//!
+//! **An agent's `/ready` does not mean "connected to a server".** The agent
+//! check only calls `FetchX509Bundles` on its own Workload API socket and
+//! fails only on `Unavailable` (SPIRE.md §3.2; spiffe/spire#1562: "Health
+//! checks still pass in this state"). It says the agent's Workload API
+//! answers, nothing about server connectivity or SVID freshness. Analysis
+//! must never treat an agent's `ready: Some(true)` as connectivity; use the
+//! Debug API's `last_sync_success` or the sync metrics instead.
+//!
+//! A server's checks (bundle read, test signing, datastore) do include the
+//! datastore, so a database outage fails its `/live` too (SPIRE.md §3.3).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{Sensor, SensorError};
+use crate::clock::Clock;
+use crate::http_client::{self, HttpError, Options};
+use crate::model::{HealthView, Reading, Role};
+use crate::telemetry::Metrics;
+
+/// Body cap for health answers: SPIRE's JSON details are a few hundred bytes.
+pub const HEALTH_MAX_BODY: usize = 64 * 1024;
+
+/// Settings for one process's health sensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Configured agent or server name.
+    pub target: String,
+    /// Agent or server.
+    pub role: Role,
+    /// `http://host:port/live`; `None` skips the probe (`live` stays `None`).
+    pub live_url: Option<String>,
+    /// `http://host:port/ready`; `None` skips the probe (`ready` stays `None`).
+    pub ready_url: Option<String>,
+    /// Poll period.
+    pub interval: Duration,
+    /// Deadline of one probe (each of the two).
+    pub timeout: Duration,
+}
+
+impl Settings {
+    /// Settings probing `<base_url>/live` and `<base_url>/ready`, SPIRE's
+    /// default paths.
+    pub fn from_base_url(
+        target: impl Into<String>,
+        role: Role,
+        base_url: &str,
+        interval: Duration,
+        timeout: Duration,
+    ) -> Self {
+        let base = base_url.trim_end_matches('/');
+        Self {
+            target: target.into(),
+            role,
+            live_url: Some(format!("{base}/live")),
+            ready_url: Some(format!("{base}/ready")),
+            interval,
+            timeout,
+        }
+    }
+}
+
+/// Latest view, shared by the task and the sensor.
+#[derive(Debug)]
+struct Shared {
+    view: Mutex<Arc<HealthView>>,
+}
+
+impl Shared {
+    fn get(&self) -> Arc<HealthView> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, view: HealthView) {
+        *self.view.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(view);
+    }
+}
+
+/// The sensor half: returns the latest probe.
+pub struct HealthSensor {
+    target: String,
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl Sensor for HealthSensor {
+    fn name(&self) -> &'static str {
+        "health"
+    }
+    fn instance(&self) -> &str {
+        &self.target
+    }
+    async fn observe(&self) -> Result<Vec<Reading>, SensorError> {
+        Ok(vec![Reading::Health(self.shared.get())])
+    }
+}
+
+/// The background task half: probes every `interval`.
+pub struct HealthTask {
+    settings: Settings,
+    shared: Arc<Shared>,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    wake: Arc<Notify>,
+}
+
+/// Builds the sensor and its task. Until the first probe, `live` and
+/// `ready` are `None` with no error. `wake` is notified when `live`,
+/// `ready` or the error class changes.
+pub fn build(
+    settings: Settings,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    wake: Arc<Notify>,
+) -> (HealthSensor, HealthTask) {
+    let shared = Arc::new(Shared {
+        view: Mutex::new(Arc::new(HealthView {
+            target: settings.target.clone(),
+            role: settings.role,
+            live: None,
+            ready: None,
+            last_error: None,
+            updated_at: clock.now(),
+        })),
+    });
+    (
+        HealthSensor {
+            target: settings.target.clone(),
+            shared: shared.clone(),
+        },
+        HealthTask {
+            settings,
+            shared,
+            clock,
+            metrics,
+            wake,
+        },
+    )
+}
+
+impl HealthTask {
+    /// Probes immediately, then every `interval`, until `shutdown`.
+    ///
+    /// # Cancel safety
+    /// Holds nothing but HTTP connections; dropping it closes them.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut ticker =
+            tokio::time::interval(self.settings.interval.max(Duration::from_millis(1)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let (live, ready) = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                both = async {
+                    tokio::join!(
+                        self.probe(self.settings.live_url.as_deref()),
+                        self.probe(self.settings.ready_url.as_deref()),
+                    )
+                } => both,
+            };
+            self.publish(live, ready);
+        }
+    }
+
+    /// One probe: `Ok(None)` when not configured, `Ok(Some(status == 200))`
+    /// when it answered.
+    async fn probe(&self, url: Option<&str>) -> Result<Option<bool>, HttpError> {
+        let Some(url) = url else {
+            return Ok(None);
+        };
+        let opts = Options::new(self.settings.timeout).max_body(HEALTH_MAX_BODY);
+        let resp = http_client::get(url, &opts).await?;
+        Ok(Some(resp.status == 200))
+    }
+
+    fn publish(
+        &self,
+        live: Result<Option<bool>, HttpError>,
+        ready: Result<Option<bool>, HttpError>,
+    ) {
+        let now = self.clock.now();
+        let target = &self.settings.target;
+        let previous = self.shared.get();
+        let mut last_error = None;
+        let mut read = |probe: &'static str, r: Result<Option<bool>, HttpError>| match r {
+            Ok(v) => v,
+            Err(error) => {
+                let kind = error.kind();
+                self.metrics.error("sensor", kind);
+                if previous.last_error.as_deref() != Some(kind) {
+                    warn!(target = %target, probe, kind, %error, "Health probe failed.");
+                }
+                last_error.get_or_insert(kind);
+                None
+            }
+        };
+        let live = read("live", live);
+        let ready = read("ready", ready);
+        let view = HealthView {
+            target: target.clone(),
+            role: self.settings.role,
+            live,
+            ready,
+            last_error: last_error.map(str::to_string),
+            updated_at: now,
+        };
+        let changed = previous.live != view.live
+            || previous.ready != view.ready
+            || previous.last_error != view.last_error;
+        if changed {
+            info!(
+                target = %target,
+                live = ?view.live,
+                ready = ?view.ready,
+                error = ?view.last_error,
+                "Health changed."
+            );
+        }
+        self.shared.set(view);
+        if changed {
+            self.wake.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

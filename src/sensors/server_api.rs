@@ -1,1 +1,295 @@
-//! Placeholder: being written.
+//! `server_api` sensor: polls one spire-server's local admin socket.
+//!
+//! A background task polls every `poll_interval`: Debug.GetInfo, paged
+//! Agent.ListAgents and Bundle.GetBundle, concurrently over one channel, each
+//! call under `timeout`. A poll succeeds only if all three do; then the view
+//! is replaced as a whole. A failure of any marks the server unreachable with
+//! a closed-set error kind (see [`SpireApiError::kind`]) and keeps the agent
+//! list, bundle and counts of the last good poll, so the analysis still sees
+//! what the server last said. The view is published as an
+//! `Arc<ServerView>` over a `watch` channel; [`Sensor::observe`] hands out a
+//! pointer copy.
+//!
+//! View semantics ([`ServerView`]): `reachable` is the last poll's result;
+//! `since` moves only when `reachable` flips; `updated_at` is the end of the
+//! last poll, good or bad; `last_error` is the kind of the last failed poll
+//! and is cleared by a good one.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{Notify, watch};
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::{Sensor, SensorError};
+use crate::clock::Clock;
+use crate::model::{Authority, Reading, ServerAgent, ServerView};
+use crate::spire_api::{ServerAdminClient, ServerDebugInfo, SpireApiError};
+use crate::telemetry::Metrics;
+
+/// Default agents per ListAgents page.
+pub const DEFAULT_PAGE_SIZE: u32 = 500;
+/// Default bound on ListAgents pages per poll (500 000 agents at the
+/// default page size).
+pub const DEFAULT_MAX_PAGES: u32 = 1000;
+/// Default poll period.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(2);
+/// Default deadline of one RPC.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Settings for one server's sensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Configured server name.
+    pub server: String,
+    /// The server's local admin socket (`socket_path`).
+    pub admin_socket: PathBuf,
+    /// Time between poll starts.
+    pub poll_interval: Duration,
+    /// Deadline of each RPC (and of each dial).
+    pub timeout: Duration,
+    /// Agents per ListAgents page.
+    pub page_size: u32,
+    /// ListAgents pages per poll at most; beyond it the listing is marked
+    /// truncated.
+    pub max_pages: u32,
+}
+
+impl Settings {
+    /// Settings with the default interval, timeout and paging bounds.
+    pub fn new(server: impl Into<String>, admin_socket: impl Into<PathBuf>) -> Self {
+        Self {
+            server: server.into(),
+            admin_socket: admin_socket.into(),
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            timeout: DEFAULT_TIMEOUT,
+            page_size: DEFAULT_PAGE_SIZE,
+            max_pages: DEFAULT_MAX_PAGES,
+        }
+    }
+}
+
+/// The sensor half: reads the published view.
+pub struct ServerApiSensor {
+    server: String,
+    view: watch::Receiver<Arc<ServerView>>,
+}
+
+impl ServerApiSensor {
+    /// The current view.
+    pub fn view(&self) -> Arc<ServerView> {
+        self.view.borrow().clone()
+    }
+
+    /// A receiver that sees every published view.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<ServerView>> {
+        self.view.clone()
+    }
+}
+
+#[async_trait]
+impl Sensor for ServerApiSensor {
+    fn name(&self) -> &'static str {
+        "server_api"
+    }
+    fn instance(&self) -> &str {
+        &self.server
+    }
+    async fn observe(&self) -> Result<Vec<Reading>, SensorError> {
+        Ok(vec![Reading::Server(self.view())])
+    }
+}
+
+/// The background task half.
+pub struct ServerApiTask {
+    settings: Settings,
+    view: watch::Sender<Arc<ServerView>>,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    wake: Arc<Notify>,
+}
+
+/// Builds the sensor and its poll task. Until the first poll ends the view
+/// is unreachable with no error. `wake` is notified whenever the view
+/// changes beyond its timestamp, so the loop can tick early.
+pub fn build(
+    settings: Settings,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    wake: Arc<Notify>,
+) -> (ServerApiSensor, ServerApiTask) {
+    let now = clock.now();
+    let initial = ServerView {
+        server: settings.server.clone(),
+        reachable: false,
+        last_error: None,
+        since: now,
+        updated_at: now,
+        uptime_secs: 0,
+        svid_expires_at: None,
+        agents_count: 0,
+        entries_count: 0,
+        agents: Vec::new(),
+        agents_truncated: false,
+        bundle: Vec::new(),
+        bundle_sequence: 0,
+    };
+    let (tx, rx) = watch::channel(Arc::new(initial));
+    (
+        ServerApiSensor {
+            server: settings.server.clone(),
+            view: rx,
+        },
+        ServerApiTask {
+            settings,
+            view: tx,
+            clock,
+            metrics,
+            wake,
+        },
+    )
+}
+
+/// What one good poll read.
+struct Polled {
+    info: ServerDebugInfo,
+    agents: Vec<ServerAgent>,
+    truncated: bool,
+    bundle: Vec<Authority>,
+    sequence: u64,
+}
+
+impl ServerApiTask {
+    /// Polls until `shutdown`: the first poll at once, then one every
+    /// `poll_interval` (a poll that overruns delays the next one, it never
+    /// overlaps it).
+    ///
+    /// # Cancel safety
+    /// Holds no external state: dropping it mid-poll abandons the calls.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let span = info_span!("sensor", sensor = "server_api", server = %self.settings.server);
+        self.run_inner(shutdown).instrument(span).await;
+    }
+
+    async fn run_inner(self, shutdown: CancellationToken) {
+        let mut client: Option<ServerAdminClient> = None;
+        let period = self.settings.poll_interval.max(Duration::from_millis(1));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if client.is_none() {
+                match ServerAdminClient::new(&self.settings.admin_socket, self.settings.timeout) {
+                    Ok(c) => client = Some(c),
+                    Err(e) => {
+                        self.apply(Err(e));
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = &client else { continue };
+            let result = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                r = self.poll(c) => r,
+            };
+            self.apply(result);
+        }
+    }
+
+    async fn poll(&self, client: &ServerAdminClient) -> Result<Polled, SpireApiError> {
+        let s = &self.settings;
+        let (info, (agents, truncated), (bundle, sequence)) = tokio::try_join!(
+            client.server_debug_info(),
+            client.list_agents_paged(s.page_size, s.max_pages),
+            client.get_bundle(),
+        )?;
+        Ok(Polled {
+            info,
+            agents,
+            truncated,
+            bundle,
+            sequence,
+        })
+    }
+
+    /// Publishes the outcome of one poll.
+    fn apply(&self, result: Result<Polled, SpireApiError>) {
+        let now = self.clock.now();
+        let prev = self.view.borrow().clone();
+        let mut next = match result {
+            Ok(p) => {
+                if !prev.reachable {
+                    info!(agents = p.agents.len(), "Server admin API answered.");
+                }
+                if p.truncated {
+                    warn!(
+                        agents = p.agents.len(),
+                        max_pages = self.settings.max_pages,
+                        "Agent listing truncated."
+                    );
+                }
+                ServerView {
+                    server: prev.server.clone(),
+                    reachable: true,
+                    last_error: None,
+                    since: prev.since,
+                    updated_at: prev.updated_at,
+                    uptime_secs: p.info.uptime_secs,
+                    svid_expires_at: p.info.svid_expires_at(),
+                    agents_count: p.info.agents_count,
+                    entries_count: p.info.entries_count,
+                    agents: p.agents,
+                    agents_truncated: p.truncated,
+                    bundle: p.bundle,
+                    bundle_sequence: p.sequence,
+                }
+            }
+            Err(e) => {
+                let kind = e.kind();
+                self.metrics.error("sensor", kind);
+                if prev.reachable || prev.last_error.as_deref() != Some(kind) {
+                    warn!(kind, error = %error_chain(&e), "Server admin API poll failed.");
+                }
+                // Keep what the server last said; only the status changes.
+                let mut v = (*prev).clone();
+                v.reachable = false;
+                v.last_error = Some(kind.to_string());
+                v
+            }
+        };
+        if next.reachable != prev.reachable {
+            next.since = now;
+        }
+        // Changed beyond the timestamp? (`updated_at` still equals prev's.)
+        let changed = next != *prev;
+        next.updated_at = now;
+        self.view.send_replace(Arc::new(next));
+        if changed {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// `error: cause: cause` for logs.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests;

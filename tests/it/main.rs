@@ -3,6 +3,7 @@
 //! temporary directories; spire-healer runs in-process against them.
 
 mod cli;
+mod ha_lab;
 mod healing;
 mod helpers;
 mod idle;

@@ -1,0 +1,422 @@
+//! Actuators that use the SPIRE admin APIs: `entry_bump` (force a new SVID
+//! without a restart), `agent_evict` (DeleteAgent, a fresh join token, then
+//! a restart so the agent re-attests) and `server_failover` (point the agent
+//! at another HA server, then restart it).
+//!
+//! Each checks its precondition against the latest observations in
+//! [`Actuator::prepare`]; the supervisor records a failed precondition as a
+//! hold with its reason.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{Actuator, ActuatorError, Class, Prepared, agent_config};
+use crate::model::{Observations, Outcome, Step, Subject};
+use crate::spire_api::ServerAdminClient;
+
+/// What the SPIRE actuators know about the deployment (from the config).
+#[derive(Debug, Clone, Default)]
+pub struct Topology {
+    /// Servers in config order: (name, admin socket, `host:port` agents dial).
+    pub servers: Vec<(String, Option<PathBuf>, Option<String>)>,
+    /// Agents by name: (config file, node alias SPIFFE ID for join tokens).
+    pub agents: HashMap<String, (Option<PathBuf>, Option<String>)>,
+}
+
+impl Topology {
+    /// Admin clients of every server with an admin socket, in config order,
+    /// reachable ones first per the latest observations.
+    fn admin_clients(&self, timeout: Duration) -> Vec<(String, ServerAdminClient)> {
+        self.servers
+            .iter()
+            .filter_map(|(name, sock, _)| {
+                let c = ServerAdminClient::new(sock.as_deref()?, timeout).ok()?;
+                Some((name.clone(), c))
+            })
+            .collect()
+    }
+}
+
+/// Runs `f` against each server until one succeeds.
+async fn on_any_server<T, F, Fut>(
+    topo: &Topology,
+    timeout: Duration,
+    mut f: F,
+) -> Result<(String, T), ActuatorError>
+where
+    F: FnMut(ServerAdminClient) -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::spire_api::SpireApiError>>,
+{
+    let mut last = String::from("no server with an admin socket is configured");
+    for (name, c) in topo.admin_clients(timeout) {
+        match f(c).await {
+            Ok(v) => return Ok((name, v)),
+            Err(e) => last = format!("{name}: {e}"),
+        }
+    }
+    Err(ActuatorError::Failed(last))
+}
+
+// === entry_bump ===
+
+/// `[actuators.<name>] type = "entry_bump"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntryBumpConfig {
+    /// Per-call deadline.
+    #[serde(default = "default_call_timeout", with = "humantime_serde")]
+    pub call_timeout: Duration,
+}
+
+fn default_call_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// Raises the revision of every entry for the SVID's SPIFFE ID, so the agent
+/// re-signs it (a reconnect would only return the cached SVID).
+pub struct EntryBump {
+    config: EntryBumpConfig,
+    topo: Arc<Topology>,
+}
+
+impl EntryBump {
+    /// New.
+    pub fn new(config: EntryBumpConfig, topo: Arc<Topology>) -> Self {
+        Self { config, topo }
+    }
+}
+
+#[async_trait]
+impl Actuator for EntryBump {
+    fn name(&self) -> &'static str {
+        "entry_bump"
+    }
+    fn class(&self) -> Class {
+        Class::Gentle
+    }
+    fn prepare(&self, step: &mut Step, _obs: &Observations) -> Prepared {
+        match subject_of(step) {
+            Some(Subject::Svid { spiffe_id, .. }) => {
+                step.params["spiffe_id"] = json!(spiffe_id);
+                Prepared::Ready
+            }
+            _ => Prepared::Skip("not_an_svid"),
+        }
+    }
+    async fn execute(&self, step: &Step) -> Result<Outcome, ActuatorError> {
+        let id = step.params["spiffe_id"]
+            .as_str()
+            .ok_or_else(|| ActuatorError::Failed("step has no spiffe_id".into()))?
+            .to_string();
+        let t = self.config.call_timeout;
+        let (server, revisions) = on_any_server(&self.topo, t, |c| {
+            let id = id.clone();
+            async move {
+                let entries = c.list_entries_by_spiffe_id(&id).await?;
+                let mut revs = Vec::new();
+                for e in entries {
+                    revs.push((e.id.clone(), c.bump_entry(&e.id).await?));
+                }
+                Ok(revs)
+            }
+        })
+        .await?;
+        if revisions.is_empty() {
+            return Err(ActuatorError::Failed(format!(
+                "no registration entry for {id}"
+            )));
+        }
+        Ok(Outcome::ok(json!({
+            "server": server,
+            "entries": revisions.iter().map(|(e, r)| json!({"entry_id": e, "revision": r})).collect::<Vec<_>>(),
+        })))
+    }
+}
+
+// === agent_evict ===
+
+/// `[actuators.<name>] type = "agent_evict"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentEvictConfig {
+    /// The `command` actuator that restarts the agent afterwards.
+    pub restart: String,
+    /// Where to write a fresh join token for the agent's next start
+    /// (`{agent}` is substituted); none: the agent re-attests by itself
+    /// (x509pop, k8s_psat, …).
+    #[serde(default)]
+    pub join_token_file: Option<String>,
+    /// Join token lifetime.
+    #[serde(default = "default_token_ttl", with = "humantime_serde")]
+    pub join_token_ttl: Duration,
+    /// Per-call deadline.
+    #[serde(default = "default_call_timeout", with = "humantime_serde")]
+    pub call_timeout: Duration,
+}
+
+fn default_token_ttl() -> Duration {
+    Duration::from_secs(600)
+}
+
+/// DeleteAgent (which also lifts a ban), a new join token if configured,
+/// then the restart command: the agent attests again (spiffe/spire#2910).
+pub struct AgentEvict {
+    config: AgentEvictConfig,
+    topo: Arc<Topology>,
+    restart: Arc<dyn Actuator>,
+}
+
+impl AgentEvict {
+    /// New; `restart` is the configured restart actuator.
+    pub fn new(config: AgentEvictConfig, topo: Arc<Topology>, restart: Arc<dyn Actuator>) -> Self {
+        Self {
+            config,
+            topo,
+            restart,
+        }
+    }
+}
+
+#[async_trait]
+impl Actuator for AgentEvict {
+    fn name(&self) -> &'static str {
+        "agent_evict"
+    }
+    fn prepare(&self, step: &mut Step, obs: &Observations) -> Prepared {
+        // The agent's SPIFFE ID: from the incident evidence (server view)
+        // or the agent's Debug API.
+        let from_debug = obs
+            .agent_debug
+            .iter()
+            .find(|d| d.agent == step.target)
+            .and_then(|d| d.spiffe_id.clone());
+        let id = step.params["evidence_spiffe_id"]
+            .as_str()
+            .map(str::to_string)
+            .or(from_debug);
+        match id {
+            Some(id) => {
+                step.params["spiffe_id"] = json!(id);
+                Prepared::Ready
+            }
+            None => Prepared::Wait("agent_id_unknown"),
+        }
+    }
+    async fn execute(&self, step: &Step) -> Result<Outcome, ActuatorError> {
+        let id = step.params["spiffe_id"]
+            .as_str()
+            .ok_or_else(|| ActuatorError::Failed("step has no spiffe_id".into()))?
+            .to_string();
+        let t = self.config.call_timeout;
+        let alias = self
+            .topo
+            .agents
+            .get(&step.target)
+            .and_then(|(_, alias)| alias.clone());
+        let token_file = self
+            .config
+            .join_token_file
+            .as_ref()
+            .map(|f| f.replace("{agent}", &step.target));
+        let ttl = self.config.join_token_ttl;
+        let (server, token) = on_any_server(&self.topo, t, |c| {
+            let id = id.clone();
+            let alias = alias.clone();
+            let want_token = token_file.is_some();
+            async move {
+                match c.delete_agent(&id).await {
+                    Ok(()) => {}
+                    // Already gone: a second run after a cancelled one.
+                    Err(e) if not_found(&e) => {}
+                    Err(e) => return Err(e),
+                }
+                if want_token {
+                    Ok(Some(
+                        c.create_join_token(ttl, alias.as_deref()).await?.value,
+                    ))
+                } else {
+                    Ok(None)
+                }
+            }
+        })
+        .await?;
+        if let (Some(file), Some(token)) = (&token_file, &token) {
+            write_secret(file, token)?;
+        }
+        let restarted = self.restart.execute(step).await?;
+        if restarted.kind != crate::model::OutcomeKind::Ok {
+            return Ok(Outcome {
+                detail: json!({ "deleted_on": server, "restart": restarted.detail }),
+                ..restarted
+            });
+        }
+        Ok(Outcome::ok(json!({
+            "deleted": id,
+            "deleted_on": server,
+            "join_token_file": token_file,
+            "restart": restarted.detail,
+        })))
+    }
+}
+
+/// Writes a secret file (0600) atomically.
+fn write_secret(path: &str, value: &str) -> Result<(), ActuatorError> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let p = std::path::Path::new(path);
+    let err = |e: std::io::Error| ActuatorError::Failed(format!("writing {path}: {e}"));
+    let dir = p.parent().unwrap_or(std::path::Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(err)?;
+    tmp.write_all(value.as_bytes()).map_err(err)?;
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    tmp.persist(p).map_err(|e| err(e.error))?;
+    Ok(())
+}
+
+// === server_failover ===
+
+/// `[actuators.<name>] type = "server_failover"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverConfig {
+    /// How to re-point the agent. `agent_config`: rewrite `server_address`
+    /// and `server_port` in the agent's config file, then restart it.
+    /// (Kubernetes Service/EndpointSlice strategies come later.)
+    pub strategy: FailoverStrategy,
+    /// The `command` actuator that restarts the agent.
+    pub restart: String,
+}
+
+/// Failover strategies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailoverStrategy {
+    /// Rewrite the agent's config file and restart it.
+    AgentConfig,
+}
+
+/// Moves an agent whose server is down to a healthy one.
+pub struct Failover {
+    topo: Arc<Topology>,
+    restart: Arc<dyn Actuator>,
+}
+
+impl Failover {
+    /// New.
+    pub fn new(_config: FailoverConfig, topo: Arc<Topology>, restart: Arc<dyn Actuator>) -> Self {
+        Self { topo, restart }
+    }
+}
+
+#[async_trait]
+impl Actuator for Failover {
+    fn name(&self) -> &'static str {
+        "server_failover"
+    }
+    fn class(&self) -> Class {
+        Class::Failover
+    }
+    /// Preconditions: the agent's config names a watched server that is
+    /// unhealthy; another watched server answers; every authority in that
+    /// server's bundle is in the agent's own bundle (else the agent would
+    /// refuse it and exit: "Synchronize failed, non-recoverable error").
+    fn prepare(&self, step: &mut Step, obs: &Observations) -> Prepared {
+        let Some((Some(conf), _)) = self.topo.agents.get(&step.target) else {
+            return Prepared::Skip("no_agent_config_file");
+        };
+        let Ok(text) = std::fs::read_to_string(conf) else {
+            return Prepared::Skip("agent_config_unreadable");
+        };
+        let Ok((addr, port)) = agent_config::current_server(&text, conf) else {
+            return Prepared::Skip("agent_config_unparsable");
+        };
+        let current_addr = format!("{addr}:{port}");
+        let view = |name: &str| obs.servers.iter().find(|s| s.server == name);
+        let current = self
+            .topo
+            .servers
+            .iter()
+            .find(|(_, _, a)| a.as_deref() == Some(current_addr.as_str()));
+        if let Some((name, ..)) = current
+            && view(name).is_some_and(|v| v.reachable)
+        {
+            return Prepared::Skip("current_server_healthy");
+        }
+        let agent_bundle = obs
+            .agents
+            .iter()
+            .find(|v| v.agent == step.target)
+            .map(|v| v.bundle.clone())
+            .unwrap_or_default();
+        let mut reason = "no_ready_target";
+        for (name, _, target_addr) in &self.topo.servers {
+            let Some(target_addr) = target_addr else {
+                continue;
+            };
+            if *target_addr == current_addr {
+                continue;
+            }
+            let Some(v) = view(name).filter(|v| v.reachable) else {
+                continue;
+            };
+            if agent_bundle.is_empty() {
+                reason = "agent_bundle_unknown";
+                continue;
+            }
+            let missing = v
+                .bundle
+                .iter()
+                .filter(|a| !a.tainted && !agent_bundle.contains(&a.fingerprint))
+                .count();
+            if missing > 0 {
+                reason = "target_ca_not_in_agent_bundle";
+                continue;
+            }
+            step.params["from"] = json!(current_addr);
+            step.params["from_server"] = json!(current.map(|c| c.0.clone()));
+            step.params["to"] = json!(target_addr);
+            step.params["to_server"] = json!(name);
+            step.params["config_file"] = json!(conf);
+            return Prepared::Ready;
+        }
+        Prepared::Wait(reason)
+    }
+    async fn execute(&self, step: &Step) -> Result<Outcome, ActuatorError> {
+        let conf = step.params["config_file"]
+            .as_str()
+            .ok_or_else(|| ActuatorError::Failed("step has no config_file".into()))?;
+        let to = step.params["to"]
+            .as_str()
+            .ok_or_else(|| ActuatorError::Failed("step has no target".into()))?;
+        let (host, port) = to
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+            .ok_or_else(|| ActuatorError::Failed(format!("bad target address {to:?}")))?;
+        let before = agent_config::rewrite_file(std::path::Path::new(conf), host, port)
+            .map_err(|e| ActuatorError::Failed(e.to_string()))?;
+        let restarted = self.restart.execute(step).await?;
+        Ok(Outcome {
+            detail: json!({
+                "from": format!("{}:{}", before.0, before.1),
+                "to": to,
+                "to_server": step.params["to_server"],
+                "restart": restarted.detail,
+            }),
+            ..restarted
+        })
+    }
+}
+
+fn not_found(e: &crate::spire_api::SpireApiError) -> bool {
+    matches!(e, crate::spire_api::SpireApiError::Status { status, .. } if status.code() == tonic::Code::NotFound)
+}
+
+fn subject_of(step: &Step) -> Option<Subject> {
+    step.params["subject"].as_str().and_then(Subject::parse)
+}

@@ -1,0 +1,347 @@
+//! `spire-healer lab up|down`: an [`HaLab`] for operators.
+//!
+//! `up` starts the lab in a directory the operator keeps (configs, logs,
+//! sockets), writes `lab.json` ([`LabManifest`]) and a ready
+//! `spire-healer.toml`, prints a summary and stays in the foreground until
+//! SIGINT or SIGTERM, then stops the lab (kills its processes, drops its
+//! database). `down` stops a lab whose `up` runs elsewhere (e.g. in the
+//! background): it asks the owner to stop, then kills whatever still runs
+//! one of the lab's config files and drops the database.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::time::{Instant, sleep};
+
+use super::database::{drop_database, redact};
+use super::manifest::healer_config;
+use super::{
+    DEFAULT_TRUST_DOMAIN, HaLab, HaOptions, LabError, LabManifest, default_bin_dir, free_port,
+    pids_with_arg, process_alive, process_has_arg,
+};
+
+/// Exit code for bad arguments (EX_USAGE).
+const EXIT_USAGE: i32 = 64;
+/// Exit code when the lab cannot start (EX_UNAVAILABLE).
+const EXIT_UNAVAILABLE: i32 = 69;
+/// The database URL `scripts/lab.sh` and `scripts/test.sh` provision.
+pub const DEFAULT_POSTGRES_URL: &str =
+    "postgres://spire_healer:spire_healer@127.0.0.1:5432/spire_healer";
+/// How long `down` waits for the owner to stop the lab itself.
+const OWNER_GRACE: Duration = Duration::from_secs(30);
+
+/// `spire-healer lab …`.
+#[derive(Debug, Subcommand)]
+pub enum LabCommand {
+    /// Start an HA SPIRE lab (servers sharing one PostgreSQL database, and
+    /// agents) in DIR; stay in the foreground until SIGINT/SIGTERM.
+    Up(UpArgs),
+    /// Stop a lab started by `lab up` (e.g. in the background).
+    Down(DownArgs),
+}
+
+/// `lab up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Lab directory (kept: configs, logs, sockets, lab.json).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Number of spire-servers.
+    #[arg(long, default_value_t = 2)]
+    pub servers: usize,
+    /// Number of spire-agents.
+    #[arg(long, default_value_t = 2)]
+    pub agents: usize,
+    /// PostgreSQL URL of a role with CREATEDB; the lab creates (and at the
+    /// end drops) its own database through it.
+    #[arg(long, env = "SPIRE_HEALER_LAB_PG_URL", default_value = DEFAULT_POSTGRES_URL)]
+    pub postgres_url: String,
+    /// Folder holding spire-server and spire-agent (default: .spire/bin of
+    /// the source tree).
+    #[arg(long, env = "SPIRE_HEALER_SPIRE_BIN")]
+    pub bin_dir: Option<PathBuf>,
+    /// Trust domain.
+    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+}
+
+/// `lab down`.
+#[derive(Debug, Args)]
+pub struct DownArgs {
+    /// Lab directory given to `lab up`.
+    #[arg(long)]
+    pub dir: PathBuf,
+}
+
+/// Runs a `lab` subcommand; returns the process exit code.
+pub async fn run(cmd: LabCommand) -> i32 {
+    let mut out = std::io::stdout();
+    match cmd {
+        LabCommand::Up(args) => up(args, &mut out).await,
+        LabCommand::Down(args) => match down(&args.dir, &mut out).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {e}");
+                1
+            }
+        },
+    }
+}
+
+async fn up(args: UpArgs, out: &mut dyn Write) -> i32 {
+    if args.servers == 0 || args.agents == 0 {
+        eprintln!("error: --servers and --agents must be at least 1");
+        return EXIT_USAGE;
+    }
+    let dir = match absolute(&args.dir) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let manifest_path = dir.join(LabManifest::FILE);
+    if let Ok(old) = LabManifest::read(&manifest_path) {
+        if owner_alive(old.owner_pid, &dir) {
+            eprintln!(
+                "error: a lab is already running in {} (pid {}); stop it with `spire-healer lab down --dir {}`",
+                dir.display(),
+                old.owner_pid,
+                dir.display()
+            );
+            return 1;
+        }
+        let _ = writeln!(out, "Cleaning up the previous lab in {}.", dir.display());
+        if let Err(e) = sweep(&old, out).await {
+            let _ = writeln!(out, "warning: {e}");
+        }
+    }
+
+    let opts = HaOptions {
+        servers: args.servers,
+        agents: args.agents,
+        postgres_url: args.postgres_url,
+        trust_domain: args.trust_domain,
+        bin_dir: args.bin_dir.unwrap_or_else(default_bin_dir),
+        dir: Some(dir.clone()),
+        ..HaOptions::default()
+    };
+    let _ = writeln!(
+        out,
+        "Starting {} spire-server(s) on {} and {} spire-agent(s) in {}.",
+        opts.servers,
+        redact(&opts.postgres_url),
+        opts.agents,
+        dir.display()
+    );
+    let _ = out.flush();
+    let lab = tokio::select! {
+        lab = HaLab::start(opts) => lab,
+        _ = crate::cli::shutdown_signal() => {
+            eprintln!("Interrupted while starting; stopped.");
+            return 130;
+        }
+    };
+    let lab = match lab {
+        Ok(lab) => lab,
+        Err(e) => {
+            eprintln!("error: cannot start the lab: {e}");
+            return EXIT_UNAVAILABLE;
+        }
+    };
+
+    let manifest = lab.manifest();
+    let healer_toml = dir.join("spire-healer.toml");
+    let written = free_port().and_then(|port| {
+        manifest.write(&manifest_path)?;
+        let text = healer_config(
+            &manifest,
+            &format!("sqlite://{}", dir.join("spire-healer.db").display()),
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        );
+        super::write_file(&healer_toml, text.as_bytes())
+    });
+    if let Err(e) = written {
+        eprintln!("error: {e}");
+        let _ = lab.stop().await;
+        return 1;
+    }
+    let _ = write!(out, "{}", summary(&manifest, &healer_toml));
+    let _ = out.flush();
+
+    crate::cli::shutdown_signal().await;
+    let _ = writeln!(out, "Stopping the lab.");
+    let result = lab.stop().await;
+    let mut stopped = manifest;
+    stopped.state = "stopped".into();
+    let _ = stopped.write(&manifest_path);
+    match result {
+        Ok(()) => {
+            let _ = writeln!(out, "Stopped; database {} dropped.", lab.database_name());
+            0
+        }
+        Err(e) => {
+            eprintln!("error while stopping: {e}");
+            1
+        }
+    }
+}
+
+/// Stops the lab described by `DIR/lab.json`.
+///
+/// # Errors
+/// No readable `lab.json`, processes that survive SIGKILL, or the database
+/// cannot be dropped.
+pub async fn down(dir: &Path, out: &mut dyn Write) -> Result<(), LabError> {
+    let dir = absolute(dir)?;
+    let path = dir.join(LabManifest::FILE);
+    let mut m = LabManifest::read(&path)?;
+    if owner_alive(m.owner_pid, &dir) {
+        let _ = writeln!(out, "Asking the lab owner (pid {}) to stop.", m.owner_pid);
+        let _ = kill(Pid::from_raw(m.owner_pid as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + OWNER_GRACE;
+        while owner_alive(m.owner_pid, &dir) && Instant::now() < deadline {
+            sleep(Duration::from_millis(100)).await;
+        }
+        if owner_alive(m.owner_pid, &dir) {
+            let _ = writeln!(
+                out,
+                "The owner did not stop within {OWNER_GRACE:?}; killing its processes."
+            );
+        }
+    }
+    // The owner may have rewritten lab.json on its way out.
+    if let Ok(fresh) = LabManifest::read(&path) {
+        m = fresh;
+    }
+    sweep(&m, out).await?;
+    m.state = "stopped".into();
+    m.write(&path)?;
+    let _ = writeln!(out, "Lab in {} is down.", dir.display());
+    Ok(())
+}
+
+/// Kills every process running one of the lab's config files and drops the
+/// lab database if it still exists.
+async fn sweep(m: &LabManifest, out: &mut dyn Write) -> Result<(), LabError> {
+    let confs: Vec<(&str, &Path, &Path)> = m
+        .servers
+        .iter()
+        .map(|s| (s.name.as_str(), s.conf.as_path(), s.pidfile.as_path()))
+        .chain(
+            m.agents
+                .iter()
+                .map(|a| (a.name.as_str(), a.conf.as_path(), a.pidfile.as_path())),
+        )
+        .collect();
+    let mut killed = Vec::new();
+    for (name, conf, pidfile) in &confs {
+        let mut pids = pids_with_arg(conf);
+        if let Some(pid) = std::fs::read_to_string(pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            && process_has_arg(pid, conf)
+            && !pids.contains(&pid)
+        {
+            pids.push(pid);
+        }
+        for pid in pids {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            killed.push((name.to_string(), pid));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while killed.iter().any(|(_, p)| process_alive(*p)) && Instant::now() < deadline {
+        sleep(Duration::from_millis(50)).await;
+    }
+    for (name, pid) in &killed {
+        let _ = writeln!(out, "Killed {name} (pid {pid}).");
+    }
+    if let Some((name, pid)) = killed.iter().find(|(_, p)| process_alive(*p)) {
+        return Err(LabError::State(format!(
+            "{name} (pid {pid}) survived SIGKILL"
+        )));
+    }
+    if drop_database(&m.database.admin_url, &m.database.name).await? {
+        let _ = writeln!(out, "Dropped database {}.", m.database.name);
+    }
+    Ok(())
+}
+
+/// Whether `pid` is a live `spire-healer lab up` for `dir`.
+fn owner_alive(pid: u32, dir: &Path) -> bool {
+    let pid = pid as i32;
+    if pid <= 0 || pid == std::process::id() as i32 || !process_alive(pid) {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let is_up = args.windows(2).any(|w| w[0] == "lab" && w[1] == "up");
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+    let its_dir = args.iter().enumerate().find_map(|(i, a)| {
+        a.strip_prefix("--dir=")
+            .map(str::to_owned)
+            .or_else(|| (a == "--dir").then(|| args.get(i + 1).cloned()).flatten())
+    });
+    let same_dir = its_dir.is_some_and(|d| {
+        let d = cwd.join(d);
+        std::fs::canonicalize(&d).unwrap_or(d) == dir
+    });
+    is_up && same_dir
+}
+
+/// `dir` made absolute (created when missing), without symlinks.
+fn absolute(dir: &Path) -> Result<PathBuf, LabError> {
+    std::fs::create_dir_all(dir).map_err(LabError::io(format!("creating {}", dir.display())))?;
+    std::fs::canonicalize(dir).map_err(LabError::io(format!("resolving {}", dir.display())))
+}
+
+fn summary(m: &LabManifest, healer_toml: &Path) -> String {
+    let mut s = format!(
+        "\nSPIRE lab up in {} (trust domain {}, database {}).\n\n",
+        m.dir.display(),
+        m.trust_domain,
+        m.database.name
+    );
+    for srv in &m.servers {
+        s += &format!(
+            "  {:<9} pid {:<7} {}  socket {}\n            health {}  metrics {}\n",
+            srv.name,
+            srv.pid.map_or_else(|| "-".into(), |p| p.to_string()),
+            srv.address,
+            srv.socket.display(),
+            srv.health_url,
+            srv.metrics_url
+        );
+    }
+    for a in &m.agents {
+        s += &format!(
+            "  {:<9} pid {:<7} -> {}  workload {}\n            admin {}\n            health {}  metrics {}\n            restart: {}\n",
+            a.name,
+            a.pid.map_or_else(|| "-".into(), |p| p.to_string()),
+            a.server,
+            a.workload_socket.display(),
+            a.admin_socket.display(),
+            a.health_url,
+            a.metrics_url,
+            a.restart_command.join(" ")
+        );
+    }
+    s += &format!(
+        "\nDescription: {}\nspire-healer config: {}\n  spire-healer run --config {}\nStop with Ctrl-C, SIGTERM, or `spire-healer lab down --dir {}`.\n",
+        m.dir.join(LabManifest::FILE).display(),
+        healer_toml.display(),
+        healer_toml.display(),
+        m.dir.display()
+    );
+    s
+}

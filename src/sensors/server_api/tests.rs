@@ -1,0 +1,249 @@
+//! The sensor against the simulated server ([`FakeServer`]) and paths that
+//! are not servers. Every test asserts the sensor's error metrics.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::clock::{Clock, SystemClock};
+use crate::demo::fake_server::{FakeServer, PagingFault};
+use crate::model::{Reading, ServerView};
+use crate::telemetry::Metrics;
+use crate::telemetry::metrics::sample;
+
+const SERVER: &str = "s1";
+/// Upper bound for any state change we wait for.
+const WAIT: Duration = Duration::from_secs(10);
+
+fn settings(socket: &Path) -> Settings {
+    Settings {
+        poll_interval: Duration::from_millis(50),
+        timeout: Duration::from_millis(300),
+        page_size: 4,
+        ..Settings::new(SERVER, socket)
+    }
+}
+
+fn fake(dir: &TempDir, agents: usize) -> FakeServer {
+    let server = FakeServer::new(
+        "example.org",
+        Arc::new(SystemClock),
+        &dir.path().join("api.sock"),
+    )
+    .expect("fake server");
+    server.add_fleet(agents, SystemClock.now() + Duration::from_secs(3600));
+    server.start().expect("bind");
+    server
+}
+
+struct Running {
+    sensor: ServerApiSensor,
+    metrics: Arc<Metrics>,
+    wake: Arc<Notify>,
+    token: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+fn start(settings: Settings) -> Running {
+    let metrics = Arc::new(Metrics::new());
+    let wake = Arc::new(Notify::new());
+    let (sensor, task) = build(settings, Arc::new(SystemClock), metrics.clone(), wake.clone());
+    let token = CancellationToken::new();
+    let task = tokio::spawn(task.run(token.clone()));
+    Running {
+        sensor,
+        metrics,
+        wake,
+        token,
+        task: Some(task),
+    }
+}
+
+impl Running {
+    async fn observed(&self) -> Arc<ServerView> {
+        let mut readings = self.sensor.observe().await.expect("observe never fails");
+        assert_eq!(readings.len(), 1);
+        match readings.remove(0) {
+            Reading::Server(v) => v,
+            other => panic!("server_api produced {other:?}"),
+        }
+    }
+
+    async fn wait_for(&self, what: &str, done: impl Fn(&ServerView) -> bool) -> Arc<ServerView> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let v = self.observed().await;
+            if done(&v) {
+                return v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: not reached within {WAIT:?}; last view: {v:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn errors(&self, kind: &str) -> f64 {
+        sample(
+            &self.metrics.render(),
+            &format!(r#"spire_healer_errors_total{{kind="{kind}",stage="sensor"}}"#),
+        )
+        .unwrap_or(0.0)
+    }
+
+    fn all_errors(&self) -> f64 {
+        self.metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("spire_healer_errors_total{") && l.contains(r#"stage="sensor""#))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    }
+
+    async fn stop(mut self) {
+        self.token.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(2), task)
+                .await
+                .expect("the task ends promptly on shutdown")
+                .expect("no panic");
+        }
+    }
+}
+
+#[tokio::test]
+async fn polls_a_healthy_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = fake(&dir, 10);
+    let r = start(settings(&dir.path().join("api.sock")));
+    assert_eq!(r.sensor.name(), "server_api");
+    assert_eq!(r.sensor.instance(), SERVER);
+    let v = r.wait_for("reachable", |v| v.reachable).await;
+    assert_eq!(v.server, SERVER);
+    assert_eq!(v.last_error, None);
+    assert_eq!(v.agents_count, 10);
+    assert_eq!(v.agents.len(), 10);
+    assert!(!v.agents_truncated);
+    assert_eq!(v.agents[3].spiffe_id, server.agent_id(3));
+    assert_eq!(v.bundle.len(), 1);
+    assert_eq!(
+        v.bundle[0].fingerprint,
+        hex::encode(Sha256::digest(server.ca_der()))
+    );
+    assert_eq!(v.bundle_sequence, 1);
+    assert!(v.svid_expires_at.is_some());
+    assert!(v.since <= v.updated_at);
+
+    // It keeps polling: a ban shows up, and the loop is woken for it.
+    // Drain a wake-up stored by earlier polls.
+    let _ = tokio::time::timeout(Duration::from_millis(200), r.wake.notified()).await;
+    let admin = crate::spire_api::ServerAdminClient::new(
+        &dir.path().join("api.sock"),
+        Duration::from_secs(1),
+    )
+    .expect("client");
+    admin.ban_agent(&server.agent_id(5)).await.expect("ban");
+    tokio::time::timeout(WAIT, r.wake.notified())
+        .await
+        .expect("woken on change");
+    let v = r.wait_for("banned", |v| v.agents.iter().any(|a| a.banned)).await;
+    assert_eq!(v.agents.iter().filter(|a| a.banned).count(), 1);
+    assert_eq!(r.all_errors(), 0.0);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn server_loss_keeps_the_last_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = fake(&dir, 6);
+    let r = start(settings(&dir.path().join("api.sock")));
+    let up = r.wait_for("reachable", |v| v.reachable).await;
+
+    server.stop();
+    let down = r.wait_for("unreachable", |v| !v.reachable).await;
+    assert_eq!(down.last_error.as_deref(), Some("socket_missing"));
+    assert!(down.since > up.since);
+    assert_eq!(down.agents, up.agents, "previous agents kept");
+    assert_eq!(down.bundle, up.bundle, "previous bundle kept");
+    assert_eq!(down.agents_count, 6);
+    // `updated_at` keeps moving while `since` stays.
+    let later = r
+        .wait_for("refreshed", |v| v.updated_at > down.updated_at)
+        .await;
+    assert_eq!(later.since, down.since);
+    assert!(r.errors("socket_missing") >= 1.0);
+
+    server.start().expect("rebind");
+    let back = r.wait_for("reachable again", |v| v.reachable).await;
+    assert_eq!(back.last_error, None);
+    assert!(back.since > down.since);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn hung_server_is_a_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = fake(&dir, 3);
+    let r = start(settings(&dir.path().join("api.sock")));
+    r.wait_for("reachable", |v| v.reachable).await;
+    server.set_hang(true);
+    let v = r.wait_for("unreachable", |v| !v.reachable).await;
+    assert_eq!(v.last_error.as_deref(), Some("timeout"));
+    assert_eq!(v.agents.len(), 3);
+    assert!(r.errors("timeout") >= 1.0);
+    // Shutdown while a poll hangs ends the task at once.
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn endless_paging_is_truncated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = fake(&dir, 5);
+    server.set_paging_fault(Some(PagingFault::Endless));
+    let r = start(Settings {
+        max_pages: 7,
+        ..settings(&dir.path().join("api.sock"))
+    });
+    let v = r.wait_for("reachable", |v| v.reachable).await;
+    assert!(v.agents_truncated);
+    assert_eq!(v.agents.len(), 7 * 4);
+    assert_eq!(r.all_errors(), 0.0);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn paths_that_are_not_sockets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"not a socket").expect("write");
+    for path in [file.as_path(), dir.path()] {
+        let r = start(settings(path));
+        let v = r.wait_for("failed", |v| v.last_error.is_some()).await;
+        assert!(!v.reachable);
+        assert_eq!(v.last_error.as_deref(), Some("not_a_socket"));
+        assert!(r.errors("not_a_socket") >= 1.0);
+        r.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn polls_on_its_interval() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = fake(&dir, 1);
+    let r = start(settings(&dir.path().join("api.sock")));
+    r.wait_for("reachable", |v| v.reachable).await;
+    let before = server.list_calls();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let polls = server.list_calls() - before;
+    // 50 ms interval, two ListAgents calls per poll (page + empty end).
+    assert!((6..=24).contains(&polls), "{polls} calls in 500 ms");
+    r.stop().await;
+}
