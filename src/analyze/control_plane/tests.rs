@@ -1,1 +1,264 @@
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
 
+use super::*;
+use crate::model::{AgentView, Authority, HealthView, ServerView, StreamStatus};
+use crate::policy::Policy;
+
+fn t(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+}
+
+fn th() -> Thresholds {
+    Policy::builtin().unwrap().thresholds
+}
+
+fn debug(agent: &str, last_sync: u64, updated: u64) -> Arc<AgentDebugView> {
+    Arc::new(AgentDebugView {
+        agent: agent.into(),
+        reachable: true,
+        last_error: None,
+        updated_at: t(updated),
+        last_sync_success: Some(t(last_sync)),
+        uptime_secs: 100,
+        cached_x509_svids: 1,
+        spiffe_id: Some(format!("spiffe://td/spire/agent/join_token/{agent}")),
+        svid_expires_at: Some(t(3600)),
+    })
+}
+
+fn authority(fp: &str, not_after: u64) -> Authority {
+    Authority {
+        fingerprint: fp.into(),
+        key_id: String::new(),
+        not_after: t(not_after),
+        tainted: false,
+    }
+}
+
+fn server(
+    name: &str,
+    reachable: bool,
+    agents: Vec<ServerAgent>,
+    bundle: &[&str],
+) -> Arc<ServerView> {
+    Arc::new(ServerView {
+        server: name.into(),
+        reachable,
+        last_error: (!reachable).then(|| "unavailable".into()),
+        since: t(0),
+        updated_at: t(100),
+        uptime_secs: 10,
+        svid_expires_at: None,
+        agents_count: agents.len() as u64,
+        entries_count: 1,
+        agents,
+        agents_truncated: false,
+        bundle: bundle.iter().map(|f| authority(f, 86_400)).collect(),
+        bundle_sequence: 1,
+    })
+}
+
+fn listed(agent: &str, expires: u64, banned: bool) -> ServerAgent {
+    ServerAgent {
+        spiffe_id: format!("spiffe://td/spire/agent/join_token/{agent}"),
+        attestation_type: "join_token".into(),
+        serial: if banned { String::new() } else { "01".into() },
+        expires_at: t(expires),
+        banned,
+        can_reattest: false,
+    }
+}
+
+fn kinds(s: &[Symptom]) -> Vec<(SymptomKind, String)> {
+    let mut v: Vec<_> = s.iter().map(|s| (s.kind, s.subject.to_string())).collect();
+    v.sort();
+    v
+}
+
+fn run(obs: &Observations, now: u64) -> Vec<Symptom> {
+    control_plane(obs, obs.servers.len(), &|_| false, &th(), t(now))
+}
+
+#[test]
+fn sync_stale_opens_after_threshold_and_predicts_agent_svid_expiry() {
+    let obs = Observations {
+        agent_debug: vec![debug("a", 60, 100), debug("b", 95, 100)],
+        ..Default::default()
+    };
+    let got = run(&obs, 100);
+    assert_eq!(
+        kinds(&got),
+        vec![(SymptomKind::AgentSyncStale, "agent:a".into())]
+    );
+    assert_eq!(got[0].predicted_outage, Some(t(3600)));
+    assert_eq!(got[0].evidence["age_ms"], 40_000);
+    assert!(!got[0].blind);
+}
+
+#[test]
+fn sync_stale_has_hysteresis() {
+    let obs = Observations {
+        agent_debug: vec![debug("a", 80, 100)],
+        ..Default::default()
+    };
+    // 20 s: between close (15 s) and open (30 s).
+    assert!(run(&obs, 100).is_empty());
+    let open = |k: &SymptomKey| k.kind == SymptomKind::AgentSyncStale;
+    let got = control_plane(&obs, 0, &open, &th(), t(100));
+    assert_eq!(got.len(), 1);
+    let fresh = Observations {
+        agent_debug: vec![debug("a", 90, 100)],
+        ..Default::default()
+    };
+    assert!(control_plane(&fresh, 0, &open, &th(), t(100)).is_empty());
+}
+
+#[test]
+fn unreachable_debug_api_is_not_sync_staleness() {
+    let mut d = (*debug("a", 0, 100)).clone();
+    d.reachable = false;
+    let obs = Observations {
+        agent_debug: vec![Arc::new(d)],
+        ..Default::default()
+    };
+    assert!(run(&obs, 100).is_empty());
+}
+
+#[test]
+fn server_view_of_agents() {
+    // TTL 1 h: renewing agents keep > 40 % (1440 s) left.
+    let obs = Observations {
+        agent_debug: vec![debug("a", 99, 100)],
+        servers: vec![server(
+            "s1",
+            true,
+            vec![
+                listed("a", 100 + 1000, false),
+                listed("b", 100 + 3000, false),
+                listed("c", 100 + 3000, true),
+            ],
+            &["f1"],
+        )],
+        ..Default::default()
+    };
+    let got = run(&obs, 100);
+    assert_eq!(
+        kinds(&got),
+        vec![
+            (SymptomKind::AgentNotRenewing, "agent:a".into()),
+            (
+                SymptomKind::AgentBanned,
+                "agent:spiffe://td/spire/agent/join_token/c".into()
+            ),
+        ]
+    );
+    let nr = got
+        .iter()
+        .find(|s| s.kind == SymptomKind::AgentNotRenewing)
+        .unwrap();
+    assert_eq!(nr.predicted_outage, Some(t(1100)));
+}
+
+#[test]
+fn servers_down_and_all_down() {
+    let one_down = Observations {
+        servers: vec![
+            server("s1", false, vec![], &[]),
+            server("s2", true, vec![], &["f"]),
+        ],
+        ..Default::default()
+    };
+    assert_eq!(
+        kinds(&run(&one_down, 100)),
+        vec![(SymptomKind::ServerUnhealthy, "server:s1".into())]
+    );
+    let all_down = Observations {
+        servers: vec![
+            server("s1", false, vec![], &[]),
+            server("s2", false, vec![], &[]),
+        ],
+        agent_debug: vec![debug("a", 99, 100)],
+        ..Default::default()
+    };
+    let got = run(&all_down, 100);
+    let all = got
+        .iter()
+        .find(|s| s.kind == SymptomKind::AllServersDown)
+        .unwrap();
+    assert_eq!(all.subject, Subject::cluster("td"));
+    assert_eq!(
+        all.predicted_outage,
+        Some(t(3600)),
+        "earliest agent SVID expiry"
+    );
+    assert_eq!(all.severity, Severity::Critical);
+}
+
+#[test]
+fn not_ready_server_is_unhealthy_even_if_its_admin_api_answers() {
+    let obs = Observations {
+        servers: vec![server("s1", true, vec![], &["f"])],
+        health: vec![Arc::new(HealthView {
+            target: "s1".into(),
+            role: Role::Server,
+            live: Some(true),
+            ready: Some(false),
+            last_error: None,
+            updated_at: t(100),
+        })],
+        ..Default::default()
+    };
+    assert_eq!(
+        kinds(&run(&obs, 100)),
+        vec![(SymptomKind::ServerUnhealthy, "server:s1".into())]
+    );
+}
+
+#[test]
+fn ca_expiring_and_bundle_divergence() {
+    let mut s1 = (*server("s1", true, vec![], &["f1", "f2"])).clone();
+    s1.bundle = vec![authority("f1", 100 + 3600), authority("f2", 100 + 7200)];
+    let s2 = server("s2", true, vec![], &["f1"]);
+    let agent = Arc::new(AgentView {
+        agent: "a".into(),
+        status: StreamStatus::Up,
+        status_since: t(0),
+        last_error: None,
+        last_message: Some(t(99)),
+        svids: vec![],
+        bundle_authorities: 1,
+        bundle: vec!["f1".into()],
+        rotations: 0,
+        updated_at: t(100),
+    });
+    let obs = Observations {
+        servers: vec![Arc::new(s1), s2],
+        agents: vec![agent],
+        ..Default::default()
+    };
+    let got = run(&obs, 100);
+    assert_eq!(
+        kinds(&got),
+        vec![
+            (SymptomKind::CaExpiring, "cluster:spire".into()),
+            (SymptomKind::BundleDivergence, "agent:a".into()),
+            (SymptomKind::BundleDivergence, "cluster:spire".into()),
+        ]
+    );
+    let div = got
+        .iter()
+        .find(|s| s.subject == Subject::agent("a"))
+        .unwrap();
+    assert_eq!(div.evidence["missing"], serde_json::json!(["f2"]));
+}
+
+#[test]
+fn stale_views_are_blind() {
+    let obs = Observations {
+        agent_debug: vec![debug("a", 0, 50)],
+        ..Default::default()
+    };
+    let got = run(&obs, 100);
+    assert!(got.iter().all(|s| s.blind), "{got:?}");
+}
