@@ -103,10 +103,16 @@ pub async fn start(
         agents: cfg
             .agents
             .iter()
-            .map(|a| {
+            .zip(&resolved.endpoints)
+            .map(|(a, e)| {
                 (
                     a.name.clone(),
-                    (a.config_file.clone(), a.node_alias.clone()),
+                    actuators::spire::AgentInfo {
+                        config_file: a.config_file.clone(),
+                        node_alias: a.node_alias.clone(),
+                        data_dir: a.data_dir.clone(),
+                        endpoint: Some(e.clone()),
+                    },
                 )
             })
             .collect(),

@@ -174,6 +174,10 @@ pub struct AgentConfig {
     /// The agent's config file, rewritten by `server_failover`.
     #[serde(default)]
     pub config_file: Option<PathBuf>,
+    /// The agent's `data_dir`: its persisted trust bundle (`agent-data.json`)
+    /// is what it trusts after a restart, so `server_failover` checks it.
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
     /// SPIFFE ID a fresh join token is aliased to (`-spiffeID` of
     /// `token generate`), so entries parented to it apply again after
     /// `agent_evict` re-admits the agent.

@@ -290,16 +290,45 @@ fn count(n: i32) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
-/// One listed agent as a [`ServerAgent`].
+/// A decimal serial number (as SPIRE's ListAgents prints it, Go's
+/// `big.Int.String()`) in lower-case hex without leading zeros, the form the
+/// Workload API sensor uses ([`crate::svid::LeafInfo::serial`]). `None` when
+/// `dec` is empty or not all ASCII digits.
+pub fn decimal_serial_to_hex(dec: &str) -> Option<String> {
+    if dec.is_empty() || !dec.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // Little-endian base-2^32 limbs; multiply by 10 and add each digit.
+    let mut limbs: Vec<u32> = vec![0];
+    for d in dec.bytes().map(|b| u64::from(b - b'0')) {
+        let mut carry = d;
+        for limb in &mut limbs {
+            let v = u64::from(*limb) * 10 + carry;
+            *limb = (v & 0xffff_ffff) as u32;
+            carry = v >> 32;
+        }
+        if carry > 0 {
+            limbs.push(carry as u32);
+        }
+    }
+    let mut hex: String = limbs.iter().rev().map(|l| format!("{l:08x}")).collect();
+    let digits = hex.trim_start_matches('0').len();
+    hex.drain(..hex.len() - digits.max(1));
+    Some(hex)
+}
+
+/// One listed agent as a [`ServerAgent`]. The serial, which SPIRE sends in
+/// decimal, is converted to lower-case hex (kept as sent if not decimal).
 ///
 /// # Errors
 /// The agent has no ID or an invalid one.
 pub fn server_agent_from_proto(a: &types::Agent) -> Result<ServerAgent, String> {
     let id = a.id.as_ref().ok_or("an agent has no id")?;
+    let serial = &a.x509svid_serial_number;
     Ok(ServerAgent {
         spiffe_id: spiffe_id_from_proto(id)?,
         attestation_type: a.attestation_type.clone(),
-        serial: a.x509svid_serial_number.clone(),
+        serial: decimal_serial_to_hex(serial).unwrap_or_else(|| serial.clone()),
         expires_at: unix_secs(a.x509svid_expires_at),
         banned: a.banned,
         can_reattest: a.can_reattest,

@@ -259,8 +259,13 @@ impl Supervisor {
             .collect();
         let actuators = &self.p.actuators;
         let class = |name: &str| actuators.get(name).map(|a| a.class());
-        let servers_reachable =
-            (!obs_servers.is_empty()).then(|| obs_servers.iter().any(|s| s.reachable));
+        // Unknown until every watched server has been polled once.
+        let polled: Vec<_> = obs_servers
+            .iter()
+            .filter(|s| s.reachable || s.last_error.is_some())
+            .collect();
+        let servers_reachable = (!obs_servers.is_empty() && polled.len() == obs_servers.len())
+            .then(|| polled.iter().any(|s| s.reachable));
         let breaker_open = self.breaker_open();
         let decisions = plan(&PlanInput {
             symptoms: &symptoms,

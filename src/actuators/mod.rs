@@ -3,6 +3,7 @@
 //! cancellation point. The supervisor records every run before and after.
 
 pub mod agent_config;
+pub mod agent_data;
 pub mod command;
 pub mod refetch;
 pub mod spire;

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{Actuator, ActuatorError, Class, Prepared, agent_config};
+use super::{Actuator, ActuatorError, Class, Prepared, agent_config, agent_data};
 use crate::model::{Observations, Outcome, Step, Subject};
 use crate::spire_api::ServerAdminClient;
 
@@ -25,8 +25,21 @@ use crate::spire_api::ServerAdminClient;
 pub struct Topology {
     /// Servers in config order: (name, admin socket, `host:port` agents dial).
     pub servers: Vec<(String, Option<PathBuf>, Option<String>)>,
-    /// Agents by name: (config file, node alias SPIFFE ID for join tokens).
-    pub agents: HashMap<String, (Option<PathBuf>, Option<String>)>,
+    /// Agents by name.
+    pub agents: HashMap<String, AgentInfo>,
+}
+
+/// What the SPIRE actuators know about one agent.
+#[derive(Debug, Clone, Default)]
+pub struct AgentInfo {
+    /// Its config file (rewritten by failover).
+    pub config_file: Option<PathBuf>,
+    /// Node alias a fresh join token is aliased to.
+    pub node_alias: Option<String>,
+    /// Its `data_dir` (persisted bundle).
+    pub data_dir: Option<PathBuf>,
+    /// Its Workload API.
+    pub endpoint: Option<crate::endpoint::Endpoint>,
 }
 
 impl Topology {
@@ -218,7 +231,7 @@ impl Actuator for AgentEvict {
             .topo
             .agents
             .get(&step.target)
-            .and_then(|(_, alias)| alias.clone());
+            .and_then(|a| a.node_alias.clone());
         let token_file = self
             .config
             .join_token_file
@@ -291,6 +304,13 @@ pub struct FailoverConfig {
     pub strategy: FailoverStrategy,
     /// The `command` actuator that restarts the agent.
     pub restart: String,
+    /// When the agent's persisted bundle (in its `data_dir`) lacks the
+    /// target server's CA but its live bundle has it, add the missing
+    /// authorities to the persisted bundle before the restart (what SPIRE's
+    /// own bundle observer would have written). Off: such a failover is held
+    /// with reason `target_ca_not_in_persisted_bundle`.
+    #[serde(default)]
+    pub repair_persisted_bundle: bool,
 }
 
 /// Failover strategies.
@@ -303,14 +323,19 @@ pub enum FailoverStrategy {
 
 /// Moves an agent whose server is down to a healthy one.
 pub struct Failover {
+    config: FailoverConfig,
     topo: Arc<Topology>,
     restart: Arc<dyn Actuator>,
 }
 
 impl Failover {
     /// New.
-    pub fn new(_config: FailoverConfig, topo: Arc<Topology>, restart: Arc<dyn Actuator>) -> Self {
-        Self { topo, restart }
+    pub fn new(config: FailoverConfig, topo: Arc<Topology>, restart: Arc<dyn Actuator>) -> Self {
+        Self {
+            config,
+            topo,
+            restart,
+        }
     }
 }
 
@@ -327,7 +352,10 @@ impl Actuator for Failover {
     /// server's bundle is in the agent's own bundle (else the agent would
     /// refuse it and exit: "Synchronize failed, non-recoverable error").
     fn prepare(&self, step: &mut Step, obs: &Observations) -> Prepared {
-        let Some((Some(conf), _)) = self.topo.agents.get(&step.target) else {
+        let Some(info) = self.topo.agents.get(&step.target) else {
+            return Prepared::Skip("no_agent_config_file");
+        };
+        let Some(conf) = &info.config_file else {
             return Prepared::Skip("no_agent_config_file");
         };
         let Ok(text) = std::fs::read_to_string(conf) else {
@@ -348,11 +376,14 @@ impl Actuator for Failover {
         {
             return Prepared::Skip("current_server_healthy");
         }
-        let agent_bundle = obs
-            .agents
-            .iter()
-            .find(|v| v.agent == step.target)
-            .map(|v| v.bundle.clone())
+        let agent_view = obs.agents.iter().find(|v| v.agent == step.target);
+        let agent_bundle = agent_view.map(|v| v.bundle.clone()).unwrap_or_default();
+        // `spiffe://td` of the agent's own SVIDs: the bundle key to repair from.
+        let trust_domain = agent_view
+            .and_then(|v| v.svids.first())
+            .and_then(|s| s.spiffe_id.strip_prefix("spiffe://"))
+            .and_then(|rest| rest.split('/').next())
+            .map(|td| format!("spiffe://{td}"))
             .unwrap_or_default();
         let mut reason = "no_ready_target";
         for (name, _, target_addr) in &self.topo.servers {
@@ -378,6 +409,25 @@ impl Actuator for Failover {
                 reason = "target_ca_not_in_agent_bundle";
                 continue;
             }
+            // What the agent will trust after the restart.
+            let mut repair = false;
+            if let Some(dir) = &info.data_dir {
+                let Ok(persisted) = agent_data::persisted_fingerprints(dir) else {
+                    reason = "agent_data_unreadable";
+                    continue;
+                };
+                let lacking = v
+                    .bundle
+                    .iter()
+                    .any(|a| !a.tainted && !persisted.contains(&a.fingerprint));
+                if lacking && !self.config.repair_persisted_bundle {
+                    reason = "target_ca_not_in_persisted_bundle";
+                    continue;
+                }
+                repair = lacking;
+            }
+            step.params["repair_persisted_bundle"] = json!(repair);
+            step.params["trust_domain"] = json!(trust_domain);
             step.params["from"] = json!(current_addr);
             step.params["from_server"] = json!(current.map(|c| c.0.clone()));
             step.params["to"] = json!(target_addr);
@@ -398,6 +448,29 @@ impl Actuator for Failover {
             .rsplit_once(':')
             .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
             .ok_or_else(|| ActuatorError::Failed(format!("bad target address {to:?}")))?;
+        let mut repaired = 0;
+        if step.params["repair_persisted_bundle"] == json!(true) {
+            let info = self
+                .topo
+                .agents
+                .get(&step.target)
+                .ok_or_else(|| ActuatorError::UnknownTarget(step.target.clone()))?;
+            let (Some(dir), Some(endpoint)) = (&info.data_dir, &info.endpoint) else {
+                return Err(ActuatorError::Failed(
+                    "no data_dir or Workload API endpoint to repair the bundle from".into(),
+                ));
+            };
+            let td = step.params["trust_domain"].as_str().unwrap_or_default();
+            let live = crate::sensors::workload_api::fetch_bundle_once(
+                endpoint,
+                td,
+                Duration::from_secs(5),
+            )
+            .await
+            .map_err(|e| ActuatorError::Failed(format!("reading the agent's live bundle: {e}")))?;
+            repaired = agent_data::add_to_persisted_bundle(dir, &live)
+                .map_err(|e| ActuatorError::Failed(e.to_string()))?;
+        }
         let before = agent_config::rewrite_file(std::path::Path::new(conf), host, port)
             .map_err(|e| ActuatorError::Failed(e.to_string()))?;
         let restarted = self.restart.execute(step).await?;
@@ -406,6 +479,7 @@ impl Actuator for Failover {
                 "from": format!("{}:{}", before.0, before.1),
                 "to": to,
                 "to_server": step.params["to_server"],
+                "persisted_bundle_authorities_added": repaired,
                 "restart": restarted.detail,
             }),
             ..restarted

@@ -21,8 +21,8 @@ use serde_json::json;
 
 use crate::clock::{saturating_since, unix_millis};
 use crate::model::{
-    AgentDebugView, Observations, Role, ServerAgent, Severity, Subject, Symptom, SymptomKey,
-    SymptomKind,
+    AgentDebugView, Observations, Role, ServerAgent, ServerView, Severity, Subject, Symptom,
+    SymptomKey, SymptomKind,
 };
 use crate::policy::Thresholds;
 
@@ -36,6 +36,14 @@ pub fn control_plane(
     now: SystemTime,
 ) -> Vec<Symptom> {
     let mut out = Vec::new();
+    // A server view that was never polled (no answer, no error yet) says
+    // nothing: the sensor has just started.
+    let servers: Vec<&ServerView> = obs
+        .servers
+        .iter()
+        .map(|s| &**s)
+        .filter(|s| s.reachable || s.last_error.is_some())
+        .collect();
     let stale = |updated: SystemTime| saturating_since(now, updated) > th.max_staleness;
     // Agent SPIFFE ID → configured agent name (learned from the Debug API).
     let names: HashMap<&str, &str> = obs
@@ -93,7 +101,10 @@ pub fn control_plane(
 
     // --- agent_sync_stale -------------------------------------------------
     for d in &obs.agent_debug {
-        let Some(last) = d.last_sync_success.filter(|_| d.reachable) else {
+        // The last answer is kept while the Debug API is unreachable (e.g.
+        // the agent is restarting): it may keep an incident open but never
+        // opens or closes one.
+        let Some(last) = d.last_sync_success else {
             continue;
         };
         let age = saturating_since(now, last);
@@ -101,8 +112,8 @@ pub fn control_plane(
         push(
             SymptomKind::AgentSyncStale,
             Subject::agent(&d.agent),
-            age > th.sync_stale_open,
-            age < th.sync_stale_close,
+            d.reachable && age > th.sync_stale_open,
+            d.reachable && age < th.sync_stale_close,
             severity_for(outage, now, th),
             outage,
             json!({
@@ -119,7 +130,7 @@ pub fn control_plane(
     // Servers share one datastore; take each agent from the freshest
     // reachable server that lists it.
     let mut listed: HashMap<&str, (&ServerAgent, &str, SystemTime)> = HashMap::new();
-    for s in obs.servers.iter().filter(|s| s.reachable) {
+    for s in servers.iter().filter(|s| s.reachable) {
         for a in &s.agents {
             let e =
                 listed
@@ -185,7 +196,7 @@ pub fn control_plane(
                 .map(|(a, ..)| a.expires_at),
         )
         .min();
-    for s in &obs.servers {
+    for s in &servers {
         let not_ready = ready.get(s.server.as_str()).copied().flatten() == Some(false);
         let bad = !s.reachable || not_ready;
         push(
@@ -204,8 +215,8 @@ pub fn control_plane(
             stale(s.updated_at),
         );
     }
-    if servers_configured > 0 && !obs.servers.is_empty() {
-        let down = obs.servers.iter().all(|s| !s.reachable);
+    if servers_configured > 0 && servers.len() == obs.servers.len() && !servers.is_empty() {
+        let down = servers.iter().all(|s| !s.reachable);
         push(
             SymptomKind::AllServersDown,
             Subject::cluster(&trust_domain),
@@ -214,11 +225,11 @@ pub fn control_plane(
             Severity::Critical,
             earliest_agent_expiry,
             json!({
-                "servers": obs.servers.iter().map(|s| json!({
+                "servers": servers.iter().map(|s| json!({
                     "server": s.server, "last_error": s.last_error, "since_ms": unix_millis(s.since),
                 })).collect::<Vec<_>>(),
             }),
-            obs.servers.iter().all(|s| stale(s.updated_at)),
+            servers.iter().all(|s| stale(s.updated_at)),
         );
     }
 

@@ -17,6 +17,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
@@ -96,6 +97,11 @@ pub struct FakeServer {
     inner: Arc<Inner>,
     socket: PathBuf,
     running: Mutex<Option<JoinHandle<()>>>,
+    conns: Arc<Mutex<Vec<std::os::unix::net::UnixStream>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl FakeServer {
@@ -127,6 +133,7 @@ impl FakeServer {
             }),
             socket: socket.to_path_buf(),
             running: Mutex::new(None),
+            conns: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
@@ -142,7 +149,8 @@ impl FakeServer {
                     path: format!("/spire/agent/join_token/fake-{n:08}"),
                 }),
                 attestation_type: "join_token".into(),
-                x509svid_serial_number: format!("{:x}", 0x1000 + n),
+                // SPIRE lists serials in decimal.
+                x509svid_serial_number: (0x1000 + n).to_string(),
                 x509svid_expires_at: unix(expires_at + Duration::from_secs(n as u64)),
                 selectors: vec![types::Selector {
                     r#type: "join_token".into(),
@@ -202,11 +210,7 @@ impl FakeServer {
 
     /// Makes ListAgents paging misbehave (`None`: correct paging).
     pub fn set_paging_fault(&self, fault: Option<PagingFault>) {
-        self.inner
-            .faults
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .paging = fault;
+        lock(&self.inner.faults).paging = fault;
     }
 
     /// Binds the socket (replacing a stale file) and serves.
@@ -217,34 +221,36 @@ impl FakeServer {
         let _ = std::fs::remove_file(&self.socket);
         let listener = UnixListener::bind(&self.socket)?;
         let svc = Service(self.inner.clone());
+        // Keep a handle on every connection so `stop` can cut them all, as
+        // a crash would (tonic runs connections in their own tasks).
+        let conns = self.conns.clone();
+        let incoming = UnixListenerStream::new(listener).map(move |accepted| {
+            let std = accepted?.into_std()?;
+            lock(&conns).push(std.try_clone()?);
+            tokio::net::UnixStream::from_std(std)
+        });
         let server = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(DebugServer::new(svc.clone()))
                 .add_service(AgentServer::new(svc.clone()))
                 .add_service(BundleServer::new(svc))
-                .serve_with_incoming(UnixListenerStream::new(listener))
+                .serve_with_incoming(incoming)
                 .await;
         });
-        if let Some(old) = self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .replace(server)
-        {
+        if let Some(old) = lock(&self.running).replace(server) {
             old.abort();
         }
         Ok(())
     }
 
-    /// Stops serving and removes the socket.
+    /// Crashes the server: stops serving, cuts every open connection and
+    /// removes the socket.
     pub fn stop(&self) {
-        if let Some(h) = self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        if let Some(h) = lock(&self.running).take() {
             h.abort();
+        }
+        for conn in lock(&self.conns).drain(..) {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
         }
         let _ = std::fs::remove_file(&self.socket);
     }
@@ -347,10 +353,8 @@ impl Agent for Service {
         let page = page
             .into_iter()
             .map(|mut a| {
-                if let Some(m) = &mask {
-                    if !m.selectors {
-                        a.selectors.clear();
-                    }
+                if mask.as_ref().is_some_and(|m| !m.selectors) {
+                    a.selectors.clear();
                 }
                 a
             })

@@ -6,7 +6,8 @@
 //! SIGINT or SIGTERM, then stops the lab (kills its processes, drops its
 //! database). `down` stops a lab whose `up` runs elsewhere (e.g. in the
 //! background): it asks the owner to stop, then kills whatever still runs
-//! one of the lab's config files and drops the database.
+//! one of the lab's config files and drops the database. `status` shows
+//! which of the lab's processes live.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -42,6 +43,8 @@ pub enum LabCommand {
     Up(UpArgs),
     /// Stop a lab started by `lab up` (e.g. in the background).
     Down(DownArgs),
+    /// Show a lab's processes (alive or not), sockets and URLs.
+    Status(DownArgs),
 }
 
 /// `lab up`.
@@ -69,7 +72,7 @@ pub struct UpArgs {
     pub trust_domain: String,
 }
 
-/// `lab down`.
+/// `lab down` and `lab status`.
 #[derive(Debug, Args)]
 pub struct DownArgs {
     /// Lab directory given to `lab up`.
@@ -89,7 +92,92 @@ pub async fn run(cmd: LabCommand) -> i32 {
                 1
             }
         },
+        LabCommand::Status(args) => match status(&args.dir, &mut out) {
+            Ok(true) => 0,
+            // Like `systemctl status`: 3 when not (fully) running.
+            Ok(false) => 3,
+            Err(e) => {
+                eprintln!("error: {e}");
+                1
+            }
+        },
     }
+}
+
+/// Prints the lab's state; true when the owner and every process run.
+///
+/// # Errors
+/// No readable `lab.json`.
+pub fn status(dir: &Path, out: &mut dyn Write) -> Result<bool, LabError> {
+    let dir =
+        std::fs::canonicalize(dir).map_err(LabError::io(format!("resolving {}", dir.display())))?;
+    let m = LabManifest::read(&dir.join(LabManifest::FILE))?;
+    let live = |conf: &Path, pidfile: &Path| -> Option<i32> {
+        std::fs::read_to_string(pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .filter(|&p| process_has_arg(p, conf))
+            .or_else(|| pids_with_arg(conf).first().copied())
+    };
+    let state = |pid: Option<i32>| match pid {
+        Some(p) => format!("running (pid {p})"),
+        None => "not running".to_owned(),
+    };
+    let owner = owner_alive(m.owner_pid, &dir);
+    let mut all = owner;
+    let _ = writeln!(
+        out,
+        "lab {} ({}; trust domain {}; database {})",
+        m.dir.display(),
+        m.state,
+        m.trust_domain,
+        m.database.name
+    );
+    let _ = writeln!(
+        out,
+        "  owner     {}",
+        state(owner.then_some(m.owner_pid as i32))
+    );
+    for s in &m.servers {
+        let pid = live(&s.conf, &s.pidfile);
+        all &= pid.is_some();
+        let _ = writeln!(
+            out,
+            "  {:<9} {:<22} {}  socket {}
+            health {}  metrics {}",
+            s.name,
+            state(pid),
+            s.address,
+            s.socket.display(),
+            s.health_url,
+            s.metrics_url
+        );
+    }
+    for a in &m.agents {
+        let pid = live(&a.conf, &a.pidfile);
+        all &= pid.is_some();
+        let _ = writeln!(
+            out,
+            "  {:<9} {:<22} -> {}  workload {}
+            admin {}
+            health {}  metrics {}
+            restart: {}",
+            a.name,
+            state(pid),
+            a.server,
+            a.workload_socket.display(),
+            a.admin_socket.display(),
+            a.health_url,
+            a.metrics_url,
+            a.restart_command.join(" ")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  config    {}",
+        dir.join("spire-healer.toml").display()
+    );
+    Ok(all)
 }
 
 async fn up(args: UpArgs, out: &mut dyn Write) -> i32 {

@@ -9,8 +9,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use sqlx::postgres::PgConnection;
-use sqlx::{AssertSqlSafe, Connection as _};
+use std::str::FromStr as _;
+
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{AssertSqlSafe, ConnectOptions as _, Connection as _};
 use tokio::time::timeout;
 
 use super::{LabError, process_alive};
@@ -149,7 +151,14 @@ async fn exists_on(conn: &mut PgConnection, name: &str) -> Result<bool, LabError
 }
 
 async fn connect(url: &str) -> Result<PgConnection, LabError> {
-    match timeout(DB_TIMEOUT, PgConnection::connect(url)).await {
+    let options = PgConnectOptions::from_str(url)
+        .map_err(|source| LabError::Database {
+            what: format!("parsing {}", redact(url)),
+            source,
+        })?
+        // DROP DATABASE … WITH (FORCE) is slow; that is no news.
+        .disable_statement_logging();
+    match timeout(DB_TIMEOUT, PgConnection::connect_with(&options)).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(source)) => Err(LabError::Database {
             what: format!("connecting to {}", redact(url)),

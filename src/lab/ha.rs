@@ -322,6 +322,14 @@ impl HaAgent {
     pub fn current_log(&self) -> String {
         self.proc_.current_log()
     }
+    /// How many X.509 authorities the agent has persisted in its data dir
+    /// (`agent-data.json`); the bundle it trusts after a restart. `None`
+    /// when the file is missing or unreadable.
+    pub fn stored_bundle_cas(&self) -> Option<usize> {
+        let bytes = fs::read(self.data_dir().join("agent-data.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        v["bundle"].as_array().map(Vec::len)
+    }
 
     fn promote_token(&self) -> String {
         let mut pending = self
@@ -488,7 +496,7 @@ impl HaLab {
         for a in &self.agents {
             a.proc_.wait_ready(WAIT_LIMIT).await?;
         }
-        Ok(())
+        self.wait_bundles_persisted().await
     }
 
     /// Kills every process and drops the database. Idempotent.
@@ -983,33 +991,71 @@ impl HaLab {
             .ok_or_else(|| LabError::State("no server is running (or all are frozen)".into()))
     }
 
-    /// Writes `bundle.pem` from the last server once it holds every
-    /// server's CA.
+    /// Waits (bounded) until every server serves a bundle with every
+    /// server's CA, then writes it to `bundle.pem`.
+    ///
+    /// Agents must not attest before that: an agent persists the bundle it
+    /// got at attestation, and SPIRE v1.15.3 does not persist a bundle change
+    /// delivered by its very first sync (the bundle observer subscribes only
+    /// after it). An agent that attested to server A while A still served
+    /// only its own CA keeps B's CA in memory but not on disk, so after a
+    /// restart pointed at B it fails with "certificate signed by unknown
+    /// authority".
     async fn write_bundle(&self) -> Result<(), LabError> {
-        let Some(last) = self.servers.last() else {
-            return Ok(());
-        };
+        let want = self.servers.len();
         let deadline = Instant::now() + WAIT_LIMIT;
-        loop {
-            let out = last.proc_.cli(&["bundle", "show"]).await?;
-            let cas = String::from_utf8_lossy(&out.stdout)
-                .matches("BEGIN CERTIFICATE")
-                .count();
-            if cas >= self.servers.len() {
-                return write_file(&self.bundle_path(), &out.stdout);
+        for s in &self.servers {
+            loop {
+                let out = s.proc_.cli(&["bundle", "show"]).await?;
+                let cas = String::from_utf8_lossy(&out.stdout)
+                    .matches("BEGIN CERTIFICATE")
+                    .count();
+                if cas >= want {
+                    write_file(&self.bundle_path(), &out.stdout)?;
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(LabError::not_ready(
+                        format!(
+                            "{} serves a bundle with {cas} CA(s), not one per server ({want})",
+                            s.name
+                        ),
+                        WAIT_LIMIT,
+                        s.log(),
+                    ));
+                }
+                sleep(POLL).await;
             }
-            if Instant::now() >= deadline {
-                return Err(LabError::not_ready(
-                    format!(
-                        "the bundle holds {cas} CA(s), not one per server ({})",
-                        self.servers.len()
-                    ),
-                    WAIT_LIMIT,
-                    last.log(),
-                ));
-            }
-            sleep(POLL).await;
         }
+        Ok(())
+    }
+
+    /// Waits (bounded) until every agent has persisted a bundle with every
+    /// server's CA (see [`Self::write_bundle`]), so that each can be
+    /// restarted against any server.
+    async fn wait_bundles_persisted(&self) -> Result<(), LabError> {
+        let want = self.servers.len();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for a in &self.agents {
+            loop {
+                let have = a.stored_bundle_cas().unwrap_or(0);
+                if have >= want {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(LabError::not_ready(
+                        format!(
+                            "{} persisted a bundle with {have} of {want} server CAs (failover would fail)",
+                            a.name
+                        ),
+                        Duration::from_secs(10),
+                        a.log(),
+                    ));
+                }
+                sleep(POLL).await;
+            }
+        }
+        Ok(())
     }
 
     fn write_server_conf(&self, i: usize) -> Result<(), LabError> {

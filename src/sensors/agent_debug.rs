@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use tokio::sync::{Notify, watch};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{info, warn};
 
 use super::server_api::error_chain;
 use super::{Sensor, SensorError};
@@ -142,11 +142,6 @@ impl AgentDebugTask {
     /// # Cancel safety
     /// Holds no external state: dropping it mid-poll abandons the call.
     pub async fn run(self, shutdown: CancellationToken) {
-        let span = info_span!("sensor", sensor = "agent_debug", agent = %self.settings.agent);
-        self.run_inner(shutdown).instrument(span).await;
-    }
-
-    async fn run_inner(self, shutdown: CancellationToken) {
         let mut client: Option<AgentAdminClient> = None;
         let period = self.settings.poll_interval.max(Duration::from_millis(1));
         let mut tick = tokio::time::interval(period);

@@ -3,22 +3,24 @@
 //!
 //! SPIRE answers 200 when every subsystem is live (ready) and 500
 //! otherwise, and re-checks only every 60 s once healthy, so a result can be
-//! up to a minute stale (SPIRE.md §3.1). Here 200 reads as `true`, any other
-//! status as `false`, and an endpoint that does not answer (refused,
-//! timeout, garbage) as `None` with the error class in `last_error`.
+//! up to a minute stale (spiffe/spire `pkg/common/health/health.go`). Here
+//! 200 reads as `true`, any other status as `false`, and an endpoint that
+//! does not answer (refused, timeout, garbage) as `None` with the error
+//! class in `last_error`.
 //!
-//! # What `/ready` means
+//! # What an agent's `/ready` means
 //!
-//! **An agent's `/ready` does not mean "connected to a server".** The agent
-//! check only calls `FetchX509Bundles` on its own Workload API socket and
-//! fails only on `Unavailable` (SPIRE.md §3.2; spiffe/spire#1562: "Health
-//! checks still pass in this state"). It says the agent's Workload API
-//! answers, nothing about server connectivity or SVID freshness. Analysis
-//! must never treat an agent's `ready: Some(true)` as connectivity; use the
-//! Debug API's `last_sync_success` or the sync metrics instead.
+//! **An agent's `/ready` does NOT mean "connected to a server".** The agent
+//! check (spiffe/spire `pkg/agent/agent.go`, `CheckHealth`) only calls
+//! `FetchX509Bundles` on the agent's own Workload API socket and fails only
+//! on `Unavailable`. It says the agent's Workload API answers, nothing about
+//! server connectivity or SVID freshness (spiffe/spire#1562: "Health checks
+//! still pass in this state"). Analysis must never treat an agent's
+//! `ready: Some(true)` as connectivity; use the Debug API's
+//! `last_sync_success` or the sync metrics instead.
 //!
-//! A server's checks (bundle read, test signing, datastore) do include the
-//! datastore, so a database outage fails its `/live` too (SPIRE.md §3.3).
+//! A server's checks (bundle read, test signing, CA rotation, datastore)
+//! do include the datastore, so a database outage fails its `/live` too.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,7 +48,9 @@ pub struct Settings {
     pub role: Role,
     /// `http://host:port/live`; `None` skips the probe (`live` stays `None`).
     pub live_url: Option<String>,
-    /// `http://host:port/ready`; `None` skips the probe (`ready` stays `None`).
+    /// `http://host:port/ready`; `None` skips the probe (`ready` stays
+    /// `None`). For an agent this is "Workload API answers", not server
+    /// connectivity (see the module docs).
     pub ready_url: Option<String>,
     /// Poll period.
     pub interval: Duration,

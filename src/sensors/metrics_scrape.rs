@@ -120,17 +120,16 @@ pub fn keeps(keep: &[String], name: &str) -> bool {
 
 // === Helpers for analysis ===
 
+/// A predicate over a sample's (sorted) labels.
+pub type LabelFilter<'a> = dyn Fn(&[(String, String)]) -> bool + 'a;
+
 /// Sum of the samples named exactly `name` whose labels pass
 /// `label_filter`.
 ///
 /// `None` when no sample has that name at all (metric absent: unknown);
 /// `Some(0.0)` when the metric is present but no series passes the filter
 /// (e.g. no failed syncs yet; go-metrics only creates a series on first use).
-pub fn counter_sum(
-    samples: &[Sample],
-    name: &str,
-    label_filter: &dyn Fn(&[(String, String)]) -> bool,
-) -> Option<f64> {
+pub fn counter_sum(samples: &[Sample], name: &str, label_filter: &LabelFilter<'_>) -> Option<f64> {
     let mut seen = false;
     let mut sum = 0.0;
     for s in samples.iter().filter(|s| s.name == name) {
@@ -157,7 +156,8 @@ pub fn gauge(samples: &[Sample], name: &str) -> Option<f64> {
 
 /// Agent: failed entry/bundle syncs with a server since the agent started,
 /// `sum(spire_agent_manager_sync_fetch_entries_updates{status!="OK"})`.
-/// A rising value means server sync is failing (SPIRE.md §4.2).
+/// A rising value means server sync is failing (spiffe/spire
+/// `pkg/agent/manager/sync.go`, `fetchEntries`).
 pub fn sync_failures(samples: &[Sample]) -> Option<f64> {
     status_sum(
         samples,

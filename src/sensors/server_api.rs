@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use tokio::sync::{Notify, watch};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{info, warn};
 
 use super::{Sensor, SensorError};
 use crate::clock::Clock;
@@ -171,11 +171,6 @@ impl ServerApiTask {
     /// # Cancel safety
     /// Holds no external state: dropping it mid-poll abandons the calls.
     pub async fn run(self, shutdown: CancellationToken) {
-        let span = info_span!("sensor", sensor = "server_api", server = %self.settings.server);
-        self.run_inner(shutdown).instrument(span).await;
-    }
-
-    async fn run_inner(self, shutdown: CancellationToken) {
         let mut client: Option<ServerAdminClient> = None;
         let period = self.settings.poll_interval.max(Duration::from_millis(1));
         let mut tick = tokio::time::interval(period);

@@ -460,6 +460,48 @@ impl WorkloadApiTask {
     }
 }
 
+/// One `FetchX509Bundles` round trip: the DER certificates of the bundle of
+/// `trust_domain` (`spiffe://td`) as the agent serves it right now.
+///
+/// # Errors
+/// The agent does not answer within `timeout`, or sends no such bundle.
+pub async fn fetch_bundle_once(
+    endpoint: &Endpoint,
+    trust_domain: &str,
+    timeout: Duration,
+) -> Result<Vec<Vec<u8>>, String> {
+    let channel = endpoint.channel(timeout).map_err(|e| e.to_string())?;
+    let mut client = SpiffeWorkloadApiClient::new(channel);
+    let fetch = async {
+        let mut stream = client
+            .fetch_x509_bundles(request(X509BundlesRequest {}))
+            .await
+            .map_err(|s| format!("FetchX509Bundles: {}", s.message()))?
+            .into_inner();
+        let msg = stream
+            .message()
+            .await
+            .map_err(|s| format!("FetchX509Bundles: {}", s.message()))?
+            .ok_or("the agent closed the bundle stream")?;
+        let der = msg
+            .bundles
+            .get(trust_domain)
+            .ok_or_else(|| format!("the agent serves no bundle for {trust_domain}"))?;
+        let certs = svid::split_der(der).map_err(|e| e.to_string())?;
+        Ok(certs.into_iter().map(<[u8]>::to_vec).collect())
+    };
+    timeout_or(timeout, fetch).await
+}
+
+async fn timeout_or<T>(
+    limit: Duration,
+    f: impl Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    tokio::time::timeout(limit, f)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
+}
+
 /// SHA-256 of a DER certificate, lower-case hex: how authorities are
 /// compared across the Workload API and the servers' bundles.
 pub fn fingerprint(der: &[u8]) -> String {

@@ -72,6 +72,27 @@ fn times_and_counts() {
 }
 
 #[test]
+fn decimal_serials_become_hex() {
+    let hex = |s| decimal_serial_to_hex(s);
+    // A serial spire-server v1.15.3 listed.
+    assert_eq!(
+        hex("117864368112167264582107277578103711268").as_deref(),
+        Some("58abda01f4ce0f5cdbb06f5538946624")
+    );
+    assert_eq!(hex("0").as_deref(), Some("0"));
+    assert_eq!(hex("000255").as_deref(), Some("ff"));
+    assert_eq!(hex("4294967296").as_deref(), Some("100000000"));
+    // 2^160 - 1: the largest serial RFC 5280 allows.
+    assert_eq!(
+        hex("1461501637330902918203684832716283019655932542975").as_deref(),
+        Some("ffffffffffffffffffffffffffffffffffffffff")
+    );
+    assert_eq!(hex(""), None);
+    assert_eq!(hex("12ab"), None);
+    assert_eq!(hex("-1"), None);
+}
+
+#[test]
 fn agent_conversion() {
     let a = types::Agent {
         id: Some(types::Spiffeid {
@@ -79,7 +100,7 @@ fn agent_conversion() {
             path: "/spire/agent/join_token/t".into(),
         }),
         attestation_type: "join_token".into(),
-        x509svid_serial_number: "abc".into(),
+        x509svid_serial_number: "255".into(),
         x509svid_expires_at: 100,
         selectors: vec![],
         banned: true,
@@ -89,6 +110,7 @@ fn agent_conversion() {
     let s = server_agent_from_proto(&a).expect("converts");
     assert_eq!(s.spiffe_id, "spiffe://example.org/spire/agent/join_token/t");
     assert_eq!(s.expires_at, UNIX_EPOCH + Duration::from_secs(100));
+    assert_eq!(s.serial, "ff");
     assert!(s.banned && s.can_reattest);
     assert!(server_agent_from_proto(&types::Agent::default()).is_err());
 }
@@ -355,18 +377,20 @@ async fn not_a_socket() {
     fails_with("not_a_socket", TIMEOUT * 4, agent.agent_debug_info()).await;
 }
 
-/// Runs `f` on this thread with filesystem uid `nobody` when we are root
-/// (the fsuid is per thread and drops `CAP_DAC_OVERRIDE`), so permission
+/// Runs `f` on this thread with filesystem uid and gid `nobody` when we are
+/// root (both are per thread; the fsuid change drops `CAP_DAC_OVERRIDE`), so permission
 /// checks apply as they would to an unprivileged supervisor. Needs a
 /// current-thread runtime so the connect happens on this thread.
 async fn as_unprivileged<T>(f: impl Future<Output = T>) -> T {
     let root = nix::unistd::geteuid().is_root();
     if root {
         nix::unistd::setfsuid(nix::unistd::Uid::from_raw(65534));
+        nix::unistd::setfsgid(nix::unistd::Gid::from_raw(65534));
     }
     let out = f.await;
     if root {
         nix::unistd::setfsuid(nix::unistd::Uid::from_raw(0));
+        nix::unistd::setfsgid(nix::unistd::Gid::from_raw(0));
     }
     out
 }

@@ -3,9 +3,11 @@
 //! temporary directories; spire-healer runs in-process against them.
 
 mod cli;
+mod control_plane;
 mod ha_lab;
 mod healing;
 mod helpers;
 mod idle;
 mod lab_smoke;
+mod spire_api;
 mod spire_lab;

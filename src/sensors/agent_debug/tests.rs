@@ -1,1 +1,227 @@
+//! The sensor against a minimal agent Debug service on a Unix socket, raw
+//! listeners that hang or speak garbage, and paths that are not sockets.
+//! Every test asserts the sensor's error metrics.
 
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use tokio::net::UnixListener;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::*;
+use crate::clock::SystemClock;
+use crate::demo::fake_server::{RawFault, serve_raw};
+use crate::model::{AgentDebugView, Reading};
+use crate::proto::spire::agent::debug::v1 as pb;
+use crate::proto::spire::agent::debug::v1::debug_server::{Debug, DebugServer};
+use crate::proto::spire::api::types::Spiffeid;
+use crate::telemetry::Metrics;
+use crate::telemetry::metrics::sample;
+
+const AGENT: &str = "a";
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Answers GetInfo with whatever `answer` holds; `None` hangs.
+#[derive(Clone)]
+struct FakeDebug(Arc<Mutex<Option<pb::GetInfoResponse>>>);
+
+#[tonic::async_trait]
+impl Debug for FakeDebug {
+    async fn get_info(
+        &self,
+        _req: Request<pb::GetInfoRequest>,
+    ) -> Result<Response<pb::GetInfoResponse>, Status> {
+        let answer = self.0.lock().expect("lock").clone();
+        match answer {
+            Some(a) => Ok(Response::new(a)),
+            None => std::future::pending().await,
+        }
+    }
+}
+
+#[allow(deprecated)] // SPIRE still fills `svids_count`; so does the fake.
+fn answer(last_sync: i64, cached: i32) -> pb::GetInfoResponse {
+    let cert = |path: &str, expires_at| pb::get_info_response::Cert {
+        id: (!path.is_empty()).then(|| Spiffeid {
+            trust_domain: "example.org".into(),
+            path: path.into(),
+        }),
+        expires_at,
+        subject: String::new(),
+    };
+    pb::GetInfoResponse {
+        svid_chain: vec![
+            cert("/spire/agent/join_token/t", 2_000_000_000),
+            cert("", 1_900_000_000),
+        ],
+        uptime: 42,
+        svids_count: cached,
+        last_sync_success: last_sync,
+        cached_x509_svids_count: cached,
+        cached_jwt_svids_count: 0,
+        cached_svidstore_x509_svids_count: 0,
+    }
+}
+
+fn serve(socket: &Path, first: pb::GetInfoResponse) -> (FakeDebug, JoinHandle<()>) {
+    let fake = FakeDebug(Arc::new(Mutex::new(Some(first))));
+    let listener = UnixListener::bind(socket).expect("bind");
+    let svc = DebugServer::new(fake.clone());
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(UnixListenerStream::new(listener))
+            .await;
+    });
+    (fake, task)
+}
+
+fn settings(socket: &Path) -> Settings {
+    Settings {
+        poll_interval: Duration::from_millis(50),
+        timeout: Duration::from_millis(300),
+        ..Settings::new(AGENT, socket)
+    }
+}
+
+struct Running {
+    sensor: AgentDebugSensor,
+    metrics: Arc<Metrics>,
+    token: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+fn start(settings: Settings) -> Running {
+    let metrics = Arc::new(Metrics::new());
+    let (sensor, task) = build(
+        settings,
+        Arc::new(SystemClock),
+        metrics.clone(),
+        Arc::new(Notify::new()),
+    );
+    let token = CancellationToken::new();
+    let task = tokio::spawn(task.run(token.clone()));
+    Running {
+        sensor,
+        metrics,
+        token,
+        task,
+    }
+}
+
+impl Running {
+    async fn wait_for(
+        &self,
+        what: &str,
+        done: impl Fn(&AgentDebugView) -> bool,
+    ) -> Arc<AgentDebugView> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let mut readings = self.sensor.observe().await.expect("observe never fails");
+            let v = match readings.remove(0) {
+                Reading::AgentDebug(v) => v,
+                other => panic!("agent_debug produced {other:?}"),
+            };
+            if done(&v) {
+                return v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: not reached within {WAIT:?}; last view: {v:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn errors(&self, kind: &str) -> f64 {
+        sample(
+            &self.metrics.render(),
+            &format!(r#"spire_healer_errors_total{{kind="{kind}",stage="sensor"}}"#),
+        )
+        .unwrap_or(0.0)
+    }
+
+    async fn stop(self) {
+        self.token.cancel();
+        tokio::time::timeout(Duration::from_secs(2), self.task)
+            .await
+            .expect("the task ends promptly on shutdown")
+            .expect("no panic");
+    }
+}
+
+#[tokio::test]
+async fn reads_the_agent_debug_info() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("admin.sock");
+    let (fake, server) = serve(&socket, answer(1_800_000_000, 3));
+    let r = start(settings(&socket));
+    assert_eq!(r.sensor.name(), "agent_debug");
+    assert_eq!(r.sensor.instance(), AGENT);
+    let v = r.wait_for("reachable", |v| v.reachable).await;
+    assert_eq!(v.agent, AGENT);
+    assert_eq!(v.last_error, None);
+    assert_eq!(
+        v.last_sync_success,
+        Some(UNIX_EPOCH + Duration::from_secs(1_800_000_000))
+    );
+    assert_eq!(v.uptime_secs, 42);
+    assert_eq!(v.cached_x509_svids, 3);
+    assert_eq!(
+        v.spiffe_id.as_deref(),
+        Some("spiffe://example.org/spire/agent/join_token/t")
+    );
+    // The earliest notAfter in the chain (the CA here).
+    assert_eq!(
+        v.svid_expires_at,
+        Some(UNIX_EPOCH + Duration::from_secs(1_900_000_000))
+    );
+
+    // Never synced: Go's zero time is reported as no sync at all.
+    *fake.0.lock().expect("lock") = Some(answer(-62_135_596_800, 0));
+    let v = r
+        .wait_for("no sync", |v| v.last_sync_success.is_none())
+        .await;
+    assert!(v.reachable);
+    assert_eq!(r.errors("timeout"), 0.0);
+
+    // A hung agent: a timeout, the last values kept.
+    *fake.0.lock().expect("lock") = None;
+    let v = r.wait_for("timed out", |v| !v.reachable).await;
+    assert_eq!(v.last_error.as_deref(), Some("timeout"));
+    assert_eq!(v.uptime_secs, 42);
+    assert!(v.spiffe_id.is_some());
+    assert!(r.errors("timeout") >= 1.0);
+    r.stop().await;
+    server.abort();
+}
+
+#[tokio::test]
+async fn bad_peers_and_paths() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let garbage = dir.path().join("garbage.sock");
+    let raw = serve_raw(&garbage, RawFault::Garbage).expect("bind");
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"x").expect("write");
+    let cases = [
+        (garbage.clone(), "protocol"),
+        (file, "not_a_socket"),
+        (dir.path().to_path_buf(), "not_a_socket"),
+        (dir.path().join("missing.sock"), "socket_missing"),
+    ];
+    for (path, kind) in cases {
+        let r = start(settings(&path));
+        let v = r.wait_for(kind, |v| v.last_error.is_some()).await;
+        assert!(!v.reachable);
+        assert_eq!(v.last_error.as_deref(), Some(kind), "{}", path.display());
+        assert!(r.errors(kind) >= 1.0);
+        assert_eq!(v.spiffe_id, None);
+        r.stop().await;
+    }
+    raw.abort();
+}

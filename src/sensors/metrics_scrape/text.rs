@@ -7,7 +7,8 @@
 //! help    = "#" [ws] "HELP" ws name [ws text]     text escapes: \\ \n \"
 //! type    = "#" [ws] "TYPE" ws name ws kind [ws]  kind: counter gauge histogram summary untyped
 //! comment = "#" anything else
-//! sample  = [ws] name [ws] [ "{" labels "}" ] ws value [ ws timestamp ] [ws]
+//! sample  = [ws] name [ws] [ "{" labels "}" ] [ws] value [ ws timestamp ] [ws]
+//!           (a blank is required between a bare name and its value)
 //! labels  = [ label { "," label } [","] ]         blanks allowed around tokens
 //! label   = lname [ws] "=" [ws] '"' escaped '"'   escapes: \\ \" \n
 //! name    = [a-zA-Z_:][a-zA-Z0-9_:]*    lname = [a-zA-Z_][a-zA-Z0-9_]*

@@ -54,7 +54,12 @@ struct Running {
 fn start(settings: Settings) -> Running {
     let metrics = Arc::new(Metrics::new());
     let wake = Arc::new(Notify::new());
-    let (sensor, task) = build(settings, Arc::new(SystemClock), metrics.clone(), wake.clone());
+    let (sensor, task) = build(
+        settings,
+        Arc::new(SystemClock),
+        metrics.clone(),
+        wake.clone(),
+    );
     let token = CancellationToken::new();
     let task = tokio::spawn(task.run(token.clone()));
     Running {
@@ -103,7 +108,9 @@ impl Running {
         self.metrics
             .render()
             .lines()
-            .filter(|l| l.starts_with("spire_healer_errors_total{") && l.contains(r#"stage="sensor""#))
+            .filter(|l| {
+                l.starts_with("spire_healer_errors_total{") && l.contains(r#"stage="sensor""#)
+            })
             .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
             .sum()
     }
@@ -154,7 +161,9 @@ async fn polls_a_healthy_server() {
     tokio::time::timeout(WAIT, r.wake.notified())
         .await
         .expect("woken on change");
-    let v = r.wait_for("banned", |v| v.agents.iter().any(|a| a.banned)).await;
+    let v = r
+        .wait_for("banned", |v| v.agents.iter().any(|a| a.banned))
+        .await;
     assert_eq!(v.agents.iter().filter(|a| a.banned).count(), 1);
     assert_eq!(r.all_errors(), 0.0);
     r.stop().await;
