@@ -38,6 +38,10 @@ pub enum HoldReason {
     NoServerReachable,
     /// Too many agents are unhealthy at once: the cause is upstream.
     CircuitOpen,
+    /// The servers just came back from a total outage: stale agents get
+    /// their sync backoff to reconnect by themselves before anything
+    /// restarts or moves them.
+    AwaitingResync,
 }
 
 impl HoldReason {
@@ -53,6 +57,7 @@ impl HoldReason {
             HoldReason::ObserveOnly => "observe_only",
             HoldReason::NoServerReachable => "no_server_reachable",
             HoldReason::CircuitOpen => "circuit_open",
+            HoldReason::AwaitingResync => "awaiting_resync",
         }
     }
 }
@@ -98,6 +103,8 @@ pub struct PlanInput<'a> {
     pub servers_reachable: Option<bool>,
     /// The cluster circuit breaker is open.
     pub breaker_open: bool,
+    /// When the servers last came back after every one was down.
+    pub servers_back_since: Option<SystemTime>,
     /// The policy.
     pub policy: &'a Policy,
     /// Record without executing.
@@ -184,6 +191,15 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Decision> {
             out.push(hold(&rung.actuator, HoldReason::CircuitOpen));
             continue;
         }
+        if class != Class::Gentle
+            && inc.kind == crate::model::SymptomKind::AgentSyncStale
+            && input.servers_back_since.is_some_and(|t| {
+                saturating_since(input.now, t) < input.policy.thresholds.resync_grace
+            })
+        {
+            out.push(hold(&rung.actuator, HoldReason::AwaitingResync));
+            continue;
+        }
         if let Some(last) = input.last_run.get(&(target.clone(), rung.actuator.clone()))
             && saturating_since(input.now, *last) < input.policy.cooldown(rung)
         {
@@ -247,6 +263,7 @@ mod tests {
         configured: &'static [&'static str],
         servers_reachable: Option<bool>,
         breaker_open: bool,
+        servers_back_since: Option<SystemTime>,
     }
 
     impl Default for Case {
@@ -260,6 +277,7 @@ mod tests {
                 configured: &["refetch", "restart-agent", "failover"],
                 servers_reachable: None,
                 breaker_open: false,
+                servers_back_since: None,
             }
         }
     }
@@ -300,6 +318,7 @@ mod tests {
             class: &class,
             servers_reachable: c.servers_reachable,
             breaker_open: c.breaker_open,
+            servers_back_since: c.servers_back_since,
             policy: &policy,
             dry_run: false,
             now: t(now),
@@ -441,6 +460,17 @@ mod tests {
                 },
                 10,
                 vec!["hold a no_server_reachable"],
+            ),
+            (
+                "stale agents get their sync backoff after an outage",
+                Case {
+                    incidents: vec![incident("i1", SymptomKind::AgentSyncStale, "a", 1)],
+                    servers_reachable: Some(true),
+                    servers_back_since: Some(t(0)),
+                    ..Case::default()
+                },
+                10,
+                vec!["hold a awaiting_resync"],
             ),
             (
                 "breaker holds restarts",

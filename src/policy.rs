@@ -61,6 +61,12 @@ pub struct Thresholds {
     /// … and closes above this share.
     #[serde(default = "d_renew_close")]
     pub not_renewing_close: f64,
+    /// After the servers come back from an outage, agents find them again by
+    /// themselves within their sync backoff (SPIRE caps it at
+    /// min(8 m, 48 × sync_interval), 4 m by default): for this long, agents
+    /// whose sync is stale are not restarted or evicted.
+    #[serde(default = "d_resync_grace", with = "humantime_serde")]
+    pub resync_grace: Duration,
     /// `ca_expiring` opens when every bundle authority expires within this.
     #[serde(default = "d_ca_within", with = "humantime_serde")]
     pub ca_expiring_within: Duration,
@@ -84,6 +90,9 @@ fn d_renew_open() -> f64 {
 }
 fn d_renew_close() -> f64 {
     0.45
+}
+fn d_resync_grace() -> Duration {
+    Duration::from_secs(240)
 }
 fn d_ca_within() -> Duration {
     Duration::from_secs(6 * 3600)

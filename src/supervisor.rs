@@ -81,6 +81,8 @@ pub struct Supervisor {
     views: HashMap<String, Arc<AgentView>>,
     last_readings: HashMap<usize, Vec<Reading>>,
     pending_since: HashMap<SymptomKey, SystemTime>,
+    servers_reachable: Option<bool>,
+    servers_back_since: Option<SystemTime>,
     incidents: HashMap<SymptomKey, Incident>,
     pending: HashMap<String, Pending>,
     last_run: HashMap<(String, String), SystemTime>,
@@ -107,6 +109,8 @@ impl Supervisor {
             views: HashMap::new(),
             last_readings: HashMap::new(),
             pending_since: HashMap::new(),
+            servers_reachable: None,
+            servers_back_since: None,
             incidents: HashMap::new(),
             pending: HashMap::new(),
             last_run: HashMap::new(),
@@ -267,6 +271,14 @@ impl Supervisor {
         let servers_reachable = (!obs_servers.is_empty() && polled.len() == obs_servers.len())
             .then(|| polled.iter().any(|s| s.reachable));
         let breaker_open = self.breaker_open();
+        match (self.servers_reachable, servers_reachable) {
+            (Some(false), Some(true)) => self.servers_back_since = Some(now),
+            (_, Some(false)) => self.servers_back_since = None,
+            _ => {}
+        }
+        if servers_reachable.is_some() {
+            self.servers_reachable = servers_reachable;
+        }
         let decisions = plan(&PlanInput {
             symptoms: &symptoms,
             incidents,
@@ -276,6 +288,7 @@ impl Supervisor {
             class: &class,
             servers_reachable,
             breaker_open,
+            servers_back_since: self.servers_back_since,
             policy: &self.p.policy,
             dry_run: self.p.dry_run,
             now,

@@ -34,7 +34,7 @@ use super::process::{AgentPaths, AgentProc, ServerProc};
 use super::single::{create_entry, generate_token, write_restart_script};
 use super::{
     DEFAULT_TRUST_DOMAIN, LabError, POLL, WAIT_LIMIT, adopt_orphans, check_binaries,
-    default_bin_dir, free_ports, make_dir, parse_json, run_bounded, write_file,
+    default_bin_dir, free_ports, make_dir, parse_json, pids_with_arg, run_bounded, write_file,
 };
 
 /// Longest Unix socket path we create (the kernel limit is 108 bytes).
@@ -337,10 +337,11 @@ impl HaAgent {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let mut token = self.token.lock().unwrap_or_else(PoisonError::into_inner);
-        if pending.is_some() && !self.proc_.token_file.exists() {
-            if let Some(p) = pending.take() {
-                *token = p;
-            }
+        if pending.is_some()
+            && !self.proc_.token_file.exists()
+            && let Some(p) = pending.take()
+        {
+            *token = p;
         }
         token.clone()
     }
@@ -861,7 +862,7 @@ impl HaLab {
         let deadline = Instant::now() + WAIT_LIMIT;
         loop {
             let last = self.fetch_x509_ids(j, Duration::from_secs(3)).await;
-            if matches!(&last, Ok(ids) if ids.iter().any(|i| *i == id)) {
+            if matches!(&last, Ok(ids) if ids.contains(&id)) {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -1119,7 +1120,8 @@ fn server_name(i: usize) -> String {
 }
 
 /// Removes what an earlier lab left in `root`: `server-<letter>`,
-/// `agent-<n>` and `bundle.pem`. Other files are kept.
+/// `agent-<n>` (after SIGKILLing any process still running their configs)
+/// and `bundle.pem`. Other files are kept.
 fn clear_lab_files(root: &Path) -> Result<(), LabError> {
     let entries =
         fs::read_dir(root).map_err(LabError::io(format!("reading {}", root.display())))?;
@@ -1134,6 +1136,16 @@ fn clear_lab_files(root: &Path) -> Result<(), LabError> {
                 .is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()));
         let path = e.path();
         if ours && path.is_dir() {
+            // A process of an earlier lab still running this config would
+            // collide with the new one (ports, sockets): end it first.
+            for conf in [path.join("server.conf"), path.join("agent.conf")] {
+                for pid in pids_with_arg(&conf) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
             fs::remove_dir_all(&path)
                 .map_err(LabError::io(format!("removing {}", path.display())))?;
         } else if name == "bundle.pem" {

@@ -40,6 +40,7 @@ fn uid() -> u32 {
 const POLICY_OVERRIDES: &[(&str, &str)] = &[
     ("sync_stale_open = \"30s\"", "sync_stale_open = \"12s\""),
     ("sync_stale_close = \"15s\"", "sync_stale_close = \"8s\""),
+    ("resync_grace = \"4m\"", "resync_grace = \"90s\""),
 ];
 
 struct Cluster {
@@ -537,11 +538,11 @@ async fn banned_agent_is_readmitted() -> Result<()> {
     );
     assert_eq!(evict.params["spiffe_id"], old_id);
     c.lab.wait_agent_ready(1).await?;
-    assert_ne!(
-        c.lab.agent(1).spiffe_id(),
-        old_id,
-        "re-attested with a new token"
-    );
+    // The old identity is gone (DeleteAgent), a new one attested and is not banned.
+    let listed = c.lab.list_agents(0).await?;
+    assert!(listed.iter().all(|a| a.spiffe_id != old_id), "{listed:#?}");
+    assert!(listed.iter().all(|a| !a.banned), "{listed:#?}");
+    assert_eq!(listed.len(), 2, "{listed:#?}");
     c.lab.wait_fetch_has(1, "/healer-1").await?;
     println!(
         "scenario d: ban detected {:.1}s after the ban; re-admitted (MTTR) {:.1}s",
