@@ -1,6 +1,8 @@
 //! Analyze and full-tick cost at fleet scale: 10,000 agents serving 10 SVIDs
 //! each (100,000 SVIDs), a tenth of them past the overdue threshold so
-//! incidents open and steps are planned (dry run, no I/O).
+//! incidents open and steps are planned (dry run, no I/O), plus a server
+//! admin-API view listing all 10,000 agents (every twentieth not renewing),
+//! analysed by the control-plane rules in the same tick.
 //!
 //! Targets (DESIGN.md §4): a tick over 100,000 SVIDs < 50 ms on 2 cores.
 
@@ -15,7 +17,9 @@ use spire_healer::knowledge::{
     ActionRecord, Buffer, HoldRecord, IncidentRecord, Knowledge, Query, Store, StoreError,
     SvidRecord,
 };
-use spire_healer::model::{AgentView, Event, Reading, StreamStatus, SvidObservation};
+use spire_healer::model::{
+    AgentView, Event, Reading, ServerAgent, ServerView, StreamStatus, SvidObservation,
+};
 use spire_healer::policy::Policy;
 use spire_healer::sensors::{Sensor, SensorError};
 use spire_healer::supervisor::{Parts, Supervisor};
@@ -63,8 +67,37 @@ fn views(now: SystemTime) -> Vec<AgentView> {
         .collect()
 }
 
-/// One sensor serving every agent's view (as a server-API sensor would).
-struct FleetSensor(Vec<Arc<AgentView>>);
+/// The server's view of the fleet, as `Agent.ListAgents` pages it: every
+/// agent renewing normally except every twentieth, which is not renewing.
+fn server_view(now: SystemTime) -> ServerView {
+    ServerView {
+        server: "server-a".into(),
+        reachable: true,
+        last_error: None,
+        since: now - Duration::from_secs(3600),
+        updated_at: now,
+        uptime_secs: 3600,
+        svid_expires_at: Some(now + Duration::from_secs(86_400)),
+        agents_count: AGENTS as u64,
+        entries_count: (AGENTS * SVIDS_PER_AGENT) as u64,
+        agents: (0..AGENTS)
+            .map(|i| ServerAgent {
+                spiffe_id: format!("spiffe://bench.test/spire/agent/k8s_psat/c/{i}"),
+                attestation_type: "k8s_psat".into(),
+                serial: format!("{i:x}"),
+                expires_at: now + Duration::from_secs(if i % 20 == 0 { 900 } else { 2700 }),
+                banned: false,
+                can_reattest: true,
+            })
+            .collect(),
+        agents_truncated: false,
+        bundle: Vec::new(),
+        bundle_sequence: 1,
+    }
+}
+
+/// One sensor serving every agent's view (as a fleet-wide sensor would).
+struct FleetSensor(Vec<Arc<AgentView>>, Arc<ServerView>);
 
 #[async_trait]
 impl Sensor for FleetSensor {
@@ -75,7 +108,9 @@ impl Sensor for FleetSensor {
         "fleet"
     }
     async fn observe(&self) -> Result<Vec<Reading>, SensorError> {
-        Ok(self.0.iter().cloned().map(Reading::WorkloadApi).collect())
+        let mut out: Vec<Reading> = self.0.iter().cloned().map(Reading::WorkloadApi).collect();
+        out.push(Reading::Server(self.1.clone()));
+        Ok(out)
     }
 }
 
@@ -135,6 +170,7 @@ fn bench(c: &mut Criterion) {
             clock: clock.clone() as Arc<dyn Clock>,
             sensors: vec![Box::new(FleetSensor(
                 fleet.into_iter().map(Arc::new).collect(),
+                Arc::new(server_view(now)),
             ))],
             actuators: Default::default(),
             policy,

@@ -7,6 +7,7 @@
 #
 #   scripts/lab.sh start  [DIR]   build, provision, start the lab, print it
 #   scripts/lab.sh status [DIR]   sockets, URLs, and whether each pid lives
+#                                 (exit 3 when something is not running)
 #   scripts/lab.sh stop   [DIR]   `spire-healer lab down`, then end the
 #                                 background `lab up` process
 #
@@ -14,6 +15,8 @@
 #   lab.json           every socket, port, URL, pid and restart command
 #   spire-healer.toml  a config watching the lab's agents:
 #                        spire-healer run --config DIR/spire-healer.toml
+#                      (each agent has an entry spiffe://healer.test/healer/
+#                      agent-N for the uid that started the lab)
 #   lab.log            output of the background `spire-healer lab up`
 #   lab.pid            its pid
 #   server-a/ server-b/ agent-0/ agent-1/   configs, logs, sockets, data;
@@ -149,7 +152,8 @@ status() {
     echo "spire-healer lab up: not running"
   fi
   if [[ -x "$bin" ]]; then
-    "$bin" lab status --dir "$dir" || true
+    # Exits 3 when the lab or one of its processes is not running.
+    "$bin" lab status --dir "$dir"
   else
     echo "($bin is missing; showing lab.json)"
     cat "$dir/lab.json"

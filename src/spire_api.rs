@@ -132,7 +132,8 @@ pub enum SpireApiError {
 }
 
 impl SpireApiError {
-    /// Stable snake_case label: `not_a_socket`, `inspect`, `socket_missing`,
+    /// Stable snake_case label: `not_a_socket`, `inspect`,
+    /// `invalid_endpoint`, `socket_missing`,
     /// `permission_denied`, `connection_refused`, `unavailable`, `protocol`,
     /// `timeout`, `unauthenticated`, `not_found`, `invalid_argument`,
     /// `unimplemented`, `internal`, `resource_exhausted`,
@@ -249,7 +250,7 @@ fn request<T>(msg: T, after: Duration) -> tonic::Request<T> {
 ///
 /// # Errors
 /// The parts do not form a valid SPIFFE ID (the reason as text).
-pub fn spiffe_id_from_proto(id: &types::Spiffeid) -> Result<String, String> {
+fn spiffe_id_from_proto(id: &types::Spiffeid) -> Result<String, String> {
     let sep = if id.path.is_empty() || id.path.starts_with('/') {
         ""
     } else {
@@ -322,7 +323,7 @@ pub fn decimal_serial_to_hex(dec: &str) -> Option<String> {
 ///
 /// # Errors
 /// The agent has no ID or an invalid one.
-pub fn server_agent_from_proto(a: &types::Agent) -> Result<ServerAgent, String> {
+fn server_agent_from_proto(a: &types::Agent) -> Result<ServerAgent, String> {
     let id = a.id.as_ref().ok_or("an agent has no id")?;
     let serial = &a.x509svid_serial_number;
     Ok(ServerAgent {
@@ -341,7 +342,7 @@ pub fn server_agent_from_proto(a: &types::Agent) -> Result<ServerAgent, String> 
 ///
 /// # Errors
 /// The bytes are not one DER certificate.
-pub fn authority_from_der(der: &[u8], tainted: bool) -> Result<Authority, String> {
+fn authority_from_der(der: &[u8], tainted: bool) -> Result<Authority, String> {
     let (rest, cert) = X509Certificate::from_der(der)
         .map_err(|e| format!("an X.509 authority does not parse: {e}"))?;
     if !rest.is_empty() {

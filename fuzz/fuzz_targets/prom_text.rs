@@ -56,6 +56,7 @@ fn same(a: &[Sample], b: &[Sample]) -> bool {
         && a.iter().zip(b).all(|(x, y)| {
             x.name == y.name
                 && x.labels == y.labels
-                && (x.value.to_bits() == y.value.to_bits() || (x.value.is_nan() && y.value.is_nan()))
+                && (x.value.to_bits() == y.value.to_bits()
+                    || (x.value.is_nan() && y.value.is_nan()))
         })
 }

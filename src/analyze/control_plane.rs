@@ -108,12 +108,21 @@ pub fn control_plane(
             continue;
         };
         let age = saturating_since(now, last);
+        let (open_if, close_if) = (
+            d.reachable && age > th.sync_stale_open,
+            d.reachable && age < th.sync_stale_close,
+        );
+        // This runs for every agent on every tick: build nothing for the
+        // healthy ones.
+        if !open_if && close_if {
+            continue;
+        }
         let outage = earliest([d.svid_expires_at, workload_expiry(&d.agent)]);
         push(
             SymptomKind::AgentSyncStale,
             Subject::agent(&d.agent),
-            d.reachable && age > th.sync_stale_open,
-            d.reachable && age < th.sync_stale_close,
+            open_if,
+            close_if,
             severity_for(outage, now, th),
             outage,
             json!({
@@ -148,22 +157,33 @@ pub fn control_plane(
             .duration_since(now)
             .map_or(0.0, |d| d.as_secs_f64());
         let share = left / ttl;
-        push(
-            SymptomKind::AgentNotRenewing,
-            subject_of(id),
+        let (nr_open, nr_close) = (
             !a.banned && share < th.not_renewing_open,
             a.banned || share > th.not_renewing_close,
-            severity_for(Some(a.expires_at), now, th),
-            Some(a.expires_at),
-            json!({
-                "spiffe_id": id,
-                "server": server,
-                "serial": a.serial,
-                "expires_at_ms": unix_millis(a.expires_at),
-                "ttl_share_left": (share * 1000.0).round() / 1000.0,
-            }),
-            stale(*updated),
         );
+        if nr_open || !nr_close {
+            push(
+                SymptomKind::AgentNotRenewing,
+                subject_of(id),
+                nr_open,
+                nr_close,
+                severity_for(Some(a.expires_at), now, th),
+                Some(a.expires_at),
+                json!({
+                    "spiffe_id": id,
+                    "server": server,
+                    "serial": a.serial,
+                    "expires_at_ms": unix_millis(a.expires_at),
+                    "ttl_share_left": (share * 1000.0).round() / 1000.0,
+                }),
+                stale(*updated),
+            );
+        }
+        // Open and close conditions are disjoint: an unbanned agent never
+        // keeps a ban incident open.
+        if !a.banned {
+            continue;
+        }
         push(
             SymptomKind::AgentBanned,
             subject_of(id),

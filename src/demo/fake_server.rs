@@ -336,16 +336,17 @@ impl Agent for Service {
             .unwrap_or(total.max(1));
         let fault = self.0.paging_fault();
         let page: Vec<types::Agent> = match fault {
-            Some(PagingFault::Endless) if total > 0 => (offset..offset + size)
+            Some(PagingFault::Endless) if total > 0 => (offset..offset.saturating_add(size))
                 .map(|i| agents[i % total].clone())
                 .collect(),
             _ => agents.iter().skip(offset).take(size).cloned().collect(),
         };
-        let next = offset + size;
+        let next = offset.saturating_add(size);
         let next_page_token = match fault {
             Some(PagingFault::Endless) | Some(PagingFault::EmptyPagesWithToken) => next.to_string(),
             Some(PagingFault::RepeatToken) => size.to_string(),
-            // SPIRE ends with an empty page and no token when a page is full.
+            // Like SPIRE: a token with every non-empty page, then an empty
+            // page without one.
             None if page.is_empty() || req.page_size <= 0 => String::new(),
             None => next.to_string(),
         };

@@ -70,6 +70,11 @@ pub struct UpArgs {
     /// Trust domain.
     #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// X.509-SVID TTL, in seconds, of the entries registered for spire-healer
+    /// (`spiffe://<td>/healer/<agent>`, selector `unix:uid:<your uid>`, one
+    /// per agent).
+    #[arg(long, default_value_t = 300)]
+    pub svid_ttl: u32,
 }
 
 /// `lab down` and `lab status`.
@@ -242,7 +247,19 @@ async fn up(args: UpArgs, out: &mut dyn Write) -> i32 {
         }
     };
 
-    let manifest = lab.manifest();
+    let mut manifest = lab.manifest();
+    match register_healer_entries(&lab, args.svid_ttl).await {
+        Ok(ids) => {
+            for (a, id) in manifest.agents.iter_mut().zip(ids) {
+                a.entries.push(id);
+            }
+        }
+        Err(e) => {
+            eprintln!("error: cannot register the spire-healer entries: {e}");
+            let _ = lab.stop().await;
+            return EXIT_UNAVAILABLE;
+        }
+    }
     let healer_toml = dir.join("spire-healer.toml");
     let written = free_port().and_then(|port| {
         manifest.write(&manifest_path)?;
@@ -277,6 +294,24 @@ async fn up(args: UpArgs, out: &mut dyn Write) -> i32 {
             1
         }
     }
+}
+
+/// Registers `spiffe://<td>/healer/<agent>` for this process's euid under
+/// every agent's node alias and waits until each agent has it; returns the
+/// IDs in agent order.
+async fn register_healer_entries(lab: &HaLab, ttl: u32) -> Result<Vec<String>, LabError> {
+    let uid = nix::unistd::geteuid().as_raw();
+    let mut ids = Vec::new();
+    for (j, a) in lab.agents().iter().enumerate() {
+        let path = format!("/healer/{}", a.name());
+        lab.register_entry(j, &path, uid, ttl).await?;
+        ids.push(lab.spiffe_id(&path));
+    }
+    for (j, a) in lab.agents().iter().enumerate() {
+        lab.wait_for_entry_synced(j, &format!("/healer/{}", a.name()))
+            .await?;
+    }
+    Ok(ids)
 }
 
 /// Stops the lab described by `DIR/lab.json`.
@@ -413,7 +448,7 @@ fn summary(m: &LabManifest, healer_toml: &Path) -> String {
     }
     for a in &m.agents {
         s += &format!(
-            "  {:<9} pid {:<7} -> {}  workload {}\n            admin {}\n            health {}  metrics {}\n            restart: {}\n",
+            "  {:<9} pid {:<7} -> {}  workload {}\n            admin {}\n            health {}  metrics {}\n            restart: {}\n            entries: {}\n",
             a.name,
             a.pid.map_or_else(|| "-".into(), |p| p.to_string()),
             a.server,
@@ -421,7 +456,8 @@ fn summary(m: &LabManifest, healer_toml: &Path) -> String {
             a.admin_socket.display(),
             a.health_url,
             a.metrics_url,
-            a.restart_command.join(" ")
+            a.restart_command.join(" "),
+            a.entries.join(" ")
         );
     }
     s += &format!(

@@ -976,6 +976,7 @@ impl HaLab {
                     server_port: self.servers[a.server()].bind_port,
                     node_alias: a.node_alias.clone(),
                     spiffe_id: a.spiffe_id(),
+                    entries: Vec::new(),
                 })
                 .collect(),
         }

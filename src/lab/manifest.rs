@@ -111,6 +111,10 @@ pub struct AgentManifest {
     pub node_alias: String,
     /// The agent's own SPIFFE ID.
     pub spiffe_id: String,
+    /// Workload entries `lab up` registered under the node alias (for the
+    /// uid that ran it), so that spire-healer gets SVIDs from this agent.
+    #[serde(default)]
+    pub entries: Vec<String>,
 }
 
 impl LabManifest {
@@ -278,6 +282,7 @@ mod tests {
             server_port: 3,
             node_alias: format!("spiffe://td/node/{j}"),
             spiffe_id: "spiffe://td/spire/agent/join_token/x".into(),
+            entries: vec![format!("spiffe://td/healer/agent-{j}")],
         };
         LabManifest {
             version: LabManifest::VERSION,

@@ -6,9 +6,18 @@
 //!   PostgreSQL database created for the lab, and several `spire-agent`s,
 //!   each attested with its own join token under a node alias
 //!   `spiffe://<td>/node/<j>`.
-//! - [`cmd`]: `spire-healer lab up|down`, which runs an [`HaLab`] in a
-//!   directory the operator keeps, describes it in `lab.json` ([`LabManifest`])
-//!   and writes a ready `spire-healer.toml` for it.
+//! - [`cmd`]: `spire-healer lab up|down|status`, which runs an [`HaLab`] in
+//!   a directory the operator keeps, describes it in `lab.json`
+//!   ([`LabManifest`]) and writes a ready `spire-healer.toml` for it
+//!   ([`healer_config`]); `scripts/lab.sh` wraps it.
+//!
+//! # SPIRE behaviour the HA lab relies on
+//! An agent persists the bundle it got at attestation, and v1.15.3 does not
+//! persist a bundle change that arrives with its very first sync (the bundle
+//! observer subscribes only afterwards). So [`HaLab`] lets agents attest only
+//! once every server serves every server's CA, and checks that each agent
+//! persisted all of them; otherwise an agent restarted against the other
+//! server fails with "certificate signed by unknown authority".
 //!
 //! Both labs run the binaries built by `scripts/install-spire.sh`
 //! ([`default_bin_dir`]), on free ports of 127.0.0.1, with every path short

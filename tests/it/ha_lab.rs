@@ -12,7 +12,7 @@ use tokio::time::{Instant, sleep, timeout};
 
 use crate::spire_lab::{
     HaLab, HaOptions, LabManifest, WAIT_LIMIT, database_exists, http_get_status, log_tail,
-    pids_with_arg, process_alive, test_pg_url,
+    pids_with_arg, process_alive, run_bounded, test_pg_url,
 };
 
 fn uid() -> u32 {
@@ -376,6 +376,32 @@ async fn lab_up_then_down() -> Result<()> {
         ensure!(a.pid.is_some_and(process_alive), "{} not running", a.name);
         ensure!(a.workload_socket.exists() && a.admin_socket.exists());
         ensure!(a.restart_command.len() == 2);
+        // spire-healer (this uid) gets its SVID from every agent at once.
+        let want = format!("spiffe://healer.test/healer/{}", a.name);
+        ensure!(a.entries == [want.clone()], "{:?}", a.entries);
+        let args = [
+            "api",
+            "fetch",
+            "x509",
+            "-socketPath",
+            &a.workload_socket.to_string_lossy(),
+            "-output",
+            "json",
+        ]
+        .map(String::from);
+        let out = run_bounded(
+            &m.bin_dir.join("spire-agent"),
+            &args,
+            Duration::from_secs(10),
+        )
+        .await?;
+        ensure!(
+            String::from_utf8_lossy(&out.stdout).contains(&want),
+            "{} does not serve {want}: {}{}",
+            a.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     ensure!(database_exists(&url, &m.database.name).await?);
     let summary = std::fs::read_to_string(&console)?;
