@@ -172,28 +172,52 @@ pub fn healer_config(m: &LabManifest, database_url: &str, listen: SocketAddr) ->
         toml_str(database_url),
         toml_str(&listen.to_string())
     );
+    for s in &m.servers {
+        let _ = writeln!(
+            t,
+            "[[servers]]\nname = {}\nadmin_socket = {}\naddress = {}\nhealth_url = {}\nmetrics_url = {}\n",
+            toml_str(&s.name),
+            toml_str(&s.socket.display().to_string()),
+            toml_str(&s.address),
+            toml_str(s.health_url.trim_end_matches("/ready")),
+            toml_str(&s.metrics_url)
+        );
+    }
     for a in &m.agents {
         let _ = writeln!(
             t,
-            "[[agents]]\nname = {}\naddress = {}\n",
+            "[[agents]]\nname = {}\naddress = {}\nadmin_socket = {}\nhealth_url = {}\nmetrics_url = {}\nconfig_file = {}\ndata_dir = {}\nnode_alias = {}\n",
             toml_str(&a.name),
-            toml_str(&format!("unix://{}", a.workload_socket.display()))
+            toml_str(&format!("unix://{}", a.workload_socket.display())),
+            toml_str(&a.admin_socket.display().to_string()),
+            toml_str(a.health_url.trim_end_matches("/ready")),
+            toml_str(&a.metrics_url),
+            toml_str(&a.conf.display().to_string()),
+            toml_str(&a.dir.join("data").display().to_string()),
+            toml_str(&a.node_alias),
         );
     }
-    let generic: Vec<String> = match m.agents.first() {
-        Some(a) => a
+    let per_agent = |p: &str, name: &str| p.replace(&format!("/{name}/"), "/{agent}/");
+    if let Some(a) = m.agents.first() {
+        let generic: Vec<String> = a
             .restart_command
             .iter()
-            .map(|arg| arg.replace(&format!("/{}/", a.name), "/{agent}/"))
-            .collect(),
-        None => Vec::new(),
-    };
-    if !generic.is_empty() {
+            .map(|arg| per_agent(arg, &a.name))
+            .collect();
         let _ = writeln!(
             t,
-            "# Used by the built-in policy; {{agent}} is the target agent's name.\n\
-             [actuators.restart-agent]\ntype = \"command\"\nargv = {}\ntimeout = \"20s\"\n",
-            toml_array(&generic)
+            "# The built-in policy's actuators; {{agent}} is the target agent's name.\n\
+             [actuators.restart-agent]\ntype = \"command\"\nargv = {}\ntimeout = \"20s\"\n\n\
+             [actuators.failover]\ntype = \"server_failover\"\nstrategy = \"agent_config\"\n\
+             restart = \"restart-agent\"\nrepair_persisted_bundle = true\n\n\
+             [actuators.evict-agent]\ntype = \"agent_evict\"\nrestart = \"restart-agent\"\n\
+             join_token_file = {}\n\n\
+             [actuators.entry-bump]\ntype = \"entry_bump\"\n",
+            toml_array(&generic),
+            toml_str(&per_agent(
+                &a.join_token_file.display().to_string(),
+                &a.name
+            )),
         );
     }
     for a in &m.agents {
@@ -202,35 +226,6 @@ pub fn healer_config(m: &LabManifest, database_url: &str, listen: SocketAddr) ->
             "[actuators.restart-{}]\ntype = \"command\"\nargv = {}\ntimeout = \"20s\"\n",
             a.name,
             toml_array(&a.restart_command)
-        );
-    }
-    let _ = writeln!(
-        t,
-        "# Control plane of this lab, for when spire-healer watches it (not read\n\
-         # by this version):"
-    );
-    for s in &m.servers {
-        let _ = writeln!(
-            t,
-            "#\n# [[servers]]\n# name = {}\n# address = {}\n# admin_socket = {}\n\
-             # health_url = {}\n# metrics_url = {}",
-            toml_str(&s.name),
-            toml_str(&s.address),
-            toml_str(&s.socket.display().to_string()),
-            toml_str(&s.health_url),
-            toml_str(&s.metrics_url)
-        );
-    }
-    for a in &m.agents {
-        let _ = writeln!(
-            t,
-            "#\n# {}: admin_socket = {}\n#   health_url = {}\n#   metrics_url = {}\n\
-             #   config_file = {}",
-            a.name,
-            toml_str(&a.admin_socket.display().to_string()),
-            toml_str(&a.health_url),
-            toml_str(&a.metrics_url),
-            toml_str(&a.conf.display().to_string())
         );
     }
     t
