@@ -1,21 +1,30 @@
 //! spire-healer: a self-healing supervisor for SPIFFE/SPIRE.
 //!
-//! A MAPE-K loop over SPIRE agents:
+//! A MAPE-K loop over SPIRE agents and servers:
 //!
-//! - [`sensors`] (Monitor): readings from the SPIFFE Workload API, per agent.
-//! - [`analyze`] (Analyze, pure): readings + open incidents + `now` → symptoms,
-//!   with separate open and close conditions and a predicted time to outage.
+//! - [`sensors`] (Monitor): the SPIFFE Workload API per agent; the server
+//!   and agent admin APIs (Debug, Agent, Bundle); HTTP health; Prometheus
+//!   metrics. Each runs as a background task publishing snapshots.
+//! - [`analyze`] (Analyze, pure): observations + open incidents + `now` →
+//!   symptoms (SVID lifecycle, agent connectivity, control plane), with
+//!   separate open and close conditions and a predicted time to outage.
 //! - [`plan`] (Plan, pure): symptoms + history + policy → steps, under
-//!   cooldowns, an hourly budget, dry-run and the "blind → do nothing" rule.
-//! - [`actuators`] (Execute): `refetch`, `command`; idempotent, cancel-safe.
+//!   cooldowns, an hourly budget, dry-run, "blind → do nothing", "no
+//!   disruptive action while no server answers" and a cluster circuit breaker.
+//! - [`actuators`] (Execute): `refetch`, `command`, `entry_bump`,
+//!   `agent_evict`, `server_failover`; preconditions checked against the
+//!   latest observations; idempotent, cancel-safe.
 //! - [`knowledge`] (Knowledge): SQLite or PostgreSQL; incidents, actions,
-//!   SVID lifecycles; batched, buffered while the database is away.
-//! - [`supervisor`]: `tick(now)` wires the stages; `run(shutdown)` loops.
+//!   holds, SVID lifecycles; batched, buffered while the database is away.
+//! - [`supervisor`]: `tick(now)` wires the stages; `run(shutdown)` loops;
+//!   [`app`] starts everything from a validated config.
 //!
 //! Around them: [`config`] and [`policy`] (TOML), [`endpoint`] (SPIFFE
 //! endpoint addresses), [`svid`] (X509-SVID checks), [`spiffe_id`],
+//! [`spire_api`] (typed SPIRE admin API clients), [`http_client`],
 //! [`telemetry`] (metrics, logs, `/metrics` `/healthz` `/readyz`), [`clock`],
-//! [`demo`] (the simulated first run) and [`proto`] (generated gRPC code).
+//! [`demo`] (the simulated first run), [`lab`] (real SPIRE labs for tests and
+//! operators), [`cli`] and [`proto`] (generated gRPC code).
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms, clippy::disallowed_methods, clippy::disallowed_types)]
