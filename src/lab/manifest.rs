@@ -341,10 +341,18 @@ mod tests {
             acts["restart-agent-1"]["argv"][1].as_str(),
             Some("/l/agent-1/restart.sh")
         );
-        assert!(text.contains("# [[servers]]"));
         let parsed = crate::config::Config::from_toml(&text, "lab.toml").unwrap();
         assert_eq!(parsed.agents.len(), 2);
-        assert_eq!(parsed.actuators.len(), 3);
+        assert_eq!(parsed.servers.len(), sample().servers.len());
+        assert!(parsed.agents.iter().all(|a| a.admin_socket.is_some()
+            && a.config_file.is_some()
+            && a.data_dir.is_some()
+            && a.node_alias.is_some()));
+        // restart-agent, one per agent, failover, evict-agent, entry-bump.
+        assert_eq!(parsed.actuators.len(), 1 + 2 + 3);
+        for name in ["failover", "evict-agent", "entry-bump"] {
+            assert!(parsed.actuators.contains_key(name), "{name}");
+        }
     }
 
     #[test]

@@ -16,14 +16,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use tokio::sync::{Notify, watch};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::server_api::error_chain;
-use super::{Sensor, SensorError};
 use crate::clock::Clock;
 use crate::model::{AgentDebugView, Reading};
 use crate::spire_api::{AgentAdminClient, AgentDebugInfo, SpireApiError};
@@ -60,35 +58,7 @@ impl Settings {
 }
 
 /// The sensor half: reads the published view.
-pub struct AgentDebugSensor {
-    agent: String,
-    view: watch::Receiver<Arc<AgentDebugView>>,
-}
-
-impl AgentDebugSensor {
-    /// The current view.
-    pub fn view(&self) -> Arc<AgentDebugView> {
-        self.view.borrow().clone()
-    }
-
-    /// A receiver that sees every published view.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<AgentDebugView>> {
-        self.view.clone()
-    }
-}
-
-#[async_trait]
-impl Sensor for AgentDebugSensor {
-    fn name(&self) -> &'static str {
-        "agent_debug"
-    }
-    fn instance(&self) -> &str {
-        &self.agent
-    }
-    async fn observe(&self) -> Result<Vec<Reading>, SensorError> {
-        Ok(vec![Reading::AgentDebug(self.view())])
-    }
-}
+pub type AgentDebugSensor = super::Snapshot<AgentDebugView>;
 
 /// The background task half.
 pub struct AgentDebugTask {
@@ -121,10 +91,12 @@ pub fn build(
     };
     let (tx, rx) = watch::channel(Arc::new(initial));
     (
-        AgentDebugSensor {
-            agent: settings.agent.clone(),
-            view: rx,
-        },
+        super::Snapshot::new(
+            "agent_debug",
+            settings.agent.clone(),
+            rx,
+            Reading::AgentDebug,
+        ),
         AgentDebugTask {
             settings,
             view: tx,

@@ -39,3 +39,53 @@ pub trait Sensor: Send + Sync {
     /// One reading. Read-only and cancel-safe.
     async fn observe(&self) -> Result<Vec<Reading>, SensorError>;
 }
+
+/// The sensor half of a polling sensor: reads the snapshot its background
+/// task publishes over a `watch` channel. Cheap to observe: a pointer copy.
+pub struct Snapshot<V> {
+    name: &'static str,
+    instance: String,
+    view: tokio::sync::watch::Receiver<std::sync::Arc<V>>,
+    wrap: fn(std::sync::Arc<V>) -> Reading,
+}
+
+impl<V> Snapshot<V> {
+    /// A sensor named `name` (metric label) for `instance`, wrapping each
+    /// snapshot into a reading with `wrap`.
+    pub fn new(
+        name: &'static str,
+        instance: String,
+        view: tokio::sync::watch::Receiver<std::sync::Arc<V>>,
+        wrap: fn(std::sync::Arc<V>) -> Reading,
+    ) -> Self {
+        Self {
+            name,
+            instance,
+            view,
+            wrap,
+        }
+    }
+
+    /// The current view.
+    pub fn view(&self) -> std::sync::Arc<V> {
+        self.view.borrow().clone()
+    }
+
+    /// A receiver that sees every published view.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<std::sync::Arc<V>> {
+        self.view.clone()
+    }
+}
+
+#[async_trait]
+impl<V: Send + Sync + 'static> Sensor for Snapshot<V> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn instance(&self) -> &str {
+        &self.instance
+    }
+    async fn observe(&self) -> Result<Vec<Reading>, SensorError> {
+        Ok(vec![(self.wrap)(self.view())])
+    }
+}

@@ -14,18 +14,23 @@
 //! `since` moves only when `reachable` flips; `updated_at` is the end of the
 //! last poll, good or bad; `last_error` is the kind of the last failed poll
 //! and is cleared by a good one.
+//!
+//! Transport: the local socket by default; [`ServerApiTask::with_client`]
+//! hands in a prebuilt client, e.g. [`ServerAdminClient::tcp_mtls`] for a
+//! server reached on its TCP port. SPIRE serves no Debug there, so such a
+//! poll is ListAgents and GetBundle only: `uptime_secs` and `entries_count`
+//! stay 0, `svid_expires_at` `None`, and `agents_count` is the listing's
+//! length.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use tokio::sync::{Notify, watch};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{Sensor, SensorError};
 use crate::clock::Clock;
 use crate::model::{Authority, Reading, ServerAgent, ServerView};
 use crate::spire_api::{ServerAdminClient, ServerDebugInfo, SpireApiError};
@@ -74,35 +79,7 @@ impl Settings {
 }
 
 /// The sensor half: reads the published view.
-pub struct ServerApiSensor {
-    server: String,
-    view: watch::Receiver<Arc<ServerView>>,
-}
-
-impl ServerApiSensor {
-    /// The current view.
-    pub fn view(&self) -> Arc<ServerView> {
-        self.view.borrow().clone()
-    }
-
-    /// A receiver that sees every published view.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<ServerView>> {
-        self.view.clone()
-    }
-}
-
-#[async_trait]
-impl Sensor for ServerApiSensor {
-    fn name(&self) -> &'static str {
-        "server_api"
-    }
-    fn instance(&self) -> &str {
-        &self.server
-    }
-    async fn observe(&self) -> Result<Vec<Reading>, SensorError> {
-        Ok(vec![Reading::Server(self.view())])
-    }
-}
+pub type ServerApiSensor = super::Snapshot<ServerView>;
 
 /// The background task half.
 pub struct ServerApiTask {
@@ -111,6 +88,7 @@ pub struct ServerApiTask {
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
+    client: Option<ServerAdminClient>,
 }
 
 /// Builds the sensor and its poll task. Until the first poll ends the view
@@ -140,23 +118,22 @@ pub fn build(
     };
     let (tx, rx) = watch::channel(Arc::new(initial));
     (
-        ServerApiSensor {
-            server: settings.server.clone(),
-            view: rx,
-        },
+        super::Snapshot::new("server_api", settings.server.clone(), rx, Reading::Server),
         ServerApiTask {
             settings,
             view: tx,
             clock,
             metrics,
             wake,
+            client: None,
         },
     )
 }
 
 /// What one good poll read.
 struct Polled {
-    info: ServerDebugInfo,
+    /// `None` over TCP, where SPIRE serves no Debug.
+    info: Option<ServerDebugInfo>,
     agents: Vec<ServerAgent>,
     truncated: bool,
     bundle: Vec<Authority>,
@@ -164,6 +141,14 @@ struct Polled {
 }
 
 impl ServerApiTask {
+    /// Polls through `client` instead of a client for
+    /// [`Settings::admin_socket`] (which is then ignored).
+    #[must_use]
+    pub fn with_client(mut self, client: ServerAdminClient) -> Self {
+        self.client = Some(client);
+        self
+    }
+
     /// Polls until `shutdown`: the first poll at once, then one every
     /// `poll_interval` (a poll that overruns delays the next one, it never
     /// overlaps it).
@@ -171,7 +156,7 @@ impl ServerApiTask {
     /// # Cancel safety
     /// Holds no external state: dropping it mid-poll abandons the calls.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut client: Option<ServerAdminClient> = None;
+        let mut client: Option<ServerAdminClient> = self.client.clone();
         let period = self.settings.poll_interval.max(Duration::from_millis(1));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -202,8 +187,16 @@ impl ServerApiTask {
 
     async fn poll(&self, client: &ServerAdminClient) -> Result<Polled, SpireApiError> {
         let s = &self.settings;
+        let local = client.tcp_addr().is_none();
+        let info = async {
+            if local {
+                client.server_debug_info().await.map(Some)
+            } else {
+                Ok(None)
+            }
+        };
         let (info, (agents, truncated), (bundle, sequence)) = tokio::try_join!(
-            client.server_debug_info(),
+            info,
             client.list_agents_paged(s.page_size, s.max_pages),
             client.get_bundle(),
         )?;
@@ -238,10 +231,13 @@ impl ServerApiTask {
                     last_error: None,
                     since: prev.since,
                     updated_at: prev.updated_at,
-                    uptime_secs: p.info.uptime_secs,
-                    svid_expires_at: p.info.svid_expires_at(),
-                    agents_count: p.info.agents_count,
-                    entries_count: p.info.entries_count,
+                    uptime_secs: p.info.as_ref().map_or(0, |i| i.uptime_secs),
+                    svid_expires_at: p.info.as_ref().and_then(ServerDebugInfo::svid_expires_at),
+                    agents_count: p
+                        .info
+                        .as_ref()
+                        .map_or(p.agents.len() as u64, |i| i.agents_count),
+                    entries_count: p.info.as_ref().map_or(0, |i| i.entries_count),
                     agents: p.agents,
                     agents_truncated: p.truncated,
                     bundle: p.bundle,

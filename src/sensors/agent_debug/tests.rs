@@ -2,6 +2,7 @@
 //! listeners that hang or speak garbage, and paths that are not sockets.
 //! Every test asserts the sensor's error metrics.
 
+use crate::sensors::Sensor;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};

@@ -1,6 +1,7 @@
 //! The sensor against the simulated server ([`FakeServer`]) and paths that
 //! are not servers. Every test asserts the sensor's error metrics.
 
+use crate::sensors::Sensor;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
