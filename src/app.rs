@@ -117,7 +117,16 @@ pub async fn start(
             })
             .collect(),
     });
-    spawn_control_plane_sensors(cfg, &clock, &metrics, &wake, &shutdown, tasks, &mut sensors);
+    spawn_control_plane_sensors(
+        cfg,
+        &streams,
+        &clock,
+        &metrics,
+        &wake,
+        &shutdown,
+        tasks,
+        &mut sensors,
+    );
     let registry = actuators::registry(&cfg.actuators, topo, streams);
 
     let http_addr = match cfg.http.enabled.then_some(cfg.http.listen) {
@@ -169,9 +178,12 @@ pub async fn start(
 }
 
 /// Admin API, health and metrics sensors for every configured server and
-/// agent that names an admin socket or URL.
+/// agent that names an admin socket or URL. A server's admin API over TCP
+/// presents the SVID of the agent stream in `streams` it names.
+#[allow(clippy::too_many_arguments)]
 fn spawn_control_plane_sensors(
     cfg: &crate::config::Config,
+    streams: &HashMap<String, Arc<workload_api::Shared>>,
     clock: &Arc<dyn Clock>,
     metrics: &Arc<Metrics>,
     wake: &Arc<Notify>,
@@ -197,6 +209,39 @@ fn spawn_control_plane_sensors(
             st.poll_interval = s.poll_interval;
             st.timeout = s.timeout;
             spawn!(server_api, st, "server_api", s.name);
+        } else if let (Some(addr), Some(via)) = (&s.admin_address, &s.admin_via_agent) {
+            // Validated: an IP:port and a configured agent.
+            let identity = streams.get(via).cloned();
+            let client = addr.parse().ok().zip(identity).map(|(addr, identity)| {
+                crate::spire_api::ServerAdminClient::tcp_mtls(
+                    addr,
+                    s.admin_server_id.as_deref(),
+                    identity,
+                    s.timeout,
+                )
+            });
+            match client {
+                Some(Ok(client)) => {
+                    let mut st = server_api::Settings::new(&s.name, "");
+                    st.poll_interval = s.poll_interval;
+                    st.timeout = s.timeout;
+                    let (clock, metrics, wake) = c();
+                    let (sensor, task) = server_api::build(st, clock, metrics, wake);
+                    let span = info_span!("sensor", sensor = "server_api", target = %s.name);
+                    tasks.spawn(
+                        task.with_client(client)
+                            .run(shutdown.child_token())
+                            .instrument(span),
+                    );
+                    sensors.push(Box::new(sensor));
+                }
+                Some(Err(e)) => {
+                    error!(server = %s.name, error = %e, "Server admin API over TCP not started.")
+                }
+                None => {
+                    error!(server = %s.name, "Server admin API over TCP not started: invalid address or agent.")
+                }
+            }
         }
         if let Some(url) = &s.health_url {
             let st = health::Settings::from_base_url(

@@ -197,6 +197,21 @@ pub struct ServerConfig {
     /// The server's local admin socket (`socket_path`).
     #[serde(default)]
     pub admin_socket: Option<PathBuf>,
+    /// `IP:port` of the server's TCP port (`bind_address:bind_port`), for
+    /// its admin API over mTLS when no `admin_socket` is reachable (set one
+    /// or the other). Needs `admin_via_agent`, and our SPIFFE ID in the
+    /// server's `admin_ids`. No Debug API there: uptime and entry counts
+    /// are not read.
+    #[serde(default)]
+    pub admin_address: Option<String>,
+    /// Name of the `[[agents]]` entry whose Workload API gives us the
+    /// X509-SVID (and trust bundle) used with `admin_address`.
+    #[serde(default)]
+    pub admin_via_agent: Option<String>,
+    /// The server's SPIFFE ID required on `admin_address`; default
+    /// `spiffe://<our trust domain>/spire/server`.
+    #[serde(default)]
+    pub admin_server_id: Option<String>,
     /// `host:port` agents dial to reach this server (`server_address`,
     /// `server_port`): the target of a failover.
     #[serde(default)]
@@ -227,6 +242,63 @@ fn default_answer_timeout() -> Duration {
 }
 fn default_backoff_max() -> Duration {
     Duration::from_secs(30)
+}
+
+/// The TCP admin settings of one server: `admin_address` is an `IP:port`
+/// and excludes `admin_socket`; it and `admin_via_agent` (a configured
+/// agent) come together; `admin_server_id` is a SPIFFE ID.
+fn check_admin_tcp(
+    key: &str,
+    srv: &ServerConfig,
+    agents: &std::collections::BTreeSet<String>,
+) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    if let Some(addr) = &srv.admin_address {
+        if addr.parse::<std::net::SocketAddr>().is_err() {
+            errors.push(ConfigError::invalid(
+                format!("{key}.admin_address"),
+                format!("{addr:?} is not IP:port (IPv6 in brackets)"),
+            ));
+        }
+        if srv.admin_socket.is_some() {
+            errors.push(ConfigError::invalid(
+                format!("{key}.admin_address"),
+                "set admin_socket or admin_address, not both",
+            ));
+        }
+    }
+    match (&srv.admin_address, &srv.admin_via_agent) {
+        (Some(_), None) => errors.push(ConfigError::invalid(
+            format!("{key}.admin_via_agent"),
+            "admin_address needs the agent whose X509-SVID we present",
+        )),
+        (None, Some(_)) => errors.push(ConfigError::invalid(
+            format!("{key}.admin_via_agent"),
+            "only used with admin_address",
+        )),
+        (Some(_), Some(agent)) if !agents.contains(agent) => {
+            errors.push(ConfigError::invalid(
+                format!("{key}.admin_via_agent"),
+                format!("{agent:?} is not a configured agent"),
+            ));
+        }
+        _ => {}
+    }
+    if let Some(id) = &srv.admin_server_id {
+        if srv.admin_address.is_none() {
+            errors.push(ConfigError::invalid(
+                format!("{key}.admin_server_id"),
+                "only used with admin_address",
+            ));
+        }
+        if let Err(e) = crate::spiffe_id::SpiffeId::parse(id) {
+            errors.push(ConfigError::invalid(
+                format!("{key}.admin_server_id"),
+                format!("{id:?}: {e}"),
+            ));
+        }
+    }
+    errors
 }
 
 /// One configuration problem.
@@ -412,6 +484,7 @@ impl Config {
             if let Some(Err(e)) = srv.admin_socket.as_deref().map(check_socket_path) {
                 errors.push(ConfigError::invalid(format!("{key}.admin_socket"), e));
             }
+            errors.extend(check_admin_tcp(&key, srv, &seen));
             if let Some(Err(e)) = srv.address.as_deref().map(check_host_port) {
                 errors.push(ConfigError::invalid(format!("{key}.address"), e));
             }
@@ -737,6 +810,66 @@ argv = []
             .validate(&no_env)
             .unwrap();
         assert!(r.warnings.iter().any(|w| w.contains("restart-agent")));
+    }
+
+    fn invalid_keys(extra: &str) -> Vec<String> {
+        let text = format!("{GOOD}{extra}");
+        match Config::from_toml(&text, "t.toml")
+            .unwrap()
+            .validate(&no_env)
+        {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors
+                .iter()
+                .map(|e| match e {
+                    ConfigError::Invalid { key, .. } => key.clone(),
+                    other => other.to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn server_admin_over_tcp() {
+        let ok = "[[servers]]\nname = \"s1\"\nadmin_address = \"127.0.0.1:8081\"\n\
+                  admin_via_agent = \"node-a\"\nadmin_server_id = \"spiffe://td/spire/server\"\n";
+        assert_eq!(invalid_keys(ok), Vec::<String>::new());
+        let c = Config::from_toml(&format!("{GOOD}{ok}"), "t.toml").unwrap();
+        assert_eq!(c.servers[0].admin_via_agent.as_deref(), Some("node-a"));
+
+        for (extra, want) in [
+            // Not IP:port.
+            (
+                "admin_address = \"spire:8081\"\nadmin_via_agent = \"node-a\"",
+                vec!["servers[0].admin_address"],
+            ),
+            // Both transports.
+            (
+                "admin_socket = \"/run/s.sock\"\nadmin_address = \"127.0.0.1:1\"\nadmin_via_agent = \"node-a\"",
+                vec!["servers[0].admin_address"],
+            ),
+            // No agent for our SVID, or an unknown one.
+            (
+                "admin_address = \"127.0.0.1:1\"",
+                vec!["servers[0].admin_via_agent"],
+            ),
+            (
+                "admin_address = \"127.0.0.1:1\"\nadmin_via_agent = \"nope\"",
+                vec!["servers[0].admin_via_agent"],
+            ),
+            // TCP-only settings without an address.
+            (
+                "admin_via_agent = \"node-a\"\nadmin_server_id = \"spiffe://td/spire/server\"",
+                vec!["servers[0].admin_via_agent", "servers[0].admin_server_id"],
+            ),
+            (
+                "admin_address = \"127.0.0.1:1\"\nadmin_via_agent = \"node-a\"\nadmin_server_id = \"td/server\"",
+                vec!["servers[0].admin_server_id"],
+            ),
+        ] {
+            let keys = invalid_keys(&format!("[[servers]]\nname = \"s1\"\n{extra}\n"));
+            assert_eq!(keys, want, "{extra}");
+        }
     }
 }
 

@@ -6,6 +6,10 @@
 //! - [`AgentAdminClient`]: a spire-agent's admin socket
 //!   (`admin_socket_path`, off by default), which serves Debug.
 //!
+//! [`ServerAdminClient::tcp_mtls`] reaches a server's TCP port instead,
+//! over mTLS with our own X509-SVID ([`tls`]): Agent, Entry and Bundle for
+//! IDs in the server's `admin_ids`, never Debug.
+//!
 //! Every call carries a deadline: the `grpc-timeout` header (so SPIRE can
 //! give up too) and a local timer, so a server that accepts the connection but
 //! never answers (SIGSTOPped, wedged) costs at most the timeout. Paging is
@@ -17,7 +21,9 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
@@ -36,6 +42,8 @@ use crate::proto::spire::api::server::debug::v1 as server_debug;
 use crate::proto::spire::api::server::entry::v1 as entry;
 use crate::proto::spire::api::types;
 use crate::spiffe_id::{SpiffeId, SpiffeIdError};
+
+pub mod tls;
 
 /// Largest answer we accept (a 500-agent page with selectors is ~100 KiB).
 const MAX_MESSAGE: usize = 16 * 1024 * 1024;
@@ -138,7 +146,8 @@ impl SpireApiError {
     /// `timeout`, `unauthenticated`, `not_found`, `invalid_argument`,
     /// `unimplemented`, `internal`, `resource_exhausted`,
     /// `failed_precondition`, `cancelled`, `unknown`, `other`, `decode`,
-    /// `paging_limit`, `rejected`, `invalid_spiffe_id`.
+    /// `paging_limit`, `rejected`, `invalid_spiffe_id`; over TCP also
+    /// `no_identity`, `bad_server_id`, `tls` (see [`tls::TlsError::kind`]).
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Endpoint { source, .. } => match source {
@@ -187,6 +196,7 @@ fn classify(rpc: &'static str, after: Duration, status: Status) -> SpireApiError
     let mut io_kind = None;
     let mut timed_out = false;
     let mut transport = false;
+    let mut tls_kind = None;
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&status);
     while let Some(err) = source {
         if err.is::<tonic::TimeoutExpired>() {
@@ -195,6 +205,12 @@ fn classify(rpc: &'static str, after: Duration, status: Status) -> SpireApiError
         if let Some(e) = err.downcast_ref::<io::Error>() {
             io_kind.get_or_insert(e.kind());
         }
+        if let Some(kind) = err
+            .downcast_ref::<tls::TlsError>()
+            .and_then(tls::TlsError::kind)
+        {
+            tls_kind.get_or_insert(kind);
+        }
         if err.is::<tonic::transport::Error>() || err.is::<hyper::Error>() {
             transport = true;
         }
@@ -202,6 +218,13 @@ fn classify(rpc: &'static str, after: Duration, status: Status) -> SpireApiError
     }
     if timed_out || status.code() == Code::DeadlineExceeded {
         return SpireApiError::Timeout { rpc, after };
+    }
+    if let Some(kind) = tls_kind {
+        return SpireApiError::Connect {
+            rpc,
+            kind,
+            source: status,
+        };
     }
     let kind = match io_kind {
         Some(io::ErrorKind::PermissionDenied) => Some("permission_denied"),
@@ -474,9 +497,11 @@ pub struct JoinToken {
 /// one client survives server restarts.
 #[derive(Debug, Clone)]
 pub struct ServerAdminClient {
+    /// Empty for a TCP client (nothing to precheck).
     socket: PathBuf,
     channel: Channel,
     timeout: Duration,
+    tcp: Option<SocketAddr>,
 }
 
 /// Builds a lazy channel to a Unix socket.
@@ -489,8 +514,12 @@ fn unix_channel(socket: &Path, timeout: Duration) -> Result<Channel, SpireApiErr
         })
 }
 
-/// Fails fast when something other than a socket sits at `socket`.
+/// Fails fast when something other than a socket sits at `socket`. An
+/// empty path (a TCP client) passes.
 fn precheck(socket: &Path) -> Result<(), SpireApiError> {
+    if socket.as_os_str().is_empty() {
+        return Ok(());
+    }
     Endpoint::Unix(socket.to_path_buf())
         .check()
         .map_err(|source| SpireApiError::Endpoint {
@@ -513,12 +542,62 @@ impl ServerAdminClient {
             socket: socket.to_path_buf(),
             channel: unix_channel(socket, timeout)?,
             timeout,
+            tcp: None,
         })
     }
 
-    /// The socket path.
+    /// A client for the server's TCP port `addr` over mTLS. Each new
+    /// connection presents the X509-SVID `identity` holds at that moment and
+    /// accepts only a server whose certificate chains to that SVID's bundle
+    /// and names `server_id` (default `spiffe://<our trust
+    /// domain>/spire/server`). Every call is bounded by `timeout`, and so is
+    /// each dial plus handshake. Nothing is dialled yet. SPIRE answers only
+    /// callers in its `admin_ids` (others get `PermissionDenied`) and does not
+    /// serve Debug here.
+    ///
+    /// # Errors
+    /// [`SpireApiError::InvalidSpiffeId`] for a bad `server_id`;
+    /// [`SpireApiError::Endpoint`] if tonic rejects the address.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn tcp_mtls(
+        addr: SocketAddr,
+        server_id: Option<&str>,
+        identity: Arc<dyn tls::IdentitySource>,
+        timeout: Duration,
+    ) -> Result<Self, SpireApiError> {
+        let server_id = server_id
+            .map(|id| {
+                SpiffeId::parse(id).map_err(|source| SpireApiError::InvalidSpiffeId {
+                    id: id.to_string(),
+                    source,
+                })
+            })
+            .transpose()?;
+        let connector = tls::MtlsConnector::new(addr, server_id, identity);
+        let channel =
+            tls::channel(connector, timeout).map_err(|source| SpireApiError::Endpoint {
+                path: PathBuf::from(addr.to_string()),
+                source: EndpointError::Channel { source },
+            })?;
+        Ok(Self {
+            socket: PathBuf::new(),
+            channel,
+            timeout,
+            tcp: Some(addr),
+        })
+    }
+
+    /// The socket path; empty for a TCP client.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The server's TCP address for a [`ServerAdminClient::tcp_mtls`]
+    /// client; `None` for the local socket.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp
     }
 
     fn agents(&self) -> agent::agent_client::AgentClient<Channel> {

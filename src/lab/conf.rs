@@ -32,6 +32,17 @@ pub(crate) struct ServerConf<'a> {
 
 impl ServerConf<'_> {
     pub fn render(&self) -> String {
+        self.render_with_admin_ids(&[])
+    }
+
+    /// As [`ServerConf::render`], with `admin_ids` (left out when empty).
+    pub fn render_with_admin_ids(&self, admin_ids: &[String]) -> String {
+        let admin_ids = if admin_ids.is_empty() {
+            String::new()
+        } else {
+            let ids: Vec<String> = admin_ids.iter().map(|id| hcl_str(id)).collect();
+            format!("\n    admin_ids = [{}]", ids.join(", "))
+        };
         let (db_type, conn) = match &self.datastore {
             Datastore::Sqlite(p) => ("sqlite3", p.display().to_string()),
             Datastore::Postgres(url) => ("postgres", url.clone()),
@@ -46,7 +57,7 @@ impl ServerConf<'_> {
     log_level = "DEBUG"
     ca_ttl = {ca_ttl}
     default_x509_svid_ttl = {svid_ttl}
-    agent_ttl = {agent_ttl}
+    agent_ttl = {agent_ttl}{admin_ids}
     ratelimit {{
         attestation = false
     }}
@@ -291,5 +302,29 @@ mod tests {
         );
         assert!(text.contains("port = 3"), "{text}");
         assert!(text.contains(r#"bind_port = "2""#), "{text}");
+        assert!(!text.contains("admin_ids"), "{text}");
+    }
+
+    #[test]
+    fn server_conf_admin_ids() {
+        let p = Path::new("/l/s");
+        let text = ServerConf {
+            bind_port: 1,
+            socket: p,
+            data_dir: p,
+            keys_path: p,
+            trust_domain: "td",
+            ca_ttl: "24h",
+            default_x509_svid_ttl: "1h",
+            agent_ttl: "1h",
+            datastore: Datastore::Sqlite(p.into()),
+            health_port: 2,
+            telemetry_port: None,
+        }
+        .render_with_admin_ids(&["spiffe://td/a".into(), "spiffe://td/b".into()]);
+        assert!(
+            text.contains(r#"admin_ids = ["spiffe://td/a", "spiffe://td/b"]"#),
+            "{text}"
+        );
     }
 }

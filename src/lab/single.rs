@@ -39,6 +39,9 @@ pub struct LabOptions {
     pub sync_interval: String,
     /// Folder holding `spire-server` and `spire-agent`.
     pub bin_dir: PathBuf,
+    /// The server's `admin_ids`: SPIFFE IDs allowed to call the admin APIs
+    /// on its TCP port. Empty (the default) leaves the key out.
+    pub admin_ids: Vec<String>,
 }
 
 impl Default for LabOptions {
@@ -50,6 +53,7 @@ impl Default for LabOptions {
             ca_ttl: "24h".into(),
             sync_interval: "1s".into(),
             bin_dir: default_bin_dir(),
+            admin_ids: Vec::new(),
         }
     }
 }
@@ -410,7 +414,7 @@ impl SpireLab {
             health_port: self.server_health_port,
             telemetry_port: None,
         }
-        .render();
+        .render_with_admin_ids(&o.admin_ids);
         write_file(&self.server.conf, conf.as_bytes())
     }
 

@@ -29,6 +29,7 @@ use crate::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use crate::proto::workload::{
     X509BundlesRequest, X509BundlesResponse, X509svidRequest, X509svidResponse,
 };
+use crate::spire_api::tls::{IdentitySource, RawIdentity};
 use crate::svid;
 use crate::telemetry::Metrics;
 
@@ -49,12 +50,36 @@ pub struct Settings {
 }
 
 /// State shared by the task, the sensor and the refetch actuator.
-#[derive(Debug)]
 pub struct Shared {
     view: Mutex<AgentView>,
     reconnect: Notify,
     reconnects: AtomicU64,
     reconnected: Notify,
+    /// Our own default X509-SVID as received (chain, PKCS#8 key, bundle),
+    /// for [`IdentitySource`]; never part of the public view.
+    identity: Mutex<Option<RawIdentity>>,
+}
+
+impl std::fmt::Debug for Shared {
+    // Never print the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("view", &self.view)
+            .field("reconnects", &self.reconnects)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Our current SVID, for mTLS to a server's TCP admin port. The first valid
+/// SVID of the last `FetchX509SVID` message (the Workload API's default);
+/// kept while the stream is down, since it stays usable until it expires.
+impl IdentitySource for Shared {
+    fn current(&self) -> Option<RawIdentity> {
+        self.identity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 impl Shared {
@@ -75,6 +100,7 @@ impl Shared {
             reconnect: Notify::new(),
             reconnects: AtomicU64::new(0),
             reconnected: Notify::new(),
+            identity: Mutex::new(None),
         }
     }
 
@@ -399,6 +425,25 @@ impl WorkloadApiTask {
                 }
             })
             .collect();
+        let identity = resp
+            .svids
+            .iter()
+            .zip(&svids)
+            .find(|(_, o)| o.invalid.is_none())
+            .and_then(|(s, _)| {
+                let chain = svid::split_der(&s.x509_svid).ok()?;
+                let bundle = svid::split_der(&s.bundle).ok()?;
+                Some((
+                    chain.into_iter().map(<[u8]>::to_vec).collect(),
+                    s.x509_svid_key.clone(),
+                    bundle.into_iter().map(<[u8]>::to_vec).collect(),
+                ))
+            });
+        *self
+            .shared
+            .identity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = identity;
         for s in &svids {
             if let Some(reason) = &s.invalid {
                 self.metrics

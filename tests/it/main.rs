@@ -10,4 +10,5 @@ mod helpers;
 mod idle;
 mod lab_smoke;
 mod spire_api;
+mod spire_api_tls;
 mod spire_lab;
