@@ -22,15 +22,13 @@
 //! A server's checks (bundle read, test signing, CA rotation, datastore)
 //! do include the datastore, so a database outage fails its `/live` too.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{Sensor, SensorError};
 use crate::clock::Clock;
 use crate::http_client::{self, HttpError, Options};
 use crate::model::{HealthView, Reading, Role};
@@ -80,45 +78,13 @@ impl Settings {
     }
 }
 
-/// Latest view, shared by the task and the sensor.
-#[derive(Debug)]
-struct Shared {
-    view: Mutex<Arc<HealthView>>,
-}
-
-impl Shared {
-    fn get(&self) -> Arc<HealthView> {
-        self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn set(&self, view: HealthView) {
-        *self.view.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(view);
-    }
-}
-
-/// The sensor half: returns the latest probe.
-pub struct HealthSensor {
-    target: String,
-    shared: Arc<Shared>,
-}
-
-#[async_trait]
-impl Sensor for HealthSensor {
-    fn name(&self) -> &'static str {
-        "health"
-    }
-    fn instance(&self) -> &str {
-        &self.target
-    }
-    async fn observe(&self) -> Result<Vec<Reading>, SensorError> {
-        Ok(vec![Reading::Health(self.shared.get())])
-    }
-}
+/// The sensor half: returns the latest published view.
+pub type HealthSensor = super::Snapshot<HealthView>;
 
 /// The background task half: probes every `interval`.
 pub struct HealthTask {
     settings: Settings,
-    shared: Arc<Shared>,
+    view: watch::Sender<Arc<HealthView>>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
@@ -133,24 +99,19 @@ pub fn build(
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
 ) -> (HealthSensor, HealthTask) {
-    let shared = Arc::new(Shared {
-        view: Mutex::new(Arc::new(HealthView {
-            target: settings.target.clone(),
-            role: settings.role,
-            live: None,
-            ready: None,
-            last_error: None,
-            updated_at: clock.now(),
-        })),
-    });
+    let (tx, rx) = watch::channel(Arc::new(HealthView {
+        target: settings.target.clone(),
+        role: settings.role,
+        live: None,
+        ready: None,
+        last_error: None,
+        updated_at: clock.now(),
+    }));
     (
-        HealthSensor {
-            target: settings.target.clone(),
-            shared: shared.clone(),
-        },
+        super::Snapshot::new("health", settings.target.clone(), rx, Reading::Health),
         HealthTask {
             settings,
-            shared,
+            view: tx,
             clock,
             metrics,
             wake,
@@ -159,6 +120,10 @@ pub fn build(
 }
 
 impl HealthTask {
+    fn send_view(&self, view: HealthView) {
+        self.view.send_replace(Arc::new(view));
+    }
+
     /// Probes immediately, then every `interval`, until `shutdown`.
     ///
     /// # Cancel safety
@@ -205,7 +170,7 @@ impl HealthTask {
     ) {
         let now = self.clock.now();
         let target = &self.settings.target;
-        let previous = self.shared.get();
+        let previous = self.view.borrow().clone();
         let mut last_error = None;
         let mut read = |probe: &'static str, r: Result<Option<bool>, HttpError>| match r {
             Ok(v) => v,
@@ -241,7 +206,7 @@ impl HealthTask {
                 "Health changed."
             );
         }
-        self.shared.set(view);
+        self.send_view(view);
         if changed {
             self.wake.notify_one();
         }

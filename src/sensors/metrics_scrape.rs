@@ -15,17 +15,15 @@
 
 mod text;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use async_trait::async_trait;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use text::{ParseError, parse, parse_bytes, parse_filtered};
 
-use super::{Sensor, SensorError};
 use crate::clock::Clock;
 use crate::http_client::{self, DEFAULT_MAX_BODY, Options};
 use crate::model::{MetricsView, Reading, Role, Sample};
@@ -230,45 +228,13 @@ fn status_sum(samples: &[Sample], name: &str, ok: bool) -> Option<f64> {
 
 // === Sensor ===
 
-/// Latest view, shared by the task and the sensor.
-#[derive(Debug)]
-struct Shared {
-    view: Mutex<Arc<MetricsView>>,
-}
-
-impl Shared {
-    fn get(&self) -> Arc<MetricsView> {
-        self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn set(&self, view: MetricsView) {
-        *self.view.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(view);
-    }
-}
-
-/// The sensor half: returns the latest scrape.
-pub struct MetricsScrapeSensor {
-    target: String,
-    shared: Arc<Shared>,
-}
-
-#[async_trait]
-impl Sensor for MetricsScrapeSensor {
-    fn name(&self) -> &'static str {
-        "metrics_scrape"
-    }
-    fn instance(&self) -> &str {
-        &self.target
-    }
-    async fn observe(&self) -> Result<Vec<Reading>, SensorError> {
-        Ok(vec![Reading::Metrics(self.shared.get())])
-    }
-}
+/// The sensor half: returns the latest published view.
+pub type MetricsScrapeSensor = super::Snapshot<MetricsView>;
 
 /// The background task half: scrapes every `interval`.
 pub struct MetricsScrapeTask {
     settings: Settings,
-    shared: Arc<Shared>,
+    view: watch::Sender<Arc<MetricsView>>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
@@ -283,24 +249,24 @@ pub fn build(
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
 ) -> (MetricsScrapeSensor, MetricsScrapeTask) {
-    let shared = Arc::new(Shared {
-        view: Mutex::new(Arc::new(MetricsView {
-            target: settings.target.clone(),
-            role: settings.role,
-            reachable: false,
-            last_error: None,
-            updated_at: clock.now(),
-            samples: Vec::new(),
-        })),
-    });
+    let (tx, rx) = watch::channel(Arc::new(MetricsView {
+        target: settings.target.clone(),
+        role: settings.role,
+        reachable: false,
+        last_error: None,
+        updated_at: clock.now(),
+        samples: Vec::new(),
+    }));
     (
-        MetricsScrapeSensor {
-            target: settings.target.clone(),
-            shared: shared.clone(),
-        },
+        super::Snapshot::new(
+            "metrics_scrape",
+            settings.target.clone(),
+            rx,
+            Reading::Metrics,
+        ),
         MetricsScrapeTask {
             settings,
-            shared,
+            view: tx,
             clock,
             metrics,
             wake,
@@ -334,6 +300,10 @@ impl ScrapeError {
 }
 
 impl MetricsScrapeTask {
+    fn send_view(&self, view: MetricsView) {
+        self.view.send_replace(Arc::new(view));
+    }
+
     /// Scrapes immediately, then every `interval`, until `shutdown`.
     ///
     /// # Cancel safety
@@ -383,7 +353,7 @@ impl MetricsScrapeTask {
 
     fn publish(&self, result: Result<Vec<Sample>, ScrapeError>) {
         let now = self.clock.now();
-        let previous = self.shared.get();
+        let previous = self.view.borrow().clone();
         let target = &self.settings.target;
         let (reachable, last_error, samples) = match result {
             Ok(samples) => {
@@ -406,7 +376,7 @@ impl MetricsScrapeTask {
             }
         };
         let changed = previous.reachable != reachable || previous.last_error != last_error;
-        self.shared.set(MetricsView {
+        self.send_view(MetricsView {
             target: target.clone(),
             role: self.settings.role,
             reachable,

@@ -2,6 +2,7 @@
 //! the test flips, hangs or takes away. Every test asserts the sensor's
 //! metrics.
 
+use crate::sensors::Sensor;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 

@@ -3,6 +3,7 @@
 //! server that flips between good, bad and gone. Sensor tests assert the
 //! sensor's metrics.
 
+use crate::sensors::Sensor;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
