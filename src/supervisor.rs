@@ -239,9 +239,9 @@ impl Supervisor {
             .iter()
             .map(|v| (v.agent.clone(), v.clone()))
             .collect();
-        self.update_cluster_view(&obs, now);
         self.update_symptom_gauges(&symptoms);
         self.track_incidents(&symptoms, now, &mut events, &mut report);
+        self.update_cluster_view(&obs, now);
 
         // Verify what previous ticks did.
         self.collect_results(&mut events);
@@ -537,6 +537,27 @@ impl Supervisor {
             .map(|i| i.subject.agent_name())
             .collect();
         m.agents_at_risk.set(at_risk.len() as i64);
+        // Workloads at risk: SVIDs served by an agent at risk, or themselves
+        // the subject of an open incident.
+        let svid_subjects: HashSet<(&str, &str)> = self
+            .incidents
+            .values()
+            .filter_map(|i| match &i.subject {
+                Subject::Svid { agent, spiffe_id } => Some((agent.as_str(), spiffe_id.as_str())),
+                _ => None,
+            })
+            .collect();
+        let workloads = obs
+            .agents
+            .iter()
+            .flat_map(|v| {
+                v.svids
+                    .iter()
+                    .map(move |s| (v.agent.as_str(), s.spiffe_id.as_str()))
+            })
+            .filter(|(agent, id)| at_risk.contains(agent) || svid_subjects.contains(&(*agent, *id)))
+            .count();
+        m.workloads_at_risk.set(workloads as i64);
         let outage = self
             .incidents
             .values()

@@ -375,6 +375,14 @@ async fn overdue_escalates_from_refetch_to_restart_and_closes() {
     assert_eq!(refetch.target, "a");
     h.action_finished().await;
     assert_eq!(h.refetch.calls().len(), 1);
+    // The cluster view: one agent and its one workload at risk, outage at
+    // the SVID's notAfter.
+    assert_eq!(h.metric("spire_healer_agents_at_risk"), Some(1.0));
+    assert_eq!(h.metric("spire_healer_workloads_at_risk"), Some(1.0));
+    assert!(
+        h.metric("spire_healer_predicted_outage_timestamp_seconds")
+            .is_some_and(|v| v > 0.0)
+    );
 
     // t(72): refetch returned ok but the serial did not change; still inside
     // its verification window, so nothing else may run on the agent.

@@ -65,6 +65,8 @@ pub struct Metrics {
     pub spiffe_certificate_rotation_total: IntCounterVec,
     /// Agents with at least one open incident.
     pub agents_at_risk: IntGauge,
+    /// SVIDs served by agents at risk or themselves in an open incident.
+    pub workloads_at_risk: IntGauge,
     /// Earliest predicted outage over open incidents (0: none).
     pub predicted_outage_timestamp_seconds: prometheus::Gauge,
     /// Servers whose admin API answers.
@@ -223,6 +225,10 @@ impl Metrics {
             agents_at_risk: reg!(IntGauge::new(
                 "spire_healer_agents_at_risk",
                 "Agents with at least one open incident."
+            )),
+            workloads_at_risk: reg!(IntGauge::new(
+                "spire_healer_workloads_at_risk",
+                "SVIDs served by agents with an open incident, or themselves in one."
             )),
             predicted_outage_timestamp_seconds: reg!(prometheus::Gauge::new(
                 "spire_healer_predicted_outage_timestamp_seconds",
