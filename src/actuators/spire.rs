@@ -494,3 +494,204 @@ fn not_found(e: &crate::spire_api::SpireApiError) -> bool {
 fn subject_of(step: &Step) -> Option<Subject> {
     step.params["subject"].as_str().and_then(Subject::parse)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+    use crate::actuators::{CommandActuator, CommandConfig};
+    use crate::model::{AgentView, Authority, ServerView, StreamStatus, SymptomKind};
+
+    fn t() -> std::time::SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    }
+
+    fn server(name: &str, reachable: bool, fps: &[&str]) -> Arc<ServerView> {
+        Arc::new(ServerView {
+            server: name.into(),
+            reachable,
+            last_error: (!reachable).then(|| "unavailable".into()),
+            since: t(),
+            updated_at: t(),
+            uptime_secs: 1,
+            svid_expires_at: None,
+            agents_count: 1,
+            entries_count: 1,
+            agents: vec![],
+            agents_truncated: false,
+            bundle: fps
+                .iter()
+                .map(|f| Authority {
+                    fingerprint: f.to_string(),
+                    key_id: String::new(),
+                    not_after: t() + Duration::from_secs(86_400),
+                    tainted: false,
+                })
+                .collect(),
+            bundle_sequence: 1,
+        })
+    }
+
+    fn agent(bundle: &[&str]) -> Arc<AgentView> {
+        Arc::new(AgentView {
+            agent: "a".into(),
+            status: StreamStatus::Up,
+            status_since: t(),
+            last_error: None,
+            last_message: Some(t()),
+            svids: vec![],
+            bundle_authorities: bundle.len(),
+            bundle: bundle.iter().map(|s| s.to_string()).collect(),
+            rotations: 0,
+            updated_at: t(),
+        })
+    }
+
+    fn step() -> Step {
+        Step {
+            action_id: "x".into(),
+            incident_id: "i".into(),
+            symptom: SymptomKind::AgentSyncStale,
+            rung: 0,
+            actuator: "failover".into(),
+            target: "a".into(),
+            params: json!({ "subject": "agent:a" }),
+            timeout: Duration::from_secs(5),
+            verify_within: Duration::from_secs(5),
+            dry_run: false,
+        }
+    }
+
+    fn failover(conf: Option<PathBuf>) -> Failover {
+        let topo = Topology {
+            servers: vec![
+                ("s-a".into(), None, Some("127.0.0.1:8081".into())),
+                ("s-b".into(), None, Some("127.0.0.1:8082".into())),
+            ],
+            agents: HashMap::from([(
+                "a".to_string(),
+                AgentInfo {
+                    config_file: conf,
+                    ..AgentInfo::default()
+                },
+            )]),
+        };
+        let restart = Arc::new(CommandActuator::new(CommandConfig {
+            argv: vec!["true".into()],
+            timeout: Duration::from_secs(5),
+        }));
+        Failover::new(
+            FailoverConfig {
+                strategy: FailoverStrategy::AgentConfig,
+                restart: "restart".into(),
+                repair_persisted_bundle: false,
+            },
+            Arc::new(topo),
+            restart,
+        )
+    }
+
+    fn conf_file(dir: &std::path::Path) -> PathBuf {
+        let p = dir.join("agent.conf");
+        std::fs::write(
+            &p,
+            "agent {\n    server_address = \"127.0.0.1\"\n    server_port = \"8081\"\n}\n",
+        )
+        .unwrap();
+        p
+    }
+
+    #[test]
+    fn failover_preconditions() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = failover(Some(conf_file(dir.path())));
+        let obs = |a_up: bool, b_up: bool, agent_bundle: &[&str]| Observations {
+            servers: vec![
+                server("s-a", a_up, &["ca-a", "ca-b"]),
+                server("s-b", b_up, &["ca-a", "ca-b"]),
+            ],
+            agents: vec![agent(agent_bundle)],
+            ..Default::default()
+        };
+        // Current server fine: not applicable, next rung.
+        let mut s = step();
+        assert_eq!(
+            f.prepare(&mut s, &obs(true, true, &["ca-a", "ca-b"])),
+            Prepared::Skip("current_server_healthy")
+        );
+        // Both down: wait.
+        assert_eq!(
+            f.prepare(&mut step(), &obs(false, false, &["ca-a", "ca-b"])),
+            Prepared::Wait("no_ready_target")
+        );
+        // The agent does not trust B's CA: wait (a restart would break it).
+        assert_eq!(
+            f.prepare(&mut step(), &obs(false, true, &["ca-a"])),
+            Prepared::Wait("target_ca_not_in_agent_bundle")
+        );
+        // Ready: target recorded in the step.
+        let mut s = step();
+        assert_eq!(
+            f.prepare(&mut s, &obs(false, true, &["ca-a", "ca-b"])),
+            Prepared::Ready
+        );
+        assert_eq!(s.params["to"], "127.0.0.1:8082");
+        assert_eq!(s.params["to_server"], "s-b");
+        assert_eq!(s.params["from_server"], "s-a");
+        // No config file known: skip.
+        let none = failover(None);
+        assert_eq!(
+            none.prepare(&mut step(), &obs(false, true, &["ca-a", "ca-b"])),
+            Prepared::Skip("no_agent_config_file")
+        );
+        // Unparsable config: skip, file untouched.
+        std::fs::write(dir.path().join("agent.conf"), "agent { }\n").unwrap();
+        assert_eq!(
+            f.prepare(&mut step(), &obs(false, true, &["ca-a", "ca-b"])),
+            Prepared::Skip("agent_config_unparsable")
+        );
+    }
+
+    #[tokio::test]
+    async fn failover_rewrites_then_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = conf_file(dir.path());
+        let f = failover(Some(conf.clone()));
+        let obs = Observations {
+            servers: vec![server("s-a", false, &["ca"]), server("s-b", true, &["ca"])],
+            agents: vec![agent(&["ca"])],
+            ..Default::default()
+        };
+        let mut s = step();
+        assert_eq!(f.prepare(&mut s, &obs), Prepared::Ready);
+        let out = f.execute(&s).await.unwrap();
+        assert_eq!(out.kind, crate::model::OutcomeKind::Ok);
+        assert_eq!(out.detail["from"], "127.0.0.1:8081");
+        assert_eq!(out.detail["to"], "127.0.0.1:8082");
+        let text = std::fs::read_to_string(&conf).unwrap();
+        assert!(text.contains("server_port = \"8082\""), "{text}");
+        // Idempotent: a second run finds it already pointing at B.
+        let again = f.execute(&s).await.unwrap();
+        assert_eq!(again.detail["from"], "127.0.0.1:8082");
+    }
+
+    #[test]
+    fn entry_bump_needs_an_svid_subject() {
+        let b = EntryBump::new(
+            EntryBumpConfig {
+                call_timeout: Duration::from_secs(1),
+            },
+            Arc::new(Topology::default()),
+        );
+        let mut s = step();
+        assert_eq!(
+            b.prepare(&mut s, &Observations::default()),
+            Prepared::Skip("not_an_svid")
+        );
+        s.params = json!({ "subject": "svid:a/spiffe://td/w" });
+        assert_eq!(b.prepare(&mut s, &Observations::default()), Prepared::Ready);
+        assert_eq!(s.params["spiffe_id"], "spiffe://td/w");
+    }
+}
