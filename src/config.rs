@@ -803,6 +803,31 @@ argv = []
     }
 
     #[test]
+    fn signal_and_webhook_actuators_validate() {
+        let text = format!(
+            "{GOOD}\n[actuators.reload-envoy]\ntype = \"signal\"\nsignal = \"SIGHUP\"\npidfile = \"/run/envoy-{{agent}}.pid\"\n\n[actuators.page]\ntype = \"webhook\"\nurl = \"http://127.0.0.1:9/hook\"\n"
+        );
+        let r = Config::from_toml(&text, "t.toml")
+            .unwrap()
+            .validate(&no_env)
+            .unwrap();
+        assert_eq!(r.config.actuators.len(), 3);
+        let bad = format!(
+            "{GOOD}\n[actuators.x]\ntype = \"signal\"\nsignal = \"SIGNOPE\"\npidfile = \"/p\"\n"
+        );
+        let errors = Config::from_toml(&bad, "t.toml")
+            .unwrap()
+            .validate(&no_env)
+            .unwrap_err();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.to_string().starts_with("actuators.x.")),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
     fn unconfigured_policy_actuator_is_a_warning() {
         let text = "[[agents]]\nname = \"a\"\naddress = \"tcp://127.0.0.1:1\"\n";
         let r = Config::from_toml(text, "t.toml")

@@ -1,6 +1,6 @@
-//! A small HTTP/1.1 GET client for SPIRE's plain-HTTP endpoints: the
+//! A small HTTP/1.1 client for SPIRE's plain-HTTP endpoints: GET for the
 //! `health_checks` listener (`/live`, `/ready`) and the Prometheus exporter,
-//! both served without TLS on loopback or pod IPs.
+//! both served without TLS on loopback or pod IPs; POST for webhooks.
 //!
 //! One connection per request and no pooling (polls are seconds apart), no
 //! redirects and no TLS: `https://` URLs are rejected. Guarantees:
@@ -11,13 +11,16 @@
 //!   peer costs at most `max_body` bytes (plus one read buffer) and `timeout`
 //!   of time;
 //! - the connection is driven inside the returned future, never on a
-//!   spawned task: dropping the future closes the socket (cancel-safe).
+//!   spawned task: dropping the future closes the socket (cancel-safe);
+//! - extra request headers are marked sensitive and never appear in errors
+//!   or logs: they may carry credentials.
 
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Bytes;
-use hyper::{Request, Uri, header};
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{Method, Request, Uri, header};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::debug;
@@ -34,7 +37,18 @@ const INITIAL_BUF: u64 = 1024 * 1024;
 /// `User-Agent` sent with every request.
 const USER_AGENT: &str = concat!("spire-healer/", env!("CARGO_PKG_VERSION"));
 
-/// Limits and headers for one GET.
+/// Headers the client sets itself (or that would break its framing): not
+/// accepted as extra headers.
+const RESERVED_HEADERS: [&str; 6] = [
+    "host",
+    "user-agent",
+    "connection",
+    "content-length",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Limits and headers for one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Options {
     /// Deadline for the TCP connect, capped by `timeout`.
@@ -125,11 +139,20 @@ pub enum HttpError {
     /// mid-response.
     #[error("HTTP protocol error")]
     Protocol(#[source] hyper::Error),
+    /// An extra request header is malformed or one the client sets itself.
+    /// Only the name is kept: the value may be a secret.
+    #[error("invalid header {name:?}: {reason}")]
+    InvalidHeader {
+        /// Header name as given.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
 }
 
 impl HttpError {
-    /// Closed-set label: `invalid_url`, `connect`, `timeout`, `too_large`
-    /// or `protocol`.
+    /// Closed-set label: `invalid_url`, `connect`, `timeout`, `too_large`,
+    /// `protocol` or `invalid_header`.
     pub fn kind(&self) -> &'static str {
         match self {
             HttpError::InvalidUrl { .. } => "invalid_url",
@@ -137,6 +160,7 @@ impl HttpError {
             HttpError::Timeout { .. } => "timeout",
             HttpError::TooLarge { .. } => "too_large",
             HttpError::Protocol(_) => "protocol",
+            HttpError::InvalidHeader { .. } => "invalid_header",
         }
     }
 }
@@ -209,6 +233,39 @@ impl Target {
     }
 }
 
+/// Checks that `url` is one [`get`] and [`post`] accept
+/// (`http://host[:port][/path]`), without dialling.
+///
+/// # Errors
+/// What is wrong with it; the reason never quotes the URL.
+pub fn check_url(url: &str) -> Result<(), &'static str> {
+    match Target::parse(url) {
+        Ok(_) => Ok(()),
+        Err(HttpError::InvalidUrl { reason, .. }) => Err(reason),
+        Err(_) => Err("not a URL"),
+    }
+}
+
+/// Checks one extra header for [`post`]: a valid name that the client does
+/// not set itself, and a valid value.
+///
+/// # Errors
+/// What is wrong with it; the reason never quotes the value.
+pub fn check_header(name: &str, value: &str) -> Result<(), &'static str> {
+    parse_header(name, value).map(drop)
+}
+
+fn parse_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), &'static str> {
+    let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| "not a valid header name")?;
+    if RESERVED_HEADERS.contains(&name.as_str()) {
+        return Err("set by the client itself");
+    }
+    let mut value = HeaderValue::from_str(value)
+        .map_err(|_| "value must be visible ASCII, spaces or tabs, without line breaks")?;
+    value.set_sensitive(true);
+    Ok((name, value))
+}
+
 /// GETs `url` (`http://host[:port][/path]`) and returns the status and the
 /// whole body. Any status is a success here; callers judge it.
 ///
@@ -220,7 +277,56 @@ impl Target {
 /// closes the socket and nothing keeps running.
 pub async fn get(url: &str, opts: &Options) -> Result<Response, HttpError> {
     let target = Target::parse(url)?;
-    match tokio::time::timeout(opts.timeout, exchange(&target, opts)).await {
+    let call = exchange(
+        &target,
+        Method::GET,
+        Vec::new(),
+        Empty::<Bytes>::new(),
+        opts,
+    );
+    deadline(call, opts).await
+}
+
+/// POSTs `body` to `url` (`http://host[:port][/path]`) with `headers`
+/// (e.g. `content-type`, an authorization token) and returns the status and
+/// the whole body. Any status is a success here; callers judge it.
+///
+/// `Content-Length` is set from the body. Extra headers are checked with
+/// [`check_header`] before dialling, marked sensitive, and never quoted in
+/// errors. The same limits as [`get`] apply.
+///
+/// # Errors
+/// See [`HttpError`]; [`HttpError::kind`] gives the metric label. A bad
+/// header is [`HttpError::InvalidHeader`].
+///
+/// # Cancel safety
+/// Cancel-safe, as [`get`]. The peer may or may not have received the body.
+pub async fn post(
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+    opts: &Options,
+) -> Result<Response, HttpError> {
+    let target = Target::parse(url)?;
+    let extra = headers
+        .iter()
+        .map(|(name, value)| {
+            parse_header(name, value).map_err(|reason| HttpError::InvalidHeader {
+                name: (*name).to_string(),
+                reason,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let call = exchange(&target, Method::POST, extra, Full::new(body.into()), opts);
+    deadline(call, opts).await
+}
+
+/// Runs one exchange under the total deadline.
+async fn deadline(
+    call: impl Future<Output = Result<Response, HttpError>>,
+    opts: &Options,
+) -> Result<Response, HttpError> {
+    match tokio::time::timeout(opts.timeout, call).await {
         Ok(result) => result,
         Err(_) => Err(HttpError::Timeout {
             after: opts.timeout,
@@ -230,7 +336,18 @@ pub async fn get(url: &str, opts: &Options) -> Result<Response, HttpError> {
 
 /// Connect, send one request, read the response; no deadline of its own
 /// except for the connect.
-async fn exchange(target: &Target, opts: &Options) -> Result<Response, HttpError> {
+async fn exchange<B>(
+    target: &Target,
+    method: Method,
+    extra: Vec<(HeaderName, HeaderValue)>,
+    body: B,
+    opts: &Options,
+) -> Result<Response, HttpError>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let addr = format!("{}:{}", target.authority_host(), target.port);
     let connect = TcpStream::connect((target.host.as_str(), target.port));
     let stream = match tokio::time::timeout(opts.connect_timeout.min(opts.timeout), connect).await {
@@ -253,19 +370,22 @@ async fn exchange(target: &Target, opts: &Options) -> Result<Response, HttpError
         .await
         .map_err(HttpError::Protocol)?;
 
-    let mut request = Request::get(target.path.as_str())
+    let mut request = Request::builder()
+        .method(method)
+        .uri(target.path.as_str())
         .header(header::HOST, target.authority.as_str())
         .header(header::USER_AGENT, USER_AGENT)
         .header(header::CONNECTION, "close");
     if let Some(accept) = opts.accept {
         request = request.header(header::ACCEPT, accept);
     }
-    let request = request
-        .body(Empty::<Bytes>::new())
-        .map_err(|_| HttpError::InvalidUrl {
-            url: target.path.clone(),
-            reason: "not a valid request target",
-        })?;
+    let mut request = request.body(body).map_err(|_| HttpError::InvalidUrl {
+        url: target.path.clone(),
+        reason: "not a valid request target",
+    })?;
+    for (name, value) in extra {
+        request.headers_mut().append(name, value);
+    }
 
     let max_body = opts.max_body;
     let fetch = async move {

@@ -6,7 +6,9 @@ pub mod agent_config;
 pub mod agent_data;
 pub mod command;
 pub mod refetch;
+pub mod signal;
 pub mod spire;
+pub mod webhook;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -19,6 +21,8 @@ use crate::sensors::workload_api::Shared;
 
 pub use command::{CommandActuator, CommandConfig};
 pub use refetch::RefetchActuator;
+pub use signal::{SignalActuator, SignalConfig};
+pub use webhook::{WebhookActuator, WebhookConfig};
 
 /// Name of the built-in refetch actuator.
 pub const REFETCH: &str = "refetch";
@@ -115,6 +119,11 @@ pub enum ActuatorConfig {
     AgentEvict(spire::AgentEvictConfig),
     /// Move the agent to another HA server.
     ServerFailover(spire::FailoverConfig),
+    /// Send a signal (reload or stop) to a local process found by pidfile
+    /// or exact name, refusing stale PIDs.
+    Signal(SignalConfig),
+    /// POST the step as JSON to an HTTP endpoint (retried, idempotency-keyed).
+    Webhook(WebhookConfig),
 }
 
 impl ActuatorConfig {
@@ -122,6 +131,8 @@ impl ActuatorConfig {
     pub fn problems(&self) -> Vec<(&'static str, String)> {
         match self {
             ActuatorConfig::Command(c) => c.problems(),
+            ActuatorConfig::Signal(c) => c.problems(),
+            ActuatorConfig::Webhook(c) => c.problems(),
             ActuatorConfig::EntryBump(_) | ActuatorConfig::AgentEvict(_) => Vec::new(),
             ActuatorConfig::ServerFailover(_) => Vec::new(),
         }
@@ -158,6 +169,8 @@ pub fn registry(
         let restart = c.depends_on().and_then(|d| r.get(d).cloned());
         let a: Arc<dyn Actuator> = match (c, restart) {
             (ActuatorConfig::Command(_), _) => continue,
+            (ActuatorConfig::Signal(c), _) => Arc::new(SignalActuator::new(c.clone())),
+            (ActuatorConfig::Webhook(c), _) => Arc::new(WebhookActuator::new(c.clone())),
             (ActuatorConfig::EntryBump(c), _) => {
                 Arc::new(spire::EntryBump::new(c.clone(), topo.clone()))
             }

@@ -171,6 +171,114 @@ fn error_kinds_are_closed() {
         }
         .kind(),
         HttpError::TooLarge { limit: 0 }.kind(),
+        HttpError::InvalidHeader {
+            name: String::new(),
+            reason: "x",
+        }
+        .kind(),
     ];
-    assert_eq!(kinds, ["invalid_url", "connect", "timeout", "too_large"]);
+    assert_eq!(
+        kinds,
+        [
+            "invalid_url",
+            "connect",
+            "timeout",
+            "too_large",
+            "invalid_header"
+        ]
+    );
+}
+
+// === POST ===
+
+#[tokio::test]
+async fn post_sends_body_and_headers() {
+    let server = TestServer::start_with(|req| Reply::Status(201, req.body.clone())).await;
+    let resp = post(
+        &server.url("/hook?x=1"),
+        &[
+            ("content-type", "application/json"),
+            ("Authorization", "Bearer s3cret"),
+            ("x-multi", "a"),
+            ("x-multi", "b"),
+        ],
+        b"{\"a\":1}".to_vec(),
+        &opts(),
+    )
+    .await
+    .expect("201");
+    assert_eq!(resp.status, 201);
+    assert_eq!(resp.body, b"{\"a\":1}");
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 1);
+    let req = &reqs[0];
+    assert_eq!(req.method, "POST");
+    assert_eq!(req.path, "/hook?x=1");
+    assert_eq!(req.body, b"{\"a\":1}");
+    assert_eq!(req.header("content-length"), Some("7"));
+    assert_eq!(req.header("content-type"), Some("application/json"));
+    assert_eq!(req.header("authorization"), Some("Bearer s3cret"));
+    assert_eq!(req.header("user-agent"), Some(USER_AGENT));
+    let multi: Vec<&str> = req
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "x-multi")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(multi, ["a", "b"]);
+}
+
+#[tokio::test]
+async fn get_still_sends_no_body() {
+    let server = TestServer::start(|_| Reply::Status(200, Vec::new())).await;
+    get(&server.url("/live"), &opts()).await.expect("200");
+    let req = &server.requests()[0];
+    assert_eq!(req.method, "GET");
+    assert!(req.body.is_empty());
+    assert_eq!(req.header("content-length"), None);
+}
+
+#[tokio::test]
+async fn post_to_a_silent_peer_times_out() {
+    let server = TestServer::start(|_| Reply::Hang).await;
+    let err = post(
+        &server.url("/hook"),
+        &[],
+        "x",
+        &Options::new(Duration::from_millis(200)),
+    )
+    .await
+    .expect_err("no answer");
+    assert_eq!(err.kind(), "timeout", "{err}");
+}
+
+#[tokio::test]
+async fn bad_headers_are_rejected_before_dialling_without_their_value() {
+    let server = TestServer::start(|_| Reply::Status(200, Vec::new())).await;
+    for (name, value) in [
+        ("bad name", "v"),
+        ("", "v"),
+        ("x-token", "line\r\nbreak-s3cret"),
+        ("Host", "evil"),
+        ("content-length", "1"),
+        ("transfer-encoding", "chunked"),
+    ] {
+        let err = post(&server.url("/"), &[(name, value)], "", &opts())
+            .await
+            .expect_err(name);
+        assert_eq!(err.kind(), "invalid_header", "{name}: {err}");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        assert!(!format!("{err:?}").contains("s3cret"), "{err:?}");
+    }
+    assert_eq!(server.hits(), 0);
+}
+
+#[test]
+fn checks_match_what_the_client_accepts() {
+    assert_eq!(check_url("http://127.0.0.1:8080/hook"), Ok(()));
+    assert!(check_url("https://hooks.example/x").is_err());
+    assert!(check_url("nope").is_err());
+    assert_eq!(check_header("Authorization", "Bearer x"), Ok(()));
+    assert!(check_header("Host", "x").is_err());
+    assert!(check_header("x-a", "\n").is_err());
 }
