@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
-use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -115,15 +114,8 @@ impl AgentDebugTask {
     /// Holds no external state: dropping it mid-poll abandons the call.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut client: Option<AgentAdminClient> = None;
-        let period = self.settings.poll_interval.max(Duration::from_millis(1));
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        let mut cadence = super::Cadence::new(self.settings.poll_interval);
+        while cadence.next(&shutdown).await {
             if client.is_none() {
                 match AgentAdminClient::new(&self.settings.admin_socket, self.settings.timeout) {
                     Ok(c) => client = Some(c),
@@ -134,10 +126,8 @@ impl AgentDebugTask {
                 }
             }
             let Some(c) = &client else { continue };
-            let result = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return,
-                r = c.agent_debug_info() => r,
+            let Some(result) = super::until_shutdown(&shutdown, c.agent_debug_info()).await else {
+                return;
             };
             self.apply(result);
         }

@@ -129,24 +129,16 @@ impl HealthTask {
     /// # Cancel safety
     /// Holds nothing but HTTP connections; dropping it closes them.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut ticker =
-            tokio::time::interval(self.settings.interval.max(Duration::from_millis(1)));
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return,
-                _ = ticker.tick() => {}
-            }
-            let (live, ready) = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return,
-                both = async {
-                    tokio::join!(
-                        self.probe(self.settings.live_url.as_deref()),
-                        self.probe(self.settings.ready_url.as_deref()),
-                    )
-                } => both,
+        let mut cadence = super::Cadence::new(self.settings.interval);
+        while cadence.next(&shutdown).await {
+            let both = async {
+                tokio::join!(
+                    self.probe(self.settings.live_url.as_deref()),
+                    self.probe(self.settings.ready_url.as_deref()),
+                )
+            };
+            let Some((live, ready)) = super::until_shutdown(&shutdown, both).await else {
+                return;
             };
             self.publish(live, ready);
         }

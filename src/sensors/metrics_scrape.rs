@@ -309,19 +309,10 @@ impl MetricsScrapeTask {
     /// # Cancel safety
     /// Holds nothing but an HTTP connection; dropping it closes the socket.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut ticker =
-            tokio::time::interval(self.settings.interval.max(Duration::from_millis(1)));
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return,
-                _ = ticker.tick() => {}
-            }
-            let result = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return,
-                r = self.scrape() => r,
+        let mut cadence = super::Cadence::new(self.settings.interval);
+        while cadence.next(&shutdown).await {
+            let Some(result) = super::until_shutdown(&shutdown, self.scrape()).await else {
+                return;
             };
             self.publish(result);
         }

@@ -89,3 +89,40 @@ impl<V: Send + Sync + 'static> Sensor for Snapshot<V> {
         Ok(vec![(self.wrap)(self.view())])
     }
 }
+
+/// The cadence of a polling sensor task: the first poll at once, then one
+/// every `period`; a poll that overruns delays the next one and never
+/// overlaps it.
+pub(crate) struct Cadence {
+    tick: tokio::time::Interval,
+}
+
+impl Cadence {
+    /// Every `period` (clamped to at least 1 ms).
+    pub(crate) fn new(period: std::time::Duration) -> Self {
+        let mut tick = tokio::time::interval(period.max(std::time::Duration::from_millis(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self { tick }
+    }
+
+    /// Waits for the next poll; `false` once `shutdown` is cancelled.
+    pub(crate) async fn next(&mut self, shutdown: &tokio_util::sync::CancellationToken) -> bool {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => false,
+            _ = self.tick.tick() => true,
+        }
+    }
+}
+
+/// Runs `poll` unless `shutdown` comes first (then the poll is abandoned).
+pub(crate) async fn until_shutdown<T>(
+    shutdown: &tokio_util::sync::CancellationToken,
+    poll: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => None,
+        r = poll => Some(r),
+    }
+}

@@ -27,7 +27,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
-use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -157,15 +156,8 @@ impl ServerApiTask {
     /// Holds no external state: dropping it mid-poll abandons the calls.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut client: Option<ServerAdminClient> = self.client.clone();
-        let period = self.settings.poll_interval.max(Duration::from_millis(1));
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        let mut cadence = super::Cadence::new(self.settings.poll_interval);
+        while cadence.next(&shutdown).await {
             if client.is_none() {
                 match ServerAdminClient::new(&self.settings.admin_socket, self.settings.timeout) {
                     Ok(c) => client = Some(c),
@@ -176,10 +168,8 @@ impl ServerApiTask {
                 }
             }
             let Some(c) = &client else { continue };
-            let result = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return,
-                r = self.poll(c) => r,
+            let Some(result) = super::until_shutdown(&shutdown, self.poll(c)).await else {
+                return;
             };
             self.apply(result);
         }
