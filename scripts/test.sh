@@ -40,6 +40,14 @@ say "installing SPIRE (scripts/install-spire.sh)"
 # --- Rust ---------------------------------------------------------------------
 command -v cargo >/dev/null || die "cargo is not installed"
 
+# A full build of every target takes a few GiB; say so up front rather than
+# failing half-way through a link with ENOSPC.
+avail_kib="$(df -Pk "$root" | awk 'NR==2 {print $4}')"
+if [[ -n "$avail_kib" && "$avail_kib" -lt 4194304 ]]; then
+  printf 'warning: only %s MiB free under %s; the build needs about 4 GiB\n' \
+    "$((avail_kib / 1024))" "$root" >&2
+fi
+
 say "cargo fmt --check"
 cargo fmt --check || die "formatting differs; run 'cargo fmt'"
 
