@@ -37,6 +37,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod endpoint;
+pub mod handshake;
 pub mod http_client;
 pub mod knowledge;
 pub mod lab;

@@ -34,6 +34,24 @@ pub enum Subject {
         /// The SVID's SPIFFE ID.
         spiffe_id: String,
     },
+    /// An mTLS endpoint (a probed target, or one named in reports), by its
+    /// configured or reported name.
+    Peer {
+        /// Target name.
+        peer: String,
+    },
+    /// Handshakes to one peer failing for one reason.
+    Handshakes {
+        /// Target name.
+        peer: String,
+        /// Failure reason (`unknown_ca`, …).
+        reason: crate::handshake::Reason,
+    },
+    /// A certificate file on disk, by its configured name.
+    CertFile {
+        /// Configured `cert_files` name.
+        file: String,
+    },
 }
 
 impl Subject {
@@ -66,23 +84,48 @@ impl Subject {
         }
     }
 
+    /// A peer subject.
+    pub fn peer(peer: impl Into<String>) -> Self {
+        Subject::Peer { peer: peer.into() }
+    }
+
+    /// The handshake-failure subject of a peer and reason.
+    pub fn handshakes(peer: impl Into<String>, reason: crate::handshake::Reason) -> Self {
+        Subject::Handshakes {
+            peer: peer.into(),
+            reason,
+        }
+    }
+
+    /// A certificate-file subject.
+    pub fn cert_file(file: impl Into<String>) -> Self {
+        Subject::CertFile { file: file.into() }
+    }
+
     /// `agent`, `workload`, `server` or `cluster`: the store's `subjects.kind`.
+    /// Peers, their handshakes and certificate files are workloads.
     pub fn kind(&self) -> &'static str {
         match self {
             Subject::Agent { .. } => "agent",
-            Subject::Svid { .. } => "workload",
+            Subject::Svid { .. }
+            | Subject::Peer { .. }
+            | Subject::Handshakes { .. }
+            | Subject::CertFile { .. } => "workload",
             Subject::Server { .. } => "server",
             Subject::Cluster { .. } => "cluster",
         }
     }
 
     /// What actions on this subject target: the agent an SVID or agent
-    /// subject lives on, the server, or the trust domain.
+    /// subject lives on, the server, the trust domain, the peer, or the
+    /// certificate file's name.
     pub fn agent_name(&self) -> &str {
         match self {
             Subject::Agent { agent } | Subject::Svid { agent, .. } => agent,
             Subject::Server { server } => server,
             Subject::Cluster { trust_domain } => trust_domain,
+            Subject::Peer { peer } | Subject::Handshakes { peer, .. } => peer,
+            Subject::CertFile { file } => file,
         }
     }
 
@@ -102,14 +145,28 @@ impl Subject {
         if let Some(rest) = s.strip_prefix("cluster:") {
             return Some(Subject::cluster(rest));
         }
+        if let Some(rest) = s.strip_prefix("peer:") {
+            return Some(Subject::peer(rest));
+        }
+        if let Some(rest) = s.strip_prefix("cert_file:") {
+            return Some(Subject::cert_file(rest));
+        }
+        if let Some(rest) = s.strip_prefix("handshakes:") {
+            let (peer, reason) = rest.rsplit_once('/')?;
+            return Some(Subject::handshakes(
+                peer,
+                crate::handshake::Reason::parse(reason)?,
+            ));
+        }
         let rest = s.strip_prefix("svid:")?;
         let (agent, id) = rest.split_once('/')?;
         Some(Subject::svid(agent, id))
     }
 }
 
-/// `agent:<name>`, `server:<name>`, `cluster:<trust domain>` or
-/// `svid:<agent>/<spiffe id>`: the store key.
+/// `agent:<name>`, `server:<name>`, `cluster:<trust domain>`,
+/// `svid:<agent>/<spiffe id>`, `peer:<name>`, `handshakes:<peer>/<reason>` or
+/// `cert_file:<name>`: the store key.
 impl fmt::Display for Subject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -117,6 +174,9 @@ impl fmt::Display for Subject {
             Subject::Server { server } => write!(f, "server:{server}"),
             Subject::Cluster { trust_domain } => write!(f, "cluster:{trust_domain}"),
             Subject::Svid { agent, spiffe_id } => write!(f, "svid:{agent}/{spiffe_id}"),
+            Subject::Peer { peer } => write!(f, "peer:{peer}"),
+            Subject::Handshakes { peer, reason } => write!(f, "handshakes:{peer}/{reason}"),
+            Subject::CertFile { file } => write!(f, "cert_file:{file}"),
         }
     }
 }
@@ -352,6 +412,80 @@ pub struct MetricsView {
     pub samples: Vec<Sample>,
 }
 
+/// The leaf certificate a peer presented in a handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerCert {
+    /// URI SAN, when it has exactly one `spiffe://` URI.
+    pub spiffe_id: Option<String>,
+    /// Serial, lower-case hex without leading zeros (as [`SvidObservation`]).
+    pub serial: String,
+    /// notBefore.
+    pub not_before: SystemTime,
+    /// notAfter.
+    pub not_after: SystemTime,
+}
+
+/// One active mTLS probe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeResult {
+    /// Outcome.
+    pub reason: crate::handshake::Reason,
+    /// When the probe finished.
+    pub at: SystemTime,
+    /// Connect plus handshake time.
+    pub latency: std::time::Duration,
+    /// The peer's leaf, when it presented one (also on verification failure).
+    pub peer: Option<PeerCert>,
+    /// Short, human-readable detail of a failure (never a metric label).
+    pub detail: Option<String>,
+}
+
+/// What the `handshake_probe` sensor knows about one target.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeView {
+    /// Configured target name.
+    pub target: String,
+    /// `host:port` or `unix:///path`, for evidence.
+    pub address: String,
+    /// The SPIFFE ID expected of the peer, if one is configured.
+    pub expected_id: Option<String>,
+    /// The `cert_files` source this peer serves from, if configured: its
+    /// serial is what the peer should present.
+    pub cert_file: Option<String>,
+    /// Last probe (None: not probed yet).
+    pub last: Option<ProbeResult>,
+    /// Last probe in which the peer presented a certificate.
+    pub last_peer: Option<ProbeResult>,
+    /// When the sensor last refreshed this view.
+    pub updated_at: SystemTime,
+}
+
+/// What the `cert_files` sensor knows about one certificate file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CertFileView {
+    /// Configured name.
+    pub file: String,
+    /// Certificate path, for evidence.
+    pub path: String,
+    /// The agent whose Workload API issues this identity, if configured.
+    pub agent: Option<String>,
+    /// Closed-set problem with the file (`missing`, `truncated`,
+    /// `not_a_certificate`, …); None when its leaf parsed.
+    pub error: Option<String>,
+    /// The leaf as parsed (kept from the last good read while `error` is set).
+    pub leaf: Option<PeerCert>,
+    /// `None` when the leaf passed the X509-SVID checks, else the problem.
+    pub invalid: Option<String>,
+    /// SHA-256 fingerprints (hex, sorted) of the bundle file, if configured.
+    pub bundle: Vec<String>,
+    /// Closed-set problem with the bundle file, if configured and bad.
+    pub bundle_error: Option<String>,
+    /// When the file's content last changed (as first seen by the sensor).
+    pub changed_at: SystemTime,
+    /// When the sensor last refreshed this view.
+    pub updated_at: SystemTime,
+}
+
 /// One sensor result: a shared, immutable snapshot, so a fleet-sized view
 /// costs a pointer copy per tick, not a deep clone.
 #[derive(Debug, Clone, PartialEq)]
@@ -366,6 +500,10 @@ pub enum Reading {
     Health(std::sync::Arc<HealthView>),
     /// From the `metrics_scrape` sensor.
     Metrics(std::sync::Arc<MetricsView>),
+    /// From the `handshake_probe` sensor.
+    Probe(std::sync::Arc<ProbeView>),
+    /// From the `cert_files` sensor.
+    CertFile(std::sync::Arc<CertFileView>),
 }
 
 impl Reading {
@@ -377,6 +515,8 @@ impl Reading {
             Reading::AgentDebug(v) => &v.agent,
             Reading::Health(v) => &v.target,
             Reading::Metrics(v) => &v.target,
+            Reading::Probe(v) => &v.target,
+            Reading::CertFile(v) => &v.file,
         }
     }
 }
@@ -394,6 +534,10 @@ pub struct Observations {
     pub health: Vec<std::sync::Arc<HealthView>>,
     /// Metrics scrapes.
     pub metrics: Vec<std::sync::Arc<MetricsView>>,
+    /// mTLS probes.
+    pub probes: Vec<std::sync::Arc<ProbeView>>,
+    /// Certificate files.
+    pub cert_files: Vec<std::sync::Arc<CertFileView>>,
 }
 
 impl Observations {
@@ -405,6 +549,8 @@ impl Observations {
             Reading::AgentDebug(v) => self.agent_debug.push(v),
             Reading::Health(v) => self.health.push(v),
             Reading::Metrics(v) => self.metrics.push(v),
+            Reading::Probe(v) => self.probes.push(v),
+            Reading::CertFile(v) => self.cert_files.push(v),
         }
     }
 }
@@ -439,11 +585,18 @@ pub enum SymptomKind {
     CaExpiring,
     /// Servers and agents disagree on the trust bundle.
     BundleDivergence,
+    /// Handshakes to a peer fail for one reason well above their baseline.
+    HandshakeFailureBurst,
+    /// A peer serves an older certificate than SPIRE has issued for it.
+    StaleServedCert,
+    /// A certificate file on disk is older than what the agent issued,
+    /// expired, or unreadable.
+    StaleCertFile,
 }
 
 impl SymptomKind {
     /// Every kind, in a stable order.
-    pub const ALL: [SymptomKind; 12] = [
+    pub const ALL: [SymptomKind; 15] = [
         SymptomKind::SvidRotationOverdue,
         SymptomKind::SvidExpiring,
         SymptomKind::SvidExpired,
@@ -456,6 +609,9 @@ impl SymptomKind {
         SymptomKind::AllServersDown,
         SymptomKind::CaExpiring,
         SymptomKind::BundleDivergence,
+        SymptomKind::HandshakeFailureBurst,
+        SymptomKind::StaleServedCert,
+        SymptomKind::StaleCertFile,
     ];
 
     /// Snake-case name: metric label, policy key and store value.
@@ -473,6 +629,9 @@ impl SymptomKind {
             SymptomKind::AllServersDown => "all_servers_down",
             SymptomKind::CaExpiring => "ca_expiring",
             SymptomKind::BundleDivergence => "bundle_divergence",
+            SymptomKind::HandshakeFailureBurst => "handshake_failure_burst",
+            SymptomKind::StaleServedCert => "stale_served_cert",
+            SymptomKind::StaleCertFile => "stale_cert_file",
         }
     }
 
@@ -793,6 +952,9 @@ mod tests {
             Subject::server("server-a"),
             Subject::cluster("example.org"),
             Subject::svid("node-a", "spiffe://td/w/x"),
+            Subject::peer("web"),
+            Subject::cert_file("web-svid"),
+            Subject::handshakes("web/a", crate::handshake::Reason::UnknownCa),
         ] {
             assert_eq!(Subject::parse(&s.to_string()), Some(s));
         }

@@ -73,6 +73,20 @@ pub struct Metrics {
     pub servers_up: IntGauge,
     /// Seconds since the agent's last successful server sync (Debug API).
     pub agent_last_sync_age_seconds: GaugeVec,
+    /// Handshake outcomes counted, by source (`probe`, `report`, `envoy`)
+    /// and reason.
+    pub handshakes_total: IntCounterVec,
+    /// Duration of one active mTLS probe (connect + handshake), by target.
+    pub handshake_probe_duration_seconds: HistogramVec,
+    /// notAfter of the leaf a probed peer last presented, by target.
+    pub handshake_peer_expiration_timestamp_seconds: GaugeVec,
+    /// Handshake outcomes or reports refused, by closed-set kind.
+    pub handshake_reports_rejected_total: IntCounterVec,
+    /// Calls to our gRPC API, by method and outcome (`ok`, `unauthenticated`,
+    /// `invalid`, `resource_exhausted`, `error`).
+    pub api_requests_total: IntCounterVec,
+    /// notAfter of the leaf in a watched certificate file, by file.
+    pub cert_file_expiration_timestamp_seconds: GaugeVec,
     /// Per-agent set of labelled SVID series currently exported, so stale
     /// ones can be removed.
     exported_svids: std::sync::Mutex<Vec<(String, String)>>,
@@ -244,6 +258,41 @@ impl Metrics {
                     "Seconds since the agent last synced with a server (agent Debug API)."
                 ),
                 &["agent"]
+            )),
+            handshakes_total: reg!(c(
+                "spire_healer_handshakes_total",
+                "mTLS handshake outcomes counted, by source and reason.",
+                &["source", "reason"]
+            )),
+            handshake_probe_duration_seconds: reg!(h(
+                "spire_healer_handshake_probe_duration_seconds",
+                "Active mTLS probe time (connect and handshake), by target.",
+                &["target"],
+                FAST_BUCKETS
+            )),
+            handshake_peer_expiration_timestamp_seconds: reg!(GaugeVec::new(
+                Opts::new(
+                    "spire_healer_handshake_peer_expiration_timestamp_seconds",
+                    "notAfter (unix time) of the leaf a probed peer last presented."
+                ),
+                &["target"]
+            )),
+            handshake_reports_rejected_total: reg!(c(
+                "spire_healer_handshake_reports_rejected_total",
+                "Handshake reports or outcomes refused, by kind.",
+                &["kind"]
+            )),
+            api_requests_total: reg!(c(
+                "spire_healer_api_requests_total",
+                "Calls to the spire_healer.v1 API, by method and outcome.",
+                &["method", "outcome"]
+            )),
+            cert_file_expiration_timestamp_seconds: reg!(GaugeVec::new(
+                Opts::new(
+                    "spire_healer_cert_file_expiration_timestamp_seconds",
+                    "notAfter (unix time) of the leaf in a watched certificate file."
+                ),
+                &["file"]
             )),
             exported_svids: std::sync::Mutex::new(Vec::new()),
             registry,
