@@ -5,8 +5,10 @@
 //! an open symptom stays active until its close condition holds.
 
 mod control_plane;
+mod handshake;
 
 pub use control_plane::{control_plane, debug_view};
+pub use handshake::{HandshakeInput, handshakes, remediable};
 
 use std::time::SystemTime;
 

@@ -134,6 +134,12 @@ impl Subject {
         matches!(self, Subject::Agent { .. } | Subject::Svid { .. })
     }
 
+    /// Whether remediation may act on it: everything but servers and the
+    /// cluster, which are reported only.
+    pub fn is_actionable(&self) -> bool {
+        !matches!(self, Subject::Server { .. } | Subject::Cluster { .. })
+    }
+
     /// Parses the [`Display`](fmt::Display) form back.
     pub fn parse(s: &str) -> Option<Self> {
         if let Some(rest) = s.strip_prefix("agent:") {

@@ -42,6 +42,10 @@ pub enum HoldReason {
     /// their sync backoff to reconnect by themselves before anything
     /// restarts or moves them.
     AwaitingResync,
+    /// Nothing local explains the failures (a handshake burst with no
+    /// rotation behind it: a foreign CA, a misconfigured or unavailable
+    /// peer): reported, no healthy process is restarted for it.
+    NoLocalCause,
 }
 
 impl HoldReason {
@@ -58,6 +62,7 @@ impl HoldReason {
             HoldReason::NoServerReachable => "no_server_reachable",
             HoldReason::CircuitOpen => "circuit_open",
             HoldReason::AwaitingResync => "awaiting_resync",
+            HoldReason::NoLocalCause => "no_local_cause",
         }
     }
 }
@@ -155,10 +160,19 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Decision> {
             out.push(hold("", HoldReason::NoLadder));
             continue;
         }
-        if !inc.subject.is_agent_level() {
+        if !inc.subject.is_actionable() {
             out.push(hold("", HoldReason::ObserveOnly));
             continue;
         }
+        if inc.kind == crate::model::SymptomKind::HandshakeFailureBurst
+            && !inc.evidence["remediable"].as_bool().unwrap_or(false)
+        {
+            out.push(hold("", HoldReason::NoLocalCause));
+            continue;
+        }
+        // The agent guards protect SPIRE agents; a peer or file is reloaded
+        // from what is already on disk or in the agent's cache.
+        let on_agent = inc.subject.is_agent_level();
         // Past the end, repeat the last rung. Skip rungs whose actuator is
         // not configured.
         let start = inc.next_rung.min(ladder.len() - 1);
@@ -180,14 +194,15 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Decision> {
             out.push(hold(&rung.actuator, HoldReason::Blind));
             continue;
         }
-        if class != Class::Gentle
+        if on_agent
+            && class != Class::Gentle
             && input.policy.guards.hold_disruptive_without_server
             && input.servers_reachable == Some(false)
         {
             out.push(hold(&rung.actuator, HoldReason::NoServerReachable));
             continue;
         }
-        if class == Class::AgentLocal && input.breaker_open {
+        if on_agent && class == Class::AgentLocal && input.breaker_open {
             out.push(hold(&rung.actuator, HoldReason::CircuitOpen));
             continue;
         }
@@ -386,6 +401,49 @@ mod tests {
                 },
                 10,
                 vec!["hold a not_configured"],
+            ),
+            (
+                "a burst nothing local explains is only reported",
+                Case {
+                    incidents: vec![Incident {
+                        subject: Subject::handshakes("web", crate::handshake::Reason::UnknownCa),
+                        evidence: json!({ "remediable": false }),
+                        ..incident("i1", SymptomKind::HandshakeFailureBurst, "web", 0)
+                    }],
+                    configured: &["refetch", "reload-peer", "restart-peer"],
+                    ..Case::default()
+                },
+                10,
+                vec!["hold web no_local_cause"],
+            ),
+            (
+                "a burst after a rotation reloads the peer, servers down or not",
+                Case {
+                    incidents: vec![Incident {
+                        subject: Subject::handshakes("web", crate::handshake::Reason::UnknownCa),
+                        evidence: json!({ "remediable": true }),
+                        ..incident("i1", SymptomKind::HandshakeFailureBurst, "web", 1)
+                    }],
+                    configured: &["refetch", "reload-peer", "restart-peer"],
+                    servers_reachable: Some(false),
+                    breaker_open: true,
+                    ..Case::default()
+                },
+                10,
+                vec!["act web reload-peer rung1 next2"],
+            ),
+            (
+                "a stale served certificate: reload, then restart",
+                Case {
+                    incidents: vec![Incident {
+                        subject: Subject::peer("web"),
+                        ..incident("i1", SymptomKind::StaleServedCert, "web", 1)
+                    }],
+                    configured: &["reload-peer", "restart-peer"],
+                    ..Case::default()
+                },
+                10,
+                vec!["act web restart-peer rung1 next2"],
             ),
             (
                 "blind",

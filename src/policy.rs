@@ -74,6 +74,75 @@ pub struct Thresholds {
     /// bundle propagation takes a sync interval or two). By symptom name.
     #[serde(default = "d_open_after", with = "open_after_serde")]
     pub open_after: BTreeMap<String, Duration>,
+    /// Handshake outcomes: the recent window a burst is judged over.
+    #[serde(default = "d_burst_window", with = "humantime_serde")]
+    pub burst_window: Duration,
+    /// … and the baseline window before it.
+    #[serde(default = "d_burst_baseline", with = "humantime_serde")]
+    pub burst_baseline: Duration,
+    /// `handshake_failure_burst` opens when, in `burst_window`, a reason has
+    /// at least this many failures,
+    #[serde(default = "d_burst_open_failures")]
+    pub burst_open_failures: u64,
+    /// … makes up at least this share of all outcomes to that target,
+    #[serde(default = "d_burst_open_share")]
+    pub burst_open_share: f64,
+    /// … and its rate is at least this multiple of its baseline rate.
+    #[serde(default = "d_burst_factor")]
+    pub burst_factor: f64,
+    /// It closes once the reason has at most this many failures in the
+    /// window, or
+    #[serde(default = "d_burst_close_failures")]
+    pub burst_close_failures: u64,
+    /// … its share has dropped to this.
+    #[serde(default = "d_burst_close_share")]
+    pub burst_close_share: f64,
+    /// A burst counts as caused by a rotation (a peer holding a stale bundle
+    /// or SVID) when a bundle change or SVID rotation happened this long
+    /// before it, or less.
+    #[serde(default = "d_correlate_within", with = "humantime_serde")]
+    pub correlate_within: Duration,
+    /// `stale_served_cert` / `stale_cert_file`: a newer SVID must have been
+    /// issued this long ago (time to write files and reload) before a peer
+    /// or file still holding the old one is stale; also how long a file may
+    /// stay unreadable (half-written) before it counts.
+    #[serde(default = "d_reload_grace", with = "humantime_serde")]
+    pub reload_grace: Duration,
+    /// Probe and certificate-file views older than this are blind (probes
+    /// run less often than the loop ticks).
+    #[serde(default = "d_probe_staleness", with = "humantime_serde")]
+    pub probe_max_staleness: Duration,
+}
+
+fn d_burst_window() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_burst_baseline() -> Duration {
+    Duration::from_secs(600)
+}
+fn d_burst_open_failures() -> u64 {
+    10
+}
+fn d_burst_open_share() -> f64 {
+    0.2
+}
+fn d_burst_factor() -> f64 {
+    3.0
+}
+fn d_burst_close_failures() -> u64 {
+    2
+}
+fn d_burst_close_share() -> f64 {
+    0.05
+}
+fn d_correlate_within() -> Duration {
+    Duration::from_secs(600)
+}
+fn d_reload_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_probe_staleness() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn d_sync_open() -> Duration {
@@ -228,6 +297,23 @@ impl Policy {
         }
         if t.max_staleness.is_zero() {
             out.push("thresholds.max_staleness must be greater than zero".into());
+        }
+        if t.burst_window.is_zero() || t.burst_baseline.is_zero() {
+            out.push("thresholds.burst_window and burst_baseline must be greater than zero".into());
+        }
+        if t.burst_close_failures >= t.burst_open_failures || t.burst_open_failures == 0 {
+            out.push(
+                "thresholds: need burst_close_failures < burst_open_failures (and > 0)".into(),
+            );
+        }
+        if !(0.0 <= t.burst_close_share
+            && t.burst_close_share < t.burst_open_share
+            && t.burst_open_share <= 1.0)
+        {
+            out.push("thresholds: need 0 <= burst_close_share < burst_open_share <= 1".into());
+        }
+        if !(t.burst_factor >= 1.0 && t.burst_factor.is_finite()) {
+            out.push("thresholds.burst_factor must be at least 1".into());
         }
         if t.sync_stale_close > t.sync_stale_open {
             out.push("thresholds.sync_stale_close must not exceed sync_stale_open".into());

@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::actuators::{ActuatorError, Prepared, Registry};
-use crate::analyze::{analyze, control_plane};
+use crate::analyze::{HandshakeInput, analyze, control_plane, handshakes};
 use crate::clock::{Clock, saturating_since, unix_secs_f64};
 use crate::knowledge::{Buffer, Knowledge};
 use crate::model::{
@@ -92,6 +92,13 @@ pub struct Supervisor {
     results_tx: mpsc::UnboundedSender<(String, Outcome, SystemTime)>,
     results_rx: mpsc::UnboundedReceiver<(String, Outcome, SystemTime)>,
     actions: TaskTracker,
+    /// Handshake outcomes from probes, reports and Envoy, drained per tick.
+    handshakes: crate::handshake::Counter,
+    handshake_history: crate::handshake::History,
+    /// Bundle fingerprints per agent and server, to see bundles change.
+    bundles: HashMap<String, Vec<String>>,
+    last_bundle_change: Option<SystemTime>,
+    last_rotation: Option<SystemTime>,
 }
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -120,7 +127,14 @@ impl Supervisor {
             results_tx,
             results_rx,
             actions: TaskTracker::new(),
+            handshakes: crate::handshake::Counter::default(),
+            handshake_history: crate::handshake::History::default(),
+            bundles: HashMap::new(),
+            last_bundle_change: None,
+            last_rotation: None,
         };
+        let th = &s.p.policy.thresholds;
+        s.handshake_history = crate::handshake::History::new(th.burst_window + th.burst_baseline);
         let now = s.p.clock.now();
         for inc in knowledge.open_incidents {
             s.incidents.insert(inc.key(), inc);
@@ -152,6 +166,45 @@ impl Supervisor {
         s.recent_starts.make_contiguous().sort();
         s.p.buffer.push(abandoned);
         s
+    }
+
+    /// Uses `counter` for handshake outcomes: the one probes, the report API
+    /// and Envoy scrapes add to.
+    pub fn with_handshakes(mut self, counter: crate::handshake::Counter) -> Self {
+        self.handshakes = counter;
+        self
+    }
+
+    /// Notes when any agent's or server's trust bundle changes (not its
+    /// first sighting): bursts of `unknown_ca` right after are explained.
+    fn track_bundles(&mut self, obs: &Observations, now: SystemTime) {
+        let agents = obs
+            .agents
+            .iter()
+            .filter(|v| !v.bundle.is_empty())
+            .map(|v| (format!("agent:{}", v.agent), v.bundle.clone()));
+        let servers = obs
+            .servers
+            .iter()
+            .filter(|v| !v.bundle.is_empty())
+            .map(|v| {
+                let mut fps: Vec<String> = v.bundle.iter().map(|a| a.fingerprint.clone()).collect();
+                fps.sort();
+                (format!("server:{}", v.server), fps)
+            });
+        for (key, fps) in agents.chain(servers) {
+            match self.bundles.get(&key) {
+                Some(prev) if *prev == fps => {}
+                Some(_) => {
+                    info!(source = %key, authorities = fps.len(), "Trust bundle changed.");
+                    self.last_bundle_change = Some(now);
+                    self.bundles.insert(key, fps);
+                }
+                None => {
+                    self.bundles.insert(key, fps);
+                }
+            }
+        }
     }
 
     /// Records "held back, because" once per (incident, actuator, reason).
@@ -224,6 +277,7 @@ impl Supervisor {
         let obs = self.sense().await;
         let obs_servers = obs.servers.clone();
         self.record_lifecycles(&obs.agents, now, &mut events);
+        self.track_bundles(&obs, now);
 
         // Analyze.
         let symptoms = {
@@ -232,6 +286,23 @@ impl Supervisor {
             let th = &self.p.policy.thresholds;
             let mut s = analyze(&obs.agents, &is_open, th, now);
             s.extend(control_plane(&obs, obs.servers.len(), &is_open, th, now));
+            self.handshake_history.drain_from(&self.handshakes, now);
+            let windows = self
+                .handshake_history
+                .windows(now, th.burst_window, th.burst_baseline);
+            s.extend(handshakes(
+                &HandshakeInput {
+                    windows: &windows,
+                    probes: &obs.probes,
+                    cert_files: &obs.cert_files,
+                    agents: &obs.agents,
+                    last_bundle_change: self.last_bundle_change,
+                    last_rotation: self.last_rotation,
+                },
+                &is_open,
+                th,
+                now,
+            ));
             s
         };
         self.views = obs
@@ -500,6 +571,7 @@ impl Supervisor {
                         serial: o.serial.clone(),
                         at: s.first_seen,
                     });
+                    self.last_rotation = Some(now);
                     self.p
                         .metrics
                         .spiffe_certificate_rotation_total

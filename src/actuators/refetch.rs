@@ -36,6 +36,16 @@ impl Actuator for RefetchActuator {
         super::Class::Gentle
     }
 
+    /// Only agents have streams to re-open: for a peer or a certificate
+    /// file the rung does not apply and the ladder moves on.
+    fn prepare(&self, step: &mut Step, _obs: &crate::model::Observations) -> super::Prepared {
+        if self.streams.contains_key(&step.target) {
+            super::Prepared::Ready
+        } else {
+            super::Prepared::Skip("not_an_agent")
+        }
+    }
+
     async fn execute(&self, step: &Step) -> Result<Outcome, ActuatorError> {
         let shared = self
             .streams

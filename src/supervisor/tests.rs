@@ -907,3 +907,106 @@ fn two_rung_policy() -> Policy {
     }
     p
 }
+
+// === Handshakes ===
+
+/// 40 of 50 handshakes to `web` fail with `unknown_ca` between two ticks.
+fn burst(counter: &crate::handshake::Counter) {
+    use crate::handshake::{Reason, Source};
+    counter.add("web", Reason::Ok, 10, Source::Report).unwrap();
+    counter
+        .add("web", Reason::UnknownCa, 40, Source::Report)
+        .unwrap();
+}
+
+#[tokio::test]
+async fn unexplained_handshake_burst_is_reported_not_acted_on() {
+    let mut h = Harness::new(vec![view("a")]).await;
+    let mut ladders = h.policy.ladders.clone();
+    ladders.insert(
+        "handshake_failure_burst".into(),
+        vec![Rung {
+            actuator: "restart-agent".into(),
+            timeout: Duration::from_secs(5),
+            verify_within: Duration::from_secs(10),
+            cooldown: None,
+        }],
+    );
+    h.policy.ladders = ladders;
+    let counter = crate::handshake::Counter::default();
+    let mut sup = h.supervisor().await.with_handshakes(counter.clone());
+    h.tick(&mut sup, 1).await;
+    burst(&counter);
+    let r = h.tick(&mut sup, 2).await;
+    assert_eq!(r.opened.len(), 1, "{:?}", r.symptoms);
+    let inc = &h.incidents().await[0];
+    assert_eq!(inc.symptom, "handshake_failure_burst");
+    assert_eq!(inc.subject, "handshakes:web/unknown_ca");
+    assert_eq!(inc.evidence["remediable"], false);
+    assert!(r.started.is_empty());
+    let holds = h.holds().await;
+    assert!(
+        holds.iter().any(|x| x.reason == "no_local_cause"),
+        "{holds:?}"
+    );
+    // The failures stop; the burst window (30 s) passes: it closes.
+    counter
+        .add(
+            "web",
+            crate::handshake::Reason::Ok,
+            50,
+            crate::handshake::Source::Report,
+        )
+        .unwrap();
+    let r = h.tick(&mut sup, 40).await;
+    assert_eq!(r.closed.len(), 1);
+    assert!(h.restart.calls().is_empty(), "no healthy process restarted");
+    assert_eq!(
+        sample(
+            &h.metrics.render(),
+            "spire_healer_holds_total{reason=\"no_local_cause\"}"
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn handshake_burst_after_a_bundle_change_is_remediated() {
+    let mut h = Harness::new(vec![view("a")]).await;
+    h.policy.ladders.insert(
+        "handshake_failure_burst".into(),
+        vec![Rung {
+            actuator: "restart-agent".into(),
+            timeout: Duration::from_secs(5),
+            verify_within: Duration::from_secs(60),
+            cooldown: None,
+        }],
+    );
+    let counter = crate::handshake::Counter::default();
+    let mut sup = h.supervisor().await.with_handshakes(counter.clone());
+    h.agent("a").update(|v| v.bundle = vec!["aa".into()]);
+    h.tick(&mut sup, 1).await;
+    // The trust bundle rotates, then handshakes fail with unknown_ca.
+    h.agent("a")
+        .update(|v| v.bundle = vec!["aa".into(), "bb".into()]);
+    h.tick(&mut sup, 2).await;
+    burst(&counter);
+    let r = h.tick(&mut sup, 3).await;
+    assert_eq!(r.started.len(), 1, "{:?}", h.holds().await);
+    assert_eq!(r.started[0].target, "web");
+    h.action_finished().await;
+    // The peer reloaded: only successes from now on.
+    counter
+        .add(
+            "web",
+            crate::handshake::Reason::Ok,
+            50,
+            crate::handshake::Source::Report,
+        )
+        .unwrap();
+    let r = h.tick(&mut sup, 40).await;
+    assert_eq!(r.verified.len(), 1);
+    assert_eq!(r.verified[0].1, Verification::Verified);
+    let inc = &h.incidents().await[0];
+    assert_eq!(inc.evidence["likely_cause"], "peer_holds_stale_bundle");
+}

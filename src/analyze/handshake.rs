@@ -1,0 +1,361 @@
+//! Where users feel mTLS breaking: handshakes and the certificates peers
+//! actually hold. Pure: a function of the inputs and `now`.
+//!
+//! - `handshake_failure_burst` (subject `handshakes:<peer>/<reason>`): in
+//!   the recent window one failure reason is frequent, a large share of all
+//!   outcomes, and well above its own baseline rate. It closes once the
+//!   reason is rare again (weaker condition: hysteresis). The evidence says
+//!   whether a bundle change or SVID rotation came shortly before: an
+//!   `unknown_ca` burst right after a bundle change means a peer holds a
+//!   stale bundle (reload it); the same burst with no rotation behind it is
+//!   a foreign or misconfigured peer, which no restart here fixes.
+//! - `stale_served_cert` (subject `peer:<name>`): a probed peer presents an
+//!   older certificate than the newest one SPIRE issued for its SPIFFE ID
+//!   (our Workload API view) or than its configured certificate file, well
+//!   after that was issued: the process never reloaded.
+//! - `stale_cert_file` (subject `cert_file:<name>`): a certificate file is
+//!   older than what the agent issued, expired, or unreadable for longer
+//!   than a reload takes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde_json::json;
+
+use crate::clock::{saturating_since, unix_millis};
+use crate::handshake::{Reason, Window};
+use crate::model::{
+    AgentView, CertFileView, PeerCert, ProbeView, Severity, Subject, Symptom, SymptomKey,
+    SymptomKind,
+};
+use crate::policy::Thresholds;
+
+/// What the handshake analysis looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct HandshakeInput<'a> {
+    /// Outcome windows per target (from every source).
+    pub windows: &'a HashMap<Arc<str>, Window>,
+    /// Active probe views.
+    pub probes: &'a [Arc<ProbeView>],
+    /// Certificate-file views.
+    pub cert_files: &'a [Arc<CertFileView>],
+    /// Workload API views: what SPIRE issued.
+    pub agents: &'a [Arc<AgentView>],
+    /// Last time a trust bundle was seen to change (any agent or server).
+    pub last_bundle_change: Option<SystemTime>,
+    /// Last time a new SVID serial replaced an old one (any agent).
+    pub last_rotation: Option<SystemTime>,
+}
+
+/// Handshake, served-certificate and certificate-file symptoms at `now`.
+pub fn handshakes(
+    input: &HandshakeInput<'_>,
+    is_open: &dyn Fn(&SymptomKey) -> bool,
+    th: &Thresholds,
+    now: SystemTime,
+) -> Vec<Symptom> {
+    let mut out = Vec::new();
+    bursts(input, is_open, th, now, &mut out);
+    let issued = newest_issued(input.agents);
+    let files: HashMap<&str, &CertFileView> = input
+        .cert_files
+        .iter()
+        .map(|f| (f.file.as_str(), &**f))
+        .collect();
+    for p in input.probes {
+        if let Some(s) = stale_served(p, &issued, &files, is_open, th, now) {
+            out.push(s);
+        }
+    }
+    for f in input.cert_files {
+        if let Some(s) = stale_file(f, &issued, is_open, th, now) {
+            out.push(s);
+        }
+    }
+    out
+}
+
+// === handshake_failure_burst ===
+
+fn bursts(
+    input: &HandshakeInput<'_>,
+    is_open: &dyn Fn(&SymptomKey) -> bool,
+    th: &Thresholds,
+    now: SystemTime,
+    out: &mut Vec<Symptom>,
+) {
+    let window_secs = th.burst_window.as_secs_f64().max(1e-3);
+    let recently = |t: Option<SystemTime>| {
+        t.is_some_and(|t| t <= now && saturating_since(now, t) <= th.correlate_within)
+    };
+    let bundle_changed = recently(input.last_bundle_change);
+    let rotated = recently(input.last_rotation);
+    let mut targets: Vec<(&Arc<str>, &Window)> = input.windows.iter().collect();
+    targets.sort_by(|a, b| a.0.cmp(b.0));
+    for (target, w) in targets {
+        let attempts = w.recent.total();
+        if attempts == 0 {
+            continue;
+        }
+        for reason in Reason::ALL.into_iter().filter(|r| r.is_failure()) {
+            let failures = w.recent.get(reason);
+            if failures == 0 {
+                continue;
+            }
+            let key = SymptomKey {
+                kind: SymptomKind::HandshakeFailureBurst,
+                subject: Subject::handshakes(&**target, reason),
+            };
+            let share = failures as f64 / attempts as f64;
+            let rate = failures as f64 / window_secs;
+            let baseline_rate = if w.baseline_span.is_zero() {
+                0.0
+            } else {
+                w.baseline.get(reason) as f64 / w.baseline_span.as_secs_f64()
+            };
+            let active = if is_open(&key) {
+                failures > th.burst_close_failures && share > th.burst_close_share
+            } else {
+                failures >= th.burst_open_failures
+                    && share >= th.burst_open_share
+                    && rate >= th.burst_factor * baseline_rate
+            };
+            if !active {
+                continue;
+            }
+            let (correlated, cause) = cause_of(reason, bundle_changed, rotated);
+            out.push(Symptom {
+                kind: key.kind,
+                subject: key.subject,
+                severity: if share >= 0.5 {
+                    Severity::Critical
+                } else {
+                    Severity::Warning
+                },
+                predicted_outage: None,
+                evidence: json!({
+                    "peer": &**target,
+                    "reason": reason.as_str(),
+                    "failures": failures,
+                    "attempts": attempts,
+                    "share": share,
+                    "rate_per_s": rate,
+                    "baseline_rate_per_s": baseline_rate,
+                    "sources": w.recent.source_names(),
+                    "last_bundle_change_ms": input.last_bundle_change.map(unix_millis),
+                    "last_rotation_ms": input.last_rotation.map(unix_millis),
+                    "correlated_with_rotation": correlated,
+                    "likely_cause": cause,
+                    "remediable": remediable(cause),
+                }),
+                blind: false,
+            });
+        }
+    }
+}
+
+/// Whether a recent rotation explains a burst of `reason`, and the likely
+/// cause (a closed set, recorded as evidence and read by `plan`).
+fn cause_of(reason: Reason, bundle_changed: bool, rotated: bool) -> (bool, &'static str) {
+    match reason {
+        Reason::UnknownCa | Reason::BadSpiffeId if bundle_changed => {
+            (true, "peer_holds_stale_bundle")
+        }
+        Reason::UnknownCa | Reason::BadSpiffeId => (false, "foreign_or_misconfigured_peer"),
+        Reason::Expired | Reason::NotYetValid => (rotated, "peer_serves_stale_certificate"),
+        Reason::NoClientCert => (rotated, "peer_holds_no_certificate"),
+        Reason::Refused | Reason::Timeout | Reason::Protocol | Reason::Ok => {
+            (false, "peer_unavailable")
+        }
+    }
+}
+
+/// Whether reloading or restarting the peer can fix that cause. A foreign
+/// CA or an unavailable peer is reported, never "healed" by restarts of
+/// processes that are fine.
+pub fn remediable(cause: &str) -> bool {
+    matches!(
+        cause,
+        "peer_holds_stale_bundle" | "peer_serves_stale_certificate" | "peer_holds_no_certificate"
+    )
+}
+
+// === served versus issued ===
+
+/// The newest SVID issued per SPIFFE ID (latest notBefore), with when it
+/// was first delivered and by which agent.
+struct Issued<'a> {
+    serial: &'a str,
+    not_before: SystemTime,
+    first_seen: SystemTime,
+    agent: &'a str,
+}
+
+fn newest_issued(agents: &[Arc<AgentView>]) -> HashMap<&str, Issued<'_>> {
+    let mut out: HashMap<&str, Issued<'_>> = HashMap::new();
+    for v in agents {
+        for s in v.svids.iter().filter(|s| !s.serial.is_empty()) {
+            let newer = out
+                .get(s.spiffe_id.as_str())
+                .is_none_or(|cur| s.not_before > cur.not_before);
+            if newer {
+                out.insert(
+                    &s.spiffe_id,
+                    Issued {
+                        serial: &s.serial,
+                        not_before: s.not_before,
+                        first_seen: s.first_seen,
+                        agent: &v.agent,
+                    },
+                );
+            }
+        }
+    }
+    out
+}
+
+/// What a peer or file should hold: serial, notBefore, since when, where from.
+struct Expected<'a> {
+    serial: &'a str,
+    not_before: SystemTime,
+    since: SystemTime,
+    source: &'static str,
+    from: &'a str,
+}
+
+fn stale_served(
+    p: &ProbeView,
+    issued: &HashMap<&str, Issued<'_>>,
+    files: &HashMap<&str, &CertFileView>,
+    is_open: &dyn Fn(&SymptomKey) -> bool,
+    th: &Thresholds,
+    now: SystemTime,
+) -> Option<Symptom> {
+    let seen = p.last_peer.as_ref()?;
+    let served = seen.peer.as_ref()?;
+    let expected = match p.cert_file.as_deref() {
+        Some(name) => {
+            let f = files.get(name)?;
+            let leaf = f.leaf.as_ref().filter(|_| f.error.is_none())?;
+            Expected {
+                serial: &leaf.serial,
+                not_before: leaf.not_before,
+                since: f.changed_at,
+                source: "cert_file",
+                from: &f.file,
+            }
+        }
+        None => {
+            let i = issued.get(served.spiffe_id.as_deref()?)?;
+            Expected {
+                serial: i.serial,
+                not_before: i.not_before,
+                since: i.first_seen,
+                source: "workload_api",
+                from: i.agent,
+            }
+        }
+    };
+    let key = SymptomKey {
+        kind: SymptomKind::StaleServedCert,
+        subject: Subject::peer(&p.target),
+    };
+    let behind = served.serial != expected.serial && served.not_before < expected.not_before;
+    let active = if is_open(&key) {
+        behind
+    } else {
+        behind && saturating_since(now, expected.since) >= th.reload_grace
+    };
+    if !active {
+        return None;
+    }
+    Some(Symptom {
+        kind: key.kind,
+        subject: key.subject,
+        severity: expiry_severity(served, now),
+        predicted_outage: Some(served.not_after),
+        evidence: json!({
+            "peer": p.target,
+            "address": p.address,
+            "spiffe_id": served.spiffe_id,
+            "served_serial": served.serial,
+            "served_not_after_ms": unix_millis(served.not_after),
+            "expected_serial": expected.serial,
+            "expected_source": expected.source,
+            "expected_from": expected.from,
+            "issued_since_ms": unix_millis(expected.since),
+            "probed_ms": unix_millis(seen.at),
+        }),
+        blind: saturating_since(now, p.updated_at) > th.probe_max_staleness,
+    })
+}
+
+fn expiry_severity(cert: &PeerCert, now: SystemTime) -> Severity {
+    if cert.not_after <= now {
+        Severity::Critical
+    } else {
+        Severity::Warning
+    }
+}
+
+fn stale_file(
+    f: &CertFileView,
+    issued: &HashMap<&str, Issued<'_>>,
+    is_open: &dyn Fn(&SymptomKey) -> bool,
+    th: &Thresholds,
+    now: SystemTime,
+) -> Option<Symptom> {
+    let key = SymptomKey {
+        kind: SymptomKind::StaleCertFile,
+        subject: Subject::cert_file(&f.file),
+    };
+    let settled = saturating_since(now, f.changed_at) >= th.reload_grace;
+    let newest = f
+        .leaf
+        .as_ref()
+        .and_then(|l| l.spiffe_id.as_deref())
+        .and_then(|id| issued.get(id))
+        .filter(|i| f.agent.as_deref().is_none_or(|a| a == i.agent));
+    // Problems, most serious first.
+    let problem = match (&f.error, &f.leaf) {
+        (Some(e), _) if settled || is_open(&key) => Some(("unreadable", Some(e.as_str()))),
+        (Some(_), _) => None,
+        (None, None) => None,
+        (None, Some(leaf)) if leaf.not_after <= now => Some(("expired", None)),
+        (None, Some(leaf)) => match newest {
+            Some(i) if i.serial != leaf.serial && leaf.not_before < i.not_before => {
+                let waited = saturating_since(now, i.first_seen) >= th.reload_grace;
+                (waited || is_open(&key)).then_some(("behind_issued", None))
+            }
+            _ => None,
+        },
+    };
+    let (problem, error) = problem?;
+    let leaf = f.leaf.as_ref();
+    Some(Symptom {
+        kind: key.kind,
+        subject: key.subject,
+        severity: match leaf {
+            Some(l) => expiry_severity(l, now),
+            None => Severity::Warning,
+        },
+        predicted_outage: leaf.map(|l| l.not_after),
+        evidence: json!({
+            "file": f.file,
+            "path": f.path,
+            "problem": problem,
+            "error": error,
+            "spiffe_id": leaf.and_then(|l| l.spiffe_id.clone()),
+            "file_serial": leaf.map(|l| l.serial.clone()),
+            "file_not_after_ms": leaf.map(|l| unix_millis(l.not_after)),
+            "issued_serial": newest.map(|i| i.serial),
+            "issued_by": newest.map(|i| i.agent),
+            "changed_ms": unix_millis(f.changed_at),
+        }),
+        blind: saturating_since(now, f.updated_at) > th.probe_max_staleness,
+    })
+}
+
+#[cfg(test)]
+mod tests;
