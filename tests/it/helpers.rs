@@ -30,6 +30,18 @@ impl Healer {
     /// Starts spire-healer watching the lab's agent, with the lab's restart
     /// script as the `restart-agent` command and the built-in policy.
     pub async fn start(lab: &SpireLab, database_url: Option<String>) -> Result<Healer> {
+        Self::start_with(lab, database_url, "", "").await
+    }
+
+    /// As [`start`](Self::start), with `top` (top-level keys such as
+    /// `policy_file`) put first and `extra` (tables: `[[probes]]`,
+    /// `[actuators.*]`, …) appended to the config.
+    pub async fn start_with(
+        lab: &SpireLab,
+        database_url: Option<String>,
+        top: &str,
+        extra: &str,
+    ) -> Result<Healer> {
         let dir = tempfile::tempdir()?;
         let url = database_url
             .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("healer.db").display()));
@@ -41,6 +53,7 @@ impl Healer {
             .join(", ");
         let text = format!(
             r#"
+{top}
 [supervisor]
 tick_interval = "250ms"
 
@@ -60,6 +73,7 @@ backoff_max = "2s"
 type = "command"
 argv = [{argv}]
 timeout = "20s"
+{extra}
 "#,
             sock = lab.workload_socket().display(),
         );
