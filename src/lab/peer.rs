@@ -594,7 +594,7 @@ pub async fn main(args: PeerArgs, out: &mut (dyn Write + Send)) -> i32 {
     let listen = match parse_listen(&args.listen) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("error: --listen {:?}: {e}", args.listen);
+            eprintln!("error: --listen {:?}: {}", args.listen, error_chain(&e));
             return 64;
         }
     };
@@ -633,7 +633,7 @@ pub async fn main(args: PeerArgs, out: &mut (dyn Write + Send)) -> i32 {
         .chain(args.pidfile.iter().map(|f| (f, pid.clone())))
         .try_for_each(|(f, text)| write_atomic(f, format!("{text}\n").as_bytes(), 0o644));
     if let Err(e) = announced {
-        eprintln!("error: {e}");
+        eprintln!("error: {}", error_chain(&e));
         return 1;
     }
 

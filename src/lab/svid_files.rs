@@ -140,7 +140,7 @@ pub enum SvidFilesError {
     #[error("the agent sent no usable X509-SVID: {0}")]
     NoUsableSvid(String),
     /// A file operation failed.
-    #[error("{what} {}: {source}", path.display())]
+    #[error("{what} {}", path.display())]
     Io {
         /// What was being done.
         what: &'static str,
@@ -435,7 +435,8 @@ pub async fn run(
             Ok(()) => return Ok(writes),
             Err(e @ SvidFilesError::Io { .. }) => return Err(e),
             Err(e) => {
-                warn!(error = %e, kind = e.kind(), retry_in = ?backoff, "Workload API stream failed.")
+                let error = error_chain(&e);
+                warn!(%error, kind = e.kind(), retry_in = ?backoff, "Workload API stream failed.");
             }
         }
         if writes > before {
@@ -471,7 +472,7 @@ async fn session(
         let files = match SvidFileSet::from_response(&resp) {
             Ok(f) => f,
             Err(e) => {
-                warn!(error = %e, "Skipped an update.");
+                warn!(error = %error_chain(&e), "Skipped an update.");
                 continue;
             }
         };
@@ -489,7 +490,7 @@ async fn session(
                 Ok(pid) => {
                     let _ = writeln!(out, "Sent {} to pid {pid}.", sig.as_str());
                 }
-                Err(e) => warn!(error = %e, "Not signalled."),
+                Err(e) => warn!(error = %error_chain(&e), "Not signalled."),
             }
         }
         let _ = out.flush();
@@ -506,7 +507,7 @@ pub async fn main(args: SvidFilesArgs, out: &mut (dyn Write + Send)) -> i32 {
     let opts = match args.options() {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", error_chain(&e));
             return 64;
         }
     };
