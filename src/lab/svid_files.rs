@@ -516,9 +516,14 @@ pub async fn main(args: SvidFilesArgs, out: &mut (dyn Write + Send)) -> i32 {
         return 64;
     }
     let shutdown = CancellationToken::new();
+    let running = run(&opts, shutdown.clone(), out);
+    tokio::pin!(running);
     let result = tokio::select! {
-        r = run(&opts, shutdown.clone(), out) => r,
-        _ = crate::cli::shutdown_signal() => Ok(0),
+        r = &mut running => r,
+        _ = crate::cli::shutdown_signal() => {
+            shutdown.cancel();
+            running.await
+        }
     };
     match result {
         Ok(_) => 0,

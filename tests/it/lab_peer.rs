@@ -4,6 +4,7 @@
 //! new serial while the `--on-hup ignore` peer still serves the old one (and
 //! shrugs off a SIGHUP); the SIGHUP that `svid-files` sends through the
 //! `--on-hup reload` peer's pidfile makes that one serve the new serial.
+//! `svid-files --once` writes once and exits by itself.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -190,6 +191,38 @@ async fn peers_drift_after_a_real_rotation_until_sighup_reloads() -> Result<()> 
         file_serial(&svid_dir)
     })
     .await?;
+
+    // With --once it writes the SVID once and exits by itself.
+    let once_dir = work.path().join("once");
+    std::fs::create_dir(&once_dir)?;
+    let mut once = Workload::spawn(
+        "svid-files-once",
+        work.path(),
+        &[
+            "lab",
+            "svid-files",
+            "--socket",
+            &socket,
+            "--dir",
+            &once_dir.display().to_string(),
+            "--once",
+        ],
+    )?;
+    match tokio::time::timeout(WAIT, once.child.wait()).await {
+        Ok(status) => assert!(status?.success(), "{}", once.output()),
+        Err(_) => {
+            let out = once.output();
+            once.stop().await?;
+            bail!("svid-files --once did not exit:\n{out}");
+        }
+    }
+    assert_eq!(
+        once.output().matches("Wrote ").count(),
+        1,
+        "{}",
+        once.output()
+    );
+    assert!(file_serial(&once_dir).is_some());
 
     let peer_args = |mode: &'static str| {
         vec![

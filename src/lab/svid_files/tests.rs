@@ -246,6 +246,36 @@ async fn an_unusable_update_is_skipped() {
 }
 
 #[test]
+fn a_concurrent_reader_never_sees_a_partial_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = test_ca(TD);
+    let sets: Vec<SvidFileSet> = (0..4)
+        .map(|_| SvidFileSet::from_response(&svid_response(&ca, ID).0).unwrap())
+        .collect();
+    sets[0].write(tmp.path()).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = std::thread::spawn({
+        let (dir, stop) = (tmp.path().to_path_buf(), stop.clone());
+        move || {
+            let mut reads = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (name, tag) in [(SVID_FILE, CERTIFICATE_TAG), (KEY_FILE, KEY_TAG)] {
+                    let blocks = read_pem(&dir.join(name), tag).unwrap();
+                    assert_eq!(blocks.len(), 1, "{name}");
+                }
+                reads += 1;
+            }
+            reads
+        }
+    });
+    for i in 0..40 {
+        sets[i % sets.len()].write(tmp.path()).unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(reader.join().unwrap() > 0);
+}
+
+#[test]
 fn from_response_takes_the_first_valid_svid() {
     let ca = test_ca(TD);
     let empty = X509svidResponse {
