@@ -1,4 +1,5 @@
-//! `spire-healer lab up|down`: an [`HaLab`] for operators.
+//! `spire-healer lab up|down`: an [`HaLab`] for operators; `lab svid-files`
+//! and `lab peer` are test workloads (see [`super::svid_files`], [`super::peer`]).
 //!
 //! `up` starts the lab in a directory the operator keeps (configs, logs,
 //! sockets), writes `lab.json` ([`LabManifest`]) and a ready
@@ -45,6 +46,13 @@ pub enum LabCommand {
     Down(DownArgs),
     /// Show a lab's processes (alive or not), sockets and URLs.
     Status(DownArgs),
+    /// Stream X.509-SVIDs from an agent into svid.pem, svid_key.pem and
+    /// bundle.pem (like spiffe-helper); optionally signal a process after
+    /// each write.
+    SvidFiles(super::svid_files::SvidFilesArgs),
+    /// An mTLS server that loads its SVID files once and answers each
+    /// connection with its serving serial (a workload that never reloads).
+    Peer(super::peer::PeerArgs),
 }
 
 /// `lab up`.
@@ -97,6 +105,8 @@ pub async fn run(cmd: LabCommand) -> i32 {
                 1
             }
         },
+        LabCommand::SvidFiles(args) => super::svid_files::main(args, &mut out).await,
+        LabCommand::Peer(args) => super::peer::main(args, &mut out).await,
         LabCommand::Status(args) => match status(&args.dir, &mut out) {
             Ok(true) => 0,
             // Like `systemctl status`: 3 when not (fully) running.

@@ -60,8 +60,10 @@ mod conf;
 mod database;
 mod ha;
 mod manifest;
+pub mod peer;
 mod process;
 mod single;
+pub mod svid_files;
 
 pub use database::database_exists;
 pub use ha::{HaAgent, HaLab, HaOptions, HaServer, ListedAgent};

@@ -27,7 +27,7 @@ use crate::endpoint::Endpoint;
 use crate::model::{AgentView, Reading, StreamStatus, SvidObservation};
 use crate::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use crate::proto::workload::{
-    X509BundlesRequest, X509BundlesResponse, X509svidRequest, X509svidResponse,
+    X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest, X509svidResponse,
 };
 use crate::spire_api::tls::{IdentitySource, RawIdentity};
 use crate::svid;
@@ -430,15 +430,7 @@ impl WorkloadApiTask {
             .iter()
             .zip(&svids)
             .find(|(_, o)| o.invalid.is_none())
-            .and_then(|(s, _)| {
-                let chain = svid::split_der(&s.x509_svid).ok()?;
-                let bundle = svid::split_der(&s.bundle).ok()?;
-                Some((
-                    chain.into_iter().map(<[u8]>::to_vec).collect(),
-                    s.x509_svid_key.clone(),
-                    bundle.into_iter().map(<[u8]>::to_vec).collect(),
-                ))
-            });
+            .and_then(|(s, _)| raw_identity(s));
         *self
             .shared
             .identity
@@ -554,7 +546,21 @@ pub fn fingerprint(der: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(der))
 }
 
-fn request<T>(msg: T) -> tonic::Request<T> {
+/// The chain, key and bundle of one `X509SVID` message, split into DER
+/// certificates; `None` when the chain or bundle is not clean DER. No
+/// X509-SVID rule is checked here (see [`svid::inspect`]).
+pub fn raw_identity(s: &X509svid) -> Option<RawIdentity> {
+    let chain = svid::split_der(&s.x509_svid).ok()?;
+    let bundle = svid::split_der(&s.bundle).ok()?;
+    Some((
+        chain.into_iter().map(<[u8]>::to_vec).collect(),
+        s.x509_svid_key.clone(),
+        bundle.into_iter().map(<[u8]>::to_vec).collect(),
+    ))
+}
+
+/// A Workload API request carrying the security header.
+pub(crate) fn request<T>(msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
     req.metadata_mut().insert(
         SECURITY_HEADER,

@@ -180,7 +180,7 @@ impl SpiffeServerVerifier {
 }
 
 /// Every URI SAN of a certificate.
-fn uri_sans(der: &[u8]) -> Result<Vec<String>, String> {
+pub(crate) fn uri_sans(der: &[u8]) -> Result<Vec<String>, String> {
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
     let san = cert.subject_alternative_name().map_err(|e| e.to_string())?;
     Ok(san
@@ -252,7 +252,8 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 
 // === Client configuration ===
 
-fn provider() -> CryptoProvider {
+/// The only crypto provider we use: `ring`.
+pub(crate) fn provider() -> CryptoProvider {
     rustls::crypto::ring::default_provider()
 }
 

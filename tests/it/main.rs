@@ -8,6 +8,7 @@ mod ha_lab;
 mod healing;
 mod helpers;
 mod idle;
+mod lab_peer;
 mod lab_smoke;
 mod spire_api;
 mod spire_api_tls;
