@@ -34,14 +34,14 @@ const ASK_LIMIT: Duration = Duration::from_secs(5);
 
 /// A `spire-healer lab …` child; its output goes to `<name>.log`. Stopped
 /// by pid (SIGTERM, then SIGKILL); `kill_on_drop` covers early returns.
-struct Workload {
+pub(crate) struct Workload {
     name: &'static str,
     child: Child,
     log: PathBuf,
 }
 
 impl Workload {
-    fn spawn(name: &'static str, dir: &Path, args: &[&str]) -> Result<Workload> {
+    pub(crate) fn spawn(name: &'static str, dir: &Path, args: &[&str]) -> Result<Workload> {
         let log = dir.join(format!("{name}.log"));
         let out = File::create(&log)?;
         let child = Command::new(env!("CARGO_BIN_EXE_spire-healer"))
@@ -55,7 +55,7 @@ impl Workload {
         Ok(Workload { name, child, log })
     }
 
-    fn pid(&self) -> Result<Pid> {
+    pub(crate) fn pid(&self) -> Result<Pid> {
         let pid = self.child.id().context("child already reaped")?;
         Ok(Pid::from_raw(i32::try_from(pid)?))
     }
@@ -73,7 +73,7 @@ impl Workload {
     }
 
     /// SIGTERM by pid, up to 10 s for it to exit, else SIGKILL.
-    async fn stop(mut self) -> Result<ExitStatus> {
+    pub(crate) async fn stop(mut self) -> Result<ExitStatus> {
         if let Some(status) = self.child.try_wait()? {
             return Ok(status);
         }
@@ -91,7 +91,7 @@ impl Workload {
 
 /// Polls `check` every 200 ms until it returns `Some`, for at most `limit`;
 /// fails if a workload exits meanwhile.
-async fn wait_for<T, F, Fut>(
+pub(crate) async fn wait_for<T, F, Fut>(
     what: &str,
     limit: Duration,
     workloads: &mut [&mut Workload],
@@ -124,13 +124,13 @@ where
 }
 
 /// Serial of the leaf in `dir/svid.pem`.
-fn file_serial(dir: &Path) -> Option<String> {
+pub(crate) fn file_serial(dir: &Path) -> Option<String> {
     let (chain, _, _) = read_svid_files(dir).ok()?;
     Some(spire_healer::svid::leaf_info(chain.first()?).ok()?.serial)
 }
 
 /// The endpoint a peer published.
-fn published(addr_file: &Path) -> Option<Endpoint> {
+pub(crate) fn published(addr_file: &Path) -> Option<Endpoint> {
     Endpoint::parse(std::fs::read_to_string(addr_file).ok()?.trim()).ok()
 }
 

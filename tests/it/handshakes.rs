@@ -1,0 +1,345 @@
+//! Issue 4 scenarios on real SPIRE: handshakes, served-versus-issued drift
+//! and certificate files.
+//!
+//! a. A peer (`lab peer --on-hup ignore`) loads the real SVID files that
+//!    `lab svid-files` keeps rewriting, once, and never reloads. After a real
+//!    rotation the probe sees it serve the old serial → `stale_served_cert`
+//!    → `reload-peer` (SIGHUP, ignored: not verified) → `restart-peer`
+//!    (command) → the probe sees the new serial → verified, closed. A second
+//!    file writer that stopped after one write (`--once`,
+//!    spiffe-helper#367) leaves its file behind → `stale_cert_file` →
+//!    `restart-helper` restarts it → verified.
+//! b. A peer serves a certificate from another trust domain's CA next to a
+//!    healthy peer → an `unknown_ca` burst on that peer only, reported with
+//!    its cause and held back (`no_local_cause`): nothing is restarted.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use spire_healer::knowledge::{ActionRecord, IncidentRecord};
+
+use crate::helpers::{AGENT, Healer};
+use crate::lab_peer::{Workload, file_serial, published, wait_for};
+use crate::spire_lab::{LabOptions, SpireLab};
+
+/// Bound of each wait for a child (files written, address published, …).
+const WAIT: Duration = Duration::from_secs(30);
+
+fn uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+/// The built-in policy with `thresholds` overridden and ladders replaced.
+fn policy(dir: &Path, thresholds: &[(&str, toml::Value)], ladders: &str) -> Result<PathBuf> {
+    let builtin = include_str!("../../policies/default.toml");
+    let mut p: toml::Table = builtin.parse()?;
+    let th = p
+        .get_mut("thresholds")
+        .and_then(|t| t.as_table_mut())
+        .context("thresholds table")?;
+    for (k, v) in thresholds {
+        th.insert((*k).to_string(), v.clone());
+    }
+    let extra: toml::Table = ladders.parse()?;
+    let l = p
+        .get_mut("ladders")
+        .and_then(|t| t.as_table_mut())
+        .context("ladders table")?;
+    for (k, v) in extra {
+        l.insert(k, v);
+    }
+    let path = dir.join("policy.toml");
+    std::fs::write(&path, toml::to_string(&p)?)?;
+    Ok(path)
+}
+
+fn s(v: &str) -> toml::Value {
+    toml::Value::String(v.to_string())
+}
+
+/// A shell command that stops the process in `pidfile` (if any) and starts
+/// `args` of our binary detached, waiting until `ready` exists.
+fn restart_script(pidfile: &Path, ready: Option<&Path>, args: &[String], log: &Path) -> String {
+    let bin = env!("CARGO_BIN_EXE_spire-healer");
+    let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+    let wait_ready = ready.map_or(String::new(), |r| {
+        format!(
+            "rm -f '{r}'; ( setsid '{bin}' {args} >>'{log}' 2>&1 </dev/null & ); \
+             i=0; while [ ! -s '{r}' ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; [ -s '{r}' ]",
+            r = r.display(),
+            args = quoted.join(" "),
+            log = log.display(),
+        )
+    });
+    let start = if ready.is_some() {
+        wait_ready
+    } else {
+        format!(
+            "( setsid '{bin}' {args} >>'{log}' 2>&1 </dev/null & echo $! >'{p}' )",
+            args = quoted.join(" "),
+            log = log.display(),
+            p = pidfile.display(),
+        )
+    };
+    format!(
+        "p=$(cat '{pf}' 2>/dev/null); if [ -n \"$p\" ]; then kill -TERM \"$p\" 2>/dev/null; \
+         i=0; while kill -0 \"$p\" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; fi; {start}",
+        pf = pidfile.display(),
+    )
+}
+
+/// Kills whatever the pidfile names (processes the restart scripts started).
+fn kill_pidfile(pidfile: &Path) {
+    if let Some(pid) = std::fs::read_to_string(pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .filter(|p| *p > 1)
+    {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+async fn incident(healer: &Healer, symptom: &str, limit: Duration) -> Result<IncidentRecord> {
+    healer
+        .wait_for(&format!("{symptom} opened"), limit, || async {
+            healer
+                .incidents()
+                .await
+                .into_iter()
+                .find(|i| i.symptom == symptom)
+        })
+        .await
+}
+
+async fn closed(healer: &Healer, id: &str, limit: Duration) -> Result<IncidentRecord> {
+    healer
+        .wait_for("incident closed", limit, || async {
+            healer
+                .incidents()
+                .await
+                .into_iter()
+                .find(|i| i.id == id && i.closed_at_ms.is_some())
+        })
+        .await
+}
+
+async fn actions_of(healer: &Healer, incident: &str) -> Vec<ActionRecord> {
+    let mut a: Vec<ActionRecord> = healer
+        .actions()
+        .await
+        .into_iter()
+        .filter(|a| a.incident_id == incident)
+        .collect();
+    a.sort_by_key(|a| a.started_at_ms);
+    a
+}
+
+/// a. Drift of a peer that never reloads, and a file writer that stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heals_a_peer_that_never_reloads_and_a_stuck_file_writer() -> Result<()> {
+    let lab = SpireLab::start(LabOptions::default()).await?;
+    lab.register_entry("/web", uid(), 30).await?;
+    lab.wait_for_entry_synced("/web").await?;
+    let id = lab.spiffe_id("/web");
+    let work = tempfile::tempdir()?;
+    let w = work.path();
+    let path = |name: &str| w.join(name);
+    let socket = format!("unix://{}", lab.workload_socket().display());
+    for d in ["svid", "stuck"] {
+        std::fs::create_dir(path(d))?;
+    }
+    let svid_dir = path("svid").display().to_string();
+    let stuck_dir = path("stuck").display().to_string();
+
+    // The file writer that keeps up, and one that stops after one write.
+    let mut writer = Workload::spawn(
+        "svid-files",
+        w,
+        &["lab", "svid-files", "--socket", &socket, "--dir", &svid_dir],
+    )?;
+    let mut stuck = Workload::spawn(
+        "svid-files-once",
+        w,
+        &[
+            "lab",
+            "svid-files",
+            "--socket",
+            &socket,
+            "--dir",
+            &stuck_dir,
+            "--once",
+        ],
+    )?;
+    wait_for("the first SVID files", WAIT, &mut [&mut writer], || async {
+        file_serial(&path("svid")).zip(file_serial(&path("stuck")))
+    })
+    .await?;
+    let _ = stuck.stop().await;
+
+    // The peer: loads the files once, ignores SIGHUP.
+    let peer_sock = format!("unix://{}", path("peer.sock").display());
+    let peer_args: Vec<String> = [
+        "lab",
+        "peer",
+        "--dir",
+        &svid_dir,
+        "--listen",
+        &peer_sock,
+        "--addr-file",
+        &path("peer.addr").display().to_string(),
+        "--pidfile",
+        &path("peer.pid").display().to_string(),
+        "--on-hup",
+        "ignore",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let arg_refs: Vec<&str> = peer_args.iter().map(String::as_str).collect();
+    let mut peer = Workload::spawn("peer", w, &arg_refs)?;
+    wait_for("the peer listening", WAIT, &mut [&mut peer], || async {
+        published(&path("peer.addr"))
+    })
+    .await?;
+
+    let restart_peer = restart_script(
+        &path("peer.pid"),
+        Some(&path("peer.addr")),
+        &peer_args,
+        &path("peer-restarted.log"),
+    );
+    let helper_args: Vec<String> = ["lab", "svid-files", "--socket", &socket, "--dir", &stuck_dir]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let restart_helper = restart_script(
+        &path("helper.pid"),
+        None,
+        &helper_args,
+        &path("helper-restarted.log"),
+    );
+    let policy = policy(
+        w,
+        &[("reload_grace", s("2s")), ("probe_max_staleness", s("10s"))],
+        r#"
+[[stale_served_cert]]
+actuator = "reload-peer"
+timeout = "5s"
+verify_within = "4s"
+
+[[stale_served_cert]]
+actuator = "restart-peer"
+timeout = "20s"
+verify_within = "15s"
+
+[[stale_cert_file]]
+actuator = "restart-helper"
+timeout = "20s"
+verify_within = "15s"
+"#,
+    )?;
+    let extra = format!(
+        r#"
+[[probes]]
+name = "web"
+address = "{peer_sock}"
+spiffe_id = "{id}"
+agent = "{AGENT}"
+interval = "500ms"
+timeout = "2s"
+
+[[cert_files]]
+name = "web-svid"
+cert_path = "{svid_dir}/svid.pem"
+bundle_path = "{svid_dir}/bundle.pem"
+agent = "{AGENT}"
+poll_interval = "500ms"
+
+[[cert_files]]
+name = "stuck-svid"
+cert_path = "{stuck_dir}/svid.pem"
+bundle_path = "{stuck_dir}/bundle.pem"
+agent = "{AGENT}"
+poll_interval = "500ms"
+
+[actuators.reload-peer]
+type = "signal"
+signal = "SIGHUP"
+pidfile = "{peer_pid}"
+
+[actuators.restart-peer]
+type = "command"
+argv = ["/bin/sh", "-c", {restart_peer:?}]
+timeout = "20s"
+
+[actuators.restart-helper]
+type = "command"
+argv = ["/bin/sh", "-c", {restart_helper:?}]
+timeout = "20s"
+"#,
+        peer_pid = path("peer.pid").display(),
+    );
+    let top = format!("policy_file = \"{}\"\n", policy.display());
+    let healer = Healer::start_with(&lab, None, &top, &extra).await?;
+
+    let result = async {
+        // A real rotation: the writer follows, the peer does not.
+        let drift = incident(&healer, "stale_served_cert", Duration::from_secs(90)).await?;
+        assert_eq!(drift.subject, "peer:web");
+        assert_ne!(drift.evidence["served_serial"], drift.evidence["expected_serial"]);
+        assert_eq!(drift.evidence["expected_source"], "workload_api");
+        let done = closed(&healer, &drift.id, Duration::from_secs(60)).await?;
+        assert_eq!(done.resolution.as_deref(), Some("cleared"));
+        let actions = actions_of(&healer, &drift.id).await;
+        let ladder: Vec<(&str, Option<&str>)> = actions
+            .iter()
+            .map(|a| (a.actuator.as_str(), a.verification.as_deref()))
+            .collect();
+        assert_eq!(
+            ladder.first(),
+            Some(&("reload-peer", Some("failed"))),
+            "the SIGHUP is ignored: {ladder:?}"
+        );
+        assert_eq!(
+            ladder.last(),
+            Some(&("restart-peer", Some("verified"))),
+            "{ladder:?}"
+        );
+        // The file the keeping-up writer rewrites was never stale; the
+        // stuck one was, and restarting its writer healed it.
+        let files = healer.incidents().await;
+        assert!(
+            !files
+                .iter()
+                .any(|i| i.symptom == "stale_cert_file" && i.subject == "cert_file:web-svid"),
+            "{files:#?}"
+        );
+        let stuck_inc = files
+            .iter()
+            .find(|i| i.symptom == "stale_cert_file" && i.subject == "cert_file:stuck-svid")
+            .cloned()
+            .context("stale_cert_file for the stuck writer")?;
+        assert_eq!(stuck_inc.evidence["problem"], "behind_issued");
+        closed(&healer, &stuck_inc.id, Duration::from_secs(60)).await?;
+        let fixed = actions_of(&healer, &stuck_inc.id).await;
+        assert_eq!(
+            fixed.last().map(|a| (a.actuator.as_str(), a.verification.as_deref())),
+            Some(("restart-helper", Some("verified")))
+        );
+        assert!(
+            healer.metric(r#"spire_healer_handshakes_total{reason="ok",source="probe"}"#) >= 2.0
+        );
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    healer.stop().await;
+    kill_pidfile(&path("peer.pid"));
+    kill_pidfile(&path("helper.pid"));
+    let _ = peer.stop().await;
+    let _ = writer.stop().await;
+    result
+}
