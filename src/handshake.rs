@@ -158,7 +158,9 @@ impl Counts {
 
     /// All outcomes, successes included.
     pub fn total(&self) -> u64 {
-        self.by_reason.iter().fold(0u64, |a, b| a.saturating_add(*b))
+        self.by_reason
+            .iter()
+            .fold(0u64, |a, b| a.saturating_add(*b))
     }
 
     /// Names of the contributing sources.
@@ -236,7 +238,10 @@ impl Counter {
 
     /// Adds pre-aggregated counts for several targets under one lock.
     /// Returns one [`Refused`] per target that was not counted.
-    pub fn add_counts<'a>(&self, batch: impl IntoIterator<Item = (&'a str, Counts)>) -> Vec<Refused> {
+    pub fn add_counts<'a>(
+        &self,
+        batch: impl IntoIterator<Item = (&'a str, Counts)>,
+    ) -> Vec<Refused> {
         let mut refused = Vec::new();
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         for (target, counts) in batch {
@@ -387,9 +392,15 @@ mod tests {
             c.add("c", Reason::Ok, 1, Source::Probe),
             Err(Refused::TooManyTargets)
         );
-        assert_eq!(c.add("", Reason::Ok, 1, Source::Probe), Err(Refused::BadTarget));
+        assert_eq!(
+            c.add("", Reason::Ok, 1, Source::Probe),
+            Err(Refused::BadTarget)
+        );
         let long = "x".repeat(MAX_TARGET_LEN + 1);
-        assert_eq!(c.add(&long, Reason::Ok, 1, Source::Probe), Err(Refused::BadTarget));
+        assert_eq!(
+            c.add(&long, Reason::Ok, 1, Source::Probe),
+            Err(Refused::BadTarget)
+        );
         let d = c.drain();
         let a = d.get("a").unwrap();
         assert_eq!(a.get(Reason::Ok), 3);

@@ -417,7 +417,10 @@ pub struct Settings {
 
 /// The injected [`Clock`] as rustls' time source, so certificate validity
 /// is judged by the supervisor's clock (and tests can move it).
-pub struct ClockTime(pub Arc<dyn Clock>);
+pub struct ClockTime(
+    /// The supervisor's clock.
+    pub Arc<dyn Clock>,
+);
 
 impl fmt::Debug for ClockTime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
