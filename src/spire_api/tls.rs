@@ -25,6 +25,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::{ClientConfig, verify_server_cert_signed_by_trust_anchor};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::server::ParsedCertificate;
+use rustls::time_provider::TimeProvider;
 use rustls::{CertificateError, DigitallySignedStruct, OtherError, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use tokio::net::TcpStream;
@@ -35,7 +36,7 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
-use crate::spiffe_id::SpiffeId;
+use crate::spiffe_id::{SpiffeId, TrustDomain};
 
 /// Path of a spire-server's own SPIFFE ID.
 pub const SERVER_PATH: &str = "/spire/server";
@@ -135,13 +136,57 @@ struct WrongServerId {
     found: Vec<String>,
 }
 
+/// The wrong-ID error a [`SpiffeServerVerifier`] returned, if `e` is one.
+fn wrong_server_id(e: &rustls::Error) -> Option<&WrongServerId> {
+    match e {
+        rustls::Error::InvalidCertificate(CertificateError::Other(o)) => o.0.downcast_ref(),
+        _ => None,
+    }
+}
+
+/// Whether `e` is a [`SpiffeServerVerifier`] refusing a chain that verified
+/// but names the wrong SPIFFE ID (or none, or several).
+pub fn is_wrong_peer_id(e: &rustls::Error) -> bool {
+    wrong_server_id(e).is_some()
+}
+
+// === impl Authorize ===
+
+/// Which peer SPIFFE IDs a verifier accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Authorize {
+    /// Exactly this ID.
+    Exact(SpiffeId),
+    /// Any ID in this trust domain.
+    TrustDomain(TrustDomain),
+}
+
+impl Authorize {
+    /// Whether `id` is accepted.
+    pub fn allows(&self, id: &SpiffeId) -> bool {
+        match self {
+            Self::Exact(want) => want == id,
+            Self::TrustDomain(td) => id.trust_domain() == td,
+        }
+    }
+}
+
+impl fmt::Display for Authorize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(id) => f.write_str(id.as_str()),
+            Self::TrustDomain(td) => write!(f, "any ID in spiffe://{td}"),
+        }
+    }
+}
+
 // === impl SpiffeServerVerifier ===
 
-/// Verifies a spire-server's certificate against a SPIFFE trust bundle and
-/// an expected server SPIFFE ID, ignoring the DNS name.
+/// Verifies a server's certificate against a SPIFFE trust bundle and an
+/// expected SPIFFE ID (or trust domain), ignoring the DNS name.
 pub struct SpiffeServerVerifier {
     roots: RootCertStore,
-    expected: String,
+    expected: Authorize,
     algs: WebPkiSupportedAlgorithms,
 }
 
@@ -162,6 +207,16 @@ impl SpiffeServerVerifier {
     /// [`TlsError::NoIdentity`] when no bundle certificate is a usable
     /// trust anchor.
     pub fn new(bundle: &[Vec<u8>], expected: &SpiffeId) -> Result<Self, TlsError> {
+        Self::authorizing(bundle, Authorize::Exact(expected.clone()))
+    }
+
+    /// A verifier trusting the DER certificates of `bundle` and requiring the
+    /// leaf's single URI SAN to be a SPIFFE ID that `expected` allows.
+    ///
+    /// # Errors
+    /// [`TlsError::NoIdentity`] when no bundle certificate is a usable
+    /// trust anchor.
+    pub fn authorizing(bundle: &[Vec<u8>], expected: Authorize) -> Result<Self, TlsError> {
         let mut roots = RootCertStore::empty();
         let (added, _) = roots.add_parsable_certificates(
             bundle
@@ -173,7 +228,7 @@ impl SpiffeServerVerifier {
         }
         Ok(Self {
             roots,
-            expected: expected.as_str().to_string(),
+            expected,
             algs: provider().signature_verification_algorithms,
         })
     }
@@ -216,12 +271,14 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         )?;
         let found = uri_sans(end_entity)
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        if found.len() == 1 && found[0] == self.expected {
+        if let [only] = found.as_slice()
+            && SpiffeId::parse(only).is_ok_and(|id| self.expected.allows(&id))
+        {
             return Ok(ServerCertVerified::assertion());
         }
         Err(rustls::Error::InvalidCertificate(CertificateError::Other(
             OtherError(Arc::new(WrongServerId {
-                expected: self.expected.clone(),
+                expected: self.expected.to_string(),
                 found,
             })),
         )))
@@ -291,17 +348,37 @@ pub fn client_config(
         None => default_server_id(leaf)?,
     };
     let verifier = Arc::new(SpiffeServerVerifier::new(&bundle, &expected)?);
+    let mut cfg = client_config_with(chain, key, verifier, None)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+/// A rustls client configuration (TLS 1.3 and 1.2, `ring`, no ALPN)
+/// presenting `chain` (leaf first) and its PKCS#8 `key`, checking the
+/// server with `verifier`, and reading the time for certificate checks from
+/// `time` (rustls' system clock when `None`).
+///
+/// # Errors
+/// [`TlsError::BadIdentity`] when rustls refuses the key or chain.
+pub fn client_config_with(
+    chain: Vec<Vec<u8>>,
+    key: Vec<u8>,
+    verifier: Arc<dyn ServerCertVerifier>,
+    time: Option<Arc<dyn TimeProvider>>,
+) -> Result<ClientConfig, TlsError> {
     let certs = chain.into_iter().map(CertificateDer::from).collect();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key));
-    let mut cfg = ClientConfig::builder_with_provider(Arc::new(provider()))
+    let builder = match time {
+        Some(time) => ClientConfig::builder_with_details(Arc::new(provider()), time),
+        None => ClientConfig::builder_with_provider(Arc::new(provider())),
+    };
+    builder
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(TlsError::BadIdentity)?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(certs, key)
-        .map_err(TlsError::BadIdentity)?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(cfg)
+        .map_err(TlsError::BadIdentity)
 }
 
 // === Connector ===
@@ -371,12 +448,7 @@ fn handshake_error(addr: SocketAddr, e: io::Error) -> TlsError {
     let wrong = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        .and_then(|r| match r {
-            rustls::Error::InvalidCertificate(CertificateError::Other(o)) => {
-                o.0.downcast_ref::<WrongServerId>()
-            }
-            _ => None,
-        });
+        .and_then(wrong_server_id);
     match wrong {
         Some(w) => TlsError::BadServerId {
             addr,
