@@ -127,6 +127,16 @@ pub async fn start(
         tasks,
         &mut sensors,
     );
+    let handshakes = crate::handshake::Counter::default();
+    spawn_handshake_sensors(
+        cfg,
+        &streams,
+        &handshakes,
+        (&clock, &metrics, &wake),
+        &shutdown,
+        tasks,
+        &mut sensors,
+    );
     let registry = actuators::registry(&cfg.actuators, topo, streams);
 
     let http_addr = match cfg.http.enabled.then_some(cfg.http.listen) {
@@ -163,7 +173,8 @@ pub async fn start(
             tick_interval: cfg.supervisor.tick_interval,
         },
         knowledge,
-    );
+    )
+    .with_handshakes(handshakes);
     tasks.spawn(
         supervisor
             .run(shutdown.child_token())
@@ -175,6 +186,38 @@ pub async fn start(
         health,
         http_addr,
     })
+}
+
+/// Active mTLS probes (each presenting the SVID of the agent it names),
+/// certificate files and Envoy TLS counters, all adding to `handshakes`.
+fn spawn_handshake_sensors(
+    cfg: &crate::config::Config,
+    streams: &HashMap<String, Arc<workload_api::Shared>>,
+    handshakes: &crate::handshake::Counter,
+    (clock, metrics, wake): (&Arc<dyn Clock>, &Arc<Metrics>, &Arc<Notify>),
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+    sensors: &mut Vec<Box<dyn Sensor>>,
+) {
+    use crate::sensors::handshake_probe;
+    for p in &cfg.probes {
+        // Validated: the settings parse and the agent is configured.
+        let (Ok(settings), Some(identity)) = (p.settings(), streams.get(&p.agent)) else {
+            error!(probe = %p.name, "Probe not started: invalid settings or agent.");
+            continue;
+        };
+        let (sensor, task, _handle) = handshake_probe::build(
+            settings,
+            identity.clone(),
+            handshakes.clone(),
+            clock.clone(),
+            metrics.clone(),
+            wake.clone(),
+        );
+        let span = info_span!("sensor", sensor = "handshake_probe", target = %p.name);
+        tasks.spawn(task.run(shutdown.child_token()).instrument(span));
+        sensors.push(Box::new(sensor));
+    }
 }
 
 /// Admin API, health and metrics sensors for every configured server and

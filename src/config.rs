@@ -26,6 +26,41 @@ pub fn process_env(key: &str) -> Option<String> {
     std::env::var(key).ok()
 }
 
+/// A probe, file or Envoy name: valid and not already taken.
+fn unique_name<'a>(
+    key: &str,
+    name: &'a str,
+    names: &mut std::collections::BTreeSet<&'a str>,
+    errors: &mut Vec<ConfigError>,
+) {
+    if !valid_name(name) {
+        errors.push(ConfigError::invalid(
+            format!("{key}.name"),
+            format!("{name:?} must be 1-63 characters of a-z, 0-9, '-' or '_'"),
+        ));
+    } else if !names.insert(name) {
+        errors.push(ConfigError::invalid(
+            format!("{key}.name"),
+            format!("{name:?} is already the name of an agent, server, probe, file or Envoy"),
+        ));
+    }
+}
+
+/// `agent`, when set, names a configured agent.
+fn known_agent(
+    key: &str,
+    agent: Option<&str>,
+    agents: &std::collections::BTreeSet<&str>,
+    errors: &mut Vec<ConfigError>,
+) {
+    if let Some(a) = agent.filter(|a| !a.is_empty() && !agents.contains(a)) {
+        errors.push(ConfigError::invalid(
+            format!("{key}.agent"),
+            format!("{a:?} is not a configured agent"),
+        ));
+    }
+}
+
 /// Whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,6 +86,10 @@ pub struct Config {
     /// Remediation policy file; the built-in `policies/default.toml` if unset.
     #[serde(default)]
     pub policy_file: Option<PathBuf>,
+    /// Active mTLS probes (`[[probes]]`), each presenting the SVID of a
+    /// configured agent's Workload API.
+    #[serde(default)]
+    pub probes: Vec<crate::sensors::handshake_probe::ProbeConfig>,
 }
 
 /// Loop settings.
@@ -387,6 +426,24 @@ impl Config {
         Self::from_toml(&text, &path.display().to_string())
     }
 
+    /// Probes, certificate files and Envoy targets: valid, uniquely named
+    /// (their names are subjects and action targets, so they must not clash
+    /// with agents or servers either), naming configured agents.
+    fn validate_handshakes(&self, errors: &mut Vec<ConfigError>) {
+        let agents: std::collections::BTreeSet<&str> =
+            self.agents.iter().map(|a| a.name.as_str()).collect();
+        let mut names: std::collections::BTreeSet<&str> = agents.clone();
+        names.extend(self.servers.iter().map(|s| s.name.as_str()));
+        for (i, p) in self.probes.iter().enumerate() {
+            let key = format!("probes[{i}]");
+            unique_name(&key, &p.name, &mut names, errors);
+            for (field, reason) in p.problems() {
+                errors.push(ConfigError::invalid(format!("{key}.{field}"), reason));
+            }
+            known_agent(&key, Some(&p.agent), &agents, errors);
+        }
+    }
+
     /// Checks every value and resolves addresses, environment overrides and
     /// the policy. Reports all problems together.
     ///
@@ -561,6 +618,8 @@ impl Config {
                 ));
             }
         }
+
+        self.validate_handshakes(&mut errors);
 
         let policy = match &self.policy_file {
             None => Policy::builtin().map_err(|e| vec![e]),
