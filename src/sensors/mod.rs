@@ -3,6 +3,7 @@
 //! per sensor (see [`workload_api`]), and `observe` returns its latest view.
 
 pub mod agent_debug;
+pub mod cert_files;
 pub mod health;
 pub mod metrics_scrape;
 pub mod server_api;
