@@ -4,6 +4,7 @@
 
 pub mod agent_debug;
 pub mod cert_files;
+pub mod envoy_tls;
 pub mod health;
 pub mod metrics_scrape;
 pub mod server_api;
