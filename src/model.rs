@@ -370,6 +370,8 @@ pub enum Role {
     Agent,
     /// spire-server.
     Server,
+    /// An Envoy proxy fed by SPIRE's SDS (metrics only).
+    Envoy,
 }
 
 /// HTTP `/live` and `/ready` of one SPIRE process.

@@ -12,6 +12,11 @@
 //! counter `<key>{status="<gRPC code>"}` comes with a summary
 //! `<key>_elapsed_time`; every series carries a `host` label. The helpers
 //! ([`counter_sum`], [`sync_failures`], …) encode those conventions.
+//!
+//! For an Envoy target ([`Role::Envoy`]) the task can also feed handshake
+//! outcomes: given a [`Counter`] ([`MetricsScrapeTask::with_handshakes`]),
+//! it turns the TLS counters of each successful scrape into deltas
+//! ([`EnvoyTls`]) and adds them with [`Source::Envoy`].
 
 mod text;
 
@@ -24,7 +29,9 @@ use tracing::{debug, info, warn};
 
 pub use text::{ParseError, parse, parse_bytes, parse_filtered};
 
+use super::envoy_tls::{DEFAULT_MAX_SERIES, ENVOY_KEEP, EnvoyTls};
 use crate::clock::Clock;
+use crate::handshake::{Counter, Source};
 use crate::http_client::{self, DEFAULT_MAX_BODY, Options};
 use crate::model::{MetricsView, Reading, Role, Sample};
 use crate::telemetry::Metrics;
@@ -61,6 +68,7 @@ pub fn default_keep(role: Role) -> Vec<String> {
     let keep = match role {
         Role::Agent => AGENT_KEEP,
         Role::Server => SERVER_KEEP,
+        Role::Envoy => ENVOY_KEEP,
     };
     keep.iter().map(|s| (*s).to_string()).collect()
 }
@@ -209,11 +217,13 @@ pub fn x509_ca_expiration(samples: &[Sample]) -> Option<SystemTime> {
         .min()
 }
 
-/// Agent or server uptime (`spire_{agent,server}_uptime_in_ms`).
+/// Agent or server uptime (`spire_{agent,server}_uptime_in_ms`); `None`
+/// for Envoy, whose uptime is not scraped.
 pub fn uptime(samples: &[Sample], role: Role) -> Option<Duration> {
     let name = match role {
         Role::Agent => "spire_agent_uptime_in_ms",
         Role::Server => "spire_server_uptime_in_ms",
+        Role::Envoy => return None,
     };
     gauge(samples, name)
         .filter(|v| v.is_finite() && *v >= 0.0)
@@ -238,6 +248,8 @@ pub struct MetricsScrapeTask {
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
+    /// Envoy only: the converter and where its outcomes go.
+    handshakes: Option<(EnvoyTls, Counter)>,
 }
 
 /// Builds the sensor and its task. Until the first scrape the view is
@@ -270,6 +282,7 @@ pub fn build(
             clock,
             metrics,
             wake,
+            handshakes: None,
         },
     )
 }
@@ -300,6 +313,21 @@ impl ScrapeError {
 }
 
 impl MetricsScrapeTask {
+    /// For an Envoy target: after each successful scrape, add the TLS
+    /// handshake outcomes since the previous one to `counter` (source
+    /// `envoy`, target `<name>/listener/<address>` or
+    /// `<name>/cluster/<cluster>`) and to `spire_healer_handshakes_total`.
+    /// The first successful scrape only sets the baseline. Ignored for
+    /// agents and servers.
+    #[must_use]
+    pub fn with_handshakes(mut self, counter: Counter) -> Self {
+        if self.settings.role == Role::Envoy {
+            let converter = EnvoyTls::new(self.settings.target.clone(), DEFAULT_MAX_SERIES);
+            self.handshakes = Some((converter, counter));
+        }
+        self
+    }
+
     fn send_view(&self, view: MetricsView) {
         self.view.send_replace(Arc::new(view));
     }
@@ -308,13 +336,45 @@ impl MetricsScrapeTask {
     ///
     /// # Cancel safety
     /// Holds nothing but an HTTP connection; dropping it closes the socket.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let mut cadence = super::Cadence::new(self.settings.interval);
         while cadence.next(&shutdown).await {
             let Some(result) = super::until_shutdown(&shutdown, self.scrape()).await else {
                 return;
             };
+            if let Ok(samples) = &result {
+                self.count_handshakes(samples);
+            }
             self.publish(result);
+        }
+    }
+
+    /// Envoy: adds the outcomes since the previous scrape.
+    fn count_handshakes(&mut self, samples: &[Sample]) {
+        let Some((converter, counter)) = &mut self.handshakes else {
+            return;
+        };
+        let dropped = converter.dropped();
+        let deltas = converter.deltas(samples);
+        if converter.dropped() > dropped {
+            self.metrics
+                .handshake_reports_rejected_total
+                .with_label_values(&["too_many_series"])
+                .inc_by(converter.dropped() - dropped);
+        }
+        for (target, reason, n) in deltas {
+            match counter.add(&target, reason, n, Source::Envoy) {
+                Ok(()) => self
+                    .metrics
+                    .handshakes_total
+                    .with_label_values(&[Source::Envoy.as_str(), reason.as_str()])
+                    .inc_by(n),
+                Err(refused) => self
+                    .metrics
+                    .handshake_reports_rejected_total
+                    .with_label_values(&[refused.kind()])
+                    .inc(),
+            }
         }
     }
 

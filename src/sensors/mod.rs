@@ -3,6 +3,8 @@
 //! per sensor (see [`workload_api`]), and `observe` returns its latest view.
 
 pub mod agent_debug;
+pub mod cert_files;
+pub mod envoy_tls;
 pub mod handshake_probe;
 pub mod health;
 pub mod metrics_scrape;

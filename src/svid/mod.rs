@@ -15,6 +15,7 @@ use x509_parser::time::ASN1Time;
 
 use crate::spiffe_id::{SpiffeId, SpiffeIdError};
 
+pub mod pem;
 #[cfg(test)]
 mod tests;
 

@@ -684,10 +684,18 @@ struct Running {
 }
 
 fn start(settings: Settings) -> Running {
+    start_with(settings, None)
+}
+
+fn start_with(settings: Settings, handshakes: Option<Counter>) -> Running {
     let metrics = Arc::new(Metrics::new());
     let clock = Arc::new(ManualClock::at_unix(T0));
     let wake = Arc::new(Notify::new());
     let (sensor, task) = build(settings, clock.clone(), metrics.clone(), wake.clone());
+    let task = match handshakes {
+        Some(counter) => task.with_handshakes(counter),
+        None => task,
+    };
     let token = CancellationToken::new();
     let task = tokio::spawn(task.run(token.clone()));
     Running {
@@ -882,5 +890,110 @@ async fn invalid_url_is_counted() {
     assert!(r.errors("invalid_url") >= 1.0);
     assert_eq!(r.sensor.name(), "metrics_scrape");
     assert_eq!(r.sensor.instance(), "node-a");
+    r.stop().await;
+}
+
+// === Envoy: TLS counters into handshake outcomes ===
+
+#[test]
+fn envoy_keep_list() {
+    let keep = default_keep(Role::Envoy);
+    let kept = parse_filtered(ENVOY, &|n| keeps(&keep, n)).expect("parses");
+    let names: Vec<&str> = kept.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "envoy_listener_ssl_handshake",
+            "envoy_cluster_ssl_fail_verify_error",
+            "envoy_listener_server_ssl_socket_factory_downstream_context_secrets_not_ready",
+            "envoy_listener_ssl_certificate_expiration_unix_time_seconds",
+        ]
+    );
+    assert_eq!(uptime(&kept, Role::Envoy), None);
+}
+
+#[tokio::test]
+async fn envoy_scrapes_feed_the_handshake_counter() {
+    use crate::handshake::{Counter, Reason};
+    use std::collections::BTreeMap;
+
+    let (server, reply) = switchable(Reply::Status(200, ENVOY.as_bytes().to_vec())).await;
+    let counter = Counter::default();
+    let r = start_with(
+        settings(server.url("/metrics"), Role::Envoy),
+        Some(counter.clone()),
+    );
+    let v = r.wait_for("baseline scrape", |v| v.reachable).await;
+    assert_eq!(v.role, Role::Envoy);
+    assert_eq!(v.samples.len(), 4);
+    assert!(
+        counter.drain().is_empty(),
+        "the first scrape is only a baseline"
+    );
+
+    let later = ENVOY
+        .replace("} 1742", "} 1750")
+        .replace(
+            "envoy_cluster_name=\"backend\"} 3",
+            "envoy_cluster_name=\"backend\"} 5",
+        )
+        .replace(
+            "downstream_context_secrets_not_ready{envoy_listener_address=\"0.0.0.0_8443\"} 0",
+            "downstream_context_secrets_not_ready{envoy_listener_address=\"0.0.0.0_8443\"} 1",
+        );
+    assert_ne!(later, ENVOY);
+    *reply.lock().expect("lock") = Reply::Status(200, later.into_bytes());
+
+    let want: BTreeMap<(String, Reason), u64> = [
+        (("node-a/listener/0.0.0.0_8443".to_string(), Reason::Ok), 8),
+        (("node-a/cluster/backend".to_string(), Reason::UnknownCa), 2),
+        (
+            ("node-a/listener/0.0.0.0_8443".to_string(), Reason::Refused),
+            1,
+        ),
+    ]
+    .into_iter()
+    .collect();
+    let mut got: BTreeMap<(String, Reason), u64> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while got != want {
+        for (target, counts) in counter.drain() {
+            assert_eq!(counts.source_names(), vec!["envoy"]);
+            for reason in Reason::ALL {
+                if counts.get(reason) > 0 {
+                    *got.entry((target.to_string(), reason)).or_default() += counts.get(reason);
+                }
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "outcomes not counted within {WAIT:?}: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let text = r.metrics.render();
+    let total = |reason: &str| {
+        sample(
+            &text,
+            &format!(r#"spire_healer_handshakes_total{{reason="{reason}",source="envoy"}}"#),
+        )
+    };
+    assert_eq!(total("ok"), Some(8.0));
+    assert_eq!(total("unknown_ca"), Some(2.0));
+    assert_eq!(total("refused"), Some(1.0));
+    assert_eq!(r.errors("http_status") + r.errors("parse"), 0.0);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn agents_ignore_the_handshake_counter() {
+    let (server, _) = switchable(Reply::Status(200, AGENT.as_bytes().to_vec())).await;
+    let counter = Counter::default();
+    let r = start_with(
+        settings(server.url("/metrics"), Role::Agent),
+        Some(counter.clone()),
+    );
+    r.wait_for("scraped", |v| v.reachable).await;
+    assert!(counter.drain().is_empty());
     r.stop().await;
 }
