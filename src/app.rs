@@ -218,6 +218,36 @@ fn spawn_handshake_sensors(
         tasks.spawn(task.run(shutdown.child_token()).instrument(span));
         sensors.push(Box::new(sensor));
     }
+    for f in &cfg.cert_files {
+        let (sensor, task) = crate::sensors::cert_files::build(
+            f.clone(),
+            clock.clone(),
+            metrics.clone(),
+            wake.clone(),
+        );
+        let span = info_span!("sensor", sensor = "cert_files", target = %f.name);
+        tasks.spawn(task.run(shutdown.child_token()).instrument(span));
+        sensors.push(Box::new(sensor));
+    }
+    for e in &cfg.envoys {
+        use crate::sensors::metrics_scrape;
+        let st = metrics_scrape::Settings::new(
+            &e.name,
+            crate::model::Role::Envoy,
+            &e.metrics_url,
+            e.poll_interval,
+            e.timeout,
+        );
+        let (sensor, task) =
+            metrics_scrape::build(st, clock.clone(), metrics.clone(), wake.clone());
+        let span = info_span!("sensor", sensor = "metrics_scrape", target = %e.name);
+        tasks.spawn(
+            task.with_handshakes(handshakes.clone())
+                .run(shutdown.child_token())
+                .instrument(span),
+        );
+        sensors.push(Box::new(sensor));
+    }
 }
 
 /// Admin API, health and metrics sensors for every configured server and

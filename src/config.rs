@@ -90,6 +90,39 @@ pub struct Config {
     /// configured agent's Workload API.
     #[serde(default)]
     pub probes: Vec<crate::sensors::handshake_probe::ProbeConfig>,
+    /// Certificate files on disk to watch (`[[cert_files]]`), e.g. as
+    /// spiffe-helper writes them.
+    #[serde(default)]
+    pub cert_files: Vec<crate::sensors::cert_files::CertFileConfig>,
+    /// Envoy admin endpoints whose TLS counters become handshake outcomes
+    /// (`[[envoys]]`).
+    #[serde(default)]
+    pub envoys: Vec<EnvoyConfig>,
+}
+
+/// One Envoy whose Prometheus stats (`/stats/prometheus`) are scraped for
+/// TLS handshake and SDS counters.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvoyConfig {
+    /// Name: prefix of its handshake targets (`<name>/listener/<address>`,
+    /// `<name>/cluster/<cluster>`).
+    pub name: String,
+    /// `http://host:port/stats/prometheus` of its admin interface.
+    pub metrics_url: String,
+    /// Time between scrapes.
+    #[serde(default = "default_envoy_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Bound of one scrape.
+    #[serde(default = "default_envoy_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_envoy_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_envoy_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// Loop settings.
@@ -441,6 +474,40 @@ impl Config {
                 errors.push(ConfigError::invalid(format!("{key}.{field}"), reason));
             }
             known_agent(&key, Some(&p.agent), &agents, errors);
+        }
+        for (i, f) in self.cert_files.iter().enumerate() {
+            let key = format!("cert_files[{i}]");
+            unique_name(&key, &f.name, &mut names, errors);
+            for (field, reason) in f.problems() {
+                errors.push(ConfigError::invalid(format!("{key}.{field}"), reason));
+            }
+            known_agent(&key, f.agent.as_deref(), &agents, errors);
+        }
+        for (i, e) in self.envoys.iter().enumerate() {
+            let key = format!("envoys[{i}]");
+            unique_name(&key, &e.name, &mut names, errors);
+            if !(e.metrics_url.starts_with("http://") || e.metrics_url.starts_with("https://")) {
+                errors.push(ConfigError::invalid(
+                    format!("{key}.metrics_url"),
+                    format!("{:?} must be an http:// or https:// URL", e.metrics_url),
+                ));
+            }
+            if e.poll_interval.is_zero() || e.timeout.is_zero() {
+                errors.push(ConfigError::invalid(
+                    &key,
+                    "poll_interval and timeout must be greater than zero",
+                ));
+            }
+        }
+        for (i, p) in self.probes.iter().enumerate() {
+            if let Some(f) = p.cert_file.as_deref()
+                && !self.cert_files.iter().any(|c| c.name == f)
+            {
+                errors.push(ConfigError::invalid(
+                    format!("probes[{i}].cert_file"),
+                    format!("{f:?} is not a configured [[cert_files]] name"),
+                ));
+            }
         }
     }
 

@@ -127,15 +127,20 @@ async fn closed(healer: &Healer, id: &str, limit: Duration) -> Result<IncidentRe
         .await
 }
 
-async fn actions_of(healer: &Healer, incident: &str) -> Vec<ActionRecord> {
-    let mut a: Vec<ActionRecord> = healer
-        .actions()
+/// The incident's actions, once every one has been judged.
+async fn actions_of(healer: &Healer, incident: &str) -> Result<Vec<ActionRecord>> {
+    healer
+        .wait_for("actions verified", Duration::from_secs(30), || async {
+            let mut a: Vec<ActionRecord> = healer
+                .actions()
+                .await
+                .into_iter()
+                .filter(|a| a.incident_id == incident)
+                .collect();
+            a.sort_by_key(|a| a.started_at_ms);
+            a.iter().all(|a| a.verification.is_some()).then_some(a)
+        })
         .await
-        .into_iter()
-        .filter(|a| a.incident_id == incident)
-        .collect();
-    a.sort_by_key(|a| a.started_at_ms);
-    a
 }
 
 /// a. Drift of a peer that never reloads, and a file writer that stopped.
@@ -212,10 +217,17 @@ async fn heals_a_peer_that_never_reloads_and_a_stuck_file_writer() -> Result<()>
         &peer_args,
         &path("peer-restarted.log"),
     );
-    let helper_args: Vec<String> = ["lab", "svid-files", "--socket", &socket, "--dir", &stuck_dir]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let helper_args: Vec<String> = [
+        "lab",
+        "svid-files",
+        "--socket",
+        &socket,
+        "--dir",
+        &stuck_dir,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let restart_helper = restart_script(
         &path("helper.pid"),
         None,
@@ -249,8 +261,8 @@ name = "web"
 address = "{peer_sock}"
 spiffe_id = "{id}"
 agent = "{AGENT}"
-interval = "500ms"
-timeout = "2s"
+interval = "1s"
+timeout = "1s"
 
 [[cert_files]]
 name = "web-svid"
@@ -290,11 +302,14 @@ timeout = "20s"
         // A real rotation: the writer follows, the peer does not.
         let drift = incident(&healer, "stale_served_cert", Duration::from_secs(90)).await?;
         assert_eq!(drift.subject, "peer:web");
-        assert_ne!(drift.evidence["served_serial"], drift.evidence["expected_serial"]);
+        assert_ne!(
+            drift.evidence["served_serial"],
+            drift.evidence["expected_serial"]
+        );
         assert_eq!(drift.evidence["expected_source"], "workload_api");
         let done = closed(&healer, &drift.id, Duration::from_secs(60)).await?;
         assert_eq!(done.resolution.as_deref(), Some("cleared"));
-        let actions = actions_of(&healer, &drift.id).await;
+        let actions = actions_of(&healer, &drift.id).await?;
         let ladder: Vec<(&str, Option<&str>)> = actions
             .iter()
             .map(|a| (a.actuator.as_str(), a.verification.as_deref()))
@@ -325,9 +340,11 @@ timeout = "20s"
             .context("stale_cert_file for the stuck writer")?;
         assert_eq!(stuck_inc.evidence["problem"], "behind_issued");
         closed(&healer, &stuck_inc.id, Duration::from_secs(60)).await?;
-        let fixed = actions_of(&healer, &stuck_inc.id).await;
+        let fixed = actions_of(&healer, &stuck_inc.id).await?;
         assert_eq!(
-            fixed.last().map(|a| (a.actuator.as_str(), a.verification.as_deref())),
+            fixed
+                .last()
+                .map(|a| (a.actuator.as_str(), a.verification.as_deref())),
             Some(("restart-helper", Some("verified")))
         );
         assert!(

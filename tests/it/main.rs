@@ -5,6 +5,7 @@
 mod cli;
 mod control_plane;
 mod ha_lab;
+mod handshakes;
 mod healing;
 mod helpers;
 mod idle;
