@@ -166,7 +166,7 @@ async fn heals_a_peer_that_never_reloads_and_a_stuck_file_writer() -> Result<()>
         w,
         &["lab", "svid-files", "--socket", &socket, "--dir", &svid_dir],
     )?;
-    let mut stuck = Workload::spawn(
+    let stuck = Workload::spawn(
         "svid-files-once",
         w,
         &[
@@ -358,5 +358,168 @@ timeout = "20s"
     kill_pidfile(&path("helper.pid"));
     let _ = peer.stop().await;
     let _ = writer.stop().await;
+    result
+}
+
+/// Writes SVID files for `spiffe://other.example/web`, issued by that
+/// foreign trust domain's own CA, into `dir`.
+fn write_foreign_svid(dir: &Path) -> Result<()> {
+    use spire_healer::clock::Clock;
+    use spire_healer::demo::issuer::{Flavor, TestCa};
+    use spire_healer::proto::workload::{X509svid, X509svidResponse};
+    let now = spire_healer::clock::SystemClock.now();
+    let ca = TestCa::new(
+        "other.example",
+        now - Duration::from_secs(60),
+        now + Duration::from_secs(3600),
+    )?;
+    let (leaf, key, _) = ca.issue(
+        "spiffe://other.example/web",
+        now - Duration::from_secs(60),
+        now + Duration::from_secs(1800),
+        Flavor::Valid,
+    )?;
+    let resp = X509svidResponse {
+        svids: vec![X509svid {
+            spiffe_id: "spiffe://other.example/web".into(),
+            x509_svid: leaf,
+            x509_svid_key: key,
+            bundle: ca.der().to_vec(),
+            hint: String::new(),
+        }],
+        crl: Vec::new(),
+        federated_bundles: Default::default(),
+    };
+    spire_healer::lab::svid_files::SvidFileSet::from_response(&resp)?.write(dir)?;
+    Ok(())
+}
+
+/// b. A peer presenting a certificate from another trust domain's CA, next
+/// to a healthy peer: an `unknown_ca` burst on that peer only, with its
+/// cause; nothing restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_ca_burst_is_reported_without_restarting_healthy_peers() -> Result<()> {
+    let lab = SpireLab::start(LabOptions::default()).await?;
+    lab.register_entry("/web", uid(), 300).await?;
+    lab.wait_for_entry_synced("/web").await?;
+    let work = tempfile::tempdir()?;
+    let w = work.path();
+    let path = |name: &str| w.join(name);
+    let socket = format!("unix://{}", lab.workload_socket().display());
+    for d in ["good", "foreign"] {
+        std::fs::create_dir(path(d))?;
+    }
+    let good_dir = path("good").display().to_string();
+    let foreign_dir = path("foreign").display().to_string();
+    let mut once = Workload::spawn(
+        "svid-files-once",
+        w,
+        &[
+            "lab",
+            "svid-files",
+            "--socket",
+            &socket,
+            "--dir",
+            &good_dir,
+            "--once",
+        ],
+    )?;
+    wait_for("the SVID files", WAIT, &mut [&mut once], || async {
+        file_serial(&path("good"))
+    })
+    .await?;
+    let _ = once.stop().await;
+    write_foreign_svid(&path("foreign"))?;
+    let mut peers = Vec::new();
+    for (name, dir) in [("good", &good_dir), ("foreign", &foreign_dir)] {
+        let sock = format!("unix://{}", path(&format!("{name}.sock")).display());
+        let addr = path(&format!("{name}.addr"));
+        let mut p = Workload::spawn(
+            if name == "good" {
+                "good-peer"
+            } else {
+                "foreign-peer"
+            },
+            w,
+            &[
+                "lab",
+                "peer",
+                "--dir",
+                dir,
+                "--listen",
+                &sock,
+                "--addr-file",
+                &addr.display().to_string(),
+            ],
+        )?;
+        wait_for("a peer listening", WAIT, &mut [&mut p], || async {
+            published(&addr)
+        })
+        .await?;
+        peers.push((name, sock, p));
+    }
+    let marker = path("restarted");
+    let policy = policy(w, &[("burst_open_failures", toml::Value::Integer(5))], "")?;
+    let mut extra = String::new();
+    for (name, sock, _) in &peers {
+        extra.push_str(&format!(
+            "[[probes]]\nname = \"{name}\"\naddress = \"{sock}\"\ntrust_domain = \"{td}\"\nagent = \"{AGENT}\"\ninterval = \"500ms\"\ntimeout = \"500ms\"\n\n",
+            td = lab.trust_domain(),
+        ));
+    }
+    for a in ["reload-peer", "restart-peer"] {
+        extra.push_str(&format!(
+            "[actuators.{a}]\ntype = \"command\"\nargv = [\"/bin/sh\", \"-c\", \"echo {{agent}} >> '{}'\"]\ntimeout = \"5s\"\n\n",
+            marker.display()
+        ));
+    }
+    let top = format!("policy_file = \"{}\"\n", policy.display());
+    let healer = Healer::start_with(&lab, None, &top, &extra).await?;
+    let result = async {
+        let burst = incident(&healer, "handshake_failure_burst", Duration::from_secs(60)).await?;
+        assert_eq!(burst.subject, "handshakes:foreign/unknown_ca");
+        assert_eq!(burst.evidence["reason"], "unknown_ca");
+        assert_eq!(
+            burst.evidence["likely_cause"],
+            "foreign_or_misconfigured_peer"
+        );
+        assert_eq!(burst.evidence["remediable"], false);
+        assert_eq!(burst.evidence["sources"], serde_json::json!(["probe"]));
+        let held = healer
+            .wait_for("held back", Duration::from_secs(10), || async {
+                healer
+                    .store
+                    .holds(&Default::default())
+                    .await
+                    .ok()?
+                    .into_iter()
+                    .find(|h| h.incident_id == burst.id && h.reason == "no_local_cause")
+            })
+            .await?;
+        assert_eq!(held.target, "foreign");
+        // A few more probe rounds: still nothing run, nothing about the
+        // healthy peer.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(healer.actions().await.is_empty(), "no action at all");
+        assert!(!marker.exists(), "nothing restarted");
+        let incidents = healer.incidents().await;
+        assert!(
+            incidents.iter().all(|i| !i.subject.contains("good")),
+            "{incidents:#?}"
+        );
+        assert!(
+            healer.metric(r#"spire_healer_handshakes_total{reason="unknown_ca",source="probe"}"#)
+                >= 5.0
+        );
+        assert!(
+            healer.metric(r#"spire_healer_handshakes_total{reason="ok",source="probe"}"#) >= 5.0
+        );
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    healer.stop().await;
+    for (_, _, p) in peers {
+        let _ = p.stop().await;
+    }
     result
 }
