@@ -128,7 +128,7 @@ pub async fn start(
         &mut sensors,
     );
     let handshakes = crate::handshake::Counter::default();
-    spawn_handshake_sensors(
+    let probes = spawn_handshake_sensors(
         cfg,
         &streams,
         &handshakes,
@@ -174,7 +174,8 @@ pub async fn start(
         },
         knowledge,
     )
-    .with_handshakes(handshakes);
+    .with_handshakes(handshakes)
+    .with_probes(probes);
     tasks.spawn(
         supervisor
             .run(shutdown.child_token())
@@ -190,6 +191,7 @@ pub async fn start(
 
 /// Active mTLS probes (each presenting the SVID of the agent it names),
 /// certificate files and Envoy TLS counters, all adding to `handshakes`.
+/// Returns the probe handles by target.
 fn spawn_handshake_sensors(
     cfg: &crate::config::Config,
     streams: &HashMap<String, Arc<workload_api::Shared>>,
@@ -198,15 +200,16 @@ fn spawn_handshake_sensors(
     shutdown: &CancellationToken,
     tasks: &TaskTracker,
     sensors: &mut Vec<Box<dyn Sensor>>,
-) {
+) -> HashMap<String, Arc<crate::sensors::handshake_probe::ProbeHandle>> {
     use crate::sensors::handshake_probe;
+    let mut handles = HashMap::new();
     for p in &cfg.probes {
         // Validated: the settings parse and the agent is configured.
         let (Ok(settings), Some(identity)) = (p.settings(), streams.get(&p.agent)) else {
             error!(probe = %p.name, "Probe not started: invalid settings or agent.");
             continue;
         };
-        let (sensor, task, _handle) = handshake_probe::build(
+        let (sensor, task, handle) = handshake_probe::build(
             settings,
             identity.clone(),
             handshakes.clone(),
@@ -217,6 +220,7 @@ fn spawn_handshake_sensors(
         let span = info_span!("sensor", sensor = "handshake_probe", target = %p.name);
         tasks.spawn(task.run(shutdown.child_token()).instrument(span));
         sensors.push(Box::new(sensor));
+        handles.insert(p.name.clone(), handle);
     }
     for f in &cfg.cert_files {
         let (sensor, task) = crate::sensors::cert_files::build(
@@ -248,6 +252,7 @@ fn spawn_handshake_sensors(
         );
         sensors.push(Box::new(sensor));
     }
+    handles
 }
 
 /// Admin API, health and metrics sensors for every configured server and

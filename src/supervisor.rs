@@ -99,6 +99,9 @@ pub struct Supervisor {
     bundles: HashMap<String, Vec<String>>,
     last_bundle_change: Option<SystemTime>,
     last_rotation: Option<SystemTime>,
+    /// Probes by target: poked when an action on that target returns, so
+    /// verification sees the peer's new state without waiting an interval.
+    probes: HashMap<String, Arc<crate::sensors::handshake_probe::ProbeHandle>>,
 }
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -132,6 +135,7 @@ impl Supervisor {
             bundles: HashMap::new(),
             last_bundle_change: None,
             last_rotation: None,
+            probes: HashMap::new(),
         };
         let th = &s.p.policy.thresholds;
         s.handshake_history = crate::handshake::History::new(th.burst_window + th.burst_baseline);
@@ -172,6 +176,15 @@ impl Supervisor {
     /// and Envoy scrapes add to.
     pub fn with_handshakes(mut self, counter: crate::handshake::Counter) -> Self {
         self.handshakes = counter;
+        self
+    }
+
+    /// Probe handles by target name (see the `probes` field).
+    pub fn with_probes(
+        mut self,
+        probes: HashMap<String, Arc<crate::sensors::handshake_probe::ProbeHandle>>,
+    ) -> Self {
+        self.probes = probes;
         self
     }
 
@@ -765,6 +778,9 @@ impl Supervisor {
                     .actions_total
                     .with_label_values(&[&p.step.actuator, outcome.kind.as_str()])
                     .inc();
+                if let Some(probe) = self.probes.get(&p.step.target) {
+                    probe.probe_now();
+                }
             }
             events.push(Event::ActionFinished { id, outcome, at });
         }
