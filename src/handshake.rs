@@ -158,7 +158,9 @@ impl Counts {
 
     /// All outcomes, successes included.
     pub fn total(&self) -> u64 {
-        self.by_reason.iter().fold(0u64, |a, b| a.saturating_add(*b))
+        self.by_reason
+            .iter()
+            .fold(0u64, |a, b| a.saturating_add(*b))
     }
 
     /// Names of the contributing sources.
@@ -236,18 +238,34 @@ impl Counter {
 
     /// Adds pre-aggregated counts for several targets under one lock.
     /// Returns one [`Refused`] per target that was not counted.
-    pub fn add_counts<'a>(&self, batch: impl IntoIterator<Item = (&'a str, Counts)>) -> Vec<Refused> {
+    pub fn add_counts<'a>(
+        &self,
+        batch: impl IntoIterator<Item = (&'a str, Counts)>,
+    ) -> Vec<Refused> {
+        self.add_counts_indexed(batch)
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect()
+    }
+
+    /// [`add_counts`](Self::add_counts), telling which items were refused:
+    /// (position in `batch`, why), in order. Callers that report per-item
+    /// results (the reports API) need to know which targets were dropped.
+    pub fn add_counts_indexed<'a>(
+        &self,
+        batch: impl IntoIterator<Item = (&'a str, Counts)>,
+    ) -> Vec<(usize, Refused)> {
         let mut refused = Vec::new();
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        for (target, counts) in batch {
+        for (i, (target, counts)) in batch.into_iter().enumerate() {
             if target.is_empty() || target.len() > MAX_TARGET_LEN {
-                refused.push(Refused::BadTarget);
+                refused.push((i, Refused::BadTarget));
                 continue;
             }
             if let Some(c) = map.get_mut(target) {
                 c.merge(&counts);
             } else if map.len() >= self.max_targets {
-                refused.push(Refused::TooManyTargets);
+                refused.push((i, Refused::TooManyTargets));
             } else {
                 map.insert(Arc::from(target), counts);
             }
@@ -387,9 +405,15 @@ mod tests {
             c.add("c", Reason::Ok, 1, Source::Probe),
             Err(Refused::TooManyTargets)
         );
-        assert_eq!(c.add("", Reason::Ok, 1, Source::Probe), Err(Refused::BadTarget));
+        assert_eq!(
+            c.add("", Reason::Ok, 1, Source::Probe),
+            Err(Refused::BadTarget)
+        );
         let long = "x".repeat(MAX_TARGET_LEN + 1);
-        assert_eq!(c.add(&long, Reason::Ok, 1, Source::Probe), Err(Refused::BadTarget));
+        assert_eq!(
+            c.add(&long, Reason::Ok, 1, Source::Probe),
+            Err(Refused::BadTarget)
+        );
         let d = c.drain();
         let a = d.get("a").unwrap();
         assert_eq!(a.get(Reason::Ok), 3);
@@ -400,6 +424,19 @@ mod tests {
         assert!(c.drain().is_empty(), "drain empties the counter");
         // After a drain there is room again.
         c.add("c", Reason::Ok, 1, Source::Probe).unwrap();
+    }
+
+    #[test]
+    fn indexed_add_names_the_refused_items() {
+        let c = Counter::new(1);
+        let mut one = Counts::default();
+        one.add(Reason::Ok, 1, Source::Report);
+        let refused = c.add_counts_indexed([("a", one), ("", one), ("b", one), ("a", one)]);
+        assert_eq!(
+            refused,
+            vec![(1, Refused::BadTarget), (2, Refused::TooManyTargets)]
+        );
+        assert_eq!(c.drain().get("a").map(|a| a.get(Reason::Ok)), Some(2));
     }
 
     #[test]
