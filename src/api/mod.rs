@@ -27,7 +27,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Code, Request, Response, Status, Streaming};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::handshake::Counter;
 use crate::proto::healer::supervisor_server::{Supervisor, SupervisorServer};
@@ -464,15 +464,17 @@ pub fn serve(
     };
     let svc = SupervisorServer::new(api).max_decoding_message_size(cfg.max_message_bytes);
     let max_streams = cfg.max_concurrent_streams;
+    let path = socket.clone();
     let fut = async move {
+        // Dropped last, whatever the exit: removes the socket file.
         let _guard = guard;
         let listener =
             tokio::net::UnixListener::from_std(listener).map_err(|source| ApiError::Io {
                 op: "listen on",
-                path: _guard.path.clone(),
+                path: path.clone(),
                 source,
             })?;
-        info!(socket = %_guard.path.display(), "API listening.");
+        info!(socket = %path.display(), "API listening.");
         // tonic skips accept errors and retries at once; pause so a full
         // file table (EMFILE) does not turn into a busy loop.
         let incoming = UnixListenerStream::new(listener).then(|accepted| async move {
@@ -490,7 +492,8 @@ pub fn serve(
             .map_err(ApiError::Serve);
         info!("API stopped.");
         result
-    };
+    }
+    .instrument(info_span!("api"));
     Ok((Bound { socket }, fut))
 }
 
