@@ -2,7 +2,8 @@
 //!
 //! `proto/spiffe/workload` is the SPIFFE Workload API (no package);
 //! `proto/spire` holds the parts of SPIRE's admin APIs spire-healer calls,
-//! under the packages SPIRE serves them with.
+//! under the packages SPIRE serves them with. `proto/spire_healer` is our
+//! own API (`spire_healer.v1`).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
@@ -20,6 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/spire/api/server/debug/v1/debug.proto",
         "proto/spire/api/server/entry/v1/entry.proto",
         "proto/spire/api/agent/debug/v1/debug.proto",
+        "proto/spire_healer/v1/healer.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

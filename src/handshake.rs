@@ -242,17 +242,30 @@ impl Counter {
         &self,
         batch: impl IntoIterator<Item = (&'a str, Counts)>,
     ) -> Vec<Refused> {
+        self.add_counts_indexed(batch)
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect()
+    }
+
+    /// [`add_counts`](Self::add_counts), telling which items were refused:
+    /// (position in `batch`, why), in order. Callers that report per-item
+    /// results (the reports API) need to know which targets were dropped.
+    pub fn add_counts_indexed<'a>(
+        &self,
+        batch: impl IntoIterator<Item = (&'a str, Counts)>,
+    ) -> Vec<(usize, Refused)> {
         let mut refused = Vec::new();
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        for (target, counts) in batch {
+        for (i, (target, counts)) in batch.into_iter().enumerate() {
             if target.is_empty() || target.len() > MAX_TARGET_LEN {
-                refused.push(Refused::BadTarget);
+                refused.push((i, Refused::BadTarget));
                 continue;
             }
             if let Some(c) = map.get_mut(target) {
                 c.merge(&counts);
             } else if map.len() >= self.max_targets {
-                refused.push(Refused::TooManyTargets);
+                refused.push((i, Refused::TooManyTargets));
             } else {
                 map.insert(Arc::from(target), counts);
             }
@@ -411,6 +424,19 @@ mod tests {
         assert!(c.drain().is_empty(), "drain empties the counter");
         // After a drain there is room again.
         c.add("c", Reason::Ok, 1, Source::Probe).unwrap();
+    }
+
+    #[test]
+    fn indexed_add_names_the_refused_items() {
+        let c = Counter::new(1);
+        let mut one = Counts::default();
+        one.add(Reason::Ok, 1, Source::Report);
+        let refused = c.add_counts_indexed([("a", one), ("", one), ("b", one), ("a", one)]);
+        assert_eq!(
+            refused,
+            vec![(1, Refused::BadTarget), (2, Refused::TooManyTargets)]
+        );
+        assert_eq!(c.drain().get("a").map(|a| a.get(Reason::Ok)), Some(2));
     }
 
     #[test]

@@ -21,7 +21,8 @@
 //!
 //! Around them: [`config`] and [`policy`] (TOML), [`endpoint`] (SPIFFE
 //! endpoint addresses), [`svid`] (X509-SVID checks), [`spiffe_id`],
-//! [`spire_api`] (typed SPIRE admin API clients), [`http_client`],
+//! [`spire_api`] (typed SPIRE admin API clients), [`api`] (our gRPC API on
+//! a Unix socket: handshake reports), [`http_client`],
 //! [`telemetry`] (metrics, logs, `/metrics` `/healthz` `/readyz`), [`clock`],
 //! [`demo`] (the simulated first run), [`lab`] (real SPIRE labs for tests and
 //! operators), [`cli`] and [`proto`] (generated gRPC code).
@@ -31,6 +32,7 @@
 
 pub mod actuators;
 pub mod analyze;
+pub mod api;
 pub mod app;
 pub mod cli;
 pub mod clock;
@@ -58,6 +60,13 @@ pub mod proto {
     #[allow(missing_docs, clippy::all, clippy::pedantic)]
     pub mod workload {
         tonic::include_proto!("_");
+    }
+
+    /// spire-healer's own API (`spire_healer.v1`): the `Supervisor`
+    /// service served by [`crate::api`].
+    #[allow(missing_docs, clippy::all, clippy::pedantic)]
+    pub mod healer {
+        tonic::include_proto!("spire_healer.v1");
     }
 
     /// SPIRE's admin APIs (`spire-api-sdk`), reduced to the RPCs
