@@ -48,13 +48,17 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The API socket could not be set up.
+    #[error("cannot serve the API: {0}")]
+    Api(#[from] crate::api::ApiError),
 }
 
 /// Opens the store, spawns sensor tasks, the supervisor loop and the HTTP
 /// server on `tasks`; all stop when `shutdown` is cancelled.
 ///
 /// # Errors
-/// The store cannot be opened or the HTTP address cannot be bound.
+/// The store cannot be opened, or the HTTP address or API socket cannot be
+/// bound.
 pub async fn start(
     resolved: &Resolved,
     clock: Arc<dyn Clock>,
@@ -138,6 +142,20 @@ pub async fn start(
         &mut sensors,
     );
     let registry = actuators::registry(&cfg.actuators, topo, streams);
+    if let Some(api_cfg) = &cfg.api {
+        let (bound, fut) = crate::api::serve(
+            api_cfg,
+            handshakes.clone(),
+            metrics.clone(),
+            shutdown.child_token(),
+        )?;
+        info!(socket = %bound.socket.display(), "Serving the spire_healer.v1 API.");
+        tasks.spawn(async move {
+            if let Err(e) = fut.await {
+                error!(error = %e, "API server failed.");
+            }
+        });
+    }
 
     let http_addr = match cfg.http.enabled.then_some(cfg.http.listen) {
         Some(addr) => {

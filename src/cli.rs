@@ -75,6 +75,23 @@ pub enum Command {
         #[arg(long)]
         incident: Option<String>,
     },
+    /// Report handshake outcomes to a running spire-healer over its API
+    /// socket (for scripts and sidecars without a gRPC client).
+    Report {
+        /// The API socket (`[api] socket`).
+        #[arg(long)]
+        socket: std::path::PathBuf,
+        /// Target (peer) name.
+        #[arg(long)]
+        target: String,
+        /// Outcome: ok, expired, not_yet_valid, unknown_ca, bad_spiffe_id,
+        /// no_client_cert, refused, timeout or protocol.
+        #[arg(long)]
+        reason: String,
+        /// How many such outcomes.
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+    },
 }
 
 /// Where to read history from.
@@ -124,6 +141,49 @@ pub async fn main(cli: Cli) -> i32 {
         }
         Command::Incidents { store, open } => list(&store, Listing::Incidents { open }).await,
         Command::Actions { store, incident } => list(&store, Listing::Actions { incident }).await,
+        Command::Report {
+            socket,
+            target,
+            reason,
+            count,
+        } => report(&socket, &target, &reason, count).await,
+    }
+}
+
+/// `spire-healer report`: one batch with one report. Exit 0 when accepted,
+/// 64 on a bad argument, 69 when the API is unreachable, 77 when refused.
+async fn report(socket: &std::path::Path, target: &str, reason: &str, count: u64) -> i32 {
+    let Some(reason) = crate::handshake::Reason::parse(reason) else {
+        eprintln!("error: unknown reason {reason:?}");
+        return 64;
+    };
+    let client = match crate::api::ReportClient::connect_unix(socket) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 69;
+        }
+    };
+    let batch = crate::proto::healer::ReportHandshakesRequest {
+        reports: vec![crate::api::reports::report(target, reason, count)],
+    };
+    match client.report(futures::stream::iter([batch])).await {
+        Ok(r) if r.rejected == 0 => {
+            println!("accepted {}", r.accepted);
+            0
+        }
+        Ok(r) => {
+            eprintln!("error: {} report(s) rejected", r.rejected);
+            65
+        }
+        Err(status) => {
+            eprintln!("error: {}: {}", status.code(), status.message());
+            match status.code() {
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => 77,
+                tonic::Code::Unavailable => 69,
+                _ => 1,
+            }
+        }
     }
 }
 

@@ -98,6 +98,9 @@ pub struct Config {
     /// (`[[envoys]]`).
     #[serde(default)]
     pub envoys: Vec<EnvoyConfig>,
+    /// Our gRPC API (`spire_healer.v1`) on a Unix socket; off when unset.
+    #[serde(default)]
+    pub api: Option<crate::api::ApiConfig>,
 }
 
 /// One Envoy whose Prometheus stats (`/stats/prometheus`) are scraped for
@@ -497,6 +500,11 @@ impl Config {
                     &key,
                     "poll_interval and timeout must be greater than zero",
                 ));
+            }
+        }
+        if let Some(api) = &self.api {
+            for (field, reason) in api.problems() {
+                errors.push(ConfigError::invalid(format!("api.{field}"), reason));
             }
         }
         for (i, p) in self.probes.iter().enumerate() {

@@ -523,3 +523,115 @@ async fn foreign_ca_burst_is_reported_without_restarting_healthy_peers() -> Resu
     }
     result
 }
+
+/// c. 100 reporters stream failures concurrently over the API socket → the
+/// burst opens; they report successes → it closes (hysteresis: the close
+/// bound is below the open one). A caller whose uid is not allowed is
+/// refused and nothing it sent is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reporters_open_and_close_a_burst_and_strangers_are_refused() -> Result<()> {
+    use spire_healer::api::ReportClient;
+    use spire_healer::api::reports::report;
+    use spire_healer::handshake::Reason;
+    use spire_healer::proto::healer::ReportHandshakesRequest;
+
+    let lab = SpireLab::start(LabOptions::default()).await?;
+    let work = tempfile::tempdir()?;
+    let w = work.path();
+    let socket = w.join("api.sock");
+    let policy = policy(w, &[("burst_window", s("3s"))], "")?;
+    let extra = format!(
+        "[api]\nsocket = \"{}\"\nsocket_mode = 0o666\nreport_uids = [{}]\n",
+        socket.display(),
+        uid()
+    );
+    let top = format!("policy_file = \"{}\"\n", policy.display());
+    let healer = Healer::start_with(&lab, None, &top, &extra).await?;
+
+    // One round: every reporter sends its batches concurrently.
+    async fn round(socket: &Path, reason: Reason, batches: usize) -> Result<u64> {
+        let mut joins = tokio::task::JoinSet::new();
+        for _ in 0..100 {
+            let client = ReportClient::connect_unix(socket.to_path_buf())?;
+            joins.spawn(async move {
+                let batches = (0..batches).map(move |_| ReportHandshakesRequest {
+                    reports: vec![
+                        report("api-peer", reason, 1),
+                        report("api-peer", Reason::Ok, 1),
+                    ],
+                });
+                client.report(futures::stream::iter(batches)).await
+            });
+        }
+        let mut accepted = 0;
+        while let Some(r) = joins.join_next().await {
+            accepted += r??.accepted;
+        }
+        Ok(accepted)
+    }
+
+    let result = async {
+        // 100 reporters × 5 batches: 500 unknown_ca, 500 ok.
+        assert_eq!(round(&socket, Reason::UnknownCa, 5).await?, 1000);
+        let burst = incident(&healer, "handshake_failure_burst", Duration::from_secs(20)).await?;
+        assert_eq!(burst.subject, "handshakes:api-peer/unknown_ca");
+        assert_eq!(burst.evidence["sources"], serde_json::json!(["report"]));
+        assert!(burst.evidence["failures"].as_u64().unwrap_or(0) >= 10);
+        // A few failures among many successes: below the open bound, above
+        // the close bound while the window still holds the burst. Then only
+        // successes: the window empties of failures and it closes.
+        assert_eq!(round(&socket, Reason::Ok, 2).await?, 400);
+        let done = closed(&healer, &burst.id, Duration::from_secs(30)).await?;
+        assert_eq!(done.resolution.as_deref(), Some("cleared"));
+        assert!(
+            healer.metric(r#"spire_healer_handshakes_total{reason="unknown_ca",source="report"}"#)
+                >= 500.0
+        );
+
+        // A stranger (another uid) is refused before anything is read.
+        if uid() == 0 {
+            let before = healer.metric(
+                r#"spire_healer_handshakes_total{reason="expired",source="report"}"#,
+            );
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_spire-healer"))
+                .args(["report", "--socket"])
+                .arg(&socket)
+                .args(["--target", "api-peer", "--reason", "expired", "--count", "50"])
+                .uid(65534)
+                .gid(65534)
+                .output()
+                .await?;
+            assert_eq!(
+                out.status.code(),
+                Some(77),
+                "refused: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(
+                healer.metric(
+                    r#"spire_healer_handshakes_total{reason="expired",source="report"}"#
+                ),
+                before
+            );
+            assert!(
+                healer.metric(
+                    r#"spire_healer_api_requests_total{method="report_handshakes",outcome="unauthenticated"}"#
+                ) >= 1.0
+            );
+        } else {
+            eprintln!("not root: the stranger half runs in the api unit tests only");
+        }
+        // Our own uid through the same CLI is accepted.
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_spire-healer"))
+            .args(["report", "--socket"])
+            .arg(&socket)
+            .args(["--target", "api-peer", "--reason", "ok"])
+            .output()
+            .await?;
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    healer.stop().await;
+    result
+}
