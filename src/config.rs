@@ -854,6 +854,67 @@ timeout = "20s"
     }
 
     #[test]
+    fn handshake_sources_are_checked_together() {
+        let text = format!(
+            r#"{GOOD}
+[[probes]]
+name = "node-a"
+address = "nowhere"
+agent = "ghost"
+cert_file = "missing"
+
+[[probes]]
+name = "web"
+address = "127.0.0.1:8443"
+trust_domain = "example.org"
+agent = "node-a"
+
+[[cert_files]]
+name = "web"
+cert_path = "relative/svid.pem"
+agent = "ghost"
+
+[[envoys]]
+name = "front"
+metrics_url = "ftp://x"
+poll_interval = "0s"
+
+[api]
+socket = "relative.sock"
+"#
+        );
+        let errors = Config::from_toml(&text, "t.toml")
+            .unwrap()
+            .validate(&no_env)
+            .unwrap_err();
+        let keys: Vec<String> = errors
+            .iter()
+            .map(|e| match e {
+                ConfigError::Invalid { key, .. } => key.clone(),
+                other => other.to_string(),
+            })
+            .collect();
+        for want in [
+            "probes[0].name",
+            "probes[0].address",
+            "probes[0].agent",
+            "probes[0].cert_file",
+            "cert_files[0].name",
+            "cert_files[0].cert_path",
+            "cert_files[0].agent",
+            "envoys[0].metrics_url",
+            "envoys[0]",
+            "api.socket",
+        ] {
+            assert!(keys.iter().any(|k| k == want), "missing {want} in {keys:?}");
+        }
+        assert!(
+            !keys.iter().any(|k| k.starts_with("probes[1]")),
+            "the good probe is fine: {keys:?}"
+        );
+    }
+
+    #[test]
     fn every_error_is_reported_at_once() {
         let text = r#"
 [supervisor]
