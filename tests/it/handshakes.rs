@@ -463,7 +463,7 @@ async fn foreign_ca_burst_is_reported_without_restarting_healthy_peers() -> Resu
     let mut extra = String::new();
     for (name, sock, _) in &peers {
         extra.push_str(&format!(
-            "[[probes]]\nname = \"{name}\"\naddress = \"{sock}\"\ntrust_domain = \"{td}\"\nagent = \"{AGENT}\"\ninterval = \"500ms\"\ntimeout = \"500ms\"\n\n",
+            "[[probes]]\nname = \"{name}\"\naddress = \"{sock}\"\ntrust_domain = \"{td}\"\nagent = \"{AGENT}\"\ninterval = \"1s\"\ntimeout = \"1s\"\n\n",
             td = lab.trust_domain(),
         ));
     }
