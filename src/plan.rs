@@ -46,6 +46,10 @@ pub enum HoldReason {
     /// rotation behind it: a foreign CA, a misconfigured or unavailable
     /// peer): reported, no healthy process is restarted for it.
     NoLocalCause,
+    /// The peer is not a configured probe target: a name from reports or
+    /// Envoy stats is reported, never acted on (a reporter must not be able
+    /// to make us signal or restart a process it names).
+    UnknownTarget,
 }
 
 impl HoldReason {
@@ -63,6 +67,7 @@ impl HoldReason {
             HoldReason::CircuitOpen => "circuit_open",
             HoldReason::AwaitingResync => "awaiting_resync",
             HoldReason::NoLocalCause => "no_local_cause",
+            HoldReason::UnknownTarget => "unknown_target",
         }
     }
 }
@@ -110,6 +115,8 @@ pub struct PlanInput<'a> {
     pub breaker_open: bool,
     /// When the servers last came back after every one was down.
     pub servers_back_since: Option<SystemTime>,
+    /// Configured peer (probe) names: the only peers actions may target.
+    pub peers: &'a HashSet<String>,
     /// The policy.
     pub policy: &'a Policy,
     /// Record without executing.
@@ -162,6 +169,13 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Decision> {
         }
         if !inc.subject.is_actionable() {
             out.push(hold("", HoldReason::ObserveOnly));
+            continue;
+        }
+        if let crate::model::Subject::Peer { peer } | crate::model::Subject::Handshakes { peer, .. } =
+            &inc.subject
+            && !input.peers.contains(peer)
+        {
+            out.push(hold("", HoldReason::UnknownTarget));
             continue;
         }
         if inc.kind == crate::model::SymptomKind::HandshakeFailureBurst
@@ -334,6 +348,7 @@ mod tests {
             servers_reachable: c.servers_reachable,
             breaker_open: c.breaker_open,
             servers_back_since: c.servers_back_since,
+            peers: &HashSet::from(["web".to_string()]),
             policy: &policy,
             dry_run: false,
             now: t(now),
@@ -431,6 +446,20 @@ mod tests {
                 },
                 10,
                 vec!["act web reload-peer rung1 next2"],
+            ),
+            (
+                "a peer that is not a configured probe is never acted on",
+                Case {
+                    incidents: vec![Incident {
+                        subject: Subject::handshakes("sshd", crate::handshake::Reason::Expired),
+                        evidence: json!({ "remediable": true }),
+                        ..incident("i1", SymptomKind::HandshakeFailureBurst, "sshd", 1)
+                    }],
+                    configured: &["refetch", "reload-peer", "restart-peer"],
+                    ..Case::default()
+                },
+                10,
+                vec!["hold sshd unknown_target"],
             ),
             (
                 "a stale served certificate: reload, then restart",

@@ -102,6 +102,8 @@ pub struct Supervisor {
     /// Probes by target: poked when an action on that target returns, so
     /// verification sees the peer's new state without waiting an interval.
     probes: HashMap<String, Arc<crate::sensors::handshake_probe::ProbeHandle>>,
+    /// Configured peer names: the only peers actions may target.
+    peers: HashSet<String>,
 }
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -136,6 +138,7 @@ impl Supervisor {
             last_bundle_change: None,
             last_rotation: None,
             probes: HashMap::new(),
+            peers: HashSet::new(),
         };
         let th = &s.p.policy.thresholds;
         s.handshake_history = crate::handshake::History::new(th.burst_window + th.burst_baseline);
@@ -184,7 +187,15 @@ impl Supervisor {
         mut self,
         probes: HashMap<String, Arc<crate::sensors::handshake_probe::ProbeHandle>>,
     ) -> Self {
+        self.peers.extend(probes.keys().cloned());
         self.probes = probes;
+        self
+    }
+
+    /// Peer names actions may target (configured probes; `with_probes`
+    /// adds its own).
+    pub fn with_peers(mut self, peers: impl IntoIterator<Item = String>) -> Self {
+        self.peers.extend(peers);
         self
     }
 
@@ -373,6 +384,7 @@ impl Supervisor {
             servers_reachable,
             breaker_open,
             servers_back_since: self.servers_back_since,
+            peers: &self.peers,
             policy: &self.p.policy,
             dry_run: self.p.dry_run,
             now,

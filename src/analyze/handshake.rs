@@ -95,26 +95,29 @@ fn bursts(
     targets.sort_by(|a, b| a.0.cmp(b.0));
     for (target, w) in targets {
         let attempts = w.recent.total();
-        if attempts == 0 {
-            continue;
-        }
         for reason in Reason::ALL.into_iter().filter(|r| r.is_failure()) {
             let failures = w.recent.get(reason);
-            if failures == 0 {
-                continue;
-            }
             let key = SymptomKey {
                 kind: SymptomKind::HandshakeFailureBurst,
                 subject: Subject::handshakes(&**target, reason),
             };
-            let share = failures as f64 / attempts as f64;
+            // No outcomes at all in the window says nothing (the reporters
+            // stopped dialling): an open burst stays, blind, rather than
+            // "clearing" and verifying whatever ran last.
+            let quiet = attempts == 0 && is_open(&key);
+            if failures == 0 && !quiet {
+                continue;
+            }
+            let share = failures as f64 / attempts.max(1) as f64;
             let rate = failures as f64 / window_secs;
             let baseline_rate = if w.baseline_span.is_zero() {
                 0.0
             } else {
                 w.baseline.get(reason) as f64 / w.baseline_span.as_secs_f64()
             };
-            let active = if is_open(&key) {
+            let active = if quiet {
+                true
+            } else if is_open(&key) {
                 failures > th.burst_close_failures && share > th.burst_close_share
             } else {
                 failures >= th.burst_open_failures
@@ -148,8 +151,9 @@ fn bursts(
                     "correlated_with_rotation": correlated,
                     "likely_cause": cause,
                     "remediable": remediable(cause),
+                    "no_traffic": quiet,
                 }),
-                blind: false,
+                blind: quiet,
             });
         }
     }
@@ -192,24 +196,19 @@ struct Issued<'a> {
     agent: &'a str,
 }
 
-fn newest_issued(agents: &[Arc<AgentView>]) -> HashMap<&str, Issued<'_>> {
-    let mut out: HashMap<&str, Issued<'_>> = HashMap::new();
+/// Every SVID currently served per SPIFFE ID, one per agent serving it
+/// (the same ID may be registered on several nodes, each rotating on its
+/// own schedule).
+fn newest_issued(agents: &[Arc<AgentView>]) -> HashMap<&str, Vec<Issued<'_>>> {
+    let mut out: HashMap<&str, Vec<Issued<'_>>> = HashMap::new();
     for v in agents {
         for s in v.svids.iter().filter(|s| !s.serial.is_empty()) {
-            let newer = out
-                .get(s.spiffe_id.as_str())
-                .is_none_or(|cur| s.not_before > cur.not_before);
-            if newer {
-                out.insert(
-                    &s.spiffe_id,
-                    Issued {
-                        serial: &s.serial,
-                        not_before: s.not_before,
-                        first_seen: s.first_seen,
-                        agent: &v.agent,
-                    },
-                );
-            }
+            out.entry(&s.spiffe_id).or_default().push(Issued {
+                serial: &s.serial,
+                not_before: s.not_before,
+                first_seen: s.first_seen,
+                agent: &v.agent,
+            });
         }
     }
     out
@@ -226,13 +225,19 @@ struct Expected<'a> {
 
 fn stale_served(
     p: &ProbeView,
-    issued: &HashMap<&str, Issued<'_>>,
+    issued: &HashMap<&str, Vec<Issued<'_>>>,
     files: &HashMap<&str, &CertFileView>,
     is_open: &dyn Fn(&SymptomKey) -> bool,
     th: &Thresholds,
     now: SystemTime,
 ) -> Option<Symptom> {
     let seen = p.last_peer.as_ref()?;
+    // Only a certificate that verified (or did, but for its dates) says what
+    // the peer serves; an impostor's or a foreign CA's leaf never drives
+    // actions on the peer (that is a burst, held as `no_local_cause`).
+    if !matches!(seen.reason, Reason::Ok | Reason::Expired) {
+        return None;
+    }
     let served = seen.peer.as_ref()?;
     let expected = match p.cert_file.as_deref() {
         Some(name) => {
@@ -247,13 +252,20 @@ fn stale_served(
             }
         }
         None => {
-            let i = issued.get(served.spiffe_id.as_deref()?)?;
+            // Behind only if it serves none of the current SVIDs of its ID
+            // and is older than every one of them (any node's may be it).
+            let all = issued.get(served.spiffe_id.as_deref()?)?;
+            if all.iter().any(|i| i.serial == served.serial) {
+                return None;
+            }
+            let newest = all.iter().max_by_key(|i| i.not_before)?;
+            let oldest = all.iter().min_by_key(|i| i.not_before)?;
             Expected {
-                serial: i.serial,
-                not_before: i.not_before,
-                since: i.first_seen,
+                serial: newest.serial,
+                not_before: oldest.not_before,
+                since: all.iter().map(|i| i.first_seen).max()?,
                 source: "workload_api",
-                from: i.agent,
+                from: newest.agent,
             }
         }
     };
@@ -301,7 +313,7 @@ fn expiry_severity(cert: &PeerCert, now: SystemTime) -> Severity {
 
 fn stale_file(
     f: &CertFileView,
-    issued: &HashMap<&str, Issued<'_>>,
+    issued: &HashMap<&str, Vec<Issued<'_>>>,
     is_open: &dyn Fn(&SymptomKey) -> bool,
     th: &Thresholds,
     now: SystemTime,
@@ -311,12 +323,18 @@ fn stale_file(
         subject: Subject::cert_file(&f.file),
     };
     let settled = saturating_since(now, f.changed_at) >= th.reload_grace;
+    // The newest SVID of the file's identity, from the file's own agent
+    // when it names one.
     let newest = f
         .leaf
         .as_ref()
         .and_then(|l| l.spiffe_id.as_deref())
         .and_then(|id| issued.get(id))
-        .filter(|i| f.agent.as_deref().is_none_or(|a| a == i.agent));
+        .and_then(|all| {
+            all.iter()
+                .filter(|i| f.agent.as_deref().is_none_or(|a| a == i.agent))
+                .max_by_key(|i| i.not_before)
+        });
     // Problems, most serious first.
     let problem = match (&f.error, &f.leaf) {
         (Some(e), _) if settled || is_open(&key) => Some(("unreadable", Some(e.as_str()))),

@@ -217,8 +217,10 @@ impl EnvoyTls {
                     Some(before) if now >= before => now - before,
                     // Went down: Envoy restarted and has counted `now` since.
                     Some(_) => *now,
-                    // New series: counted from 0.
-                    None => *now,
+                    // New series (a new listener, or one dropped or absent
+                    // before): baselined like the first scrape, so a
+                    // series' whole history never lands as one burst.
+                    None => 0.0,
                 };
                 let delta = to_count(delta);
                 if delta == 0 {

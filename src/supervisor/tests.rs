@@ -934,7 +934,11 @@ async fn unexplained_handshake_burst_is_reported_not_acted_on() {
     );
     h.policy.ladders = ladders;
     let counter = crate::handshake::Counter::default();
-    let mut sup = h.supervisor().await.with_handshakes(counter.clone());
+    let mut sup = h
+        .supervisor()
+        .await
+        .with_handshakes(counter.clone())
+        .with_peers(["web".to_string()]);
     h.tick(&mut sup, 1).await;
     burst(&counter);
     let r = h.tick(&mut sup, 2).await;
@@ -983,7 +987,11 @@ async fn handshake_burst_after_a_bundle_change_is_remediated() {
         }],
     );
     let counter = crate::handshake::Counter::default();
-    let mut sup = h.supervisor().await.with_handshakes(counter.clone());
+    let mut sup = h
+        .supervisor()
+        .await
+        .with_handshakes(counter.clone())
+        .with_peers(["web".to_string()]);
     h.agent("a").update(|v| v.bundle = vec!["aa".into()]);
     h.tick(&mut sup, 1).await;
     // The trust bundle rotates, then handshakes fail with unknown_ca.

@@ -394,3 +394,54 @@ fn stale_cert_file_cases() {
         None
     );
 }
+
+#[test]
+fn an_unverified_leaf_never_makes_a_peer_stale() {
+    let agents = [agent_serving("0b", 500, 1500, 510)];
+    let mut p = (*probe(Some(peer_cert("0a", 0, 1000)), 600, None)).clone();
+    if let Some(r) = p.last_peer.as_mut() {
+        r.reason = Reason::UnknownCa;
+    }
+    let s = run(
+        &HashMap::new(),
+        &[Arc::new(p)],
+        &[],
+        &agents,
+        None,
+        &[],
+        t(600),
+    );
+    assert!(s.is_empty(), "{s:?}");
+}
+
+#[test]
+fn a_peer_serving_another_nodes_current_svid_is_not_stale() {
+    // The same ID on two nodes: node b rotated later than node a.
+    let a = agent_serving("0b", 500, 1500, 510);
+    let mut b = (*agent_serving("0c", 550, 1550, 560)).clone();
+    b.agent = "b".into();
+    let agents = [a, Arc::new(b)];
+    let p = probe(Some(peer_cert("0b", 500, 1500)), 700, None);
+    let s = run(&HashMap::new(), &[p], &[], &agents, None, &[], t(700));
+    assert!(s.is_empty(), "{s:?}");
+    // Older than both: stale, the newest is what it should serve.
+    let p = probe(Some(peer_cert("0a", 0, 1000)), 700, None);
+    let s = run(&HashMap::new(), &[p], &[], &agents, None, &[], t(700));
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].evidence["expected_serial"], "0c");
+}
+
+#[test]
+fn an_open_burst_with_no_traffic_stays_blind() {
+    let k = burst_key("web", Reason::UnknownCa);
+    let w = HashMap::from([(
+        Arc::from("web"),
+        window(&[], &[(Reason::UnknownCa, 50)], 600),
+    )]);
+    let s = run(&w, &[], &[], &[], None, std::slice::from_ref(&k), t(1000));
+    assert_eq!(s.len(), 1);
+    assert!(s[0].blind);
+    assert_eq!(s[0].evidence["no_traffic"], true);
+    // Not open: nothing.
+    assert!(run(&w, &[], &[], &[], None, &[], t(1000)).is_empty());
+}
