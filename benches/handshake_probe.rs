@@ -99,6 +99,7 @@ fn probes(c: &mut Criterion) {
             address,
             server_name: ServerName::try_from("localhost").expect("name"),
             authorize: authorize.clone(),
+            settle: spire_healer::sensors::handshake_probe::SETTLE,
         };
         group.bench_function(name, |b| {
             b.iter(|| {

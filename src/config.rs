@@ -706,6 +706,20 @@ impl Config {
                 for problem in policy.problems() {
                     errors.push(ConfigError::invalid("policy", problem));
                 }
+                let th = &policy.thresholds;
+                for p in &self.probes {
+                    let per_window =
+                        th.burst_window.as_secs_f64() / p.interval.as_secs_f64().max(1e-3);
+                    if per_window < th.burst_open_failures as f64 {
+                        warnings.push(format!(
+                            "probe {:?} runs every {} but a burst needs {} failures within {}: its own probes alone can never open handshake_failure_burst",
+                            p.name,
+                            humantime::format_duration(p.interval),
+                            th.burst_open_failures,
+                            humantime::format_duration(th.burst_window),
+                        ));
+                    }
+                }
                 for (symptom, rung, actuator) in policy.actuators_used() {
                     if actuator != crate::actuators::REFETCH
                         && !self.actuators.contains_key(actuator)

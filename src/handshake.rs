@@ -291,20 +291,52 @@ pub struct Window {
     pub baseline_span: Duration,
 }
 
-/// Per-tick buckets of drained counts, newest last, pruned to `keep`.
+/// Buckets of drained counts, newest last, pruned to `keep`.
+///
+/// Bounded: ticks closer together than `granularity` share a bucket, target
+/// names are interned once and at most `max_targets` distinct names are held
+/// across the whole history (outcomes for more are dropped and counted in
+/// [`dropped`](Self::dropped)). Worst case: `keep / granularity` buckets of
+/// `max_targets` entries.
 #[derive(Debug, Default)]
 pub struct History {
-    buckets: VecDeque<(SystemTime, HashMap<Arc<str>, Counts>)>,
+    /// (stamp: the last tick merged in, opened: the first, counts).
+    buckets: VecDeque<(SystemTime, SystemTime, HashMap<Arc<str>, Counts>)>,
     keep: Duration,
+    granularity: Duration,
+    names: std::collections::HashSet<Arc<str>>,
+    max_targets: usize,
+    dropped: u64,
 }
 
 impl History {
-    /// A history keeping `keep` of buckets (the baseline plus burst windows).
+    /// A history keeping `keep` of buckets (the baseline plus burst
+    /// windows), one bucket per push, up to [`DEFAULT_MAX_TARGETS`] names.
     pub fn new(keep: Duration) -> Self {
         Self {
             buckets: VecDeque::new(),
             keep,
+            granularity: Duration::ZERO,
+            names: std::collections::HashSet::new(),
+            max_targets: DEFAULT_MAX_TARGETS,
+            dropped: 0,
         }
+    }
+
+    /// Pushes less than `granularity` after a bucket opened merge into it.
+    pub fn with_granularity(mut self, granularity: Duration) -> Self {
+        self.granularity = granularity;
+        self
+    }
+
+    /// Outcomes dropped because `max_targets` names were already held.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Distinct target names held.
+    pub fn targets(&self) -> usize {
+        self.names.len()
     }
 
     /// Stores what `counter` gathered since the last call as the bucket
@@ -315,15 +347,47 @@ impl History {
 
     /// Stores one bucket (tests and benches feed literal buckets).
     pub fn push(&mut self, now: SystemTime, bucket: HashMap<Arc<str>, Counts>) {
-        if !bucket.is_empty() {
-            self.buckets.push_back((now, bucket));
+        let mut interned: HashMap<Arc<str>, Counts> = HashMap::with_capacity(bucket.len());
+        for (name, counts) in bucket {
+            let name = match self.names.get(&*name) {
+                Some(n) => n.clone(),
+                None if self.names.len() < self.max_targets => {
+                    self.names.insert(name.clone());
+                    name
+                }
+                None => {
+                    self.dropped = self.dropped.saturating_add(counts.total());
+                    continue;
+                }
+            };
+            interned.insert(name, counts);
         }
-        while let Some((t, _)) = self.buckets.front() {
+        if !interned.is_empty() {
+            let merge = self.buckets.back().is_some_and(|(_, opened, _)| {
+                now.duration_since(*opened).unwrap_or_default() < self.granularity
+            });
+            match self.buckets.back_mut() {
+                Some((stamp, _, counts)) if merge => {
+                    *stamp = now;
+                    for (name, c) in interned {
+                        counts.entry(name).or_default().merge(&c);
+                    }
+                }
+                _ => self.buckets.push_back((now, now, interned)),
+            }
+        }
+        let mut pruned = false;
+        while let Some((t, _, _)) = self.buckets.front() {
             if now.duration_since(*t).unwrap_or_default() > self.keep {
                 self.buckets.pop_front();
+                pruned = true;
             } else {
                 break;
             }
+        }
+        if pruned {
+            // Names only the interning set still holds are gone from history.
+            self.names.retain(|n| Arc::strong_count(n) > 1);
         }
     }
 
@@ -349,14 +413,14 @@ impl History {
         let base_start = recent_start
             .checked_sub(baseline)
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        let oldest = self.buckets.front().map(|(t, _)| *t);
+        let oldest = self.buckets.front().map(|(t, _, _)| *t);
         let span = match oldest {
             Some(t) if t > base_start => recent_start.duration_since(t).unwrap_or_default(),
             Some(_) => baseline,
             None => Duration::ZERO,
         };
         let mut out: HashMap<Arc<str>, Window> = HashMap::new();
-        for (t, bucket) in &self.buckets {
+        for (t, _, bucket) in &self.buckets {
             if *t <= base_start || *t > now {
                 continue;
             }
@@ -470,6 +534,34 @@ mod tests {
         // Pruned to `keep`.
         h.drain_from(&c, t(250));
         assert!(h.is_empty(), "an empty drain adds nothing, old buckets go");
+    }
+
+    #[test]
+    fn history_is_bounded_by_granularity_and_names() {
+        let mut h =
+            History::new(Duration::from_secs(600)).with_granularity(Duration::from_secs(10));
+        h.max_targets = 3;
+        let c = Counter::default();
+        for s in 0..100u64 {
+            for name in ["a", "b", "c", "d"] {
+                c.add(name, Reason::Ok, 1, Source::Report).unwrap();
+            }
+            h.drain_from(&c, t(1000 + s));
+        }
+        assert_eq!(h.len(), 10, "one bucket per 10 s");
+        assert_eq!(h.targets(), 3);
+        assert_eq!(h.dropped(), 100, "the fourth name is dropped");
+        let w = h.windows(t(1099), Duration::from_secs(30), Duration::from_secs(600));
+        let total: u64 = w
+            .values()
+            .map(|w| w.recent.total() + w.baseline.total())
+            .sum();
+        assert_eq!(total, 300);
+        drop(w);
+        // Everything ages out; the names go with it and room comes back.
+        h.drain_from(&c, t(5000));
+        assert!(h.is_empty());
+        assert_eq!(h.targets(), 0);
     }
 
     #[test]

@@ -446,6 +446,11 @@ pub struct ProbeResult {
     pub peer: Option<PeerCert>,
     /// Short, human-readable detail of a failure (never a metric label).
     pub detail: Option<String>,
+    /// The failure is the peer's verdict on *our* certificate (a TLS alert),
+    /// not ours on its: an `unknown_ca` from the peer means it lacks our CA,
+    /// i.e. holds a stale bundle.
+    #[serde(default)]
+    pub peer_refused: bool,
 }
 
 /// What the `handshake_probe` sensor knows about one target.
@@ -488,7 +493,9 @@ pub struct CertFileView {
     pub bundle: Vec<String>,
     /// Closed-set problem with the bundle file, if configured and bad.
     pub bundle_error: Option<String>,
-    /// When the file's content last changed (as first seen by the sensor).
+    /// When the file's content or its error kind last changed (as first
+    /// seen by the sensor): a file that just went missing or half-written
+    /// gets the reload grace from here.
     pub changed_at: SystemTime,
     /// When the sensor last refreshed this view.
     pub updated_at: SystemTime,

@@ -91,6 +91,16 @@ fn bursts(
     };
     let bundle_changed = recently(input.last_bundle_change);
     let rotated = recently(input.last_rotation);
+    // Probes whose last failure was the peer refusing *us*.
+    let refused_us: HashMap<&str, Reason> = input
+        .probes
+        .iter()
+        .filter_map(|p| {
+            let last = p.last.as_ref()?;
+            (last.peer_refused && last.reason.is_failure())
+                .then_some((p.target.as_str(), last.reason))
+        })
+        .collect();
     let mut targets: Vec<(&Arc<str>, &Window)> = input.windows.iter().collect();
     targets.sort_by(|a, b| a.0.cmp(b.0));
     for (target, w) in targets {
@@ -127,7 +137,16 @@ fn bursts(
             if !active {
                 continue;
             }
-            let (correlated, cause) = cause_of(reason, bundle_changed, rotated);
+            let peer_refused_us = refused_us.get(&**target) == Some(&reason);
+            let (correlated, cause) =
+                if peer_refused_us && matches!(reason, Reason::UnknownCa | Reason::BadSpiffeId) {
+                    // Our probe's chain is current (it comes from the agent):
+                    // a peer that rejects it lacks our CA, whenever the bundle
+                    // changed (CAs are prepared hours before they sign).
+                    (bundle_changed, "peer_holds_stale_bundle")
+                } else {
+                    cause_of(reason, bundle_changed, rotated)
+                };
             out.push(Symptom {
                 kind: key.kind,
                 subject: key.subject,
@@ -149,6 +168,7 @@ fn bursts(
                     "last_bundle_change_ms": input.last_bundle_change.map(unix_millis),
                     "last_rotation_ms": input.last_rotation.map(unix_millis),
                     "correlated_with_rotation": correlated,
+                    "peer_refused_us": peer_refused_us,
                     "likely_cause": cause,
                     "remediable": remediable(cause),
                     "no_traffic": quiet,

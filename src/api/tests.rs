@@ -391,9 +391,13 @@ async fn too_many_open_streams_are_refused() {
         .await
         .unwrap();
     // The first stream holds the slot once its batch is counted.
-    while api.counter.drain().is_empty() {
-        tokio::task::yield_now().await;
-    }
+    tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while api.counter.drain().is_empty() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the first batch is counted");
     // Another connection: the bound is global, not per connection.
     let err = api.client().report(stream(vec![])).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
@@ -452,11 +456,17 @@ async fn shutdown_ends_open_streams_keeping_their_batches() {
     tx.send(batch(vec![report("db", Reason::Refused, 4)]))
         .await
         .unwrap();
-    let mut got = HashMap::new();
-    while got.is_empty() {
-        tokio::task::yield_now().await;
-        got = api.drain();
-    }
+    let got = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            let got = api.drain();
+            if !got.is_empty() {
+                break got;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the batch is counted");
     assert_eq!(got, [(("db".to_string(), Reason::Refused), 4)].into());
     api.shutdown.cancel();
     let err = held.await.unwrap().unwrap_err();

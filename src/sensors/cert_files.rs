@@ -434,7 +434,10 @@ impl CertFileTask {
             invalid,
             bundle,
             bundle_error: bundle_error.map(str::to_string),
-            changed_at: if cert_changed {
+            // Also when the file becomes unreadable or readable again (a
+            // missing file changes no content): the grace for an unusable
+            // file counts from then.
+            changed_at: if cert_changed || error != previous.error.as_deref() {
                 now
             } else {
                 previous.changed_at

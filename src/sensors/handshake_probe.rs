@@ -233,6 +233,7 @@ impl ProbeConfig {
                     address,
                     server_name,
                     authorize,
+                    settle: SETTLE,
                 },
                 agent: self.agent.clone(),
                 cert_file: self.cert_file.clone(),
@@ -392,6 +393,10 @@ pub struct Target {
     pub server_name: ServerName<'static>,
     /// Which SPIFFE IDs the peer may present.
     pub authorize: Authorize,
+    /// How long to wait after a TLS 1.3 handshake for the peer to object
+    /// to our certificate ([`SETTLE`] from config; tests on a loaded
+    /// machine give it longer).
+    pub settle: Duration,
 }
 
 /// Validated settings of one probe ([`ProbeConfig::settings`]).
@@ -500,12 +505,14 @@ pub async fn probe_once(
     let at = clock.now();
     let (reason, detail) = classify(&wire.end, ours.as_ref(), at, timeout);
     let peer = verifier.take().and_then(|der| peer_cert(&der));
+    let peer_refused = matches!(wire.end, End::Tls(rustls::Error::AlertReceived(_)));
     Ok(ProbeResult {
         reason,
         at,
         latency: wire.latency,
         peer,
         detail,
+        peer_refused,
     })
 }
 
@@ -598,7 +605,7 @@ async fn run(
     if conn.protocol_version() == Some(ProtocolVersion::TLSv1_3) {
         // The peer judges our certificate only now; give it a moment to
         // object. Silence means acceptance.
-        let until = deadline.min(done + SETTLE);
+        let until = deadline.min(done + target.settle);
         if let Ok(Err(end)) = timeout_at(until, read_some(&mut io, &mut conn, &mut buf)).await {
             return Err(end);
         }
@@ -1003,6 +1010,7 @@ impl ProbeTask {
                     latency: Duration::ZERO,
                     peer: None,
                     detail: Some(format!("not probed: {why}")),
+                    peer_refused: false,
                 }
             }
         };

@@ -463,7 +463,7 @@ async fn foreign_ca_burst_is_reported_without_restarting_healthy_peers() -> Resu
     let mut extra = String::new();
     for (name, sock, _) in &peers {
         extra.push_str(&format!(
-            "[[probes]]\nname = \"{name}\"\naddress = \"{sock}\"\ntrust_domain = \"{td}\"\nagent = \"{AGENT}\"\ninterval = \"1s\"\ntimeout = \"1s\"\n\n",
+            "[[probes]]\nname = \"{name}\"\naddress = \"{sock}\"\ntrust_domain = \"{td}\"\nagent = \"{AGENT}\"\ninterval = \"2s\"\ntimeout = \"1s\"\n\n",
             td = lab.trust_domain(),
         ));
     }
@@ -581,7 +581,20 @@ async fn reporters_open_and_close_a_burst_and_strangers_are_refused() -> Result<
         // the close bound while the window still holds the burst. Then only
         // successes: the window empties of failures and it closes.
         assert_eq!(round(&socket, Reason::Ok, 2).await?, 400);
-        let done = closed(&healer, &burst.id, Duration::from_secs(30)).await?;
+        // Traffic goes on, all successful (with no traffic at all an open
+        // burst stays open, blind): the window empties of failures.
+        let keep_going = tokio::spawn({
+            let socket = socket.clone();
+            async move {
+                loop {
+                    let _ = round(&socket, Reason::Ok, 1).await;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        });
+        let done = closed(&healer, &burst.id, Duration::from_secs(30)).await;
+        keep_going.abort();
+        let done = done?;
         assert_eq!(done.resolution.as_deref(), Some("cleared"));
         assert!(
             healer.metric(r#"spire_healer_handshakes_total{reason="unknown_ca",source="report"}"#)

@@ -155,6 +155,7 @@ fn probe(served: Option<PeerCert>, at: u64, cert_file: Option<&str>) -> Arc<Prob
         latency: Duration::from_millis(3),
         peer: served,
         detail: None,
+        peer_refused: false,
     };
     Arc::new(ProbeView {
         target: "web".into(),
@@ -444,4 +445,27 @@ fn an_open_burst_with_no_traffic_stays_blind() {
     assert_eq!(s[0].evidence["no_traffic"], true);
     // Not open: nothing.
     assert!(run(&w, &[], &[], &[], None, &[], t(1000)).is_empty());
+}
+
+#[test]
+fn a_peer_refusing_our_current_certificate_holds_a_stale_bundle() {
+    let w = HashMap::from([(
+        Arc::from("web"),
+        window(&[(Reason::Ok, 10), (Reason::UnknownCa, 40)], &[], 0),
+    )]);
+    let mut p = (*probe(None, 1000, None)).clone();
+    p.last = Some(ProbeResult {
+        reason: Reason::UnknownCa,
+        at: t(1000),
+        latency: Duration::from_millis(2),
+        peer: None,
+        detail: Some("the peer refused the handshake: alert BadCertificate".into()),
+        peer_refused: true,
+    });
+    // No bundle change anywhere near: the CA was prepared hours ago.
+    let s = run(&w, &[Arc::new(p)], &[], &[], Some(t(1)), &[], t(1000));
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].evidence["likely_cause"], "peer_holds_stale_bundle");
+    assert_eq!(s[0].evidence["peer_refused_us"], true);
+    assert_eq!(s[0].evidence["remediable"], true);
 }
