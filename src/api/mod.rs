@@ -239,6 +239,16 @@ pub enum ApiError {
         /// The socket path.
         path: PathBuf,
     },
+    /// The socket's directory is writable by everyone without the sticky
+    /// bit: another user could swap the socket for a symlink between bind
+    /// and chmod.
+    #[error(
+        "socket directory {path} is writable by everyone (and not sticky); use a private directory"
+    )]
+    UnsafeSocketDir {
+        /// The directory.
+        path: PathBuf,
+    },
     /// A live server already answers on the socket.
     #[error("another process is serving on {path}")]
     InUse {
@@ -269,6 +279,7 @@ impl ApiError {
     pub fn kind(&self) -> &'static str {
         match self {
             ApiError::NoSocketDir { .. } => "no_socket_dir",
+            ApiError::UnsafeSocketDir { .. } => "unsafe_socket_dir",
             ApiError::NotASocket { .. } => "not_a_socket",
             ApiError::InUse { .. } => "in_use",
             ApiError::Io { .. } => "io",
@@ -537,6 +548,17 @@ fn bind(
     };
     if !dir.is_dir() {
         return Err(ApiError::NoSocketDir {
+            path: dir.to_path_buf(),
+        });
+    }
+    let dir_mode = std::fs::metadata(dir)
+        .map_err(io("inspect", dir))?
+        .permissions()
+        .mode();
+    // World-writable without the sticky bit: anyone could rename our socket
+    // away and put a symlink in its place before the chmod below.
+    if dir_mode & 0o002 != 0 && dir_mode & 0o1000 == 0 {
+        return Err(ApiError::UnsafeSocketDir {
             path: dir.to_path_buf(),
         });
     }

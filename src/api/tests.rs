@@ -525,6 +525,35 @@ async fn regular_file_at_the_socket_path_is_refused_and_left_intact() {
 }
 
 #[tokio::test]
+async fn world_writable_socket_directory_is_refused_unless_sticky() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let serve_in = |d: &std::path::Path| {
+        let cfg = ApiConfig {
+            socket: d.join("api.sock"),
+            ..ApiConfig::default()
+        };
+        serve(
+            &cfg,
+            Counter::default(),
+            Arc::new(Metrics::new()),
+            CancellationToken::new(),
+        )
+        .map(|(bound, _)| bound)
+    };
+    let err = serve_in(&open).err().unwrap();
+    assert_eq!(err.kind(), "unsafe_socket_dir", "{err}");
+    assert!(!open.join("api.sock").exists());
+    // The sticky bit (as on /tmp) keeps others from replacing our socket.
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let bound = serve_in(&open).expect("a sticky directory is fine");
+    assert_eq!(bound.socket, open.join("api.sock"));
+}
+
+#[tokio::test]
 async fn missing_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = ApiConfig {
