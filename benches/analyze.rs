@@ -48,6 +48,7 @@ fn views(now: SystemTime) -> Vec<AgentView> {
                         not_after: nb + Duration::from_secs(3600),
                         invalid: None,
                         first_seen: nb,
+                        issuer: String::new(),
                     }
                 })
                 .collect();

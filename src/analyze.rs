@@ -187,6 +187,7 @@ mod tests {
                 not_after: t(100),
                 invalid: None,
                 first_seen: t(0),
+                issuer: String::new(),
             }],
             bundle_authorities: 1,
             bundle: Vec::new(),

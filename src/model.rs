@@ -204,6 +204,10 @@ pub struct SvidObservation {
     pub invalid: Option<String>,
     /// When this serial was first delivered.
     pub first_seen: SystemTime,
+    /// Which CA key signed the leaf ([`crate::svid::LeafInfo::issuer`]);
+    /// empty when the leaf did not parse.
+    #[serde(default)]
+    pub issuer: String,
 }
 
 impl SvidObservation {
@@ -986,6 +990,7 @@ mod tests {
             not_after: t0 + Duration::from_secs(100),
             invalid: None,
             first_seen: t0,
+            issuer: String::new(),
         };
         assert!((s.elapsed_fraction(t0 + Duration::from_secs(60)) - 0.6).abs() < 1e-9);
         assert_eq!(s.elapsed_fraction(t0 - Duration::from_secs(5)), 0.0);

@@ -136,7 +136,7 @@ fn d_burst_close_share() -> f64 {
     0.05
 }
 fn d_correlate_within() -> Duration {
-    Duration::from_secs(600)
+    Duration::from_secs(1800)
 }
 fn d_reload_grace() -> Duration {
     Duration::from_secs(30)

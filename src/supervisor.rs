@@ -99,6 +99,9 @@ pub struct Supervisor {
     bundles: HashMap<String, Vec<String>>,
     last_bundle_change: Option<SystemTime>,
     last_rotation: Option<SystemTime>,
+    /// Last time a rotation brought an SVID signed by another CA key: a CA
+    /// activation, after which peers with a stale bundle start failing.
+    last_issuer_change: Option<SystemTime>,
     /// Probes by target: poked when an action on that target returns, so
     /// verification sees the peer's new state without waiting an interval.
     probes: HashMap<String, Arc<crate::sensors::handshake_probe::ProbeHandle>>,
@@ -137,6 +140,7 @@ impl Supervisor {
             bundles: HashMap::new(),
             last_bundle_change: None,
             last_rotation: None,
+            last_issuer_change: None,
             probes: HashMap::new(),
             peers: HashSet::new(),
         };
@@ -322,6 +326,7 @@ impl Supervisor {
                     agents: &obs.agents,
                     last_bundle_change: self.last_bundle_change,
                     last_rotation: self.last_rotation,
+                    last_issuer_change: self.last_issuer_change,
                 },
                 &is_open,
                 th,
@@ -597,6 +602,10 @@ impl Supervisor {
                         at: s.first_seen,
                     });
                     self.last_rotation = Some(now);
+                    if !o.issuer.is_empty() && !s.issuer.is_empty() && o.issuer != s.issuer {
+                        info!(agent = %v.agent, spiffe_id = %s.spiffe_id, old = %o.issuer, new = %s.issuer, "SVID signed by a new CA key.");
+                        self.last_issuer_change = Some(now);
+                    }
                     self.p
                         .metrics
                         .spiffe_certificate_rotation_total

@@ -5,10 +5,12 @@
 //!   the recent window one failure reason is frequent, a large share of all
 //!   outcomes, and well above its own baseline rate. It closes once the
 //!   reason is rare again (weaker condition: hysteresis). The evidence says
-//!   whether a bundle change or SVID rotation came shortly before: an
-//!   `unknown_ca` burst right after a bundle change means a peer holds a
-//!   stale bundle (reload it); the same burst with no rotation behind it is
-//!   a foreign or misconfigured peer, which no restart here fixes.
+//!   whether a bundle change, a CA activation (SVIDs newly signed by another
+//!   CA key) or an SVID rotation came shortly before: an `unknown_ca` burst
+//!   right after one of the first two means a peer holds a stale bundle
+//!   (reload it), as does our own probe being refused by the peer; the same
+//!   burst with nothing behind it is a foreign or misconfigured peer, which
+//!   no restart here fixes.
 //! - `stale_served_cert` (subject `peer:<name>`): a probed peer presents an
 //!   older certificate than the newest one SPIRE issued for its SPIFFE ID
 //!   (our Workload API view) or than its configured certificate file, well
@@ -46,6 +48,9 @@ pub struct HandshakeInput<'a> {
     pub last_bundle_change: Option<SystemTime>,
     /// Last time a new SVID serial replaced an old one (any agent).
     pub last_rotation: Option<SystemTime>,
+    /// Last time a rotation brought an SVID signed by another CA key (a CA
+    /// activation: SVIDs peers see start chaining to the new CA).
+    pub last_issuer_change: Option<SystemTime>,
 }
 
 /// Handshake, served-certificate and certificate-file symptoms at `now`.
@@ -89,7 +94,10 @@ fn bursts(
     let recently = |t: Option<SystemTime>| {
         t.is_some_and(|t| t <= now && saturating_since(now, t) <= th.correlate_within)
     };
-    let bundle_changed = recently(input.last_bundle_change);
+    // The bundle changes when SPIRE prepares a CA, hours before it signs;
+    // peers holding the old bundle fail once SVIDs signed by the new CA
+    // reach them, which our own SVIDs show as an issuer change.
+    let bundle_changed = recently(input.last_bundle_change) || recently(input.last_issuer_change);
     let rotated = recently(input.last_rotation);
     // Probes whose last failure was the peer refusing *us*.
     let refused_us: HashMap<&str, Reason> = input
@@ -167,6 +175,7 @@ fn bursts(
                     "sources": w.recent.source_names(),
                     "last_bundle_change_ms": input.last_bundle_change.map(unix_millis),
                     "last_rotation_ms": input.last_rotation.map(unix_millis),
+                    "last_issuer_change_ms": input.last_issuer_change.map(unix_millis),
                     "correlated_with_rotation": correlated,
                     "peer_refused_us": peer_refused_us,
                     "likely_cause": cause,

@@ -408,9 +408,19 @@ impl WorkloadApiTask {
             .iter()
             .map(|s| {
                 let insp = svid::inspect(&s.spiffe_id, &s.x509_svid, &s.bundle);
-                let (serial, not_before, not_after) = match &insp.leaf {
-                    Some(l) => (l.serial.clone(), l.not_before, l.not_after),
-                    None => (String::new(), std::time::UNIX_EPOCH, std::time::UNIX_EPOCH),
+                let (serial, not_before, not_after, issuer) = match &insp.leaf {
+                    Some(l) => (
+                        l.serial.clone(),
+                        l.not_before,
+                        l.not_after,
+                        l.issuer.clone(),
+                    ),
+                    None => (
+                        String::new(),
+                        std::time::UNIX_EPOCH,
+                        std::time::UNIX_EPOCH,
+                        String::new(),
+                    ),
                 };
                 let first_seen = previous
                     .get(&format!("{}\u{0}{}", s.spiffe_id, serial))
@@ -422,6 +432,7 @@ impl WorkloadApiTask {
                     not_after,
                     invalid: insp.problem.map(|p| p.to_string()),
                     first_seen,
+                    issuer,
                 }
             })
             .collect();

@@ -45,6 +45,7 @@ fn svid(serial: &str, from: u64, to: u64) -> SvidObservation {
         not_after: t(to),
         invalid: None,
         first_seen: t(from),
+        issuer: String::new(),
     }
 }
 

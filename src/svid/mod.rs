@@ -173,6 +173,11 @@ pub struct LeafInfo {
     pub not_before: SystemTime,
     /// End of validity.
     pub not_after: SystemTime,
+    /// Which CA key signed it: the authority key identifier (hex) when
+    /// present, else the SHA-256 (hex) of the issuer name. SPIRE CAs share
+    /// their subject name across rotations, so only the key id tells a new
+    /// CA from the old one.
+    pub issuer: String,
 }
 
 /// The result of [`inspect`].
@@ -358,7 +363,22 @@ fn info_of(cert: &X509Certificate<'_>) -> Result<LeafInfo, SvidError> {
         serial: serial_hex(cert.raw_serial()),
         not_before: time(validity.not_before)?,
         not_after: time(validity.not_after)?,
+        issuer: issuer_id(cert),
     })
+}
+
+fn issuer_id(cert: &X509Certificate<'_>) -> String {
+    use sha2::Digest;
+    use x509_parser::extensions::ParsedExtension;
+    cert.extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                aki.key_identifier.as_ref().map(|k| hex::encode(k.0))
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| hex::encode(sha2::Sha256::digest(cert.issuer().as_raw())))
 }
 
 fn to_system_time(t: ASN1Time) -> Option<SystemTime> {

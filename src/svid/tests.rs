@@ -633,3 +633,25 @@ fn random_and_damaged_bytes_never_panic() {
         let _ = inspect(ID, &bytes, &bundle);
     }
 }
+
+#[test]
+fn issuer_tells_ca_keys_apart_even_with_the_same_name() {
+    // Two CAs of the same trust domain (same subject name), as SPIRE
+    // rotates them: their leaves name different issuers.
+    let a = TestCa::new("td");
+    let b = TestCa::new("td");
+    // As SPIRE (Go) issues them: with an authority key identifier.
+    let leaf = |ca: &TestCa, serial: u8| {
+        let mut l = ca.leaf(ID).with_serial(&[serial]);
+        l.params.use_authority_key_identifier_extension = true;
+        l.build().0
+    };
+    let issuer = |c: &[u8]| leaf_info(c).expect("leaf").issuer;
+    assert!(!issuer(&leaf(&a, 1)).is_empty());
+    assert_eq!(issuer(&leaf(&a, 1)), issuer(&leaf(&a, 2)));
+    assert_ne!(issuer(&leaf(&a, 1)), issuer(&leaf(&b, 3)));
+    // Without one, only the issuer name is left: the same for both.
+    let (plain_a, _) = a.leaf(ID).build();
+    let (plain_b, _) = b.leaf(ID).build();
+    assert_eq!(issuer(&plain_a), issuer(&plain_b));
+}

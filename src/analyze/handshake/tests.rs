@@ -48,6 +48,7 @@ fn run(
         agents,
         last_bundle_change: bundle_change,
         last_rotation: None,
+        last_issuer_change: None,
     };
     handshakes(&input, &|k| open.contains(k), &th(), now)
 }
@@ -120,8 +121,9 @@ fn burst_reason_and_cause_are_in_the_evidence() {
     assert_eq!(s[0].evidence["correlated_with_rotation"], true);
     assert_eq!(s[0].evidence["likely_cause"], "peer_holds_stale_bundle");
     assert_eq!(s[0].evidence["remediable"], true);
-    // A bundle change long ago explains nothing.
-    let s = run(&w, &[], &[], &[], Some(t(1)), &[], t(1000));
+    // A bundle change long ago (an hour, past correlate_within) explains
+    // nothing.
+    let s = run(&w, &[], &[], &[], Some(t(1)), &[], t(3700));
     assert_eq!(s[0].evidence["remediable"], false);
 }
 
@@ -182,6 +184,7 @@ fn agent_serving(serial: &str, nb: u64, na: u64, first_seen: u64) -> Arc<AgentVi
             not_after: t(na),
             invalid: None,
             first_seen: t(first_seen),
+            issuer: String::new(),
         }],
         bundle_authorities: 1,
         bundle: Vec::new(),
@@ -463,9 +466,31 @@ fn a_peer_refusing_our_current_certificate_holds_a_stale_bundle() {
         peer_refused: true,
     });
     // No bundle change anywhere near: the CA was prepared hours ago.
-    let s = run(&w, &[Arc::new(p)], &[], &[], Some(t(1)), &[], t(1000));
+    let s = run(&w, &[Arc::new(p)], &[], &[], Some(t(1)), &[], t(9000));
     assert_eq!(s.len(), 1);
     assert_eq!(s[0].evidence["likely_cause"], "peer_holds_stale_bundle");
     assert_eq!(s[0].evidence["peer_refused_us"], true);
+    assert_eq!(s[0].evidence["remediable"], true);
+}
+
+#[test]
+fn a_ca_activation_explains_an_unknown_ca_burst() {
+    let w = HashMap::from([(
+        Arc::from("web"),
+        window(&[(Reason::Ok, 10), (Reason::UnknownCa, 40)], &[], 0),
+    )]);
+    let input = HandshakeInput {
+        windows: &w,
+        probes: &[],
+        cert_files: &[],
+        agents: &[],
+        // The bundle changed hours ago, when the CA was prepared …
+        last_bundle_change: Some(t(1)),
+        last_rotation: Some(t(8900)),
+        // … and our SVIDs started chaining to it a few minutes ago.
+        last_issuer_change: Some(t(8900)),
+    };
+    let s = handshakes(&input, &|_| false, &th(), t(9000));
+    assert_eq!(s[0].evidence["likely_cause"], "peer_holds_stale_bundle");
     assert_eq!(s[0].evidence["remediable"], true);
 }

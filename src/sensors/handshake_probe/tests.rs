@@ -662,6 +662,7 @@ fn alert_and_error_mapping() {
         serial: "1".into(),
         not_before: t0() - HOUR,
         not_after: t0() + HOUR,
+        issuer: String::new(),
     };
     let cases = [
         (A::UnknownCA, t0(), Reason::UnknownCa),
