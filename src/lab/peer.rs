@@ -159,9 +159,9 @@ impl PeerError {
 
 /// The verifier's error for a client outside our trust domain.
 #[derive(Debug, thiserror::Error)]
-#[error("the client certificate names {found:?}, expected one SPIFFE ID of {trust_domain}")]
+#[error("the client certificate names {found:?}, expected exactly one SPIFFE ID: {expected}")]
 struct ForeignClient {
-    trust_domain: String,
+    expected: String,
     found: Vec<String>,
 }
 
@@ -171,13 +171,14 @@ struct ForeignClient {
 /// requires exactly one URI SAN: a SPIFFE ID of `trust_domain`.
 struct SpiffeClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
-    trust_domain: String,
+    /// Any SPIFFE ID of the server's own trust domain.
+    authorize: tls::Authorize,
 }
 
 impl fmt::Debug for SpiffeClientVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SpiffeClientVerifier")
-            .field("trust_domain", &self.trust_domain)
+            .field("authorize", &self.authorize)
             .finish_non_exhaustive()
     }
 }
@@ -197,18 +198,12 @@ impl ClientCertVerifier for SpiffeClientVerifier {
             .verify_client_cert(end_entity, intermediates, now)?;
         let found = tls::uri_sans(end_entity)
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        let ours = match found.as_slice() {
-            [one] => {
-                SpiffeId::parse(one).is_ok_and(|id| id.trust_domain().as_str() == self.trust_domain)
-            }
-            _ => false,
-        };
-        if ours {
+        if self.authorize.admits(&found) {
             return Ok(ClientCertVerified::assertion());
         }
         Err(rustls::Error::InvalidCertificate(CertificateError::Other(
             OtherError(Arc::new(ForeignClient {
-                trust_domain: self.trust_domain.clone(),
+                expected: self.authorize.to_string(),
                 found,
             })),
         )))
@@ -264,8 +259,8 @@ fn load(dir: &Path) -> Result<Served, PeerError> {
     if let Some(problem) = insp.problem {
         return Err(invalid(problem));
     }
-    let trust_domain = SpiffeId::parse(&leaf.spiffe_id)
-        .map(|id| id.trust_domain().as_str().to_string())
+    let authorize = SpiffeId::parse(&leaf.spiffe_id)
+        .map(|id| tls::Authorize::TrustDomain(id.trust_domain().clone()))
         .map_err(|source| {
             invalid(SvidError::InvalidSpiffeId {
                 uri: leaf.spiffe_id.clone(),
@@ -279,10 +274,7 @@ fn load(dir: &Path) -> Result<Served, PeerError> {
     let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(PeerError::Verifier)?;
-    let verifier = Arc::new(SpiffeClientVerifier {
-        inner,
-        trust_domain,
-    });
+    let verifier = Arc::new(SpiffeClientVerifier { inner, authorize });
     let certs = chain.into_iter().map(CertificateDer::from).collect();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key));
     let config = ServerConfig::builder_with_provider(provider)

@@ -169,6 +169,12 @@ impl Authorize {
             Self::TrustDomain(td) => id.trust_domain() == td,
         }
     }
+
+    /// Whether a leaf's URI SANs (`found`) are exactly one SPIFFE ID this
+    /// allows, as X509-SVIDs must carry.
+    pub(crate) fn admits(&self, found: &[String]) -> bool {
+        matches!(found, [only] if SpiffeId::parse(only).is_ok_and(|id| self.allows(&id)))
+    }
 }
 
 impl fmt::Display for Authorize {
@@ -271,9 +277,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         )?;
         let found = uri_sans(end_entity)
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        if let [only] = found.as_slice()
-            && SpiffeId::parse(only).is_ok_and(|id| self.expected.allows(&id))
-        {
+        if self.expected.admits(&found) {
             return Ok(ServerCertVerified::assertion());
         }
         Err(rustls::Error::InvalidCertificate(CertificateError::Other(
