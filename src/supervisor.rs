@@ -95,7 +95,8 @@ pub struct Supervisor {
     /// Handshake outcomes from probes, reports and Envoy, drained per tick.
     handshakes: crate::handshake::Counter,
     handshake_history: crate::handshake::History,
-    /// Bundle fingerprints per agent and server, to see bundles change.
+    /// Bundle fingerprints by agent name and `server:<name>`, to see
+    /// bundles change.
     bundles: HashMap<String, Vec<String>>,
     last_bundle_change: Option<SystemTime>,
     last_rotation: Option<SystemTime>,
@@ -206,32 +207,27 @@ impl Supervisor {
     /// Notes when any agent's or server's trust bundle changes (not its
     /// first sighting): bursts of `unknown_ca` right after are explained.
     fn track_bundles(&mut self, obs: &Observations, now: SystemTime) {
-        let agents = obs
-            .agents
-            .iter()
-            .filter(|v| !v.bundle.is_empty())
-            .map(|v| (format!("agent:{}", v.agent), v.bundle.clone()));
-        let servers = obs
-            .servers
-            .iter()
-            .filter(|v| !v.bundle.is_empty())
-            .map(|v| {
-                let mut fps: Vec<String> = v.bundle.iter().map(|a| a.fingerprint.clone()).collect();
-                fps.sort();
-                (format!("server:{}", v.server), fps)
-            });
-        for (key, fps) in agents.chain(servers) {
-            match self.bundles.get(&key) {
-                Some(prev) if *prev == fps => {}
-                Some(_) => {
-                    info!(source = %key, authorities = fps.len(), "Trust bundle changed.");
-                    self.last_bundle_change = Some(now);
-                    self.bundles.insert(key, fps);
-                }
-                None => {
-                    self.bundles.insert(key, fps);
-                }
+        // Runs every tick over every agent: compare in place, allocate only
+        // on a first sighting or a change.
+        let mut note = |key: &str, fps: &[String]| match self.bundles.get_mut(key) {
+            Some(prev) if prev.as_slice() == fps => {}
+            Some(prev) => {
+                info!(source = %key, authorities = fps.len(), "Trust bundle changed.");
+                self.last_bundle_change = Some(now);
+                *prev = fps.to_vec();
             }
+            None => {
+                self.bundles.insert(key.to_string(), fps.to_vec());
+            }
+        };
+        for v in obs.agents.iter().filter(|v| !v.bundle.is_empty()) {
+            note(&v.agent, &v.bundle);
+        }
+        // Servers are few; their authorities come unsorted.
+        for v in obs.servers.iter().filter(|v| !v.bundle.is_empty()) {
+            let mut fps: Vec<String> = v.bundle.iter().map(|a| a.fingerprint.clone()).collect();
+            fps.sort();
+            note(&format!("server:{}", v.server), &fps);
         }
     }
 
