@@ -477,6 +477,14 @@ impl Config {
                 errors.push(ConfigError::invalid(format!("{key}.{field}"), reason));
             }
             known_agent(&key, Some(&p.agent), &agents, errors);
+            if let Some(f) = p.cert_file.as_deref()
+                && !self.cert_files.iter().any(|c| c.name == f)
+            {
+                errors.push(ConfigError::invalid(
+                    format!("{key}.cert_file"),
+                    format!("{f:?} is not a configured [[cert_files]] name"),
+                ));
+            }
         }
         for (i, f) in self.cert_files.iter().enumerate() {
             let key = format!("cert_files[{i}]");
@@ -505,16 +513,6 @@ impl Config {
         if let Some(api) = &self.api {
             for (field, reason) in api.problems() {
                 errors.push(ConfigError::invalid(format!("api.{field}"), reason));
-            }
-        }
-        for (i, p) in self.probes.iter().enumerate() {
-            if let Some(f) = p.cert_file.as_deref()
-                && !self.cert_files.iter().any(|c| c.name == f)
-            {
-                errors.push(ConfigError::invalid(
-                    format!("probes[{i}].cert_file"),
-                    format!("{f:?} is not a configured [[cert_files]] name"),
-                ));
             }
         }
     }
