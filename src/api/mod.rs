@@ -460,7 +460,7 @@ pub fn serve(
 ) -> Result<
     (
         Bound,
-        impl Future<Output = Result<(), ApiError>> + Send + 'static,
+        impl Future<Output = Result<(), ApiError>> + Send + 'static + use<>,
     ),
     ApiError,
 > {

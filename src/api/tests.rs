@@ -485,41 +485,42 @@ async fn socket_is_owner_only() {
     api.stop().await;
 }
 
-#[tokio::test]
-async fn regular_file_at_the_socket_path_is_refused_and_left_intact() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("api.sock");
-    std::fs::write(&path, b"precious").unwrap();
+/// `serve` at `socket` with default settings, a fresh counter and metrics,
+/// and a shutdown that never comes.
+fn serve_at(
+    socket: &std::path::Path,
+) -> Result<
+    (
+        Bound,
+        impl std::future::Future<Output = Result<(), ApiError>> + Send + 'static,
+    ),
+    ApiError,
+> {
     let cfg = ApiConfig {
-        socket: path.clone(),
+        socket: socket.to_path_buf(),
         ..ApiConfig::default()
     };
-    let err = serve(
+    serve(
         &cfg,
         Counter::default(),
         Arc::new(Metrics::new()),
         CancellationToken::new(),
     )
-    .err()
-    .unwrap();
+}
+
+#[tokio::test]
+async fn regular_file_at_the_socket_path_is_refused_and_left_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    std::fs::write(&path, b"precious").unwrap();
+    let err = serve_at(&path).err().unwrap();
     assert!(matches!(err, ApiError::NotASocket { .. }), "{err}");
     assert_eq!(err.kind(), "not_a_socket");
     assert_eq!(std::fs::read(&path).unwrap(), b"precious");
     // A directory is not replaced either.
     let sub = dir.path().join("sub");
     std::fs::create_dir(&sub).unwrap();
-    let cfg = ApiConfig {
-        socket: sub.clone(),
-        ..ApiConfig::default()
-    };
-    let err = serve(
-        &cfg,
-        Counter::default(),
-        Arc::new(Metrics::new()),
-        CancellationToken::new(),
-    )
-    .err()
-    .unwrap();
+    let err = serve_at(&sub).err().unwrap();
     assert!(matches!(err, ApiError::NotASocket { .. }), "{err}");
     assert!(sub.is_dir());
 }
@@ -531,43 +532,21 @@ async fn world_writable_socket_directory_is_refused_unless_sticky() {
     let open = dir.path().join("open");
     std::fs::create_dir(&open).unwrap();
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let serve_in = |d: &std::path::Path| {
-        let cfg = ApiConfig {
-            socket: d.join("api.sock"),
-            ..ApiConfig::default()
-        };
-        serve(
-            &cfg,
-            Counter::default(),
-            Arc::new(Metrics::new()),
-            CancellationToken::new(),
-        )
-        .map(|(bound, _)| bound)
-    };
-    let err = serve_in(&open).err().unwrap();
+    let err = serve_at(&open.join("api.sock")).err().unwrap();
     assert_eq!(err.kind(), "unsafe_socket_dir", "{err}");
     assert!(!open.join("api.sock").exists());
     // The sticky bit (as on /tmp) keeps others from replacing our socket.
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
-    let bound = serve_in(&open).expect("a sticky directory is fine");
+    let (bound, _) = serve_at(&open.join("api.sock")).expect("a sticky directory is fine");
     assert_eq!(bound.socket, open.join("api.sock"));
 }
 
 #[tokio::test]
 async fn missing_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = ApiConfig {
-        socket: dir.path().join("nope").join("api.sock"),
-        ..ApiConfig::default()
-    };
-    let err = serve(
-        &cfg,
-        Counter::default(),
-        Arc::new(Metrics::new()),
-        CancellationToken::new(),
-    )
-    .err()
-    .unwrap();
+    let err = serve_at(&dir.path().join("nope").join("api.sock"))
+        .err()
+        .unwrap();
     assert!(matches!(err, ApiError::NoSocketDir { .. }), "{err}");
 }
 
@@ -593,14 +572,7 @@ async fn stale_socket_is_replaced_and_live_one_refused() {
     let task = tokio::spawn(fut);
     // The socket is live now: a second server is refused and the first
     // keeps its socket.
-    let err = serve(
-        &cfg,
-        Counter::default(),
-        Arc::new(Metrics::new()),
-        CancellationToken::new(),
-    )
-    .err()
-    .unwrap();
+    let err = serve_at(&path).err().unwrap();
     assert!(matches!(err, ApiError::InUse { .. }), "{err}");
     assert!(path.exists());
     shutdown.cancel();
@@ -611,20 +583,11 @@ async fn stale_socket_is_replaced_and_live_one_refused() {
 #[tokio::test]
 async fn dropping_the_future_removes_the_socket() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = ApiConfig {
-        socket: dir.path().join("api.sock"),
-        ..ApiConfig::default()
-    };
-    let (_, fut) = serve(
-        &cfg,
-        Counter::default(),
-        Arc::new(Metrics::new()),
-        CancellationToken::new(),
-    )
-    .unwrap();
-    assert!(cfg.socket.exists());
+    let socket = dir.path().join("api.sock");
+    let (_, fut) = serve_at(&socket).unwrap();
+    assert!(socket.exists());
     drop(fut);
-    assert!(!cfg.socket.exists());
+    assert!(!socket.exists());
 }
 
 // === Config ===
