@@ -911,6 +911,22 @@ fn two_rung_policy() -> Policy {
 
 // === Handshakes ===
 
+/// One agent; `handshake_failure_burst` has a one-rung ladder (the fake
+/// restart actuator) verified within `verify_within`.
+async fn burst_harness(verify_within: Duration) -> Harness {
+    let mut h = Harness::new(vec![view("a")]).await;
+    h.policy.ladders.insert(
+        "handshake_failure_burst".into(),
+        vec![Rung {
+            actuator: "restart-agent".into(),
+            timeout: Duration::from_secs(5),
+            verify_within,
+            cooldown: None,
+        }],
+    );
+    h
+}
+
 /// 40 of 50 handshakes to `web` fail with `unknown_ca` between two ticks.
 fn burst(counter: &crate::handshake::Counter) {
     use crate::handshake::{Reason, Source};
@@ -922,18 +938,7 @@ fn burst(counter: &crate::handshake::Counter) {
 
 #[tokio::test]
 async fn unexplained_handshake_burst_is_reported_not_acted_on() {
-    let mut h = Harness::new(vec![view("a")]).await;
-    let mut ladders = h.policy.ladders.clone();
-    ladders.insert(
-        "handshake_failure_burst".into(),
-        vec![Rung {
-            actuator: "restart-agent".into(),
-            timeout: Duration::from_secs(5),
-            verify_within: Duration::from_secs(10),
-            cooldown: None,
-        }],
-    );
-    h.policy.ladders = ladders;
+    let h = burst_harness(Duration::from_secs(10)).await;
     let counter = crate::handshake::Counter::default();
     let mut sup = h
         .supervisor()
@@ -977,16 +982,7 @@ async fn unexplained_handshake_burst_is_reported_not_acted_on() {
 
 #[tokio::test]
 async fn handshake_burst_after_a_bundle_change_is_remediated() {
-    let mut h = Harness::new(vec![view("a")]).await;
-    h.policy.ladders.insert(
-        "handshake_failure_burst".into(),
-        vec![Rung {
-            actuator: "restart-agent".into(),
-            timeout: Duration::from_secs(5),
-            verify_within: Duration::from_secs(60),
-            cooldown: None,
-        }],
-    );
+    let h = burst_harness(Duration::from_secs(60)).await;
     let counter = crate::handshake::Counter::default();
     let mut sup = h
         .supervisor()
