@@ -181,6 +181,8 @@ fn bench(c: &mut Criterion) {
             health: Arc::new(Health::new(Duration::from_secs(10))),
             wake: Arc::new(tokio::sync::Notify::new()),
             tick_interval: Duration::from_secs(1),
+            handshakes: Default::default(),
+            peers: Default::default(),
         },
         Knowledge::default(),
     );

@@ -18,7 +18,7 @@ use crate::config::Resolved;
 use crate::knowledge::{self, Buffer, Store, StoreError};
 use crate::sensors::Sensor;
 use crate::sensors::workload_api::{self, Settings};
-use crate::supervisor::{Parts, Supervisor};
+use crate::supervisor::{Parts, Peers, Supervisor};
 use crate::telemetry::{self, Health, Metrics};
 
 /// Handles to a started supervisor.
@@ -189,11 +189,11 @@ pub async fn start(
             health: health.clone(),
             wake,
             tick_interval: cfg.supervisor.tick_interval,
+            handshakes,
+            peers: Peers::new(probes, []),
         },
         knowledge,
-    )
-    .with_handshakes(handshakes)
-    .with_probes(probes);
+    );
     tasks.spawn(
         supervisor
             .run(shutdown.child_token())

@@ -758,7 +758,8 @@ impl Incident {
 /// One remediation step chosen by `plan`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Step {
-    /// Store id of the action this step becomes.
+    /// Store id of the action this step becomes: empty as planned,
+    /// assigned when the loop executes the decision.
     pub action_id: String,
     /// The incident it serves.
     pub incident_id: String,
@@ -954,7 +955,9 @@ pub enum Event {
     },
 }
 
-/// A new random, time-ordered id for incidents and actions.
+/// A new random, time-ordered id for incidents and actions. It reads the
+/// clock and a random source, so only the loop calls it, when it opens an
+/// incident or executes a decision; the pure stages never do.
 pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }

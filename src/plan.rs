@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::actuators::Class;
 use crate::clock::saturating_since;
-use crate::model::{Incident, Step, Symptom, SymptomKey, new_id};
+use crate::model::{Incident, Step, Symptom, SymptomKey};
 use crate::policy::Policy;
 
 /// Why a step was not taken.
@@ -243,7 +243,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Decision> {
         planned += 1;
         out.push(Decision::Act {
             step: Step {
-                action_id: new_id(),
+                action_id: String::new(),
                 incident_id: inc.id.clone(),
                 symptom: inc.kind,
                 rung: idx,

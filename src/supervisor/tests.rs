@@ -31,6 +31,7 @@ fn t(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
 }
 
+const HOUR: Duration = Duration::from_secs(3600);
 const SPIFFE_ID: &str = "spiffe://example.org/workload/web";
 /// Generous bound for a spawned fake action to report back.
 const WAIT: Duration = Duration::from_secs(5);
@@ -289,7 +290,30 @@ impl Harness {
             health: Arc::new(Health::new(Duration::from_secs(60))),
             wake: self.wake.clone(),
             tick_interval: Duration::from_secs(1),
+            handshakes: crate::handshake::Counter::default(),
+            peers: Peers::default(),
         }
+    }
+
+    /// A supervisor counting handshakes in `counter`, with `peers`
+    /// configured.
+    async fn supervisor_with(
+        &self,
+        counter: &crate::handshake::Counter,
+        peers: &[&str],
+    ) -> Supervisor {
+        let since = self.clock.now() - HOUR;
+        let knowledge = self
+            .store
+            .load_knowledge(since)
+            .await
+            .expect("load knowledge");
+        let parts = Parts {
+            handshakes: counter.clone(),
+            peers: Peers::new(HashMap::new(), peers.iter().map(|p| p.to_string())),
+            ..self.parts(self.store.clone())
+        };
+        Supervisor::new(parts, knowledge)
     }
 
     /// A supervisor over `store`, resuming from what it holds.
@@ -940,11 +964,7 @@ fn burst(counter: &crate::handshake::Counter) {
 async fn unexplained_handshake_burst_is_reported_not_acted_on() {
     let h = burst_harness(Duration::from_secs(10)).await;
     let counter = crate::handshake::Counter::default();
-    let mut sup = h
-        .supervisor()
-        .await
-        .with_handshakes(counter.clone())
-        .with_peers(["web".to_string()]);
+    let mut sup = h.supervisor_with(&counter, &["web"]).await;
     h.tick(&mut sup, 1).await;
     burst(&counter);
     let r = h.tick(&mut sup, 2).await;
@@ -984,11 +1004,7 @@ async fn unexplained_handshake_burst_is_reported_not_acted_on() {
 async fn handshake_burst_after_a_bundle_change_is_remediated() {
     let h = burst_harness(Duration::from_secs(60)).await;
     let counter = crate::handshake::Counter::default();
-    let mut sup = h
-        .supervisor()
-        .await
-        .with_handshakes(counter.clone())
-        .with_peers(["web".to_string()]);
+    let mut sup = h.supervisor_with(&counter, &["web"]).await;
     h.agent("a").update(|v| v.bundle = vec!["aa".into()]);
     h.tick(&mut sup, 1).await;
     // The trust bundle rotates, then handshakes fail with unknown_ca.

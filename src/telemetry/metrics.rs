@@ -4,6 +4,10 @@
 //! names). SPIFFE IDs appear only on the per-SVID expiry gauges, and only for
 //! the `top_k` soonest-expiring SVIDs, so the series count stays bounded.
 
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use crate::clock::unix_secs_f64;
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -17,6 +21,49 @@ const FAST_BUCKETS: &[f64] = &[
 const MTTR_BUCKETS: &[f64] = &[
     0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0,
 ];
+
+/// What one supervisor tick did, as the metrics see it: filled by the loop,
+/// written by [`Metrics::record_tick`]. Names borrow from the tick's
+/// observations.
+#[derive(Debug, Default)]
+pub struct TickSummary<'a> {
+    /// Symptom kinds of the incidents opened.
+    pub opened: Vec<&'static str>,
+    /// Symptom kind and duration in seconds of the incidents closed.
+    pub closed: Vec<(&'static str, f64)>,
+    /// Reasons of the holds recorded.
+    pub holds: Vec<&'static str>,
+    /// Agents whose SVIDs rotated, once per rotation.
+    pub rotations: Vec<&'a str>,
+    /// Actuator and outcome of the actions that returned.
+    pub actions: Vec<(String, &'static str)>,
+    /// Actuator and verdict of the actions verified.
+    pub verifications: Vec<(String, &'static str)>,
+    /// The soonest-expiring SVIDs: agent, SPIFFE ID, notAfter.
+    pub svid_expiries: Vec<(&'a str, &'a str, SystemTime)>,
+    /// The state after a whole tick; `None` when only actions were
+    /// collected (at shutdown), which leaves the gauges as they are.
+    pub gauges: Option<Gauges<'a>>,
+}
+
+/// Gauges describing the fleet after a tick.
+#[derive(Debug, Default)]
+pub struct Gauges<'a> {
+    /// Active symptoms by (kind, severity).
+    pub symptoms: BTreeMap<(&'static str, &'static str), i64>,
+    /// Open incidents by kind.
+    pub incidents_open: BTreeMap<&'static str, i64>,
+    /// Agents with an open agent-level incident.
+    pub agents_at_risk: i64,
+    /// SVIDs served by an agent at risk, or themselves at risk.
+    pub workloads_at_risk: i64,
+    /// The earliest predicted outage over open incidents.
+    pub predicted_outage: Option<SystemTime>,
+    /// Servers answering.
+    pub servers_up: i64,
+    /// Time since each agent's last successful sync with a server.
+    pub agent_sync_ages: Vec<(&'a str, Duration)>,
+}
 
 /// The metric set, registered on its own [`Registry`].
 pub struct Metrics {
@@ -317,6 +364,70 @@ impl Metrics {
     /// Counts an error for `stage` with a closed-set `kind`.
     pub fn error(&self, stage: &str, kind: &str) {
         self.errors_total.with_label_values(&[stage, kind]).inc();
+    }
+
+    /// Sets what one supervisor tick changed: the one place the loop's
+    /// metrics are written (sensors, the store and actions time their own
+    /// I/O).
+    pub fn record_tick(&self, now: SystemTime, t: &TickSummary<'_>) {
+        for kind in &t.opened {
+            self.incidents_opened_total.with_label_values(&[kind]).inc();
+        }
+        for (kind, secs) in &t.closed {
+            self.incident_duration_seconds
+                .with_label_values(&[kind])
+                .observe(*secs);
+        }
+        for reason in &t.holds {
+            self.holds_total.with_label_values(&[reason]).inc();
+        }
+        for agent in &t.rotations {
+            self.spiffe_certificate_rotation_total
+                .with_label_values(&[agent])
+                .inc();
+        }
+        for (actuator, outcome) in &t.actions {
+            self.actions_total
+                .with_label_values(&[actuator.as_str(), outcome])
+                .inc();
+        }
+        for (actuator, verdict) in &t.verifications {
+            self.verifications_total
+                .with_label_values(&[actuator.as_str(), verdict])
+                .inc();
+        }
+        let Some(g) = &t.gauges else {
+            return;
+        };
+        self.symptoms.reset();
+        for ((kind, severity), n) in &g.symptoms {
+            self.symptoms.with_label_values(&[kind, severity]).set(*n);
+        }
+        self.incidents_open.reset();
+        for (kind, n) in &g.incidents_open {
+            self.incidents_open.with_label_values(&[kind]).set(*n);
+        }
+        let now_s = unix_secs_f64(now);
+        self.set_svid_expiries(
+            t.svid_expiries
+                .iter()
+                .map(|(agent, id, not_after)| {
+                    let at = unix_secs_f64(*not_after);
+                    (agent.to_string(), id.to_string(), at, at - now_s)
+                })
+                .collect(),
+        );
+        self.agents_at_risk.set(g.agents_at_risk);
+        self.workloads_at_risk.set(g.workloads_at_risk);
+        self.predicted_outage_timestamp_seconds
+            .set(g.predicted_outage.map_or(0.0, unix_secs_f64));
+        self.servers_up.set(g.servers_up);
+        for (agent, age) in &g.agent_sync_ages {
+            self.agent_last_sync_age_seconds
+                .with_label_values(&[agent])
+                .set(age.as_secs_f64());
+        }
+        self.last_tick_timestamp_seconds.set(now_s);
     }
 
     /// Replaces the per-SVID expiry series with `svids` (agent, spiffe id,

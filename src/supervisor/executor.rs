@@ -1,0 +1,318 @@
+//! Execute: the actions in flight and awaiting verification. A step is
+//! prepared against what was just observed (its precondition), recorded,
+//! then launched as a tracked task; its outcome comes back over a channel
+//! and the step is verified against the incident it was for: cleared
+//! within `verify_within` or not.
+//!
+//! Actions may target only what the loop watches: agents, and configured
+//! peers (probe targets). When an action on a peer returns, the peer's
+//! probe is poked so verification sees its new state at once.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::{Notify, mpsc};
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::Tick;
+use super::changes::Changes;
+use crate::actuators::{ActuatorError, Class, Prepared, Registry};
+use crate::clock::{Clock, saturating_since};
+use crate::model::{Event, Observations, Outcome, OutcomeKind, Step, SymptomKey, Verification};
+use crate::sensors::handshake_probe::ProbeHandle;
+use crate::telemetry::Metrics;
+
+/// Configured peers: the only peers actions may target, and the probes to
+/// poke when an action on one returns.
+#[derive(Debug, Default, Clone)]
+pub struct Peers {
+    probes: HashMap<String, Arc<ProbeHandle>>,
+    names: HashSet<String>,
+}
+
+impl Peers {
+    /// Peers named by their probes, plus `names` (peers without a probe).
+    pub fn new(
+        probes: HashMap<String, Arc<ProbeHandle>>,
+        names: impl IntoIterator<Item = String>,
+    ) -> Self {
+        let mut all: HashSet<String> = probes.keys().cloned().collect();
+        all.extend(names);
+        Self { probes, names: all }
+    }
+
+    pub(super) fn names(&self) -> &HashSet<String> {
+        &self.names
+    }
+}
+
+/// An action in flight or awaiting verification.
+#[derive(Debug, Clone)]
+struct Pending {
+    step: Step,
+    started: SystemTime,
+    key: SymptomKey,
+    finished: Option<(SystemTime, OutcomeKind)>,
+}
+
+type Finished = (String, Outcome, SystemTime);
+
+/// Runs steps and tracks them until verified.
+pub(super) struct Executor {
+    actuators: Registry,
+    peers: Peers,
+    pending: HashMap<String, Pending>,
+    results_tx: mpsc::UnboundedSender<Finished>,
+    results_rx: mpsc::UnboundedReceiver<Finished>,
+    tasks: TaskTracker,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    /// Woken when an action returns, so its verification need not wait
+    /// for the next interval.
+    wake: Arc<Notify>,
+}
+
+impl Executor {
+    pub(super) fn new(
+        actuators: Registry,
+        peers: Peers,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+        wake: Arc<Notify>,
+    ) -> Self {
+        let (results_tx, results_rx) = mpsc::unbounded_channel();
+        Self {
+            actuators,
+            peers,
+            pending: HashMap::new(),
+            results_tx,
+            results_rx,
+            tasks: TaskTracker::new(),
+            clock,
+            metrics,
+            wake,
+        }
+    }
+
+    pub(super) fn peers(&self) -> &HashSet<String> {
+        self.peers.names()
+    }
+
+    /// The class of a configured actuator; `None` when not configured.
+    pub(super) fn class(&self, actuator: &str) -> Option<Class> {
+        self.actuators.get(actuator).map(|a| a.class())
+    }
+
+    /// Targets with an action running or awaiting verification.
+    pub(super) fn busy_targets(&self) -> HashSet<String> {
+        self.pending
+            .values()
+            .map(|p| p.step.target.clone())
+            .collect()
+    }
+
+    /// Whether an action in flight explains an agent's stream going down:
+    /// a restart drops the stream, so `agent_unreachable` waits for the
+    /// verdict. A stream already down when the action started is not
+    /// explained by it.
+    pub(super) fn explains_stream_loss(&self, agent: &str, changes: &Changes) -> bool {
+        self.pending.values().any(|p| {
+            p.step.target == agent
+                && changes
+                    .view(agent)
+                    .is_some_and(|v| v.status_since >= p.started)
+        })
+    }
+
+    /// Checks the step's precondition against what was just observed.
+    pub(super) fn prepare(&self, step: &mut Step, obs: &Observations) -> Prepared {
+        self.actuators
+            .get(&step.actuator)
+            .map_or(Prepared::Ready, |a| a.prepare(step, obs))
+    }
+
+    /// Tracks a recorded step until it is verified.
+    pub(super) fn track(&mut self, step: &Step, key: SymptomKey, now: SystemTime) {
+        info!(action = %step.action_id, incident = %step.incident_id, symptom = %step.symptom, actuator = %step.actuator, target = %step.target, rung = step.rung, dry_run = step.dry_run, "Starting action.");
+        self.pending.insert(
+            step.action_id.clone(),
+            Pending {
+                step: step.clone(),
+                started: now,
+                key,
+                finished: None,
+            },
+        );
+    }
+
+    /// Outcomes of the actions that returned since the last call.
+    pub(super) fn collect(&mut self, tick: &mut Tick<'_>) {
+        while let Ok((id, outcome, at)) = self.results_rx.try_recv() {
+            if let Some(p) = self.pending.get_mut(&id) {
+                p.finished = Some((at, outcome.kind));
+                tick.summary
+                    .actions
+                    .push((p.step.actuator.clone(), outcome.kind.as_str()));
+                if let Some(probe) = self.peers.probes.get(&p.step.target) {
+                    probe.probe_now();
+                }
+            }
+            tick.events.push(Event::ActionFinished { id, outcome, at });
+        }
+    }
+
+    /// Decides the verification of every returned action whose verdict is
+    /// due; `is_open` tells whether its incident is still open.
+    pub(super) fn verify(
+        &mut self,
+        is_open: &dyn Fn(&SymptomKey) -> bool,
+        now: SystemTime,
+        tick: &mut Tick<'_>,
+    ) {
+        let mut done: Vec<(String, Verification)> = self
+            .pending
+            .iter()
+            .filter_map(|(id, p)| {
+                let (finished_at, kind) = p.finished?;
+                let deadline_passed = saturating_since(now, finished_at) >= p.step.verify_within;
+                verdict(kind, !is_open(&p.key), deadline_passed).map(|v| (id.clone(), v))
+            })
+            .collect();
+        done.sort_by(|a, b| a.0.cmp(&b.0));
+        for (id, v) in done {
+            let Some(p) = self.pending.remove(&id) else {
+                continue;
+            };
+            info!(action = %id, actuator = %p.step.actuator, target = %p.step.target, verification = v.as_str(), "Action verified.");
+            tick.summary
+                .verifications
+                .push((p.step.actuator, v.as_str()));
+            tick.events.push(Event::ActionVerified {
+                id: id.clone(),
+                verification: v,
+                at: now,
+            });
+            tick.report.verified.push((id, v));
+        }
+    }
+
+    /// Runs the step as a tracked task (a dry run only reports back).
+    pub(super) fn launch(&self, step: Step, now: SystemTime) {
+        let tx = self.results_tx.clone();
+        if step.dry_run {
+            let _ = tx.send((
+                step.action_id.clone(),
+                outcome(OutcomeKind::DryRun, None),
+                now,
+            ));
+            return;
+        }
+        let Some(actuator) = self.actuators.get(&step.actuator).cloned() else {
+            let error = format!("actuator {:?} is not configured", step.actuator);
+            let _ = tx.send((
+                step.action_id.clone(),
+                outcome(OutcomeKind::Error, Some(error)),
+                now,
+            ));
+            return;
+        };
+        let clock = self.clock.clone();
+        let metrics = self.metrics.clone();
+        let wake = self.wake.clone();
+        let span = info_span!("action", action = %step.action_id, actuator = %step.actuator, target = %step.target, reason = %step.symptom);
+        self.tasks.spawn(
+            async move {
+                let timer = metrics
+                    .action_duration_seconds
+                    .with_label_values(&[&step.actuator])
+                    .start_timer();
+                let outcome =
+                    match tokio::time::timeout(step.timeout, actuator.execute(&step)).await {
+                        Ok(Ok(o)) => o,
+                        Ok(Err(e)) => {
+                            metrics.error("actuator", e.kind());
+                            warn!(error = %e, "Action failed.");
+                            error_outcome(&e)
+                        }
+                        Err(_) => error_outcome(&ActuatorError::Timeout(step.timeout)),
+                    };
+                timer.observe_duration();
+                let _ = tx.send((step.action_id.clone(), outcome, clock.now()));
+                wake.notify_one();
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Waits for every launched action to return.
+    pub(super) async fn wait(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+/// The verification of a returned action: `cleared` when its incident is
+/// closed, `deadline_passed` when `verify_within` has elapsed since it
+/// returned. `None`: not yet decided.
+fn verdict(kind: OutcomeKind, cleared: bool, deadline_passed: bool) -> Option<Verification> {
+    match kind {
+        OutcomeKind::DryRun if deadline_passed || cleared => Some(Verification::Skipped),
+        OutcomeKind::Ok if cleared => Some(Verification::Verified),
+        OutcomeKind::Ok if deadline_passed => Some(Verification::Failed),
+        OutcomeKind::Error | OutcomeKind::Timeout if cleared => Some(Verification::Verified),
+        OutcomeKind::Error | OutcomeKind::Timeout => Some(Verification::Failed),
+        _ => None,
+    }
+}
+
+fn outcome(kind: OutcomeKind, error: Option<String>) -> Outcome {
+    Outcome {
+        kind,
+        detail: serde_json::json!({}),
+        error,
+    }
+}
+
+fn error_outcome(e: &ActuatorError) -> Outcome {
+    Outcome {
+        kind: if matches!(e, ActuatorError::Timeout(_)) {
+            OutcomeKind::Timeout
+        } else {
+            OutcomeKind::Error
+        },
+        detail: serde_json::json!({ "kind": e.kind() }),
+        error: Some(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdict_table() {
+        use OutcomeKind::*;
+        use Verification::*;
+        // (outcome, cleared, deadline passed, verdict)
+        let cases = [
+            (Ok, true, false, Some(Verified)),
+            (Ok, false, false, None),
+            (Ok, false, true, Some(Failed)),
+            (Error, true, false, Some(Verified)),
+            (Error, false, false, Some(Failed)),
+            (Timeout, false, false, Some(Failed)),
+            (DryRun, false, false, None),
+            (DryRun, true, false, Some(Skipped)),
+            (DryRun, false, true, Some(Skipped)),
+        ];
+        for (kind, cleared, passed, want) in cases {
+            assert_eq!(
+                verdict(kind, cleared, passed),
+                want,
+                "{kind:?} {cleared} {passed}"
+            );
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! Open incidents: which symptoms became incidents, when they close, which
+//! rung each has reached, and which "held back, because" was already
+//! recorded for each.
+//!
+//! An incident opens when its symptom appears (after the symptom's
+//! `open_after`, if the policy sets one: a debounce for symptoms that flap)
+//! and closes when the symptom is gone; analysis applies the hysteresis, so
+//! here "present" is the whole truth. Holds are recorded once per
+//! (incident, actuator, reason): a guard that holds for an hour must not
+//! write a row every tick.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, SystemTime};
+
+use tracing::{info, warn};
+
+use super::Tick;
+use crate::clock::saturating_since;
+use crate::model::{Event, Incident, Subject, Symptom, SymptomKey, SymptomKind};
+
+/// The loop's open incidents and what was recorded about them.
+#[derive(Debug, Default)]
+pub(super) struct Incidents {
+    /// By kind, then subject: looked up without building a key.
+    open: HashMap<SymptomKind, HashMap<Subject, Incident>>,
+    /// Debounce: when a symptom with an `open_after` was first seen.
+    first_seen: HashMap<SymptomKey, SystemTime>,
+    /// The last hold recorded per incident id: (actuator, reason).
+    last_hold: HashMap<String, (String, &'static str)>,
+}
+
+impl Incidents {
+    /// Resumes the incidents the store still has open.
+    pub(super) fn resume(open: Vec<Incident>) -> Self {
+        let mut s = Self::default();
+        for i in open {
+            s.insert(i);
+        }
+        s
+    }
+
+    fn insert(&mut self, inc: Incident) {
+        self.open
+            .entry(inc.kind)
+            .or_default()
+            .insert(inc.subject.clone(), inc);
+    }
+
+    fn get(&self, kind: SymptomKind, subject: &Subject) -> Option<&Incident> {
+        self.open.get(&kind)?.get(subject)
+    }
+
+    pub(super) fn is_open(&self, key: &SymptomKey) -> bool {
+        self.get(key.kind, &key.subject).is_some()
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = &Incident> {
+        self.open.values().flat_map(HashMap::values)
+    }
+
+    pub(super) fn by_id(&self, id: &str) -> Option<&Incident> {
+        self.iter().find(|i| i.id == id)
+    }
+
+    /// Closes the incidents whose symptom is gone, then opens one for each
+    /// new symptom that has persisted its `open_after` and that `defer` does
+    /// not hold back (an action in flight explains it). `new_id` names each
+    /// opened incident.
+    pub(super) fn reconcile(
+        &mut self,
+        symptoms: &[Symptom],
+        defer: &dyn Fn(&Symptom) -> bool,
+        open_after: &BTreeMap<String, Duration>,
+        now: SystemTime,
+        new_id: &mut dyn FnMut() -> String,
+        tick: &mut Tick<'_>,
+    ) {
+        let present: HashSet<(SymptomKind, &Subject)> =
+            symptoms.iter().map(|s| (s.kind, &s.subject)).collect();
+        self.first_seen
+            .retain(|k, _| present.contains(&(k.kind, &k.subject)));
+        let last_hold = &mut self.last_hold;
+        for (kind, by_subject) in &mut self.open {
+            by_subject.retain(|subject, inc| {
+            if present.contains(&(*kind, subject)) {
+                return true;
+            }
+            let took = saturating_since(now, inc.opened_at);
+            info!(incident = %inc.id, symptom = %inc.kind, subject = %inc.subject, after_ms = took.as_millis() as u64, "Incident closed.");
+            last_hold.remove(&inc.id);
+            tick.summary.closed.push((inc.kind.as_str(), took.as_secs_f64()));
+            tick.events.push(Event::IncidentClosed {
+                id: inc.id.clone(),
+                at: now,
+                resolution: "cleared".into(),
+            });
+            tick.report.closed.push(inc.id.clone());
+            false
+        });
+        }
+        for s in symptoms {
+            if self.get(s.kind, &s.subject).is_some() || defer(s) {
+                continue;
+            }
+            if let Some(wait) = open_after.get(s.kind.as_str()) {
+                let since = *self.first_seen.entry(s.key()).or_insert(now);
+                if saturating_since(now, since) < *wait {
+                    continue;
+                }
+            }
+            let inc = Incident {
+                id: new_id(),
+                kind: s.kind,
+                subject: s.subject.clone(),
+                severity: s.severity,
+                opened_at: now,
+                predicted_outage: s.predicted_outage,
+                evidence: s.evidence.clone(),
+                next_rung: 0,
+            };
+            warn!(incident = %inc.id, symptom = %s.kind, subject = %s.subject, severity = s.severity.as_str(), blind = s.blind, "Incident opened.");
+            tick.summary.opened.push(s.kind.as_str());
+            tick.events.push(Event::IncidentOpened {
+                incident: inc.clone(),
+            });
+            tick.report.opened.push(inc.id.clone());
+            self.insert(inc);
+        }
+    }
+
+    /// Records "held back, because" once per (incident, actuator, reason).
+    pub(super) fn hold(
+        &mut self,
+        incident_id: &str,
+        actuator: &str,
+        target: &str,
+        reason: &'static str,
+        now: SystemTime,
+        tick: &mut Tick<'_>,
+    ) {
+        if self
+            .last_hold
+            .get(incident_id)
+            .is_some_and(|(a, r)| a == actuator && *r == reason)
+        {
+            return;
+        }
+        self.last_hold
+            .insert(incident_id.to_string(), (actuator.to_string(), reason));
+        tick.summary.holds.push(reason);
+        info!(incident = %incident_id, %actuator, %target, reason, "Holding back.");
+        tick.events.push(Event::Held {
+            incident_id: incident_id.to_string(),
+            actuator: actuator.to_string(),
+            target: target.to_string(),
+            reason: reason.to_string(),
+            at: now,
+        });
+    }
+
+    /// Moves the incident's ladder to `next_rung` (recorded).
+    pub(super) fn escalate(&mut self, key: &SymptomKey, next_rung: usize, tick: &mut Tick<'_>) {
+        if let Some(inc) = self
+            .open
+            .get_mut(&key.kind)
+            .and_then(|m| m.get_mut(&key.subject))
+        {
+            inc.next_rung = next_rung;
+            tick.events.push(Event::IncidentEscalated {
+                id: inc.id.clone(),
+                next_rung,
+            });
+        }
+    }
+
+    /// An action started for the incident: the next hold is news again.
+    pub(super) fn acted(&mut self, incident_id: &str) {
+        self.last_hold.remove(incident_id);
+    }
+
+    /// Agents with an open agent-level incident.
+    pub(super) fn agents_at_risk(&self) -> HashSet<&str> {
+        self.iter()
+            .filter(|i| i.subject.is_agent_level())
+            .map(|i| i.subject.agent_name())
+            .collect()
+    }
+
+    /// Per agent, the SPIFFE IDs with an open incident of their own.
+    pub(super) fn svids_at_risk(&self) -> HashMap<&str, HashSet<&str>> {
+        let mut out: HashMap<&str, HashSet<&str>> = HashMap::new();
+        for i in self.iter() {
+            if let Subject::Svid { agent, spiffe_id } = &i.subject {
+                out.entry(agent.as_str())
+                    .or_default()
+                    .insert(spiffe_id.as_str());
+            }
+        }
+        out
+    }
+
+    /// The earliest predicted outage over open incidents.
+    pub(super) fn earliest_outage(&self) -> Option<SystemTime> {
+        self.iter().filter_map(|i| i.predicted_outage).min()
+    }
+
+    /// Open incidents per symptom kind.
+    pub(super) fn count_by_kind(&self) -> BTreeMap<&'static str, i64> {
+        self.open
+            .iter()
+            .filter(|(_, m)| !m.is_empty())
+            .map(|(k, m)| (k.as_str(), m.len() as i64))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Severity, SymptomKind};
+    use serde_json::json;
+    use std::time::UNIX_EPOCH;
+
+    fn t(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    fn symptom(kind: SymptomKind, agent: &str) -> Symptom {
+        Symptom {
+            kind,
+            subject: Subject::agent(agent),
+            severity: Severity::Warning,
+            predicted_outage: Some(t(100)),
+            evidence: json!({}),
+            blind: false,
+        }
+    }
+
+    /// Ids `i1`, `i2`, … in order.
+    fn ids() -> impl FnMut() -> String {
+        let mut n = 0;
+        move || {
+            n += 1;
+            format!("i{n}")
+        }
+    }
+
+    fn debounce() -> BTreeMap<String, Duration> {
+        BTreeMap::from([("bundle_divergence".to_string(), Duration::from_secs(30))])
+    }
+
+    #[test]
+    fn opens_once_and_closes_when_the_symptom_is_gone() {
+        let mut inc = Incidents::default();
+        let mut id = ids();
+        let s = [symptom(SymptomKind::AgentUnreachable, "a")];
+        let mut tick = Tick::default();
+        inc.reconcile(&s, &|_| false, &debounce(), t(0), &mut id, &mut tick);
+        inc.reconcile(&s, &|_| false, &debounce(), t(1), &mut id, &mut tick);
+        assert_eq!(tick.report.opened, ["i1"]);
+        assert_eq!(tick.summary.opened, ["agent_unreachable"]);
+        assert!(inc.is_open(&s[0].key()));
+
+        let mut tick = Tick::default();
+        inc.reconcile(&[], &|_| false, &debounce(), t(31), &mut id, &mut tick);
+        assert_eq!(tick.report.closed, ["i1"]);
+        assert_eq!(tick.summary.closed, [("agent_unreachable", 31.0)]);
+        assert!(matches!(
+            &tick.events[..],
+            [Event::IncidentClosed { id, resolution, .. }] if id == "i1" && resolution == "cleared"
+        ));
+        assert_eq!(inc.iter().count(), 0);
+    }
+
+    #[test]
+    fn debounce_needs_the_symptom_to_persist() {
+        let mut inc = Incidents::default();
+        let mut id = ids();
+        let s = [symptom(SymptomKind::BundleDivergence, "a")];
+        let mut tick = Tick::default();
+        inc.reconcile(&s, &|_| false, &debounce(), t(0), &mut id, &mut tick);
+        inc.reconcile(&s, &|_| false, &debounce(), t(29), &mut id, &mut tick);
+        assert!(tick.report.opened.is_empty());
+        // Gone for one tick: the wait starts over.
+        inc.reconcile(&[], &|_| false, &debounce(), t(30), &mut id, &mut tick);
+        inc.reconcile(&s, &|_| false, &debounce(), t(31), &mut id, &mut tick);
+        inc.reconcile(&s, &|_| false, &debounce(), t(60), &mut id, &mut tick);
+        assert!(tick.report.opened.is_empty());
+        inc.reconcile(&s, &|_| false, &debounce(), t(61), &mut id, &mut tick);
+        assert_eq!(tick.report.opened, ["i1"]);
+    }
+
+    #[test]
+    fn deferred_symptoms_do_not_open() {
+        let mut inc = Incidents::default();
+        let s = [symptom(SymptomKind::AgentUnreachable, "a")];
+        let mut tick = Tick::default();
+        inc.reconcile(&s, &|_| true, &debounce(), t(0), &mut ids(), &mut tick);
+        assert!(tick.report.opened.is_empty());
+        assert!(tick.events.is_empty());
+    }
+
+    #[test]
+    fn a_hold_is_recorded_once_until_something_changes() {
+        let mut inc = Incidents::default();
+        let mut tick = Tick::default();
+        for at in 0..3 {
+            inc.hold("i1", "restart", "a", "cooldown", t(at), &mut tick);
+        }
+        assert_eq!(tick.events.len(), 1);
+        // Another reason is news; so is the same one after an action.
+        inc.hold("i1", "restart", "a", "budget", t(3), &mut tick);
+        inc.acted("i1");
+        inc.hold("i1", "restart", "a", "budget", t(4), &mut tick);
+        assert_eq!(tick.summary.holds, ["cooldown", "budget", "budget"]);
+        assert_eq!(tick.events.len(), 3);
+    }
+
+    #[test]
+    fn escalation_moves_the_ladder_and_is_recorded() {
+        let mut inc = Incidents::default();
+        let s = [symptom(SymptomKind::AgentUnreachable, "a")];
+        let mut tick = Tick::default();
+        inc.reconcile(&s, &|_| false, &debounce(), t(0), &mut ids(), &mut tick);
+        inc.escalate(&s[0].key(), 2, &mut tick);
+        assert_eq!(inc.by_id("i1").map(|i| i.next_rung), Some(2));
+        assert!(matches!(
+            tick.events.last(),
+            Some(Event::IncidentEscalated { id, next_rung: 2 }) if id == "i1"
+        ));
+    }
+}
