@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use crate::actuators::ActuatorConfig;
 use crate::endpoint::Endpoint;
-use crate::policy::Policy;
+use crate::policy::{DEFAULT_POLICY, Policy};
 
 /// Exit code for a bad configuration (EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;
@@ -745,6 +745,41 @@ impl Config {
             }),
             _ => Err(errors),
         }
+    }
+}
+
+// === impl Policy: loading ===
+
+impl Policy {
+    /// The built-in default.
+    ///
+    /// # Errors
+    /// Never in a released build (a test parses it).
+    pub fn builtin() -> Result<Self, ConfigError> {
+        Self::from_toml(DEFAULT_POLICY, "policies/default.toml (built in)")
+    }
+
+    /// Parses policy TOML.
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`].
+    pub fn from_toml(text: &str, path: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_string(),
+            reason: e.to_string().trim().replace('\n', " "),
+        })
+    }
+
+    /// Reads a policy file.
+    ///
+    /// # Errors
+    /// `Read` or `Parse`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
     }
 }
 
