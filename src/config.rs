@@ -518,12 +518,36 @@ impl Config {
     }
 
     /// Checks every value and resolves addresses, environment overrides and
-    /// the policy. Reports all problems together.
+    /// the policy. Reports all problems together, section by section.
     ///
     /// # Errors
     /// Every problem found.
     pub fn validate(&self, env: Env<'_>) -> Result<Resolved, Vec<ConfigError>> {
         let mut errors = Vec::new();
+        self.validate_supervisor(&mut errors);
+        let database_url = self.validate_database(env, &mut errors);
+        let (endpoints, agents) = self.validate_agents(env, &mut errors);
+        self.validate_servers(&agents, &mut errors);
+        self.validate_agent_sources(&mut errors);
+        self.validate_actuators(&mut errors);
+        self.validate_handshakes(&mut errors);
+        let mut warnings = Vec::new();
+        let policy = self.resolve_policy(&mut errors, &mut warnings);
+
+        match policy {
+            Some(policy) if errors.is_empty() => Ok(Resolved {
+                config: self.clone(),
+                endpoints,
+                policy,
+                database_url,
+                warnings,
+            }),
+            _ => Err(errors),
+        }
+    }
+
+    /// `[supervisor]`: the tick and the shutdown grace are positive.
+    fn validate_supervisor(&self, errors: &mut Vec<ConfigError>) {
         let sup = &self.supervisor;
         if sup.tick_interval.is_zero() {
             errors.push(ConfigError::invalid(
@@ -537,7 +561,15 @@ impl Config {
                 "must be greater than zero",
             ));
         }
+    }
 
+    /// `[database]`: the URL in force (`SPIRE_HEALER_DATABASE_URL` wins)
+    /// names a backend we speak, and the buffer holds something.
+    fn validate_database(
+        &self,
+        env: Env<'_>,
+        errors: &mut Vec<ConfigError>,
+    ) -> secrecy::SecretString {
         let database_url: secrecy::SecretString = env("SPIRE_HEALER_DATABASE_URL")
             .map(Into::into)
             .unwrap_or_else(|| self.database.url.clone());
@@ -551,7 +583,17 @@ impl Config {
                 "must be greater than zero",
             ));
         }
+        database_url
+    }
 
+    /// `[[agents]]`, their Workload API side: at least one, uniquely named,
+    /// each with an address that resolves. Returns the endpoints of the
+    /// agents that resolved (in order) and the agent names.
+    fn validate_agents(
+        &self,
+        env: Env<'_>,
+        errors: &mut Vec<ConfigError>,
+    ) -> (Vec<Endpoint>, std::collections::BTreeSet<String>) {
         if self.agents.is_empty() {
             errors.push(ConfigError::invalid(
                 "agents",
@@ -593,7 +635,16 @@ impl Config {
                 ));
             }
         }
+        (endpoints, seen)
+    }
 
+    /// `[[servers]]`: uniquely named (agents included), admin socket or TCP
+    /// admin settings, failover address, health and metrics URLs, cadence.
+    fn validate_servers(
+        &self,
+        agents: &std::collections::BTreeSet<String>,
+        errors: &mut Vec<ConfigError>,
+    ) {
         let mut server_names = std::collections::BTreeSet::new();
         for (i, srv) in self.servers.iter().enumerate() {
             let key = format!("servers[{i}]");
@@ -605,7 +656,7 @@ impl Config {
                         srv.name
                     ),
                 ));
-            } else if !server_names.insert(srv.name.clone()) || seen.contains(&srv.name) {
+            } else if !server_names.insert(srv.name.clone()) || agents.contains(&srv.name) {
                 errors.push(ConfigError::invalid(
                     format!("{key}.name"),
                     format!("{:?} is used by more than one agent or server", srv.name),
@@ -614,7 +665,7 @@ impl Config {
             if let Some(Err(e)) = srv.admin_socket.as_deref().map(check_socket_path) {
                 errors.push(ConfigError::invalid(format!("{key}.admin_socket"), e));
             }
-            errors.extend(check_admin_tcp(&key, srv, &seen));
+            errors.extend(check_admin_tcp(&key, srv, agents));
             if let Some(Err(e)) = srv.address.as_deref().map(check_host_port) {
                 errors.push(ConfigError::invalid(format!("{key}.address"), e));
             }
@@ -633,6 +684,11 @@ impl Config {
                 ));
             }
         }
+    }
+
+    /// `[[agents]]`, their control-plane side: admin socket, health and
+    /// metrics URLs, the config file `server_failover` rewrites, cadence.
+    fn validate_agent_sources(&self, errors: &mut Vec<ConfigError>) {
         for (i, a) in self.agents.iter().enumerate() {
             let key = format!("agents[{i}]");
             if let Some(Err(e)) = a.admin_socket.as_deref().map(check_socket_path) {
@@ -661,7 +717,11 @@ impl Config {
                 ));
             }
         }
+    }
 
+    /// `[actuators.<name>]`: valid names other than the built-in `refetch`,
+    /// each instance's own problems, and `restart` naming a command.
+    fn validate_actuators(&self, errors: &mut Vec<ConfigError>) {
         for (name, act) in &self.actuators {
             let key = format!("actuators.{name}");
             if !valid_name(name) {
@@ -691,60 +751,51 @@ impl Config {
                 ));
             }
         }
+    }
 
-        self.validate_handshakes(&mut errors);
-
-        let policy = match &self.policy_file {
-            None => Policy::builtin().map_err(|e| vec![e]),
-            Some(p) => Policy::load(p).map_err(|e| vec![e]),
+    /// The policy file (or the built-in one): it parses and is consistent.
+    /// Warns about probes too slow to ever open a burst on their own and
+    /// about ladder rungs whose actuator is not configured.
+    fn resolve_policy(
+        &self,
+        errors: &mut Vec<ConfigError>,
+        warnings: &mut Vec<String>,
+    ) -> Option<Policy> {
+        let loaded = match &self.policy_file {
+            None => Policy::builtin(),
+            Some(p) => Policy::load(p),
         };
-        let mut warnings = Vec::new();
-        let policy = match policy {
-            Ok(policy) => {
-                for problem in policy.problems() {
-                    errors.push(ConfigError::invalid("policy", problem));
-                }
-                let th = &policy.thresholds;
-                for p in &self.probes {
-                    let per_window =
-                        th.burst_window.as_secs_f64() / p.interval.as_secs_f64().max(1e-3);
-                    if per_window < th.burst_open_failures as f64 {
-                        warnings.push(format!(
-                            "probe {:?} runs every {} but a burst needs {} failures within {}: its own probes alone can never open handshake_failure_burst",
-                            p.name,
-                            humantime::format_duration(p.interval),
-                            th.burst_open_failures,
-                            humantime::format_duration(th.burst_window),
-                        ));
-                    }
-                }
-                for (symptom, rung, actuator) in policy.actuators_used() {
-                    if actuator != crate::actuators::REFETCH
-                        && !self.actuators.contains_key(actuator)
-                    {
-                        warnings.push(format!(
-                            "policy ladder {symptom}[{rung}] uses actuator {actuator:?}, which is not configured; that rung is skipped"
-                        ));
-                    }
-                }
-                Some(policy)
-            }
-            Err(mut e) => {
-                errors.append(&mut e);
-                None
+        let policy = match loaded {
+            Ok(policy) => policy,
+            Err(e) => {
+                errors.push(e);
+                return None;
             }
         };
-
-        match policy {
-            Some(policy) if errors.is_empty() => Ok(Resolved {
-                config: self.clone(),
-                endpoints,
-                policy,
-                database_url,
-                warnings,
-            }),
-            _ => Err(errors),
+        for problem in policy.problems() {
+            errors.push(ConfigError::invalid("policy", problem));
         }
+        let th = &policy.thresholds;
+        for p in &self.probes {
+            let per_window = th.burst_window.as_secs_f64() / p.interval.as_secs_f64().max(1e-3);
+            if per_window < th.burst_open_failures as f64 {
+                warnings.push(format!(
+                    "probe {:?} runs every {} but a burst needs {} failures within {}: its own probes alone can never open handshake_failure_burst",
+                    p.name,
+                    humantime::format_duration(p.interval),
+                    th.burst_open_failures,
+                    humantime::format_duration(th.burst_window),
+                ));
+            }
+        }
+        for (symptom, rung, actuator) in policy.actuators_used() {
+            if actuator != crate::actuators::REFETCH && !self.actuators.contains_key(actuator) {
+                warnings.push(format!(
+                    "policy ladder {symptom}[{rung}] uses actuator {actuator:?}, which is not configured; that rung is skipped"
+                ));
+            }
+        }
+        Some(policy)
     }
 }
 
