@@ -14,6 +14,7 @@ use serde::Deserialize;
 use crate::actuators::ActuatorConfig;
 use crate::endpoint::Endpoint;
 use crate::policy::{DEFAULT_POLICY, Policy};
+use crate::sensors::SensorSpec;
 
 /// Exit code for a bad configuration (EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;
@@ -799,6 +800,104 @@ impl Config {
     }
 }
 
+// === impl Resolved: sensors ===
+
+impl Resolved {
+    /// The sensors this configuration asks for, in start order: the agents'
+    /// Workload API streams first (others present their SVIDs), then per
+    /// server its admin API, health and metrics, per agent its Debug API,
+    /// health and metrics, then probes, certificate files and Envoys.
+    pub fn sensors(&self) -> Vec<SensorSpec> {
+        use crate::model::Role;
+        use crate::sensors::{agent_debug, health, metrics_scrape, server_api, workload_api};
+        let cfg = &self.config;
+        let mut specs = Vec::new();
+        for (agent, endpoint) in cfg.agents.iter().zip(&self.endpoints) {
+            specs.push(SensorSpec::WorkloadApi(workload_api::Settings {
+                agent: agent.name.clone(),
+                endpoint: endpoint.clone(),
+                answer_timeout: agent.answer_timeout,
+                backoff_max: agent.backoff_max,
+            }));
+        }
+        for s in &cfg.servers {
+            let admin = |socket: &Path| server_api::Settings {
+                poll_interval: s.poll_interval,
+                timeout: s.timeout,
+                ..server_api::Settings::new(&s.name, socket)
+            };
+            if let Some(socket) = &s.admin_socket {
+                specs.push(SensorSpec::ServerApi(admin(socket)));
+            } else if let (Some(address), Some(via)) = (&s.admin_address, &s.admin_via_agent) {
+                specs.push(SensorSpec::ServerApiTcp {
+                    settings: admin(Path::new("")),
+                    address: address.clone(),
+                    server_id: s.admin_server_id.clone(),
+                    via_agent: via.clone(),
+                });
+            }
+            if let Some(url) = &s.health_url {
+                specs.push(SensorSpec::Health(health::Settings::from_base_url(
+                    &s.name,
+                    Role::Server,
+                    url,
+                    s.poll_interval,
+                    s.timeout,
+                )));
+            }
+            if let Some(url) = &s.metrics_url {
+                specs.push(SensorSpec::MetricsScrape(metrics_scrape::Settings::new(
+                    &s.name,
+                    Role::Server,
+                    url,
+                    s.poll_interval,
+                    s.timeout,
+                )));
+            }
+        }
+        for a in &cfg.agents {
+            let timeout = a.poll_interval.max(Duration::from_secs(1));
+            if let Some(socket) = &a.admin_socket {
+                specs.push(SensorSpec::AgentDebug(agent_debug::Settings {
+                    poll_interval: a.poll_interval,
+                    timeout,
+                    ..agent_debug::Settings::new(&a.name, socket)
+                }));
+            }
+            if let Some(url) = &a.health_url {
+                specs.push(SensorSpec::Health(health::Settings::from_base_url(
+                    &a.name,
+                    Role::Agent,
+                    url,
+                    a.poll_interval,
+                    timeout,
+                )));
+            }
+            if let Some(url) = &a.metrics_url {
+                specs.push(SensorSpec::MetricsScrape(metrics_scrape::Settings::new(
+                    &a.name,
+                    Role::Agent,
+                    url,
+                    a.poll_interval,
+                    timeout,
+                )));
+            }
+        }
+        specs.extend(cfg.probes.iter().cloned().map(SensorSpec::HandshakeProbe));
+        specs.extend(cfg.cert_files.iter().cloned().map(SensorSpec::CertFile));
+        for e in &cfg.envoys {
+            specs.push(SensorSpec::MetricsScrape(metrics_scrape::Settings::new(
+                &e.name,
+                Role::Envoy,
+                &e.metrics_url,
+                e.poll_interval,
+                e.timeout,
+            )));
+        }
+        specs
+    }
+}
+
 // === impl Policy: loading ===
 
 impl Policy {
@@ -1128,6 +1227,60 @@ argv = []
             .validate(&no_env)
             .unwrap();
         assert!(r.warnings.iter().any(|w| w.contains("restart-agent")));
+    }
+
+    #[test]
+    fn sensors_follow_the_config_sections_in_start_order() {
+        let text = r#"
+[[agents]]
+name = "node-a"
+address = "unix:///run/spire/agent.sock"
+admin_socket = "/nonexistent/agent-admin.sock"
+metrics_url = "http://127.0.0.1:9988/metrics"
+
+[[servers]]
+name = "s1"
+admin_address = "127.0.0.1:8081"
+admin_via_agent = "node-a"
+health_url = "http://127.0.0.1:8080"
+
+[[envoys]]
+name = "front"
+metrics_url = "http://127.0.0.1:9901/stats/prometheus"
+"#;
+        let r = Config::from_toml(text, "t.toml")
+            .unwrap()
+            .validate(&no_env)
+            .unwrap();
+        let kinds: Vec<String> = r
+            .sensors()
+            .iter()
+            .map(|spec| match spec {
+                SensorSpec::WorkloadApi(s) => format!("workload_api {}", s.agent),
+                SensorSpec::ServerApi(s) => format!("server_api {}", s.server),
+                SensorSpec::ServerApiTcp {
+                    settings,
+                    via_agent,
+                    ..
+                } => format!("server_api_tcp {} via {via_agent}", settings.server),
+                SensorSpec::AgentDebug(s) => format!("agent_debug {}", s.agent),
+                SensorSpec::Health(s) => format!("health {}", s.target),
+                SensorSpec::MetricsScrape(s) => format!("metrics_scrape {} {:?}", s.target, s.role),
+                SensorSpec::HandshakeProbe(p) => format!("handshake_probe {}", p.name),
+                SensorSpec::CertFile(f) => format!("cert_files {}", f.name),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "workload_api node-a",
+                "server_api_tcp s1 via node-a",
+                "health s1",
+                "agent_debug node-a",
+                "metrics_scrape node-a Agent",
+                "metrics_scrape front Envoy",
+            ]
+        );
     }
 
     fn invalid_keys(extra: &str) -> Vec<String> {
