@@ -13,7 +13,8 @@ use serde::Deserialize;
 
 use crate::actuators::ActuatorConfig;
 use crate::endpoint::Endpoint;
-use crate::policy::Policy;
+use crate::policy::{DEFAULT_POLICY, Policy};
+use crate::sensors::SensorSpec;
 
 /// Exit code for a bad configuration (EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;
@@ -518,12 +519,36 @@ impl Config {
     }
 
     /// Checks every value and resolves addresses, environment overrides and
-    /// the policy. Reports all problems together.
+    /// the policy. Reports all problems together, section by section.
     ///
     /// # Errors
     /// Every problem found.
     pub fn validate(&self, env: Env<'_>) -> Result<Resolved, Vec<ConfigError>> {
         let mut errors = Vec::new();
+        self.validate_supervisor(&mut errors);
+        let database_url = self.validate_database(env, &mut errors);
+        let (endpoints, agents) = self.validate_agents(env, &mut errors);
+        self.validate_servers(&agents, &mut errors);
+        self.validate_agent_sources(&mut errors);
+        self.validate_actuators(&mut errors);
+        self.validate_handshakes(&mut errors);
+        let mut warnings = Vec::new();
+        let policy = self.resolve_policy(&mut errors, &mut warnings);
+
+        match policy {
+            Some(policy) if errors.is_empty() => Ok(Resolved {
+                config: self.clone(),
+                endpoints,
+                policy,
+                database_url,
+                warnings,
+            }),
+            _ => Err(errors),
+        }
+    }
+
+    /// `[supervisor]`: the tick and the shutdown grace are positive.
+    fn validate_supervisor(&self, errors: &mut Vec<ConfigError>) {
         let sup = &self.supervisor;
         if sup.tick_interval.is_zero() {
             errors.push(ConfigError::invalid(
@@ -537,7 +562,15 @@ impl Config {
                 "must be greater than zero",
             ));
         }
+    }
 
+    /// `[database]`: the URL in force (`SPIRE_HEALER_DATABASE_URL` wins)
+    /// names a backend we speak, and the buffer holds something.
+    fn validate_database(
+        &self,
+        env: Env<'_>,
+        errors: &mut Vec<ConfigError>,
+    ) -> secrecy::SecretString {
         let database_url: secrecy::SecretString = env("SPIRE_HEALER_DATABASE_URL")
             .map(Into::into)
             .unwrap_or_else(|| self.database.url.clone());
@@ -551,7 +584,17 @@ impl Config {
                 "must be greater than zero",
             ));
         }
+        database_url
+    }
 
+    /// `[[agents]]`, their Workload API side: at least one, uniquely named,
+    /// each with an address that resolves. Returns the endpoints of the
+    /// agents that resolved (in order) and the agent names.
+    fn validate_agents(
+        &self,
+        env: Env<'_>,
+        errors: &mut Vec<ConfigError>,
+    ) -> (Vec<Endpoint>, std::collections::BTreeSet<String>) {
         if self.agents.is_empty() {
             errors.push(ConfigError::invalid(
                 "agents",
@@ -593,7 +636,16 @@ impl Config {
                 ));
             }
         }
+        (endpoints, seen)
+    }
 
+    /// `[[servers]]`: uniquely named (agents included), admin socket or TCP
+    /// admin settings, failover address, health and metrics URLs, cadence.
+    fn validate_servers(
+        &self,
+        agents: &std::collections::BTreeSet<String>,
+        errors: &mut Vec<ConfigError>,
+    ) {
         let mut server_names = std::collections::BTreeSet::new();
         for (i, srv) in self.servers.iter().enumerate() {
             let key = format!("servers[{i}]");
@@ -605,7 +657,7 @@ impl Config {
                         srv.name
                     ),
                 ));
-            } else if !server_names.insert(srv.name.clone()) || seen.contains(&srv.name) {
+            } else if !server_names.insert(srv.name.clone()) || agents.contains(&srv.name) {
                 errors.push(ConfigError::invalid(
                     format!("{key}.name"),
                     format!("{:?} is used by more than one agent or server", srv.name),
@@ -614,7 +666,7 @@ impl Config {
             if let Some(Err(e)) = srv.admin_socket.as_deref().map(check_socket_path) {
                 errors.push(ConfigError::invalid(format!("{key}.admin_socket"), e));
             }
-            errors.extend(check_admin_tcp(&key, srv, &seen));
+            errors.extend(check_admin_tcp(&key, srv, agents));
             if let Some(Err(e)) = srv.address.as_deref().map(check_host_port) {
                 errors.push(ConfigError::invalid(format!("{key}.address"), e));
             }
@@ -633,6 +685,11 @@ impl Config {
                 ));
             }
         }
+    }
+
+    /// `[[agents]]`, their control-plane side: admin socket, health and
+    /// metrics URLs, the config file `server_failover` rewrites, cadence.
+    fn validate_agent_sources(&self, errors: &mut Vec<ConfigError>) {
         for (i, a) in self.agents.iter().enumerate() {
             let key = format!("agents[{i}]");
             if let Some(Err(e)) = a.admin_socket.as_deref().map(check_socket_path) {
@@ -661,7 +718,11 @@ impl Config {
                 ));
             }
         }
+    }
 
+    /// `[actuators.<name>]`: valid names other than the built-in `refetch`,
+    /// each instance's own problems, and `restart` naming a command.
+    fn validate_actuators(&self, errors: &mut Vec<ConfigError>) {
         for (name, act) in &self.actuators {
             let key = format!("actuators.{name}");
             if !valid_name(name) {
@@ -691,60 +752,184 @@ impl Config {
                 ));
             }
         }
+    }
 
-        self.validate_handshakes(&mut errors);
-
-        let policy = match &self.policy_file {
-            None => Policy::builtin().map_err(|e| vec![e]),
-            Some(p) => Policy::load(p).map_err(|e| vec![e]),
+    /// The policy file (or the built-in one): it parses and is consistent.
+    /// Warns about probes too slow to ever open a burst on their own and
+    /// about ladder rungs whose actuator is not configured.
+    fn resolve_policy(
+        &self,
+        errors: &mut Vec<ConfigError>,
+        warnings: &mut Vec<String>,
+    ) -> Option<Policy> {
+        let loaded = match &self.policy_file {
+            None => Policy::builtin(),
+            Some(p) => Policy::load(p),
         };
-        let mut warnings = Vec::new();
-        let policy = match policy {
-            Ok(policy) => {
-                for problem in policy.problems() {
-                    errors.push(ConfigError::invalid("policy", problem));
-                }
-                let th = &policy.thresholds;
-                for p in &self.probes {
-                    let per_window =
-                        th.burst_window.as_secs_f64() / p.interval.as_secs_f64().max(1e-3);
-                    if per_window < th.burst_open_failures as f64 {
-                        warnings.push(format!(
-                            "probe {:?} runs every {} but a burst needs {} failures within {}: its own probes alone can never open handshake_failure_burst",
-                            p.name,
-                            humantime::format_duration(p.interval),
-                            th.burst_open_failures,
-                            humantime::format_duration(th.burst_window),
-                        ));
-                    }
-                }
-                for (symptom, rung, actuator) in policy.actuators_used() {
-                    if actuator != crate::actuators::REFETCH
-                        && !self.actuators.contains_key(actuator)
-                    {
-                        warnings.push(format!(
-                            "policy ladder {symptom}[{rung}] uses actuator {actuator:?}, which is not configured; that rung is skipped"
-                        ));
-                    }
-                }
-                Some(policy)
-            }
-            Err(mut e) => {
-                errors.append(&mut e);
-                None
+        let policy = match loaded {
+            Ok(policy) => policy,
+            Err(e) => {
+                errors.push(e);
+                return None;
             }
         };
-
-        match policy {
-            Some(policy) if errors.is_empty() => Ok(Resolved {
-                config: self.clone(),
-                endpoints,
-                policy,
-                database_url,
-                warnings,
-            }),
-            _ => Err(errors),
+        for problem in policy.problems() {
+            errors.push(ConfigError::invalid("policy", problem));
         }
+        let th = &policy.thresholds;
+        for p in &self.probes {
+            let per_window = th.burst_window.as_secs_f64() / p.interval.as_secs_f64().max(1e-3);
+            if per_window < th.burst_open_failures as f64 {
+                warnings.push(format!(
+                    "probe {:?} runs every {} but a burst needs {} failures within {}: its own probes alone can never open handshake_failure_burst",
+                    p.name,
+                    humantime::format_duration(p.interval),
+                    th.burst_open_failures,
+                    humantime::format_duration(th.burst_window),
+                ));
+            }
+        }
+        for (symptom, rung, actuator) in policy.actuators_used() {
+            if actuator != crate::actuators::REFETCH && !self.actuators.contains_key(actuator) {
+                warnings.push(format!(
+                    "policy ladder {symptom}[{rung}] uses actuator {actuator:?}, which is not configured; that rung is skipped"
+                ));
+            }
+        }
+        Some(policy)
+    }
+}
+
+// === impl Resolved: sensors ===
+
+impl Resolved {
+    /// The sensors this configuration asks for, in start order: the agents'
+    /// Workload API streams first (others present their SVIDs), then per
+    /// server its admin API, health and metrics, per agent its Debug API,
+    /// health and metrics, then probes, certificate files and Envoys.
+    pub fn sensors(&self) -> Vec<SensorSpec> {
+        use crate::model::Role;
+        use crate::sensors::{agent_debug, health, metrics_scrape, server_api, workload_api};
+        let cfg = &self.config;
+        let mut specs = Vec::new();
+        for (agent, endpoint) in cfg.agents.iter().zip(&self.endpoints) {
+            specs.push(SensorSpec::WorkloadApi(workload_api::Settings {
+                agent: agent.name.clone(),
+                endpoint: endpoint.clone(),
+                answer_timeout: agent.answer_timeout,
+                backoff_max: agent.backoff_max,
+            }));
+        }
+        for s in &cfg.servers {
+            let admin = |socket: &Path| server_api::Settings {
+                poll_interval: s.poll_interval,
+                timeout: s.timeout,
+                ..server_api::Settings::new(&s.name, socket)
+            };
+            if let Some(socket) = &s.admin_socket {
+                specs.push(SensorSpec::ServerApi(admin(socket)));
+            } else if let (Some(address), Some(via)) = (&s.admin_address, &s.admin_via_agent) {
+                specs.push(SensorSpec::ServerApiTcp {
+                    settings: admin(Path::new("")),
+                    address: address.clone(),
+                    server_id: s.admin_server_id.clone(),
+                    via_agent: via.clone(),
+                });
+            }
+            if let Some(url) = &s.health_url {
+                specs.push(SensorSpec::Health(health::Settings::from_base_url(
+                    &s.name,
+                    Role::Server,
+                    url,
+                    s.poll_interval,
+                    s.timeout,
+                )));
+            }
+            if let Some(url) = &s.metrics_url {
+                specs.push(SensorSpec::MetricsScrape(metrics_scrape::Settings::new(
+                    &s.name,
+                    Role::Server,
+                    url,
+                    s.poll_interval,
+                    s.timeout,
+                )));
+            }
+        }
+        for a in &cfg.agents {
+            let timeout = a.poll_interval.max(Duration::from_secs(1));
+            if let Some(socket) = &a.admin_socket {
+                specs.push(SensorSpec::AgentDebug(agent_debug::Settings {
+                    poll_interval: a.poll_interval,
+                    timeout,
+                    ..agent_debug::Settings::new(&a.name, socket)
+                }));
+            }
+            if let Some(url) = &a.health_url {
+                specs.push(SensorSpec::Health(health::Settings::from_base_url(
+                    &a.name,
+                    Role::Agent,
+                    url,
+                    a.poll_interval,
+                    timeout,
+                )));
+            }
+            if let Some(url) = &a.metrics_url {
+                specs.push(SensorSpec::MetricsScrape(metrics_scrape::Settings::new(
+                    &a.name,
+                    Role::Agent,
+                    url,
+                    a.poll_interval,
+                    timeout,
+                )));
+            }
+        }
+        specs.extend(cfg.probes.iter().cloned().map(SensorSpec::HandshakeProbe));
+        specs.extend(cfg.cert_files.iter().cloned().map(SensorSpec::CertFile));
+        for e in &cfg.envoys {
+            specs.push(SensorSpec::MetricsScrape(metrics_scrape::Settings::new(
+                &e.name,
+                Role::Envoy,
+                &e.metrics_url,
+                e.poll_interval,
+                e.timeout,
+            )));
+        }
+        specs
+    }
+}
+
+// === impl Policy: loading ===
+
+impl Policy {
+    /// The built-in default.
+    ///
+    /// # Errors
+    /// Never in a released build (a test parses it).
+    pub fn builtin() -> Result<Self, ConfigError> {
+        Self::from_toml(DEFAULT_POLICY, "policies/default.toml (built in)")
+    }
+
+    /// Parses policy TOML.
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`].
+    pub fn from_toml(text: &str, path: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_string(),
+            reason: e.to_string().trim().replace('\n', " "),
+        })
+    }
+
+    /// Reads a policy file.
+    ///
+    /// # Errors
+    /// `Read` or `Parse`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
     }
 }
 
@@ -1042,6 +1227,60 @@ argv = []
             .validate(&no_env)
             .unwrap();
         assert!(r.warnings.iter().any(|w| w.contains("restart-agent")));
+    }
+
+    #[test]
+    fn sensors_follow_the_config_sections_in_start_order() {
+        let text = r#"
+[[agents]]
+name = "node-a"
+address = "unix:///run/spire/agent.sock"
+admin_socket = "/nonexistent/agent-admin.sock"
+metrics_url = "http://127.0.0.1:9988/metrics"
+
+[[servers]]
+name = "s1"
+admin_address = "127.0.0.1:8081"
+admin_via_agent = "node-a"
+health_url = "http://127.0.0.1:8080"
+
+[[envoys]]
+name = "front"
+metrics_url = "http://127.0.0.1:9901/stats/prometheus"
+"#;
+        let r = Config::from_toml(text, "t.toml")
+            .unwrap()
+            .validate(&no_env)
+            .unwrap();
+        let kinds: Vec<String> = r
+            .sensors()
+            .iter()
+            .map(|spec| match spec {
+                SensorSpec::WorkloadApi(s) => format!("workload_api {}", s.agent),
+                SensorSpec::ServerApi(s) => format!("server_api {}", s.server),
+                SensorSpec::ServerApiTcp {
+                    settings,
+                    via_agent,
+                    ..
+                } => format!("server_api_tcp {} via {via_agent}", settings.server),
+                SensorSpec::AgentDebug(s) => format!("agent_debug {}", s.agent),
+                SensorSpec::Health(s) => format!("health {}", s.target),
+                SensorSpec::MetricsScrape(s) => format!("metrics_scrape {} {:?}", s.target, s.role),
+                SensorSpec::HandshakeProbe(p) => format!("handshake_probe {}", p.name),
+                SensorSpec::CertFile(f) => format!("cert_files {}", f.name),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "workload_api node-a",
+                "server_api_tcp s1 via node-a",
+                "health s1",
+                "agent_debug node-a",
+                "metrics_scrape node-a Agent",
+                "metrics_scrape front Envoy",
+            ]
+        );
     }
 
     fn invalid_keys(extra: &str) -> Vec<String> {

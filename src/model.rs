@@ -505,73 +505,64 @@ pub struct CertFileView {
     pub updated_at: SystemTime,
 }
 
-/// One sensor result: a shared, immutable snapshot, so a fleet-sized view
-/// costs a pointer copy per tick, not a deep clone.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Reading {
-    /// From the `workload_api` sensor.
-    WorkloadApi(std::sync::Arc<AgentView>),
-    /// From the `server_api` sensor.
-    Server(std::sync::Arc<ServerView>),
-    /// From the `agent_debug` sensor.
-    AgentDebug(std::sync::Arc<AgentDebugView>),
-    /// From the `health` sensor.
-    Health(std::sync::Arc<HealthView>),
-    /// From the `metrics_scrape` sensor.
-    Metrics(std::sync::Arc<MetricsView>),
-    /// From the `handshake_probe` sensor.
-    Probe(std::sync::Arc<ProbeView>),
-    /// From the `cert_files` sensor.
-    CertFile(std::sync::Arc<CertFileView>),
-}
-
-impl Reading {
-    /// The configured name of the agent or server this reading describes.
-    pub fn target(&self) -> &str {
-        match self {
-            Reading::WorkloadApi(v) => &v.agent,
-            Reading::Server(v) => &v.server,
-            Reading::AgentDebug(v) => &v.agent,
-            Reading::Health(v) => &v.target,
-            Reading::Metrics(v) => &v.target,
-            Reading::Probe(v) => &v.target,
-            Reading::CertFile(v) => &v.file,
+/// Declares [`Reading`], [`Observations`] and the code between them from one
+/// table, so a new sensor adds one line here: its variant, its view type,
+/// the `Observations` field it is filed under and the view's field naming
+/// its target.
+macro_rules! readings {
+    ($(
+        $(#[$doc:meta])*
+        $variant:ident($view:ty) => $field:ident, target: $target:ident;
+    )*) => {
+        /// One sensor result: a shared, immutable snapshot, so a fleet-sized
+        /// view costs a pointer copy per tick, not a deep clone.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum Reading {
+            $( $(#[$doc])* $variant(std::sync::Arc<$view>), )*
         }
-    }
-}
 
-/// Everything sensed in one tick, by kind.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Observations {
-    /// Workload API views, one per agent.
-    pub agents: Vec<std::sync::Arc<AgentView>>,
-    /// Server admin API views, one per server.
-    pub servers: Vec<std::sync::Arc<ServerView>>,
-    /// Agent admin (Debug) views.
-    pub agent_debug: Vec<std::sync::Arc<AgentDebugView>>,
-    /// HTTP health probes.
-    pub health: Vec<std::sync::Arc<HealthView>>,
-    /// Metrics scrapes.
-    pub metrics: Vec<std::sync::Arc<MetricsView>>,
-    /// mTLS probes.
-    pub probes: Vec<std::sync::Arc<ProbeView>>,
-    /// Certificate files.
-    pub cert_files: Vec<std::sync::Arc<CertFileView>>,
-}
-
-impl Observations {
-    /// Files a reading under its kind.
-    pub fn push(&mut self, r: Reading) {
-        match r {
-            Reading::WorkloadApi(v) => self.agents.push(v),
-            Reading::Server(v) => self.servers.push(v),
-            Reading::AgentDebug(v) => self.agent_debug.push(v),
-            Reading::Health(v) => self.health.push(v),
-            Reading::Metrics(v) => self.metrics.push(v),
-            Reading::Probe(v) => self.probes.push(v),
-            Reading::CertFile(v) => self.cert_files.push(v),
+        impl Reading {
+            /// The configured name of the agent, server or other target this
+            /// reading describes.
+            pub fn target(&self) -> &str {
+                match self {
+                    $( Reading::$variant(v) => &v.$target, )*
+                }
+            }
         }
-    }
+
+        /// Everything sensed in one tick, by kind.
+        #[derive(Debug, Clone, Default, PartialEq)]
+        pub struct Observations {
+            $( $(#[$doc])* pub $field: Vec<std::sync::Arc<$view>>, )*
+        }
+
+        impl Observations {
+            /// Files a reading under its kind.
+            pub fn push(&mut self, r: Reading) {
+                match r {
+                    $( Reading::$variant(v) => self.$field.push(v), )*
+                }
+            }
+        }
+    };
+}
+
+readings! {
+    /// Workload API views, one per agent (`workload_api` sensor).
+    WorkloadApi(AgentView) => agents, target: agent;
+    /// Server admin API views, one per server (`server_api` sensor).
+    Server(ServerView) => servers, target: server;
+    /// Agent admin (Debug) API views (`agent_debug` sensor).
+    AgentDebug(AgentDebugView) => agent_debug, target: agent;
+    /// HTTP health probes (`health` sensor).
+    Health(HealthView) => health, target: target;
+    /// Metrics scrapes (`metrics_scrape` sensor).
+    Metrics(MetricsView) => metrics, target: target;
+    /// mTLS probes (`handshake_probe` sensor).
+    Probe(ProbeView) => probes, target: target;
+    /// Certificate files (`cert_files` sensor).
+    CertFile(CertFileView) => cert_files, target: file;
 }
 
 // === Symptoms and incidents ===

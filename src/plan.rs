@@ -11,10 +11,9 @@ use std::time::SystemTime;
 
 use serde_json::json;
 
-use crate::actuators::Class;
 use crate::clock::saturating_since;
 use crate::model::{Incident, Step, Symptom, SymptomKey};
-use crate::policy::Policy;
+use crate::policy::{Class, Policy};
 
 /// Why a step was not taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

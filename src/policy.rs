@@ -1,16 +1,32 @@
 //! Remediation policy (TOML): thresholds, guards and per-symptom ladders.
+//! Plain data that `plan` reads; reading and parsing the file belong to
+//! `config` (`Policy::builtin`, `Policy::load`), so the pure stages never
+//! reach the configuration.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::ConfigError;
 use crate::model::SymptomKind;
 
 /// The built-in policy, `policies/default.toml`.
 pub const DEFAULT_POLICY: &str = include_str!("../policies/default.toml");
+
+/// How much an actuator disturbs its target: decides which do-no-harm
+/// guards apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Cannot make things worse (re-open a stream, bump an entry).
+    Gentle,
+    /// Restarts or evicts the agent: it serves nothing until it has synced
+    /// again. Held while no server answers and while the cluster circuit
+    /// breaker is open (the cause is upstream).
+    AgentLocal,
+    /// Moves the agent to another server: held while no server answers, but
+    /// not by the breaker (a dead server is exactly what it fixes).
+    Failover,
+}
 
 /// A whole policy.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -242,37 +258,6 @@ pub struct Rung {
 }
 
 impl Policy {
-    /// The built-in default.
-    ///
-    /// # Errors
-    /// Never in a released build (a test parses it).
-    pub fn builtin() -> Result<Self, ConfigError> {
-        Self::from_toml(DEFAULT_POLICY, "policies/default.toml (built in)")
-    }
-
-    /// Parses policy TOML.
-    ///
-    /// # Errors
-    /// [`ConfigError::Parse`].
-    pub fn from_toml(text: &str, path: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_string(),
-            reason: e.to_string().trim().replace('\n', " "),
-        })
-    }
-
-    /// Reads a policy file.
-    ///
-    /// # Errors
-    /// `Read` or `Parse`.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        Self::from_toml(&text, &path.display().to_string())
-    }
-
     /// Every semantic problem (empty when valid).
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();

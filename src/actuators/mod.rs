@@ -19,6 +19,7 @@ use serde::Deserialize;
 use crate::model::{Observations, Outcome, Step};
 use crate::sensors::workload_api::Shared;
 
+pub use crate::policy::Class;
 pub use command::{CommandActuator, CommandConfig};
 pub use refetch::RefetchActuator;
 pub use signal::{SignalActuator, SignalConfig};
@@ -60,21 +61,6 @@ impl ActuatorError {
             ActuatorError::Timeout(_) => "timeout",
         }
     }
-}
-
-/// How much an actuator disturbs its target: decides which do-no-harm
-/// guards apply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Class {
-    /// Cannot make things worse (re-open a stream, bump an entry).
-    Gentle,
-    /// Restarts or evicts the agent: it serves nothing until it has synced
-    /// again. Held while no server answers and while the cluster circuit
-    /// breaker is open (the cause is upstream).
-    AgentLocal,
-    /// Moves the agent to another server: held while no server answers, but
-    /// not by the breaker (a dead server is exactly what it fixes).
-    Failover,
 }
 
 /// Result of [`Actuator::prepare`].

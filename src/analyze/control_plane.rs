@@ -35,72 +35,163 @@ pub fn control_plane(
     th: &Thresholds,
     now: SystemTime,
 ) -> Vec<Symptom> {
-    let mut out = Vec::new();
-    // A server view that was never polled (no answer, no error yet) says
-    // nothing: the sensor has just started.
-    let servers: Vec<&ServerView> = obs
-        .servers
-        .iter()
-        .map(|s| &**s)
-        .filter(|s| s.reachable || s.last_error.is_some())
-        .collect();
-    let stale = |updated: SystemTime| saturating_since(now, updated) > th.max_staleness;
-    // Agent SPIFFE ID → configured agent name (learned from the Debug API).
-    let names: HashMap<&str, &str> = obs
-        .agent_debug
-        .iter()
-        .filter_map(|d| d.spiffe_id.as_deref().map(|id| (id, d.agent.as_str())))
-        .collect();
-    let subject_of = |id: &str| Subject::agent(names.get(id).copied().unwrap_or(id));
-    let workload_expiry = |agent: &str| {
-        obs.agents
+    let cx = Context::new(obs, th, now);
+    let mut out = Found {
+        is_open,
+        symptoms: Vec::new(),
+    };
+    agent_sync_stale(&cx, &mut out);
+    agent_not_renewing(&cx, &mut out);
+    agent_banned(&cx, &mut out);
+    // A banned agent that disappeared from the listing (deleted) is no
+    // longer banned: its open incident closes because it is absent.
+    server_unhealthy(&cx, &mut out);
+    all_servers_down(&cx, servers_configured, &mut out);
+    ca_expiring(&cx, &mut out);
+    bundle_divergence(&cx, &mut out);
+    out.symptoms
+}
+
+/// What every control-plane symptom reads: the observations, thresholds and
+/// `now`, plus the views derived from them once per tick.
+struct Context<'a> {
+    obs: &'a Observations,
+    th: &'a Thresholds,
+    now: SystemTime,
+    /// Server views polled at least once. A view that was never polled (no
+    /// answer, no error yet) says nothing: the sensor has just started.
+    servers: Vec<&'a ServerView>,
+    /// Agent SPIFFE ID → configured agent name (learned from the Debug API).
+    names: HashMap<&'a str, &'a str>,
+    /// Subject of the cluster-wide symptoms.
+    trust_domain: String,
+    /// Agents as the servers list them, by SPIFFE ID. Servers share one
+    /// datastore; each agent is taken from the freshest reachable server
+    /// that lists it.
+    listed: HashMap<&'a str, Listed<'a>>,
+}
+
+/// One agent as listed by a server.
+#[derive(Clone, Copy)]
+struct Listed<'a> {
+    agent: &'a ServerAgent,
+    server: &'a str,
+    updated_at: SystemTime,
+}
+
+impl<'a> Context<'a> {
+    fn new(obs: &'a Observations, th: &'a Thresholds, now: SystemTime) -> Self {
+        let servers: Vec<&ServerView> = obs
+            .servers
+            .iter()
+            .map(|s| &**s)
+            .filter(|s| s.reachable || s.last_error.is_some())
+            .collect();
+        let names = obs
+            .agent_debug
+            .iter()
+            .filter_map(|d| d.spiffe_id.as_deref().map(|id| (id, d.agent.as_str())))
+            .collect();
+        let trust_domain = obs
+            .agents
+            .iter()
+            .flat_map(|v| v.svids.iter())
+            .find_map(|s| trust_domain_of(&s.spiffe_id))
+            .or_else(|| {
+                obs.agent_debug
+                    .iter()
+                    .find_map(|d| d.spiffe_id.as_deref().and_then(trust_domain_of))
+            })
+            .unwrap_or("spire")
+            .to_string();
+        let mut listed: HashMap<&str, Listed<'_>> = HashMap::new();
+        for s in servers.iter().filter(|s| s.reachable) {
+            for a in &s.agents {
+                let this = Listed {
+                    agent: a,
+                    server: s.server.as_str(),
+                    updated_at: s.updated_at,
+                };
+                let e = listed.entry(a.spiffe_id.as_str()).or_insert(this);
+                if s.updated_at > e.updated_at {
+                    *e = this;
+                }
+            }
+        }
+        Self {
+            obs,
+            th,
+            now,
+            servers,
+            names,
+            trust_domain,
+            listed,
+        }
+    }
+
+    /// A view refreshed before this is blind.
+    fn stale(&self, updated: SystemTime) -> bool {
+        saturating_since(self.now, updated) > self.th.max_staleness
+    }
+
+    /// The configured agent name of a SPIFFE ID, when the Debug API told us.
+    fn agent_name<'s>(&'s self, id: &'s str) -> &'s str {
+        self.names.get(id).copied().unwrap_or(id)
+    }
+
+    /// The agent subject of a SPIFFE ID (its configured name when known).
+    fn subject_of(&self, id: &str) -> Subject {
+        Subject::agent(self.agent_name(id))
+    }
+
+    /// The earliest notAfter of the SVIDs the agent's Workload API serves.
+    fn workload_expiry(&self, agent: &str) -> Option<SystemTime> {
+        self.obs
+            .agents
             .iter()
             .filter(|v| v.agent == agent)
             .flat_map(|v| v.svids.iter())
             .filter(|s| !s.serial.is_empty())
             .map(|s| s.not_after)
             .min()
-    };
-    let trust_domain = obs
-        .agents
-        .iter()
-        .flat_map(|v| v.svids.iter())
-        .chain(std::iter::empty())
-        .find_map(|s| trust_domain_of(&s.spiffe_id))
-        .or_else(|| {
-            obs.agent_debug
-                .iter()
-                .find_map(|d| d.spiffe_id.as_deref().and_then(trust_domain_of))
-        })
-        .unwrap_or("spire")
-        .to_string();
-    let mut push = |kind: SymptomKind,
-                    subject: Subject,
-                    open_if: bool,
-                    close_if: bool,
-                    severity: Severity,
-                    predicted_outage: Option<SystemTime>,
-                    evidence: serde_json::Value,
-                    blind: bool| {
+    }
+}
+
+/// The symptoms found so far, with the hysteresis every one of them obeys.
+struct Found<'a> {
+    is_open: &'a dyn Fn(&SymptomKey) -> bool,
+    symptoms: Vec<Symptom>,
+}
+
+impl Found<'_> {
+    /// Reports `symptom` when its open condition holds, or when neither
+    /// condition holds and its incident is open (between the two thresholds
+    /// an open incident stays open and a closed one stays closed).
+    fn report(&mut self, open_if: bool, close_if: bool, symptom: Symptom) {
         if !open_if && close_if {
             return;
         }
-        let key = SymptomKey { kind, subject };
-        if !open_if && !is_open(&key) {
+        if open_if {
+            self.symptoms.push(symptom);
             return;
         }
-        out.push(Symptom {
-            kind,
-            subject: key.subject,
-            severity,
-            predicted_outage,
-            evidence,
-            blind,
-        });
-    };
+        let key = SymptomKey {
+            kind: symptom.kind,
+            subject: symptom.subject,
+        };
+        if (self.is_open)(&key) {
+            self.symptoms.push(Symptom {
+                subject: key.subject,
+                ..symptom
+            });
+        }
+    }
+}
 
-    // --- agent_sync_stale -------------------------------------------------
-    for d in &obs.agent_debug {
+/// `agent_sync_stale`: the agent's last successful sync is old.
+fn agent_sync_stale(cx: &Context<'_>, out: &mut Found<'_>) {
+    let (th, now) = (cx.th, cx.now);
+    for d in &cx.obs.agent_debug {
         // The last answer is kept while the Debug API is unreachable (e.g.
         // the agent is restarting): it may keep an incident open but never
         // opens or closes one.
@@ -117,216 +208,261 @@ pub fn control_plane(
         if !open_if && close_if {
             continue;
         }
-        let outage = earliest([d.svid_expires_at, workload_expiry(&d.agent)]);
-        push(
-            SymptomKind::AgentSyncStale,
-            Subject::agent(&d.agent),
+        let outage = earliest([d.svid_expires_at, cx.workload_expiry(&d.agent)]);
+        out.report(
             open_if,
             close_if,
-            severity_for(outage, now, th),
-            outage,
-            json!({
-                "last_sync_success_ms": unix_millis(last),
-                "age_ms": age.as_millis() as u64,
-                "agent_svid_expires_at_ms": d.svid_expires_at.map(unix_millis),
-                "spiffe_id": d.spiffe_id,
-            }),
-            stale(d.updated_at),
+            Symptom {
+                kind: SymptomKind::AgentSyncStale,
+                subject: Subject::agent(&d.agent),
+                severity: severity_for(outage, now, th),
+                predicted_outage: outage,
+                evidence: json!({
+                    "last_sync_success_ms": unix_millis(last),
+                    "age_ms": age.as_millis() as u64,
+                    "agent_svid_expires_at_ms": d.svid_expires_at.map(unix_millis),
+                    "spiffe_id": d.spiffe_id,
+                }),
+                blind: cx.stale(d.updated_at),
+            },
         );
     }
+}
 
-    // --- per-agent server view: not renewing, banned ----------------------
-    // Servers share one datastore; take each agent from the freshest
-    // reachable server that lists it.
-    let mut listed: HashMap<&str, (&ServerAgent, &str, SystemTime)> = HashMap::new();
-    for s in servers.iter().filter(|s| s.reachable) {
-        for a in &s.agents {
-            let e =
-                listed
-                    .entry(a.spiffe_id.as_str())
-                    .or_insert((a, s.server.as_str(), s.updated_at));
-            if s.updated_at > e.2 {
-                *e = (a, s.server.as_str(), s.updated_at);
-            }
-        }
-    }
+/// `agent_not_renewing`: a server sees the agent's SVID with less than
+/// `not_renewing_open` of its TTL left.
+fn agent_not_renewing(cx: &Context<'_>, out: &mut Found<'_>) {
+    let (th, now) = (cx.th, cx.now);
     let ttl = th.agent_svid_ttl.as_secs_f64();
-    for (id, (a, server, updated)) in &listed {
+    for (id, l) in &cx.listed {
+        let a = l.agent;
         let left = a
             .expires_at
             .duration_since(now)
             .map_or(0.0, |d| d.as_secs_f64());
         let share = left / ttl;
-        let (nr_open, nr_close) = (
+        let (open_if, close_if) = (
             !a.banned && share < th.not_renewing_open,
             a.banned || share > th.not_renewing_close,
         );
-        if nr_open || !nr_close {
-            push(
-                SymptomKind::AgentNotRenewing,
-                subject_of(id),
-                nr_open,
-                nr_close,
-                severity_for(Some(a.expires_at), now, th),
-                Some(a.expires_at),
-                json!({
+        if !open_if && close_if {
+            continue;
+        }
+        out.report(
+            open_if,
+            close_if,
+            Symptom {
+                kind: SymptomKind::AgentNotRenewing,
+                subject: cx.subject_of(id),
+                severity: severity_for(Some(a.expires_at), now, th),
+                predicted_outage: Some(a.expires_at),
+                evidence: json!({
                     "spiffe_id": id,
-                    "server": server,
+                    "server": l.server,
                     "serial": a.serial,
                     "expires_at_ms": unix_millis(a.expires_at),
                     "ttl_share_left": (share * 1000.0).round() / 1000.0,
                 }),
-                stale(*updated),
-            );
-        }
-        // Open and close conditions are disjoint: an unbanned agent never
-        // keeps a ban incident open.
-        if !a.banned {
-            continue;
-        }
-        push(
-            SymptomKind::AgentBanned,
-            subject_of(id),
-            a.banned,
-            !a.banned,
-            Severity::Critical,
-            workload_expiry(names.get(*id).copied().unwrap_or(id)),
-            json!({ "spiffe_id": id, "server": server, "can_reattest": a.can_reattest }),
-            stale(*updated),
+                blind: cx.stale(l.updated_at),
+            },
         );
     }
-    // A banned agent that disappeared from the listing (deleted) is no
-    // longer banned: its open incident closes because it is absent.
+}
 
-    // --- servers ----------------------------------------------------------
-    let ready: HashMap<&str, Option<bool>> = obs
+/// `agent_banned`: a server lists the agent as banned. Open and close
+/// conditions are disjoint: an unbanned agent never keeps a ban incident
+/// open.
+fn agent_banned(cx: &Context<'_>, out: &mut Found<'_>) {
+    for (id, l) in cx.listed.iter().filter(|(_, l)| l.agent.banned) {
+        out.report(
+            true,
+            false,
+            Symptom {
+                kind: SymptomKind::AgentBanned,
+                subject: cx.subject_of(id),
+                severity: Severity::Critical,
+                predicted_outage: cx.workload_expiry(cx.agent_name(id)),
+                evidence: json!({
+                    "spiffe_id": id,
+                    "server": l.server,
+                    "can_reattest": l.agent.can_reattest,
+                }),
+                blind: cx.stale(l.updated_at),
+            },
+        );
+    }
+}
+
+/// `server_unhealthy`: a polled server's admin API is unreachable or its
+/// `/ready` fails.
+fn server_unhealthy(cx: &Context<'_>, out: &mut Found<'_>) {
+    let readiness: HashMap<&str, Option<bool>> = cx
+        .obs
         .health
         .iter()
         .filter(|h| h.role == Role::Server)
         .map(|h| (h.target.as_str(), h.ready))
         .collect();
-    let earliest_agent_expiry = obs
+    for s in &cx.servers {
+        let ready = readiness.get(s.server.as_str()).copied().flatten();
+        let bad = !s.reachable || ready == Some(false);
+        out.report(
+            bad,
+            !bad,
+            Symptom {
+                kind: SymptomKind::ServerUnhealthy,
+                subject: Subject::server(&s.server),
+                severity: Severity::Warning,
+                predicted_outage: None,
+                evidence: json!({
+                    "admin_api": if s.reachable { "up" } else { "down" },
+                    "last_error": s.last_error,
+                    "since_ms": unix_millis(s.since),
+                    "ready": ready,
+                }),
+                blind: cx.stale(s.updated_at),
+            },
+        );
+    }
+}
+
+/// `all_servers_down`: every configured server has been polled and none
+/// answers. The outage comes when the first agent SVID expires.
+fn all_servers_down(cx: &Context<'_>, servers_configured: usize, out: &mut Found<'_>) {
+    let servers = &cx.servers;
+    if servers_configured == 0 || servers.len() != cx.obs.servers.len() || servers.is_empty() {
+        return;
+    }
+    let earliest_agent_expiry = cx
+        .obs
         .agent_debug
         .iter()
         .filter_map(|d| d.svid_expires_at)
         .chain(
-            listed
+            cx.listed
                 .values()
-                .filter(|(a, ..)| !a.banned)
-                .map(|(a, ..)| a.expires_at),
+                .filter(|l| !l.agent.banned)
+                .map(|l| l.agent.expires_at),
         )
         .min();
-    for s in &servers {
-        let not_ready = ready.get(s.server.as_str()).copied().flatten() == Some(false);
-        let bad = !s.reachable || not_ready;
-        push(
-            SymptomKind::ServerUnhealthy,
-            Subject::server(&s.server),
-            bad,
-            !bad,
-            Severity::Warning,
-            None,
-            json!({
-                "admin_api": if s.reachable { "up" } else { "down" },
-                "last_error": s.last_error,
-                "since_ms": unix_millis(s.since),
-                "ready": ready.get(s.server.as_str()).copied().flatten(),
-            }),
-            stale(s.updated_at),
-        );
-    }
-    if servers_configured > 0 && servers.len() == obs.servers.len() && !servers.is_empty() {
-        let down = servers.iter().all(|s| !s.reachable);
-        push(
-            SymptomKind::AllServersDown,
-            Subject::cluster(&trust_domain),
-            down,
-            !down,
-            Severity::Critical,
-            earliest_agent_expiry,
-            json!({
+    let down = servers.iter().all(|s| !s.reachable);
+    out.report(
+        down,
+        !down,
+        Symptom {
+            kind: SymptomKind::AllServersDown,
+            subject: Subject::cluster(&cx.trust_domain),
+            severity: Severity::Critical,
+            predicted_outage: earliest_agent_expiry,
+            evidence: json!({
                 "servers": servers.iter().map(|s| json!({
                     "server": s.server, "last_error": s.last_error, "since_ms": unix_millis(s.since),
                 })).collect::<Vec<_>>(),
             }),
-            servers.iter().all(|s| stale(s.updated_at)),
-        );
-    }
+            blind: servers.iter().all(|s| cx.stale(s.updated_at)),
+        },
+    );
+}
 
-    // --- trust bundle -----------------------------------------------------
-    let reachable: Vec<_> = obs
+/// The servers whose bundle we can compare: reachable, with a bundle. The
+/// first is the reference.
+fn bundle_servers<'a>(cx: &Context<'a>) -> Vec<&'a ServerView> {
+    cx.obs
         .servers
         .iter()
+        .map(|s| &**s)
         .filter(|s| s.reachable && !s.bundle.is_empty())
+        .collect()
+}
+
+/// `ca_expiring`: every untainted authority in the reference server's
+/// bundle expires within `ca_expiring_within`.
+fn ca_expiring(cx: &Context<'_>, out: &mut Found<'_>) {
+    let Some(first) = bundle_servers(cx).first().copied() else {
+        return;
+    };
+    let latest = first
+        .bundle
+        .iter()
+        .filter(|a| !a.tainted)
+        .map(|a| a.not_after)
+        .max();
+    let Some(latest) = latest else {
+        return;
+    };
+    let left = latest.duration_since(cx.now).unwrap_or_default();
+    let within = cx.th.ca_expiring_within;
+    out.report(
+        left < within,
+        left >= within,
+        Symptom {
+            kind: SymptomKind::CaExpiring,
+            subject: Subject::cluster(&cx.trust_domain),
+            severity: if left.is_zero() {
+                Severity::Critical
+            } else {
+                Severity::Warning
+            },
+            predicted_outage: Some(latest),
+            evidence: json!({ "server": first.server, "latest_authority_not_after_ms": unix_millis(latest) }),
+            blind: cx.stale(first.updated_at),
+        },
+    );
+}
+
+/// `bundle_divergence`: servers disagree on the bundle (cluster subject),
+/// or an agent's Workload API bundle differs from the reference server's.
+fn bundle_divergence(cx: &Context<'_>, out: &mut Found<'_>) {
+    let reachable = bundle_servers(cx);
+    let Some(first) = reachable.first().copied() else {
+        return;
+    };
+    let reference: BTreeSet<&str> = first
+        .bundle
+        .iter()
+        .map(|a| a.fingerprint.as_str())
         .collect();
-    if let Some(first) = reachable.first() {
-        let latest = first
-            .bundle
-            .iter()
-            .filter(|a| !a.tainted)
-            .map(|a| a.not_after)
-            .max();
-        if let Some(latest) = latest {
-            let left = latest.duration_since(now).unwrap_or_default();
-            push(
-                SymptomKind::CaExpiring,
-                Subject::cluster(&trust_domain),
-                left < th.ca_expiring_within,
-                left >= th.ca_expiring_within,
-                if left.is_zero() {
-                    Severity::Critical
-                } else {
-                    Severity::Warning
-                },
-                Some(latest),
-                json!({ "server": first.server, "latest_authority_not_after_ms": unix_millis(latest) }),
-                stale(first.updated_at),
-            );
-        }
-        let reference: BTreeSet<&str> = first
-            .bundle
-            .iter()
-            .map(|a| a.fingerprint.as_str())
-            .collect();
-        let servers_differ: Vec<&str> = reachable
-            .iter()
-            .filter(|s| {
-                s.bundle
-                    .iter()
-                    .map(|a| a.fingerprint.as_str())
-                    .collect::<BTreeSet<_>>()
-                    != reference
-            })
-            .map(|s| s.server.as_str())
-            .collect();
-        push(
-            SymptomKind::BundleDivergence,
-            Subject::cluster(&trust_domain),
-            !servers_differ.is_empty(),
-            servers_differ.is_empty(),
-            Severity::Warning,
-            None,
-            json!({ "reference": first.server, "differing_servers": servers_differ }),
-            stale(first.updated_at),
+    let servers_differ: Vec<&str> = reachable
+        .iter()
+        .filter(|s| {
+            s.bundle
+                .iter()
+                .map(|a| a.fingerprint.as_str())
+                .collect::<BTreeSet<_>>()
+                != reference
+        })
+        .map(|s| s.server.as_str())
+        .collect();
+    out.report(
+        !servers_differ.is_empty(),
+        servers_differ.is_empty(),
+        Symptom {
+            kind: SymptomKind::BundleDivergence,
+            subject: Subject::cluster(&cx.trust_domain),
+            severity: Severity::Warning,
+            predicted_outage: None,
+            evidence: json!({ "reference": first.server, "differing_servers": servers_differ }),
+            blind: cx.stale(first.updated_at),
+        },
+    );
+    for v in cx.obs.agents.iter().filter(|v| !v.bundle.is_empty()) {
+        let theirs: BTreeSet<&str> = v.bundle.iter().map(String::as_str).collect();
+        let missing: Vec<&str> = reference.difference(&theirs).copied().collect();
+        let extra: Vec<&str> = theirs.difference(&reference).copied().collect();
+        let differs = !missing.is_empty() || !extra.is_empty();
+        out.report(
+            differs,
+            !differs,
+            Symptom {
+                kind: SymptomKind::BundleDivergence,
+                subject: Subject::agent(&v.agent),
+                severity: Severity::Warning,
+                predicted_outage: cx.workload_expiry(&v.agent),
+                evidence: json!({ "reference": first.server, "missing": missing, "extra": extra }),
+                blind: cx.stale(v.updated_at) || cx.stale(first.updated_at),
+            },
         );
-        for v in obs.agents.iter().filter(|v| !v.bundle.is_empty()) {
-            let theirs: BTreeSet<&str> = v.bundle.iter().map(String::as_str).collect();
-            let missing: Vec<&str> = reference.difference(&theirs).copied().collect();
-            let extra: Vec<&str> = theirs.difference(&reference).copied().collect();
-            let differs = !missing.is_empty() || !extra.is_empty();
-            push(
-                SymptomKind::BundleDivergence,
-                Subject::agent(&v.agent),
-                differs,
-                !differs,
-                Severity::Warning,
-                workload_expiry(&v.agent),
-                json!({ "reference": first.server, "missing": missing, "extra": extra }),
-                stale(v.updated_at) || stale(first.updated_at),
-            );
-        }
     }
-    out
 }
 
 /// Earliest of the known instants.

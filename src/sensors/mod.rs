@@ -1,6 +1,12 @@
 //! Monitor: sensors produce [`Reading`]s. A sensor is read-only and its
 //! `observe` is cancel-safe; long-lived connections live in a background task
 //! per sensor (see [`workload_api`]), and `observe` returns its latest view.
+//!
+//! Which sensors run is derived from the configuration as one
+//! [`SensorSpec`] per instance; [`SensorContext::spawn_all`] starts them.
+//! Adding a sensor: a file here with its settings, `build` and task; one
+//! [`SensorSpec`] variant with its arm in [`SensorSpec::spawn`] and in
+//! `Resolved::sensors`; one line in the reading table of [`crate::model`].
 
 pub mod agent_debug;
 pub mod cert_files;
@@ -11,9 +17,19 @@ pub mod metrics_scrape;
 pub mod server_api;
 pub mod workload_api;
 
-use async_trait::async_trait;
+use std::collections::HashMap;
+use std::sync::Arc;
 
+use async_trait::async_trait;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, Span, error, info_span};
+
+use crate::clock::Clock;
+use crate::handshake::Counter;
 use crate::model::Reading;
+use crate::telemetry::Metrics;
 
 /// Errors at the sensor boundary.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +57,192 @@ pub trait Sensor: Send + Sync {
     fn instance(&self) -> &str;
     /// One reading. Read-only and cancel-safe.
     async fn observe(&self) -> Result<Vec<Reading>, SensorError>;
+}
+
+// === Sensors from the configuration ===
+
+/// One sensor instance, as the configuration asks for it (derived by
+/// `Resolved::sensors`, in the order the sensors are started and observed).
+#[derive(Debug, Clone)]
+pub enum SensorSpec {
+    /// An agent's Workload API stream. Its shared state is our identity
+    /// for the sensors that present that agent's SVID, and the handle of the
+    /// refetch actuator.
+    WorkloadApi(workload_api::Settings),
+    /// A server's admin API over its local socket.
+    ServerApi(server_api::Settings),
+    /// A server's admin API over TCP with mTLS, presenting the X509-SVID of
+    /// the agent `via_agent` (`settings.admin_socket` is unused).
+    ServerApiTcp {
+        /// Cadence, timeout and paging.
+        settings: server_api::Settings,
+        /// `IP:port` of the server's TCP port.
+        address: String,
+        /// The SPIFFE ID required of the server, if not the default.
+        server_id: Option<String>,
+        /// The `[[agents]]` entry whose SVID we present.
+        via_agent: String,
+    },
+    /// An agent's Debug API over its admin socket.
+    AgentDebug(agent_debug::Settings),
+    /// A SPIRE process's `/live` and `/ready`.
+    Health(health::Settings),
+    /// A SPIRE process's or an Envoy's Prometheus endpoint; an Envoy's TLS
+    /// counters become handshake outcomes.
+    MetricsScrape(metrics_scrape::Settings),
+    /// An active mTLS probe presenting the SVID of the agent it names.
+    HandshakeProbe(handshake_probe::ProbeConfig),
+    /// A certificate file on disk.
+    CertFile(cert_files::CertFileConfig),
+}
+
+/// What every sensor task is given, and what sensors share.
+#[derive(Clone)]
+pub struct SensorContext {
+    /// Stamps every view (`updated_at`).
+    pub clock: Arc<dyn Clock>,
+    /// Each sensor records its own metrics.
+    pub metrics: Arc<Metrics>,
+    /// Notified when a view changes in a way worth an early tick.
+    pub wake: Arc<Notify>,
+    /// Every sensor task stops when this is cancelled (each gets a child).
+    pub shutdown: CancellationToken,
+    /// Where the sensor tasks are spawned.
+    pub tasks: TaskTracker,
+    /// Handshake outcomes, added to by probes and Envoy scrapes.
+    pub handshakes: Counter,
+}
+
+/// The started sensors, and the handles others need from them.
+#[derive(Default)]
+pub struct Sensors {
+    /// For the supervisor's Monitor step, in spec order.
+    pub sensors: Vec<Box<dyn Sensor>>,
+    /// Workload API state by agent name.
+    pub streams: HashMap<String, Arc<workload_api::Shared>>,
+    /// Probe-now handles by probe name.
+    pub probes: HashMap<String, Arc<handshake_probe::ProbeHandle>>,
+}
+
+impl SensorContext {
+    /// Starts every spec in order. A spec that presents an agent's SVID
+    /// must come after that agent's [`SensorSpec::WorkloadApi`].
+    pub fn spawn_all(&self, specs: impl IntoIterator<Item = SensorSpec>) -> Sensors {
+        let mut out = Sensors::default();
+        for spec in specs {
+            spec.spawn(self, &mut out);
+        }
+        out
+    }
+
+    /// Spawns a sensor's background task in `span` and files the sensor.
+    fn start(
+        &self,
+        out: &mut Sensors,
+        sensor: impl Sensor + 'static,
+        task: impl Future<Output = ()> + Send + 'static,
+        span: Span,
+    ) {
+        self.tasks.spawn(task.instrument(span));
+        out.sensors.push(Box::new(sensor));
+    }
+}
+
+impl SensorSpec {
+    /// Builds the sensor, spawns its task on `cx.tasks` and files it (and
+    /// its handles) in `out`. A spec whose agent has no Workload API
+    /// sensor in `out`, or whose settings do not hold, is logged and
+    /// skipped (validation rules both out).
+    pub fn spawn(self, cx: &SensorContext, out: &mut Sensors) {
+        let (clock, metrics, wake) = (cx.clock.clone(), cx.metrics.clone(), cx.wake.clone());
+        let stop = cx.shutdown.child_token();
+        match self {
+            SensorSpec::WorkloadApi(settings) => {
+                let agent = settings.agent.clone();
+                let (sensor, task, shared) = workload_api::build(settings, clock, metrics, wake);
+                let span = info_span!("sensor", sensor = "workload_api", agent = %agent);
+                cx.start(out, sensor, task.run(stop), span);
+                out.streams.insert(agent, shared);
+            }
+            SensorSpec::ServerApi(settings) => {
+                let span = info_span!("sensor", sensor = "server_api", target = %settings.server);
+                let (sensor, task) = server_api::build(settings, clock, metrics, wake);
+                cx.start(out, sensor, task.run(stop), span);
+            }
+            SensorSpec::ServerApiTcp {
+                settings,
+                address,
+                server_id,
+                via_agent,
+            } => {
+                let identity = out.streams.get(&via_agent).cloned();
+                let client = address.parse().ok().zip(identity).map(|(addr, identity)| {
+                    crate::spire_api::ServerAdminClient::tcp_mtls(
+                        addr,
+                        server_id.as_deref(),
+                        identity,
+                        settings.timeout,
+                    )
+                });
+                let server = settings.server.clone();
+                match client {
+                    Some(Ok(client)) => {
+                        let span = info_span!("sensor", sensor = "server_api", target = %server);
+                        let (sensor, task) = server_api::build(settings, clock, metrics, wake);
+                        cx.start(out, sensor, task.with_client(client).run(stop), span);
+                    }
+                    Some(Err(e)) => {
+                        error!(server = %server, error = %e, "Server admin API over TCP not started.")
+                    }
+                    None => {
+                        error!(server = %server, "Server admin API over TCP not started: invalid address or agent.")
+                    }
+                }
+            }
+            SensorSpec::AgentDebug(settings) => {
+                let span = info_span!("sensor", sensor = "agent_debug", target = %settings.agent);
+                let (sensor, task) = agent_debug::build(settings, clock, metrics, wake);
+                cx.start(out, sensor, task.run(stop), span);
+            }
+            SensorSpec::Health(settings) => {
+                let span = info_span!("sensor", sensor = "health", target = %settings.target);
+                let (sensor, task) = health::build(settings, clock, metrics, wake);
+                cx.start(out, sensor, task.run(stop), span);
+            }
+            SensorSpec::MetricsScrape(settings) => {
+                let span =
+                    info_span!("sensor", sensor = "metrics_scrape", target = %settings.target);
+                let (sensor, task) = metrics_scrape::build(settings, clock, metrics, wake);
+                // Only an Envoy's counters are handshake outcomes.
+                let task = task.with_handshakes(cx.handshakes.clone());
+                cx.start(out, sensor, task.run(stop), span);
+            }
+            SensorSpec::HandshakeProbe(probe) => {
+                let (Ok(settings), Some(identity)) =
+                    (probe.settings(), out.streams.get(&probe.agent))
+                else {
+                    error!(probe = %probe.name, "Probe not started: invalid settings or agent.");
+                    return;
+                };
+                let (sensor, task, handle) = handshake_probe::build(
+                    settings,
+                    identity.clone(),
+                    cx.handshakes.clone(),
+                    clock,
+                    metrics,
+                    wake,
+                );
+                let span = info_span!("sensor", sensor = "handshake_probe", target = %probe.name);
+                cx.start(out, sensor, task.run(stop), span);
+                out.probes.insert(probe.name, handle);
+            }
+            SensorSpec::CertFile(file) => {
+                let span = info_span!("sensor", sensor = "cert_files", target = %file.name);
+                let (sensor, task) = cert_files::build(file, clock, metrics, wake);
+                cx.start(out, sensor, task.run(stop), span);
+            }
+        }
+    }
 }
 
 /// The sensor half of a polling sensor: reads the snapshot its background
