@@ -26,6 +26,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, percent_encode};
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Uri};
 
@@ -449,25 +450,40 @@ fn parse_tcp(uri: &str, rest: &str) -> Result<Endpoint, EndpointError> {
     Ok(Endpoint::Tcp(SocketAddr::new(ip, port)))
 }
 
+/// The percent-decoded bytes of `s`, or `None` when a `%` is not followed
+/// by two hex digits: `percent-encoding` passes such a `%` through
+/// verbatim, RFC 3986 §2.1 does not allow it.
 fn percent_decode(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut bytes = s.bytes();
-    while let Some(b) = bytes.next() {
-        if b == b'%' {
-            let hi = char::from(bytes.next()?).to_digit(16)?;
-            let lo = char::from(bytes.next()?).to_digit(16)?;
-            out.push(u8::try_from(hi * 16 + lo).ok()?);
-        } else {
-            out.push(b);
-        }
-    }
-    Some(out)
+    let bytes = s.as_bytes();
+    let well_formed = bytes.iter().enumerate().all(|(i, &b)| {
+        b != b'%'
+            || bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    well_formed.then(|| percent_decode_str(s).collect())
 }
 
-/// RFC 3986 `pchar` and `/` pass through; every other byte is escaped.
-fn is_path_safe(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/".contains(&b)
-}
+/// Escaped in a displayed path: everything but RFC 3986 `pchar` and `/`.
+const PATH_ESCAPES: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'!')
+    .remove(b'$')
+    .remove(b'&')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')')
+    .remove(b'*')
+    .remove(b'+')
+    .remove(b',')
+    .remove(b';')
+    .remove(b'=')
+    .remove(b':')
+    .remove(b'@')
+    .remove(b'/');
 
 impl fmt::Display for Endpoint {
     /// The canonical URI form: `unix:///path` or `tcp://IP:port`.
@@ -475,15 +491,8 @@ impl fmt::Display for Endpoint {
         match self {
             Self::Tcp(addr) => write!(f, "tcp://{addr}"),
             Self::Unix(path) => {
-                f.write_str("unix://")?;
-                for &b in path.as_os_str().as_bytes() {
-                    if is_path_safe(b) {
-                        write!(f, "{}", char::from(b))?;
-                    } else {
-                        write!(f, "%{b:02X}")?;
-                    }
-                }
-                Ok(())
+                let path = percent_encode(path.as_os_str().as_bytes(), PATH_ESCAPES);
+                write!(f, "unix://{path}")
             }
         }
     }

@@ -17,7 +17,7 @@
 
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::Bytes;
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Method, Request, Uri, header};
@@ -30,9 +30,6 @@ pub const DEFAULT_MAX_BODY: usize = 16 * 1024 * 1024;
 
 /// Default connect deadline.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Most body capacity reserved up front from `Content-Length`.
-const INITIAL_BUF: u64 = 1024 * 1024;
 
 /// `User-Agent` sent with every request.
 const USER_AGENT: &str = concat!("spire-healer/", env!("CARGO_PKG_VERSION"));
@@ -402,19 +399,20 @@ where
         if declared.is_some_and(|len| len > max_body as u64) {
             return Err(HttpError::TooLarge { limit: max_body });
         }
-        let mut body = response.into_body();
-        // Trust a declared length only so far: it may be a lie.
-        let mut buf = Vec::with_capacity(declared.map_or(0, |len| len.min(INITIAL_BUF) as usize));
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(HttpError::Protocol)?;
-            if let Ok(data) = frame.into_data() {
-                if data.len() > max_body - buf.len() {
-                    return Err(HttpError::TooLarge { limit: max_body });
-                }
-                buf.extend_from_slice(&data);
-            }
-        }
-        Ok(Response { status, body: buf })
+        // A declared length is only a first check: it may be a lie.
+        let body = Limited::new(response.into_body(), max_body)
+            .collect()
+            .await
+            .map_err(|e| match e.downcast::<hyper::Error>() {
+                Ok(e) => HttpError::Protocol(*e),
+                // The one error `Limited` adds: `LengthLimitError`.
+                Err(_) => HttpError::TooLarge { limit: max_body },
+            })?
+            .to_bytes();
+        Ok(Response {
+            status,
+            body: Vec::from(body),
+        })
     };
 
     // Drive the connection and the exchange together. If the connection

@@ -17,6 +17,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 
 use crate::sensors::workload_api::fingerprint;
 
@@ -144,30 +146,14 @@ pub fn add_to_persisted_bundle(
 }
 
 fn pem_to_der(pem: &[u8]) -> Option<Vec<u8>> {
-    let text = std::str::from_utf8(pem).ok()?;
-    let body: String = text
-        .lines()
-        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE-----"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("-----END CERTIFICATE-----"))
-        .collect();
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(body)
-        .ok()?;
+    let der = CertificateDer::from_pem_slice(pem).ok()?.to_vec();
     x509_parser::parse_x509_certificate(&der)
         .is_ok()
         .then_some(der)
 }
 
 fn der_to_pem(der: &[u8]) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
+    crate::svid::pem::encode("CERTIFICATE", der)
 }
 
 #[cfg(test)]

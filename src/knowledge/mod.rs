@@ -8,6 +8,7 @@
 
 mod buffer;
 mod postgres;
+mod run;
 mod sqlite;
 #[cfg(test)]
 mod tests;

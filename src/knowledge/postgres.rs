@@ -17,10 +17,11 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{ConnectOptions, Connection, Postgres, Row, SqlSafeStr};
 
-use super::sqlite::{incident_from_record, limit, to_i64};
+use super::run::{self, Run, runs};
+use super::sqlite::{incident_from_record, limit};
 use super::{
     ActionRecord, HoldRecord, IncidentRecord, Knowledge, Query, Store, StoreError, SvidRecord,
 };
@@ -204,9 +205,7 @@ impl Store for PostgresStore {
         }
         self.bounded(async {
             let mut tx = self.pool.begin().await.map_err(pg_error)?;
-            for run in
-                events.chunk_by(|a, b| std::mem::discriminant(a) == std::mem::discriminant(b))
-            {
+            for run in runs(events) {
                 apply_run(&mut tx, run).await?;
             }
             tx.commit().await.map_err(pg_error)
@@ -425,326 +424,200 @@ impl std::error::Error for AtAddress {
 
 // === Writes ===
 
-/// Applies a run of events that all have the same variant as one statement.
-async fn apply_run(conn: &mut PgConnection, run: &[Event]) -> Result<(), StoreError> {
-    let Some(first) = run.first() else {
-        return Ok(());
-    };
-    let query = match first {
-        Event::SubjectSeen { .. } => {
-            let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for e in run {
-                if let Event::SubjectSeen { subject, at } = e {
-                    cols.0.push(text(&subject.to_string()));
-                    cols.1.push(subject.kind());
-                    cols.2.push(text(subject.agent_name()));
-                    cols.3.push(unix_millis(*at));
-                }
-            }
-            // Grouping first: ON CONFLICT DO UPDATE may touch a row only
-            // once per statement. min/max make it order-independent.
-            sqlx::query(
-                "INSERT INTO subjects (subject, kind, agent, first_seen_ms, last_seen_ms) \
-                 SELECT subject, kind, agent, min(at_ms), max(at_ms) \
-                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[]) \
-                   AS u(subject, kind, agent, at_ms) \
-                 GROUP BY subject, kind, agent \
-                 ON CONFLICT (subject) DO UPDATE SET \
-                   first_seen_ms = LEAST(subjects.first_seen_ms, EXCLUDED.first_seen_ms), \
-                   last_seen_ms = GREATEST(subjects.last_seen_ms, EXCLUDED.last_seen_ms)",
-            )
-            .bind(cols.0)
-            .bind(cols.1)
-            .bind(cols.2)
-            .bind(cols.3)
-        }
-        Event::SvidSeen { .. } => {
-            let mut cols = (
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-            );
-            for e in run {
-                if let Event::SvidSeen {
-                    agent,
-                    spiffe_id,
-                    serial,
-                    not_before,
-                    not_after,
-                    at,
-                } = e
-                {
-                    cols.0.push(text(agent));
-                    cols.1.push(text(spiffe_id));
-                    cols.2.push(text(serial));
-                    cols.3.push(unix_millis(*not_before));
-                    cols.4.push(unix_millis(*not_after));
-                    cols.5.push(unix_millis(*at));
-                }
-            }
-            sqlx::query(
-                "INSERT INTO svid_lifecycles \
-                   (agent, spiffe_id, serial, not_before_ms, not_after_ms, first_seen_ms) \
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], \
-                                      $4::int8[], $5::int8[], $6::int8[]) \
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(cols.0)
-            .bind(cols.1)
-            .bind(cols.2)
-            .bind(cols.3)
-            .bind(cols.4)
-            .bind(cols.5)
-        }
-        Event::SvidReplaced { .. } => {
-            let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for e in run {
-                if let Event::SvidReplaced {
-                    agent,
-                    spiffe_id,
-                    serial,
-                    at,
-                } = e
-                {
-                    cols.0.push(text(agent));
-                    cols.1.push(text(spiffe_id));
-                    cols.2.push(text(serial));
-                    cols.3.push(unix_millis(*at));
-                }
-            }
-            // First replacement wins, as when applied one by one.
-            sqlx::query(
-                "UPDATE svid_lifecycles AS s SET replaced_at_ms = u.at_ms \
-                 FROM (SELECT DISTINCT ON (agent, spiffe_id, serial) agent, spiffe_id, serial, at_ms \
-                       FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[]) \
-                         WITH ORDINALITY AS u(agent, spiffe_id, serial, at_ms, ord) \
-                       ORDER BY agent, spiffe_id, serial, ord) AS u \
-                 WHERE s.agent = u.agent AND s.spiffe_id = u.spiffe_id AND s.serial = u.serial \
-                   AND s.replaced_at_ms IS NULL",
-            )
-            .bind(cols.0)
-            .bind(cols.1)
-            .bind(cols.2)
-            .bind(cols.3)
-        }
-        Event::IncidentOpened { .. } => {
-            let mut cols = (
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-            );
-            for e in run {
-                if let Event::IncidentOpened { incident: i } = e {
-                    cols.0.push(text(&i.id));
-                    cols.1.push(i.kind.as_str());
-                    cols.2.push(text(&i.subject.to_string()));
-                    cols.3.push(i.severity.as_str());
-                    cols.4.push(unix_millis(i.opened_at));
-                    cols.5.push(i.predicted_outage.map(unix_millis));
-                    cols.6.push(json(&i.evidence));
-                    cols.7.push(to_i64(i.next_rung));
-                }
-            }
-            sqlx::query(
-                "INSERT INTO incidents (id, symptom, subject, severity, opened_at_ms, \
-                   predicted_outage_ms, evidence, next_rung) \
-                 SELECT id, symptom, subject, severity, opened_at_ms, predicted_outage_ms, \
-                   evidence::jsonb, next_rung \
-                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], \
-                             $6::int8[], $7::text[], $8::int8[]) \
-                   AS u(id, symptom, subject, severity, opened_at_ms, predicted_outage_ms, \
-                        evidence, next_rung) \
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(cols.0)
-            .bind(cols.1)
-            .bind(cols.2)
-            .bind(cols.3)
-            .bind(cols.4)
-            .bind(cols.5)
-            .bind(cols.6)
-            .bind(cols.7)
-        }
-        Event::IncidentClosed { .. } => {
-            let mut cols = (Vec::new(), Vec::new(), Vec::new());
-            for e in run {
-                if let Event::IncidentClosed { id, at, resolution } = e {
-                    cols.0.push(text(id));
-                    cols.1.push(unix_millis(*at));
-                    cols.2.push(text(resolution));
-                }
-            }
-            // First close wins; a closed incident stays as it closed.
-            sqlx::query(
-                "UPDATE incidents AS i SET closed_at_ms = u.at_ms, resolution = u.resolution \
-                 FROM (SELECT DISTINCT ON (id) id, at_ms, resolution \
-                       FROM UNNEST($1::text[], $2::int8[], $3::text[]) \
-                         WITH ORDINALITY AS u(id, at_ms, resolution, ord) \
-                       ORDER BY id, ord) AS u \
-                 WHERE i.id = u.id AND i.closed_at_ms IS NULL",
-            )
-            .bind(cols.0)
-            .bind(cols.1)
-            .bind(cols.2)
-        }
-        Event::IncidentEscalated { .. } => {
-            let mut cols = (Vec::new(), Vec::new());
-            for e in run {
-                if let Event::IncidentEscalated { id, next_rung } = e {
-                    cols.0.push(text(id));
-                    cols.1.push(to_i64(*next_rung));
-                }
-            }
-            // Last escalation wins.
-            sqlx::query(
-                "UPDATE incidents AS i SET next_rung = u.next_rung \
-                 FROM (SELECT DISTINCT ON (id) id, next_rung \
-                       FROM UNNEST($1::text[], $2::int8[]) WITH ORDINALITY AS u(id, next_rung, ord) \
-                       ORDER BY id, ord DESC) AS u \
-                 WHERE i.id = u.id",
-            )
-            .bind(cols.0)
-            .bind(cols.1)
-        }
-        Event::ActionStarted { .. } => {
-            let mut cols = (
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-            );
-            for e in run {
-                if let Event::ActionStarted { step, at } = e {
-                    cols.0.push(text(&step.action_id));
-                    cols.1.push(text(&step.incident_id));
-                    cols.2.push(step.symptom.as_str());
-                    cols.3.push(to_i64(step.rung));
-                    cols.4.push(text(&step.actuator));
-                    cols.5.push(text(&step.target));
-                    cols.6.push(json(&step.params));
-                    cols.7.push(step.dry_run);
-                    cols.8.push(unix_millis(*at));
-                }
-            }
-            sqlx::query(
-                "INSERT INTO actions (id, incident_id, symptom, rung, actuator, target, params, \
-                   dry_run, started_at_ms) \
-                 SELECT id, incident_id, symptom, rung, actuator, target, params::jsonb, \
-                   dry_run, started_at_ms \
-                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], \
-                             $6::text[], $7::text[], $8::bool[], $9::int8[]) \
-                   AS u(id, incident_id, symptom, rung, actuator, target, params, dry_run, \
-                        started_at_ms) \
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(cols.0)
-            .bind(cols.1)
-            .bind(cols.2)
-            .bind(cols.3)
-            .bind(cols.4)
-            .bind(cols.5)
-            .bind(cols.6)
-            .bind(cols.7)
-            .bind(cols.8)
-        }
-        Event::ActionFinished { .. } => {
-            let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for e in run {
-                if let Event::ActionFinished { id, outcome, at } = e {
-                    cols.0.push(text(id));
-                    cols.1.push(unix_millis(*at));
-                    cols.2.push(outcome.kind.as_str());
-                    cols.3.push(json(&outcome.detail));
-                    cols.4.push(outcome.error.as_deref().map(text));
-                }
-            }
-            // First finish wins.
-            sqlx::query(
-                "UPDATE actions AS a SET finished_at_ms = u.at_ms, outcome = u.outcome, \
-                   detail = u.detail::jsonb, error = u.error \
-                 FROM (SELECT DISTINCT ON (id) id, at_ms, outcome, detail, error \
-                       FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[]) \
-                         WITH ORDINALITY AS u(id, at_ms, outcome, detail, error, ord) \
-                       ORDER BY id, ord) AS u \
-                 WHERE a.id = u.id AND a.finished_at_ms IS NULL",
-            )
-            .bind(cols.0)
-            .bind(cols.1)
-            .bind(cols.2)
-            .bind(cols.3)
-            .bind(cols.4)
-        }
-        Event::ActionVerified { .. } => {
-            let mut cols = (Vec::new(), Vec::new(), Vec::new());
-            for e in run {
-                if let Event::ActionVerified {
-                    id,
-                    verification,
-                    at,
-                } = e
-                {
-                    cols.0.push(text(id));
-                    cols.1.push(verification.as_str());
-                    cols.2.push(unix_millis(*at));
-                }
-            }
-            // First verdict wins.
-            sqlx::query(
-                "UPDATE actions AS a SET verification = u.verification, verified_at_ms = u.at_ms \
-                 FROM (SELECT DISTINCT ON (id) id, verification, at_ms \
-                       FROM UNNEST($1::text[], $2::text[], $3::int8[]) \
-                         WITH ORDINALITY AS u(id, verification, at_ms, ord) \
-                       ORDER BY id, ord) AS u \
-                 WHERE a.id = u.id AND a.verification IS NULL",
-            )
-            .bind(cols.0)
-            .bind(cols.1)
-            .bind(cols.2)
-        }
-        Event::Held { .. } => {
-            let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for e in run {
-                if let Event::Held {
-                    incident_id,
-                    actuator,
-                    target,
-                    reason,
-                    at,
-                } = e
-                {
-                    cols.0.push(text(incident_id));
-                    cols.1.push(text(actuator));
-                    cols.2.push(text(target));
-                    cols.3.push(text(reason));
-                    cols.4.push(unix_millis(*at));
-                }
-            }
-            sqlx::query(
-                "INSERT INTO holds (incident_id, actuator, target, reason, at_ms) \
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[]) \
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(cols.0)
-            .bind(cols.1)
-            .bind(cols.2)
-            .bind(cols.3)
-            .bind(cols.4)
-        }
+/// Writes one run as one statement over column arrays.
+async fn apply_run(conn: &mut PgConnection, run: Run<'_>) -> Result<(), StoreError> {
+    let query = match run {
+        Run::SubjectSeen(rows) => subjects_seen(&rows),
+        Run::SvidSeen(rows) => svids_seen(&rows),
+        Run::SvidReplaced(rows) => svids_replaced(&rows),
+        Run::IncidentOpened(rows) => incidents_opened(&rows),
+        Run::IncidentClosed(rows) => incidents_closed(&rows),
+        Run::IncidentEscalated(rows) => incidents_escalated(&rows),
+        Run::ActionStarted(rows) => actions_started(&rows),
+        Run::ActionFinished(rows) => actions_finished(&rows),
+        Run::ActionVerified(rows) => actions_verified(&rows),
+        Run::Held(rows) => holds(&rows),
     };
     query.execute(&mut *conn).await.map(drop).map_err(pg_error)
+}
+
+/// One statement with its column arrays bound.
+type PgQuery = sqlx::query::Query<'static, Postgres, PgArguments>;
+
+/// One column of `rows`, as an array parameter.
+fn column<R, T>(rows: &[R], value: impl Fn(&R) -> T) -> Vec<T> {
+    rows.iter().map(value).collect()
+}
+
+fn subjects_seen(rows: &[run::SubjectSeen<'_>]) -> PgQuery {
+    // Grouping first: ON CONFLICT DO UPDATE may touch a row only once per
+    // statement. min/max make it order-independent.
+    sqlx::query(
+        "INSERT INTO subjects (subject, kind, agent, first_seen_ms, last_seen_ms) \
+         SELECT subject, kind, agent, min(at_ms), max(at_ms) \
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[]) \
+           AS u(subject, kind, agent, at_ms) \
+         GROUP BY subject, kind, agent \
+         ON CONFLICT (subject) DO UPDATE SET \
+           first_seen_ms = LEAST(subjects.first_seen_ms, EXCLUDED.first_seen_ms), \
+           last_seen_ms = GREATEST(subjects.last_seen_ms, EXCLUDED.last_seen_ms)",
+    )
+    .bind(column(rows, |r| text(&r.subject)))
+    .bind(column(rows, |r| r.kind))
+    .bind(column(rows, |r| text(r.agent)))
+    .bind(column(rows, |r| r.at_ms))
+}
+
+fn svids_seen(rows: &[run::SvidSeen<'_>]) -> PgQuery {
+    sqlx::query(
+        "INSERT INTO svid_lifecycles \
+           (agent, spiffe_id, serial, not_before_ms, not_after_ms, first_seen_ms) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], \
+                              $4::int8[], $5::int8[], $6::int8[]) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(column(rows, |r| text(r.agent)))
+    .bind(column(rows, |r| text(r.spiffe_id)))
+    .bind(column(rows, |r| text(r.serial)))
+    .bind(column(rows, |r| r.not_before_ms))
+    .bind(column(rows, |r| r.not_after_ms))
+    .bind(column(rows, |r| r.at_ms))
+}
+
+fn svids_replaced(rows: &[run::SvidReplaced<'_>]) -> PgQuery {
+    // First replacement wins, as when applied one by one.
+    sqlx::query(
+        "UPDATE svid_lifecycles AS s SET replaced_at_ms = u.at_ms \
+         FROM (SELECT DISTINCT ON (agent, spiffe_id, serial) agent, spiffe_id, serial, at_ms \
+               FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[]) \
+                 WITH ORDINALITY AS u(agent, spiffe_id, serial, at_ms, ord) \
+               ORDER BY agent, spiffe_id, serial, ord) AS u \
+         WHERE s.agent = u.agent AND s.spiffe_id = u.spiffe_id AND s.serial = u.serial \
+           AND s.replaced_at_ms IS NULL",
+    )
+    .bind(column(rows, |r| text(r.agent)))
+    .bind(column(rows, |r| text(r.spiffe_id)))
+    .bind(column(rows, |r| text(r.serial)))
+    .bind(column(rows, |r| r.at_ms))
+}
+
+fn incidents_opened(rows: &[run::IncidentOpened<'_>]) -> PgQuery {
+    sqlx::query(
+        "INSERT INTO incidents (id, symptom, subject, severity, opened_at_ms, \
+           predicted_outage_ms, evidence, next_rung) \
+         SELECT id, symptom, subject, severity, opened_at_ms, predicted_outage_ms, \
+           evidence::jsonb, next_rung \
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], \
+                     $6::int8[], $7::text[], $8::int8[]) \
+           AS u(id, symptom, subject, severity, opened_at_ms, predicted_outage_ms, \
+                evidence, next_rung) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(column(rows, |r| text(r.id)))
+    .bind(column(rows, |r| r.symptom))
+    .bind(column(rows, |r| text(&r.subject)))
+    .bind(column(rows, |r| r.severity))
+    .bind(column(rows, |r| r.opened_at_ms))
+    .bind(column(rows, |r| r.predicted_outage_ms))
+    .bind(column(rows, |r| json(r.evidence)))
+    .bind(column(rows, |r| r.next_rung))
+}
+
+fn incidents_closed(rows: &[run::IncidentClosed<'_>]) -> PgQuery {
+    // First close wins; a closed incident stays as it closed.
+    sqlx::query(
+        "UPDATE incidents AS i SET closed_at_ms = u.at_ms, resolution = u.resolution \
+         FROM (SELECT DISTINCT ON (id) id, at_ms, resolution \
+               FROM UNNEST($1::text[], $2::int8[], $3::text[]) \
+                 WITH ORDINALITY AS u(id, at_ms, resolution, ord) \
+               ORDER BY id, ord) AS u \
+         WHERE i.id = u.id AND i.closed_at_ms IS NULL",
+    )
+    .bind(column(rows, |r| text(r.id)))
+    .bind(column(rows, |r| r.at_ms))
+    .bind(column(rows, |r| text(r.resolution)))
+}
+
+fn incidents_escalated(rows: &[run::IncidentEscalated<'_>]) -> PgQuery {
+    // Last escalation wins.
+    sqlx::query(
+        "UPDATE incidents AS i SET next_rung = u.next_rung \
+         FROM (SELECT DISTINCT ON (id) id, next_rung \
+               FROM UNNEST($1::text[], $2::int8[]) WITH ORDINALITY AS u(id, next_rung, ord) \
+               ORDER BY id, ord DESC) AS u \
+         WHERE i.id = u.id",
+    )
+    .bind(column(rows, |r| text(r.id)))
+    .bind(column(rows, |r| r.next_rung))
+}
+
+fn actions_started(rows: &[run::ActionStarted<'_>]) -> PgQuery {
+    sqlx::query(
+        "INSERT INTO actions (id, incident_id, symptom, rung, actuator, target, params, \
+           dry_run, started_at_ms) \
+         SELECT id, incident_id, symptom, rung, actuator, target, params::jsonb, \
+           dry_run, started_at_ms \
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], \
+                     $6::text[], $7::text[], $8::bool[], $9::int8[]) \
+           AS u(id, incident_id, symptom, rung, actuator, target, params, dry_run, \
+                started_at_ms) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(column(rows, |r| text(r.id)))
+    .bind(column(rows, |r| text(r.incident_id)))
+    .bind(column(rows, |r| r.symptom))
+    .bind(column(rows, |r| r.rung))
+    .bind(column(rows, |r| text(r.actuator)))
+    .bind(column(rows, |r| text(r.target)))
+    .bind(column(rows, |r| json(r.params)))
+    .bind(column(rows, |r| r.dry_run))
+    .bind(column(rows, |r| r.started_at_ms))
+}
+
+fn actions_finished(rows: &[run::ActionFinished<'_>]) -> PgQuery {
+    // First finish wins.
+    sqlx::query(
+        "UPDATE actions AS a SET finished_at_ms = u.at_ms, outcome = u.outcome, \
+           detail = u.detail::jsonb, error = u.error \
+         FROM (SELECT DISTINCT ON (id) id, at_ms, outcome, detail, error \
+               FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[]) \
+                 WITH ORDINALITY AS u(id, at_ms, outcome, detail, error, ord) \
+               ORDER BY id, ord) AS u \
+         WHERE a.id = u.id AND a.finished_at_ms IS NULL",
+    )
+    .bind(column(rows, |r| text(r.id)))
+    .bind(column(rows, |r| r.at_ms))
+    .bind(column(rows, |r| r.outcome))
+    .bind(column(rows, |r| json(r.detail)))
+    .bind(column(rows, |r| r.error.map(text)))
+}
+
+fn actions_verified(rows: &[run::ActionVerified<'_>]) -> PgQuery {
+    // First verdict wins.
+    sqlx::query(
+        "UPDATE actions AS a SET verification = u.verification, verified_at_ms = u.at_ms \
+         FROM (SELECT DISTINCT ON (id) id, verification, at_ms \
+               FROM UNNEST($1::text[], $2::text[], $3::int8[]) \
+                 WITH ORDINALITY AS u(id, verification, at_ms, ord) \
+               ORDER BY id, ord) AS u \
+         WHERE a.id = u.id AND a.verification IS NULL",
+    )
+    .bind(column(rows, |r| text(r.id)))
+    .bind(column(rows, |r| r.verification))
+    .bind(column(rows, |r| r.at_ms))
+}
+
+fn holds(rows: &[run::Held<'_>]) -> PgQuery {
+    sqlx::query(
+        "INSERT INTO holds (incident_id, actuator, target, reason, at_ms) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[]) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(column(rows, |r| text(r.incident_id)))
+    .bind(column(rows, |r| text(r.actuator)))
+    .bind(column(rows, |r| text(r.target)))
+    .bind(column(rows, |r| text(r.reason)))
+    .bind(column(rows, |r| r.at_ms))
 }
 
 /// PostgreSQL text cannot hold NUL, and one such string (say, in an

@@ -17,6 +17,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Row, SqlSafeStr, Sqlite};
 
+use super::run::{self, Run, runs};
 use super::{
     ActionRecord, HoldRecord, IncidentRecord, Knowledge, Query, Store, StoreError, SvidRecord,
 };
@@ -221,9 +222,7 @@ impl Store for SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(StoreError::from_sqlx)?;
-        // Consecutive events of one kind become one multi-row statement;
-        // runs keep the batch order between kinds.
-        for run in events.chunk_by(|a, b| std::mem::discriminant(a) == std::mem::discriminant(b)) {
+        for run in runs(events) {
             apply_run(&mut tx, run).await?;
         }
         tx.commit().await.map_err(StoreError::from_sqlx)
@@ -346,148 +345,223 @@ impl Store for SqliteStore {
 
 // === Writes ===
 
-/// Applies a run of events that all have the same variant.
-async fn apply_run(conn: &mut SqliteConnection, run: &[Event]) -> Result<(), StoreError> {
-    let Some(first) = run.first() else {
-        return Ok(());
-    };
-    match first {
-        Event::SubjectSeen { .. } => {
-            // Re-seeing a subject widens [first_seen, last_seen]; min/max make
-            // the upsert order-independent and so idempotent.
-            insert_rows(
-                conn,
-                "INSERT INTO subjects (subject, kind, agent, first_seen_ms, last_seen_ms) VALUES ",
-                5,
-                " ON CONFLICT (subject) DO UPDATE SET \
-                 first_seen_ms = min(first_seen_ms, excluded.first_seen_ms), \
-                 last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
-                run,
-                |q, e| match e {
-                    Event::SubjectSeen { subject, at } => {
-                        let at = unix_millis(*at);
-                        q.bind(subject.to_string())
-                            .bind(subject.kind())
-                            .bind(subject.agent_name().to_owned())
-                            .bind(at)
-                            .bind(at)
-                    }
-                    _ => q,
-                },
-            )
-            .await
-        }
-        Event::SvidSeen { .. } => {
-            insert_rows(
-                conn,
-                "INSERT INTO svid_lifecycles \
-                 (agent, spiffe_id, serial, not_before_ms, not_after_ms, first_seen_ms) VALUES ",
-                6,
-                " ON CONFLICT DO NOTHING",
-                run,
-                |q, e| match e {
-                    Event::SvidSeen {
-                        agent,
-                        spiffe_id,
-                        serial,
-                        not_before,
-                        not_after,
-                        at,
-                    } => q
-                        .bind(agent.clone())
-                        .bind(spiffe_id.clone())
-                        .bind(serial.clone())
-                        .bind(unix_millis(*not_before))
-                        .bind(unix_millis(*not_after))
-                        .bind(unix_millis(*at)),
-                    _ => q,
-                },
-            )
-            .await
-        }
-        Event::IncidentOpened { .. } => {
-            insert_rows(
-                conn,
-                "INSERT INTO incidents (id, symptom, subject, severity, opened_at_ms, \
-                 predicted_outage_ms, evidence, next_rung) VALUES ",
-                8,
-                " ON CONFLICT DO NOTHING",
-                run,
-                |q, e| match e {
-                    Event::IncidentOpened { incident } => q
-                        .bind(incident.id.clone())
-                        .bind(incident.kind.as_str())
-                        .bind(incident.subject.to_string())
-                        .bind(incident.severity.as_str())
-                        .bind(unix_millis(incident.opened_at))
-                        .bind(incident.predicted_outage.map(unix_millis))
-                        .bind(incident.evidence.to_string())
-                        .bind(to_i64(incident.next_rung)),
-                    _ => q,
-                },
-            )
-            .await
-        }
-        Event::ActionStarted { .. } => {
-            insert_rows(
-                conn,
-                "INSERT INTO actions (id, incident_id, symptom, rung, actuator, target, params, \
-                 dry_run, started_at_ms) VALUES ",
-                9,
-                " ON CONFLICT DO NOTHING",
-                run,
-                |q, e| match e {
-                    Event::ActionStarted { step, at } => q
-                        .bind(step.action_id.clone())
-                        .bind(step.incident_id.clone())
-                        .bind(step.symptom.as_str())
-                        .bind(to_i64(step.rung))
-                        .bind(step.actuator.clone())
-                        .bind(step.target.clone())
-                        .bind(step.params.to_string())
-                        .bind(step.dry_run)
-                        .bind(unix_millis(*at)),
-                    _ => q,
-                },
-            )
-            .await
-        }
-        Event::Held { .. } => {
-            insert_rows(
-                conn,
-                "INSERT INTO holds (incident_id, actuator, target, reason, at_ms) VALUES ",
-                5,
-                " ON CONFLICT DO NOTHING",
-                run,
-                |q, e| match e {
-                    Event::Held {
-                        incident_id,
-                        actuator,
-                        target,
-                        reason,
-                        at,
-                    } => q
-                        .bind(incident_id.clone())
-                        .bind(actuator.clone())
-                        .bind(target.clone())
-                        .bind(reason.clone())
-                        .bind(unix_millis(*at)),
-                    _ => q,
-                },
-            )
-            .await
-        }
-        Event::SvidReplaced { .. }
-        | Event::IncidentClosed { .. }
-        | Event::IncidentEscalated { .. }
-        | Event::ActionFinished { .. }
-        | Event::ActionVerified { .. } => {
-            for event in run {
-                update(conn, event).await?;
-            }
-            Ok(())
-        }
+/// Writes one run. Inserts are multi-row statements; updates are rare and
+/// go one statement per event, which keeps their in-run order exact. Each
+/// update is a no-op when it already took effect (or its row is unknown,
+/// e.g. dropped by the buffer), so re-applying is safe.
+async fn apply_run(conn: &mut SqliteConnection, run: Run<'_>) -> Result<(), StoreError> {
+    match run {
+        Run::SubjectSeen(rows) => subjects_seen(conn, &rows).await,
+        Run::SvidSeen(rows) => svids_seen(conn, &rows).await,
+        Run::SvidReplaced(rows) => svids_replaced(conn, &rows).await,
+        Run::IncidentOpened(rows) => incidents_opened(conn, &rows).await,
+        Run::IncidentClosed(rows) => incidents_closed(conn, &rows).await,
+        Run::IncidentEscalated(rows) => incidents_escalated(conn, &rows).await,
+        Run::ActionStarted(rows) => actions_started(conn, &rows).await,
+        Run::ActionFinished(rows) => actions_finished(conn, &rows).await,
+        Run::ActionVerified(rows) => actions_verified(conn, &rows).await,
+        Run::Held(rows) => holds(conn, &rows).await,
     }
+}
+
+async fn subjects_seen(
+    conn: &mut SqliteConnection,
+    rows: &[run::SubjectSeen<'_>],
+) -> Result<(), StoreError> {
+    // min/max make the upsert order-independent and so idempotent.
+    insert_rows(
+        conn,
+        "INSERT INTO subjects (subject, kind, agent, first_seen_ms, last_seen_ms) VALUES ",
+        5,
+        " ON CONFLICT (subject) DO UPDATE SET \
+         first_seen_ms = min(first_seen_ms, excluded.first_seen_ms), \
+         last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
+        rows,
+        |q, r| {
+            q.bind(r.subject.clone())
+                .bind(r.kind)
+                .bind(r.agent.to_owned())
+                .bind(r.at_ms)
+                .bind(r.at_ms)
+        },
+    )
+    .await
+}
+
+async fn svids_seen(
+    conn: &mut SqliteConnection,
+    rows: &[run::SvidSeen<'_>],
+) -> Result<(), StoreError> {
+    insert_rows(
+        conn,
+        "INSERT INTO svid_lifecycles \
+         (agent, spiffe_id, serial, not_before_ms, not_after_ms, first_seen_ms) VALUES ",
+        6,
+        " ON CONFLICT DO NOTHING",
+        rows,
+        |q, r| {
+            q.bind(r.agent.to_owned())
+                .bind(r.spiffe_id.to_owned())
+                .bind(r.serial.to_owned())
+                .bind(r.not_before_ms)
+                .bind(r.not_after_ms)
+                .bind(r.at_ms)
+        },
+    )
+    .await
+}
+
+async fn svids_replaced(
+    conn: &mut SqliteConnection,
+    rows: &[run::SvidReplaced<'_>],
+) -> Result<(), StoreError> {
+    for r in rows {
+        let query = sqlx::query(
+            "UPDATE svid_lifecycles SET replaced_at_ms = ? \
+             WHERE agent = ? AND spiffe_id = ? AND serial = ? AND replaced_at_ms IS NULL",
+        )
+        .bind(r.at_ms)
+        .bind(r.agent.to_owned())
+        .bind(r.spiffe_id.to_owned())
+        .bind(r.serial.to_owned());
+        execute(conn, query).await?;
+    }
+    Ok(())
+}
+
+async fn incidents_opened(
+    conn: &mut SqliteConnection,
+    rows: &[run::IncidentOpened<'_>],
+) -> Result<(), StoreError> {
+    insert_rows(
+        conn,
+        "INSERT INTO incidents (id, symptom, subject, severity, opened_at_ms, \
+         predicted_outage_ms, evidence, next_rung) VALUES ",
+        8,
+        " ON CONFLICT DO NOTHING",
+        rows,
+        |q, r| {
+            q.bind(r.id.to_owned())
+                .bind(r.symptom)
+                .bind(r.subject.clone())
+                .bind(r.severity)
+                .bind(r.opened_at_ms)
+                .bind(r.predicted_outage_ms)
+                .bind(r.evidence.to_string())
+                .bind(r.next_rung)
+        },
+    )
+    .await
+}
+
+async fn incidents_closed(
+    conn: &mut SqliteConnection,
+    rows: &[run::IncidentClosed<'_>],
+) -> Result<(), StoreError> {
+    for r in rows {
+        let query = sqlx::query(
+            "UPDATE incidents SET closed_at_ms = ?, resolution = ? \
+             WHERE id = ? AND closed_at_ms IS NULL",
+        )
+        .bind(r.at_ms)
+        .bind(r.resolution.to_owned())
+        .bind(r.id.to_owned());
+        execute(conn, query).await?;
+    }
+    Ok(())
+}
+
+async fn incidents_escalated(
+    conn: &mut SqliteConnection,
+    rows: &[run::IncidentEscalated<'_>],
+) -> Result<(), StoreError> {
+    for r in rows {
+        let query = sqlx::query("UPDATE incidents SET next_rung = ? WHERE id = ?")
+            .bind(r.next_rung)
+            .bind(r.id.to_owned());
+        execute(conn, query).await?;
+    }
+    Ok(())
+}
+
+async fn actions_started(
+    conn: &mut SqliteConnection,
+    rows: &[run::ActionStarted<'_>],
+) -> Result<(), StoreError> {
+    insert_rows(
+        conn,
+        "INSERT INTO actions (id, incident_id, symptom, rung, actuator, target, params, \
+         dry_run, started_at_ms) VALUES ",
+        9,
+        " ON CONFLICT DO NOTHING",
+        rows,
+        |q, r| {
+            q.bind(r.id.to_owned())
+                .bind(r.incident_id.to_owned())
+                .bind(r.symptom)
+                .bind(r.rung)
+                .bind(r.actuator.to_owned())
+                .bind(r.target.to_owned())
+                .bind(r.params.to_string())
+                .bind(r.dry_run)
+                .bind(r.started_at_ms)
+        },
+    )
+    .await
+}
+
+async fn actions_finished(
+    conn: &mut SqliteConnection,
+    rows: &[run::ActionFinished<'_>],
+) -> Result<(), StoreError> {
+    for r in rows {
+        let query = sqlx::query(
+            "UPDATE actions SET finished_at_ms = ?, outcome = ?, detail = ?, error = ? \
+             WHERE id = ? AND finished_at_ms IS NULL",
+        )
+        .bind(r.at_ms)
+        .bind(r.outcome)
+        .bind(r.detail.to_string())
+        .bind(r.error.map(str::to_owned))
+        .bind(r.id.to_owned());
+        execute(conn, query).await?;
+    }
+    Ok(())
+}
+
+async fn actions_verified(
+    conn: &mut SqliteConnection,
+    rows: &[run::ActionVerified<'_>],
+) -> Result<(), StoreError> {
+    for r in rows {
+        let query = sqlx::query(
+            "UPDATE actions SET verification = ?, verified_at_ms = ? \
+             WHERE id = ? AND verification IS NULL",
+        )
+        .bind(r.verification)
+        .bind(r.at_ms)
+        .bind(r.id.to_owned());
+        execute(conn, query).await?;
+    }
+    Ok(())
+}
+
+async fn holds(conn: &mut SqliteConnection, rows: &[run::Held<'_>]) -> Result<(), StoreError> {
+    insert_rows(
+        conn,
+        "INSERT INTO holds (incident_id, actuator, target, reason, at_ms) VALUES ",
+        5,
+        " ON CONFLICT DO NOTHING",
+        rows,
+        |q, r| {
+            q.bind(r.incident_id.to_owned())
+                .bind(r.actuator.to_owned())
+                .bind(r.target.to_owned())
+                .bind(r.reason.to_owned())
+                .bind(r.at_ms)
+        },
+    )
+    .await
 }
 
 /// Sends `rows` as `head (?, …), (?, …) tail` statements of at most
@@ -534,61 +608,7 @@ fn values_sql(head: &str, cols: usize, rows: usize, tail: &str) -> String {
     sql
 }
 
-/// One update event. Each is a no-op when it already took effect (or its row
-/// is unknown, e.g. dropped by the buffer), so re-applying is safe.
-async fn update(conn: &mut SqliteConnection, event: &Event) -> Result<(), StoreError> {
-    let query = match event {
-        Event::SvidReplaced {
-            agent,
-            spiffe_id,
-            serial,
-            at,
-        } => sqlx::query(
-            "UPDATE svid_lifecycles SET replaced_at_ms = ? \
-             WHERE agent = ? AND spiffe_id = ? AND serial = ? AND replaced_at_ms IS NULL",
-        )
-        .bind(unix_millis(*at))
-        .bind(agent.clone())
-        .bind(spiffe_id.clone())
-        .bind(serial.clone()),
-        Event::IncidentClosed { id, at, resolution } => sqlx::query(
-            "UPDATE incidents SET closed_at_ms = ?, resolution = ? \
-             WHERE id = ? AND closed_at_ms IS NULL",
-        )
-        .bind(unix_millis(*at))
-        .bind(resolution.clone())
-        .bind(id.clone()),
-        Event::IncidentEscalated { id, next_rung } => {
-            sqlx::query("UPDATE incidents SET next_rung = ? WHERE id = ?")
-                .bind(to_i64(*next_rung))
-                .bind(id.clone())
-        }
-        Event::ActionFinished { id, outcome, at } => sqlx::query(
-            "UPDATE actions SET finished_at_ms = ?, outcome = ?, detail = ?, error = ? \
-             WHERE id = ? AND finished_at_ms IS NULL",
-        )
-        .bind(unix_millis(*at))
-        .bind(outcome.kind.as_str())
-        .bind(outcome.detail.to_string())
-        .bind(outcome.error.clone())
-        .bind(id.clone()),
-        Event::ActionVerified {
-            id,
-            verification,
-            at,
-        } => sqlx::query(
-            "UPDATE actions SET verification = ?, verified_at_ms = ? \
-             WHERE id = ? AND verification IS NULL",
-        )
-        .bind(verification.as_str())
-        .bind(unix_millis(*at))
-        .bind(id.clone()),
-        Event::SubjectSeen { .. }
-        | Event::SvidSeen { .. }
-        | Event::IncidentOpened { .. }
-        | Event::ActionStarted { .. }
-        | Event::Held { .. } => return Ok(()),
-    };
+async fn execute(conn: &mut SqliteConnection, query: SqliteQuery) -> Result<(), StoreError> {
     query
         .execute(&mut *conn)
         .await

@@ -30,6 +30,7 @@ use std::time::{Duration, SystemTime};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use rustls_pki_types::pem::{PemObject, SectionKind};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -292,10 +293,7 @@ impl SvidFileSet {
 }
 
 fn pem_blocks(tag: &str, ders: &[Vec<u8>]) -> String {
-    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
-    ders.iter()
-        .map(|der| pem::encode_config(&pem::Pem::new(tag, der.as_slice()), config))
-        .collect()
+    ders.iter().map(|der| svid::pem::encode(tag, der)).collect()
 }
 
 /// Replaces `path` atomically with `contents` at `mode`: a temporary file
@@ -347,23 +345,21 @@ pub fn read_svid_files(dir: &Path) -> Result<RawIdentity, SvidFilesError> {
 /// at least one.
 fn read_pem(path: &Path, tag: &str) -> Result<Vec<Vec<u8>>, SvidFilesError> {
     let text = std::fs::read(path).map_err(SvidFilesError::io("reading", path))?;
-    let blocks = pem::parse_many(&text).map_err(|e| SvidFilesError::pem(path, e.to_string()))?;
+    let want = SectionKind::try_from(tag.as_bytes()).ok();
+    let blocks = <(SectionKind, Vec<u8>)>::pem_slice_iter(&text)
+        .map(|block| match block {
+            Ok((kind, der)) if Some(kind) == want => Ok(der),
+            Ok((kind, _)) => Err(SvidFilesError::pem(
+                path,
+                format!("found a {kind:?} PEM block, expected {tag}"),
+            )),
+            Err(e) => Err(SvidFilesError::pem(path, e.to_string())),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     if blocks.is_empty() {
         return Err(SvidFilesError::pem(path, format!("no {tag} PEM block")));
     }
-    blocks
-        .into_iter()
-        .map(|b| {
-            if b.tag() == tag {
-                Ok(b.into_contents())
-            } else {
-                Err(SvidFilesError::pem(
-                    path,
-                    format!("found a {} PEM block, expected {tag}", b.tag()),
-                ))
-            }
-        })
-        .collect()
+    Ok(blocks)
 }
 
 /// Sends `signal` to the pid in `pidfile`; returns the pid.

@@ -9,10 +9,17 @@
 //! [`PemError::Truncated`], so a reader racing a non-atomic write sees an
 //! error, not a shorter chain.
 //!
-//! The parser works on bytes, never panics and never allocates more than
-//! about the input's size.
+//! This module is policy, not a second PEM decoder: it finds the blocks,
+//! checks their labels and framing, and hands each body to the PEM reader of
+//! `rustls-pki-types` (the one PEM library in the crate), which only skips
+//! what it does not know and so cannot say why a file is wrong. It works on
+//! bytes, never panics and allocates a small multiple of the input's size.
+//!
+//! [`encode`] writes the same format, for the files and bundles the crate
+//! produces itself.
 
 use base64::Engine;
+use rustls_pki_types::pem::{PemObject, SectionKind};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
 
@@ -172,17 +179,22 @@ fn block(input: &[u8], index: usize) -> Result<Block<'_>, PemError> {
     })
 }
 
-/// Base64-decodes a block body (whitespace and CRLF allowed, nothing else)
-/// and checks it is exactly one DER certificate.
+/// Decodes a block body (base64 with any line breaks and whitespace) and
+/// checks it is exactly one DER certificate.
+///
+/// The body is put back on lines of its own between a canonical
+/// `BEGIN`/`END` pair, so a single-line block decodes like any other. It
+/// holds no `-----` (the framing stopped at the first), so the reader sees
+/// exactly one `CERTIFICATE` section and can only fail on its base64.
 fn decode(body: &[u8], index: usize) -> Result<Vec<u8>, PemError> {
-    let compact: Vec<u8> = body
-        .iter()
-        .copied()
-        .filter(|b| !b.is_ascii_whitespace())
-        .collect();
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(&compact)
-        .map_err(|e| PemError::BadBase64 {
+    let framed = [
+        b"-----BEGIN CERTIFICATE-----\n".as_slice(),
+        body,
+        b"\n-----END CERTIFICATE-----\n",
+    ]
+    .concat();
+    let (_, der) =
+        <(SectionKind, Vec<u8>)>::from_pem_slice(&framed).map_err(|e| PemError::BadBase64 {
             index,
             reason: e.to_string(),
         })?;
@@ -197,6 +209,26 @@ fn decode(body: &[u8], index: usize) -> Result<Vec<u8>, PemError> {
             reason: e.to_string(),
         }),
     }
+}
+
+/// One PEM block with `label` around `der`: standard base64 on 64-column
+/// lines, LF line ends, as RFC 7468 writes it and [`parse_certificates`]
+/// reads it.
+pub fn encode(label: &str, der: &[u8]) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::with_capacity(b64.len() + b64.len() / 64 + 2 * label.len() + 40);
+    out.push_str("-----BEGIN ");
+    out.push_str(label);
+    out.push_str("-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        // Base64 is ASCII, so every chunk is valid UTF-8.
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str("-----END ");
+    out.push_str(label);
+    out.push_str("-----\n");
+    out
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {

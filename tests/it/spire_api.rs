@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use sha2::{Digest, Sha256};
 use spire_healer::clock::{Clock, SystemClock};
 use spire_healer::endpoint::Endpoint;
@@ -35,11 +37,9 @@ fn now() -> SystemTime {
 fn pem_fingerprints(path: &Path) -> Result<Vec<String>> {
     let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
-    for pem in x509_parser::pem::Pem::iter_from_buffer(&data) {
-        let pem = pem.map_err(|e| anyhow!("bad PEM in {}: {e}", path.display()))?;
-        if pem.label == "CERTIFICATE" {
-            out.push(hex::encode(Sha256::digest(&pem.contents)));
-        }
+    for der in CertificateDer::pem_slice_iter(&data) {
+        let der = der.map_err(|e| anyhow!("bad PEM in {}: {e}", path.display()))?;
+        out.push(hex::encode(Sha256::digest(&der)));
     }
     ensure!(!out.is_empty(), "no certificate in {}", path.display());
     Ok(out)
