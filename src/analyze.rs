@@ -40,32 +40,33 @@ fn agent_symptoms(
     out: &mut Vec<Symptom>,
 ) {
     let blind = saturating_since(now, view.updated_at) > th.max_staleness;
-    // Earliest notAfter among what the agent last served: when it stops
-    // renewing, that is when workloads lose mTLS.
-    let earliest_expiry = view
-        .svids
-        .iter()
-        .filter(|s| !s.serial.is_empty())
-        .map(|s| s.not_after)
-        .min();
 
     // agent_unreachable: opens after `unreachable_after` in a failed state,
     // closes only once the stream is up again (Connecting keeps it open).
-    let key = SymptomKey {
-        kind: SymptomKind::AgentUnreachable,
-        subject: Subject::agent(&view.agent),
-    };
-    let failed = matches!(
-        view.status,
-        StreamStatus::Down | StreamStatus::Unanswered | StreamStatus::Rejected
-    );
-    let failed_for = saturating_since(now, view.status_since);
-    let active = if is_open(&key) {
-        view.status != StreamStatus::Up
-    } else {
-        failed && failed_for >= th.unreachable_after
-    };
-    if active {
+    // An agent that is up has neither, so its key is never built: this runs
+    // for every agent on every tick.
+    let unreachable = (view.status != StreamStatus::Up).then(|| {
+        let key = SymptomKey {
+            kind: SymptomKind::AgentUnreachable,
+            subject: Subject::agent(&view.agent),
+        };
+        let failed = matches!(
+            view.status,
+            StreamStatus::Down | StreamStatus::Unanswered | StreamStatus::Rejected
+        );
+        let failed_for = saturating_since(now, view.status_since);
+        let active = is_open(&key) || (failed && failed_for >= th.unreachable_after);
+        (key, active)
+    });
+    if let Some((key, true)) = unreachable {
+        // Earliest notAfter among what the agent last served: when it stops
+        // renewing, that is when workloads lose mTLS.
+        let earliest_expiry = view
+            .svids
+            .iter()
+            .filter(|s| !s.serial.is_empty())
+            .map(|s| s.not_after)
+            .min();
         out.push(Symptom {
             kind: key.kind,
             subject: key.subject,
