@@ -19,7 +19,7 @@
 //!   older than what the agent issued, expired, or unreadable for longer
 //!   than a reload takes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -62,7 +62,21 @@ pub fn handshakes(
 ) -> Vec<Symptom> {
     let mut out = Vec::new();
     bursts(input, is_open, th, now, &mut out);
-    let issued = newest_issued(input.agents);
+    // Only the SPIFFE IDs a peer serves or a file holds are looked up, so
+    // only those are indexed: an instance watching no peer and no file
+    // touches no SVID here.
+    let wanted: HashSet<&str> = input
+        .probes
+        .iter()
+        .filter_map(|p| p.last_peer.as_ref()?.peer.as_ref()?.spiffe_id.as_deref())
+        .chain(
+            input
+                .cert_files
+                .iter()
+                .filter_map(|f| f.leaf.as_ref()?.spiffe_id.as_deref()),
+        )
+        .collect();
+    let issued = newest_issued(input.agents, &wanted);
     let files: HashMap<&str, &CertFileView> = input
         .cert_files
         .iter()
@@ -228,10 +242,19 @@ struct Issued<'a> {
 /// Every SVID currently served per SPIFFE ID, one per agent serving it
 /// (the same ID may be registered on several nodes, each rotating on its
 /// own schedule).
-fn newest_issued(agents: &[Arc<AgentView>]) -> HashMap<&str, Vec<Issued<'_>>> {
+fn newest_issued<'a>(
+    agents: &'a [Arc<AgentView>],
+    wanted: &HashSet<&str>,
+) -> HashMap<&'a str, Vec<Issued<'a>>> {
     let mut out: HashMap<&str, Vec<Issued<'_>>> = HashMap::new();
+    if wanted.is_empty() {
+        return out;
+    }
     for v in agents {
         for s in v.svids.iter().filter(|s| !s.serial.is_empty()) {
+            if !wanted.contains(s.spiffe_id.as_str()) {
+                continue;
+            }
             out.entry(&s.spiffe_id).or_default().push(Issued {
                 serial: &s.serial,
                 not_before: s.not_before,
