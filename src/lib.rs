@@ -52,6 +52,7 @@ pub mod spire_api;
 pub mod supervisor;
 pub mod svid;
 pub mod telemetry;
+pub mod term;
 
 /// Generated gRPC code.
 pub mod proto {

@@ -310,7 +310,7 @@ timeout = "5s"
     let _ = writeln!(
         out,
         "\n{}\n",
-        crate::cli::table(
+        crate::term::table(
             &[
                 "FAULT",
                 "SYMPTOM",

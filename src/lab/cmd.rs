@@ -244,7 +244,7 @@ async fn up(args: UpArgs, out: &mut dyn Write) -> i32 {
     let _ = out.flush();
     let lab = tokio::select! {
         lab = HaLab::start(opts) => lab,
-        _ = crate::cli::shutdown_signal() => {
+        _ = crate::term::shutdown_signal() => {
             eprintln!("Interrupted while starting; stopped.");
             return 130;
         }
@@ -288,7 +288,7 @@ async fn up(args: UpArgs, out: &mut dyn Write) -> i32 {
     let _ = write!(out, "{}", summary(&manifest, &healer_toml));
     let _ = out.flush();
 
-    crate::cli::shutdown_signal().await;
+    crate::term::shutdown_signal().await;
     let _ = writeln!(out, "Stopping the lab.");
     let result = lab.stop().await;
     let mut stopped = manifest;

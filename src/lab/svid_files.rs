@@ -520,7 +520,7 @@ pub async fn main(args: SvidFilesArgs, out: &mut (dyn Write + Send)) -> i32 {
     tokio::pin!(running);
     let result = tokio::select! {
         r = &mut running => r,
-        _ = crate::cli::shutdown_signal() => {
+        _ = crate::term::shutdown_signal() => {
             shutdown.cancel();
             running.await
         }
