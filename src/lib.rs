@@ -47,6 +47,7 @@ pub mod model;
 pub mod plan;
 pub mod policy;
 pub mod sensors;
+pub mod simulated;
 pub mod spiffe_id;
 pub mod spire_api;
 pub mod supervisor;

@@ -365,8 +365,8 @@ timeout = "20s"
 /// foreign trust domain's own CA, into `dir`.
 fn write_foreign_svid(dir: &Path) -> Result<()> {
     use spire_healer::clock::Clock;
-    use spire_healer::demo::issuer::{Flavor, TestCa};
     use spire_healer::proto::workload::{X509svid, X509svidResponse};
+    use spire_healer::simulated::issuer::{Flavor, TestCa};
     let now = spire_healer::clock::SystemClock.now();
     let ca = TestCa::new(
         "other.example",

@@ -1,7 +1,7 @@
 use super::*;
-use crate::demo::issuer::TestCa;
 use crate::lab::svid_files::tests::{TD, issue, test_ca, write_svid};
 use crate::lab::svid_files::{KEY_FILE, SVID_FILE};
+use crate::simulated::issuer::TestCa;
 
 const SERVER_ID: &str = "spiffe://healer.test/peer";
 const LIMIT: Duration = Duration::from_secs(5);

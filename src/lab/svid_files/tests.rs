@@ -4,9 +4,9 @@ use std::sync::{Arc, Mutex};
 
 use super::*;
 use crate::clock::{Clock, SystemClock};
-use crate::demo::fake_agent::FakeAgent;
-use crate::demo::issuer::{Flavor, TestCa};
 use crate::proto::workload::X509svid;
+use crate::simulated::agent::FakeAgent;
+use crate::simulated::issuer::{Flavor, TestCa};
 
 pub(crate) const TD: &str = "healer.test";
 const ID: &str = "spiffe://healer.test/workload";
