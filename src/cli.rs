@@ -57,9 +57,6 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         metrics_port: u16,
     },
-    /// A real SPIRE HA lab for trying spire-healer out (`lab up`, `lab down`).
-    #[command(subcommand)]
-    Lab(crate::lab::cmd::LabCommand),
     /// List incidents from the knowledge store.
     Incidents {
         #[command(flatten)]
@@ -135,10 +132,6 @@ pub async fn main(cli: Cli) -> i32 {
         } => {
             init_logging(cli.log_format, "warn");
             crate::demo::run(duration, metrics_port, &mut std::io::stdout()).await
-        }
-        Command::Lab(command) => {
-            init_logging(cli.log_format, "warn");
-            crate::lab::cmd::run(command).await
         }
         Command::Incidents { store, open } => list(&store, Listing::Incidents { open }).await,
         Command::Actions { store, incident } => list(&store, Listing::Actions { incident }).await,

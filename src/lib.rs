@@ -42,7 +42,6 @@ pub mod endpoint;
 pub mod handshake;
 pub mod http_client;
 pub mod knowledge;
-pub mod lab;
 pub mod model;
 pub mod plan;
 pub mod policy;
