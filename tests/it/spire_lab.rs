@@ -33,11 +33,12 @@ pub fn test_pg_url() -> String {
 /// `env!("CARGO_BIN_EXE_…")` names only binaries of the package under test,
 /// and Cargo builds a dependency's library but never its binaries. So the
 /// first call runs `cargo build -p spire-lab --bin spire-lab` (the cargo
-/// running these tests, `--release` when they are optimised, the same
-/// environment and so the same target directory) and takes the executable's
-/// path from Cargo's JSON messages; when nothing changed, that is a quick
-/// no-op. `SPIRE_LAB_BIN` overrides it, for runs without cargo (the binary
-/// must then be built from the same sources).
+/// running these tests; `--release` when they are optimised; the caller's
+/// environment, hence the same target directory) and takes the executable's
+/// path from Cargo's JSON messages. When nothing changed that is a no-op of
+/// about a second; after a change to the lab it rebuilds only the lab.
+/// `SPIRE_LAB_BIN` overrides it, for runs without cargo (the binary must
+/// then be built from the same sources).
 ///
 /// # Panics
 /// When the build fails or reports no executable, with Cargo's output.
@@ -49,6 +50,29 @@ pub fn lab_bin() -> &'static Path {
         }
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
         let mut cmd = Command::new(cargo);
+        // Cargo describes this package to its tests through the environment
+        // (`CARGO_PKG_*`, `OUT_DIR`, …); build scripts that watch such
+        // variables (ring's does) would see a change and rebuild, here and
+        // again at the next plain `cargo` call. Only the caller's own
+        // variables are passed on.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("CARGO_PKG_")
+                || [
+                    "OUT_DIR",
+                    "CARGO_BIN_NAME",
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                ]
+                .contains(&&*name)
+            {
+                cmd.env_remove(&*name);
+            }
+        }
         cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args([
             "build",
             "-p",
