@@ -32,7 +32,7 @@ const ROTATION_WAIT: Duration = Duration::from_secs(90);
 /// Bound of one question to a peer.
 const ASK_LIMIT: Duration = Duration::from_secs(5);
 
-/// A `spire-healer lab …` child; its output goes to `<name>.log`. Stopped
+/// A `spire-lab …` child; its output goes to `<name>.log`. Stopped
 /// by pid (SIGTERM, then SIGKILL); `kill_on_drop` covers early returns.
 pub(crate) struct Workload {
     name: &'static str,
