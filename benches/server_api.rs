@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use spire_healer::clock::{Clock, SystemClock};
-use spire_healer::demo::fake_server::FakeServer;
+use spire_healer::simulated::server::FakeServer;
 use spire_healer::spire_api::ServerAdminClient;
 use tokio::runtime::Runtime;
 

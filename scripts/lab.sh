@@ -3,13 +3,13 @@
 # sharing one PostgreSQL database (a fresh database per lab, dropped at stop)
 # and two spire-agents, each attested with its own join token under
 # spiffe://healer.test/node/<n>. The lab runs in the background
-# (`spire-healer lab up`); its files stay in DIR.
+# (`spire-lab up`, the lab crate's binary); its files stay in DIR.
 #
 #   scripts/lab.sh start  [DIR]   build, provision, start the lab, print it
 #   scripts/lab.sh status [DIR]   sockets, URLs, and whether each pid lives
 #                                 (exit 3 when something is not running)
-#   scripts/lab.sh stop   [DIR]   `spire-healer lab down`, then end the
-#                                 background `lab up` process
+#   scripts/lab.sh stop   [DIR]   `spire-lab down`, then end the
+#                                 background `spire-lab up` process
 #
 # DIR defaults to .lab/ in the repository (git-ignored). It holds:
 #   lab.json           every socket, port, URL, pid and restart command
@@ -17,14 +17,15 @@
 #                        spire-healer run --config DIR/spire-healer.toml
 #                      (each agent has an entry spiffe://healer.test/healer/
 #                      agent-N for the uid that started the lab)
-#   lab.log            output of the background `spire-healer lab up`
+#   lab.log            output of the background `spire-lab up`
 #   lab.pid            its pid
 #   server-a/ server-b/ agent-0/ agent-1/   configs, logs, sockets, data;
 #                      agent-N/restart.sh restarts agent N (it re-reads
 #                      agent.conf; a file agent-N/join_token is used once)
 #
-# `start` runs `cargo build --release`, scripts/install-spire.sh (Go >= 1.26.6
-# and gcc the first time) and ensures PostgreSQL as scripts/test.sh does
+# `start` runs `cargo build --release` (spire-healer and spire-lab),
+# scripts/install-spire.sh (Go >= 1.26.6 and gcc the first time) and ensures
+# PostgreSQL as scripts/test.sh does
 # (scripts/lib/postgres.sh: root or passwordless sudo, unless
 # SPIRE_HEALER_TEST_PG_URL names a server whose role has CREATEDB).
 # LAB_SERVERS and LAB_AGENTS change the number of servers and agents.
@@ -47,15 +48,15 @@ dir="${2:-$root/.lab}"
 
 target_dir="${CARGO_TARGET_DIR:-target}"
 [[ "$target_dir" = /* ]] || target_dir="$root/$target_dir"
-bin="$target_dir/release/spire-healer"
+bin="$target_dir/release/spire-lab"
 
-# The pid in DIR/lab.pid if it is a live `spire-healer lab up`.
+# The pid in DIR/lab.pid if it is a live `spire-lab up`.
 lab_pid() {
   local pid
   pid="$(cat "$dir/lab.pid" 2>/dev/null || true)"
   [[ "$pid" =~ ^[0-9]+$ ]] || return 1
   [[ -r "/proc/$pid/cmdline" ]] || return 1
-  tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q 'spire-healer lab up ' || return 1
+  tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q 'spire-lab up ' || return 1
   echo "$pid"
 }
 
@@ -74,8 +75,8 @@ start() {
   fi
   command -v cargo >/dev/null || die "cargo is not installed"
 
-  say "cargo build --release"
-  cargo build --release --bin spire-healer || die "cargo build failed"
+  say "cargo build --release -p spire-healer -p spire-lab --bins"
+  cargo build --release -p spire-healer -p spire-lab --bins || die "cargo build failed"
   [[ -x "$bin" ]] || die "$bin is missing after the build"
 
   say "installing SPIRE (scripts/install-spire.sh)"
@@ -88,7 +89,7 @@ start() {
   mkdir -p "$dir"
   dir="$(cd "$dir" && pwd)"
   say "starting the lab in $dir"
-  local args=(lab up --dir "$dir" --servers "${LAB_SERVERS:-2}" --agents "${LAB_AGENTS:-2}"
+  local args=(up --dir "$dir" --servers "${LAB_SERVERS:-2}" --agents "${LAB_AGENTS:-2}"
               --postgres-url "$PG_URL" --bin-dir "$root/.spire/bin")
   if command -v setsid >/dev/null; then
     setsid "$bin" "${args[@]}" </dev/null >"$dir/lab.log" 2>&1 &
@@ -109,7 +110,7 @@ start() {
     if ! kill -0 "$pid" 2>/dev/null; then
       cat "$dir/lab.log" >&2
       rm -f "$dir/lab.pid"
-      die "spire-healer lab up exited (output above, also in $dir/lab.log)"
+      die "spire-lab up exited (output above, also in $dir/lab.log)"
     fi
     sleep 0.5
   done
@@ -121,14 +122,14 @@ stop() {
   [[ -d "$dir" ]] || die "no lab directory $dir"
   if [[ -f "$dir/lab.json" ]]; then
     if [[ -x "$bin" ]]; then
-      "$bin" lab down --dir "$dir" || echo "warning: spire-healer lab down failed" >&2
+      "$bin" down --dir "$dir" || echo "warning: spire-lab down failed" >&2
     else
-      echo "warning: $bin is missing; only ending the lab up process" >&2
+      echo "warning: $bin is missing; only ending the spire-lab up process" >&2
     fi
   fi
   local pid
   if pid="$(lab_pid)"; then
-    echo "Ending spire-healer lab up (pid $pid)."
+    echo "Ending spire-lab up (pid $pid)."
     kill -TERM "$pid" 2>/dev/null || true
     local i
     for i in $(seq 1 60); do
@@ -147,13 +148,13 @@ stop() {
 status() {
   [[ -f "$dir/lab.json" ]] || die "no lab in $dir (no lab.json)"
   if pid="$(lab_pid)"; then
-    echo "spire-healer lab up: running (pid $pid), output in $dir/lab.log"
+    echo "spire-lab up: running (pid $pid), output in $dir/lab.log"
   else
-    echo "spire-healer lab up: not running"
+    echo "spire-lab up: not running"
   fi
   if [[ -x "$bin" ]]; then
     # Exits 3 when the lab or one of its processes is not running.
-    "$bin" lab status --dir "$dir"
+    "$bin" status --dir "$dir"
   else
     echo "($bin is missing; showing lab.json)"
     cat "$dir/lab.json"

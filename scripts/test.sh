@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's whole test command: provisions what the tests need, then runs
-# rustfmt, clippy and every test target. Extra arguments go to `cargo test`,
-# e.g. `scripts/test.sh lab_ -- --nocapture`.
+# rustfmt, clippy and every test target of the workspace (the product crate
+# and the lab crate in lab/). Extra arguments go to `cargo test`, e.g.
+# `scripts/test.sh lab_ -- --nocapture`.
 #
 # Needs:
 #   - PostgreSQL (scripts/lib/postgres.sh): installed with apt-get (Debian's
@@ -48,13 +49,13 @@ if [[ -n "$avail_kib" && "$avail_kib" -lt 4194304 ]]; then
     "$((avail_kib / 1024))" "$root" >&2
 fi
 
-say "cargo fmt --check"
-cargo fmt --check || die "formatting differs; run 'cargo fmt'"
+say "cargo fmt --all --check"
+cargo fmt --all --check || die "formatting differs; run 'cargo fmt --all'"
 
-say "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets -- -D warnings || die "clippy reported problems"
+say "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings || die "clippy reported problems"
 
-say "cargo test --all-targets $*"
-cargo test --all-targets "$@" || die "tests failed"
+say "cargo test --workspace --all-targets $*"
+cargo test --workspace --all-targets "$@" || die "tests failed"
 
 say "all checks passed"

@@ -16,6 +16,7 @@ use crate::clock::{Clock, SystemClock, from_unix_millis};
 use crate::config::{Config, ConfigError, EXIT_CONFIG, Resolved, process_env};
 use crate::knowledge::{self, Query};
 use crate::telemetry::{LogFormat, Metrics, init_logging};
+use crate::term::{shutdown_signal, table};
 
 /// Exit code when a needed service (the database) is unavailable (EX_UNAVAILABLE).
 pub const EXIT_UNAVAILABLE: i32 = 69;
@@ -56,9 +57,6 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         metrics_port: u16,
     },
-    /// A real SPIRE HA lab for trying spire-healer out (`lab up`, `lab down`).
-    #[command(subcommand)]
-    Lab(crate::lab::cmd::LabCommand),
     /// List incidents from the knowledge store.
     Incidents {
         #[command(flatten)]
@@ -134,10 +132,6 @@ pub async fn main(cli: Cli) -> i32 {
         } => {
             init_logging(cli.log_format, "warn");
             crate::demo::run(duration, metrics_port, &mut std::io::stdout()).await
-        }
-        Command::Lab(command) => {
-            init_logging(cli.log_format, "warn");
-            crate::lab::cmd::run(command).await
         }
         Command::Incidents { store, open } => list(&store, Listing::Incidents { open }).await,
         Command::Actions { store, incident } => list(&store, Listing::Actions { incident }).await,
@@ -256,25 +250,6 @@ async fn run(path: &std::path::Path) -> i32 {
     0
 }
 
-/// SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
 enum Listing {
     Incidents { open: bool },
     Actions { incident: Option<String> },
@@ -335,29 +310,6 @@ async fn list(args: &StoreArgs, what: Listing) -> i32 {
 /// Formats a unix-ms timestamp as RFC 3339 UTC.
 pub fn ts(ms: i64) -> String {
     humantime::format_rfc3339_millis(from_unix_millis(ms)).to_string()
-}
-
-/// Renders rows as aligned columns.
-pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.chars().count());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    let mut out = vec![line(header.iter().map(|s| s.to_string()).collect())];
-    out.extend(rows.iter().map(|r| line(r.clone())));
-    out.join("\n")
 }
 
 fn incidents_table(rows: &[knowledge::IncidentRecord]) -> String {
@@ -440,11 +392,5 @@ mod tests {
             EXIT_CONFIG
         );
         assert!(String::from_utf8(out).unwrap().contains("cannot read"));
-    }
-
-    #[test]
-    fn table_aligns() {
-        let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
-        assert_eq!(t, "A    BB\nxxx  y");
     }
 }

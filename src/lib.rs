@@ -24,8 +24,13 @@
 //! [`spire_api`] (typed SPIRE admin API clients), [`api`] (our gRPC API on
 //! a Unix socket: handshake reports), [`http_client`],
 //! [`telemetry`] (metrics, logs, `/metrics` `/healthz` `/readyz`), [`clock`],
-//! [`demo`] (the simulated first run), [`lab`] (real SPIRE labs for tests and
-//! operators), [`cli`] and [`proto`] (generated gRPC code).
+//! [`demo`] (the simulated first run), [`simulated`] (the in-process SPIRE
+//! the demo, unit tests and benches run against), [`cli`], [`term`] (terminal
+//! helpers shared by the front ends) and [`proto`] (generated gRPC code).
+//!
+//! Real SPIRE labs (process control, PostgreSQL administration, the test
+//! workloads) are not part of the product: they live in the `spire-lab`
+//! crate (`lab/`), which the integration tests use.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms, clippy::disallowed_methods, clippy::disallowed_types)]
@@ -42,16 +47,17 @@ pub mod endpoint;
 pub mod handshake;
 pub mod http_client;
 pub mod knowledge;
-pub mod lab;
 pub mod model;
 pub mod plan;
 pub mod policy;
 pub mod sensors;
+pub mod simulated;
 pub mod spiffe_id;
 pub mod spire_api;
 pub mod supervisor;
 pub mod svid;
 pub mod telemetry;
+pub mod term;
 
 /// Generated gRPC code.
 pub mod proto {

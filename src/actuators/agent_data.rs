@@ -159,7 +159,7 @@ fn der_to_pem(der: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::demo::issuer::TestCa;
+    use crate::simulated::issuer::TestCa;
     use std::time::{Duration, UNIX_EPOCH};
 
     fn ca(td: &str) -> Vec<u8> {

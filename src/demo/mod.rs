@@ -1,16 +1,12 @@
 //! `spire-healer demo`: the newcomer's first run, with no SPIRE installed.
 //!
-//! **A simulation**: an in-process Workload API server ([`fake_agent`])
+//! **A simulation**: an in-process Workload API server ([`crate::simulated::agent`])
 //! speaking the real protocol on a temporary Unix socket, with rcgen-issued
 //! SVIDs of a few seconds' lifetime. Faults are injected on a schedule; the
 //! real supervisor (sensors, analyze, plan, actuators, SQLite store, HTTP)
 //! runs against it. The "restart the agent" actuator is the real `command`
 //! actuator running `touch <dir>/restart-<agent>`, which the simulation
 //! treats as `systemctl restart spire-agent`.
-
-pub mod fake_agent;
-pub mod fake_server;
-pub mod issuer;
 
 use std::io::Write;
 use std::sync::Arc;
@@ -22,9 +18,9 @@ use tokio_util::task::TaskTracker;
 use crate::clock::{Clock, SystemClock, saturating_since, unix_millis};
 use crate::config::Config;
 use crate::knowledge::{ActionRecord, IncidentRecord, Query, Store};
+use crate::simulated::agent::FakeAgent;
+use crate::simulated::issuer::{Flavor, TestCa};
 use crate::telemetry::Metrics;
-use fake_agent::FakeAgent;
-use issuer::{Flavor, TestCa};
 
 const AGENT: &str = "demo-agent";
 const SPIFFE_ID: &str = "spiffe://demo.healer/workload/web";
@@ -310,7 +306,7 @@ timeout = "5s"
     let _ = writeln!(
         out,
         "\n{}\n",
-        crate::cli::table(
+        crate::term::table(
             &[
                 "FAULT",
                 "SYMPTOM",

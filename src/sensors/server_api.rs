@@ -261,7 +261,7 @@ impl ServerApiTask {
 }
 
 /// `error: cause: cause` for logs.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

@@ -571,7 +571,7 @@ pub fn raw_identity(s: &X509svid) -> Option<RawIdentity> {
 }
 
 /// A Workload API request carrying the security header.
-pub(crate) fn request<T>(msg: T) -> tonic::Request<T> {
+pub fn request<T>(msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
     req.metadata_mut().insert(
         SECURITY_HEADER,

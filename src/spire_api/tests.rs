@@ -15,9 +15,9 @@ use tonic::{Request, Response, Status};
 
 use super::*;
 use crate::clock::{Clock, SystemClock};
-use crate::demo::fake_server::{FakeServer, PagingFault, RawFault, serve_raw};
-use crate::demo::issuer::TestCa;
 use crate::proto::spire::api::server::entry::v1::entry_server::{Entry, EntryServer};
+use crate::simulated::issuer::TestCa;
+use crate::simulated::server::{FakeServer, PagingFault, RawFault, serve_raw};
 
 const TD: &str = "example.org";
 const TIMEOUT: Duration = Duration::from_millis(500);

@@ -172,7 +172,7 @@ impl Authorize {
 
     /// Whether a leaf's URI SANs (`found`) are exactly one SPIFFE ID this
     /// allows, as X509-SVIDs must carry.
-    pub(crate) fn admits(&self, found: &[String]) -> bool {
+    pub fn admits(&self, found: &[String]) -> bool {
         matches!(found, [only] if SpiffeId::parse(only).is_ok_and(|id| self.allows(&id)))
     }
 }
@@ -241,7 +241,7 @@ impl SpiffeServerVerifier {
 }
 
 /// Every URI SAN of a certificate.
-pub(crate) fn uri_sans(der: &[u8]) -> Result<Vec<String>, String> {
+pub fn uri_sans(der: &[u8]) -> Result<Vec<String>, String> {
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
     let san = cert.subject_alternative_name().map_err(|e| e.to_string())?;
     Ok(san
@@ -314,7 +314,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 // === Client configuration ===
 
 /// The only crypto provider we use: `ring`.
-pub(crate) fn provider() -> CryptoProvider {
+pub fn provider() -> CryptoProvider {
     rustls::crypto::ring::default_provider()
 }
 

@@ -246,7 +246,7 @@ fn printable(label: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::demo::issuer::{Flavor, TestCa};
+    use crate::simulated::issuer::{Flavor, TestCa};
     use std::time::{Duration, UNIX_EPOCH};
 
     const MAX: usize = 1 << 20;

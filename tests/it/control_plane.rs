@@ -19,11 +19,12 @@ use spire_healer::actuators::spire::{EntryBump, EntryBumpConfig, Topology};
 use spire_healer::clock::{Clock, SystemClock, unix_millis};
 use spire_healer::config::Config;
 use spire_healer::knowledge::{ActionRecord, HoldRecord, IncidentRecord, Query, Store};
-use spire_healer::lab::{HaLab, HaOptions};
 use spire_healer::model::{Step, SymptomKind};
 use spire_healer::telemetry::Metrics;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::spire_lab::{HaLab, HaOptions};
 
 fn pg_url() -> Result<String> {
     std::env::var("SPIRE_HEALER_TEST_PG_URL").context(

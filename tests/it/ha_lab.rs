@@ -1,6 +1,6 @@
 //! The HA lab on real SPIRE: two servers sharing one PostgreSQL database,
 //! two agents. Failover by re-pointing an agent, ban and re-admission, and
-//! `spire-healer lab up|down`. Needs `SPIRE_HEALER_TEST_PG_URL`.
+//! `spire-lab up|down`. Needs `SPIRE_HEALER_TEST_PG_URL`.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -11,7 +11,7 @@ use spire_healer::config::Config;
 use tokio::time::{Instant, sleep, timeout};
 
 use crate::spire_lab::{
-    HaLab, HaOptions, LabManifest, WAIT_LIMIT, database_exists, http_get_status, log_tail,
+    HaLab, HaOptions, LabManifest, WAIT_LIMIT, database_exists, http_get_status, lab_bin, log_tail,
     pids_with_arg, process_alive, run_bounded, test_pg_url,
 };
 
@@ -285,7 +285,7 @@ async fn ha_failover_ban_and_readmission() -> Result<()> {
     Ok(())
 }
 
-/// Takes the lab down when dropped: `spire-healer lab down --dir <dir>`
+/// Takes the lab down when dropped: `spire-lab down --dir <dir>`
 /// (bounded internally, harmless when the lab is already down), or SIGTERM
 /// to a `lab up` that has not written `lab.json` yet.
 struct DownOnDrop {
@@ -298,7 +298,7 @@ impl Drop for DownOnDrop {
     fn drop(&mut self) {
         if self.dir.join(LabManifest::FILE).exists() {
             let _ = std::process::Command::new(&self.bin)
-                .args(["lab", "down", "--dir"])
+                .args(["down", "--dir"])
                 .arg(&self.dir)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -320,7 +320,7 @@ impl Drop for DownOnDrop {
     }
 }
 
-/// `spire-healer lab up` in the background, then `lab down`.
+/// `spire-lab up` in the background, then `lab down`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lab_up_then_down() -> Result<()> {
     let url = test_pg_url();
@@ -329,9 +329,9 @@ async fn lab_up_then_down() -> Result<()> {
     let dir = tmp.path().join("lab");
     let console = tmp.path().join("up.log");
     let log = std::fs::File::create(&console)?;
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_spire-healer"));
+    let bin = lab_bin().to_path_buf();
     let mut up = tokio::process::Command::new(&bin)
-        .args(["lab", "up", "--dir"])
+        .args(["up", "--dir"])
         .arg(&dir)
         .args(["--servers", "2", "--agents", "2", "--postgres-url", &url])
         .stdin(Stdio::null())
@@ -444,7 +444,7 @@ async fn lab_up_then_down() -> Result<()> {
     let again = timeout(
         Duration::from_secs(30),
         tokio::process::Command::new(&bin)
-            .args(["lab", "up", "--dir"])
+            .args(["up", "--dir"])
             .arg(&dir)
             .args(["--postgres-url", &url])
             .output(),
@@ -456,7 +456,7 @@ async fn lab_up_then_down() -> Result<()> {
     let down = timeout(
         Duration::from_secs(60),
         tokio::process::Command::new(&bin)
-            .args(["lab", "down", "--dir"])
+            .args(["down", "--dir"])
             .arg(&dir)
             .output(),
     )

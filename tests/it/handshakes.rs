@@ -2,7 +2,7 @@
 //! and certificate files.
 //!
 //! a. A peer (`lab peer --on-hup ignore`) loads the real SVID files that
-//!    `lab svid-files` keeps rewriting, once, and never reloads. After a real
+//!    `spire-lab svid-files` keeps rewriting, once, and never reloads. After a real
 //!    rotation the probe sees it serve the old serial → `stale_served_cert`
 //!    → `reload-peer` (SIGHUP, ignored: not verified) → `restart-peer`
 //!    (command) → the probe sees the new serial → verified, closed. A second
@@ -61,7 +61,7 @@ fn s(v: &str) -> toml::Value {
 /// A shell command that stops the process in `pidfile` (if any) and starts
 /// `args` of our binary detached, waiting until `ready` exists.
 fn restart_script(pidfile: &Path, ready: Option<&Path>, args: &[String], log: &Path) -> String {
-    let bin = env!("CARGO_BIN_EXE_spire-healer");
+    let bin = crate::spire_lab::lab_bin().display();
     let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
     let wait_ready = ready.map_or(String::new(), |r| {
         format!(
@@ -164,13 +164,12 @@ async fn heals_a_peer_that_never_reloads_and_a_stuck_file_writer() -> Result<()>
     let mut writer = Workload::spawn(
         "svid-files",
         w,
-        &["lab", "svid-files", "--socket", &socket, "--dir", &svid_dir],
+        &["svid-files", "--socket", &socket, "--dir", &svid_dir],
     )?;
     let stuck = Workload::spawn(
         "svid-files-once",
         w,
         &[
-            "lab",
             "svid-files",
             "--socket",
             &socket,
@@ -188,7 +187,6 @@ async fn heals_a_peer_that_never_reloads_and_a_stuck_file_writer() -> Result<()>
     // The peer: loads the files once, ignores SIGHUP.
     let peer_sock = format!("unix://{}", path("peer.sock").display());
     let peer_args: Vec<String> = [
-        "lab",
         "peer",
         "--dir",
         &svid_dir,
@@ -217,17 +215,10 @@ async fn heals_a_peer_that_never_reloads_and_a_stuck_file_writer() -> Result<()>
         &peer_args,
         &path("peer-restarted.log"),
     );
-    let helper_args: Vec<String> = [
-        "lab",
-        "svid-files",
-        "--socket",
-        &socket,
-        "--dir",
-        &stuck_dir,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let helper_args: Vec<String> = ["svid-files", "--socket", &socket, "--dir", &stuck_dir]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let restart_helper = restart_script(
         &path("helper.pid"),
         None,
@@ -365,8 +356,8 @@ timeout = "20s"
 /// foreign trust domain's own CA, into `dir`.
 fn write_foreign_svid(dir: &Path) -> Result<()> {
     use spire_healer::clock::Clock;
-    use spire_healer::demo::issuer::{Flavor, TestCa};
     use spire_healer::proto::workload::{X509svid, X509svidResponse};
+    use spire_healer::simulated::issuer::{Flavor, TestCa};
     let now = spire_healer::clock::SystemClock.now();
     let ca = TestCa::new(
         "other.example",
@@ -390,7 +381,7 @@ fn write_foreign_svid(dir: &Path) -> Result<()> {
         crl: Vec::new(),
         federated_bundles: Default::default(),
     };
-    spire_healer::lab::svid_files::SvidFileSet::from_response(&resp)?.write(dir)?;
+    crate::spire_lab::svid_files::SvidFileSet::from_response(&resp)?.write(dir)?;
     Ok(())
 }
 
@@ -415,7 +406,6 @@ async fn foreign_ca_burst_is_reported_without_restarting_healthy_peers() -> Resu
         "svid-files-once",
         w,
         &[
-            "lab",
             "svid-files",
             "--socket",
             &socket,
@@ -442,7 +432,6 @@ async fn foreign_ca_burst_is_reported_without_restarting_healthy_peers() -> Resu
             },
             w,
             &[
-                "lab",
                 "peer",
                 "--dir",
                 dir,

@@ -1,6 +1,6 @@
 //! Served-versus-issued drift on real SPIRE, with our test workloads as
-//! child processes: `lab svid-files` writes the real SVID from the real
-//! agent; two `lab peer`s serve it. After a real rotation the files hold a
+//! child processes: `spire-lab svid-files` writes the real SVID from the real
+//! agent; two `spire-lab peer`s serve it. After a real rotation the files hold a
 //! new serial while the `--on-hup ignore` peer still serves the old one (and
 //! shrugs off a SIGHUP); the SIGHUP that `svid-files` sends through the
 //! `--on-hup reload` peer's pidfile makes that one serve the new serial.
@@ -15,12 +15,12 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use spire_healer::endpoint::Endpoint;
-use spire_healer::lab::peer::{PeerAnswer, ask_serial};
-use spire_healer::lab::svid_files::read_svid_files;
 use spire_healer::spiffe_id::SpiffeId;
 use tokio::process::{Child, Command};
 
-use crate::spire_lab::{LabOptions, SpireLab, log_tail};
+use crate::spire_lab::peer::{PeerAnswer, ask_serial};
+use crate::spire_lab::svid_files::read_svid_files;
+use crate::spire_lab::{LabOptions, SpireLab, lab_bin, log_tail};
 
 /// X.509-SVID TTL of the entry: the agent renews at about half of it, and
 /// the old certificate stays valid for the rest, long enough to be asked.
@@ -32,7 +32,7 @@ const ROTATION_WAIT: Duration = Duration::from_secs(90);
 /// Bound of one question to a peer.
 const ASK_LIMIT: Duration = Duration::from_secs(5);
 
-/// A `spire-healer lab …` child; its output goes to `<name>.log`. Stopped
+/// A `spire-lab …` child; its output goes to `<name>.log`. Stopped
 /// by pid (SIGTERM, then SIGKILL); `kill_on_drop` covers early returns.
 pub(crate) struct Workload {
     name: &'static str,
@@ -44,7 +44,7 @@ impl Workload {
     pub(crate) fn spawn(name: &'static str, dir: &Path, args: &[&str]) -> Result<Workload> {
         let log = dir.join(format!("{name}.log"));
         let out = File::create(&log)?;
-        let child = Command::new(env!("CARGO_BIN_EXE_spire-healer"))
+        let child = Command::new(lab_bin())
             .args(args)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -175,7 +175,6 @@ async fn peers_drift_after_a_real_rotation_until_sighup_reloads() -> Result<()> 
         "svid-files",
         work.path(),
         &[
-            "lab",
             "svid-files",
             "--socket",
             &socket,
@@ -199,7 +198,6 @@ async fn peers_drift_after_a_real_rotation_until_sighup_reloads() -> Result<()> 
         "svid-files-once",
         work.path(),
         &[
-            "lab",
             "svid-files",
             "--socket",
             &socket,
@@ -226,8 +224,7 @@ async fn peers_drift_after_a_real_rotation_until_sighup_reloads() -> Result<()> 
 
     let peer_args = |mode: &'static str| {
         vec![
-            "lab".to_string(),
-            "peer".into(),
+            "peer".to_string(),
             "--dir".into(),
             svid.clone(),
             "--listen".into(),

@@ -16,11 +16,11 @@ use tonic::{Request, Response, Status};
 
 use super::*;
 use crate::clock::SystemClock;
-use crate::demo::fake_server::{RawFault, serve_raw};
 use crate::model::{AgentDebugView, Reading};
 use crate::proto::spire::agent::debug::v1 as pb;
 use crate::proto::spire::agent::debug::v1::debug_server::{Debug, DebugServer};
 use crate::proto::spire::api::types::Spiffeid;
+use crate::simulated::server::{RawFault, serve_raw};
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::sample;
 

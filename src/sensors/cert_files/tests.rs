@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::clock::ManualClock;
-use crate::demo::issuer::{Flavor, TestCa};
 use crate::sensors::Sensor;
+use crate::simulated::issuer::{Flavor, TestCa};
 use crate::telemetry::metrics::sample;
 
 const T0: u64 = 1_700_000_000;

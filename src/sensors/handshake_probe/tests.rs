@@ -18,8 +18,8 @@ use tokio_rustls::TlsAcceptor;
 
 use super::*;
 use crate::clock::ManualClock;
-use crate::demo::issuer::{Flavor, TestCa};
 use crate::sensors::Sensor;
+use crate::simulated::issuer::{Flavor, TestCa};
 use crate::spire_api::tls::RawIdentity;
 use crate::telemetry::metrics::sample;
 

@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::clock::{Clock, SystemClock};
-use crate::demo::fake_server::{FakeServer, PagingFault};
 use crate::model::{Reading, ServerView};
+use crate::simulated::server::{FakeServer, PagingFault};
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::sample;
 

@@ -18,8 +18,6 @@ use tonic::{Code, Request, Response, Status};
 
 use super::*;
 use crate::clock::{Clock, SystemClock};
-use crate::demo::fake_agent::FakeAgent;
-use crate::demo::issuer::{Flavor, TestCa};
 use crate::endpoint::Endpoint;
 use crate::model::{AgentView, Reading, StreamStatus};
 use crate::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
@@ -31,6 +29,8 @@ use crate::proto::workload::{
     ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svidRequest,
     X509svidResponse,
 };
+use crate::simulated::agent::FakeAgent;
+use crate::simulated::issuer::{Flavor, TestCa};
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::sample;
 

@@ -10,7 +10,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::*;
 use crate::clock::{Clock, SystemClock};
-use crate::demo::issuer::{Flavor, TestCa};
+use crate::simulated::issuer::{Flavor, TestCa};
 use crate::spire_api::ServerAdminClient;
 
 const TD: &str = "td";

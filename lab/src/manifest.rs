@@ -1,4 +1,4 @@
-//! `lab.json`, the description of a lab started by `spire-healer lab up`,
+//! `lab.json`, the description of a lab started by `spire-lab up`,
 //! and the `spire-healer.toml` written next to it.
 
 use std::fmt::Write as _;
@@ -18,7 +18,7 @@ pub struct LabManifest {
     pub state: String,
     /// The lab directory (absolute).
     pub dir: PathBuf,
-    /// The process that owns the lab (`spire-healer lab up`).
+    /// The process that owns the lab (`spire-lab up`).
     pub owner_pid: u32,
     /// Trust domain.
     pub trust_domain: String,
@@ -111,7 +111,7 @@ pub struct AgentManifest {
     pub node_alias: String,
     /// The agent's own SPIFFE ID.
     pub spiffe_id: String,
-    /// Workload entries `lab up` registered under the node alias (for the
+    /// Workload entries `spire-lab up` registered under the node alias (for the
     /// uid that ran it), so that spire-healer gets SVIDs from this agent.
     #[serde(default)]
     pub entries: Vec<String>,
@@ -162,7 +162,7 @@ pub fn healer_config(m: &LabManifest, database_url: &str, listen: SocketAddr) ->
     let _ = writeln!(
         t,
         "# spire-healer configuration for the SPIRE lab in {dir},\n\
-         # written by `spire-healer lab up`. Run it with:\n\
+         # written by `spire-lab up`. Run it with:\n\
          #   spire-healer run --config {}\n",
         m.dir.join("spire-healer.toml").display()
     );
@@ -341,7 +341,7 @@ mod tests {
             acts["restart-agent-1"]["argv"][1].as_str(),
             Some("/l/agent-1/restart.sh")
         );
-        let parsed = crate::config::Config::from_toml(&text, "lab.toml").unwrap();
+        let parsed = spire_healer::config::Config::from_toml(&text, "lab.toml").unwrap();
         assert_eq!(parsed.agents.len(), 2);
         assert_eq!(parsed.servers.len(), sample().servers.len());
         assert!(parsed.agents.iter().all(|a| a.admin_socket.is_some()

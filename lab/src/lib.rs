@@ -1,4 +1,7 @@
-//! Real-SPIRE labs, for the integration tests and for operators.
+//! spire-lab: real-SPIRE labs, for spire-healer's integration tests and for
+//! operators. Process control and PostgreSQL administration live here, not
+//! in the product crate; this crate uses spire-healer's types (endpoints,
+//! SVID checks, the Workload API, TLS) and is a dev-dependency of its tests.
 //!
 //! - [`SpireLab`]: one `spire-server` (sqlite3 datastore) and one
 //!   `spire-agent` in a private temporary directory.
@@ -6,7 +9,7 @@
 //!   PostgreSQL database created for the lab, and several `spire-agent`s,
 //!   each attested with its own join token under a node alias
 //!   `spiffe://<td>/node/<j>`.
-//! - [`cmd`]: `spire-healer lab up|down|status`, which runs an [`HaLab`] in
+//! - [`cmd`]: the `spire-lab` binary. `up|down|status` runs an [`HaLab`] in
 //!   a directory the operator keeps, describes it in `lab.json`
 //!   ([`LabManifest`]) and writes a ready `spire-healer.toml` for it
 //!   ([`healer_config`]); `scripts/lab.sh` wraps it.
@@ -41,9 +44,12 @@
 //!   seconds.
 //!
 //! # Errors
-//! This is lab infrastructure, but it lives in the library, so it follows
-//! the crate rule (one `thiserror` enum per boundary): every fallible call
+//! This is lab infrastructure, but it is a library, so it follows the
+//! product's rule (one `thiserror` enum per boundary): every fallible call
 //! returns [`LabError`]. Callers that use `anyhow` convert with `?`.
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms, clippy::disallowed_methods, clippy::disallowed_types)]
 
 use std::fs;
 use std::net::TcpListener;
@@ -225,12 +231,12 @@ impl LabError {
     }
 }
 
-/// `SPIRE_HEALER_SPIRE_BIN`, else `.spire/bin` in this crate's source tree
-/// (where `scripts/install-spire.sh` puts the binaries).
+/// `SPIRE_HEALER_SPIRE_BIN`, else `.spire/bin` at the root of the source
+/// tree (where `scripts/install-spire.sh` puts the binaries).
 pub fn default_bin_dir() -> PathBuf {
     match std::env::var_os("SPIRE_HEALER_SPIRE_BIN") {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join(".spire/bin"),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.spire/bin"),
     }
 }
 

@@ -1,5 +1,6 @@
-//! `spire-healer lab up|down`: an [`HaLab`] for operators; `lab svid-files`
-//! and `lab peer` are test workloads (see [`super::svid_files`], [`super::peer`]).
+//! The `spire-lab` command line. `up|down|status`: an [`HaLab`] for
+//! operators; `svid-files` and `peer` are test workloads (see
+//! [`super::svid_files`], [`super::peer`]).
 //!
 //! `up` starts the lab in a directory the operator keeps (configs, logs,
 //! sockets), writes `lab.json` ([`LabManifest`]) and a ready
@@ -14,9 +15,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Args, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use spire_healer::telemetry::LogFormat;
 use tokio::time::{Instant, sleep};
 
 use super::database::{drop_database, redact};
@@ -36,13 +38,26 @@ pub const DEFAULT_POSTGRES_URL: &str =
 /// How long `down` waits for the owner to stop the lab itself.
 const OWNER_GRACE: Duration = Duration::from_secs(30);
 
-/// `spire-healer lab …`.
+/// spire-lab: real SPIRE labs for trying spire-healer out, and the test
+/// workloads its integration tests run.
+#[derive(Debug, Parser)]
+#[command(name = "spire-lab", version, about)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Pretty, global = true)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: LabCommand,
+}
+
+/// `spire-lab …`.
 #[derive(Debug, Subcommand)]
 pub enum LabCommand {
     /// Start an HA SPIRE lab (servers sharing one PostgreSQL database, and
     /// agents) in DIR; stay in the foreground until SIGINT/SIGTERM.
     Up(UpArgs),
-    /// Stop a lab started by `lab up` (e.g. in the background).
+    /// Stop a lab started by `up` (e.g. in the background).
     Down(DownArgs),
     /// Show a lab's processes (alive or not), sockets and URLs.
     Status(DownArgs),
@@ -55,7 +70,7 @@ pub enum LabCommand {
     Peer(super::peer::PeerArgs),
 }
 
-/// `lab up`.
+/// `spire-lab up`.
 #[derive(Debug, Args)]
 pub struct UpArgs {
     /// Lab directory (kept: configs, logs, sockets, lab.json).
@@ -85,15 +100,15 @@ pub struct UpArgs {
     pub svid_ttl: u32,
 }
 
-/// `lab down` and `lab status`.
+/// `spire-lab down` and `spire-lab status`.
 #[derive(Debug, Args)]
 pub struct DownArgs {
-    /// Lab directory given to `lab up`.
+    /// Lab directory given to `up`.
     #[arg(long)]
     pub dir: PathBuf,
 }
 
-/// Runs a `lab` subcommand; returns the process exit code.
+/// Runs a subcommand; returns the process exit code.
 pub async fn run(cmd: LabCommand) -> i32 {
     let mut out = std::io::stdout();
     match cmd {
@@ -211,7 +226,7 @@ async fn up(args: UpArgs, out: &mut dyn Write) -> i32 {
     if let Ok(old) = LabManifest::read(&manifest_path) {
         if owner_alive(old.owner_pid, &dir) {
             eprintln!(
-                "error: a lab is already running in {} (pid {}); stop it with `spire-healer lab down --dir {}`",
+                "error: a lab is already running in {} (pid {}); stop it with `spire-lab down --dir {}`",
                 dir.display(),
                 old.owner_pid,
                 dir.display()
@@ -244,7 +259,7 @@ async fn up(args: UpArgs, out: &mut dyn Write) -> i32 {
     let _ = out.flush();
     let lab = tokio::select! {
         lab = HaLab::start(opts) => lab,
-        _ = crate::cli::shutdown_signal() => {
+        _ = spire_healer::term::shutdown_signal() => {
             eprintln!("Interrupted while starting; stopped.");
             return 130;
         }
@@ -288,7 +303,7 @@ async fn up(args: UpArgs, out: &mut dyn Write) -> i32 {
     let _ = write!(out, "{}", summary(&manifest, &healer_toml));
     let _ = out.flush();
 
-    crate::cli::shutdown_signal().await;
+    spire_healer::term::shutdown_signal().await;
     let _ = writeln!(out, "Stopping the lab.");
     let result = lab.stop().await;
     let mut stopped = manifest;
@@ -405,7 +420,7 @@ async fn sweep(m: &LabManifest, out: &mut dyn Write) -> Result<(), LabError> {
     Ok(())
 }
 
-/// Whether `pid` is a live `spire-healer lab up` for `dir`.
+/// Whether `pid` is a live `spire-lab up` for `dir`.
 fn owner_alive(pid: u32, dir: &Path) -> bool {
     let pid = pid as i32;
     if pid <= 0 || pid == std::process::id() as i32 || !process_alive(pid) {
@@ -418,7 +433,7 @@ fn owner_alive(pid: u32, dir: &Path) -> bool {
         .split(|b| *b == 0)
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
-    let is_up = args.windows(2).any(|w| w[0] == "lab" && w[1] == "up");
+    let is_up = args.iter().skip(1).any(|a| a == "up");
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
     let its_dir = args.iter().enumerate().find_map(|(i, a)| {
         a.strip_prefix("--dir=")
@@ -471,7 +486,7 @@ fn summary(m: &LabManifest, healer_toml: &Path) -> String {
         );
     }
     s += &format!(
-        "\nDescription: {}\nspire-healer config: {}\n  spire-healer run --config {}\nStop with Ctrl-C, SIGTERM, or `spire-healer lab down --dir {}`.\n",
+        "\nDescription: {}\nspire-healer config: {}\n  spire-healer run --config {}\nStop with Ctrl-C, SIGTERM, or `spire-lab down --dir {}`.\n",
         m.dir.join(LabManifest::FILE).display(),
         healer_toml.display(),
         healer_toml.display(),

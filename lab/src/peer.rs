@@ -1,11 +1,11 @@
-//! `spire-healer lab peer`: a mutual-TLS server that loads its X509-SVID
+//! `spire-lab peer`: a mutual-TLS server that loads its X509-SVID
 //! files (`svid.pem`, `svid_key.pem`, `bundle.pem`, as written by
 //! [`super::svid_files`] or spiffe-helper) **once**, at start: the workload
 //! that keeps serving an old certificate after SPIRE rotated it
 //! (served-versus-issued drift).
 //!
 //! Each connection gets the TLS handshake, one line (the serial of the
-//! certificate being served, lower-case hex as [`crate::svid::LeafInfo`]
+//! certificate being served, lower-case hex as [`spire_healer::svid::LeafInfo`]
 //! prints it) and a close. Clients must present an X509-SVID that chains to
 //! the loaded bundle and names exactly one SPIFFE ID of the server's trust
 //! domain. Only the `ring` provider is used.
@@ -39,11 +39,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::svid_files::{SvidFilesError, read_svid_files, write_atomic};
-use crate::endpoint::{Endpoint, EndpointError};
-use crate::sensors::server_api::error_chain;
-use crate::spiffe_id::SpiffeId;
-use crate::spire_api::tls::{self, RawIdentity, TlsError};
-use crate::svid::{self, SvidError};
+use spire_healer::endpoint::{Endpoint, EndpointError};
+use spire_healer::sensors::server_api::error_chain;
+use spire_healer::spiffe_id::SpiffeId;
+use spire_healer::spire_api::tls::{self, RawIdentity, TlsError};
+use spire_healer::svid::{self, SvidError};
 
 /// Bound of one connection: handshake, answer, close.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
@@ -59,7 +59,7 @@ pub enum OnHup {
     Reload,
 }
 
-/// `spire-healer lab peer`.
+/// `spire-lab peer`.
 #[derive(Debug, clap::Args)]
 pub struct PeerArgs {
     /// Directory holding svid.pem, svid_key.pem and bundle.pem.
@@ -576,7 +576,7 @@ where
 
 // === main ===
 
-/// `lab peer`: serves until SIGINT/SIGTERM; returns the exit code (64 for
+/// `spire-lab peer`: serves until SIGINT/SIGTERM; returns the exit code (64 for
 /// bad arguments, 1 when it cannot start).
 ///
 /// The signal handlers are installed before the pidfile is written, so a

@@ -1,7 +1,7 @@
 use super::*;
-use crate::demo::issuer::TestCa;
-use crate::lab::svid_files::tests::{TD, issue, test_ca, write_svid};
-use crate::lab::svid_files::{KEY_FILE, SVID_FILE};
+use crate::svid_files::tests::{TD, issue, test_ca, write_svid};
+use crate::svid_files::{KEY_FILE, SVID_FILE};
+use spire_healer::simulated::issuer::TestCa;
 
 const SERVER_ID: &str = "spiffe://healer.test/peer";
 const LIMIT: Duration = Duration::from_secs(5);
@@ -19,7 +19,7 @@ fn server_id() -> SpiffeId {
 /// The client learns of the refusal as a fatal TLS alert.
 fn assert_refused(result: Result<PeerAnswer, PeerError>) {
     let err = result.unwrap_err();
-    let text = crate::sensors::server_api::error_chain(&err);
+    let text = spire_healer::sensors::server_api::error_chain(&err);
     assert_eq!(err.kind(), "io", "{text}");
     assert!(text.contains("fatal alert"), "{text}");
 }

@@ -3,10 +3,10 @@ use std::os::unix::process::ExitStatusExt as _;
 use std::sync::{Arc, Mutex};
 
 use super::*;
-use crate::clock::{Clock, SystemClock};
-use crate::demo::fake_agent::FakeAgent;
-use crate::demo::issuer::{Flavor, TestCa};
-use crate::proto::workload::X509svid;
+use spire_healer::clock::{Clock, SystemClock};
+use spire_healer::proto::workload::X509svid;
+use spire_healer::simulated::agent::FakeAgent;
+use spire_healer::simulated::issuer::{Flavor, TestCa};
 
 pub(crate) const TD: &str = "healer.test";
 const ID: &str = "spiffe://healer.test/workload";
@@ -184,7 +184,7 @@ async fn once_writes_the_three_files_with_their_modes_and_exits() {
     assert_eq!(svid::leaf_info(&chain[0]).unwrap().serial, serial);
     assert_eq!(read_bundle, vec![bundle]);
     // The key is the leaf's: rustls accepts the pair.
-    crate::spire_api::tls::client_config((chain, key, read_bundle), None).unwrap();
+    spire_healer::spire_api::tls::client_config((chain, key, read_bundle), None).unwrap();
 }
 
 #[tokio::test]
@@ -380,12 +380,7 @@ fn backoff_doubles_up_to_the_cap() {
 fn arguments_parse() {
     use clap::Parser as _;
     let parse = |args: &[&str]| {
-        crate::cli::Cli::try_parse_from(
-            ["spire-healer", "lab", "svid-files"]
-                .iter()
-                .chain(args)
-                .copied(),
-        )
+        crate::cmd::Cli::try_parse_from(["spire-lab", "svid-files"].iter().chain(args).copied())
     };
     let cli = parse(&[
         "--socket",
@@ -396,7 +391,7 @@ fn arguments_parse() {
         "/tmp/p.pid",
     ])
     .unwrap();
-    let crate::cli::Command::Lab(crate::lab::cmd::LabCommand::SvidFiles(args)) = cli.command else {
+    let crate::cmd::LabCommand::SvidFiles(args) = cli.command else {
         panic!("not svid-files");
     };
     let opts = args.options().unwrap();

@@ -1,4 +1,4 @@
-//! `spire-healer lab svid-files`: a stand-in for spiffe-helper, which cannot
+//! `spire-lab svid-files`: a stand-in for spiffe-helper, which cannot
 //! be built here. It streams `FetchX509SVID` from an agent and writes the
 //! default X509-SVID into a directory on every update:
 //!
@@ -35,14 +35,14 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::actuators::signal::parse_signal;
-use crate::endpoint::{Endpoint, EndpointError};
-use crate::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-use crate::proto::workload::{X509svidRequest, X509svidResponse};
-use crate::sensors::server_api::error_chain;
-use crate::sensors::workload_api::{raw_identity, request};
-use crate::spire_api::tls::RawIdentity;
-use crate::svid;
+use spire_healer::actuators::signal::parse_signal;
+use spire_healer::endpoint::{Endpoint, EndpointError};
+use spire_healer::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use spire_healer::proto::workload::{X509svidRequest, X509svidResponse};
+use spire_healer::sensors::server_api::error_chain;
+use spire_healer::sensors::workload_api::{raw_identity, request};
+use spire_healer::spire_api::tls::RawIdentity;
+use spire_healer::svid;
 
 /// The certificate chain, leaf first.
 pub const SVID_FILE: &str = "svid.pem";
@@ -60,7 +60,7 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 const CERTIFICATE_TAG: &str = "CERTIFICATE";
 const KEY_TAG: &str = "PRIVATE KEY";
 
-/// `spire-healer lab svid-files`.
+/// `spire-lab svid-files`.
 #[derive(Debug, clap::Args)]
 pub struct SvidFilesArgs {
     /// Workload API endpoint of the agent: `unix:///path` or `tcp://IP:port`.
@@ -496,7 +496,7 @@ async fn session(
     }
 }
 
-/// `lab svid-files`: runs until SIGINT/SIGTERM (or the first write with
+/// `spire-lab svid-files`: runs until SIGINT/SIGTERM (or the first write with
 /// `--once`); returns the exit code (64 for bad arguments, 1 when the files
 /// cannot be written).
 pub async fn main(args: SvidFilesArgs, out: &mut (dyn Write + Send)) -> i32 {
@@ -516,7 +516,7 @@ pub async fn main(args: SvidFilesArgs, out: &mut (dyn Write + Send)) -> i32 {
     tokio::pin!(running);
     let result = tokio::select! {
         r = &mut running => r,
-        _ = crate::cli::shutdown_signal() => {
+        _ = spire_healer::term::shutdown_signal() => {
             shutdown.cancel();
             running.await
         }
