@@ -104,7 +104,9 @@ impl<'a> Context<'a> {
             })
             .unwrap_or("spire")
             .to_string();
-        let mut listed: HashMap<&str, Listed<'_>> = HashMap::new();
+        // Sized for the longest listing: no rehash while filling it.
+        let longest = servers.iter().map(|s| s.agents.len()).max().unwrap_or(0);
+        let mut listed: HashMap<&str, Listed<'_>> = HashMap::with_capacity(longest);
         for s in servers.iter().filter(|s| s.reachable) {
             for a in &s.agents {
                 let this = Listed {

@@ -44,7 +44,13 @@ pub(super) struct Instants {
 /// Previous views, subjects already recorded and the change instants.
 #[derive(Debug, Default)]
 pub(super) struct Changes {
-    agents: HashMap<String, Known>,
+    agents: Vec<Known>,
+    /// Agent name → index in `agents`.
+    index: HashMap<String, usize>,
+    /// Index in `agents` of each agent, in the previous tick's order: a
+    /// sensor that serves the same `Arc` at the same position costs no
+    /// look-up at all.
+    order: Vec<usize>,
     /// Server bundles (sorted fingerprints) by server name.
     server_bundles: HashMap<String, Vec<String>>,
     subjects: HashSet<Subject>,
@@ -66,8 +72,9 @@ impl Changes {
 
     /// The agent's view as of the last tick.
     pub(super) fn view(&self, agent: &str) -> Option<&AgentView> {
-        self.agents
+        self.index
             .get(agent)
+            .map(|&i| &self.agents[i])
             .filter(|k| k.seen == self.generation)
             .map(|k| &*k.view)
     }
@@ -88,6 +95,7 @@ impl Changes {
         // max-heap of (notAfter, view index, svid index) bounded to k.
         let mut soonest: BinaryHeap<(SystemTime, usize, usize)> = BinaryHeap::new();
         let mut watched = 0usize;
+        let mut order = Vec::with_capacity(obs.agents.len());
         for (vi, v) in obs.agents.iter().enumerate() {
             for (si, s) in v.svids.iter().enumerate() {
                 if s.serial.is_empty() {
@@ -100,8 +108,16 @@ impl Changes {
                     soonest.push((s.not_after, vi, si));
                 }
             }
-            match self.agents.get_mut(&v.agent) {
-                Some(known) => {
+            let same = self
+                .order
+                .get(vi)
+                .copied()
+                .filter(|&i| Arc::ptr_eq(&self.agents[i].view, v));
+            let found = same.or_else(|| self.index.get(v.agent.as_str()).copied());
+            match found {
+                Some(i) => {
+                    order.push(i);
+                    let known = &mut self.agents[i];
                     if known.seen != generation {
                         watched += 1;
                     }
@@ -109,7 +125,7 @@ impl Changes {
                     // subject and bundle are known.
                     let prev = (known.seen + 1 >= generation).then_some(&known.view);
                     known.seen = generation;
-                    if prev.is_some_and(|p| Arc::ptr_eq(p, v)) {
+                    if same.is_some() || prev.is_some_and(|p| Arc::ptr_eq(p, v)) {
                         continue;
                     }
                     if prev.is_none() {
@@ -135,17 +151,17 @@ impl Changes {
                     }
                     lifecycles(None, v, now, &mut self.subjects, &mut self.instants, tick);
                     watched += 1;
-                    self.agents.insert(
-                        v.agent.clone(),
-                        Known {
-                            view: v.clone(),
-                            bundle: v.bundle.clone(),
-                            seen: generation,
-                        },
-                    );
+                    order.push(self.agents.len());
+                    self.index.insert(v.agent.clone(), self.agents.len());
+                    self.agents.push(Known {
+                        view: v.clone(),
+                        bundle: v.bundle.clone(),
+                        seen: generation,
+                    });
                 }
             }
         }
+        self.order = order;
         self.watched = watched;
         // Servers are few; their authorities come unsorted.
         for v in obs.servers.iter().filter(|v| !v.bundle.is_empty()) {
