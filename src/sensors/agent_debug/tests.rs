@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 use super::*;
 use crate::clock::SystemClock;
 use crate::demo::fake_server::{RawFault, serve_raw};
-use crate::model::{AgentDebugView, Reading};
+use crate::model::AgentDebugView;
 use crate::proto::spire::agent::debug::v1 as pb;
 use crate::proto::spire::agent::debug::v1::debug_server::{Debug, DebugServer};
 use crate::proto::spire::api::types::Spiffeid;

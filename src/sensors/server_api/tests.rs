@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::clock::{Clock, SystemClock};
 use crate::demo::fake_server::{FakeServer, PagingFault};
-use crate::model::{Reading, ServerView};
+use crate::model::ServerView;
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::sample;
 
@@ -73,15 +73,6 @@ fn start(settings: Settings) -> Running {
 }
 
 impl Running {
-    async fn observed(&self) -> Arc<ServerView> {
-        let mut readings = self.sensor.observe().await.expect("observe never fails");
-        assert_eq!(readings.len(), 1);
-        match readings.remove(0) {
-            Reading::Server(v) => v,
-            other => panic!("server_api produced {other:?}"),
-        }
-    }
-
     async fn wait_for(&self, what: &str, done: impl Fn(&ServerView) -> bool) -> Arc<ServerView> {
         crate::sensors::wait_for_view(self.sensor.subscribe(), what, WAIT, done).await
     }
