@@ -1387,10 +1387,12 @@ async fn schemas_agree_across_backends() {
 // === The database goes away ===
 
 /// A TCP forwarder between the store and PostgreSQL that can be cut: all
-/// connections dropped and new ones closed on accept.
+/// connections dropped and new ones closed on accept. Counts the bytes it
+/// has passed on to PostgreSQL, so a test can cut it mid-flight.
 struct Forwarder {
     addr: SocketAddr,
     open: Arc<AtomicBool>,
+    sent: Arc<tokio::sync::watch::Sender<u64>>,
     conns: Arc<Mutex<JoinSet<()>>>,
     accept: JoinHandle<()>,
 }
@@ -1400,23 +1402,25 @@ impl Forwarder {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let open = Arc::new(AtomicBool::new(true));
+        let sent = Arc::new(tokio::sync::watch::Sender::new(0u64));
         let conns = Arc::new(Mutex::new(JoinSet::new()));
         let accept = tokio::spawn({
             let open = open.clone();
+            let sent = sent.clone();
             let conns = conns.clone();
             async move {
                 loop {
-                    let Ok((mut inbound, _)) = listener.accept().await else {
+                    let Ok((inbound, _)) = listener.accept().await else {
                         continue;
                     };
                     if !open.load(Ordering::SeqCst) {
                         drop(inbound);
                         continue;
                     }
+                    let sent = sent.clone();
                     conns.lock().unwrap().spawn(async move {
-                        if let Ok(mut outbound) = TcpStream::connect(upstream).await {
-                            let _ =
-                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        if let Ok(outbound) = TcpStream::connect(upstream).await {
+                            forward(inbound, outbound, &sent).await;
                         }
                     });
                 }
@@ -1425,9 +1429,15 @@ impl Forwarder {
         Self {
             addr,
             open,
+            sent,
             conns,
             accept,
         }
+    }
+
+    /// Bytes passed on to PostgreSQL so far.
+    fn sent(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.sent.subscribe()
     }
 
     fn cut(&self) {
@@ -1438,6 +1448,29 @@ impl Forwarder {
     fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
     }
+}
+
+/// Copies both ways until either side closes, counting the bytes that go
+/// upstream.
+async fn forward(inbound: TcpStream, outbound: TcpStream, sent: &tokio::sync::watch::Sender<u64>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut in_read, mut in_write) = inbound.into_split();
+    let (mut out_read, mut out_write) = outbound.into_split();
+    let up = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = in_read.read(&mut buf).await {
+            if out_write.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+            sent.send_modify(|b| *b += n as u64);
+        }
+        let _ = out_write.shutdown().await;
+    };
+    let down = async {
+        let _ = tokio::io::copy(&mut out_read, &mut in_write).await;
+        let _ = in_write.shutdown().await;
+    };
+    tokio::join!(up, down);
 }
 
 impl Drop for Forwarder {
@@ -1504,8 +1537,16 @@ async fn postgres_outage_mid_run_buffers_and_recovers() {
         })
         .collect();
     buffer.push(bulk.clone());
+    let mut sent = fwd.sent();
+    let mark = *sent.borrow_and_update();
     let cutter = async {
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        // Cut once the flush has passed 64 KiB of the bulk to PostgreSQL.
+        let in_flight = tokio::time::timeout(
+            Duration::from_secs(30),
+            sent.wait_for(|b| *b > mark + 64 * 1024),
+        )
+        .await;
+        assert!(in_flight.is_ok(), "the flush never reached PostgreSQL");
         fwd.cut();
     };
     let (first_try, ()) = tokio::join!(buffer.flush(), cutter);

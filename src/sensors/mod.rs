@@ -331,3 +331,50 @@ pub(crate) async fn until_shutdown<T>(
         r = poll => Some(r),
     }
 }
+
+/// Waits until the view a sensor task publishes satisfies `done`, checking
+/// the current view first; a test that never gets there fails after `wait`
+/// with the last view, rather than hanging.
+#[cfg(test)]
+pub(crate) async fn wait_for_view<V: std::fmt::Debug>(
+    mut view: tokio::sync::watch::Receiver<Arc<V>>,
+    what: &str,
+    wait: std::time::Duration,
+    done: impl Fn(&V) -> bool,
+) -> Arc<V> {
+    let reached = tokio::time::timeout(wait, view.wait_for(|v| done(v)))
+        .await
+        .map(|r| r.map(|v| Arc::clone(&v)));
+    match reached {
+        Ok(Ok(v)) => v,
+        Ok(Err(_)) => panic!(
+            "{what}: the sensor task stopped; last view: {:#?}",
+            view.borrow()
+        ),
+        Err(_) => panic!(
+            "{what}: not reached within {wait:?}; last view: {:#?}",
+            view.borrow()
+        ),
+    }
+}
+
+/// Keeps paused tokio time from auto-advancing while a test waits for real
+/// I/O (a poll over a socket): tokio does not auto-advance while a blocking
+/// task runs, so time moves only by `tokio::time::advance`. Lets go when
+/// dropped, or after `wait` of real time, so that a stuck test fails on its
+/// own timeouts rather than hanging.
+#[cfg(test)]
+pub(crate) struct HoldTime {
+    _release: std::sync::mpsc::Sender<()>,
+}
+
+#[cfg(test)]
+impl HoldTime {
+    pub(crate) fn new(wait: std::time::Duration) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        tokio::task::spawn_blocking(move || {
+            let _ = rx.recv_timeout(wait);
+        });
+        Self { _release: tx }
+    }
+}

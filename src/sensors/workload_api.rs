@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status, Streaming};
@@ -51,7 +51,9 @@ pub struct Settings {
 
 /// State shared by the task, the sensor and the refetch actuator.
 pub struct Shared {
-    view: Mutex<AgentView>,
+    /// Republished on every update, heartbeats included, so a reader can
+    /// wait for the next change rather than poll.
+    view: watch::Sender<AgentView>,
     reconnect: Notify,
     reconnects: AtomicU64,
     reconnected: Notify,
@@ -64,7 +66,7 @@ impl std::fmt::Debug for Shared {
     // Never print the key.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared")
-            .field("view", &self.view)
+            .field("view", &*self.view.borrow())
             .field("reconnects", &self.reconnects)
             .finish_non_exhaustive()
     }
@@ -85,7 +87,7 @@ impl IdentitySource for Shared {
 impl Shared {
     fn new(agent: &str, now: std::time::SystemTime) -> Self {
         Self {
-            view: Mutex::new(AgentView {
+            view: watch::Sender::new(AgentView {
                 agent: agent.to_string(),
                 status: StreamStatus::Connecting,
                 status_since: now,
@@ -106,12 +108,16 @@ impl Shared {
 
     /// A copy of the current view.
     pub fn view(&self) -> AgentView {
-        self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.view.borrow().clone()
+    }
+
+    /// A receiver that sees every update of the view.
+    pub fn subscribe(&self) -> watch::Receiver<AgentView> {
+        self.view.subscribe()
     }
 
     fn update(&self, f: impl FnOnce(&mut AgentView)) {
-        let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut v);
+        self.view.send_modify(f);
     }
 
     /// Asks the task to drop its streams and reconnect now, then waits (up
@@ -280,6 +286,11 @@ impl WorkloadApiTask {
     fn set_status(&self, status: StreamStatus, error: Option<String>) {
         let now = self.clock.now();
         let up = status == StreamStatus::Up;
+        // The gauge first: whoever sees the new view sees it too.
+        self.metrics
+            .workload_api_stream_up
+            .with_label_values(&[&self.settings.agent])
+            .set(i64::from(up));
         let mut changed = false;
         self.shared.update(|v| {
             if v.status != status {
@@ -292,10 +303,6 @@ impl WorkloadApiTask {
             }
             v.updated_at = now;
         });
-        self.metrics
-            .workload_api_stream_up
-            .with_label_values(&[&self.settings.agent])
-            .set(i64::from(up));
         if changed {
             self.wake.notify_one();
         }

@@ -3,8 +3,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::process::{Child, Command};
-use tokio::time::{Instant, sleep};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
 
 use super::*;
 use crate::model::SymptomKind;
@@ -60,13 +60,27 @@ async fn exit_signal(child: &mut Child) -> Option<i32> {
         .signal()
 }
 
-/// Polls until `f` holds (bounded).
+/// Polls until `f` holds (bounded). Only for kernel state that no event
+/// announces: `spawn` can return while the child is still inside `execve`,
+/// a moment before the kernel renames it.
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        sleep(Duration::from_millis(20)).await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::task::yield_now().await;
     }
+}
+
+/// The child's next line of output (bounded).
+async fn next_line(lines: &mut Lines<BufReader<ChildStdout>>, what: &str) -> String {
+    tokio::time::timeout(Duration::from_secs(5), lines.next_line())
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .unwrap()
+        .unwrap_or_else(|| panic!("output ended before {what}"))
 }
 
 fn error_of(out: &Outcome) -> &str {
@@ -161,22 +175,18 @@ async fn unknown_signal_is_an_actuator_error() {
 #[tokio::test]
 async fn sighup_is_delivered_and_safe_to_repeat() {
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("hup.log");
-    let script = format!(
-        "trap 'echo got-hup >> {log}' HUP; echo ready >> {log}; while :; do sleep 0.1; done",
-        log = log.display()
-    );
-    let mut child = spawn("/bin/sh", &["-c", &script]);
+    let script = "trap 'echo got-hup' HUP; echo ready; while :; do sleep 0.1; done";
+    let mut child = Command::new("/bin/sh")
+        .args(["-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
     let pid = pid_of(&child);
     write_pid(dir.path(), "node-a.pid", pid);
-    let count = |line: &str| {
-        fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| *l == line)
-            .count()
-    };
-    eventually("the trap", || count("ready") == 1).await;
+    let mut said = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(next_line(&mut said, "the trap").await, "ready");
 
     let pidfile = dir.path().join("{agent}.pid");
     let a = by_pidfile(&pidfile, "process_name = \"sh\"\nmatch_arg = \"-c\"");
@@ -189,11 +199,11 @@ async fn sighup_is_delivered_and_safe_to_repeat() {
         out.detail["pidfile"],
         dir.path().join("node-a.pid").to_str().unwrap()
     );
-    eventually("the first SIGHUP", || count("got-hup") == 1).await;
+    assert_eq!(next_line(&mut said, "the first SIGHUP").await, "got-hup");
 
     let again = a.execute(&step()).await.unwrap();
     assert_eq!(again.kind, OutcomeKind::Ok, "{again:?}");
-    eventually("the second SIGHUP", || count("got-hup") == 2).await;
+    assert_eq!(next_line(&mut said, "the second SIGHUP").await, "got-hup");
     assert!(
         child.try_wait().unwrap().is_none(),
         "SIGHUP killed the shell"
@@ -237,8 +247,21 @@ async fn zombie_is_refused_as_stale() {
     let mut child = spawn("sleep", &["30"]);
     let pid = pid_of(&child);
     kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
-    // Not reaped until we wait: it lingers as a zombie.
-    eventually("the zombie", || proc_state(pid) == Some('Z')).await;
+    // Not reaped until we wait: it lingers as a zombie. Wait for its exit
+    // without reaping it.
+    let exited = tokio::task::spawn_blocking(move || {
+        use nix::sys::wait::{Id, WaitPidFlag, waitid};
+        waitid(
+            Id::Pid(Pid::from_raw(pid)),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+        )
+    });
+    tokio::time::timeout(Duration::from_secs(5), exited)
+        .await
+        .expect("the killed child exits")
+        .unwrap()
+        .unwrap();
+    assert_eq!(proc_state(pid), Some('Z'), "the zombie");
     let pidfile = write_pid(dir.path(), "zombie.pid", pid);
     let out = by_pidfile(&pidfile, "process_name = \"sleep\"")
         .execute(&step())
@@ -326,8 +349,10 @@ async fn pid_1_ours_and_process_groups_are_refused() {
 
 // === by name ===
 
-/// A copy of `sleep` under a name no other process has (at most 15 bytes,
-/// the length of /proc/<pid>/comm).
+/// `sleep` under a name no other process has (at most 15 bytes, the length
+/// of /proc/<pid>/comm): a symlink, since the kernel names a process after
+/// the path it was started by. Never opened for writing, so it cannot be
+/// busy (ETXTBSY) when started.
 fn unique_sleep(dir: &Path) -> (String, PathBuf) {
     static N: AtomicUsize = AtomicUsize::new(0);
     let name = format!(
@@ -341,36 +366,16 @@ fn unique_sleep(dir: &Path) -> (String, PathBuf) {
         .into_iter()
         .find(|p| Path::new(p).exists())
         .unwrap();
-    fs::copy(sleep, &path).unwrap();
+    std::os::unix::fs::symlink(sleep, &path).unwrap();
     (name, path)
-}
-
-/// Spawns a freshly written executable; retries while another test's fork
-/// still holds it open for writing (ETXTBSY).
-async fn spawn_fresh(path: &Path, args: &[&str]) -> Child {
-    for _ in 0..50 {
-        match Command::new(path)
-            .args(args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-        {
-            Ok(child) => return child,
-            Err(e) if e.raw_os_error() == Some(Errno::ETXTBSY as i32) => {
-                sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("spawning {}: {e}", path.display()),
-        }
-    }
-    panic!("{} stayed busy", path.display());
 }
 
 #[tokio::test]
 async fn exact_name_lookup_signals_every_match() {
     let dir = tempfile::tempdir().unwrap();
     let (name, path) = unique_sleep(dir.path());
-    let mut a = spawn_fresh(&path, &["30"]).await;
-    let mut b = spawn_fresh(&path, &["31"]).await;
+    let mut a = spawn(&path, &["30"]);
+    let mut b = spawn(&path, &["31"]);
     let (pa, pb) = (pid_of(&a), pid_of(&b));
     eventually("the comm", || {
         proc_comm(pa).as_deref() == Some(&name) && proc_comm(pb).as_deref() == Some(&name)

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 
 use super::*;
 use crate::clock::SystemClock;
-use crate::model::{AgentDebugView, Reading};
+use crate::model::AgentDebugView;
 use crate::proto::spire::agent::debug::v1 as pb;
 use crate::proto::spire::agent::debug::v1::debug_server::{Debug, DebugServer};
 use crate::proto::spire::api::types::Spiffeid;
@@ -121,22 +121,7 @@ impl Running {
         what: &str,
         done: impl Fn(&AgentDebugView) -> bool,
     ) -> Arc<AgentDebugView> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let mut readings = self.sensor.observe().await.expect("observe never fails");
-            let v = match readings.remove(0) {
-                Reading::AgentDebug(v) => v,
-                other => panic!("agent_debug produced {other:?}"),
-            };
-            if done(&v) {
-                return v;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{what}: not reached within {WAIT:?}; last view: {v:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        crate::sensors::wait_for_view(self.sensor.subscribe(), what, WAIT, done).await
     }
 
     fn errors(&self, kind: &str) -> f64 {

@@ -91,18 +91,7 @@ impl Running {
     }
 
     async fn wait_for(&self, what: &str, done: impl Fn(&HealthView) -> bool) -> Arc<HealthView> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let v = self.view().await;
-            if done(&v) {
-                return v;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{what}: not reached within {WAIT:?}; last view: {v:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        crate::sensors::wait_for_view(self.sensor.subscribe(), what, WAIT, done).await
     }
 
     fn errors(&self, kind: &str) -> f64 {

@@ -719,18 +719,7 @@ impl Running {
     }
 
     async fn wait_for(&self, what: &str, done: impl Fn(&MetricsView) -> bool) -> Arc<MetricsView> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let v = self.view().await;
-            if done(&v) {
-                return v;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{what}: not reached within {WAIT:?}; last view: {v:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        crate::sensors::wait_for_view(self.sensor.subscribe(), what, WAIT, done).await
     }
 
     fn errors(&self, kind: &str) -> f64 {
@@ -954,23 +943,30 @@ async fn envoy_scrapes_feed_the_handshake_counter() {
     ]
     .into_iter()
     .collect();
+    // Each scrape counts its outcomes before it publishes its view, so
+    // every published view is a moment to drain the counter.
+    let mut scraped = r.sensor.subscribe();
     let mut got: BTreeMap<(String, Reason), u64> = BTreeMap::new();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while got != want {
-        for (target, counts) in counter.drain() {
-            assert_eq!(counts.source_names(), vec!["envoy"]);
-            for reason in Reason::ALL {
-                if counts.get(reason) > 0 {
-                    *got.entry((target.to_string(), reason)).or_default() += counts.get(reason);
+    let counted = tokio::time::timeout(WAIT, async {
+        while got != want {
+            for (target, counts) in counter.drain() {
+                assert_eq!(counts.source_names(), vec!["envoy"]);
+                for reason in Reason::ALL {
+                    if counts.get(reason) > 0 {
+                        *got.entry((target.to_string(), reason)).or_default() += counts.get(reason);
+                    }
                 }
             }
+            if got != want {
+                scraped.changed().await.expect("the scrape task runs");
+            }
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "outcomes not counted within {WAIT:?}: {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await;
+    assert!(
+        counted.is_ok(),
+        "outcomes not counted within {WAIT:?}: {got:?}"
+    );
     let text = r.metrics.render();
     let total = |reason: &str| {
         sample(

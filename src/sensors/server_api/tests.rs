@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::clock::{Clock, SystemClock};
-use crate::model::{Reading, ServerView};
+use crate::model::ServerView;
 use crate::simulated::server::{FakeServer, PagingFault};
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::sample;
@@ -73,28 +73,8 @@ fn start(settings: Settings) -> Running {
 }
 
 impl Running {
-    async fn observed(&self) -> Arc<ServerView> {
-        let mut readings = self.sensor.observe().await.expect("observe never fails");
-        assert_eq!(readings.len(), 1);
-        match readings.remove(0) {
-            Reading::Server(v) => v,
-            other => panic!("server_api produced {other:?}"),
-        }
-    }
-
     async fn wait_for(&self, what: &str, done: impl Fn(&ServerView) -> bool) -> Arc<ServerView> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let v = self.observed().await;
-            if done(&v) {
-                return v;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{what}: not reached within {WAIT:?}; last view: {v:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        crate::sensors::wait_for_view(self.sensor.subscribe(), what, WAIT, done).await
     }
 
     fn errors(&self, kind: &str) -> f64 {
@@ -244,14 +224,25 @@ async fn paths_that_are_not_sockets() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn polls_on_its_interval() {
+    // Time moves only when the test advances it, also while polls wait
+    // on the socket.
+    let _held = crate::sensors::HoldTime::new(WAIT);
     let dir = tempfile::tempdir().expect("tempdir");
     let server = fake(&dir, 1);
     let r = start(settings(&dir.path().join("api.sock")));
     r.wait_for("reachable", |v| v.reachable).await;
+    let mut published = r.sensor.subscribe();
+    published.mark_unchanged();
     let before = server.list_calls();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..10 {
+        tokio::time::advance(Duration::from_millis(50)).await;
+        tokio::time::timeout(WAIT, published.changed())
+            .await
+            .expect("a poll is due every 50 ms")
+            .expect("the sensor task runs");
+    }
     let polls = server.list_calls() - before;
     // 50 ms interval, two ListAgents calls per poll (page + empty end).
     assert!((6..=24).contains(&polls), "{polls} calls in 500 ms");

@@ -4,13 +4,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tempfile::TempDir;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -105,19 +104,18 @@ impl Running {
         }
     }
 
-    /// Polls the view until `done` holds; panics after [`WAIT`].
+    /// Waits until the view satisfies `done`; panics after [`WAIT`].
     async fn wait_for(&self, what: &str, done: impl Fn(&AgentView) -> bool) -> AgentView {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let v = self.view().await;
-            if done(&v) {
-                return v;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{what}: not reached within {WAIT:?}; last view: {v:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut updates = self.shared.subscribe();
+        let reached = timeout(WAIT, updates.wait_for(|v| done(v)))
+            .await
+            .map(|r| r.map(|v| v.clone()));
+        match reached {
+            Ok(Ok(v)) => v,
+            _ => panic!(
+                "{what}: not reached within {WAIT:?}; last view: {:#?}",
+                self.shared.view()
+            ),
         }
     }
 
@@ -178,9 +176,36 @@ fn serial_hex(agent: &FakeAgent) -> String {
     )
 }
 
+/// A count a test can wait on.
+#[derive(Clone)]
+struct Count(Arc<watch::Sender<usize>>);
+
+impl Default for Count {
+    fn default() -> Self {
+        Self(Arc::new(watch::Sender::new(0)))
+    }
+}
+
+impl Count {
+    fn add(&self) {
+        self.0.send_modify(|n| *n += 1);
+    }
+
+    fn get(&self) -> usize {
+        *self.0.borrow()
+    }
+
+    /// Waits until the count exceeds `n`; panics after [`WAIT`].
+    async fn wait_past(&self, n: usize, what: &str) {
+        let mut counts = self.0.subscribe();
+        let passed = timeout(WAIT, counts.wait_for(|c| *c > n)).await;
+        assert!(passed.is_ok(), "{what} within {WAIT:?}");
+    }
+}
+
 /// Keeps accepted connections open until dropped.
 struct RawPeer {
-    accepted: Arc<AtomicUsize>,
+    accepted: Count,
     task: JoinHandle<()>,
 }
 
@@ -193,12 +218,12 @@ impl Drop for RawPeer {
 /// A listener that accepts connections and never writes a byte.
 fn mute_peer(socket: &Path) -> RawPeer {
     let listener = UnixListener::bind(socket).expect("bind mute peer");
-    let accepted = Arc::new(AtomicUsize::new(0));
+    let accepted = Count::default();
     let count = accepted.clone();
     let task = tokio::spawn(async move {
         let mut held: Vec<UnixStream> = Vec::new();
         while let Ok((conn, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
+            count.add();
             held.push(conn);
         }
     });
@@ -209,12 +234,12 @@ fn mute_peer(socket: &Path) -> RawPeer {
 /// (fixed seed) and hangs up.
 fn garbage_peer(socket: &Path) -> RawPeer {
     let listener = UnixListener::bind(socket).expect("bind garbage peer");
-    let accepted = Arc::new(AtomicUsize::new(0));
+    let accepted = Count::default();
     let count = accepted.clone();
     let task = tokio::spawn(async move {
         let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
         while let Ok((mut conn, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
+            count.add();
             let garbage: Vec<u8> = (0..512)
                 .map(|_| {
                     seed = seed
@@ -233,12 +258,12 @@ fn garbage_peer(socket: &Path) -> RawPeer {
 /// A Workload API server that refuses every call with `InvalidArgument`.
 #[derive(Clone, Default)]
 struct Refuser {
-    calls: Arc<AtomicUsize>,
+    calls: Count,
 }
 
 impl Refuser {
     fn refuse(&self) -> Status {
-        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.calls.add();
         Status::invalid_argument("refused by test server")
     }
 }
@@ -487,10 +512,7 @@ async fn peer_that_never_completes_the_handshake_is_unanswered() {
         .wait_for("unanswered", |v| v.status == StreamStatus::Unanswered)
         .await;
     assert_eq!(v.last_error.as_deref(), Some("unanswered"));
-    assert!(
-        peer.accepted.load(Ordering::SeqCst) >= 1,
-        "the sensor did connect"
-    );
+    assert!(peer.accepted.get() >= 1, "the sensor did connect");
     assert!(run.errors("unanswered") >= 1.0);
     assert_eq!(run.metric(STREAM_UP), Some(0.0));
     run.shutdown().await;
@@ -508,20 +530,13 @@ async fn garbage_from_the_peer_is_down_not_a_panic() {
         .await;
     assert!(v.last_error.is_some(), "{v:#?}");
     assert!(v.svids.is_empty());
-    assert!(peer.accepted.load(Ordering::SeqCst) >= 1);
+    assert!(peer.accepted.get() >= 1);
     assert!(run.all_errors() >= 1.0, "{}", run.metrics.render());
     assert_eq!(run.metric(STREAM_UP), Some(0.0));
 
     // It keeps retrying (retryable failure) and keeps running.
-    let seen = peer.accepted.load(Ordering::SeqCst);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while peer.accepted.load(Ordering::SeqCst) == seen {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no retry after garbage"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let seen = peer.accepted.get();
+    peer.accepted.wait_past(seen, "a retry after garbage").await;
     run.assert_running();
     assert_eq!(run.view().await.status, StreamStatus::Down);
     run.shutdown().await;
@@ -577,12 +592,20 @@ async fn invalid_argument_is_rejected_and_not_retried_until_asked() {
     assert_eq!(v.last_error.as_deref(), Some("invalid_argument"));
     assert_eq!(run.metric(STREAM_UP), Some(0.0));
 
-    // No rapid retries: within 2 s the server sees no new attempt. Allow one
-    // for a session that was already in flight.
-    let calls = refuser.calls.load(Ordering::SeqCst);
+    // No rapid retries: over four heartbeats of the backoff wait (2 s of
+    // the task's own time) the server sees no new attempt. Allow one for a
+    // session that was already in flight.
+    let calls = refuser.calls.get();
     assert!(calls >= 1);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let later = refuser.calls.load(Ordering::SeqCst);
+    let mut updates = run.shared.subscribe();
+    updates.mark_unchanged();
+    for _ in 0..4 {
+        timeout(WAIT, updates.changed())
+            .await
+            .expect("the task heartbeats while it waits")
+            .expect("the task runs");
+    }
+    let later = refuser.calls.get();
     assert!(later <= calls + 1, "retried {later} times");
     assert!(
         run.errors("invalid_argument") <= 2.0,
@@ -594,14 +617,10 @@ async fn invalid_argument_is_rejected_and_not_retried_until_asked() {
 
     // A refetch asks for it: reconnect at once.
     assert!(run.shared.request_reconnect(WAIT).await);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while refuser.calls.load(Ordering::SeqCst) == later {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no attempt after a refetch"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    refuser
+        .calls
+        .wait_past(later, "an attempt after a refetch")
+        .await;
     assert_eq!(run.shared.reconnects(), 1);
     run.shutdown().await;
 }
