@@ -16,8 +16,11 @@
 //!   latest observations; idempotent, cancel-safe.
 //! - [`knowledge`] (Knowledge): SQLite or PostgreSQL; incidents, actions,
 //!   holds, SVID lifecycles; batched, buffered while the database is away.
-//! - [`supervisor`]: `tick(now)` wires the stages; `run(shutdown)` loops;
-//!   [`app`] starts everything from a validated config.
+//! - [`supervisor`]: `tick(now)` wires the stages; `run(shutdown)` loops.
+//!   The loop's memory is one type per concern under `supervisor/`
+//!   (incidents, guards, executor, changes, handshakes, sensing, recorder);
+//!   [`app`] starts everything from a validated config (sensors from
+//!   [`sensors::SensorSpec`], one per configured source).
 //!
 //! Around them: [`config`] and [`policy`] (TOML), [`endpoint`] (SPIFFE
 //! endpoint addresses), [`svid`] (X509-SVID checks), [`spiffe_id`],

@@ -11,8 +11,6 @@
 use crate::clock::unix_millis;
 use crate::model::Event;
 
-use super::sqlite::to_i64;
-
 /// The runs of `events`, in order.
 pub(super) fn runs(events: &[Event]) -> impl Iterator<Item = Run<'_>> {
     events
@@ -325,4 +323,9 @@ impl<'a> Held<'a> {
             at_ms: unix_millis(*at),
         })
     }
+}
+
+/// Ladder rungs are small; saturate rather than wrap.
+pub(super) fn to_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }

@@ -735,8 +735,3 @@ pub(super) fn limit(q: &Query) -> i64 {
         i64::from(q.limit)
     }
 }
-
-/// Ladder rungs are small; saturate rather than wrap.
-pub(super) fn to_i64(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
