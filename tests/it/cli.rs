@@ -4,9 +4,10 @@
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use spire_healer::knowledge;
 use spire_healer::model::{Event, Incident, Severity, Step, Subject, SymptomKind};
+use tokio::io::AsyncBufReadExt;
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_spire-healer"))
@@ -172,9 +173,30 @@ async fn run_stops_gracefully_on_sigterm() -> Result<()> {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_spire-healer"))
         .args(["run", "--config"])
         .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Stop once the loop has opened the incident for the unreachable agent.
+    let stderr = child.stderr.take().context("stderr")?;
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let opened = async {
+        while let Some(line) = lines.next_line().await? {
+            eprintln!("{line}");
+            if line.contains("Incident opened.") && line.contains("agent_unreachable") {
+                return Ok(());
+            }
+        }
+        anyhow::bail!("the daemon's log ended before the incident opened")
+    };
+    tokio::time::timeout(Duration::from_secs(30), opened)
+        .await
+        .context("waiting for the incident to open")??;
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("{line}");
+        }
+    });
     let pid = nix::unistd::Pid::from_raw(child.id().unwrap_or(0) as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
     let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;

@@ -174,6 +174,20 @@ type = "entry_bump"
         spire_healer::telemetry::metrics::sample(&self.metrics.render(), series).unwrap_or(0.0)
     }
 
+    /// Supervisor ticks completed so far.
+    fn ticks(&self) -> u64 {
+        self.metrics.tick_duration_seconds.get_sample_count()
+    }
+
+    /// Waits until the supervisor has completed `n` more ticks.
+    async fn wait_ticks(&self, n: u64) -> Result<()> {
+        let until = self.ticks() + n;
+        self.wait_for(&format!("{n} ticks"), Duration::from_secs(60), || async {
+            (self.ticks() >= until).then_some(())
+        })
+        .await
+    }
+
     async fn incidents(&self) -> Vec<IncidentRecord> {
         let q = Query {
             limit: 500,
@@ -368,7 +382,8 @@ async fn both_servers_down_restarts_nothing() -> Result<()> {
         },
     )
     .await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A dozen more ticks (3 s at this cadence) with both agents held.
+    c.wait_ticks(12).await?;
     let acted: Vec<_> = c
         .actions()
         .await
@@ -504,7 +519,9 @@ async fn banned_agent_is_readmitted() -> Result<()> {
         || async { (c.metric("spire_healer_servers_up") == 2.0).then_some(()) },
     )
     .await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A dozen ticks over the servers' 1 s listings: the healer has seen
+    // agent-1 listed before it is banned.
+    c.wait_ticks(12).await?;
     let old_id = c.lab.agent(1).spiffe_id();
     let banned_at = c.now_ms();
     c.lab.ban_agent(1).await?;

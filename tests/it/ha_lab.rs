@@ -56,6 +56,42 @@ where
     }
 }
 
+/// A number in a `spire-agent debug getinfo` answer (protojson writes
+/// 64-bit integers as strings).
+fn debug_field(answer: &serde_json::Value, field: &str) -> Result<i64> {
+    let v = &answer[field];
+    v.as_i64()
+        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+        .or_else(|| v.is_null().then_some(0))
+        .with_context(|| format!("no {field} in {answer}"))
+}
+
+fn last_sync(answer: &serde_json::Value) -> Result<i64> {
+    debug_field(answer, "last_sync_success")
+}
+
+/// Agent `j`'s first Debug answer computed after `served`. The agent caches
+/// its answer for 5 s with `uptime` frozen in it, so a new `uptime` is a new
+/// answer; polled (bounded), as nothing announces it.
+async fn next_debug_answer(
+    lab: &HaLab,
+    j: usize,
+    served: &serde_json::Value,
+) -> Result<serde_json::Value> {
+    let uptime = debug_field(served, "uptime")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = lab.agent_debug_info(j).await?;
+        if debug_field(&answer, "uptime")? != uptime {
+            return Ok(answer);
+        }
+        if Instant::now() >= deadline {
+            bail!("agent {j}'s Debug answer did not change in 30 s: {answer}");
+        }
+        sleep(Duration::from_millis(250)).await;
+    }
+}
+
 fn took(label: &str, since: Instant) {
     println!("ha_lab: {label} at {:.1}s", since.elapsed().as_secs_f64());
 }
@@ -138,16 +174,18 @@ async fn ha_failover_ban_and_readmission() -> Result<()> {
     // Kill server A: agent-0 (on A) stops syncing, agent-1 (on B) goes on.
     lab.kill_server(0).await?;
     ensure!(lab.server(0).pid().is_none());
-    sleep(Duration::from_secs(3)).await;
-    let (a0, a1) = (
-        lab.last_sync_success(0).await?,
-        lab.last_sync_success(1).await?,
-    );
-    sleep(Duration::from_secs(6)).await;
-    let (b0, b1) = (
-        lab.last_sync_success(0).await?,
-        lab.last_sync_success(1).await?,
-    );
+    // Compare each agent's first Debug answer computed after the kill with
+    // its next one (at least one 5 s cache period later).
+    let settled = |j: usize| {
+        let lab = &lab;
+        async move {
+            let served = lab.agent_debug_info(j).await?;
+            let after_kill = next_debug_answer(lab, j, &served).await?;
+            let later = next_debug_answer(lab, j, &after_kill).await?;
+            anyhow::Ok((last_sync(&after_kill)?, last_sync(&later)?))
+        }
+    };
+    let ((a0, b0), (a1, b1)) = tokio::try_join!(settled(0), settled(1))?;
     println!("ha_lab: last_sync_success agent-0 {a0} -> {b0}, agent-1 {a1} -> {b1}");
     ensure!(
         b0 == a0,

@@ -486,9 +486,20 @@ async fn foreign_ca_burst_is_reported_without_restarting_healthy_peers() -> Resu
             })
             .await?;
         assert_eq!(held.target, "foreign");
-        // A few more probe rounds: still nothing run, nothing about the
-        // healthy peer.
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // A few more probe rounds (two of each peer, then a tick that has
+        // seen them): still nothing run, nothing about the healthy peer.
+        let rounds = |reason: &str| {
+            healer.metric(&format!(
+                r#"spire_healer_handshakes_total{{reason="{reason}",source="probe"}}"#
+            ))
+        };
+        let (foreign, good) = (rounds("unknown_ca"), rounds("ok"));
+        healer
+            .wait_for("two more probe rounds", Duration::from_secs(30), || async {
+                (rounds("unknown_ca") >= foreign + 2.0 && rounds("ok") >= good + 2.0).then_some(())
+            })
+            .await?;
+        healer.wait_ticks(2).await?;
         assert!(healer.actions().await.is_empty(), "no action at all");
         assert!(!marker.exists(), "nothing restarted");
         let incidents = healer.incidents().await;

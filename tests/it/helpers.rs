@@ -168,6 +168,21 @@ timeout = "20s"
         }
     }
 
+    /// Supervisor ticks completed so far.
+    pub fn ticks(&self) -> u64 {
+        self.metrics.tick_duration_seconds.get_sample_count()
+    }
+
+    /// Waits until the supervisor has completed `n` more ticks: the clock
+    /// for asserting that nothing happened.
+    pub async fn wait_ticks(&self, n: u64) -> Result<()> {
+        let until = self.ticks() + n;
+        self.wait_for(&format!("{n} ticks"), Duration::from_secs(60), || async {
+            (self.ticks() >= until).then_some(())
+        })
+        .await
+    }
+
     pub fn now_ms(&self) -> i64 {
         unix_millis(self.clock.now())
     }

@@ -85,6 +85,44 @@ impl Shared {
     }
 }
 
+/// Notified on each "Skipped an update." logged on this thread while the
+/// guard lives (the test runtime runs `run` on this thread).
+fn skipped_updates() -> (Arc<tokio::sync::Notify>, tracing::subscriber::DefaultGuard) {
+    let notify = Arc::new(tokio::sync::Notify::new());
+    let guard = tracing::subscriber::set_default(Skips(notify.clone()));
+    (notify, guard)
+}
+
+struct Skips(Arc<tokio::sync::Notify>);
+
+impl tracing::Subscriber for Skips {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Message(bool);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 |= format!("{value:?}") == "Skipped an update.";
+                }
+            }
+        }
+        let mut m = Message(false);
+        event.record(&mut m);
+        if m.0 {
+            self.0.notify_one();
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
 fn started_agent(dir: &Path) -> (FakeAgent, Vec<u8>) {
     let ca = test_ca(TD);
     let bundle = ca.der().to_vec();
@@ -234,9 +272,12 @@ async fn an_unusable_update_is_skipped() {
     });
     let good = format!("{:x}", agent.serial().unwrap());
     wait_for_serial(tmp.path(), &good).await;
+    let (skipped, _guard) = skipped_updates();
     agent.serve_flavor(Flavor::CaLeaf);
     // Then a valid one again: the files only ever held valid SVIDs.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    timeout(LIMIT, skipped.notified())
+        .await
+        .expect("the unusable update was never skipped");
     assert_eq!(file_serial(tmp.path()).as_deref(), Some(good.as_str()));
     agent.serve_flavor(Flavor::Valid);
     let next = format!("{:x}", agent.serial().unwrap());
