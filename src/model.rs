@@ -2,6 +2,7 @@
 //! symptoms, incidents, steps, outcomes and the events written to the store.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -505,64 +506,78 @@ pub struct CertFileView {
     pub updated_at: SystemTime,
 }
 
-/// Declares [`Reading`], [`Observations`] and the code between them from one
-/// table, so a new sensor adds one line here: its variant, its view type,
-/// the `Observations` field it is filed under and the view's field naming
-/// its target.
-macro_rules! readings {
-    ($(
-        $(#[$doc:meta])*
-        $variant:ident($view:ty) => $field:ident, target: $target:ident;
-    )*) => {
-        /// One sensor result: a shared, immutable snapshot, so a fleet-sized
-        /// view costs a pointer copy per tick, not a deep clone.
-        #[derive(Debug, Clone, PartialEq)]
-        pub enum Reading {
-            $( $(#[$doc])* $variant(std::sync::Arc<$view>), )*
-        }
+// === Readings ===
 
-        impl Reading {
-            /// The configured name of the agent, server or other target this
-            /// reading describes.
-            pub fn target(&self) -> &str {
-                match self {
-                    $( Reading::$variant(v) => &v.$target, )*
-                }
-            }
-        }
-
-        /// Everything sensed in one tick, by kind.
-        #[derive(Debug, Clone, Default, PartialEq)]
-        pub struct Observations {
-            $( $(#[$doc])* pub $field: Vec<std::sync::Arc<$view>>, )*
-        }
-
-        impl Observations {
-            /// Files a reading under its kind.
-            pub fn push(&mut self, r: Reading) {
-                match r {
-                    $( Reading::$variant(v) => self.$field.push(v), )*
-                }
-            }
-        }
-    };
+/// One sensor result: a shared, immutable snapshot, so a fleet-sized view
+/// costs a pointer copy per tick, not a deep clone. A new sensor adds its
+/// variant here, its field in [`Observations`], and the two match arms the
+/// compiler then asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reading {
+    /// Workload API views, one per agent (`workload_api` sensor).
+    WorkloadApi(Arc<AgentView>),
+    /// Server admin API views, one per server (`server_api` sensor).
+    Server(Arc<ServerView>),
+    /// Agent admin (Debug) API views (`agent_debug` sensor).
+    AgentDebug(Arc<AgentDebugView>),
+    /// HTTP health probes (`health` sensor).
+    Health(Arc<HealthView>),
+    /// Metrics scrapes (`metrics_scrape` sensor).
+    Metrics(Arc<MetricsView>),
+    /// mTLS probes (`handshake_probe` sensor).
+    Probe(Arc<ProbeView>),
+    /// Certificate files (`cert_files` sensor).
+    CertFile(Arc<CertFileView>),
 }
 
-readings! {
+impl Reading {
+    /// The configured name of the agent, server or other target this
+    /// reading describes.
+    pub fn target(&self) -> &str {
+        match self {
+            Reading::WorkloadApi(v) => &v.agent,
+            Reading::Server(v) => &v.server,
+            Reading::AgentDebug(v) => &v.agent,
+            Reading::Health(v) => &v.target,
+            Reading::Metrics(v) => &v.target,
+            Reading::Probe(v) => &v.target,
+            Reading::CertFile(v) => &v.file,
+        }
+    }
+}
+
+/// Everything sensed in one tick, by kind.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Observations {
     /// Workload API views, one per agent (`workload_api` sensor).
-    WorkloadApi(AgentView) => agents, target: agent;
+    pub agents: Vec<Arc<AgentView>>,
     /// Server admin API views, one per server (`server_api` sensor).
-    Server(ServerView) => servers, target: server;
+    pub servers: Vec<Arc<ServerView>>,
     /// Agent admin (Debug) API views (`agent_debug` sensor).
-    AgentDebug(AgentDebugView) => agent_debug, target: agent;
+    pub agent_debug: Vec<Arc<AgentDebugView>>,
     /// HTTP health probes (`health` sensor).
-    Health(HealthView) => health, target: target;
+    pub health: Vec<Arc<HealthView>>,
     /// Metrics scrapes (`metrics_scrape` sensor).
-    Metrics(MetricsView) => metrics, target: target;
+    pub metrics: Vec<Arc<MetricsView>>,
     /// mTLS probes (`handshake_probe` sensor).
-    Probe(ProbeView) => probes, target: target;
+    pub probes: Vec<Arc<ProbeView>>,
     /// Certificate files (`cert_files` sensor).
-    CertFile(CertFileView) => cert_files, target: file;
+    pub cert_files: Vec<Arc<CertFileView>>,
+}
+
+impl Observations {
+    /// Files a reading under its kind.
+    pub fn push(&mut self, r: Reading) {
+        match r {
+            Reading::WorkloadApi(v) => self.agents.push(v),
+            Reading::Server(v) => self.servers.push(v),
+            Reading::AgentDebug(v) => self.agent_debug.push(v),
+            Reading::Health(v) => self.health.push(v),
+            Reading::Metrics(v) => self.metrics.push(v),
+            Reading::Probe(v) => self.probes.push(v),
+            Reading::CertFile(v) => self.cert_files.push(v),
+        }
+    }
 }
 
 // === Symptoms and incidents ===
