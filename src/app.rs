@@ -23,9 +23,9 @@ use crate::telemetry::{self, Health, Metrics};
 pub struct Running {
     /// The store (for reading history).
     pub store: Arc<dyn Store>,
-    /// Metrics.
+    /// Every metric, as `/metrics` renders them.
     pub metrics: Arc<Metrics>,
-    /// Health.
+    /// Liveness and readiness, as `/healthz` and `/readyz` answer.
     pub health: Arc<Health>,
     /// Bound HTTP address, when HTTP is enabled.
     pub http_addr: Option<SocketAddr>,

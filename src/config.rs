@@ -298,7 +298,7 @@ pub struct ServerConfig {
     /// The server's Prometheus endpoint.
     #[serde(default)]
     pub metrics_url: Option<String>,
-    /// Poll interval.
+    /// How often the server's admin API, health and metrics are polled.
     #[serde(default = "default_poll", with = "humantime_serde")]
     pub poll_interval: Duration,
     /// Deadline of one poll.

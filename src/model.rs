@@ -344,6 +344,37 @@ pub struct ServerView {
     pub bundle_sequence: u64,
 }
 
+#[cfg(test)]
+impl ServerView {
+    /// A view of server `name` polled at `at`: reachable, or failed with
+    /// `unavailable`; its bundle holds one authority per fingerprint.
+    pub(crate) fn test(name: &str, reachable: bool, fingerprints: &[&str], at: SystemTime) -> Self {
+        Self {
+            server: name.into(),
+            reachable,
+            last_error: (!reachable).then(|| "unavailable".into()),
+            since: at,
+            updated_at: at,
+            uptime_secs: 0,
+            svid_expires_at: None,
+            agents_count: 0,
+            entries_count: 0,
+            agents: Vec::new(),
+            agents_truncated: false,
+            bundle: fingerprints
+                .iter()
+                .map(|f| Authority {
+                    fingerprint: f.to_string(),
+                    key_id: String::new(),
+                    not_after: at + std::time::Duration::from_secs(86_400),
+                    tainted: false,
+                })
+                .collect(),
+            bundle_sequence: 0,
+        }
+    }
+}
+
 /// What the `agent_debug` sensor knows about one agent (admin socket).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentDebugView {
@@ -403,7 +434,6 @@ pub struct Sample {
     pub name: String,
     /// Labels, sorted by name.
     pub labels: Vec<(String, String)>,
-    /// Value.
     pub value: f64,
 }
 
@@ -878,7 +908,6 @@ pub enum Event {
     SvidSeen {
         /// Agent name.
         agent: String,
-        /// SPIFFE ID.
         spiffe_id: String,
         /// Leaf serial (hex).
         serial: String,
@@ -893,7 +922,6 @@ pub enum Event {
     SvidReplaced {
         /// Agent name.
         agent: String,
-        /// SPIFFE ID.
         spiffe_id: String,
         /// The replaced serial.
         serial: String,
@@ -923,7 +951,6 @@ pub enum Event {
     },
     /// An action is about to run (recorded before acting).
     ActionStarted {
-        /// The step.
         step: Step,
         /// When.
         at: SystemTime,
@@ -948,7 +975,6 @@ pub enum Event {
     },
     /// A decision not to act, with the reason (audit trail).
     Held {
-        /// Incident id.
         incident_id: String,
         /// Actuator that was held back.
         actuator: String,

@@ -76,14 +76,12 @@ impl HoldReason {
 pub enum Decision {
     /// Run this step; the incident's ladder moves to `next_rung`.
     Act {
-        /// The step.
         step: Step,
         /// Rung to try if this one does not verify.
         next_rung: usize,
     },
     /// Hold back.
     Hold {
-        /// Incident id.
         incident_id: String,
         /// Actuator that would have run (empty when none).
         actuator: String,
@@ -116,11 +114,10 @@ pub struct PlanInput<'a> {
     pub servers_back_since: Option<SystemTime>,
     /// Configured peer (probe) names: the only peers actions may target.
     pub peers: &'a HashSet<String>,
-    /// The policy.
     pub policy: &'a Policy,
     /// Record without executing.
     pub dry_run: bool,
-    /// Now.
+    /// The tick's one reading of the clock.
     pub now: SystemTime,
 }
 

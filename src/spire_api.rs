@@ -92,7 +92,6 @@ pub enum SpireApiError {
     Status {
         /// The RPC attempted.
         rpc: &'static str,
-        /// The status.
         #[source]
         status: Status,
     },
@@ -108,7 +107,6 @@ pub enum SpireApiError {
     /// A listing that must be complete did not end within the page bound.
     #[error("{rpc}: still paging after {pages} pages")]
     PagingLimit {
-        /// The RPC.
         rpc: &'static str,
         /// Pages read.
         pages: u32,
@@ -116,7 +114,6 @@ pub enum SpireApiError {
     /// A batch call answered OK overall but refused the item.
     #[error("{rpc}: the server refused entry {entry_id:?}: {code:?}: {message}")]
     Rejected {
-        /// The RPC.
         rpc: &'static str,
         /// The entry concerned.
         entry_id: String,

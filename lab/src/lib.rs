@@ -160,7 +160,6 @@ pub enum LabError {
         command: String,
         /// What is missing or malformed.
         reason: String,
-        /// The output.
         output: String,
     },
     /// A PostgreSQL operation failed.

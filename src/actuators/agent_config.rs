@@ -23,7 +23,6 @@ pub enum AgentConfigError {
     Unparsable {
         /// File.
         path: PathBuf,
-        /// Key.
         key: &'static str,
         /// How many were found.
         found: usize,
@@ -33,7 +32,6 @@ pub enum AgentConfigError {
     BadValue {
         /// File.
         path: PathBuf,
-        /// Key.
         key: &'static str,
         /// Value as written.
         value: String,

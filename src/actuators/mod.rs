@@ -37,7 +37,6 @@ pub enum ActuatorError {
     /// The process could not be started.
     #[error("cannot start {program:?}: {source}")]
     Spawn {
-        /// Program.
         program: String,
         /// OS error.
         #[source]

@@ -99,7 +99,6 @@ pub struct EntryBump {
 }
 
 impl EntryBump {
-    /// New.
     pub fn new(config: EntryBumpConfig, topo: Arc<Topology>) -> Self {
         Self { config, topo }
     }
@@ -329,7 +328,6 @@ pub struct Failover {
 }
 
 impl Failover {
-    /// New.
     pub fn new(config: FailoverConfig, topo: Arc<Topology>, restart: Arc<dyn Actuator>) -> Self {
         Self {
             config,

@@ -75,7 +75,6 @@ impl StoreError {
 /// One stored incident.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct IncidentRecord {
-    /// Id.
     pub id: String,
     /// Symptom name.
     pub symptom: String,
@@ -100,7 +99,6 @@ pub struct IncidentRecord {
 /// One stored action.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ActionRecord {
-    /// Id.
     pub id: String,
     /// Incident served.
     pub incident_id: String,
@@ -114,7 +112,7 @@ pub struct ActionRecord {
     pub target: String,
     /// Parameters JSON.
     pub params: serde_json::Value,
-    /// Dry run.
+    /// Recorded, not executed (`dry_run` in the config).
     pub dry_run: bool,
     /// Started (unix ms).
     pub started_at_ms: i64,
@@ -137,7 +135,6 @@ pub struct ActionRecord {
 pub struct SvidRecord {
     /// Agent name.
     pub agent: String,
-    /// SPIFFE ID.
     pub spiffe_id: String,
     /// Serial (hex).
     pub serial: String,
@@ -160,7 +157,7 @@ pub struct HoldRecord {
     pub actuator: String,
     /// Target agent.
     pub target: String,
-    /// Reason.
+    /// Why it was held back (a `HoldReason`, snake_case).
     pub reason: String,
     /// When (unix ms).
     pub at_ms: i64,

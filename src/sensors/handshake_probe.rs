@@ -286,7 +286,6 @@ pub enum ProbeAddress {
     Host {
         /// The DNS name.
         host: String,
-        /// The port.
         port: u16,
     },
     /// A Unix domain socket (`unix:///absolute/path`).

@@ -266,7 +266,7 @@ fn lifecycles<'o>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Authority, ServerView, StreamStatus, SvidObservation};
+    use crate::model::{ServerView, StreamStatus, SvidObservation};
     use std::time::{Duration, UNIX_EPOCH};
 
     fn t(secs: u64) -> SystemTime {
@@ -412,29 +412,8 @@ mod tests {
 
         let server = |fps: &[&str]| {
             let mut o = Observations::default();
-            o.servers.push(Arc::new(ServerView {
-                server: "s".into(),
-                reachable: true,
-                last_error: None,
-                since: t(0),
-                updated_at: t(0),
-                uptime_secs: 0,
-                svid_expires_at: None,
-                agents_count: 0,
-                entries_count: 0,
-                agents: Vec::new(),
-                agents_truncated: false,
-                bundle: fps
-                    .iter()
-                    .map(|f| Authority {
-                        fingerprint: f.to_string(),
-                        key_id: String::new(),
-                        not_after: t(1000),
-                        tainted: false,
-                    })
-                    .collect(),
-                bundle_sequence: 0,
-            }));
+            o.servers
+                .push(Arc::new(ServerView::test("s", true, fps, t(0))));
             o
         };
         c.observe(&server(&["b", "a"]), t(5), &mut Tick::default());

@@ -171,21 +171,11 @@ mod tests {
     }
 
     fn server(reachable: bool, polled: bool) -> Arc<ServerView> {
-        Arc::new(ServerView {
-            server: "s".into(),
-            reachable,
-            last_error: (!reachable && polled).then(|| "unavailable".to_string()),
-            since: t(0),
-            updated_at: t(0),
-            uptime_secs: 0,
-            svid_expires_at: None,
-            agents_count: 0,
-            entries_count: 0,
-            agents: Vec::new(),
-            agents_truncated: false,
-            bundle: Vec::new(),
-            bundle_sequence: 0,
-        })
+        let mut v = ServerView::test("s", reachable, &[], t(0));
+        if !polled {
+            v.last_error = None;
+        }
+        Arc::new(v)
     }
 
     #[test]
