@@ -87,15 +87,18 @@ fn agent_symptoms(
         });
     }
 
-    let quiet_below = th.expiring_close.min(th.rotation_overdue_close);
+    let quiet_below = th
+        .expiring_close
+        .min(th.expiring_open)
+        .min(th.rotation_overdue_close)
+        .min(th.rotation_overdue_open);
     for svid in &view.svids {
         // A leaf that did not parse has no lifetime: only svid_invalid applies.
         let timed = !svid.serial.is_empty();
         let frac = svid.elapsed_fraction(now);
         let expired = timed && now >= svid.not_after;
-        // The common case, a valid SVID early in its life: every close
-        // condition holds and no open condition does (the policy keeps each
-        // close threshold at or below its open one).
+        // The common case, a valid SVID early in its life: below every
+        // threshold, every close condition holds and no open condition does.
         if timed && !expired && svid.invalid.is_none() && frac < quiet_below {
             continue;
         }

@@ -196,7 +196,9 @@ impl Supervisor {
         let decisions = self.plan(&obs, &symptoms, now);
         // Execute: record first, then act.
         let steps = self.execute(decisions, &obs, now, &mut tick);
-        self.store.push(std::mem::take(&mut tick.events));
+        tick.summary.gauges = Some(self.gauges(&obs, &symptoms, now));
+        self.metrics.record_tick(now, &tick.summary);
+        self.store.push(tick.events);
         if !steps.is_empty() {
             // "Recorded before acting": try to land ActionStarted first. If
             // the store is away the events stay buffered and we act anyway;
@@ -208,8 +210,6 @@ impl Supervisor {
         }
         // Knowledge.
         self.store.flush().await;
-        tick.summary.gauges = Some(self.gauges(&obs, &symptoms, now));
-        self.metrics.record_tick(now, &tick.summary);
         self.cadence.health.ticked(now);
         timer.observe_duration();
         TickReport {

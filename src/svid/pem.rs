@@ -187,6 +187,16 @@ fn block(input: &[u8], index: usize) -> Result<Block<'_>, PemError> {
 /// holds no `-----` (the framing stopped at the first), so the reader sees
 /// exactly one `CERTIFICATE` section and can only fail on its base64.
 fn decode(body: &[u8], index: usize) -> Result<Vec<u8>, PemError> {
+    // The reader also takes base64 without its `=` padding; a PEM body is
+    // padded to whole 4-character groups (RFC 7468 §3), so anything else is
+    // refused as base64, not left to fail later as DER.
+    let chars = body.iter().filter(|b| !b.is_ascii_whitespace()).count();
+    if chars % 4 != 0 {
+        return Err(PemError::BadBase64 {
+            index,
+            reason: format!("{chars} base64 characters: not padded to whole 4-character groups"),
+        });
+    }
     let framed = [
         b"-----BEGIN CERTIFICATE-----\n".as_slice(),
         body,
@@ -362,6 +372,9 @@ mod tests {
             kind(pem("CERTIFICATE", b"garbage bytes", "\n").as_bytes()),
             "bad_der"
         );
+        // Unpadded base64 is refused as base64, whatever the reader allows.
+        let unpadded = pem("CERTIFICATE", b"garbage bytes", "\n").replace('=', "");
+        assert_eq!(kind(unpadded.as_bytes()), "bad_base64");
         assert_eq!(kind(pem("CERTIFICATE", &[], "\n").as_bytes()), "bad_der");
         let mut two = ca.der().to_vec();
         two.extend_from_slice(ca.der());
