@@ -445,10 +445,7 @@ impl Config {
     /// # Errors
     /// A single [`ConfigError::Parse`] (the parser stops at the first error).
     pub fn from_toml(text: &str, path: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_string(),
-            reason: e.to_string().trim().replace('\n', " "),
-        })
+        parse_toml(text, path)
     }
 
     /// Reads and parses a file.
@@ -456,11 +453,7 @@ impl Config {
     /// # Errors
     /// `Read` or `Parse`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        Self::from_toml(&text, &path.display().to_string())
+        load_toml(path)
     }
 
     /// Probes, certificate files and Envoy targets: valid, uniquely named
@@ -898,6 +891,24 @@ impl Resolved {
     }
 }
 
+/// Parses TOML text; `path` names the source in errors (the parser stops at
+/// the first one).
+fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, path: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_string(),
+        reason: e.to_string().trim().replace('\n', " "),
+    })
+}
+
+/// Reads and parses a TOML file.
+fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    parse_toml(&text, &path.display().to_string())
+}
+
 // === impl Policy: loading ===
 
 impl Policy {
@@ -914,10 +925,7 @@ impl Policy {
     /// # Errors
     /// [`ConfigError::Parse`].
     pub fn from_toml(text: &str, path: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_string(),
-            reason: e.to_string().trim().replace('\n', " "),
-        })
+        parse_toml(text, path)
     }
 
     /// Reads a policy file.
@@ -925,11 +933,7 @@ impl Policy {
     /// # Errors
     /// `Read` or `Parse`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        Self::from_toml(&text, &path.display().to_string())
+        load_toml(path)
     }
 }
 

@@ -290,6 +290,117 @@ fn error_outcome(e: &ActuatorError) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::ManualClock;
+    use crate::model::{AgentView, StreamStatus, Subject, SymptomKind};
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn t(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    fn executor() -> Executor {
+        Executor::new(
+            Registry::new(),
+            Peers::new(HashMap::new(), ["web".to_string()]),
+            Arc::new(ManualClock::new(t(0))),
+            Arc::new(Metrics::new()),
+            Arc::new(Notify::new()),
+        )
+    }
+
+    fn step(id: &str, target: &str, dry_run: bool) -> Step {
+        Step {
+            action_id: id.into(),
+            incident_id: "i1".into(),
+            symptom: SymptomKind::AgentUnreachable,
+            rung: 0,
+            actuator: "restart".into(),
+            target: target.into(),
+            params: serde_json::json!({}),
+            timeout: Duration::from_secs(5),
+            verify_within: Duration::from_secs(10),
+            dry_run,
+        }
+    }
+
+    fn key(agent: &str) -> SymptomKey {
+        SymptomKey {
+            kind: SymptomKind::AgentUnreachable,
+            subject: Subject::agent(agent),
+        }
+    }
+
+    #[test]
+    fn a_dry_run_is_tracked_collected_and_verified_without_a_runtime() {
+        let mut ex = executor();
+        let s = step("a1", "a", true);
+        ex.track(&s, key("a"), t(1));
+        assert!(ex.busy_targets().contains("a"));
+        ex.launch(s, t(1));
+        let mut tick = Tick::default();
+        ex.collect(&mut tick);
+        assert_eq!(tick.summary.actions, [("restart".to_string(), "dry_run")]);
+        assert!(matches!(&tick.events[..], [Event::ActionFinished { id, .. }] if id == "a1"));
+        // Still open, within verify_within: no verdict yet.
+        ex.verify(&|_| true, t(5), &mut tick);
+        assert!(tick.report.verified.is_empty());
+        // Cleared: skipped (a dry run proves nothing).
+        ex.verify(&|_| false, t(6), &mut tick);
+        assert_eq!(
+            tick.report.verified,
+            [("a1".to_string(), Verification::Skipped)]
+        );
+        assert!(ex.busy_targets().is_empty());
+    }
+
+    #[test]
+    fn an_unconfigured_actuator_fails_and_is_verified_failed() {
+        let mut ex = executor();
+        let s = step("a1", "a", false);
+        ex.track(&s, key("a"), t(1));
+        ex.launch(s, t(1));
+        let mut tick = Tick::default();
+        ex.collect(&mut tick);
+        ex.verify(&|_| true, t(1), &mut tick);
+        assert_eq!(tick.summary.actions, [("restart".to_string(), "error")]);
+        assert_eq!(
+            tick.report.verified,
+            [("a1".to_string(), Verification::Failed)]
+        );
+    }
+
+    #[test]
+    fn only_a_stream_lost_after_the_action_started_is_explained_by_it() {
+        let view = |since: u64| {
+            Arc::new(AgentView {
+                agent: "a".into(),
+                status: StreamStatus::Down,
+                status_since: t(since),
+                last_error: None,
+                last_message: None,
+                svids: Vec::new(),
+                bundle_authorities: 0,
+                bundle: Vec::new(),
+                rotations: 0,
+                updated_at: t(since),
+            })
+        };
+        let changes_with = |v| {
+            let mut c = Changes::default();
+            let obs = Observations {
+                agents: vec![v],
+                ..Observations::default()
+            };
+            c.observe(&obs, t(20), &mut Tick::default());
+            c
+        };
+        let mut ex = executor();
+        ex.track(&step("a1", "a", false), key("a"), t(10));
+        assert!(ex.explains_stream_loss("a", &changes_with(view(11))));
+        assert!(!ex.explains_stream_loss("a", &changes_with(view(9))));
+        assert!(!ex.explains_stream_loss("b", &changes_with(view(11))));
+        assert!(ex.peers().contains("web"));
+    }
 
     #[test]
     fn verdict_table() {
