@@ -757,7 +757,7 @@ pub(crate) fn alert_reason(
 
 fn peer_cert(der: &[u8]) -> Option<PeerCert> {
     let info = leaf_info(der).ok()?;
-    let spiffe_id = match uri_sans(der).ok()?.as_slice() {
+    let spiffe_id = match uri_sans(der)?.as_slice() {
         [only] if only.starts_with("spiffe://") => Some(only.clone()),
         _ => None,
     };

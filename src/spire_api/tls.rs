@@ -33,7 +33,6 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tonic::transport::{Channel, Uri};
 use x509_parser::certificate::X509Certificate;
-use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
 use crate::spiffe_id::{SpiffeId, TrustDomain};
@@ -240,22 +239,12 @@ impl SpiffeServerVerifier {
     }
 }
 
-/// Every URI SAN of a certificate.
-pub fn uri_sans(der: &[u8]) -> Result<Vec<String>, String> {
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
-    let san = cert.subject_alternative_name().map_err(|e| e.to_string())?;
-    Ok(san
-        .map(|s| {
-            s.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    GeneralName::URI(u) => Some((*u).to_string()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default())
+/// Every URI SAN of a certificate; `None` when the certificate or its SAN
+/// extension does not parse (callers refuse it as a bad encoding).
+pub fn uri_sans(der: &[u8]) -> Option<Vec<String>> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let sans = crate::svid::uri_sans(&cert).ok()?;
+    Some(sans.into_iter().map(str::to_string).collect())
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -275,8 +264,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             self.algs.all,
         )?;
-        let found = uri_sans(end_entity)
-            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        let found = uri_sans(end_entity).ok_or(rustls::Error::InvalidCertificate(
+            CertificateError::BadEncoding,
+        ))?;
         if self.expected.admits(&found) {
             return Ok(ServerCertVerified::assertion());
         }
@@ -320,7 +310,7 @@ pub fn provider() -> CryptoProvider {
 
 /// `spiffe://<trust domain of the leaf>/spire/server`.
 fn default_server_id(leaf: &[u8]) -> Result<SpiffeId, TlsError> {
-    let sans = uri_sans(leaf).map_err(|_| TlsError::NoIdentity("our SVID does not parse"))?;
+    let sans = uri_sans(leaf).ok_or(TlsError::NoIdentity("our SVID does not parse"))?;
     let ours = sans
         .first()
         .and_then(|s| SpiffeId::parse(s).ok())

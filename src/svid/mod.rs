@@ -397,7 +397,8 @@ fn serial_hex(raw: &[u8]) -> String {
     }
 }
 
-fn uri_sans<'a>(cert: &X509Certificate<'a>) -> Result<Vec<&'a str>, SvidError> {
+/// Every URI SAN of a parsed certificate (none without the extension).
+pub(crate) fn uri_sans<'a>(cert: &X509Certificate<'a>) -> Result<Vec<&'a str>, SvidError> {
     let Some(san) = cert
         .subject_alternative_name()
         .map_err(|e| malformed(0, e))?
