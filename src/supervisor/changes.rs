@@ -15,7 +15,7 @@ use std::time::SystemTime;
 use tracing::info;
 
 use super::Tick;
-use crate::model::{AgentView, Event, Observations, Subject};
+use crate::model::{AgentView, Event, Observations, ServerView, Subject};
 use crate::telemetry::metrics::SVID_TOP_K;
 
 /// One agent as last seen.
@@ -91,23 +91,9 @@ impl Changes {
     ) {
         self.generation += 1;
         let generation = self.generation;
-        // Top-k soonest expiries without copying every SPIFFE ID: a
-        // max-heap of (notAfter, view index, svid index) bounded to k.
-        let mut soonest: BinaryHeap<(SystemTime, usize, usize)> = BinaryHeap::new();
         let mut watched = 0usize;
         let mut order = Vec::with_capacity(obs.agents.len());
         for (vi, v) in obs.agents.iter().enumerate() {
-            for (si, s) in v.svids.iter().enumerate() {
-                if s.serial.is_empty() {
-                    continue;
-                }
-                if soonest.len() < SVID_TOP_K {
-                    soonest.push((s.not_after, vi, si));
-                } else if soonest.peek().is_some_and(|top| s.not_after < top.0) {
-                    soonest.pop();
-                    soonest.push((s.not_after, vi, si));
-                }
-            }
             let same = self
                 .order
                 .get(vi)
@@ -129,10 +115,7 @@ impl Changes {
                         continue;
                     }
                     if prev.is_none() {
-                        let subject = Subject::agent(&v.agent);
-                        if self.subjects.insert(subject.clone()) {
-                            tick.events.push(Event::SubjectSeen { subject, at: now });
-                        }
+                        subject_seen(&mut self.subjects, Subject::agent(&v.agent), now, tick);
                     }
                     lifecycles(prev, v, now, &mut self.subjects, &mut self.instants, tick);
                     note_bundle(
@@ -145,10 +128,7 @@ impl Changes {
                     known.view = v.clone();
                 }
                 None => {
-                    let subject = Subject::agent(&v.agent);
-                    if self.subjects.insert(subject.clone()) {
-                        tick.events.push(Event::SubjectSeen { subject, at: now });
-                    }
+                    subject_seen(&mut self.subjects, Subject::agent(&v.agent), now, tick);
                     lifecycles(None, v, now, &mut self.subjects, &mut self.instants, tick);
                     watched += 1;
                     order.push(self.agents.len());
@@ -163,8 +143,14 @@ impl Changes {
         }
         self.order = order;
         self.watched = watched;
-        // Servers are few; their authorities come unsorted.
-        for v in obs.servers.iter().filter(|v| !v.bundle.is_empty()) {
+        self.note_server_bundles(&obs.servers, now);
+        tick.summary.svid_expiries = soonest_expiries(&obs.agents);
+    }
+
+    /// Notes a change of any server's bundle. Servers are few; their
+    /// authorities come unsorted.
+    fn note_server_bundles(&mut self, servers: &[Arc<ServerView>], now: SystemTime) {
+        for v in servers.iter().filter(|v| !v.bundle.is_empty()) {
             let mut fps: Vec<String> = v.bundle.iter().map(|a| a.fingerprint.clone()).collect();
             fps.sort();
             match self.server_bundles.get_mut(&v.server) {
@@ -177,15 +163,47 @@ impl Changes {
                 }
             }
         }
-        let mut soonest = soonest.into_vec();
-        soonest.sort();
-        tick.summary.svid_expiries = soonest
-            .into_iter()
-            .map(|(not_after, vi, si)| {
-                let v = &obs.agents[vi];
-                (v.agent.as_str(), v.svids[si].spiffe_id.as_str(), not_after)
-            })
-            .collect();
+    }
+}
+
+/// The `SVID_TOP_K` soonest-expiring SVIDs, soonest first, without copying
+/// every SPIFFE ID: a max-heap of (notAfter, view index, svid index)
+/// bounded to k.
+fn soonest_expiries(agents: &[Arc<AgentView>]) -> Vec<(&str, &str, SystemTime)> {
+    let mut soonest: BinaryHeap<(SystemTime, usize, usize)> = BinaryHeap::new();
+    for (vi, v) in agents.iter().enumerate() {
+        for (si, s) in v.svids.iter().enumerate() {
+            if s.serial.is_empty() {
+                continue;
+            }
+            if soonest.len() < SVID_TOP_K {
+                soonest.push((s.not_after, vi, si));
+            } else if soonest.peek().is_some_and(|top| s.not_after < top.0) {
+                soonest.pop();
+                soonest.push((s.not_after, vi, si));
+            }
+        }
+    }
+    let mut soonest = soonest.into_vec();
+    soonest.sort();
+    soonest
+        .into_iter()
+        .map(|(not_after, vi, si)| {
+            let v = &agents[vi];
+            (v.agent.as_str(), v.svids[si].spiffe_id.as_str(), not_after)
+        })
+        .collect()
+}
+
+/// Records a subject the first time it is seen.
+fn subject_seen(
+    subjects: &mut HashSet<Subject>,
+    subject: Subject,
+    now: SystemTime,
+    tick: &mut Tick<'_>,
+) {
+    if subjects.insert(subject.clone()) {
+        tick.events.push(Event::SubjectSeen { subject, at: now });
     }
 }
 
@@ -233,10 +251,7 @@ fn lifecycles<'o>(
         if old.is_some_and(|o| o.serial == s.serial) {
             continue;
         }
-        let subject = Subject::svid(&v.agent, &s.spiffe_id);
-        if subjects.insert(subject.clone()) {
-            tick.events.push(Event::SubjectSeen { subject, at: now });
-        }
+        subject_seen(subjects, Subject::svid(&v.agent, &s.spiffe_id), now, tick);
         tick.events.push(Event::SvidSeen {
             agent: v.agent.clone(),
             spiffe_id: s.spiffe_id.clone(),
