@@ -22,7 +22,7 @@ use spire_healer::model::{
 };
 use spire_healer::policy::Policy;
 use spire_healer::sensors::{Sensor, SensorError};
-use spire_healer::supervisor::{Parts, Supervisor};
+use spire_healer::supervisor::{Parts, Supervisor, Targets};
 use spire_healer::telemetry::{Health, Metrics};
 
 const AGENTS: usize = 10_000;
@@ -182,7 +182,11 @@ fn bench(c: &mut Criterion) {
             wake: Arc::new(tokio::sync::Notify::new()),
             tick_interval: Duration::from_secs(1),
             handshakes: Default::default(),
-            peers: Default::default(),
+            targets: Targets::new(
+                (0..AGENTS).map(|i| format!("agent-{i}")),
+                [],
+                Default::default(),
+            ),
         },
         Knowledge::default(),
     );

@@ -16,7 +16,7 @@ use crate::clock::Clock;
 use crate::config::Resolved;
 use crate::knowledge::{self, Buffer, Store, StoreError};
 use crate::sensors::{SensorContext, Sensors};
-use crate::supervisor::{Parts, Peers, Supervisor};
+use crate::supervisor::{Parts, Supervisor, Targets};
 use crate::telemetry::{self, Health, Metrics};
 
 /// Handles to a started supervisor.
@@ -163,7 +163,7 @@ pub async fn start(
             wake,
             tick_interval: cfg.supervisor.tick_interval,
             handshakes,
-            peers: Peers::new(probes, []),
+            targets: Targets::new(cfg.agents.iter().map(|a| a.name.clone()), [], probes),
         },
         knowledge,
     );

@@ -45,9 +45,10 @@ pub enum HoldReason {
     /// rotation behind it: a foreign CA, a misconfigured or unavailable
     /// peer): reported, no healthy process is restarted for it.
     NoLocalCause,
-    /// The peer is not a configured probe target: a name from reports or
-    /// Envoy stats is reported, never acted on (a reporter must not be able
-    /// to make us signal or restart a process it names).
+    /// The target is not configured: a peer that is not a probe target (a
+    /// name from reports or Envoy stats: a reporter must not be able to make
+    /// us signal or restart a process it names), or an agent that is not an
+    /// `[[agents]]` entry (known only by its SPIFFE ID from a server listing).
     UnknownTarget,
 }
 
@@ -114,6 +115,10 @@ pub struct PlanInput<'a> {
     pub servers_back_since: Option<SystemTime>,
     /// Configured peer (probe) names: the only peers actions may target.
     pub peers: &'a HashSet<String>,
+    /// Configured `[[agents]]` names: the only agents actions may target.
+    /// An agent known only by its SPIFFE ID (from a server's listing) is
+    /// reported, never acted on: no actuator can name its node.
+    pub agents: &'a HashSet<String>,
     pub policy: &'a Policy,
     /// Record without executing.
     pub dry_run: bool,
@@ -171,6 +176,10 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Decision> {
             &inc.subject
             && !input.peers.contains(peer)
         {
+            out.push(hold("", HoldReason::UnknownTarget));
+            continue;
+        }
+        if inc.subject.is_agent_level() && !input.agents.contains(&target) {
             out.push(hold("", HoldReason::UnknownTarget));
             continue;
         }
@@ -345,6 +354,7 @@ mod tests {
             breaker_open: c.breaker_open,
             servers_back_since: c.servers_back_since,
             peers: &HashSet::from(["web".to_string()]),
+            agents: &["a", "b", "c"].map(String::from).into(),
             policy: &policy,
             dry_run: false,
             now: t(now),
@@ -456,6 +466,21 @@ mod tests {
                 },
                 10,
                 vec!["hold sshd unknown_target"],
+            ),
+            (
+                "an agent known only by its SPIFFE ID is never acted on",
+                Case {
+                    incidents: vec![incident(
+                        "i1",
+                        SymptomKind::AgentNotRenewing,
+                        "spiffe://td/spire/agent/join_token/x",
+                        0,
+                    )],
+                    configured: &["restart-agent", "evict-agent"],
+                    ..Case::default()
+                },
+                10,
+                vec!["hold spiffe://td/spire/agent/join_token/x unknown_target"],
             ),
             (
                 "a stale served certificate: reload, then restart",

@@ -45,7 +45,7 @@ use crate::telemetry::metrics::{Gauges, TickSummary};
 use crate::telemetry::{Health, Metrics};
 use changes::Changes;
 use executor::Executor;
-pub use executor::Peers;
+pub use executor::Targets;
 use guards::{Guards, breaker_open};
 use handshakes::Handshakes;
 use incidents::Incidents;
@@ -93,8 +93,8 @@ pub struct Parts {
     /// Handshake outcomes: the counter probes, the report API and Envoy
     /// scrapes add to.
     pub handshakes: Counter,
-    /// Configured peers: the only peers actions may target.
-    pub peers: Peers,
+    /// What actions may target: configured agents and peers.
+    pub targets: Targets,
 }
 
 /// What one tick builds up: events for the store, the report, and the
@@ -144,7 +144,7 @@ impl Supervisor {
             guards: Guards::resume(&knowledge.recent_actions),
             executor: Executor::new(
                 parts.actuators,
-                parts.peers,
+                parts.targets,
                 parts.clock.clone(),
                 parts.metrics.clone(),
                 parts.wake.clone(),
@@ -266,6 +266,7 @@ impl Supervisor {
             ),
             servers_back_since: g.servers_back_since(),
             peers: executor.peers(),
+            agents: executor.agents(),
             policy: &self.policy,
             dry_run: self.dry_run,
             now,

@@ -24,27 +24,30 @@ use crate::model::{Event, Observations, Outcome, OutcomeKind, Step, SymptomKey, 
 use crate::sensors::handshake_probe::ProbeHandle;
 use crate::telemetry::Metrics;
 
-/// Configured peers: the only peers actions may target, and the probes to
-/// poke when an action on one returns.
+/// What actions may target: configured agents and configured peers, plus
+/// the probes to poke when an action on a peer returns.
 #[derive(Debug, Default, Clone)]
-pub struct Peers {
+pub struct Targets {
+    agents: HashSet<String>,
+    peers: HashSet<String>,
     probes: HashMap<String, Arc<ProbeHandle>>,
-    names: HashSet<String>,
 }
 
-impl Peers {
-    /// Peers named by their probes, plus `names` (peers without a probe).
+impl Targets {
+    /// The `[[agents]]` names, and the peers named by their probes plus
+    /// `peers` (peers without a probe).
     pub fn new(
+        agents: impl IntoIterator<Item = String>,
+        peers: impl IntoIterator<Item = String>,
         probes: HashMap<String, Arc<ProbeHandle>>,
-        names: impl IntoIterator<Item = String>,
     ) -> Self {
         let mut all: HashSet<String> = probes.keys().cloned().collect();
-        all.extend(names);
-        Self { probes, names: all }
-    }
-
-    pub(super) fn names(&self) -> &HashSet<String> {
-        &self.names
+        all.extend(peers);
+        Self {
+            agents: agents.into_iter().collect(),
+            peers: all,
+            probes,
+        }
     }
 }
 
@@ -62,7 +65,7 @@ type Finished = (String, Outcome, SystemTime);
 /// Runs steps and tracks them until verified.
 pub(super) struct Executor {
     actuators: Registry,
-    peers: Peers,
+    targets: Targets,
     pending: HashMap<String, Pending>,
     results_tx: mpsc::UnboundedSender<Finished>,
     results_rx: mpsc::UnboundedReceiver<Finished>,
@@ -77,7 +80,7 @@ pub(super) struct Executor {
 impl Executor {
     pub(super) fn new(
         actuators: Registry,
-        peers: Peers,
+        targets: Targets,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
         wake: Arc<Notify>,
@@ -85,7 +88,7 @@ impl Executor {
         let (results_tx, results_rx) = mpsc::unbounded_channel();
         Self {
             actuators,
-            peers,
+            targets,
             pending: HashMap::new(),
             results_tx,
             results_rx,
@@ -96,8 +99,14 @@ impl Executor {
         }
     }
 
+    /// Configured peers: the only peers actions may target.
     pub(super) fn peers(&self) -> &HashSet<String> {
-        self.peers.names()
+        &self.targets.peers
+    }
+
+    /// Configured agents: the only agents actions may target.
+    pub(super) fn agents(&self) -> &HashSet<String> {
+        &self.targets.agents
     }
 
     /// The class of a configured actuator; `None` when not configured.
@@ -155,7 +164,7 @@ impl Executor {
                 tick.summary
                     .actions
                     .push((p.step.actuator.clone(), outcome.kind.as_str()));
-                if let Some(probe) = self.peers.probes.get(&p.step.target) {
+                if let Some(probe) = self.targets.probes.get(&p.step.target) {
                     probe.probe_now();
                 }
             }
@@ -301,7 +310,7 @@ mod tests {
     fn executor() -> Executor {
         Executor::new(
             Registry::new(),
-            Peers::new(HashMap::new(), ["web".to_string()]),
+            Targets::new(["a".to_string()], ["web".to_string()], HashMap::new()),
             Arc::new(ManualClock::new(t(0))),
             Arc::new(Metrics::new()),
             Arc::new(Notify::new()),
@@ -400,6 +409,7 @@ mod tests {
         assert!(!ex.explains_stream_loss("a", &changes_with(view(9))));
         assert!(!ex.explains_stream_loss("b", &changes_with(view(11))));
         assert!(ex.peers().contains("web"));
+        assert!(ex.agents().contains("a"));
     }
 
     #[test]

@@ -291,7 +291,11 @@ impl Harness {
             wake: self.wake.clone(),
             tick_interval: Duration::from_secs(1),
             handshakes: crate::handshake::Counter::default(),
-            peers: Peers::default(),
+            targets: Targets::new(
+                self.agents.iter().map(|(name, _)| name.clone()),
+                [],
+                HashMap::new(),
+            ),
         }
     }
 
@@ -310,7 +314,11 @@ impl Harness {
             .expect("load knowledge");
         let parts = Parts {
             handshakes: counter.clone(),
-            peers: Peers::new(HashMap::new(), peers.iter().map(|p| p.to_string())),
+            targets: Targets::new(
+                self.agents.iter().map(|(name, _)| name.clone()),
+                peers.iter().map(|p| p.to_string()),
+                HashMap::new(),
+            ),
             ..self.parts(self.store.clone())
         };
         Supervisor::new(parts, knowledge)
