@@ -15,7 +15,9 @@ use std::time::SystemTime;
 use serde_json::json;
 
 use crate::clock::{saturating_since, unix_millis};
-use crate::model::{AgentView, Severity, StreamStatus, Subject, Symptom, SymptomKey, SymptomKind};
+use crate::model::{
+    AgentView, NO_IDENTITY, Severity, StreamStatus, Subject, Symptom, SymptomKey, SymptomKind,
+};
 use crate::policy::Thresholds;
 
 /// Symptoms present at `now`.
@@ -41,11 +43,34 @@ fn agent_symptoms(
 ) {
     let blind = saturating_since(now, view.updated_at) > th.max_staleness;
 
+    // An agent that is up has neither stream symptom, so no key is built:
+    // this runs for every agent on every tick.
+    if view.status == StreamStatus::Up {
+        return svid_symptoms(view, is_open, th, now, blind, out);
+    }
+    // identity_not_issued: the agent answered that it has no identity for
+    // us (and we are reconnecting since). It answers, so it is not
+    // unreachable, and no restart can issue a missing entry.
+    let no_identity = matches!(view.status, StreamStatus::Down | StreamStatus::Connecting)
+        && view.last_error.as_deref() == Some(NO_IDENTITY);
+    if no_identity {
+        out.push(Symptom {
+            kind: SymptomKind::IdentityNotIssued,
+            subject: Subject::agent(&view.agent),
+            severity: Severity::Critical,
+            predicted_outage: None,
+            evidence: json!({
+                "stream": view.status.as_str(),
+                "since_ms": unix_millis(view.status_since),
+                "last_error": view.last_error,
+                "cause": "no registration entry matches our selectors",
+            }),
+            blind,
+        });
+    }
     // agent_unreachable: opens after `unreachable_after` in a failed state,
     // closes only once the stream is up again (Connecting keeps it open).
-    // An agent that is up has neither, so its key is never built: this runs
-    // for every agent on every tick.
-    let unreachable = (view.status != StreamStatus::Up).then(|| {
+    let unreachable = (!no_identity).then(|| {
         let key = SymptomKey {
             kind: SymptomKind::AgentUnreachable,
             subject: Subject::agent(&view.agent),
@@ -87,6 +112,18 @@ fn agent_symptoms(
         });
     }
 
+    svid_symptoms(view, is_open, th, now, blind, out);
+}
+
+/// Lifetime and validity symptoms of the SVIDs the agent serves us.
+fn svid_symptoms(
+    view: &AgentView,
+    is_open: &dyn Fn(&SymptomKey) -> bool,
+    th: &Thresholds,
+    now: SystemTime,
+    blind: bool,
+    out: &mut Vec<Symptom>,
+) {
     let quiet_below = th
         .expiring_close
         .min(th.expiring_open)
@@ -286,6 +323,46 @@ mod tests {
                 "{status:?} open={open}"
             );
         }
+    }
+
+    #[test]
+    fn an_agent_that_issues_us_no_identity_is_not_unreachable() {
+        let open = open_set(&[(SymptomKind::AgentUnreachable, Subject::agent("a"))]);
+        for (status, open_before, want) in [
+            (
+                StreamStatus::Down,
+                false,
+                vec![SymptomKind::IdentityNotIssued],
+            ),
+            (
+                StreamStatus::Connecting,
+                false,
+                vec![SymptomKind::IdentityNotIssued],
+            ),
+            // An open agent_unreachable closes: the agent answers.
+            (
+                StreamStatus::Down,
+                true,
+                vec![SymptomKind::IdentityNotIssued],
+            ),
+        ] {
+            let mut v = view(status, 20, 21);
+            v.svids.clear();
+            v.last_error = Some(NO_IDENTITY.into());
+            let got = analyze(&[v], &|k| open_before && open.contains(k), &th(), t(21));
+            assert_eq!(kinds(&got), want, "{status:?} open={open_before}");
+            assert_eq!(got[0].subject, Subject::agent("a"));
+            assert_eq!(got[0].severity, Severity::Critical);
+        }
+        // Served again: nothing.
+        let mut v = view(StreamStatus::Up, 0, 21);
+        v.last_error = None;
+        assert!(analyze(&[v], &|_| false, &th(), t(21)).is_empty());
+        // Another failure is unreachable again.
+        let mut v = view(StreamStatus::Down, 20, 21);
+        v.last_error = Some("unavailable".into());
+        let got = analyze(&[v], &|_| false, &th(), t(21));
+        assert_eq!(kinds(&got), vec![SymptomKind::AgentUnreachable]);
     }
 
     #[test]

@@ -227,6 +227,11 @@ impl SvidObservation {
     }
 }
 
+/// [`AgentView::last_error`] of a stream the agent refused with
+/// `PermissionDenied`: it issued no identity to the caller, so nothing is
+/// served (the Workload API spec: no identity, nothing to keep).
+pub const NO_IDENTITY: &str = "permission_denied";
+
 /// State of a Workload API stream pair as the sensor last saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -626,6 +631,11 @@ pub enum SymptomKind {
     SvidInvalid,
     /// Workload API stream down or unanswered.
     AgentUnreachable,
+    /// The agent answers but issued no identity to us (`PermissionDenied`,
+    /// "no identity issued"): our registration entry is missing or its
+    /// selectors no longer match. Fixed in SPIRE's registration, not by
+    /// restarting the agent.
+    IdentityNotIssued,
     /// The agent has not synced with a server for too long (Debug API).
     AgentSyncStale,
     /// The server sees the agent's SVID past the point it should have renewed.
@@ -651,12 +661,13 @@ pub enum SymptomKind {
 
 impl SymptomKind {
     /// Every kind, in a stable order.
-    pub const ALL: [SymptomKind; 15] = [
+    pub const ALL: [SymptomKind; 16] = [
         SymptomKind::SvidRotationOverdue,
         SymptomKind::SvidExpiring,
         SymptomKind::SvidExpired,
         SymptomKind::SvidInvalid,
         SymptomKind::AgentUnreachable,
+        SymptomKind::IdentityNotIssued,
         SymptomKind::AgentSyncStale,
         SymptomKind::AgentNotRenewing,
         SymptomKind::AgentBanned,
@@ -677,6 +688,7 @@ impl SymptomKind {
             SymptomKind::SvidExpired => "svid_expired",
             SymptomKind::SvidInvalid => "svid_invalid",
             SymptomKind::AgentUnreachable => "agent_unreachable",
+            SymptomKind::IdentityNotIssued => "identity_not_issued",
             SymptomKind::AgentSyncStale => "agent_sync_stale",
             SymptomKind::AgentNotRenewing => "agent_not_renewing",
             SymptomKind::AgentBanned => "agent_banned",

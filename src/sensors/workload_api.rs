@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use super::{Sensor, SensorError};
 use crate::clock::Clock;
 use crate::endpoint::Endpoint;
-use crate::model::{AgentView, Reading, StreamStatus, SvidObservation};
+use crate::model::{AgentView, NO_IDENTITY, Reading, StreamStatus, SvidObservation};
 use crate::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use crate::proto::workload::{
     X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest, X509svidResponse,
@@ -297,6 +297,12 @@ impl WorkloadApiTask {
                 v.status = status;
                 v.status_since = now;
                 changed = true;
+            }
+            if error.as_deref() == Some(NO_IDENTITY) {
+                // The agent has no identity for us: nothing is served, so
+                // nothing cached may be judged as if it were (SVIDs are
+                // kept only while the agent is away).
+                v.svids.clear();
             }
             if error.is_some() || up {
                 v.last_error = error;
@@ -592,7 +598,7 @@ fn failed(status: &Status) -> End {
     let (code, retry) = match status.code() {
         Code::InvalidArgument => ("invalid_argument", false),
         Code::Unimplemented => ("unimplemented", false),
-        Code::PermissionDenied => ("permission_denied", true),
+        Code::PermissionDenied => (NO_IDENTITY, true),
         Code::Unavailable => ("unavailable", true),
         Code::DeadlineExceeded => ("deadline_exceeded", true),
         Code::Cancelled => ("cancelled", true),

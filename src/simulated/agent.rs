@@ -40,6 +40,8 @@ struct Current {
 struct Faults {
     rotation_stuck: bool,
     silent: bool,
+    /// Our registration entry is gone: the agent refuses us an identity.
+    no_identity: bool,
     flavor: Option<Flavor>,
 }
 
@@ -155,10 +157,16 @@ fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
 
 struct Service(Arc<Inner>);
 
+/// What SPIRE answers a caller no registration entry matches.
+fn no_identity() -> Status {
+    Status::permission_denied("no identity issued")
+}
+
 /// Streams `make()` on every generation change until the client goes away.
 fn stream<T: Send + 'static>(
     inner: Arc<Inner>,
     make: fn(&Inner) -> T,
+    identity: bool,
 ) -> ReceiverStream<Result<T, Status>> {
     let (tx, rx) = mpsc::channel(4);
     let mut generation = inner.generation.subscribe();
@@ -167,6 +175,10 @@ fn stream<T: Send + 'static>(
         loop {
             if inner.epoch.load(std::sync::atomic::Ordering::SeqCst) != epoch {
                 let _ = tx.send(Err(Status::unavailable("agent stopped"))).await;
+                return;
+            }
+            if identity && inner.lock_faults().no_identity {
+                let _ = tx.send(Err(no_identity())).await;
                 return;
             }
             if !inner.lock_faults().silent && tx.send(Ok(make(&inner))).await.is_err() {
@@ -192,7 +204,14 @@ impl SpiffeWorkloadApi for Service {
         req: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         check_header(&req)?;
-        Ok(Response::new(stream(self.0.clone(), Inner::svid_response)))
+        if self.0.lock_faults().no_identity {
+            return Err(no_identity());
+        }
+        Ok(Response::new(stream(
+            self.0.clone(),
+            Inner::svid_response,
+            true,
+        )))
     }
 
     async fn fetch_x509_bundles(
@@ -203,6 +222,7 @@ impl SpiffeWorkloadApi for Service {
         Ok(Response::new(stream(
             self.0.clone(),
             Inner::bundles_response,
+            false,
         )))
     }
 
@@ -322,6 +342,14 @@ impl FakeAgent {
     /// Stops rotating (the SVID ages past half-life unrenewed).
     pub fn set_rotation_stuck(&self, stuck: bool) {
         self.inner.lock_faults().rotation_stuck = stuck;
+    }
+
+    /// Refuses us an identity (`PermissionDenied`, as SPIRE does once our
+    /// registration entry is deleted), ending the open SVID streams; `false`
+    /// issues it again.
+    pub fn set_no_identity(&self, denied: bool) {
+        self.inner.lock_faults().no_identity = denied;
+        self.inner.generation.send_modify(|g| *g += 1);
     }
 
     /// Accepts streams but never sends on them (a hung agent).

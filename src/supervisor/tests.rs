@@ -569,6 +569,46 @@ async fn stream_down_opens_agent_unreachable_in_the_first_tick() {
 }
 
 #[tokio::test]
+async fn no_identity_issued_is_reported_and_restarts_nothing() {
+    let h = Harness::new(vec![view("a")]).await;
+    let mut sup = h.supervisor().await;
+    h.tick(&mut sup, 10).await;
+    // Our entry is deleted: the agent refuses us an identity, and the
+    // sensor drops what it served.
+    h.agent("a").update(|v| {
+        v.status = StreamStatus::Down;
+        v.status_since = t(20);
+        v.last_error = Some(crate::model::NO_IDENTITY.into());
+        v.svids.clear();
+    });
+    for at in [20, 21, 45, 70] {
+        let r = h.tick(&mut sup, at).await;
+        assert_eq!(kinds(&r), vec![SymptomKind::IdentityNotIssued], "at {at}");
+        assert!(r.started.is_empty(), "nothing restarted at {at}");
+    }
+    let incidents = h.incidents().await;
+    assert_eq!(incidents.len(), 1);
+    assert_eq!(incidents[0].symptom, "identity_not_issued");
+    assert_eq!(incidents[0].subject, "agent:a");
+    let holds = h.holds().await;
+    assert_eq!(holds.len(), 1, "recorded once: {holds:?}");
+    assert_eq!(holds[0].reason, "no_ladder");
+    assert!(h.restart.calls().is_empty() && h.refetch.calls().is_empty());
+
+    // The entry is back: served again, the incident closes, nothing credited.
+    h.agent("a").update(|v| {
+        v.status = StreamStatus::Up;
+        v.status_since = t(80);
+        v.last_error = None;
+    });
+    h.agent("a").rotate("02", 80);
+    let r = h.tick(&mut sup, 80).await;
+    assert_eq!(r.closed.len(), 1);
+    assert!(r.verified.is_empty());
+    assert!(h.actions().await.is_empty());
+}
+
+#[tokio::test]
 async fn cooldown_and_open_incidents_survive_a_restart() {
     let mut h = Harness::new(vec![view("a")]).await;
     h.policy = refetch_only(h.policy);

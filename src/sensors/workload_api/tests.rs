@@ -382,6 +382,33 @@ async fn rotation_delivers_a_new_serial() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_identity_issued_drops_what_was_served_and_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = fake_agent(dir.path(), Duration::from_secs(60));
+    let run = start(settings(agent.socket()));
+    let before = run.wait_for("stream up", is_up_with_svid).await;
+
+    // Our entry is deleted: the agent answers, with no identity for us.
+    agent.set_no_identity(true);
+    let denied = run
+        .wait_for("identity refused", |v| {
+            v.last_error.as_deref() == Some(NO_IDENTITY)
+        })
+        .await;
+    assert_ne!(denied.status, StreamStatus::Up);
+    // Nothing is served any more, so nothing is kept as if it were.
+    assert!(denied.svids.is_empty(), "{denied:#?}");
+    assert!(run.errors(NO_IDENTITY) > 0.0, "{}", run.metrics.render());
+
+    // The entry is back: the SVID is served again.
+    agent.set_no_identity(false);
+    let up = run.wait_for("served again", is_up_with_svid).await;
+    assert_eq!(up.last_error, None);
+    assert_eq!(up.svids[0].spiffe_id, before.svids[0].spiffe_id);
+    run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_stop_is_down_and_restart_is_up_again() {
     let dir = tempfile::tempdir().unwrap();
     let agent = fake_agent(dir.path(), Duration::from_secs(60));
