@@ -381,6 +381,7 @@ mod tests {
                 SymptomKind::ServerUnhealthy
                     | SymptomKind::AllServersDown
                     | SymptomKind::CaExpiring
+                    | SymptomKind::IdentityNotIssued
             );
             assert_eq!(p.ladder(k).is_empty(), observe_only, "ladder for {k}");
         }
