@@ -246,3 +246,76 @@ async fn heals_a_frozen_agent_before_expiry() -> Result<()> {
     healer.stop().await;
     Ok(())
 }
+
+/// d. Our own registration entry is deleted: the agent answers
+/// `PermissionDenied` ("no identity issued"). `identity_not_issued` opens,
+/// nothing is restarted, no lifetime or reachability incident opens; the
+/// entry re-created, the incident closes with no action credited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_entry_is_reported_not_restarted() -> Result<()> {
+    let lab = SpireLab::start(LabOptions::default()).await?;
+    let entry = lab.register_entry("/healer", uid(), 300).await?;
+    lab.wait_for_entry_synced("/healer").await?;
+    let healer = Healer::start(&lab, None).await?;
+    let stream_up = format!(r#"spire_healer_workload_api_stream_up{{agent="{AGENT}"}}"#);
+    healer
+        .wait_for("stream up", Duration::from_secs(20), || async {
+            (healer.metric(&stream_up) == 1.0).then_some(())
+        })
+        .await?;
+    let deleted_at = healer.now_ms();
+    lab.server_cli(&["entry", "delete", "-entryID", &entry])
+        .await?;
+    let incident = healer
+        .wait_for(
+            "identity_not_issued opened",
+            Duration::from_secs(30),
+            || async {
+                healer
+                    .incidents()
+                    .await
+                    .into_iter()
+                    .find(|i| i.symptom == "identity_not_issued")
+            },
+        )
+        .await?;
+    let detect = secs(deleted_at, incident.opened_at_ms);
+    assert_eq!(incident.subject, format!("agent:{AGENT}"));
+    // A dozen more ticks of the agent refusing us: still nothing else.
+    let ticks = r#"spire_healer_tick_duration_seconds_count"#;
+    let now = healer.metric(ticks);
+    healer
+        .wait_for("a dozen more ticks", Duration::from_secs(30), || async {
+            (healer.metric(ticks) >= now + 12.0).then_some(())
+        })
+        .await?;
+
+    lab.register_entry("/healer", uid(), 300).await?;
+    let closed = healer
+        .wait_for(
+            "identity_not_issued closed",
+            Duration::from_secs(60),
+            || async {
+                healer
+                    .incidents()
+                    .await
+                    .into_iter()
+                    .find(|i| i.id == incident.id && i.closed_at_ms.is_some())
+            },
+        )
+        .await?;
+    let kinds: Vec<String> = healer
+        .incidents()
+        .await
+        .into_iter()
+        .map(|i| i.symptom)
+        .collect();
+    assert_eq!(kinds, ["identity_not_issued"], "no other incident opened");
+    assert!(healer.actions().await.is_empty(), "nothing restarted");
+    println!(
+        "scenario d: identity_not_issued after {detect:.2}s, closed {:.2}s after it opened, no action",
+        secs(incident.opened_at_ms, closed.closed_at_ms.unwrap())
+    );
+    healer.stop().await;
+    Ok(())
+}
