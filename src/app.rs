@@ -114,7 +114,7 @@ pub async fn start(
             })
             .collect(),
     });
-    let registry = actuators::registry(&cfg.actuators, topo, streams);
+    let registry = actuators::registry(&cfg.actuators, topo, streams.clone());
     if let Some(api_cfg) = &cfg.api {
         let (bound, fut) = crate::api::serve(
             api_cfg,
@@ -163,7 +163,8 @@ pub async fn start(
             wake,
             tick_interval: cfg.supervisor.tick_interval,
             handshakes,
-            targets: Targets::new(cfg.agents.iter().map(|a| a.name.clone()), [], probes),
+            targets: Targets::new(cfg.agents.iter().map(|a| a.name.clone()), [], probes)
+                .with_streams(streams),
         },
         knowledge,
     );

@@ -135,6 +135,16 @@ impl Shared {
         timeout(wait, done).await.is_ok()
     }
 
+    /// Reconnects now if the stream is not up, instead of waiting out its
+    /// backoff: an action on the agent (a restart) just returned, and its
+    /// verification should see the agent as soon as it serves again. A
+    /// stream that is up is left alone.
+    pub fn retry_now(&self) {
+        if self.view.borrow().status != StreamStatus::Up {
+            self.reconnect.notify_one();
+        }
+    }
+
     /// How many times the task tore its streams down on request.
     pub fn reconnects(&self) -> u64 {
         self.reconnects.load(Ordering::SeqCst)

@@ -5,8 +5,10 @@
 //! within `verify_within` or not.
 //!
 //! Actions may target only what the loop watches: agents, and configured
-//! peers (probe targets). When an action on a peer returns, the peer's
-//! probe is poked so verification sees its new state at once.
+//! peers (probe targets). When an action returns, its target is looked at
+//! again at once (a peer's probe is poked, an agent's Workload API stream
+//! retried without waiting out its backoff) so verification sees the new
+//! state, not one a backoff old.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use crate::actuators::{ActuatorError, Class, Prepared, Registry};
 use crate::clock::{Clock, saturating_since};
 use crate::model::{Event, Observations, Outcome, OutcomeKind, Step, SymptomKey, Verification};
 use crate::sensors::handshake_probe::ProbeHandle;
+use crate::sensors::workload_api::Shared;
 use crate::telemetry::Metrics;
 
 /// What actions may target: configured agents and configured peers, plus
@@ -31,6 +34,9 @@ pub struct Targets {
     agents: HashSet<String>,
     peers: HashSet<String>,
     probes: HashMap<String, Arc<ProbeHandle>>,
+    /// Workload API streams by agent: retried at once when an action on
+    /// their agent returns, rather than after their reconnect backoff.
+    streams: HashMap<String, Arc<Shared>>,
 }
 
 impl Targets {
@@ -47,7 +53,15 @@ impl Targets {
             agents: agents.into_iter().collect(),
             peers: all,
             probes,
+            streams: HashMap::new(),
         }
+    }
+
+    /// The agents' Workload API streams, to retry when an action on their
+    /// agent returns.
+    pub fn with_streams(mut self, streams: HashMap<String, Arc<Shared>>) -> Self {
+        self.streams = streams;
+        self
     }
 }
 
@@ -166,6 +180,9 @@ impl Executor {
                     .push((p.step.actuator.clone(), outcome.kind.as_str()));
                 if let Some(probe) = self.targets.probes.get(&p.step.target) {
                     probe.probe_now();
+                }
+                if let Some(stream) = self.targets.streams.get(&p.step.target) {
+                    stream.retry_now();
                 }
             }
             tick.events.push(Event::ActionFinished { id, outcome, at });

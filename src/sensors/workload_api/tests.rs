@@ -409,6 +409,46 @@ async fn no_identity_issued_drops_what_was_served_and_comes_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_now_skips_the_backoff_of_a_down_stream_and_leaves_an_up_one_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = fake_agent(dir.path(), Duration::from_secs(60));
+    let run = start(Settings {
+        backoff_max: Duration::from_secs(3600),
+        ..settings(agent.socket())
+    });
+    run.wait_for("stream up", is_up_with_svid).await;
+
+    // Up: a retry is not a refetch; the streams stay as they are, over
+    // three more published views (heartbeats).
+    run.shared.retry_now();
+    let mut views = run.shared.subscribe();
+    for _ in 0..3 {
+        tokio::time::timeout(WAIT, views.changed())
+            .await
+            .expect("a heartbeat")
+            .expect("the sensor runs");
+    }
+    assert_eq!(run.shared.reconnects(), 0);
+    assert_eq!(run.view().await.status, StreamStatus::Up);
+
+    // Down, and backing off longer than this test waits for anything (six
+    // failures in, the next attempt is 12.8 s away): a retry reconnects at
+    // once.
+    agent.stop();
+    let down = run
+        .wait_for("down", |v| v.status == StreamStatus::Down)
+        .await;
+    let code = down.last_error.clone().expect("a failure code");
+    run.wait_for("six failed attempts", |_| run.errors(&code) >= 6.0)
+        .await;
+    agent.restart().unwrap();
+    run.shared.retry_now();
+    run.wait_for("up again", is_up_with_svid).await;
+    assert_eq!(run.shared.reconnects(), 1);
+    run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_stop_is_down_and_restart_is_up_again() {
     let dir = tempfile::tempdir().unwrap();
     let agent = fake_agent(dir.path(), Duration::from_secs(60));
