@@ -706,6 +706,20 @@ impl SymptomKind {
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.as_str() == s)
     }
+
+    /// The symptoms this one turns into on the same subject when it gets
+    /// worse or is diagnosed better: an expiring SVID that expires, an
+    /// unreachable agent that turns out to answer with no identity for us.
+    /// Such a turn supersedes the incident; it never clears it.
+    pub fn successors(self) -> &'static [SymptomKind] {
+        match self {
+            SymptomKind::SvidRotationOverdue | SymptomKind::SvidExpiring => {
+                &[SymptomKind::SvidExpired]
+            }
+            SymptomKind::AgentUnreachable => &[SymptomKind::IdentityNotIssued],
+            _ => &[],
+        }
+    }
 }
 
 impl fmt::Display for SymptomKind {

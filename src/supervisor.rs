@@ -189,6 +189,7 @@ impl Supervisor {
         self.incidents
             .reconcile(&symptoms, &defer, open_after, now, &mut new_id, &mut tick);
         // Verify what previous ticks did.
+        self.executor.follow(self.incidents.superseded());
         self.executor.collect(&mut tick);
         self.executor
             .verify(&|k| self.incidents.is_open(k), now, &mut tick);

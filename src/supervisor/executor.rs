@@ -170,6 +170,17 @@ impl Executor {
         );
     }
 
+    /// Actions run for an incident that was superseded (its symptom got
+    /// worse, or was diagnosed better) are judged by the successor: they
+    /// are verified only when that clears.
+    pub(super) fn follow(&mut self, superseded: &[(SymptomKey, SymptomKey)]) {
+        for (old, new) in superseded {
+            for p in self.pending.values_mut().filter(|p| &p.key == old) {
+                p.key = new.clone();
+            }
+        }
+    }
+
     /// Outcomes of the actions that returned since the last call.
     pub(super) fn collect(&mut self, tick: &mut Tick<'_>) {
         while let Ok((id, outcome, at)) = self.results_rx.try_recv() {
@@ -377,6 +388,30 @@ mod tests {
             [("a1".to_string(), Verification::Skipped)]
         );
         assert!(ex.busy_targets().is_empty());
+    }
+
+    #[test]
+    fn an_action_follows_its_superseded_incident() {
+        let mut ex = executor();
+        let s = step("a1", "a", true);
+        let svid = |kind| SymptomKey {
+            kind,
+            subject: Subject::svid("a", "spiffe://td/w"),
+        };
+        ex.track(&s, svid(SymptomKind::SvidExpiring), t(1));
+        ex.launch(s, t(1));
+        let mut tick = Tick::default();
+        ex.collect(&mut tick);
+        // Expiring became expired: only the successor's clearing counts.
+        ex.follow(&[(
+            svid(SymptomKind::SvidExpiring),
+            svid(SymptomKind::SvidExpired),
+        )]);
+        let expired_open = |k: &SymptomKey| k == &svid(SymptomKind::SvidExpired);
+        ex.verify(&expired_open, t(2), &mut tick);
+        assert!(tick.report.verified.is_empty(), "not credited");
+        ex.verify(&|_| false, t(3), &mut tick);
+        assert_eq!(tick.report.verified.len(), 1);
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub(super) struct Incidents {
     first_seen: HashMap<SymptomKey, SystemTime>,
     /// The last hold recorded per incident id: (actuator, reason).
     last_hold: HashMap<String, (String, &'static str)>,
+    /// Incidents the last reconcile closed because their symptom turned
+    /// into a successor on the same subject: (old key, successor key).
+    superseded: Vec<(SymptomKey, SymptomKey)>,
 }
 
 impl Incidents {
@@ -80,23 +83,43 @@ impl Incidents {
         self.first_seen
             .retain(|k, _| present.contains(&(k.kind, &k.subject)));
         let last_hold = &mut self.last_hold;
+        let superseded = &mut self.superseded;
+        superseded.clear();
         for (kind, by_subject) in &mut self.open {
             by_subject.retain(|subject, inc| {
-            if present.contains(&(*kind, subject)) {
-                return true;
-            }
-            let took = saturating_since(now, inc.opened_at);
-            info!(incident = %inc.id, symptom = %inc.kind, subject = %inc.subject, after_ms = took.as_millis() as u64, "Incident closed.");
-            last_hold.remove(&inc.id);
-            tick.summary.closed.push((inc.kind.as_str(), took.as_secs_f64()));
-            tick.events.push(Event::IncidentClosed {
-                id: inc.id.clone(),
-                at: now,
-                resolution: "cleared".into(),
+                if present.contains(&(*kind, subject)) {
+                    return true;
+                }
+                last_hold.remove(&inc.id);
+                // Worse, or better diagnosed, is not healed: not counted as
+                // a recovery, and whatever ran for it is judged by what it
+                // turned into.
+                let next = kind
+                    .successors()
+                    .iter()
+                    .find(|k| present.contains(&(**k, subject)));
+                let resolution = if let Some(next) = next {
+                    info!(incident = %inc.id, symptom = %inc.kind, subject = %inc.subject, into = %next, "Incident superseded.");
+                    let successor = SymptomKey {
+                        kind: *next,
+                        subject: subject.clone(),
+                    };
+                    superseded.push((inc.key(), successor));
+                    "superseded"
+                } else {
+                    let took = saturating_since(now, inc.opened_at);
+                    info!(incident = %inc.id, symptom = %inc.kind, subject = %inc.subject, after_ms = took.as_millis() as u64, "Incident closed.");
+                    tick.summary.closed.push((inc.kind.as_str(), took.as_secs_f64()));
+                    "cleared"
+                };
+                tick.events.push(Event::IncidentClosed {
+                    id: inc.id.clone(),
+                    at: now,
+                    resolution: resolution.into(),
+                });
+                tick.report.closed.push(inc.id.clone());
+                false
             });
-            tick.report.closed.push(inc.id.clone());
-            false
-        });
         }
         for s in symptoms {
             if self.get(s.kind, &s.subject).is_some() || defer(s) {
@@ -126,6 +149,11 @@ impl Incidents {
             tick.report.opened.push(inc.id.clone());
             self.insert(inc);
         }
+    }
+
+    /// What the last reconcile superseded: (old key, successor key).
+    pub(super) fn superseded(&self) -> &[(SymptomKey, SymptomKey)] {
+        &self.superseded
     }
 
     /// Records "held back, because" once per (incident, actuator, reason).
@@ -270,6 +298,43 @@ mod tests {
             [Event::IncidentClosed { id, resolution, .. }] if id == "i1" && resolution == "cleared"
         ));
         assert_eq!(inc.iter().count(), 0);
+    }
+
+    #[test]
+    fn a_symptom_that_turns_into_its_successor_is_superseded_not_cleared() {
+        let mut inc = Incidents::default();
+        let mut id = ids();
+        let on_svid = |kind| Symptom {
+            subject: Subject::svid("a", "spiffe://td/w"),
+            ..symptom(kind, "a")
+        };
+        let mut tick = Tick::default();
+        let expiring = [on_svid(SymptomKind::SvidExpiring)];
+        inc.reconcile(&expiring, &|_| false, &debounce(), t(0), &mut id, &mut tick);
+        let expired = [on_svid(SymptomKind::SvidExpired)];
+        let mut tick = Tick::default();
+        inc.reconcile(&expired, &|_| false, &debounce(), t(10), &mut id, &mut tick);
+        assert_eq!(tick.report.closed, ["i1"]);
+        assert_eq!(tick.report.opened, ["i2"]);
+        assert!(tick.summary.closed.is_empty(), "not a recovery");
+        assert!(matches!(
+            &tick.events[0],
+            Event::IncidentClosed { id, resolution, .. } if id == "i1" && resolution == "superseded"
+        ));
+        assert_eq!(
+            inc.superseded(),
+            [(expiring[0].key(), expired[0].key())].as_slice()
+        );
+        // The next reconcile starts afresh.
+        inc.reconcile(
+            &expired,
+            &|_| false,
+            &debounce(),
+            t(11),
+            &mut id,
+            &mut Tick::default(),
+        );
+        assert!(inc.superseded().is_empty());
     }
 
     #[test]
