@@ -115,18 +115,6 @@ async fn incident(healer: &Healer, symptom: &str, limit: Duration) -> Result<Inc
         .await
 }
 
-async fn closed(healer: &Healer, id: &str, limit: Duration) -> Result<IncidentRecord> {
-    healer
-        .wait_for("incident closed", limit, || async {
-            healer
-                .incidents()
-                .await
-                .into_iter()
-                .find(|i| i.id == id && i.closed_at_ms.is_some())
-        })
-        .await
-}
-
 /// The incident's actions, once every one has been judged.
 async fn actions_of(healer: &Healer, incident: &str) -> Result<Vec<ActionRecord>> {
     healer
@@ -298,7 +286,9 @@ timeout = "20s"
             drift.evidence["expected_serial"]
         );
         assert_eq!(drift.evidence["expected_source"], "workload_api");
-        let done = closed(&healer, &drift.id, Duration::from_secs(60)).await?;
+        let done = healer
+            .wait_closed(&drift.id, Duration::from_secs(60))
+            .await?;
         assert_eq!(done.resolution.as_deref(), Some("cleared"));
         let actions = actions_of(&healer, &drift.id).await?;
         let ladder: Vec<(&str, Option<&str>)> = actions
@@ -330,7 +320,9 @@ timeout = "20s"
             .cloned()
             .context("stale_cert_file for the stuck writer")?;
         assert_eq!(stuck_inc.evidence["problem"], "behind_issued");
-        closed(&healer, &stuck_inc.id, Duration::from_secs(60)).await?;
+        healer
+            .wait_closed(&stuck_inc.id, Duration::from_secs(60))
+            .await?;
         let fixed = actions_of(&healer, &stuck_inc.id).await?;
         assert_eq!(
             fixed
@@ -592,7 +584,7 @@ async fn reporters_open_and_close_a_burst_and_strangers_are_refused() -> Result<
                 }
             }
         });
-        let done = closed(&healer, &burst.id, Duration::from_secs(30)).await;
+        let done = healer.wait_closed(&burst.id, Duration::from_secs(30)).await;
         keep_going.abort();
         let done = done?;
         assert_eq!(done.resolution.as_deref(), Some("cleared"));

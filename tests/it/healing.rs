@@ -101,13 +101,7 @@ async fn heals_a_killed_agent() -> Result<()> {
         .await?;
     let detect = secs(killed_at, incident.opened_at_ms);
     let closed = healer
-        .wait_for("incident closed", Duration::from_secs(60), || async {
-            healer
-                .incidents()
-                .await
-                .into_iter()
-                .find(|i| i.id == incident.id && i.closed_at_ms.is_some())
-        })
+        .wait_closed(&incident.id, Duration::from_secs(60))
         .await?;
     let actions = healer
         .wait_for("actions verified", Duration::from_secs(30), || async {
@@ -194,17 +188,7 @@ async fn heals_a_frozen_agent_before_expiry() -> Result<()> {
         "overdue detected before expiry"
     );
     let closed = healer
-        .wait_for(
-            "overdue incident closed",
-            Duration::from_secs(60),
-            || async {
-                healer
-                    .incidents()
-                    .await
-                    .into_iter()
-                    .find(|i| i.id == incident.id && i.closed_at_ms.is_some())
-            },
-        )
+        .wait_closed(&incident.id, Duration::from_secs(60))
         .await?;
     let actions = healer
         .wait_for("actions settled", Duration::from_secs(30), || async {
@@ -282,27 +266,11 @@ async fn a_deleted_entry_is_reported_not_restarted() -> Result<()> {
     let detect = secs(deleted_at, incident.opened_at_ms);
     assert_eq!(incident.subject, format!("agent:{AGENT}"));
     // A dozen more ticks of the agent refusing us: still nothing else.
-    let ticks = r#"spire_healer_tick_duration_seconds_count"#;
-    let now = healer.metric(ticks);
-    healer
-        .wait_for("a dozen more ticks", Duration::from_secs(30), || async {
-            (healer.metric(ticks) >= now + 12.0).then_some(())
-        })
-        .await?;
+    healer.wait_ticks(12).await?;
 
     lab.register_entry("/healer", uid(), 300).await?;
     let closed = healer
-        .wait_for(
-            "identity_not_issued closed",
-            Duration::from_secs(60),
-            || async {
-                healer
-                    .incidents()
-                    .await
-                    .into_iter()
-                    .find(|i| i.id == incident.id && i.closed_at_ms.is_some())
-            },
-        )
+        .wait_closed(&incident.id, Duration::from_secs(60))
         .await?;
     let kinds: Vec<String> = healer
         .incidents()

@@ -173,6 +173,17 @@ timeout = "20s"
         self.metrics.tick_duration_seconds.get_sample_count()
     }
 
+    /// Waits until incident `id` is closed, and returns it.
+    pub async fn wait_closed(&self, id: &str, limit: Duration) -> Result<IncidentRecord> {
+        self.wait_for("incident closed", limit, || async {
+            self.incidents()
+                .await
+                .into_iter()
+                .find(|i| i.id == id && i.closed_at_ms.is_some())
+        })
+        .await
+    }
+
     /// Waits until the supervisor has completed `n` more ticks: the clock
     /// for asserting that nothing happened.
     pub async fn wait_ticks(&self, n: u64) -> Result<()> {
