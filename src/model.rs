@@ -720,6 +720,31 @@ impl SymptomKind {
             _ => &[],
         }
     }
+
+    /// How precisely the symptom names its cause; higher is more specific.
+    /// Incidents on one target are planned together and the most specific
+    /// diagnosis chooses the step: what a server says about the agent (banned,
+    /// no identity, not renewing) explains what the workloads see (an
+    /// unreachable stream, an expiring SVID), never the other way round.
+    pub fn specificity(self) -> u8 {
+        match self {
+            SymptomKind::AgentBanned => 9,
+            SymptomKind::IdentityNotIssued => 8,
+            SymptomKind::AgentNotRenewing => 7,
+            SymptomKind::AgentSyncStale => 6,
+            SymptomKind::StaleServedCert | SymptomKind::StaleCertFile => 5,
+            SymptomKind::BundleDivergence => 4,
+            SymptomKind::AgentUnreachable => 3,
+            SymptomKind::HandshakeFailureBurst => 2,
+            SymptomKind::SvidExpired
+            | SymptomKind::SvidExpiring
+            | SymptomKind::SvidRotationOverdue
+            | SymptomKind::SvidInvalid => 1,
+            SymptomKind::ServerUnhealthy
+            | SymptomKind::AllServersDown
+            | SymptomKind::CaExpiring => 0,
+        }
+    }
 }
 
 impl fmt::Display for SymptomKind {
@@ -803,6 +828,9 @@ pub struct Incident {
     pub evidence: serde_json::Value,
     /// Index of the next ladder rung to try.
     pub next_rung: usize,
+    /// Set when nothing left on the ladder can help: why an operator must
+    /// act.
+    pub needs_operator: Option<String>,
 }
 
 impl Incident {
@@ -1011,6 +1039,64 @@ pub enum Event {
         /// When.
         at: SystemTime,
     },
+    /// Nothing left on the incident's ladder can help: an operator must act.
+    /// The incident stays open (and keeps being reported) until its symptom
+    /// clears.
+    IncidentNeedsOperator {
+        /// Incident id.
+        id: String,
+        /// Why, for a person: which rungs were futile and how often.
+        reason: String,
+        /// When.
+        at: SystemTime,
+    },
+    /// An agent's SPIFFE ID was learned (or seen again): the durable mapping
+    /// from agent SPIFFE IDs to configured `[[agents]]` names.
+    AgentIdentified(AgentIdentity),
+}
+
+/// Where an agent name ↔ SPIFFE ID pairing was learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentitySource {
+    /// The agent's own Debug API (the leaf of its SVID chain).
+    DebugApi,
+    /// A join token we minted for the agent (`agent_evict`): the agent that
+    /// attests with it is `spiffe://<td>/spire/agent/join_token/<token>`.
+    JoinToken,
+    /// The server's node-alias entry (`node_alias`) parented to the agent.
+    NodeAlias,
+}
+
+impl IdentitySource {
+    /// Stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentitySource::DebugApi => "debug_api",
+            IdentitySource::JoinToken => "join_token",
+            IdentitySource::NodeAlias => "node_alias",
+        }
+    }
+
+    /// From the stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::DebugApi, Self::JoinToken, Self::NodeAlias]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
+/// One agent SPIFFE ID and the configured agent it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentIdentity {
+    /// Configured agent name.
+    pub agent: String,
+    /// `spiffe://<td>/spire/agent/...`.
+    pub spiffe_id: String,
+    /// How it was learned.
+    pub source: IdentitySource,
+    /// When it was learned or last confirmed.
+    pub at: SystemTime,
 }
 
 /// A new random, time-ordered id for incidents and actions. It reads the

@@ -285,6 +285,7 @@ mod tests {
             predicted_outage: Some(t(100)),
             evidence: json!({}),
             next_rung: rung,
+            needs_operator: None,
         }
     }
 

@@ -228,6 +228,16 @@ pub struct Guards {
     /// … but only once at least this many agents are unhealthy.
     #[serde(default = "d_breaker_min")]
     pub breaker_min_agents: usize,
+    /// A rung whose actuator failed verification this many times on the
+    /// same target, while that target's incidents stayed open, is futile:
+    /// exhausted for every incident on the target until they all close. A
+    /// ladder with nothing left holds as `needs_operator`.
+    #[serde(default = "d_futile_after")]
+    pub futile_after: u32,
+}
+
+fn d_futile_after() -> u32 {
+    2
 }
 
 fn d_true() -> bool {

@@ -23,7 +23,7 @@ pub use buffer::Buffer;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
-use crate::model::{Event, Incident};
+use crate::model::{AgentIdentity, Event, Incident};
 
 /// Errors at the store boundary.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +94,10 @@ pub struct IncidentRecord {
     pub evidence: serde_json::Value,
     /// Next ladder rung.
     pub next_rung: i64,
+    /// Why an operator must act, when the ladder has nothing left.
+    pub needs_operator: Option<String>,
+    /// When that was decided (unix ms).
+    pub needs_operator_at_ms: Option<i64>,
 }
 
 /// One stored action.
@@ -170,6 +174,8 @@ pub struct Knowledge {
     pub open_incidents: Vec<Incident>,
     /// Actions started at or after the `since` passed to `load_knowledge`.
     pub recent_actions: Vec<ActionRecord>,
+    /// Every agent SPIFFE ID learned so far, mapped to its configured name.
+    pub agent_identities: Vec<AgentIdentity>,
 }
 
 /// Filter for listing.

@@ -244,6 +244,7 @@ impl Store for PostgresStore {
             Ok(Knowledge {
                 open_incidents,
                 recent_actions,
+                agent_identities: Vec::new(),
             })
         })
         .await
@@ -670,6 +671,8 @@ fn incident_record(row: &PgRow) -> Result<IncidentRecord, StoreError> {
         predicted_outage_ms: col(row, "predicted_outage_ms")?,
         evidence: json_col(row, "evidence")?,
         next_rung: col(row, "next_rung")?,
+        needs_operator: None,
+        needs_operator_at_ms: None,
     })
 }
 

@@ -49,6 +49,7 @@ impl<'a> Run<'a> {
             Event::ActionFinished { .. } => Self::ActionFinished(rows(run, ActionFinished::of)),
             Event::ActionVerified { .. } => Self::ActionVerified(rows(run, ActionVerified::of)),
             Event::Held { .. } => Self::Held(rows(run, Held::of)),
+            Event::IncidentNeedsOperator { .. } | Event::AgentIdentified(_) => return None,
         })
     }
 }

@@ -258,6 +258,7 @@ impl Store for SqliteStore {
         Ok(Knowledge {
             open_incidents,
             recent_actions,
+            agent_identities: Vec::new(),
         })
     }
 
@@ -630,6 +631,8 @@ fn incident_record(row: &SqliteRow) -> Result<IncidentRecord, StoreError> {
         predicted_outage_ms: col(row, "predicted_outage_ms")?,
         evidence: json_col(row, "evidence")?,
         next_rung: col(row, "next_rung")?,
+        needs_operator: None,
+        needs_operator_at_ms: None,
     })
 }
 
@@ -724,6 +727,7 @@ pub(super) fn incident_from_record(r: &IncidentRecord) -> Result<Incident, Strin
         predicted_outage: r.predicted_outage_ms.map(from_unix_millis),
         evidence: r.evidence.clone(),
         next_rung,
+        needs_operator: r.needs_operator.clone(),
     })
 }
 

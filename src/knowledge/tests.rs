@@ -287,6 +287,7 @@ fn incident(id: &str, opened_ms: i64) -> Incident {
         predicted_outage: Some(at(opened_ms + 3_600_000)),
         evidence: json!({"remaining_s": 600, "serial": "0a1b"}),
         next_rung: 0,
+        needs_operator: None,
     }
 }
 
@@ -568,6 +569,8 @@ async fn incident_open_escalate_close(f: Fixture) {
             predicted_outage_ms: Some(T0 + 3_600_000),
             evidence: json!({"remaining_s": 600, "serial": "0a1b"}),
             next_rung: 2,
+            needs_operator: None,
+            needs_operator_at_ms: None,
         }]
     );
     assert!(f.store.incidents(&open_only).await.unwrap().is_empty());

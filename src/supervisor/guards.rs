@@ -237,6 +237,7 @@ mod tests {
             predicted_outage: None,
             evidence: json!({}),
             next_rung: 0,
+            needs_operator: None,
         }
     }
 

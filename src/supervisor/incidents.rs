@@ -140,6 +140,7 @@ impl Incidents {
                 predicted_outage: s.predicted_outage,
                 evidence: s.evidence.clone(),
                 next_rung: 0,
+                needs_operator: None,
             };
             warn!(incident = %inc.id, symptom = %s.kind, subject = %s.subject, severity = s.severity.as_str(), blind = s.blind, "Incident opened.");
             tick.summary.opened.push(s.kind.as_str());

@@ -99,6 +99,7 @@ async fn incidents_and_actions_read_the_store() -> Result<()> {
         predicted_outage: Some(t + Duration::from_secs(600)),
         evidence: serde_json::json!({"stream": "down"}),
         next_rung: 0,
+        needs_operator: None,
     };
     let step = Step {
         action_id: "act-1".into(),
