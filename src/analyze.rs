@@ -46,7 +46,7 @@ fn agent_symptoms(
     // An agent that is up has neither stream symptom, so no key is built:
     // this runs for every agent on every tick.
     if view.status == StreamStatus::Up {
-        return svid_symptoms(view, is_open, th, now, blind, out);
+        return svid_symptoms(view, true, is_open, th, now, blind, out);
     }
     // identity_not_issued: the agent answered that it has no identity for
     // us (and we are reconnecting since). It answers, so it is not
@@ -112,12 +112,18 @@ fn agent_symptoms(
         });
     }
 
-    svid_symptoms(view, is_open, th, now, blind, out);
+    svid_symptoms(view, false, is_open, th, now, blind, out);
 }
 
 /// Lifetime and validity symptoms of the SVIDs the agent serves us.
+///
+/// Only what is `served` now is judged: while the stream is not up, the
+/// SVIDs last served are remembered (for the predicted outage) but open no
+/// incident and clear none; what is wrong then is the stream, and an open
+/// lifetime incident waits for the next answer.
 fn svid_symptoms(
     view: &AgentView,
+    served: bool,
     is_open: &dyn Fn(&SymptomKey) -> bool,
     th: &Thresholds,
     now: SystemTime,
@@ -166,6 +172,11 @@ fn svid_symptoms(
             ),
         ];
         for (kind, open_if, close_if, severity) in checks {
+            let (open_if, close_if) = if served {
+                (open_if, close_if)
+            } else {
+                (false, false)
+            };
             // The open and close conditions are disjoint, so the incident
             // state matters only inside the hysteresis band (neither holds).
             // Subjects are built only then or when active: this runs for
@@ -363,6 +374,35 @@ mod tests {
         v.last_error = Some("unavailable".into());
         let got = analyze(&[v], &|_| false, &th(), t(21));
         assert_eq!(kinds(&got), vec![SymptomKind::AgentUnreachable]);
+    }
+
+    #[test]
+    fn what_is_not_served_opens_no_lifetime_incident_and_clears_none() {
+        let svid = Subject::svid("a", "spiffe://td/w");
+        // The agent is gone with the SVID at 90 % and then past notAfter:
+        // only the stream is wrong; a dead agent's SVID is not "expired and
+        // still served".
+        for at in [90, 120] {
+            let v = view(StreamStatus::Down, 20, at);
+            let got = analyze(&[v], &|_| false, &th(), t(at));
+            assert_eq!(kinds(&got), vec![SymptomKind::AgentUnreachable], "t{at}");
+        }
+        // An expiring incident opened while it was served stays open (not
+        // cleared, not turned into expired) until the agent answers again.
+        let open = open_set(&[
+            (SymptomKind::SvidExpiring, svid.clone()),
+            (SymptomKind::AgentUnreachable, Subject::agent("a")),
+        ]);
+        let v = view(StreamStatus::Unanswered, 95, 120);
+        let got = analyze(&[v], &|k| open.contains(k), &th(), t(120));
+        assert_eq!(
+            kinds(&got),
+            vec![SymptomKind::SvidExpiring, SymptomKind::AgentUnreachable]
+        );
+        // Served again, past notAfter: now it is expired.
+        let v = view(StreamStatus::Up, 0, 120);
+        let got = analyze(&[v], &|k| open.contains(k), &th(), t(120));
+        assert_eq!(kinds(&got), vec![SymptomKind::SvidExpired]);
     }
 
     #[test]

@@ -50,6 +50,13 @@ pub enum HoldReason {
     /// us signal or restart a process it names), or an agent that is not an
     /// `[[agents]]` entry (known only by its SPIFFE ID from a server listing).
     UnknownTarget,
+    /// A more specific diagnosis on the same target has the target's one
+    /// slot: this incident is explained by it (an expired SVID because the
+    /// agent cannot attest) and does not compete for the agent.
+    Explained,
+    /// Every rung left on the ladder is futile for this target: an operator
+    /// must act (recorded on the incident as `needs_operator`).
+    NeedsOperator,
 }
 
 impl HoldReason {
@@ -68,7 +75,26 @@ impl HoldReason {
             HoldReason::AwaitingResync => "awaiting_resync",
             HoldReason::NoLocalCause => "no_local_cause",
             HoldReason::UnknownTarget => "unknown_target",
+            HoldReason::Explained => "explained",
+            HoldReason::NeedsOperator => "needs_operator",
         }
+    }
+
+    /// Whether an incident held for this reason keeps its target's slot:
+    /// it is the right step, only not now. A diagnosis with nothing to do
+    /// (no ladder, nothing configured or left to try, a target we may not
+    /// act on) leaves the slot to the next incident on the target.
+    fn keeps_slot(self) -> bool {
+        matches!(
+            self,
+            HoldReason::TargetBusy
+                | HoldReason::Blind
+                | HoldReason::Cooldown
+                | HoldReason::Budget
+                | HoldReason::NoServerReachable
+                | HoldReason::CircuitOpen
+                | HoldReason::AwaitingResync
+        )
     }
 }
 
@@ -91,6 +117,15 @@ pub enum Decision {
         /// Why.
         reason: HoldReason,
     },
+    /// Nothing left on the ladder can help this target: every remaining
+    /// rung is futile. Held as `needs_operator`, with a reason for a person.
+    NeedsOperator {
+        incident_id: String,
+        /// Target.
+        target: String,
+        /// Which rungs were futile and how often they failed.
+        reason: String,
+    },
 }
 
 /// Everything `plan` looks at.
@@ -103,6 +138,9 @@ pub struct PlanInput<'a> {
     pub busy_targets: &'a HashSet<String>,
     /// Last start per (target, actuator).
     pub last_run: &'a HashMap<(String, String), SystemTime>,
+    /// Failed verifications per (target, actuator) while the target's
+    /// incidents stayed open: at `guards.futile_after` the rung is futile.
+    pub failures: &'a HashMap<(String, String), u32>,
     /// Actions started in the last hour.
     pub actions_last_hour: usize,
     /// The class of a configured actuator; `None` when not configured.
@@ -127,6 +165,13 @@ pub struct PlanInput<'a> {
 }
 
 /// Decides what to do for each open incident.
+///
+/// Incidents on one target share one slot: they are planned together, the
+/// most specific diagnosis first ([`SymptomKind::specificity`]). The first
+/// that acts, or is held only for now (cooldown, budget, a busy target, …),
+/// keeps the slot and the others are held as `explained`; one with nothing
+/// to do (no ladder, nothing left to try) passes it on. Targets are taken
+/// most urgent first: severity, then earliest predicted outage, then age.
 pub fn plan(input: &PlanInput<'_>) -> Vec<Decision> {
     let blind: HashSet<SymptomKey> = input
         .symptoms
@@ -135,95 +180,181 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Decision> {
         .map(Symptom::key)
         .collect();
     let mut order: Vec<&Incident> = input.incidents.clone();
-    // Most urgent first: severity, then earliest predicted outage, then age.
-    order.sort_by(|a, b| {
-        b.severity
-            .cmp(&a.severity)
-            .then_with(|| {
-                let ka = a
-                    .predicted_outage
-                    .unwrap_or(SystemTime::UNIX_EPOCH + std::time::Duration::MAX / 4);
-                let kb = b
-                    .predicted_outage
-                    .unwrap_or(SystemTime::UNIX_EPOCH + std::time::Duration::MAX / 4);
-                ka.cmp(&kb)
-            })
-            .then_with(|| a.opened_at.cmp(&b.opened_at))
-            .then_with(|| a.id.cmp(&b.id))
-    });
-
-    let mut busy = input.busy_targets.clone();
-    let mut planned = 0usize;
-    let mut out = Vec::new();
+    order.sort_by(|a, b| urgency(a, b));
+    // Group by slot, in the order of each slot's most urgent incident; in a
+    // group, the most specific diagnosis first (stable: urgency breaks ties).
+    let mut slots: Vec<(Slot<'_>, Vec<&Incident>)> = Vec::new();
     for inc in order {
+        let slot = Slot::of(inc);
+        match slots.iter_mut().find(|(s, _)| *s == slot) {
+            Some((_, group)) => group.push(inc),
+            None => slots.push((slot, vec![inc])),
+        }
+    }
+    let mut planner = Planner {
+        input,
+        blind,
+        busy: input.busy_targets.clone(),
+        planned: 0,
+    };
+    let mut out = Vec::new();
+    for (_, mut group) in slots {
+        group.sort_by_key(|i| std::cmp::Reverse(i.kind.specificity()));
+        let mut taken = false;
+        for inc in group {
+            if taken {
+                out.push(hold(inc, "", HoldReason::Explained));
+                continue;
+            }
+            let d = planner.decide(inc);
+            taken = match &d {
+                Decision::Act { .. } => true,
+                Decision::Hold { reason, .. } => reason.keeps_slot(),
+                Decision::NeedsOperator { .. } => false,
+            };
+            out.push(d);
+        }
+    }
+    out
+}
+
+/// Most urgent first: severity, then earliest predicted outage, then age.
+fn urgency(a: &Incident, b: &Incident) -> std::cmp::Ordering {
+    let never = SystemTime::UNIX_EPOCH + std::time::Duration::MAX / 4;
+    b.severity
+        .cmp(&a.severity)
+        .then_with(|| {
+            a.predicted_outage
+                .unwrap_or(never)
+                .cmp(&b.predicted_outage.unwrap_or(never))
+        })
+        .then_with(|| a.opened_at.cmp(&b.opened_at))
+        .then_with(|| a.id.cmp(&b.id))
+}
+
+/// What incidents compete for: an agent (its own and its SVIDs'
+/// incidents), a peer or file, or nothing shared (servers, the cluster).
+#[derive(Debug, PartialEq, Eq)]
+enum Slot<'a> {
+    Agent(&'a str),
+    Other(&'a str),
+    Alone(&'a str),
+}
+
+impl<'a> Slot<'a> {
+    fn of(inc: &'a Incident) -> Self {
+        if !inc.subject.is_actionable() {
+            Slot::Alone(&inc.id)
+        } else if inc.subject.is_agent_level() {
+            Slot::Agent(inc.subject.agent_name())
+        } else {
+            Slot::Other(inc.subject.agent_name())
+        }
+    }
+}
+
+fn hold(inc: &Incident, actuator: &str, reason: HoldReason) -> Decision {
+    Decision::Hold {
+        incident_id: inc.id.clone(),
+        actuator: actuator.to_string(),
+        target: inc.subject.agent_name().to_string(),
+        reason,
+    }
+}
+
+/// The guards' view while one tick is planned: targets taken and actions
+/// planned so far.
+struct Planner<'i, 'a> {
+    input: &'i PlanInput<'a>,
+    blind: HashSet<SymptomKey>,
+    busy: HashSet<String>,
+    planned: usize,
+}
+
+impl Planner<'_, '_> {
+    /// Whether `actuator` has failed verification often enough on `target`
+    /// to be futile there.
+    fn futile(&self, target: &str, actuator: &str) -> Option<u32> {
+        let n = *self
+            .input
+            .failures
+            .get(&(target.to_string(), actuator.to_string()))?;
+        (n >= self.input.policy.guards.futile_after).then_some(n)
+    }
+
+    /// The decision for one incident that has its target's slot.
+    fn decide(&mut self, inc: &Incident) -> Decision {
+        let input = self.input;
         let target = inc.subject.agent_name().to_string();
-        let hold = |actuator: &str, reason| Decision::Hold {
-            incident_id: inc.id.clone(),
-            actuator: actuator.to_string(),
-            target: target.clone(),
-            reason,
-        };
         let ladder = input.policy.ladder(inc.kind);
         if ladder.is_empty() {
-            out.push(hold("", HoldReason::NoLadder));
-            continue;
+            return hold(inc, "", HoldReason::NoLadder);
         }
         if !inc.subject.is_actionable() {
-            out.push(hold("", HoldReason::ObserveOnly));
-            continue;
+            return hold(inc, "", HoldReason::ObserveOnly);
         }
         if let crate::model::Subject::Peer { peer } | crate::model::Subject::Handshakes { peer, .. } =
             &inc.subject
             && !input.peers.contains(peer)
         {
-            out.push(hold("", HoldReason::UnknownTarget));
-            continue;
+            return hold(inc, "", HoldReason::UnknownTarget);
         }
         if inc.subject.is_agent_level() && !input.agents.contains(&target) {
-            out.push(hold("", HoldReason::UnknownTarget));
-            continue;
+            return hold(inc, "", HoldReason::UnknownTarget);
         }
         if inc.kind == crate::model::SymptomKind::HandshakeFailureBurst
             && !inc.evidence["remediable"].as_bool().unwrap_or(false)
         {
-            out.push(hold("", HoldReason::NoLocalCause));
-            continue;
+            return hold(inc, "", HoldReason::NoLocalCause);
         }
         // The agent guards protect SPIRE agents; a peer or file is reloaded
         // from what is already on disk or in the agent's cache.
         let on_agent = inc.subject.is_agent_level();
-        // Past the end, repeat the last rung. Skip rungs whose actuator is
-        // not configured.
+        // Past the end, repeat the last rung until it is futile. Skip rungs
+        // whose actuator is not configured, or futile on this target.
         let start = inc.next_rung.min(ladder.len() - 1);
+        let configured = |r: &&crate::policy::Rung| (input.class)(&r.actuator).is_some();
         let Some((idx, rung)) = ladder
             .iter()
             .enumerate()
             .skip(start)
-            .find(|(_, r)| (input.class)(&r.actuator).is_some())
+            .find(|(_, r)| configured(r) && self.futile(&target, &r.actuator).is_none())
         else {
-            out.push(hold("", HoldReason::NotConfigured));
-            continue;
+            let futile: Vec<String> = ladder
+                .iter()
+                .skip(start)
+                .filter(configured)
+                .filter_map(|r| {
+                    let n = self.futile(&target, &r.actuator)?;
+                    Some(format!("{} failed verification {n} times", r.actuator))
+                })
+                .collect();
+            if futile.is_empty() {
+                return hold(inc, "", HoldReason::NotConfigured);
+            }
+            return Decision::NeedsOperator {
+                incident_id: inc.id.clone(),
+                target: target.clone(),
+                reason: format!("nothing left to try on {target}: {}", futile.join(", ")),
+            };
         };
         let class = (input.class)(&rung.actuator).unwrap_or(Class::AgentLocal);
-        if busy.contains(&target) {
-            out.push(hold(&rung.actuator, HoldReason::TargetBusy));
-            continue;
+        let held = |reason| hold(inc, &rung.actuator, reason);
+        if self.busy.contains(&target) {
+            return held(HoldReason::TargetBusy);
         }
-        if blind.contains(&inc.key()) {
-            out.push(hold(&rung.actuator, HoldReason::Blind));
-            continue;
+        if self.blind.contains(&inc.key()) {
+            return held(HoldReason::Blind);
         }
         if on_agent
             && class != Class::Gentle
             && input.policy.guards.hold_disruptive_without_server
             && input.servers_reachable == Some(false)
         {
-            out.push(hold(&rung.actuator, HoldReason::NoServerReachable));
-            continue;
+            return held(HoldReason::NoServerReachable);
         }
         if on_agent && class == Class::AgentLocal && input.breaker_open {
-            out.push(hold(&rung.actuator, HoldReason::CircuitOpen));
-            continue;
+            return held(HoldReason::CircuitOpen);
         }
         if class != Class::Gentle
             && inc.kind == crate::model::SymptomKind::AgentSyncStale
@@ -231,38 +362,34 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Decision> {
                 saturating_since(input.now, t) < input.policy.thresholds.resync_grace
             })
         {
-            out.push(hold(&rung.actuator, HoldReason::AwaitingResync));
-            continue;
+            return held(HoldReason::AwaitingResync);
         }
         if let Some(last) = input.last_run.get(&(target.clone(), rung.actuator.clone()))
             && saturating_since(input.now, *last) < input.policy.cooldown(rung)
         {
-            out.push(hold(&rung.actuator, HoldReason::Cooldown));
-            continue;
+            return held(HoldReason::Cooldown);
         }
-        if input.actions_last_hour + planned >= input.policy.guards.budget_per_hour as usize {
-            out.push(hold(&rung.actuator, HoldReason::Budget));
-            continue;
+        if input.actions_last_hour + self.planned >= input.policy.guards.budget_per_hour as usize {
+            return held(HoldReason::Budget);
         }
-        busy.insert(target.clone());
-        planned += 1;
-        out.push(Decision::Act {
+        self.busy.insert(target.clone());
+        self.planned += 1;
+        Decision::Act {
             step: Step {
                 action_id: String::new(),
                 incident_id: inc.id.clone(),
                 symptom: inc.kind,
                 rung: idx,
                 actuator: rung.actuator.clone(),
-                target: target.clone(),
+                target,
                 params: json!({ "subject": inc.subject.to_string() }),
                 timeout: rung.timeout,
                 verify_within: rung.verify_within,
                 dry_run: input.dry_run,
             },
             next_rung: idx + 1,
-        });
+        }
     }
-    out
 }
 
 #[cfg(test)]
@@ -299,6 +426,8 @@ mod tests {
         servers_reachable: Option<bool>,
         breaker_open: bool,
         servers_back_since: Option<SystemTime>,
+        /// (target, actuator, failed verifications).
+        failures: Vec<(&'static str, &'static str, u32)>,
     }
 
     impl Default for Case {
@@ -313,6 +442,7 @@ mod tests {
                 servers_reachable: None,
                 breaker_open: false,
                 servers_back_since: None,
+                failures: vec![],
             }
         }
     }
@@ -337,6 +467,11 @@ mod tests {
             .iter()
             .map(|(tg, a, at)| ((tg.to_string(), a.to_string()), t(*at)))
             .collect();
+        let failures = c
+            .failures
+            .iter()
+            .map(|(tg, a, n)| ((tg.to_string(), a.to_string()), *n))
+            .collect();
         let class = |a: &str| {
             c.configured.contains(&a).then_some(match a {
                 "refetch" => Class::Gentle,
@@ -349,6 +484,7 @@ mod tests {
             incidents: c.incidents.iter().collect(),
             busy_targets: &busy,
             last_run: &last_run,
+            failures: &failures,
             actions_last_hour: c.hour,
             class: &class,
             servers_reachable: c.servers_reachable,
@@ -373,6 +509,9 @@ mod tests {
                 }
                 Decision::Hold { target, reason, .. } => {
                     format!("hold {target} {}", reason.as_str())
+                }
+                Decision::NeedsOperator { target, reason, .. } => {
+                    format!("operator {target}: {reason}")
                 }
             })
             .collect()
@@ -615,7 +754,7 @@ mod tests {
                 vec!["hold s1 observe_only"],
             ),
             (
-                "one action per target per tick, most urgent first",
+                "one slot per target: of equally specific diagnoses the most urgent acts",
                 Case {
                     incidents: vec![
                         incident("i1", SymptomKind::SvidRotationOverdue, "a", 0),
@@ -630,8 +769,87 @@ mod tests {
                 10,
                 vec![
                     "act a restart-agent rung0 next1",
-                    "hold a target_busy",
+                    "hold a explained",
                     "act b refetch rung0 next1",
+                ],
+            ),
+            (
+                "the most specific diagnosis chooses the step, not the most severe",
+                Case {
+                    incidents: vec![
+                        Incident {
+                            severity: Severity::Critical,
+                            ..incident("i1", SymptomKind::SvidExpired, "a", 0)
+                        },
+                        Incident {
+                            severity: Severity::Critical,
+                            ..incident("i2", SymptomKind::AgentUnreachable, "a", 0)
+                        },
+                        incident("i3", SymptomKind::AgentNotRenewing, "a", 0),
+                    ],
+                    configured: &["refetch", "restart-agent", "evict-agent"],
+                    ..Case::default()
+                },
+                10,
+                vec![
+                    "act a restart-agent rung0 next1",
+                    "hold a explained",
+                    "hold a explained",
+                ],
+            ),
+            (
+                "a specific diagnosis held for now keeps the slot",
+                Case {
+                    incidents: vec![
+                        incident("i1", SymptomKind::AgentUnreachable, "a", 0),
+                        incident("i2", SymptomKind::AgentNotRenewing, "a", 0),
+                    ],
+                    configured: &["refetch", "restart-agent", "evict-agent"],
+                    last_run: vec![("a", "restart-agent", 5)],
+                    ..Case::default()
+                },
+                10,
+                vec!["hold a cooldown", "hold a explained"],
+            ),
+            (
+                "one failed verification is not futility yet",
+                Case {
+                    incidents: vec![incident("i1", SymptomKind::AgentNotRenewing, "a", 0)],
+                    configured: &["restart-agent", "evict-agent"],
+                    failures: vec![("a", "restart-agent", 1)],
+                    ..Case::default()
+                },
+                100,
+                vec!["act a restart-agent rung0 next1"],
+            ),
+            (
+                "a rung futile on the target is skipped: straight to eviction",
+                Case {
+                    incidents: vec![
+                        incident("i1", SymptomKind::AgentUnreachable, "a", 2),
+                        incident("i2", SymptomKind::AgentNotRenewing, "a", 0),
+                    ],
+                    configured: &["refetch", "restart-agent", "evict-agent"],
+                    failures: vec![("a", "restart-agent", 2), ("b", "evict-agent", 9)],
+                    ..Case::default()
+                },
+                100,
+                vec!["act a evict-agent rung1 next2", "hold a explained"],
+            ),
+            (
+                "nothing left to try: an operator must act, and the slot passes on",
+                Case {
+                    incidents: vec![
+                        incident("i1", SymptomKind::AgentUnreachable, "a", 2),
+                        incident("i2", SymptomKind::SvidRotationOverdue, "a", 0),
+                    ],
+                    failures: vec![("a", "restart-agent", 2)],
+                    ..Case::default()
+                },
+                100,
+                vec![
+                    "operator a: nothing left to try on a: restart-agent failed verification 2 times",
+                    "act a refetch rung0 next1",
                 ],
             ),
         ];

@@ -140,8 +140,8 @@ impl Supervisor {
         let th = &parts.policy.thresholds;
         Self {
             handshakes: Handshakes::new(parts.handshakes, th.burst_window + th.burst_baseline),
+            guards: Guards::resume(&knowledge.recent_actions, &knowledge.open_incidents),
             incidents: Incidents::resume(knowledge.open_incidents),
-            guards: Guards::resume(&knowledge.recent_actions),
             executor: Executor::new(
                 parts.actuators,
                 parts.targets,
@@ -189,10 +189,12 @@ impl Supervisor {
         self.incidents
             .reconcile(&symptoms, &defer, open_after, now, &mut new_id, &mut tick);
         // Verify what previous ticks did.
-        self.executor.follow(self.incidents.superseded());
+        let policy = &self.policy;
+        self.executor.follow(self.incidents.superseded(), &|k| {
+            !policy.ladder(k).is_empty()
+        });
         self.executor.collect(&mut tick);
-        self.executor
-            .verify(&|k| self.incidents.is_open(k), now, &mut tick);
+        self.verify(now, &mut tick);
         // Plan.
         let decisions = self.plan(&obs, &symptoms, now);
         // Execute: record first, then act.
@@ -218,6 +220,16 @@ impl Supervisor {
             buffered: self.store.len(),
             ..tick.report
         }
+    }
+
+    /// Verdicts of the returned actions; failures feed the futility ledger,
+    /// which forgets targets whose incidents all closed.
+    fn verify(&mut self, now: SystemTime, tick: &mut Tick<'_>) {
+        let incidents = &self.incidents;
+        for (target, actuator) in self.executor.verify(&|k| incidents.is_open(k), now, tick) {
+            self.guards.failed(&target, &actuator);
+        }
+        self.guards.settle(|target| incidents.any_on(target));
     }
 
     /// Symptoms of agents, the control plane and handshakes at `now`.
@@ -257,6 +269,7 @@ impl Supervisor {
             incidents: self.incidents.iter().collect(),
             busy_targets: &executor.busy_targets(),
             last_run: g.last_run(),
+            failures: g.failures(),
             actions_last_hour,
             class: &|name| executor.class(name),
             servers_reachable,
@@ -297,6 +310,15 @@ impl Supervisor {
                     let reason = reason.as_str();
                     self.incidents
                         .hold(&incident_id, &actuator, &target, reason, now, tick);
+                    continue;
+                }
+                Decision::NeedsOperator {
+                    incident_id,
+                    target,
+                    reason,
+                } => {
+                    self.incidents
+                        .needs_operator(&incident_id, &target, &reason, now, tick);
                     continue;
                 }
             };
@@ -373,6 +395,7 @@ impl Supervisor {
         Gauges {
             symptoms: by_kind,
             incidents_open: self.incidents.count_by_kind(),
+            needs_operator: self.incidents.needing_operator_by_kind(),
             agents_at_risk: agents.len() as i64,
             workloads_at_risk: workloads as i64,
             predicted_outage: self.incidents.earliest_outage(),
@@ -415,8 +438,7 @@ impl Supervisor {
         let now = self.clock.now();
         let mut tick = Tick::default();
         self.executor.collect(&mut tick);
-        self.executor
-            .verify(&|k| self.incidents.is_open(k), now, &mut tick);
+        self.verify(now, &mut tick);
         self.metrics.record_tick(now, &tick.summary);
         self.store.push(tick.events);
         self.store.drain().await;

@@ -72,6 +72,10 @@ struct Pending {
     started: SystemTime,
     key: SymptomKey,
     finished: Option<(SystemTime, OutcomeKind)>,
+    /// The incident turned into a diagnosis no action fixes (an agent
+    /// that answers with no identity for us): whatever happens next is not
+    /// this action's doing, so it is neither credited nor blamed.
+    no_credit: bool,
 }
 
 type Finished = (String, Outcome, SystemTime);
@@ -166,17 +170,25 @@ impl Executor {
                 started: now,
                 key,
                 finished: None,
+                no_credit: false,
             },
         );
     }
 
     /// Actions run for an incident that was superseded (its symptom got
     /// worse, or was diagnosed better) are judged by the successor: they
-    /// are verified only when that clears.
-    pub(super) fn follow(&mut self, superseded: &[(SymptomKey, SymptomKey)]) {
+    /// are verified only when that clears. When the successor is a
+    /// diagnosis no action fixes (`fixable` says no: it has no ladder), its
+    /// clearing is someone else's doing: the action is `skipped`.
+    pub(super) fn follow(
+        &mut self,
+        superseded: &[(SymptomKey, SymptomKey)],
+        fixable: &dyn Fn(crate::model::SymptomKind) -> bool,
+    ) {
         for (old, new) in superseded {
             for p in self.pending.values_mut().filter(|p| &p.key == old) {
                 p.key = new.clone();
+                p.no_credit |= !fixable(new.kind);
             }
         }
     }
@@ -201,28 +213,37 @@ impl Executor {
     }
 
     /// Decides the verification of every returned action whose verdict is
-    /// due; `is_open` tells whether its incident is still open.
+    /// due; `is_open` tells whether its incident is still open. Returns the
+    /// (target, actuator) of every failed verification: the futility
+    /// ledger's input.
     pub(super) fn verify(
         &mut self,
         is_open: &dyn Fn(&SymptomKey) -> bool,
         now: SystemTime,
         tick: &mut Tick<'_>,
-    ) {
+    ) -> Vec<(String, String)> {
         let mut done: Vec<(String, Verification)> = self
             .pending
             .iter()
             .filter_map(|(id, p)| {
                 let (finished_at, kind) = p.finished?;
+                if p.no_credit {
+                    return Some((id.clone(), Verification::Skipped));
+                }
                 let deadline_passed = saturating_since(now, finished_at) >= p.step.verify_within;
                 verdict(kind, !is_open(&p.key), deadline_passed).map(|v| (id.clone(), v))
             })
             .collect();
+        let mut failed = Vec::new();
         done.sort_by(|a, b| a.0.cmp(&b.0));
         for (id, v) in done {
             let Some(p) = self.pending.remove(&id) else {
                 continue;
             };
             info!(action = %id, actuator = %p.step.actuator, target = %p.step.target, verification = v.as_str(), "Action verified.");
+            if v == Verification::Failed && !p.step.dry_run {
+                failed.push((p.step.target.clone(), p.step.actuator.clone()));
+            }
             tick.summary
                 .verifications
                 .push((p.step.actuator, v.as_str()));
@@ -233,6 +254,7 @@ impl Executor {
             });
             tick.report.verified.push((id, v));
         }
+        failed
     }
 
     /// Runs the step as a tracked task (a dry run only reports back).
@@ -403,10 +425,13 @@ mod tests {
         let mut tick = Tick::default();
         ex.collect(&mut tick);
         // Expiring became expired: only the successor's clearing counts.
-        ex.follow(&[(
-            svid(SymptomKind::SvidExpiring),
-            svid(SymptomKind::SvidExpired),
-        )]);
+        ex.follow(
+            &[(
+                svid(SymptomKind::SvidExpiring),
+                svid(SymptomKind::SvidExpired),
+            )],
+            &|_| true,
+        );
         let expired_open = |k: &SymptomKey| k == &svid(SymptomKind::SvidExpired);
         ex.verify(&expired_open, t(2), &mut tick);
         assert!(tick.report.verified.is_empty(), "not credited");

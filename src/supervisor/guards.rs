@@ -28,13 +28,22 @@ pub(super) struct Guards {
     servers_reachable: Option<bool>,
     /// When the servers came back after every one was down.
     servers_back_since: Option<SystemTime>,
+    /// Failed verifications per (target, actuator) while the target has
+    /// open incidents: futility. Forgotten once the target is healthy.
+    failures: HashMap<(String, String), u32>,
 }
 
 impl Guards {
-    /// The ledger as the store remembers it.
-    pub(super) fn resume(recent_actions: &[ActionRecord]) -> Self {
+    /// The ledger as the store remembers it. Failed verifications count
+    /// towards futility when their incident is still open.
+    pub(super) fn resume(recent_actions: &[ActionRecord], open: &[Incident]) -> Self {
         let mut g = Self::default();
+        let open: HashSet<&str> = open.iter().map(|i| i.id.as_str()).collect();
         for a in recent_actions {
+            if a.verification.as_deref() == Some("failed") && open.contains(a.incident_id.as_str())
+            {
+                g.failed(&a.target, &a.actuator);
+            }
             let at = from_unix_millis(a.started_at_ms);
             let key = (a.target.clone(), a.actuator.clone());
             if g.last_run.get(&key).is_none_or(|t| *t < at) {
@@ -50,6 +59,25 @@ impl Guards {
 
     pub(super) fn last_run(&self) -> &HashMap<(String, String), SystemTime> {
         &self.last_run
+    }
+
+    /// Failed verifications per (target, actuator).
+    pub(super) fn failures(&self) -> &HashMap<(String, String), u32> {
+        &self.failures
+    }
+
+    /// Books a failed verification of `actuator` on `target`.
+    pub(super) fn failed(&mut self, target: &str, actuator: &str) {
+        *self
+            .failures
+            .entry((target.to_string(), actuator.to_string()))
+            .or_default() += 1;
+    }
+
+    /// Forgets the failures of targets with no open incident: a later
+    /// episode starts with every rung worth trying again.
+    pub(super) fn settle(&mut self, has_open: impl Fn(&str) -> bool) {
+        self.failures.retain(|(target, _), _| has_open(target));
     }
 
     /// Real actions started within the hour before `now` (older ones are
@@ -180,11 +208,14 @@ mod tests {
 
     #[test]
     fn cooldown_ledger_keeps_the_latest_start() {
-        let g = Guards::resume(&[
-            record("a", "restart", 20, false),
-            record("a", "restart", 10, false),
-            record("b", "refetch", 5, true),
-        ]);
+        let g = Guards::resume(
+            &[
+                record("a", "restart", 20, false),
+                record("a", "restart", 10, false),
+                record("b", "refetch", 5, true),
+            ],
+            &[],
+        );
         let key = |t: &str, a: &str| (t.to_string(), a.to_string());
         assert_eq!(g.last_run()[&key("a", "restart")], t(20));
         assert_eq!(g.last_run()[&key("b", "refetch")], t(5));
@@ -192,16 +223,51 @@ mod tests {
 
     #[test]
     fn budget_counts_real_starts_within_the_hour() {
-        let mut g = Guards::resume(&[
-            record("a", "restart", 0, false),
-            record("b", "restart", 10, true),
-        ]);
+        let mut g = Guards::resume(
+            &[
+                record("a", "restart", 0, false),
+                record("b", "restart", 10, true),
+            ],
+            &[],
+        );
         g.started(&step("c", "restart", false), t(100));
         g.started(&step("d", "restart", true), t(200));
         assert_eq!(g.actions_last_hour(t(3599)), 2);
         assert_eq!(g.actions_last_hour(t(3600)), 1);
         assert_eq!(g.actions_last_hour(t(3700)), 0);
         assert_eq!(g.last_run().len(), 4);
+    }
+
+    #[test]
+    fn futility_counts_failures_of_open_incidents_and_forgets_settled_targets() {
+        let failed = |target: &str, incident: &str, at| ActionRecord {
+            incident_id: incident.into(),
+            verification: Some("failed".into()),
+            ..record(target, "restart", at, false)
+        };
+        let verified = ActionRecord {
+            verification: Some("verified".into()),
+            ..record("a", "restart", 3, false)
+        };
+        // Rebuilt from the store: only failures of incidents still open.
+        let mut g = Guards::resume(
+            &[
+                failed("a", "a", 1),
+                failed("a", "a", 2),
+                verified,
+                failed("b", "closed", 4),
+            ],
+            &[agent_incident("a")],
+        );
+        let key = |t: &str| (t.to_string(), "restart".to_string());
+        assert_eq!(g.failures()[&key("a")], 2);
+        assert!(!g.failures().contains_key(&key("b")));
+        g.failed("b", "restart");
+        assert_eq!(g.failures()[&key("b")], 1);
+        // b has no open incident any more: its next episode starts afresh.
+        g.settle(|target| target == "a");
+        assert_eq!(g.failures().len(), 1);
+        assert_eq!(g.failures()[&key("a")], 2);
     }
 
     #[test]

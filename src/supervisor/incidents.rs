@@ -202,6 +202,50 @@ impl Incidents {
         }
     }
 
+    /// Nothing left on the incident's ladder can help: marks it (recorded
+    /// once, with `reason`) and holds it as `needs_operator`.
+    pub(super) fn needs_operator(
+        &mut self,
+        incident_id: &str,
+        target: &str,
+        reason: &str,
+        now: SystemTime,
+        tick: &mut Tick<'_>,
+    ) {
+        if let Some(inc) = self
+            .open
+            .values_mut()
+            .flat_map(HashMap::values_mut)
+            .find(|i| i.id == incident_id)
+            && inc.needs_operator.is_none()
+        {
+            warn!(incident = %incident_id, symptom = %inc.kind, %target, %reason, "Incident needs an operator.");
+            inc.needs_operator = Some(reason.to_string());
+            tick.events.push(Event::IncidentNeedsOperator {
+                id: incident_id.to_string(),
+                reason: reason.to_string(),
+                at: now,
+            });
+        }
+        self.hold(incident_id, "", target, "needs_operator", now, tick);
+    }
+
+    /// Whether any open incident's target is `target` (an agent, peer or
+    /// file name).
+    pub(super) fn any_on(&self, target: &str) -> bool {
+        self.iter()
+            .any(|i| i.subject.is_actionable() && i.subject.agent_name() == target)
+    }
+
+    /// Open incidents waiting for an operator, per symptom kind.
+    pub(super) fn needing_operator_by_kind(&self) -> BTreeMap<&'static str, i64> {
+        let mut out = BTreeMap::new();
+        for i in self.iter().filter(|i| i.needs_operator.is_some()) {
+            *out.entry(i.kind.as_str()).or_default() += 1;
+        }
+        out
+    }
+
     /// An action started for the incident: the next hold is news again.
     pub(super) fn acted(&mut self, incident_id: &str) {
         self.last_hold.remove(incident_id);

@@ -1079,3 +1079,82 @@ async fn handshake_burst_after_a_bundle_change_is_remediated() {
     let inc = &h.incidents().await[0];
     assert_eq!(inc.evidence["likely_cause"], "peer_holds_stale_bundle");
 }
+
+// === Futility ===
+
+#[tokio::test]
+async fn a_futile_restart_stops_and_the_incident_needs_an_operator() {
+    let h = Harness::new(vec![view("a")]).await;
+    // The agent is gone for good: nothing we run brings its stream back.
+    h.agent("a").drop_stream(20);
+    let mut sup = h.supervisor().await;
+
+    // refetch, then restart-agent twice (the last rung repeats): each
+    // fails its verification.
+    let mut started = Vec::new();
+    for at in [20, 23, 43, 63, 90, 200] {
+        let r = h.tick(&mut sup, at).await;
+        for s in &r.started {
+            started.push((at, s.actuator.clone()));
+            h.action_finished().await;
+        }
+    }
+    assert_eq!(
+        started,
+        [
+            (20, "refetch".to_string()),
+            (23, "restart-agent".to_string()),
+            (43, "restart-agent".to_string()),
+        ],
+        "restart-agent failed verification twice: futile, not repeated"
+    );
+    let open = sup.open_incidents();
+    assert_eq!(open.len(), 1);
+    let reason = open[0].needs_operator.clone().expect("needs an operator");
+    assert!(
+        reason.contains("restart-agent failed verification 2 times"),
+        "{reason}"
+    );
+    assert_eq!(
+        h.metric(r#"spire_healer_incidents_needing_operator{symptom="agent_unreachable"}"#),
+        Some(1.0)
+    );
+    let holds: Vec<String> = h.holds().await.into_iter().map(|h| h.reason).collect();
+    assert_eq!(
+        holds.iter().filter(|r| *r == "needs_operator").count(),
+        1,
+        "recorded once: {holds:?}"
+    );
+    let failed = h
+        .actions()
+        .await
+        .iter()
+        .filter(|a| a.verification.as_deref() == Some("failed"))
+        .count();
+    assert_eq!(failed, 3);
+
+    // The agent comes back by other hands: the incident closes and the
+    // ledger forgets; the next outage starts from the first rung again.
+    h.agent("a").update(|v| {
+        v.status = StreamStatus::Up;
+        v.status_since = t(300);
+        v.last_error = None;
+    });
+    h.agent("a").rotate("02", 300);
+    let r = h.tick(&mut sup, 300).await;
+    assert_eq!(r.closed.len(), 1);
+    assert_eq!(
+        h.metric(r#"spire_healer_incidents_needing_operator{symptom="agent_unreachable"}"#)
+            .unwrap_or(0.0),
+        0.0
+    );
+    h.agent("a").drop_stream(400);
+    let r = h.tick(&mut sup, 400).await;
+    assert_eq!(r.started.len(), 1);
+    assert_eq!(r.started[0].actuator, "refetch");
+    h.action_finished().await;
+    let r = h.tick(&mut sup, 403).await;
+    assert_eq!(r.started.len(), 1);
+    assert_eq!(r.started[0].actuator, "restart-agent", "no longer futile");
+    h.action_finished().await;
+}

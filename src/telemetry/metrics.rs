@@ -53,6 +53,8 @@ pub struct Gauges<'a> {
     pub symptoms: BTreeMap<(&'static str, &'static str), i64>,
     /// Open incidents by kind.
     pub incidents_open: BTreeMap<&'static str, i64>,
+    /// Open incidents with nothing left to try, by kind.
+    pub needs_operator: BTreeMap<&'static str, i64>,
     /// Agents with an open agent-level incident.
     pub agents_at_risk: i64,
     /// SVIDs served by an agent at risk, or themselves at risk.
@@ -80,6 +82,8 @@ pub struct Metrics {
     pub symptoms: IntGaugeVec,
     /// Incidents currently open, by symptom.
     pub incidents_open: IntGaugeVec,
+    /// Open incidents with nothing left to try, by symptom.
+    pub incidents_needing_operator: IntGaugeVec,
     /// Incidents opened, by symptom.
     pub incidents_opened_total: IntCounterVec,
     /// Time from open to close, by symptom.
@@ -201,6 +205,11 @@ impl Metrics {
             incidents_open: reg!(g(
                 "spire_healer_incidents_open",
                 "Incidents currently open.",
+                &["symptom"]
+            )),
+            incidents_needing_operator: reg!(g(
+                "spire_healer_incidents_needing_operator",
+                "Open incidents whose every remaining remediation is futile: an operator must act.",
                 &["symptom"]
             )),
             incidents_opened_total: reg!(c(
@@ -406,6 +415,12 @@ impl Metrics {
         self.incidents_open.reset();
         for (kind, n) in &g.incidents_open {
             self.incidents_open.with_label_values(&[kind]).set(*n);
+        }
+        self.incidents_needing_operator.reset();
+        for (kind, n) in &g.needs_operator {
+            self.incidents_needing_operator
+                .with_label_values(&[kind])
+                .set(*n);
         }
         let now_s = unix_secs_f64(now);
         self.set_svid_expiries(
