@@ -326,12 +326,21 @@ fn incidents_table(rows: &[knowledge::IncidentRecord]) -> String {
                 r.closed_at_ms.map_or_else(String::new, |c| {
                     format!("{:.1}s", (c - r.opened_at_ms) as f64 / 1000.0)
                 }),
+                // Last: a sentence, of any length.
+                r.needs_operator.clone().unwrap_or_default(),
             ]
         })
         .collect();
     table(
         &[
-            "ID", "SYMPTOM", "SUBJECT", "SEVERITY", "OPENED", "CLOSED", "DURATION",
+            "ID",
+            "SYMPTOM",
+            "SUBJECT",
+            "SEVERITY",
+            "OPENED",
+            "CLOSED",
+            "DURATION",
+            "NEEDS OPERATOR",
         ],
         &body,
     )
@@ -382,6 +391,39 @@ mod tests {
         assert!(text.contains("2 problem(s)"), "{text}");
         assert!(text.contains("supervisor.tick_interval"), "{text}");
         assert!(text.contains("agents[0].address"), "{text}");
+    }
+
+    #[test]
+    fn incident_listings_show_needs_operator() {
+        let open = knowledge::IncidentRecord {
+            id: "inc-1".into(),
+            symptom: "agent_banned".into(),
+            subject: "agent:node-a".into(),
+            severity: "critical".into(),
+            opened_at_ms: 1_700_000_000_000,
+            closed_at_ms: None,
+            resolution: None,
+            predicted_outage_ms: None,
+            evidence: serde_json::json!({}),
+            next_rung: 2,
+            needs_operator: Some("agent-evict futile 3 times".into()),
+            needs_operator_at_ms: Some(1_700_000_060_000),
+        };
+        let plain = knowledge::IncidentRecord {
+            id: "inc-2".into(),
+            needs_operator: None,
+            needs_operator_at_ms: None,
+            ..open.clone()
+        };
+        let text = incidents_table(&[open.clone(), plain]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].ends_with("NEEDS OPERATOR"), "{text}");
+        assert!(lines[1].ends_with("agent-evict futile 3 times"), "{text}");
+        assert!(lines[2].ends_with("open"), "{text}");
+
+        let v = serde_json::to_value(&open).unwrap();
+        assert_eq!(v["needs_operator"], "agent-evict futile 3 times");
+        assert_eq!(v["needs_operator_at_ms"], 1_700_000_060_000_i64);
     }
 
     #[test]

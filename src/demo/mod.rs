@@ -333,7 +333,9 @@ timeout = "5s"
 /// Prints store changes as they happen.
 struct Timeline {
     start: SystemTime,
-    incidents: std::collections::HashMap<String, Option<i64>>,
+    /// Per incident: when it closed and when it was last found to need an
+    /// operator, as already told.
+    incidents: std::collections::HashMap<String, (Option<i64>, Option<i64>)>,
     actions: std::collections::HashMap<String, (Option<String>, Option<String>)>,
 }
 
@@ -369,7 +371,8 @@ impl Timeline {
         incidents.reverse();
         actions.reverse();
         for i in &incidents {
-            let prev = self.incidents.get(&i.id).cloned();
+            let prev = self.incidents.get(&i.id).copied();
+            let (prev_closed, prev_operator) = prev.unwrap_or_default();
             if prev.is_none() {
                 self.say(
                     out,
@@ -380,8 +383,20 @@ impl Timeline {
                     ),
                 );
             }
+            if let (Some(t), Some(reason)) = (i.needs_operator_at_ms, &i.needs_operator)
+                && prev_operator != Some(t)
+            {
+                self.say(
+                    out,
+                    self.at(t),
+                    &format!(
+                        "incident needs an operator: {} on {}: {reason}",
+                        i.symptom, i.subject
+                    ),
+                );
+            }
             if let Some(c) = i.closed_at_ms
-                && prev.flatten().is_none()
+                && prev_closed.is_none()
             {
                 self.say(
                     out,
@@ -393,7 +408,8 @@ impl Timeline {
                     ),
                 );
             }
-            self.incidents.insert(i.id.clone(), i.closed_at_ms);
+            self.incidents
+                .insert(i.id.clone(), (i.closed_at_ms, i.needs_operator_at_ms));
         }
         for a in &actions {
             let prev = self.actions.get(&a.id).cloned();

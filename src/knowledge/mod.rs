@@ -197,7 +197,9 @@ pub trait Store: Send + Sync {
     /// Applies a batch atomically, in order. Each event is idempotent by its
     /// ids, so re-applying a batch after an unknown outcome is safe.
     async fn apply(&self, events: &[Event]) -> Result<(), StoreError>;
-    /// Open incidents and actions started since `since`.
+    /// Open incidents, actions started since `since`, and every agent
+    /// identity (oldest sighting first). An open incident or identity that
+    /// does not parse is skipped with a warning naming it.
     async fn load_knowledge(&self, since: SystemTime) -> Result<Knowledge, StoreError>;
     /// Incidents, newest first.
     async fn incidents(&self, q: &Query) -> Result<Vec<IncidentRecord>, StoreError>;

@@ -21,7 +21,7 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPool
 use sqlx::{ConnectOptions, Connection, Postgres, Row, SqlSafeStr};
 
 use super::run::{self, Run, runs};
-use super::sqlite::{incident_from_record, limit};
+use super::sqlite::{identity_from_columns, incident_from_record, limit};
 use super::{
     ActionRecord, HoldRecord, IncidentRecord, Knowledge, Query, Store, StoreError, SvidRecord,
 };
@@ -30,11 +30,18 @@ use crate::model::Event;
 
 /// Embedded migrations, in order. `tests.rs` checks that this list matches
 /// `migrations/postgres/` file for file.
-pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../../migrations/postgres/0001_init.sql"),
-)];
+pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "needs_operator_and_agent_identities",
+        include_str!("../../migrations/postgres/0002_needs_operator_and_agent_identities.sql"),
+    ),
+];
 
 /// Longest wait for a pooled connection (including connecting).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -59,7 +66,8 @@ macro_rules! incident_select {
     ($rest:literal) => {
         concat!(
             "SELECT id, symptom, subject, severity, opened_at_ms, closed_at_ms, resolution, \
-             predicted_outage_ms, evidence::text AS evidence, next_rung FROM incidents ",
+             predicted_outage_ms, evidence::text AS evidence, next_rung, needs_operator, \
+             needs_operator_at_ms FROM incidents ",
             $rest
         )
     };
@@ -94,6 +102,11 @@ macro_rules! hold_select {
         )
     };
 }
+
+/// Every identity, oldest sighting first: a caller that inserts them in
+/// order into a map ends with the latest.
+const IDENTITIES_SELECT: &str = "SELECT spiffe_id, agent, source, last_seen_ms \
+     FROM agent_identities ORDER BY last_seen_ms, spiffe_id";
 
 // === impl PostgresStore ===
 
@@ -241,10 +254,24 @@ impl Store for PostgresStore {
             .await
             .map_err(pg_error)?;
             let recent_actions = rows.iter().map(action_record).collect::<Result<_, _>>()?;
+            let rows = sqlx::query(IDENTITIES_SELECT)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(pg_error)?;
+            let mut agent_identities = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let source: String = col(row, "source")?;
+                agent_identities.extend(identity_from_columns(
+                    col(row, "spiffe_id")?,
+                    col(row, "agent")?,
+                    &source,
+                    col(row, "last_seen_ms")?,
+                ));
+            }
             Ok(Knowledge {
                 open_incidents,
                 recent_actions,
-                agent_identities: Vec::new(),
+                agent_identities,
             })
         })
         .await
@@ -438,6 +465,8 @@ async fn apply_run(conn: &mut PgConnection, run: Run<'_>) -> Result<(), StoreErr
         Run::ActionFinished(rows) => actions_finished(&rows),
         Run::ActionVerified(rows) => actions_verified(&rows),
         Run::Held(rows) => holds(&rows),
+        Run::IncidentNeedsOperator(rows) => incidents_need_operator(&rows),
+        Run::AgentIdentified(rows) => agents_identified(&rows),
     };
     query.execute(&mut *conn).await.map(drop).map_err(pg_error)
 }
@@ -621,6 +650,48 @@ fn holds(rows: &[run::Held<'_>]) -> PgQuery {
     .bind(column(rows, |r| r.at_ms))
 }
 
+fn incidents_need_operator(rows: &[run::IncidentNeedsOperator<'_>]) -> PgQuery {
+    // Last verdict wins, as for escalations.
+    sqlx::query(
+        "UPDATE incidents AS i SET needs_operator = u.reason, needs_operator_at_ms = u.at_ms \
+         FROM (SELECT DISTINCT ON (id) id, reason, at_ms \
+               FROM UNNEST($1::text[], $2::text[], $3::int8[]) \
+                 WITH ORDINALITY AS u(id, reason, at_ms, ord) \
+               ORDER BY id, ord DESC) AS u \
+         WHERE i.id = u.id",
+    )
+    .bind(column(rows, |r| text(r.id)))
+    .bind(column(rows, |r| text(r.reason)))
+    .bind(column(rows, |r| r.at_ms))
+}
+
+fn agents_identified(rows: &[run::AgentIdentified<'_>]) -> PgQuery {
+    // One row per SPIFFE ID first (ON CONFLICT DO UPDATE may touch a row
+    // only once per statement): the earliest sighting, and the latest one
+    // (the later in batch order on a tie) with its agent and source. Then
+    // the same rule against the stored row, which SET reads as it was.
+    sqlx::query(
+        "INSERT INTO agent_identities (spiffe_id, agent, source, first_seen_ms, last_seen_ms) \
+         SELECT spiffe_id, agent, source, first_seen_ms, at_ms \
+         FROM (SELECT DISTINCT ON (spiffe_id) spiffe_id, agent, source, at_ms, \
+                 min(at_ms) OVER (PARTITION BY spiffe_id) AS first_seen_ms \
+               FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[]) \
+                 WITH ORDINALITY AS u(spiffe_id, agent, source, at_ms, ord) \
+               ORDER BY spiffe_id, at_ms DESC, ord DESC) AS u \
+         ON CONFLICT (spiffe_id) DO UPDATE SET \
+           agent = CASE WHEN EXCLUDED.last_seen_ms >= agent_identities.last_seen_ms \
+             THEN EXCLUDED.agent ELSE agent_identities.agent END, \
+           source = CASE WHEN EXCLUDED.last_seen_ms >= agent_identities.last_seen_ms \
+             THEN EXCLUDED.source ELSE agent_identities.source END, \
+           first_seen_ms = LEAST(agent_identities.first_seen_ms, EXCLUDED.first_seen_ms), \
+           last_seen_ms = GREATEST(agent_identities.last_seen_ms, EXCLUDED.last_seen_ms)",
+    )
+    .bind(column(rows, |r| text(r.spiffe_id)))
+    .bind(column(rows, |r| text(r.agent)))
+    .bind(column(rows, |r| r.source))
+    .bind(column(rows, |r| r.at_ms))
+}
+
 /// PostgreSQL text cannot hold NUL, and one such string (say, in an
 /// actuator's output tail) would fail its batch on every retry. Replaced by
 /// U+FFFD.
@@ -671,8 +742,8 @@ fn incident_record(row: &PgRow) -> Result<IncidentRecord, StoreError> {
         predicted_outage_ms: col(row, "predicted_outage_ms")?,
         evidence: json_col(row, "evidence")?,
         next_rung: col(row, "next_rung")?,
-        needs_operator: None,
-        needs_operator_at_ms: None,
+        needs_operator: col(row, "needs_operator")?,
+        needs_operator_at_ms: col(row, "needs_operator_at_ms")?,
     })
 }
 

@@ -30,6 +30,8 @@ pub(super) enum Run<'a> {
     ActionFinished(Vec<ActionFinished<'a>>),
     ActionVerified(Vec<ActionVerified<'a>>),
     Held(Vec<Held<'a>>),
+    IncidentNeedsOperator(Vec<IncidentNeedsOperator<'a>>),
+    AgentIdentified(Vec<AgentIdentified<'a>>),
 }
 
 impl<'a> Run<'a> {
@@ -49,7 +51,10 @@ impl<'a> Run<'a> {
             Event::ActionFinished { .. } => Self::ActionFinished(rows(run, ActionFinished::of)),
             Event::ActionVerified { .. } => Self::ActionVerified(rows(run, ActionVerified::of)),
             Event::Held { .. } => Self::Held(rows(run, Held::of)),
-            Event::IncidentNeedsOperator { .. } | Event::AgentIdentified(_) => return None,
+            Event::IncidentNeedsOperator { .. } => {
+                Self::IncidentNeedsOperator(rows(run, IncidentNeedsOperator::of))
+            }
+            Event::AgentIdentified(_) => Self::AgentIdentified(rows(run, AgentIdentified::of)),
         })
     }
 }
@@ -322,6 +327,51 @@ impl<'a> Held<'a> {
             target,
             reason,
             at_ms: unix_millis(*at),
+        })
+    }
+}
+
+/// `incidents.needs_operator` and its time: the last verdict wins, as for
+/// escalations.
+pub(super) struct IncidentNeedsOperator<'a> {
+    pub id: &'a str,
+    pub reason: &'a str,
+    pub at_ms: i64,
+}
+
+impl<'a> IncidentNeedsOperator<'a> {
+    fn of(e: &'a Event) -> Option<Self> {
+        let Event::IncidentNeedsOperator { id, reason, at } = e else {
+            return None;
+        };
+        Some(Self {
+            id,
+            reason,
+            at_ms: unix_millis(*at),
+        })
+    }
+}
+
+/// `agent_identities`: re-learning a known SPIFFE ID widens
+/// `[first_seen, last_seen]`; the sighting with the latest time (the later
+/// one in batch order on a tie) sets `agent` and `source`.
+pub(super) struct AgentIdentified<'a> {
+    pub spiffe_id: &'a str,
+    pub agent: &'a str,
+    pub source: &'static str,
+    pub at_ms: i64,
+}
+
+impl<'a> AgentIdentified<'a> {
+    fn of(e: &'a Event) -> Option<Self> {
+        let Event::AgentIdentified(id) = e else {
+            return None;
+        };
+        Some(Self {
+            spiffe_id: &id.spiffe_id,
+            agent: &id.agent,
+            source: id.source.as_str(),
+            at_ms: unix_millis(id.at),
         })
     }
 }

@@ -22,15 +22,24 @@ use super::{
     ActionRecord, HoldRecord, IncidentRecord, Knowledge, Query, Store, StoreError, SvidRecord,
 };
 use crate::clock::{from_unix_millis, unix_millis};
-use crate::model::{Event, Incident, Severity, Subject, SymptomKind};
+use crate::model::{
+    AgentIdentity, Event, IdentitySource, Incident, Severity, Subject, SymptomKind,
+};
 
 /// Embedded migrations, in order. `tests.rs` checks that this list matches
 /// `migrations/sqlite/` file for file.
-pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../../migrations/sqlite/0001_init.sql"),
-)];
+pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "needs_operator_and_agent_identities",
+        include_str!("../../migrations/sqlite/0002_needs_operator_and_agent_identities.sql"),
+    ),
+];
 
 /// How long a writer waits for another writer's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -56,7 +65,8 @@ macro_rules! incident_select {
     ($rest:literal) => {
         concat!(
             "SELECT id, symptom, subject, severity, opened_at_ms, closed_at_ms, resolution, \
-             predicted_outage_ms, evidence, next_rung FROM incidents ",
+             predicted_outage_ms, evidence, next_rung, needs_operator, needs_operator_at_ms \
+             FROM incidents ",
             $rest
         )
     };
@@ -88,6 +98,11 @@ macro_rules! hold_select {
         )
     };
 }
+/// Every identity, oldest sighting first: a caller that inserts them in
+/// order into a map ends with the latest.
+const IDENTITIES_SELECT: &str = "SELECT spiffe_id, agent, source, last_seen_ms \
+     FROM agent_identities ORDER BY last_seen_ms, spiffe_id";
+
 // === impl SqliteStore ===
 
 impl SqliteStore {
@@ -255,10 +270,24 @@ impl Store for SqliteStore {
         .await
         .map_err(StoreError::from_sqlx)?;
         let recent_actions = rows.iter().map(action_record).collect::<Result<_, _>>()?;
+        let rows = sqlx::query(IDENTITIES_SELECT)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::from_sqlx)?;
+        let mut agent_identities = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let source: String = col(row, "source")?;
+            agent_identities.extend(identity_from_columns(
+                col(row, "spiffe_id")?,
+                col(row, "agent")?,
+                &source,
+                col(row, "last_seen_ms")?,
+            ));
+        }
         Ok(Knowledge {
             open_incidents,
             recent_actions,
-            agent_identities: Vec::new(),
+            agent_identities,
         })
     }
 
@@ -362,6 +391,8 @@ async fn apply_run(conn: &mut SqliteConnection, run: Run<'_>) -> Result<(), Stor
         Run::ActionFinished(rows) => actions_finished(conn, &rows).await,
         Run::ActionVerified(rows) => actions_verified(conn, &rows).await,
         Run::Held(rows) => holds(conn, &rows).await,
+        Run::IncidentNeedsOperator(rows) => incidents_need_operator(conn, &rows).await,
+        Run::AgentIdentified(rows) => agents_identified(conn, &rows).await,
     }
 }
 
@@ -565,6 +596,54 @@ async fn holds(conn: &mut SqliteConnection, rows: &[run::Held<'_>]) -> Result<()
     .await
 }
 
+async fn incidents_need_operator(
+    conn: &mut SqliteConnection,
+    rows: &[run::IncidentNeedsOperator<'_>],
+) -> Result<(), StoreError> {
+    for r in rows {
+        let query = sqlx::query(
+            "UPDATE incidents SET needs_operator = ?, needs_operator_at_ms = ? WHERE id = ?",
+        )
+        .bind(r.reason.to_owned())
+        .bind(r.at_ms)
+        .bind(r.id.to_owned());
+        execute(conn, query).await?;
+    }
+    Ok(())
+}
+
+async fn agents_identified(
+    conn: &mut SqliteConnection,
+    rows: &[run::AgentIdentified<'_>],
+) -> Result<(), StoreError> {
+    // SET expressions read the row as it was, so `agent` and `source`
+    // compare against the old last_seen. A later row of the same statement
+    // sees the earlier one's update: the statement behaves like its rows
+    // applied one by one, and min/max/`>=` make re-applying harmless.
+    insert_rows(
+        conn,
+        "INSERT INTO agent_identities (spiffe_id, agent, source, first_seen_ms, last_seen_ms) \
+         VALUES ",
+        5,
+        " ON CONFLICT (spiffe_id) DO UPDATE SET \
+         agent = CASE WHEN excluded.last_seen_ms >= last_seen_ms \
+           THEN excluded.agent ELSE agent END, \
+         source = CASE WHEN excluded.last_seen_ms >= last_seen_ms \
+           THEN excluded.source ELSE source END, \
+         first_seen_ms = min(first_seen_ms, excluded.first_seen_ms), \
+         last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
+        rows,
+        |q, r| {
+            q.bind(r.spiffe_id.to_owned())
+                .bind(r.agent.to_owned())
+                .bind(r.source)
+                .bind(r.at_ms)
+                .bind(r.at_ms)
+        },
+    )
+    .await
+}
+
 /// Sends `rows` as `head (?, …), (?, …) tail` statements of at most
 /// [`MAX_ROWS_PER_STATEMENT`] rows and [`MAX_PARAMS`] parameters. `bind`
 /// binds one row's `cols` values.
@@ -631,8 +710,8 @@ fn incident_record(row: &SqliteRow) -> Result<IncidentRecord, StoreError> {
         predicted_outage_ms: col(row, "predicted_outage_ms")?,
         evidence: json_col(row, "evidence")?,
         next_rung: col(row, "next_rung")?,
-        needs_operator: None,
-        needs_operator_at_ms: None,
+        needs_operator: col(row, "needs_operator")?,
+        needs_operator_at_ms: col(row, "needs_operator_at_ms")?,
     })
 }
 
@@ -728,6 +807,31 @@ pub(super) fn incident_from_record(r: &IncidentRecord) -> Result<Incident, Strin
         evidence: r.evidence.clone(),
         next_rung,
         needs_operator: r.needs_operator.clone(),
+    })
+}
+
+/// Rebuilds an agent identity from its `agent_identities` columns; `at` is
+/// the last sighting. Backend-neutral.
+///
+/// `None`, with a warning naming the row, when the source is not one we
+/// know: as with an unreadable open incident, one bad row must not keep the
+/// supervisor from starting, and the agent is identified again when next
+/// seen.
+pub(super) fn identity_from_columns(
+    spiffe_id: String,
+    agent: String,
+    source: &str,
+    last_seen_ms: i64,
+) -> Option<AgentIdentity> {
+    let Some(source) = IdentitySource::parse(source) else {
+        tracing::warn!(%spiffe_id, %agent, source, "Skipping agent identity with an unknown source.");
+        return None;
+    };
+    Some(AgentIdentity {
+        agent,
+        spiffe_id,
+        source,
+        at: from_unix_millis(last_seen_ms),
     })
 }
 

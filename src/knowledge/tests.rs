@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde_json::json;
-use sqlx::{AssertSqlSafe, Connection, PgConnection};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, SqlSafeStr};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
@@ -20,8 +21,8 @@ use tokio::time::Instant;
 use super::*;
 use crate::clock::{from_unix_millis, unix_millis};
 use crate::model::{
-    Event, Incident, Outcome, OutcomeKind, Severity, Step, Subject, SymptomKind, Verification,
-    new_id,
+    AgentIdentity, Event, IdentitySource, Incident, Outcome, OutcomeKind, Severity, Step, Subject,
+    SymptomKind, Verification, new_id,
 };
 
 const PG_URL_ENV: &str = "SPIRE_HEALER_TEST_PG_URL";
@@ -94,6 +95,54 @@ impl Fixture {
         }
     }
 
+    /// `(agent, source, first_seen_ms, last_seen_ms)` of an agent SPIFFE ID.
+    async fn identity_row(&self, spiffe_id: &str) -> Option<(String, String, i64, i64)> {
+        const SQL: &str = "SELECT agent, source, first_seen_ms, last_seen_ms \
+                           FROM agent_identities WHERE spiffe_id = $1";
+        match &self.raw {
+            Raw::Sqlite(s) => sqlx::query_as(SQL)
+                .bind(spiffe_id.to_owned())
+                .fetch_optional(s.pool())
+                .await
+                .unwrap(),
+            Raw::Postgres(s) => sqlx::query_as(SQL)
+                .bind(spiffe_id.to_owned())
+                .fetch_optional(s.pool())
+                .await
+                .unwrap(),
+        }
+    }
+
+    /// Runs raw SQL with the schema's CHECKs out of the way, to plant a row
+    /// that only a corrupted (or hand-edited) database holds.
+    async fn execute_unchecked(&self, sql: &'static str) {
+        match &self.raw {
+            Raw::Sqlite(s) => {
+                // The pragma is per connection: keep one for all three.
+                let mut conn = s.pool().acquire().await.unwrap();
+                sqlx::query("PRAGMA ignore_check_constraints = ON")
+                    .execute(&mut *conn)
+                    .await
+                    .unwrap();
+                sqlx::query(sql).execute(&mut *conn).await.unwrap();
+                sqlx::query("PRAGMA ignore_check_constraints = OFF")
+                    .execute(&mut *conn)
+                    .await
+                    .unwrap();
+            }
+            Raw::Postgres(s) => {
+                // A fresh database per test: dropping the CHECK is harmless.
+                sqlx::query(
+                    "ALTER TABLE agent_identities DROP CONSTRAINT agent_identities_source_check",
+                )
+                .execute(s.pool())
+                .await
+                .unwrap();
+                sqlx::query(sql).execute(s.pool()).await.unwrap();
+            }
+        }
+    }
+
     async fn count(&self, table: &str) -> i64 {
         assert!(
             [
@@ -101,7 +150,8 @@ impl Fixture {
                 "svid_lifecycles",
                 "incidents",
                 "actions",
-                "holds"
+                "holds",
+                "agent_identities",
             ]
             .contains(&table),
             "unknown table {table}"
@@ -375,6 +425,27 @@ fn held(incident_id: &str, reason: &str, ms: i64) -> Event {
     }
 }
 
+fn needs_operator(id: &str, reason: &str, ms: i64) -> Event {
+    Event::IncidentNeedsOperator {
+        id: id.into(),
+        reason: reason.into(),
+        at: at(ms),
+    }
+}
+
+fn identity(agent: &str, spiffe_id: &str, source: IdentitySource, ms: i64) -> AgentIdentity {
+    AgentIdentity {
+        agent: agent.into(),
+        spiffe_id: spiffe_id.into(),
+        source,
+        at: at(ms),
+    }
+}
+
+fn identified(agent: &str, spiffe_id: &str, source: IdentitySource, ms: i64) -> Event {
+    Event::AgentIdentified(identity(agent, spiffe_id, source, ms))
+}
+
 fn seen(subject: Subject, ms: i64) -> Event {
     Event::SubjectSeen {
         subject,
@@ -387,7 +458,9 @@ fn mixed_batch(tag: &str, t: i64) -> Vec<Event> {
     let inc = format!("inc-{tag}");
     let act = format!("act-{tag}");
     let spiffe_id = format!("spiffe://example.org/{tag}");
+    let agent_id = format!("spiffe://example.org/spire/agent/join_token/{tag}");
     vec![
+        identified("node-a", &agent_id, IdentitySource::JoinToken, t),
         seen(Subject::agent("node-a"), t),
         seen(Subject::svid("node-a", &spiffe_id), t),
         svid_seen("node-a", &spiffe_id, "01", t),
@@ -402,6 +475,8 @@ fn mixed_batch(tag: &str, t: i64) -> Vec<Event> {
         started(&act, &inc, t + 3),
         finished(&act, OutcomeKind::Ok, t + 4),
         verified(&act, Verification::Verified, t + 5),
+        needs_operator(&inc, "restart-agent futile 3 times", t + 5),
+        identified("node-a", &agent_id, IdentitySource::DebugApi, t + 5),
         closed(&inc, t + 6, "cleared"),
     ]
 }
@@ -450,6 +525,10 @@ contract!(
     unreadable_open_incident_is_skipped,
     concurrent_applies_all_land,
     empty_store_lists_nothing,
+    incident_needs_operator_round_trip,
+    agent_identities_upsert,
+    load_knowledge_returns_agent_identities_oldest_first,
+    unreadable_agent_identity_is_skipped,
 );
 
 async fn migrations_are_idempotent(f: Fixture) {
@@ -677,6 +756,7 @@ async fn snapshot(
     Vec<SvidRecord>,
     Vec<HoldRecord>,
     Option<(String, String, i64, i64)>,
+    Vec<AgentIdentity>,
 ) {
     let all = Query {
         limit: 10_000,
@@ -688,6 +768,11 @@ async fn snapshot(
         f.store.svids(&all).await.unwrap(),
         f.store.holds(&all).await.unwrap(),
         f.subject_row(&Subject::agent("node-a")).await,
+        f.store
+            .load_knowledge(at(0))
+            .await
+            .unwrap()
+            .agent_identities,
     )
 }
 
@@ -699,6 +784,8 @@ async fn reapplying_batches_is_idempotent(f: Fixture) {
     let once = snapshot(&f).await;
     assert_eq!(once.0.len(), 2);
     assert_eq!(once.3.len(), 2);
+    assert_eq!(once.5.len(), 2);
+    assert!(once.0.iter().all(|i| i.needs_operator.is_some()));
 
     // An unknown outcome: the client retries batches that did commit,
     // including an older one after a newer one.
@@ -714,6 +801,7 @@ async fn reapplying_batches_is_idempotent(f: Fixture) {
     }
     assert_eq!(f.count("svid_lifecycles").await, 4);
     assert_eq!(f.count("subjects").await, 3);
+    assert_eq!(f.count("agent_identities").await, 2);
 }
 
 async fn updates_follow_batch_order(f: Fixture) {
@@ -735,8 +823,23 @@ async fn updates_follow_batch_order(f: Fixture) {
                 id: "inc-1".into(),
                 next_rung: 3,
             },
+            needs_operator("inc-1", "first", T0 + 3),
+            needs_operator("inc-1", "second", T0 + 4),
             closed("inc-1", T0 + 5, "cleared"),
             closed("inc-1", T0 + 6, "expired"),
+            // A tie on time: the later one in the batch wins.
+            identified(
+                "node-a",
+                "spiffe://example.org/agent",
+                IdentitySource::DebugApi,
+                T0,
+            ),
+            identified(
+                "node-b",
+                "spiffe://example.org/agent",
+                IdentitySource::NodeAlias,
+                T0,
+            ),
             started("act-1", "inc-1", T0),
             finished("act-1", OutcomeKind::Error, T0 + 7),
             finished("act-1", OutcomeKind::Ok, T0 + 8),
@@ -756,6 +859,19 @@ async fn updates_follow_batch_order(f: Fixture) {
     assert_eq!(incidents[0].next_rung, 3, "last escalation wins");
     assert_eq!(incidents[0].closed_at_ms, Some(T0 + 5), "first close wins");
     assert_eq!(incidents[0].resolution.as_deref(), Some("cleared"));
+    assert_eq!(
+        (
+            incidents[0].needs_operator.as_deref(),
+            incidents[0].needs_operator_at_ms
+        ),
+        (Some("second"), Some(T0 + 4)),
+        "last needs-operator verdict wins"
+    );
+    assert_eq!(
+        f.identity_row("spiffe://example.org/agent").await,
+        Some(("node-b".into(), "node_alias".into(), T0, T0)),
+        "on a tie, the later sighting names the agent"
+    );
     let actions = f
         .store
         .actions(&Query {
@@ -1005,6 +1121,13 @@ async fn nul_characters_do_not_poison_a_batch(f: Fixture) {
                 at: at(T0),
             },
             held("inc-nul", nul, T0),
+            needs_operator("inc-nul", nul, T0),
+            identified(
+                nul,
+                "spiffe://example.org/spire/agent/nul",
+                IdentitySource::DebugApi,
+                T0,
+            ),
         ])
         .await
         .unwrap();
@@ -1020,6 +1143,14 @@ async fn nul_characters_do_not_poison_a_batch(f: Fixture) {
     let incident = &f.store.incidents(&q()).await.unwrap()[0];
     assert_eq!(incident.evidence, json!({"out": expected, expected: 1}));
     assert_eq!(f.store.holds(&q()).await.unwrap()[0].reason, expected);
+    assert_eq!(incident.needs_operator.as_deref(), Some(expected));
+    let identities = f
+        .store
+        .load_knowledge(at(0))
+        .await
+        .unwrap()
+        .agent_identities;
+    assert_eq!(identities[0].agent, expected);
 }
 
 async fn holds_listing(f: Fixture) {
@@ -1100,6 +1231,16 @@ async fn every_closed_set_value_is_accepted(f: Fixture) {
         }
         [Severity::Warning, Severity::Critical]
     }
+    fn identity_sources() -> [IdentitySource; 3] {
+        match IdentitySource::DebugApi {
+            IdentitySource::DebugApi | IdentitySource::JoinToken | IdentitySource::NodeAlias => {}
+        }
+        [
+            IdentitySource::DebugApi,
+            IdentitySource::JoinToken,
+            IdentitySource::NodeAlias,
+        ]
+    }
 
     let mut events = vec![
         seen(Subject::agent("node-a"), T0),
@@ -1121,9 +1262,19 @@ async fn every_closed_set_value_is_accepted(f: Fixture) {
             events.push(verified(&id, v, T0 + 2));
         }
     }
+    for (n, source) in identity_sources().into_iter().enumerate() {
+        events.push(identified(
+            "node-a",
+            &format!("spiffe://example.org/spire/agent/{}", source.as_str()),
+            source,
+            T0 + i64::try_from(n).unwrap(),
+        ));
+    }
     f.store.apply(&events).await.unwrap();
     let k = f.store.load_knowledge(at(0)).await.unwrap();
     assert_eq!(k.open_incidents.len(), SymptomKind::ALL.len() * 2);
+    let sources: Vec<_> = k.agent_identities.iter().map(|i| i.source).collect();
+    assert_eq!(sources, identity_sources());
     assert_eq!(k.recent_actions.len(), 12);
     let outcomes: BTreeSet<_> = k
         .recent_actions
@@ -1220,6 +1371,182 @@ async fn empty_store_lists_nothing(f: Fixture) {
     );
 }
 
+async fn incident_needs_operator_round_trip(f: Fixture) {
+    let reason = "restart-agent futile 3 times; agent-evict held: budget";
+    f.store
+        .apply(&[
+            opened(incident("inc-1", T0)),
+            opened(incident("inc-2", T0 + 1)),
+        ])
+        .await
+        .unwrap();
+    let marked = [needs_operator("inc-1", reason, T0 + 1_000)];
+    f.store.apply(&marked).await.unwrap();
+    // The same verdict again, and one for an unknown incident: no-ops.
+    f.store.apply(&marked).await.unwrap();
+    f.store
+        .apply(&[needs_operator("inc-gone", reason, T0)])
+        .await
+        .unwrap();
+
+    let rows = f.store.incidents(&q()).await.unwrap();
+    let by_id = |id: &str| rows.iter().find(|r| r.id == id).unwrap().clone();
+    assert_eq!(by_id("inc-1").needs_operator.as_deref(), Some(reason));
+    assert_eq!(by_id("inc-1").needs_operator_at_ms, Some(T0 + 1_000));
+    assert_eq!(
+        (
+            by_id("inc-2").needs_operator,
+            by_id("inc-2").needs_operator_at_ms
+        ),
+        (None, None)
+    );
+    assert_eq!(f.count("incidents").await, 2);
+
+    // The incident stays open and comes back with its verdict.
+    let k = f.store.load_knowledge(at(0)).await.unwrap();
+    let mut expected = incident("inc-1", T0);
+    expected.needs_operator = Some(reason.into());
+    assert_eq!(k.open_incidents, [expected, incident("inc-2", T0 + 1)]);
+
+    // A later verdict replaces the earlier one, as escalations do.
+    f.store
+        .apply(&[needs_operator("inc-1", "still futile", T0 + 9_000)])
+        .await
+        .unwrap();
+    let open_only = Query {
+        open_only: true,
+        ..q()
+    };
+    let rows = f.store.incidents(&open_only).await.unwrap();
+    let inc1 = rows.iter().find(|r| r.id == "inc-1").unwrap();
+    assert_eq!(inc1.needs_operator.as_deref(), Some("still futile"));
+    assert_eq!(inc1.needs_operator_at_ms, Some(T0 + 9_000));
+}
+
+async fn agent_identities_upsert(f: Fixture) {
+    let id = "spiffe://example.org/spire/agent/join_token/abc";
+    f.store
+        .apply(&[identified("node-a", id, IdentitySource::JoinToken, T0)])
+        .await
+        .unwrap();
+    assert_eq!(
+        f.identity_row(id).await,
+        Some(("node-a".into(), "join_token".into(), T0, T0))
+    );
+    // Seen again: first_seen stays, last_seen moves, and the newest sighting
+    // names the agent and the source.
+    f.store
+        .apply(&[identified(
+            "node-b",
+            id,
+            IdentitySource::DebugApi,
+            T0 + 5_000,
+        )])
+        .await
+        .unwrap();
+    assert_eq!(
+        f.identity_row(id).await,
+        Some(("node-b".into(), "debug_api".into(), T0, T0 + 5_000))
+    );
+    // An older sighting, applied late (a retried batch): widens the range
+    // but does not take the name back.
+    f.store
+        .apply(&[identified(
+            "node-a",
+            id,
+            IdentitySource::JoinToken,
+            T0 - 1_000,
+        )])
+        .await
+        .unwrap();
+    assert_eq!(
+        f.identity_row(id).await,
+        Some(("node-b".into(), "debug_api".into(), T0 - 1_000, T0 + 5_000))
+    );
+    // Several sightings in one batch, out of time order: the latest names it.
+    f.store
+        .apply(&[
+            identified("node-c", id, IdentitySource::NodeAlias, T0 + 9_000),
+            identified("node-d", id, IdentitySource::DebugApi, T0 + 7_000),
+            identified("node-e", id, IdentitySource::JoinToken, T0 - 2_000),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        f.identity_row(id).await,
+        Some(("node-c".into(), "node_alias".into(), T0 - 2_000, T0 + 9_000))
+    );
+    // Re-applying the same batch changes nothing.
+    f.store
+        .apply(&[identified(
+            "node-c",
+            id,
+            IdentitySource::NodeAlias,
+            T0 + 9_000,
+        )])
+        .await
+        .unwrap();
+    assert_eq!(
+        f.identity_row(id).await,
+        Some(("node-c".into(), "node_alias".into(), T0 - 2_000, T0 + 9_000))
+    );
+    assert_eq!(f.count("agent_identities").await, 1);
+}
+
+async fn load_knowledge_returns_agent_identities_oldest_first(f: Fixture) {
+    let a = "spiffe://example.org/spire/agent/x509pop/a";
+    let b = "spiffe://example.org/spire/agent/join_token/b";
+    let c = "spiffe://example.org/spire/agent/join_token/c";
+    f.store
+        .apply(&[
+            identified("node-a", a, IdentitySource::DebugApi, T0 + 2_000),
+            identified("node-b", b, IdentitySource::JoinToken, T0),
+            identified("node-c", c, IdentitySource::NodeAlias, T0 + 1_000),
+        ])
+        .await
+        .unwrap();
+    f.store
+        .apply(&[identified(
+            "node-b",
+            b,
+            IdentitySource::DebugApi,
+            T0 + 3_000,
+        )])
+        .await
+        .unwrap();
+    // Every row, whatever `since` says; `at` is the last sighting.
+    let k = f.store.load_knowledge(at(T0 + 60_000)).await.unwrap();
+    assert_eq!(
+        k.agent_identities,
+        [
+            identity("node-c", c, IdentitySource::NodeAlias, T0 + 1_000),
+            identity("node-a", a, IdentitySource::DebugApi, T0 + 2_000),
+            identity("node-b", b, IdentitySource::DebugApi, T0 + 3_000),
+        ]
+    );
+}
+
+async fn unreadable_agent_identity_is_skipped(f: Fixture) {
+    let good = "spiffe://example.org/spire/agent/join_token/good";
+    f.store
+        .apply(&[identified("node-a", good, IdentitySource::JoinToken, T0)])
+        .await
+        .unwrap();
+    f.execute_unchecked(
+        "INSERT INTO agent_identities (spiffe_id, agent, source, first_seen_ms, last_seen_ms) \
+         VALUES ('spiffe://example.org/spire/agent/bad', 'node-b', 'carrier_pigeon', 1, 1)",
+    )
+    .await;
+    // As for an unreadable open incident: skipped with a warning naming
+    // the row, never a failed start.
+    let k = f.store.load_knowledge(at(0)).await.unwrap();
+    assert_eq!(
+        k.agent_identities,
+        [identity("node-a", good, IdentitySource::JoinToken, T0)]
+    );
+    assert_eq!(f.count("agent_identities").await, 2);
+}
+
 // === Backend-specific ===
 
 #[test]
@@ -1245,6 +1572,127 @@ fn embedded_migrations_match_the_directories() {
             assert_eq!(*sql, std::fs::read_to_string(path.join(file)).unwrap());
         }
     }
+}
+
+// --- Upgrading in place ---
+
+/// The first `n` embedded migrations, as a backend applies them.
+fn migrator_upto(list: &[(i64, &'static str, &'static str)], n: usize) -> Migrator {
+    Migrator::with_migrations(
+        list[..n]
+            .iter()
+            .map(|&(version, description, sql)| {
+                Migration::new(
+                    version,
+                    description.into(),
+                    MigrationType::Simple,
+                    sql.into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    )
+}
+
+/// Rows as a 0001-era store wrote them; the same SQL on both backends.
+const ROWS_0001: [&str; 4] = [
+    "INSERT INTO incidents (id, symptom, subject, severity, opened_at_ms, predicted_outage_ms, \
+       evidence, next_rung) \
+     VALUES ('inc-old', 'agent_unreachable', 'agent:node-a', 'warning', 1700000000123, NULL, \
+       '{\"stream\": \"down\"}', 2)",
+    "INSERT INTO incidents (id, symptom, subject, severity, opened_at_ms, closed_at_ms, \
+       resolution, evidence) \
+     VALUES ('inc-done', 'svid_expired', 'agent:node-b', 'critical', 1700000000000, \
+       1700000001000, 'cleared', '{}')",
+    "INSERT INTO actions (id, incident_id, symptom, rung, actuator, target, params, dry_run, \
+       started_at_ms) \
+     VALUES ('act-old', 'inc-old', 'agent_unreachable', 1, 'refetch', 'node-a', '{}', false, \
+       1700000000500)",
+    "INSERT INTO subjects (subject, kind, agent, first_seen_ms, last_seen_ms) \
+     VALUES ('agent:node-a', 'agent', 'node-a', 1700000000000, 1700000000900)",
+];
+
+/// What a store opened on the upgraded database must show: the old rows
+/// unchanged, the new columns empty, and the new events accepted.
+async fn check_upgraded(url: &str) {
+    let store = open(url).await.unwrap();
+    let incidents = store.incidents(&q()).await.unwrap();
+    assert_eq!(incidents.len(), 2);
+    let old = incidents.iter().find(|i| i.id == "inc-old").unwrap();
+    assert_eq!(old.next_rung, 2);
+    assert_eq!(old.evidence, json!({"stream": "down"}));
+    assert_eq!(
+        (old.needs_operator.clone(), old.needs_operator_at_ms),
+        (None, None)
+    );
+    let done = incidents.iter().find(|i| i.id == "inc-done").unwrap();
+    assert_eq!(done.resolution.as_deref(), Some("cleared"));
+
+    let k = store.load_knowledge(at(0)).await.unwrap();
+    let open_ids: Vec<&str> = k.open_incidents.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(open_ids, ["inc-old"]);
+    assert_eq!(k.open_incidents[0].needs_operator, None);
+    assert_eq!(k.recent_actions.len(), 1);
+    assert!(k.agent_identities.is_empty());
+
+    let agent_id = "spiffe://example.org/spire/agent/join_token/t";
+    store
+        .apply(&[
+            needs_operator("inc-old", "nothing left", T0 + 1_000),
+            identified("node-a", agent_id, IdentitySource::JoinToken, T0 + 1_000),
+        ])
+        .await
+        .unwrap();
+    let k = store.load_knowledge(at(0)).await.unwrap();
+    assert_eq!(
+        k.open_incidents[0].needs_operator.as_deref(),
+        Some("nothing left")
+    );
+    assert_eq!(
+        k.agent_identities,
+        [identity(
+            "node-a",
+            agent_id,
+            IdentitySource::JoinToken,
+            T0 + 1_000
+        )]
+    );
+}
+
+#[tokio::test]
+async fn sqlite_upgrades_from_0001_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("knowledge.db");
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    migrator_upto(super::sqlite::MIGRATIONS, 1)
+        .run(&pool)
+        .await
+        .unwrap();
+    for sql in ROWS_0001 {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    pool.close().await;
+    check_upgraded(&format!("sqlite://{}", path.display())).await;
+}
+
+#[tokio::test]
+async fn postgres_upgrades_from_0001_in_place() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    migrator_upto(super::postgres::MIGRATIONS, 1)
+        .run(&pool)
+        .await
+        .unwrap();
+    for sql in ROWS_0001 {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    pool.close().await;
+    check_upgraded(&db.url).await;
 }
 
 #[tokio::test]
