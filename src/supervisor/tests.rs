@@ -1119,6 +1119,9 @@ async fn a_futile_restart_stops_and_the_incident_needs_an_operator() {
         h.metric(r#"spire_healer_incidents_needing_operator{symptom="agent_unreachable"}"#),
         Some(1.0)
     );
+    let stored = h.incidents().await;
+    assert_eq!(stored[0].needs_operator.as_deref(), Some(reason.as_str()));
+    assert!(stored[0].needs_operator_at_ms.is_some());
     let holds: Vec<String> = h.holds().await.into_iter().map(|h| h.reason).collect();
     assert_eq!(
         holds.iter().filter(|r| *r == "needs_operator").count(),
