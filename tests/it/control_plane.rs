@@ -9,6 +9,9 @@
 //! c. `entry_bump` yields a new serial within about one sync interval
 //! d. agent banned → `agent_evict` re-admits it (DeleteAgent, fresh join
 //!    token, restart) → verified
+//!
+//! e. (a CA rotation on both servers) is in `ca_rotation.rs`; the rig is in
+//!    `cluster.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
