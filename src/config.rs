@@ -259,7 +259,13 @@ pub struct AgentConfig {
     /// `agent_evict` re-admits the agent.
     #[serde(default)]
     pub node_alias: Option<String>,
-    /// Admin API, health and metrics poll interval.
+    /// The agent's bootstrap bundle (`trust_bundle_path`): the PEM file it
+    /// attests with when it has no `data_dir` state. Watched so that one no
+    /// longer holding any current authority (`bootstrap_bundle_stale`) is
+    /// reported before an agent needs it.
+    #[serde(default)]
+    pub trust_bundle_path: Option<PathBuf>,
+    /// Admin API, health, metrics and bootstrap bundle poll interval.
     #[serde(default = "default_poll", with = "humantime_serde")]
     pub poll_interval: Duration,
 }
@@ -704,6 +710,13 @@ impl Config {
                     format!("{} must be an absolute path", f.display()),
                 ));
             }
+            if let Some(path) = &a.trust_bundle_path {
+                let mut problems = Vec::new();
+                crate::sensors::cert_files::path_problems("trust_bundle_path", path, &mut problems);
+                for (field, reason) in problems {
+                    errors.push(ConfigError::invalid(format!("{key}.{field}"), reason));
+                }
+            }
             if a.poll_interval.is_zero() {
                 errors.push(ConfigError::invalid(
                     format!("{key}.poll_interval"),
@@ -802,7 +815,9 @@ impl Resolved {
     /// health and metrics, then probes, certificate files and Envoys.
     pub fn sensors(&self) -> Vec<SensorSpec> {
         use crate::model::Role;
-        use crate::sensors::{agent_debug, health, metrics_scrape, server_api, workload_api};
+        use crate::sensors::{
+            agent_debug, bootstrap_bundle, health, metrics_scrape, server_api, workload_api,
+        };
         let cfg = &self.config;
         let mut specs = Vec::new();
         for (agent, endpoint) in cfg.agents.iter().zip(&self.endpoints) {
@@ -874,6 +889,11 @@ impl Resolved {
                     a.poll_interval,
                     timeout,
                 )));
+            }
+            if let Some(path) = &a.trust_bundle_path {
+                specs.push(SensorSpec::BootstrapBundle(
+                    bootstrap_bundle::Settings::new(&a.name, path, a.poll_interval),
+                ));
             }
         }
         specs.extend(cfg.probes.iter().cloned().map(SensorSpec::HandshakeProbe));
@@ -1241,6 +1261,7 @@ name = "node-a"
 address = "unix:///run/spire/agent.sock"
 admin_socket = "/nonexistent/agent-admin.sock"
 metrics_url = "http://127.0.0.1:9988/metrics"
+trust_bundle_path = "/etc/spire/bootstrap.crt"
 
 [[servers]]
 name = "s1"
@@ -1272,6 +1293,9 @@ metrics_url = "http://127.0.0.1:9901/stats/prometheus"
                 SensorSpec::MetricsScrape(s) => format!("metrics_scrape {} {:?}", s.target, s.role),
                 SensorSpec::HandshakeProbe(p) => format!("handshake_probe {}", p.name),
                 SensorSpec::CertFile(f) => format!("cert_files {}", f.name),
+                SensorSpec::BootstrapBundle(b) => {
+                    format!("bootstrap_bundle {} {}", b.agent, b.path.display())
+                }
             })
             .collect();
         assert_eq!(
@@ -1282,6 +1306,7 @@ metrics_url = "http://127.0.0.1:9901/stats/prometheus"
                 "health s1",
                 "agent_debug node-a",
                 "metrics_scrape node-a Agent",
+                "bootstrap_bundle node-a /etc/spire/bootstrap.crt",
                 "metrics_scrape front Envoy",
             ]
         );
@@ -1344,6 +1369,26 @@ metrics_url = "http://127.0.0.1:9901/stats/prometheus"
         ] {
             let keys = invalid_keys(&format!("[[servers]]\nname = \"s1\"\n{extra}\n"));
             assert_eq!(keys, want, "{extra}");
+        }
+    }
+
+    #[test]
+    fn trust_bundle_path_must_name_an_absolute_file() {
+        let agent = |path: &str| {
+            format!(
+                "[[agents]]\nname = \"node-b\"\naddress = \"unix:///run/b.sock\"\ntrust_bundle_path = \"{path}\"\n"
+            )
+        };
+        assert_eq!(
+            invalid_keys(&agent("/etc/spire/bootstrap.crt")),
+            Vec::<String>::new()
+        );
+        for bad in ["", "bootstrap.crt", "/etc/spire/"] {
+            assert_eq!(
+                invalid_keys(&agent(bad)),
+                vec!["agents[1].trust_bundle_path"],
+                "{bad:?}"
+            );
         }
     }
 }

@@ -541,6 +541,29 @@ pub struct CertFileView {
     pub updated_at: SystemTime,
 }
 
+/// What the `bootstrap_bundle` sensor knows about one agent's bootstrap
+/// trust bundle (`trust_bundle_path`): the file an agent that lost its
+/// `data_dir` attests with, so it must still hold a current authority.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BootstrapBundleView {
+    /// Configured agent name.
+    pub agent: String,
+    /// The file, for evidence.
+    pub path: String,
+    /// The file has been read at least once (before that the view says
+    /// nothing).
+    pub read: bool,
+    /// SHA-256 fingerprints (hex, sorted, deduplicated) of the file's
+    /// certificates, the form of [`Authority::fingerprint`]; empty while
+    /// `error` is set.
+    pub authorities: Vec<String>,
+    /// Closed-set problem with the file (`missing`, `unreadable`, `empty`,
+    /// `truncated`, …); None when it parsed.
+    pub error: Option<String>,
+    /// When the sensor last refreshed this view.
+    pub updated_at: SystemTime,
+}
+
 // === Readings ===
 
 /// One sensor result: a shared, immutable snapshot, so a fleet-sized view
@@ -563,6 +586,8 @@ pub enum Reading {
     Probe(Arc<ProbeView>),
     /// Certificate files (`cert_files` sensor).
     CertFile(Arc<CertFileView>),
+    /// Agents' bootstrap bundle files (`bootstrap_bundle` sensor).
+    BootstrapBundle(Arc<BootstrapBundleView>),
 }
 
 impl Reading {
@@ -577,6 +602,7 @@ impl Reading {
             Reading::Metrics(v) => &v.target,
             Reading::Probe(v) => &v.target,
             Reading::CertFile(v) => &v.file,
+            Reading::BootstrapBundle(v) => &v.agent,
         }
     }
 }
@@ -598,6 +624,8 @@ pub struct Observations {
     pub probes: Vec<Arc<ProbeView>>,
     /// Certificate files (`cert_files` sensor).
     pub cert_files: Vec<Arc<CertFileView>>,
+    /// Agents' bootstrap bundle files (`bootstrap_bundle` sensor).
+    pub bootstrap_bundles: Vec<Arc<BootstrapBundleView>>,
 }
 
 impl Observations {
@@ -611,6 +639,7 @@ impl Observations {
             Reading::Metrics(v) => self.metrics.push(v),
             Reading::Probe(v) => self.probes.push(v),
             Reading::CertFile(v) => self.cert_files.push(v),
+            Reading::BootstrapBundle(v) => self.bootstrap_bundles.push(v),
         }
     }
 }
@@ -657,11 +686,16 @@ pub enum SymptomKind {
     /// A certificate file on disk is older than what the agent issued,
     /// expired, or unreadable.
     StaleCertFile,
+    /// An agent's bootstrap bundle (`trust_bundle_path`) holds no authority
+    /// of the current trust bundle, or cannot be read: the agent could not
+    /// attest again after losing its `data_dir`. Fixed by whatever
+    /// distributes the file, not by acting on the agent.
+    BootstrapBundleStale,
 }
 
 impl SymptomKind {
     /// Every kind, in a stable order.
-    pub const ALL: [SymptomKind; 16] = [
+    pub const ALL: [SymptomKind; 17] = [
         SymptomKind::SvidRotationOverdue,
         SymptomKind::SvidExpiring,
         SymptomKind::SvidExpired,
@@ -678,6 +712,7 @@ impl SymptomKind {
         SymptomKind::HandshakeFailureBurst,
         SymptomKind::StaleServedCert,
         SymptomKind::StaleCertFile,
+        SymptomKind::BootstrapBundleStale,
     ];
 
     /// Snake-case name: metric label, policy key and store value.
@@ -699,6 +734,7 @@ impl SymptomKind {
             SymptomKind::HandshakeFailureBurst => "handshake_failure_burst",
             SymptomKind::StaleServedCert => "stale_served_cert",
             SymptomKind::StaleCertFile => "stale_cert_file",
+            SymptomKind::BootstrapBundleStale => "bootstrap_bundle_stale",
         }
     }
 

@@ -183,7 +183,13 @@ fn d_ca_within() -> Duration {
     Duration::from_secs(6 * 3600)
 }
 fn d_open_after() -> BTreeMap<String, Duration> {
-    BTreeMap::from([("bundle_divergence".to_string(), Duration::from_secs(30))])
+    BTreeMap::from([
+        ("bundle_divergence".to_string(), Duration::from_secs(30)),
+        (
+            "bootstrap_bundle_stale".to_string(),
+            Duration::from_secs(10),
+        ),
+    ])
 }
 
 mod open_after_serde {
@@ -392,6 +398,7 @@ mod tests {
                     | SymptomKind::AllServersDown
                     | SymptomKind::CaExpiring
                     | SymptomKind::IdentityNotIssued
+                    | SymptomKind::BootstrapBundleStale
             );
             assert_eq!(p.ladder(k).is_empty(), observe_only, "ladder for {k}");
         }

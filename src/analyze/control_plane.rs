@@ -10,6 +10,8 @@
 //! - `ca_expiring`: every authority in the bundle expires soon.
 //! - `bundle_divergence`: servers disagree on the bundle, or an agent's
 //!   Workload API bundle differs from the servers'.
+//! - `bootstrap_bundle_stale`: an agent's bootstrap bundle file holds no
+//!   current authority, or cannot be read.
 //!
 //! Every symptom carries a predicted time to outage: the earliest expiry
 //! that can no longer be renewed.
@@ -49,6 +51,7 @@ pub fn control_plane(
     all_servers_down(&cx, servers_configured, &mut out);
     ca_expiring(&cx, &mut out);
     bundle_divergence(&cx, &mut out);
+    bootstrap_bundle_stale(&cx, &mut out);
     out.symptoms
 }
 
@@ -465,6 +468,107 @@ fn bundle_divergence(cx: &Context<'_>, out: &mut Found<'_>) {
             },
         );
     }
+}
+
+/// `bootstrap_bundle_stale`: an agent's bootstrap bundle (`trust_bundle_path`)
+/// shares no untainted authority with the current bundle, or cannot be read.
+///
+/// The current bundle is the reference server's, as for `bundle_divergence`;
+/// with no server bundle, the agent's own Workload API bundle (which has no
+/// taint marks). A tainted authority does not count: the moment it is
+/// tainted the servers re-sign their own SVIDs with the active one, so an
+/// agent bootstrapping with only tainted authorities cannot verify any
+/// server. An unreadable file is reported too, with its error: an agent
+/// that has to bootstrap cannot read it either. With no bundle to compare
+/// with, a readable file neither opens nor closes an incident.
+///
+/// Observe-only: the fix is rewriting the file from the current bundle, by
+/// whatever distributes it; nothing done to the agent helps.
+fn bootstrap_bundle_stale(cx: &Context<'_>, out: &mut Found<'_>) {
+    if cx.obs.bootstrap_bundles.is_empty() {
+        return;
+    }
+    let server = bundle_servers(cx).first().map(|s| CurrentBundle {
+        source: format!("server:{}", s.server),
+        untainted: s
+            .bundle
+            .iter()
+            .filter(|a| !a.tainted)
+            .map(|a| a.fingerprint.as_str())
+            .collect(),
+        tainted: s
+            .bundle
+            .iter()
+            .filter(|a| a.tainted)
+            .map(|a| a.fingerprint.as_str())
+            .collect(),
+        updated_at: s.updated_at,
+    });
+    for f in cx.obs.bootstrap_bundles.iter().filter(|f| f.read) {
+        let own = || {
+            let v = cx
+                .obs
+                .agents
+                .iter()
+                .find(|v| v.agent == f.agent && !v.bundle.is_empty())?;
+            Some(CurrentBundle {
+                source: "workload_api".to_string(),
+                untainted: v.bundle.iter().map(String::as_str).collect(),
+                tainted: BTreeSet::new(),
+                updated_at: v.updated_at,
+            })
+        };
+        let own_bundle;
+        let current = match &server {
+            Some(s) => Some(s),
+            None => {
+                own_bundle = own();
+                own_bundle.as_ref()
+            }
+        };
+        let file: BTreeSet<&str> = f.authorities.iter().map(String::as_str).collect();
+        let shared = current.map(|c| file.intersection(&c.untainted).count());
+        let (open_if, close_if) = match (&f.error, shared) {
+            (Some(_), _) | (None, Some(0)) => (true, false),
+            (None, Some(_)) => (false, true),
+            // Nothing to compare with: the incident stays as it is.
+            (None, None) => (false, false),
+        };
+        if !open_if && close_if {
+            continue;
+        }
+        out.report(
+            open_if,
+            close_if,
+            Symptom {
+                kind: SymptomKind::BootstrapBundleStale,
+                subject: Subject::agent(&f.agent),
+                severity: Severity::Warning,
+                predicted_outage: None,
+                evidence: json!({
+                    "path": f.path,
+                    "error": f.error,
+                    "file_authorities": f.authorities.len(),
+                    "reference": current.map(|c| c.source.as_str()),
+                    "current_authorities": current.map(|c| c.untainted.len()),
+                    "tainted_in_file": current.map(|c| file.intersection(&c.tainted).count()),
+                }),
+                blind: cx.stale(f.updated_at) || current.is_some_and(|c| cx.stale(c.updated_at)),
+            },
+        );
+    }
+}
+
+/// The bundle a bootstrap bundle file is compared with.
+struct CurrentBundle<'a> {
+    /// `server:<name>` or `workload_api` (the agent's own bundle), for evidence.
+    source: String,
+    /// Fingerprints of the untainted authorities: the current ones.
+    untainted: BTreeSet<&'a str>,
+    /// Fingerprints of the tainted authorities (being phased out).
+    tainted: BTreeSet<&'a str>,
+    /// When the view it comes from was refreshed.
+    updated_at: SystemTime,
 }
 
 /// Earliest of the known instants.

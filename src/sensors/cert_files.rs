@@ -122,7 +122,13 @@ impl CertFileConfig {
     }
 }
 
-fn path_problems(field: &'static str, path: &Path, out: &mut Vec<(&'static str, String)>) {
+/// The problems of a configured file path: empty, relative, or naming a
+/// directory (shared by every setting that names a file to read).
+pub(crate) fn path_problems(
+    field: &'static str,
+    path: &Path,
+    out: &mut Vec<(&'static str, String)>,
+) {
     if path.as_os_str().is_empty() {
         out.push((field, "is empty".to_string()));
     } else if !path.is_absolute() {
@@ -195,22 +201,22 @@ impl Stamp {
     }
 }
 
-/// One file's state between polls.
+/// One file's state between polls (also the `bootstrap_bundle` sensor's).
 #[derive(Debug)]
-struct Watched {
+pub(super) struct Watched {
     path: PathBuf,
     /// Metadata when last read.
     stamp: Option<Stamp>,
     /// Hash of the bytes last read.
     hash: Option<[u8; 32]>,
     /// The certificates (DER) of the last good read.
-    good: Option<Vec<Vec<u8>>>,
+    pub(super) good: Option<Vec<Vec<u8>>>,
     /// The current problem, if any.
-    error: Option<FileError>,
+    pub(super) error: Option<FileError>,
 }
 
 impl Watched {
-    fn new(path: PathBuf) -> Self {
+    pub(super) fn new(path: PathBuf) -> Self {
         Self {
             path,
             stamp: None,
@@ -222,7 +228,7 @@ impl Watched {
 
     /// Re-reads the file if its metadata changed or it is in error. Returns
     /// whether the content differs from the last bytes read.
-    async fn poll(&mut self, max_bytes: usize) -> bool {
+    pub(super) async fn poll(&mut self, max_bytes: usize) -> bool {
         let meta = match tokio::fs::metadata(&self.path).await {
             Ok(meta) => meta,
             Err(e) => {

@@ -9,6 +9,7 @@
 //! `Resolved::sensors`; one line in the reading table of [`crate::model`].
 
 pub mod agent_debug;
+pub mod bootstrap_bundle;
 pub mod cert_files;
 pub mod envoy_tls;
 pub mod handshake_probe;
@@ -94,6 +95,8 @@ pub enum SensorSpec {
     HandshakeProbe(handshake_probe::ProbeConfig),
     /// A certificate file on disk.
     CertFile(cert_files::CertFileConfig),
+    /// An agent's bootstrap bundle file (`trust_bundle_path`).
+    BootstrapBundle(bootstrap_bundle::Settings),
 }
 
 /// What every sensor task is given, and what sensors share.
@@ -239,6 +242,12 @@ impl SensorSpec {
             SensorSpec::CertFile(file) => {
                 let span = info_span!("sensor", sensor = "cert_files", target = %file.name);
                 let (sensor, task) = cert_files::build(file, clock, metrics, wake);
+                cx.start(out, sensor, task.run(stop), span);
+            }
+            SensorSpec::BootstrapBundle(settings) => {
+                let span =
+                    info_span!("sensor", sensor = "bootstrap_bundle", target = %settings.agent);
+                let (sensor, task) = bootstrap_bundle::build(settings, clock, metrics, wake);
                 cx.start(out, sensor, task.run(stop), span);
             }
         }

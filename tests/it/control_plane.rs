@@ -9,6 +9,9 @@
 //! c. `entry_bump` yields a new serial within about one sync interval
 //! d. agent banned → `agent_evict` re-admits it (DeleteAgent, fresh join
 //!    token, restart) → verified
+//!
+//! e. (a CA rotation on both servers) is in `ca_rotation.rs`; the rig is in
+//!    `cluster.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,25 +19,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use spire_healer::actuators::Actuator;
 use spire_healer::actuators::spire::{EntryBump, EntryBumpConfig, Topology};
-use spire_healer::clock::{Clock, SystemClock, unix_millis};
-use spire_healer::config::Config;
-use spire_healer::knowledge::{ActionRecord, HoldRecord, IncidentRecord, Query, Store};
+use spire_healer::knowledge::Query;
 use spire_healer::model::{Step, SymptomKind};
-use spire_healer::telemetry::Metrics;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::spire_lab::{HaLab, HaOptions};
-
-fn pg_url() -> Result<String> {
-    std::env::var("SPIRE_HEALER_TEST_PG_URL").context(
-        "SPIRE_HEALER_TEST_PG_URL is not set: run scripts/test.sh (it provisions PostgreSQL)",
-    )
-}
-
-fn uid() -> u32 {
-    nix::unistd::geteuid().as_raw()
-}
+use crate::cluster::Cluster;
 
 /// Test policy: the built-in one with thresholds scaled to a 1 s sync
 /// interval (the agent Debug API caches its answer for 5 s).
@@ -44,211 +32,6 @@ const POLICY_OVERRIDES: &[(&str, &str)] = &[
     ("resync_grace = \"4m\"", "resync_grace = \"90s\""),
 ];
 
-struct Cluster {
-    lab: HaLab,
-    store: Arc<dyn Store>,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
-    _dir: tempfile::TempDir,
-}
-
-impl Cluster {
-    async fn start(ttl: u32) -> Result<Cluster> {
-        let lab = HaLab::start(HaOptions {
-            postgres_url: pg_url()?,
-            ..HaOptions::default()
-        })
-        .await?;
-        for j in 0..lab.agents().len() {
-            lab.register_entry(j, &format!("/healer-{j}"), uid(), ttl)
-                .await?;
-        }
-        for j in 0..lab.agents().len() {
-            lab.wait_for_entry_synced(j, &format!("/healer-{j}"))
-                .await?;
-        }
-        let dir = tempfile::tempdir()?;
-        let policy = POLICY_OVERRIDES.iter().fold(
-            spire_healer::policy::DEFAULT_POLICY.to_string(),
-            |p, (from, to)| p.replace(from, to),
-        );
-        let policy_path = dir.path().join("policy.toml");
-        std::fs::write(&policy_path, policy)?;
-        let a0 = lab.agent(0);
-        let per_agent = |p: &std::path::Path| {
-            p.to_string_lossy()
-                .replace(&format!("/{}/", a0.name()), "/{agent}/")
-        };
-        let restart = a0.restart_command();
-        let mut text = format!(
-            r#"policy_file = "{policy}"
-[supervisor]
-tick_interval = "250ms"
-[database]
-url = "sqlite://{db}"
-[http]
-listen = "127.0.0.1:0"
-[actuators.restart-agent]
-type = "command"
-argv = ["{sh}", "{script}"]
-timeout = "20s"
-[actuators.failover]
-type = "server_failover"
-strategy = "agent_config"
-restart = "restart-agent"
-repair_persisted_bundle = true
-[actuators.evict-agent]
-type = "agent_evict"
-restart = "restart-agent"
-join_token_file = "{token}"
-[actuators.entry-bump]
-type = "entry_bump"
-"#,
-            policy = policy_path.display(),
-            db = dir.path().join("healer.db").display(),
-            sh = restart[0],
-            script = per_agent(std::path::Path::new(&restart[1])),
-            token = per_agent(a0.join_token_file()),
-        );
-        for s in lab.servers() {
-            text += &format!(
-                "[[servers]]\nname = \"{}\"\nadmin_socket = \"{}\"\naddress = \"{}\"\nhealth_url = \"{}\"\nmetrics_url = \"{}\"\npoll_interval = \"1s\"\ntimeout = \"2s\"\n",
-                s.name(),
-                s.socket().display(),
-                s.address(),
-                s.health_url().trim_end_matches("/ready"),
-                s.metrics_url(),
-            );
-        }
-        for a in lab.agents() {
-            text += &format!(
-                "[[agents]]\nname = \"{}\"\naddress = \"unix://{}\"\nadmin_socket = \"{}\"\nhealth_url = \"{}\"\nmetrics_url = \"{}\"\nconfig_file = \"{}\"\ndata_dir = \"{}\"\nnode_alias = \"{}\"\npoll_interval = \"1s\"\nanswer_timeout = \"2s\"\nbackoff_max = \"2s\"\n",
-                a.name(),
-                a.workload_socket().display(),
-                a.admin_socket().display(),
-                a.health_url().trim_end_matches("/ready"),
-                a.metrics_url(),
-                a.conf().display(),
-                a.data_dir().display(),
-                a.node_alias(),
-            );
-        }
-        let resolved = Config::from_toml(&text, "ha-test.toml")
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .validate(&|_| None)
-            .map_err(|e| anyhow::anyhow!("{e:?}\n{text}"))?;
-        let metrics = Arc::new(Metrics::new());
-        let shutdown = CancellationToken::new();
-        let tasks = TaskTracker::new();
-        let running = spire_healer::app::start(
-            &resolved,
-            Arc::new(SystemClock),
-            metrics.clone(),
-            shutdown.clone(),
-            &tasks,
-        )
-        .await?;
-        Ok(Cluster {
-            lab,
-            store: running.store,
-            metrics,
-            shutdown,
-            tasks,
-            _dir: dir,
-        })
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.tasks.wait()).await;
-        let _ = self.lab.stop().await;
-    }
-
-    fn now_ms(&self) -> i64 {
-        unix_millis(SystemClock.now())
-    }
-
-    fn metric(&self, series: &str) -> f64 {
-        spire_healer::telemetry::metrics::sample(&self.metrics.render(), series).unwrap_or(0.0)
-    }
-
-    /// Supervisor ticks completed so far.
-    fn ticks(&self) -> u64 {
-        self.metrics.tick_duration_seconds.get_sample_count()
-    }
-
-    /// Waits until the supervisor has completed `n` more ticks.
-    async fn wait_ticks(&self, n: u64) -> Result<()> {
-        let until = self.ticks() + n;
-        self.wait_for(&format!("{n} ticks"), Duration::from_secs(60), || async {
-            (self.ticks() >= until).then_some(())
-        })
-        .await
-    }
-
-    async fn incidents(&self) -> Vec<IncidentRecord> {
-        let q = Query {
-            limit: 500,
-            ..Query::default()
-        };
-        self.store.incidents(&q).await.unwrap_or_default()
-    }
-
-    async fn actions(&self) -> Vec<ActionRecord> {
-        let q = Query {
-            limit: 500,
-            ..Query::default()
-        };
-        self.store.actions(&q).await.unwrap_or_default()
-    }
-
-    async fn holds(&self) -> Vec<HoldRecord> {
-        let q = Query {
-            limit: 500,
-            ..Query::default()
-        };
-        self.store.holds(&q).await.unwrap_or_default()
-    }
-
-    async fn wait_for<T, F, Fut>(&self, what: &str, limit: Duration, mut check: F) -> Result<T>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Option<T>>,
-    {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            if let Some(v) = check().await {
-                return Ok(v);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                anyhow::bail!(
-                    "timed out after {limit:?} waiting for {what}\nincidents: {:#?}\nactions: {:#?}\nholds: {:#?}",
-                    self.incidents().await,
-                    self.actions().await,
-                    self.holds().await,
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
-
-    async fn incident(&self, symptom: &str, subject: &str, since: i64) -> Option<IncidentRecord> {
-        self.incidents()
-            .await
-            .into_iter()
-            .find(|i| i.symptom == symptom && i.subject == subject && i.opened_at_ms >= since)
-    }
-
-    async fn closed(&self, id: &str) -> Option<IncidentRecord> {
-        self.incidents()
-            .await
-            .into_iter()
-            .find(|i| i.id == id && i.closed_at_ms.is_some())
-    }
-}
-
 fn secs(a: i64, b: i64) -> f64 {
     (b - a) as f64 / 1000.0
 }
@@ -256,7 +39,7 @@ fn secs(a: i64, b: i64) -> f64 {
 /// a. Server A dies: agent-0 fails over to server B.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_to_the_other_server() -> Result<()> {
-    let c = Cluster::start(600).await?;
+    let c = Cluster::start(600, POLICY_OVERRIDES, false).await?;
     c.wait_for("both servers up", Duration::from_secs(20), || async {
         (c.metric("spire_healer_servers_up") == 2.0).then_some(())
     })
@@ -346,7 +129,7 @@ async fn failover_to_the_other_server() -> Result<()> {
 /// b. Both servers down: nothing is restarted; back up: closes by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_servers_down_restarts_nothing() -> Result<()> {
-    let c = Cluster::start(600).await?;
+    let c = Cluster::start(600, POLICY_OVERRIDES, false).await?;
     c.wait_for("both servers up", Duration::from_secs(20), || async {
         (c.metric("spire_healer_servers_up") == 2.0).then_some(())
     })
@@ -430,7 +213,7 @@ async fn both_servers_down_restarts_nothing() -> Result<()> {
 /// c. entry_bump: a new serial for our own entry within about one sync.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entry_bump_yields_a_new_serial() -> Result<()> {
-    let c = Cluster::start(3600).await?;
+    let c = Cluster::start(3600, POLICY_OVERRIDES, false).await?;
     let id = c.lab.spiffe_id("/healer-0");
     let first = c
         .wait_for("our SVID", Duration::from_secs(20), || async {
@@ -512,7 +295,7 @@ async fn entry_bump_yields_a_new_serial() -> Result<()> {
 /// d. A banned agent is re-admitted by agent_evict.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn banned_agent_is_readmitted() -> Result<()> {
-    let c = Cluster::start(600).await?;
+    let c = Cluster::start(600, POLICY_OVERRIDES, false).await?;
     c.wait_for(
         "agent-1 known by its SPIFFE ID",
         Duration::from_secs(20),

@@ -2,7 +2,9 @@
 //! v1.15.3, installed by scripts/install-spire.sh) runs as child processes in
 //! temporary directories; spire-healer runs in-process against them.
 
+mod ca_rotation;
 mod cli;
+mod cluster;
 mod control_plane;
 mod ha_lab;
 mod handshakes;

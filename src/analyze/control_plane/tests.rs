@@ -2,7 +2,9 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use super::*;
-use crate::model::{AgentView, Authority, HealthView, ServerView, StreamStatus};
+use crate::model::{
+    AgentView, Authority, BootstrapBundleView, HealthView, ServerView, StreamStatus,
+};
 use crate::policy::Policy;
 
 fn t(secs: u64) -> SystemTime {
@@ -251,6 +253,218 @@ fn ca_expiring_and_bundle_divergence() {
         .find(|s| s.subject == Subject::agent("a"))
         .unwrap();
     assert_eq!(div.evidence["missing"], serde_json::json!(["f2"]));
+}
+
+fn boot(agent: &str, fps: &[&str], error: Option<&str>, updated: u64) -> Arc<BootstrapBundleView> {
+    Arc::new(BootstrapBundleView {
+        agent: agent.into(),
+        path: format!("/etc/spire/{agent}/bundle.pem"),
+        read: true,
+        authorities: fps.iter().map(|f| f.to_string()).collect(),
+        error: error.map(str::to_string),
+        updated_at: t(updated),
+    })
+}
+
+fn own_bundle(agent: &str, fps: &[&str], updated: u64) -> Arc<AgentView> {
+    Arc::new(AgentView {
+        agent: agent.into(),
+        status: StreamStatus::Up,
+        status_since: t(0),
+        last_error: None,
+        last_message: Some(t(updated)),
+        svids: vec![],
+        bundle_authorities: fps.len(),
+        bundle: fps.iter().map(|f| f.to_string()).collect(),
+        rotations: 0,
+        updated_at: t(updated),
+    })
+}
+
+fn stale_boot(obs: &Observations, open: bool, now: u64) -> Vec<Symptom> {
+    let is_open = |k: &SymptomKey| open && k.kind == SymptomKind::BootstrapBundleStale;
+    control_plane(obs, obs.servers.len(), &is_open, &th(), t(now))
+        .into_iter()
+        .filter(|s| s.kind == SymptomKind::BootstrapBundleStale)
+        .collect()
+}
+
+#[test]
+fn bootstrap_bundle_stale_table() {
+    // Server bundle during a rotation: old (maybe tainted), new.
+    let server_with = |old_tainted: bool| {
+        let mut s = (*server("s1", true, vec![], &["old", "new"])).clone();
+        s.bundle[0].tainted = old_tainted;
+        Arc::new(s)
+    };
+    let revoked = server("s1", true, vec![], &["new"]);
+    let down = server("s1", false, vec![], &[]);
+    struct Case {
+        what: &'static str,
+        servers: Vec<Arc<ServerView>>,
+        agents: Vec<Arc<AgentView>>,
+        file: Arc<BootstrapBundleView>,
+        open: bool,
+        now: u64,
+        // None: not reported; Some(blind).
+        want: Option<bool>,
+    }
+    let cases = [
+        Case {
+            what: "the file holds the old CA, the bundle old and new",
+            servers: vec![server_with(false)],
+            agents: vec![],
+            file: boot("a", &["old"], None, 100),
+            open: false,
+            now: 100,
+            want: None,
+        },
+        Case {
+            what: "old CA tainted: it no longer counts",
+            servers: vec![server_with(true)],
+            agents: vec![],
+            file: boot("a", &["old"], None, 100),
+            open: false,
+            now: 100,
+            want: Some(false),
+        },
+        Case {
+            what: "old CA revoked",
+            servers: vec![revoked.clone()],
+            agents: vec![],
+            file: boot("a", &["old"], None, 100),
+            open: false,
+            now: 100,
+            want: Some(false),
+        },
+        Case {
+            what: "file rewritten with the new CA: closes",
+            servers: vec![revoked.clone()],
+            agents: vec![],
+            file: boot("a", &["old", "new"], None, 100),
+            open: true,
+            now: 100,
+            want: None,
+        },
+        Case {
+            what: "unreadable file, even with nothing to compare with",
+            servers: vec![],
+            agents: vec![],
+            file: boot("a", &[], Some("missing"), 100),
+            open: false,
+            now: 100,
+            want: Some(false),
+        },
+        Case {
+            what: "no server bundle: the agent's own bundle is the reference",
+            servers: vec![down.clone()],
+            agents: vec![own_bundle("a", &["new"], 100)],
+            file: boot("a", &["old"], None, 100),
+            open: false,
+            now: 100,
+            want: Some(false),
+        },
+        Case {
+            what: "the agent's own bundle still has it",
+            servers: vec![down.clone()],
+            agents: vec![own_bundle("a", &["old", "new"], 100)],
+            file: boot("a", &["old"], None, 100),
+            open: true,
+            now: 100,
+            want: None,
+        },
+        Case {
+            what: "nothing to compare with: an open incident stays open",
+            servers: vec![down.clone()],
+            agents: vec![],
+            file: boot("a", &["old"], None, 100),
+            open: true,
+            now: 100,
+            want: Some(false),
+        },
+        Case {
+            what: "nothing to compare with: nothing opens",
+            servers: vec![down],
+            agents: vec![],
+            file: boot("a", &["old"], None, 100),
+            open: false,
+            now: 100,
+            want: None,
+        },
+        Case {
+            what: "an old file view is blind",
+            servers: vec![revoked.clone()],
+            agents: vec![],
+            file: boot("a", &["old"], None, 30),
+            open: false,
+            now: 100,
+            want: Some(true),
+        },
+        Case {
+            what: "an old server view is blind",
+            servers: vec![revoked],
+            agents: vec![],
+            file: boot("a", &["old"], None, 200),
+            open: false,
+            // The server view is from t(100).
+            now: 200,
+            want: Some(true),
+        },
+    ];
+    for c in cases {
+        let obs = Observations {
+            servers: c.servers,
+            agents: c.agents,
+            bootstrap_bundles: vec![c.file],
+            ..Default::default()
+        };
+        let got = stale_boot(&obs, c.open, c.now);
+        assert_eq!(got.first().map(|s| s.blind), c.want, "{}: {got:?}", c.what);
+        if let Some(s) = got.first() {
+            assert_eq!(s.subject, Subject::agent("a"), "{}", c.what);
+            assert_eq!(s.severity, Severity::Warning, "{}", c.what);
+        }
+    }
+}
+
+#[test]
+fn bootstrap_bundle_stale_evidence_and_unread_files() {
+    let mut s = (*server("s1", true, vec![], &["old", "new"])).clone();
+    s.bundle[0].tainted = true;
+    let obs = Observations {
+        servers: vec![Arc::new(s)],
+        bootstrap_bundles: vec![boot("a", &["old", "gone"], None, 100)],
+        ..Default::default()
+    };
+    let got = stale_boot(&obs, false, 100);
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].evidence,
+        serde_json::json!({
+            "path": "/etc/spire/a/bundle.pem",
+            "error": null,
+            "file_authorities": 2,
+            "reference": "server:s1",
+            "current_authorities": 1,
+            "tainted_in_file": 1,
+        })
+    );
+    assert_eq!(got[0].predicted_outage, None);
+    let unreadable = Observations {
+        bootstrap_bundles: vec![boot("a", &[], Some("truncated"), 100)],
+        ..Default::default()
+    };
+    let got = stale_boot(&unreadable, false, 100);
+    assert_eq!(got[0].evidence["error"], "truncated");
+    assert_eq!(got[0].evidence["reference"], serde_json::Value::Null);
+    // A file not read yet says nothing.
+    let mut unread = (*boot("a", &[], None, 100)).clone();
+    unread.read = false;
+    let obs = Observations {
+        bootstrap_bundles: vec![Arc::new(unread)],
+        ..Default::default()
+    };
+    assert!(stale_boot(&obs, true, 100).is_empty());
 }
 
 #[test]

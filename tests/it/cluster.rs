@@ -1,0 +1,252 @@
+//! The HA lab (two spire-servers sharing one PostgreSQL datastore, two
+//! agents: agent-0 on server A, agent-1 on server B) with spire-healer
+//! running in-process and watching all of it: the rig of the control-plane
+//! and CA-rotation scenarios.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use spire_healer::clock::{Clock, SystemClock, unix_millis};
+use spire_healer::config::Config;
+use spire_healer::knowledge::{ActionRecord, HoldRecord, IncidentRecord, Query, Store};
+use spire_healer::telemetry::Metrics;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::spire_lab::{HaLab, HaOptions};
+
+fn pg_url() -> Result<String> {
+    std::env::var("SPIRE_HEALER_TEST_PG_URL").context(
+        "SPIRE_HEALER_TEST_PG_URL is not set: run scripts/test.sh (it provisions PostgreSQL)",
+    )
+}
+
+fn uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+pub struct Cluster {
+    pub lab: HaLab,
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts the lab, registers `/healer-<j>` for our uid on each agent
+    /// (X509-SVID TTL `ttl` seconds) and waits until both agents have it,
+    /// then starts spire-healer with the built-in policy, rewritten by
+    /// `policy_overrides` (`(from, to)` text replacements) when there are
+    /// any. With `bootstrap_bundle`, every agent's `trust_bundle_path` is
+    /// the lab's bootstrap bundle.
+    pub async fn start(
+        ttl: u32,
+        policy_overrides: &[(&str, &str)],
+        bootstrap_bundle: bool,
+    ) -> Result<Cluster> {
+        let lab = HaLab::start(HaOptions {
+            postgres_url: pg_url()?,
+            ..HaOptions::default()
+        })
+        .await?;
+        for j in 0..lab.agents().len() {
+            lab.register_entry(j, &format!("/healer-{j}"), uid(), ttl)
+                .await?;
+        }
+        for j in 0..lab.agents().len() {
+            lab.wait_for_entry_synced(j, &format!("/healer-{j}"))
+                .await?;
+        }
+        let dir = tempfile::tempdir()?;
+        let mut text = String::new();
+        if !policy_overrides.is_empty() {
+            let policy = policy_overrides.iter().fold(
+                spire_healer::policy::DEFAULT_POLICY.to_string(),
+                |p, (from, to)| p.replace(from, to),
+            );
+            let policy_path = dir.path().join("policy.toml");
+            std::fs::write(&policy_path, policy)?;
+            text += &format!("policy_file = \"{}\"\n", policy_path.display());
+        }
+        let a0 = lab.agent(0);
+        let per_agent = |p: &std::path::Path| {
+            p.to_string_lossy()
+                .replace(&format!("/{}/", a0.name()), "/{agent}/")
+        };
+        let restart = a0.restart_command();
+        text += &format!(
+            r#"[supervisor]
+tick_interval = "250ms"
+[database]
+url = "sqlite://{db}"
+[http]
+listen = "127.0.0.1:0"
+[actuators.restart-agent]
+type = "command"
+argv = ["{sh}", "{script}"]
+timeout = "20s"
+[actuators.failover]
+type = "server_failover"
+strategy = "agent_config"
+restart = "restart-agent"
+repair_persisted_bundle = true
+[actuators.evict-agent]
+type = "agent_evict"
+restart = "restart-agent"
+join_token_file = "{token}"
+[actuators.entry-bump]
+type = "entry_bump"
+"#,
+            db = dir.path().join("healer.db").display(),
+            sh = restart[0],
+            script = per_agent(std::path::Path::new(&restart[1])),
+            token = per_agent(a0.join_token_file()),
+        );
+        for s in lab.servers() {
+            text += &format!(
+                "[[servers]]\nname = \"{}\"\nadmin_socket = \"{}\"\naddress = \"{}\"\nhealth_url = \"{}\"\nmetrics_url = \"{}\"\npoll_interval = \"1s\"\ntimeout = \"2s\"\n",
+                s.name(),
+                s.socket().display(),
+                s.address(),
+                s.health_url().trim_end_matches("/ready"),
+                s.metrics_url(),
+            );
+        }
+        for a in lab.agents() {
+            text += &format!(
+                "[[agents]]\nname = \"{}\"\naddress = \"unix://{}\"\nadmin_socket = \"{}\"\nhealth_url = \"{}\"\nmetrics_url = \"{}\"\nconfig_file = \"{}\"\ndata_dir = \"{}\"\nnode_alias = \"{}\"\npoll_interval = \"1s\"\nanswer_timeout = \"2s\"\nbackoff_max = \"2s\"\n",
+                a.name(),
+                a.workload_socket().display(),
+                a.admin_socket().display(),
+                a.health_url().trim_end_matches("/ready"),
+                a.metrics_url(),
+                a.conf().display(),
+                a.data_dir().display(),
+                a.node_alias(),
+            );
+            if bootstrap_bundle {
+                text += &format!("trust_bundle_path = \"{}\"\n", lab.bundle_path().display());
+            }
+        }
+        let resolved = Config::from_toml(&text, "ha-test.toml")
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .validate(&|_| None)
+            .map_err(|e| anyhow::anyhow!("{e:?}\n{text}"))?;
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let running = spire_healer::app::start(
+            &resolved,
+            Arc::new(SystemClock),
+            metrics.clone(),
+            shutdown.clone(),
+            &tasks,
+        )
+        .await?;
+        Ok(Cluster {
+            lab,
+            store: running.store,
+            metrics,
+            shutdown,
+            tasks,
+            _dir: dir,
+        })
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.tasks.wait()).await;
+        let _ = self.lab.stop().await;
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        unix_millis(SystemClock.now())
+    }
+
+    pub fn metric(&self, series: &str) -> f64 {
+        spire_healer::telemetry::metrics::sample(&self.metrics.render(), series).unwrap_or(0.0)
+    }
+
+    /// Supervisor ticks completed so far.
+    pub fn ticks(&self) -> u64 {
+        self.metrics.tick_duration_seconds.get_sample_count()
+    }
+
+    /// Waits until the supervisor has completed `n` more ticks.
+    pub async fn wait_ticks(&self, n: u64) -> Result<()> {
+        let until = self.ticks() + n;
+        self.wait_for(&format!("{n} ticks"), Duration::from_secs(60), || async {
+            (self.ticks() >= until).then_some(())
+        })
+        .await
+    }
+
+    pub async fn incidents(&self) -> Vec<IncidentRecord> {
+        let q = Query {
+            limit: 500,
+            ..Query::default()
+        };
+        self.store.incidents(&q).await.unwrap_or_default()
+    }
+
+    pub async fn actions(&self) -> Vec<ActionRecord> {
+        let q = Query {
+            limit: 500,
+            ..Query::default()
+        };
+        self.store.actions(&q).await.unwrap_or_default()
+    }
+
+    pub async fn holds(&self) -> Vec<HoldRecord> {
+        let q = Query {
+            limit: 500,
+            ..Query::default()
+        };
+        self.store.holds(&q).await.unwrap_or_default()
+    }
+
+    pub async fn wait_for<T, F, Fut>(&self, what: &str, limit: Duration, mut check: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(v) = check().await {
+                return Ok(v);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "timed out after {limit:?} waiting for {what}\nincidents: {:#?}\nactions: {:#?}\nholds: {:#?}",
+                    self.incidents().await,
+                    self.actions().await,
+                    self.holds().await,
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    pub async fn incident(
+        &self,
+        symptom: &str,
+        subject: &str,
+        since: i64,
+    ) -> Option<IncidentRecord> {
+        self.incidents()
+            .await
+            .into_iter()
+            .find(|i| i.symptom == symptom && i.subject == subject && i.opened_at_ms >= since)
+    }
+
+    pub async fn closed(&self, id: &str) -> Option<IncidentRecord> {
+        self.incidents()
+            .await
+            .into_iter()
+            .find(|i| i.id == id && i.closed_at_ms.is_some())
+    }
+}
