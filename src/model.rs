@@ -1,6 +1,7 @@
 //! Domain vocabulary shared by every stage: subjects, observed SVIDs,
 //! symptoms, incidents, steps, outcomes and the events written to the store.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -626,6 +627,11 @@ pub struct Observations {
     pub cert_files: Vec<Arc<CertFileView>>,
     /// Agents' bootstrap bundle files (`bootstrap_bundle` sensor).
     pub bootstrap_bundles: Vec<Arc<BootstrapBundleView>>,
+    /// Agent SPIFFE ID → configured agent name: not a reading but what the
+    /// loop has learned and remembers across restarts (the Debug API, join
+    /// tokens it minted), so an agent that no longer answers is still known
+    /// by name where a server lists it.
+    pub agent_ids: Arc<HashMap<String, String>>,
 }
 
 impl Observations {
@@ -778,7 +784,8 @@ impl SymptomKind {
             | SymptomKind::SvidInvalid => 1,
             SymptomKind::ServerUnhealthy
             | SymptomKind::AllServersDown
-            | SymptomKind::CaExpiring => 0,
+            | SymptomKind::CaExpiring
+            | SymptomKind::BootstrapBundleStale => 0,
         }
     }
 }

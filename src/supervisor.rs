@@ -18,6 +18,7 @@ mod changes;
 mod executor;
 mod guards;
 mod handshakes;
+mod identities;
 mod incidents;
 mod recorder;
 mod sensing;
@@ -48,6 +49,7 @@ use executor::Executor;
 pub use executor::Targets;
 use guards::{Guards, breaker_open};
 use handshakes::Handshakes;
+use identities::Identities;
 use incidents::Incidents;
 use recorder::{Recorder, abandoned};
 use sensing::Sensing;
@@ -116,6 +118,7 @@ pub struct Supervisor {
     sensing: Sensing,
     changes: Changes,
     handshakes: Handshakes,
+    identities: Identities,
     incidents: Incidents,
     guards: Guards,
     executor: Executor,
@@ -141,6 +144,7 @@ impl Supervisor {
         Self {
             handshakes: Handshakes::new(parts.handshakes, th.burst_window + th.burst_baseline),
             guards: Guards::resume(&knowledge.recent_actions, &knowledge.open_incidents),
+            identities: Identities::resume(knowledge.agent_identities, parts.targets.agents()),
             incidents: Incidents::resume(knowledge.open_incidents),
             executor: Executor::new(
                 parts.actuators,
@@ -173,8 +177,11 @@ impl Supervisor {
     pub async fn tick(&mut self, now: SystemTime) -> TickReport {
         let timer = self.metrics.tick_duration_seconds.start_timer();
         // Monitor.
-        let obs = self.sensing.sense(&self.metrics).await;
+        let mut obs = self.sensing.sense(&self.metrics).await;
         let mut tick = Tick::default();
+        self.identities
+            .observe(&obs, self.executor.agents(), now, &mut tick);
+        obs.agent_ids = self.identities.shared();
         self.changes.observe(&obs, now, &mut tick);
         // Analyze.
         let symptoms = self.analyze(&obs, now);
@@ -274,7 +281,7 @@ impl Supervisor {
             class: &|name| executor.class(name),
             servers_reachable,
             breaker_open: breaker_open(
-                self.changes.watched_agents(),
+                executor.agents(),
                 self.incidents.iter(),
                 &self.policy.guards,
             ),

@@ -45,8 +45,8 @@ pub fn control_plane(
     agent_sync_stale(&cx, &mut out);
     agent_not_renewing(&cx, &mut out);
     agent_banned(&cx, &mut out);
-    // A banned agent that disappeared from the listing (deleted) is no
-    // longer banned: its open incident closes because it is absent.
+    // An agent that disappeared from the listing (deleted, evicted) keeps
+    // its not-renewing or banned incident open until it is listed again.
     server_unhealthy(&cx, &mut out);
     all_servers_down(&cx, servers_configured, &mut out);
     ca_expiring(&cx, &mut out);
@@ -72,6 +72,10 @@ struct Context<'a> {
     /// datastore; each agent is taken from the freshest reachable server
     /// that lists it.
     listed: HashMap<&'a str, Listed<'a>>,
+    /// Per agent name, the SPIFFE ID it is listed under now: of several
+    /// (an old identity not yet deleted, a new one after re-attestation)
+    /// the one whose SVID expires last.
+    current: HashMap<&'a str, &'a str>,
 }
 
 /// One agent as listed by a server.
@@ -90,10 +94,16 @@ impl<'a> Context<'a> {
             .map(|s| &**s)
             .filter(|s| s.reachable || s.last_error.is_some())
             .collect();
-        let names = obs
-            .agent_debug
+        // What the loop remembers, then what the Debug APIs say now.
+        let names: HashMap<&str, &str> = obs
+            .agent_ids
             .iter()
-            .filter_map(|d| d.spiffe_id.as_deref().map(|id| (id, d.agent.as_str())))
+            .map(|(id, agent)| (id.as_str(), agent.as_str()))
+            .chain(
+                obs.agent_debug
+                    .iter()
+                    .filter_map(|d| d.spiffe_id.as_deref().map(|id| (id, d.agent.as_str()))),
+            )
             .collect();
         let trust_domain = obs
             .agents
@@ -123,6 +133,14 @@ impl<'a> Context<'a> {
                 }
             }
         }
+        let mut current: HashMap<&str, &str> = HashMap::new();
+        for (id, l) in &listed {
+            let name = names.get(id).copied().unwrap_or(id);
+            let e = current.entry(name).or_insert(id);
+            if listed[e].agent.expires_at < l.agent.expires_at {
+                *e = id;
+            }
+        }
         Self {
             obs,
             th,
@@ -131,7 +149,30 @@ impl<'a> Context<'a> {
             names,
             trust_domain,
             listed,
+            current,
         }
+    }
+
+    /// The listings to judge: each agent under its current identity only.
+    fn listed_now(&self) -> impl Iterator<Item = (&'a str, Listed<'a>)> + '_ {
+        self.listed
+            .iter()
+            .filter(|(id, _)| self.current.get(self.agent_name(id)) == Some(*id))
+            .map(|(id, l)| (*id, *l))
+    }
+
+    /// Configured agents known by a SPIFFE ID that no reachable server
+    /// lists: deleted (evicted) and not yet back.
+    fn unlisted(&self) -> impl Iterator<Item = &'a str> + '_ {
+        let mut names: Vec<&str> = self.names.values().copied().collect();
+        names.sort_unstable();
+        names.dedup();
+        names.into_iter().filter(|n| !self.current.contains_key(n))
+    }
+
+    /// Whether every server view is older than `max_staleness`.
+    fn servers_blind(&self) -> bool {
+        self.servers.iter().all(|s| self.stale(s.updated_at))
     }
 
     /// A view refreshed before this is blind.
@@ -140,7 +181,10 @@ impl<'a> Context<'a> {
     }
 
     /// The configured agent name of a SPIFFE ID, when the Debug API told us.
-    fn agent_name<'s>(&'s self, id: &'s str) -> &'s str {
+    fn agent_name<'s>(&self, id: &'s str) -> &'s str
+    where
+        'a: 's,
+    {
         self.names.get(id).copied().unwrap_or(id)
     }
 
@@ -239,7 +283,7 @@ fn agent_sync_stale(cx: &Context<'_>, out: &mut Found<'_>) {
 fn agent_not_renewing(cx: &Context<'_>, out: &mut Found<'_>) {
     let (th, now) = (cx.th, cx.now);
     let ttl = th.agent_svid_ttl.as_secs_f64();
-    for (id, l) in &cx.listed {
+    for (id, l) in cx.listed_now() {
         let a = l.agent;
         let left = a
             .expires_at
@@ -272,13 +316,60 @@ fn agent_not_renewing(cx: &Context<'_>, out: &mut Found<'_>) {
             },
         );
     }
+    keep_unlisted_open(cx, SymptomKind::AgentNotRenewing, out);
+}
+
+/// An agent that vanished from every listing (evicted, and not yet back)
+/// is not healed: its open incident stays open until the agent is listed
+/// again and judged by what the listing says.
+fn keep_unlisted_open(cx: &Context<'_>, kind: SymptomKind, out: &mut Found<'_>) {
+    if cx.servers.iter().all(|s| !s.reachable) {
+        // Nothing is listed while no server answers: that says nothing.
+        return keep_open_all(cx, kind, out);
+    }
+    for name in cx.unlisted() {
+        out.report(
+            false,
+            false,
+            Symptom {
+                kind,
+                subject: Subject::agent(name),
+                severity: Severity::Warning,
+                predicted_outage: cx.workload_expiry(name),
+                evidence: json!({ "listed": false }),
+                blind: cx.servers_blind(),
+            },
+        );
+    }
+}
+
+/// While no server answers, every open incident of `kind` on a known agent
+/// stays as it is.
+fn keep_open_all(cx: &Context<'_>, kind: SymptomKind, out: &mut Found<'_>) {
+    let mut names: Vec<&str> = cx.names.values().copied().collect();
+    names.sort_unstable();
+    names.dedup();
+    for name in names {
+        out.report(
+            false,
+            false,
+            Symptom {
+                kind,
+                subject: Subject::agent(name),
+                severity: Severity::Warning,
+                predicted_outage: cx.workload_expiry(name),
+                evidence: json!({ "servers": "unreachable" }),
+                blind: cx.servers_blind(),
+            },
+        );
+    }
 }
 
 /// `agent_banned`: a server lists the agent as banned. Open and close
 /// conditions are disjoint: an unbanned agent never keeps a ban incident
-/// open.
+/// open; one deleted and not yet back (evicted) keeps it open.
 fn agent_banned(cx: &Context<'_>, out: &mut Found<'_>) {
-    for (id, l) in cx.listed.iter().filter(|(_, l)| l.agent.banned) {
+    for (id, l) in cx.listed_now().filter(|(_, l)| l.agent.banned) {
         out.report(
             true,
             false,
@@ -296,6 +387,7 @@ fn agent_banned(cx: &Context<'_>, out: &mut Found<'_>) {
             },
         );
     }
+    keep_unlisted_open(cx, SymptomKind::AgentBanned, out);
 }
 
 /// `server_unhealthy`: a polled server's admin API is unreachable or its

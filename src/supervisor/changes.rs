@@ -56,18 +56,11 @@ pub(super) struct Changes {
     subjects: HashSet<Subject>,
     instants: Instants,
     generation: u64,
-    /// Agents seen at the last tick.
-    watched: usize,
 }
 
 impl Changes {
     pub(super) fn instants(&self) -> Instants {
         self.instants
-    }
-
-    /// Agents seen at the last tick.
-    pub(super) fn watched_agents(&self) -> usize {
-        self.watched
     }
 
     /// The agent's view as of the last tick.
@@ -91,7 +84,6 @@ impl Changes {
     ) {
         self.generation += 1;
         let generation = self.generation;
-        let mut watched = 0usize;
         let mut order = Vec::with_capacity(obs.agents.len());
         for (vi, v) in obs.agents.iter().enumerate() {
             let same = self
@@ -104,9 +96,6 @@ impl Changes {
                 Some(i) => {
                     order.push(i);
                     let known = &mut self.agents[i];
-                    if known.seen != generation {
-                        watched += 1;
-                    }
                     // Not seen at the previous tick: as if new, but its
                     // subject and bundle are known.
                     let prev = (known.seen + 1 >= generation).then_some(&known.view);
@@ -130,7 +119,6 @@ impl Changes {
                 None => {
                     subject_seen(&mut self.subjects, Subject::agent(&v.agent), now, tick);
                     lifecycles(None, v, now, &mut self.subjects, &mut self.instants, tick);
-                    watched += 1;
                     order.push(self.agents.len());
                     self.index.insert(v.agent.clone(), self.agents.len());
                     self.agents.push(Known {
@@ -142,7 +130,6 @@ impl Changes {
             }
         }
         self.order = order;
-        self.watched = watched;
         self.note_server_bundles(&obs.servers, now);
         tick.summary.svid_expiries = soonest_expiries(&obs.agents);
     }
@@ -346,7 +333,6 @@ mod tests {
         c.observe(&o, t(1), &mut tick);
         assert_eq!(kinds(&tick.events), ["subject", "subject", "seen"]);
         assert_eq!(c.instants(), Instants::default());
-        assert_eq!(c.watched_agents(), 1);
         assert_eq!(tick.summary.svid_expiries, [("a", "spiffe://td/w", t(100))]);
     }
 
@@ -439,7 +425,7 @@ mod tests {
     }
 
     #[test]
-    fn agents_that_disappear_are_not_watched() {
+    fn agents_that_disappear_are_forgotten_until_seen_again() {
         let mut c = Changes::default();
         c.observe(
             &obs(vec![agent("a", vec![], &[]), agent("b", vec![], &[])]),
@@ -451,13 +437,11 @@ mod tests {
             t(1),
             &mut Tick::default(),
         );
-        assert_eq!(c.watched_agents(), 1);
         assert!(c.view("a").is_none());
         // Back again: a known subject is not recorded twice.
         let o = obs(vec![agent("a", vec![], &[])]);
         let mut tick = Tick::default();
         c.observe(&o, t(2), &mut tick);
         assert!(tick.events.is_empty());
-        assert_eq!(c.watched_agents(), 1);
     }
 }

@@ -40,6 +40,11 @@ pub struct Targets {
 }
 
 impl Targets {
+    /// The configured `[[agents]]` names.
+    pub(super) fn agents(&self) -> &HashSet<String> {
+        &self.agents
+    }
+
     /// The `[[agents]]` names, and the peers named by their probes plus
     /// `peers` (peers without a probe).
     pub fn new(

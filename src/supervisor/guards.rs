@@ -132,20 +132,23 @@ impl Guards {
     }
 }
 
-/// The cluster circuit breaker: more than `breaker_share` of the watched
-/// agents (and at least `breaker_min_agents`) have open agent-level
-/// incidents at once. Agents known only from incidents count as watched.
+/// The cluster circuit breaker: more than `breaker_share` of the
+/// configured agents (and at least `breaker_min_agents`) have open
+/// agent-level incidents at once. An agent known only by a SPIFFE ID no
+/// configured agent maps to is not counted: it may be one of ours seen
+/// twice, and it is never acted on anyway.
 pub(super) fn breaker_open<'a>(
-    watched_agents: usize,
+    agents: &HashSet<String>,
     incidents: impl Iterator<Item = &'a Incident>,
     policy: &GuardPolicy,
 ) -> bool {
     let unhealthy = incidents
         .filter(|i| i.subject.is_agent_level())
         .map(|i| i.subject.agent_name())
+        .filter(|a| agents.contains(*a))
         .collect::<HashSet<_>>()
         .len();
-    let total = watched_agents.max(unhealthy);
+    let total = agents.len();
     total > 0
         && unhealthy >= policy.breaker_min_agents
         && unhealthy as f64 > policy.breaker_share * total as f64
@@ -313,17 +316,23 @@ mod tests {
         policy.breaker_share = 0.5;
         policy.breaker_min_agents = 2;
         let sick = [agent_incident("a0"), agent_incident("a1")];
-        // Two of three watched agents: past half, at the minimum.
-        assert!(breaker_open(3, sick.iter(), &policy));
+        let agents = |n: usize| (0..n).map(|i| format!("a{i}")).collect::<HashSet<_>>();
+        // Two of three configured agents: past half, at the minimum.
+        assert!(breaker_open(&agents(3), sick.iter(), &policy));
         // Exactly half is not more than half.
-        assert!(!breaker_open(4, sick.iter(), &policy));
+        assert!(!breaker_open(&agents(4), sick.iter(), &policy));
         // One sick agent is below the minimum, whatever the share.
-        assert!(!breaker_open(1, sick[..1].iter(), &policy));
-        // No agent watched: agents known from incidents count.
-        assert!(breaker_open(0, sick.iter(), &policy));
-        assert!(!breaker_open(0, std::iter::empty(), &policy));
+        assert!(!breaker_open(&agents(1), sick[..1].iter(), &policy));
+        assert!(!breaker_open(&agents(0), std::iter::empty(), &policy));
+        // An agent known only by a SPIFFE ID is not counted: after a
+        // restart it may be a configured agent seen a second time.
+        let unmapped = [
+            agent_incident("a0"),
+            agent_incident("spiffe://td/spire/agent/join_token/x"),
+        ];
+        assert!(!breaker_open(&agents(2), unmapped.iter(), &policy));
         // Two incidents on one agent count once.
         let twice = [agent_incident("a0"), agent_incident("a0")];
-        assert!(!breaker_open(1, twice.iter(), &policy));
+        assert!(!breaker_open(&agents(1), twice.iter(), &policy));
     }
 }

@@ -162,6 +162,94 @@ fn server_view_of_agents() {
     assert_eq!(nr.predicted_outage, Some(t(1100)));
 }
 
+/// `agent_ids` as the loop remembers them: SPIFFE ID of token `token` → name.
+fn remembered(pairs: &[(&str, &str)]) -> Arc<std::collections::HashMap<String, String>> {
+    Arc::new(
+        pairs
+            .iter()
+            .map(|(token, name)| {
+                (
+                    format!("spiffe://td/spire/agent/join_token/{token}"),
+                    name.to_string(),
+                )
+            })
+            .collect(),
+    )
+}
+
+#[test]
+fn an_agent_that_no_longer_answers_is_still_known_by_name() {
+    // agent-0's Debug API is down (its data dir was wiped); the loop
+    // remembers its SPIFFE ID from before.
+    let obs = Observations {
+        servers: vec![server("s1", true, vec![listed("t0", 1000, false)], &["f"])],
+        agent_ids: remembered(&[("t0", "agent-0")]),
+        ..Default::default()
+    };
+    let got = run(&obs, 100);
+    assert_eq!(
+        kinds(&got),
+        vec![(SymptomKind::AgentNotRenewing, "agent:agent-0".into())]
+    );
+    assert_eq!(
+        got[0].evidence["spiffe_id"],
+        "spiffe://td/spire/agent/join_token/t0"
+    );
+}
+
+#[test]
+fn an_evicted_agent_stays_unhealed_until_listed_and_renewing_again() {
+    let key = |kind| SymptomKey {
+        kind,
+        subject: Subject::agent("agent-0"),
+    };
+    let open_both = |k: &SymptomKey| {
+        *k == key(SymptomKind::AgentNotRenewing) || *k == key(SymptomKind::AgentBanned)
+    };
+    // Deleted (evicted): listed nowhere. Both incidents stay open; nothing
+    // opens for an agent with no incident.
+    let gone = Observations {
+        servers: vec![server("s1", true, vec![listed("b", 3000, false)], &["f"])],
+        agent_ids: remembered(&[("t0", "agent-0"), ("b", "agent-1")]),
+        ..Default::default()
+    };
+    let got = control_plane(&gone, 1, &open_both, &th(), t(100));
+    assert_eq!(
+        kinds(&got),
+        vec![
+            (SymptomKind::AgentNotRenewing, "agent:agent-0".into()),
+            (SymptomKind::AgentBanned, "agent:agent-0".into()),
+        ]
+    );
+    assert!(run(&gone, 100).is_empty());
+    // No server answers: listed nowhere says nothing; still open.
+    let down = Observations {
+        servers: vec![server("s1", false, vec![], &[])],
+        ..gone.clone()
+    };
+    let got = control_plane(&down, 1, &open_both, &th(), t(100));
+    assert!(
+        got.iter()
+            .any(|s| s.kind == SymptomKind::AgentNotRenewing
+                && s.subject == Subject::agent("agent-0")),
+        "{got:?}"
+    );
+    // Back under a new identity (a fresh token), renewing: judged by the
+    // new listing only, so both close; the old identity, if still listed,
+    // is ignored.
+    let back = Observations {
+        servers: vec![server(
+            "s1",
+            true,
+            vec![listed("t0", 500, false), listed("t1", 3700, false)],
+            &["f"],
+        )],
+        agent_ids: remembered(&[("t0", "agent-0"), ("t1", "agent-0")]),
+        ..Default::default()
+    };
+    assert!(control_plane(&back, 1, &open_both, &th(), t(100)).is_empty());
+}
+
 #[test]
 fn servers_down_and_all_down() {
     let one_down = Observations {

@@ -1,0 +1,160 @@
+//! Who an agent SPIFFE ID is: the durable mapping from agent SPIFFE IDs to
+//! configured `[[agents]]` names. Learned from each agent's Debug API (the
+//! leaf of its own SVID) and from the join tokens `agent_evict` mints for a
+//! configured agent; persisted (`AgentIdentified`) and resumed at start, so
+//! an agent that stopped answering before spire-healer restarted is still
+//! known by name where a server lists it: counted once, acted on by name.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tracing::info;
+
+use super::Tick;
+use crate::model::{AgentIdentity, Event, IdentitySource, Observations};
+
+/// SPIFFE ID → agent name, shared with every tick's observations.
+#[derive(Debug, Default)]
+pub(super) struct Identities {
+    by_id: Arc<HashMap<String, String>>,
+}
+
+impl Identities {
+    /// The mapping the store remembers. Only configured agents count: a
+    /// name removed from the config maps nothing any more.
+    pub(super) fn resume(known: Vec<AgentIdentity>, configured: &HashSet<String>) -> Self {
+        let by_id = known
+            .into_iter()
+            .filter(|i| configured.contains(&i.agent))
+            .map(|i| (i.spiffe_id, i.agent))
+            .collect();
+        Self {
+            by_id: Arc::new(by_id),
+        }
+    }
+
+    /// The mapping, for the observations of this tick.
+    pub(super) fn shared(&self) -> Arc<HashMap<String, String>> {
+        self.by_id.clone()
+    }
+
+    /// Learns what the agents' Debug APIs say about themselves.
+    pub(super) fn observe(
+        &mut self,
+        obs: &Observations,
+        configured: &HashSet<String>,
+        now: SystemTime,
+        tick: &mut Tick<'_>,
+    ) {
+        for d in &obs.agent_debug {
+            if let Some(id) = &d.spiffe_id
+                && configured.contains(&d.agent)
+            {
+                self.learn(&d.agent, id, IdentitySource::DebugApi, now, tick);
+            }
+        }
+    }
+
+    /// Records that `spiffe_id` is `agent` (a new or moved pairing only).
+    pub(super) fn learn(
+        &mut self,
+        agent: &str,
+        spiffe_id: &str,
+        source: IdentitySource,
+        now: SystemTime,
+        tick: &mut Tick<'_>,
+    ) {
+        if self.by_id.get(spiffe_id).is_some_and(|a| a == agent) {
+            return;
+        }
+        info!(%agent, %spiffe_id, source = source.as_str(), "Agent identity learned.");
+        Arc::make_mut(&mut self.by_id).insert(spiffe_id.to_string(), agent.to_string());
+        tick.events.push(Event::AgentIdentified(AgentIdentity {
+            agent: agent.to_string(),
+            spiffe_id: spiffe_id.to_string(),
+            source,
+            at: now,
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::AgentDebugView;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn t(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    fn debug(agent: &str, id: Option<&str>) -> Arc<AgentDebugView> {
+        Arc::new(AgentDebugView {
+            agent: agent.into(),
+            reachable: id.is_some(),
+            last_error: None,
+            updated_at: t(0),
+            last_sync_success: None,
+            uptime_secs: 0,
+            cached_x509_svids: 0,
+            spiffe_id: id.map(str::to_string),
+            svid_expires_at: None,
+        })
+    }
+
+    #[test]
+    fn learns_once_remembers_and_ignores_unconfigured_names() {
+        let configured: HashSet<String> = ["a".to_string()].into();
+        let old = AgentIdentity {
+            agent: "a".into(),
+            spiffe_id: "spiffe://td/spire/agent/join_token/old".into(),
+            source: IdentitySource::DebugApi,
+            at: t(0),
+        };
+        let gone = AgentIdentity {
+            agent: "removed".into(),
+            spiffe_id: "spiffe://td/spire/agent/join_token/r".into(),
+            ..old.clone()
+        };
+        let mut ids = Identities::resume(vec![old, gone], &configured);
+        assert_eq!(
+            ids.shared().len(),
+            1,
+            "a name no longer configured maps nothing"
+        );
+
+        let obs = Observations {
+            agent_debug: vec![
+                debug("a", Some("spiffe://td/spire/agent/join_token/new")),
+                debug("b", Some("spiffe://td/spire/agent/join_token/b")),
+                debug("a", None),
+            ],
+            ..Observations::default()
+        };
+        let mut tick = Tick::default();
+        ids.observe(&obs, &configured, t(10), &mut tick);
+        ids.observe(&obs, &configured, t(11), &mut tick);
+        assert_eq!(tick.events.len(), 1, "recorded once: {:?}", tick.events);
+        let map = ids.shared();
+        assert_eq!(map["spiffe://td/spire/agent/join_token/old"], "a");
+        assert_eq!(map["spiffe://td/spire/agent/join_token/new"], "a");
+        assert!(!map.contains_key("spiffe://td/spire/agent/join_token/b"));
+
+        // A token we minted for `a`.
+        ids.learn(
+            "a",
+            "spiffe://td/spire/agent/join_token/minted",
+            IdentitySource::JoinToken,
+            t(12),
+            &mut tick,
+        );
+        assert!(matches!(
+            &tick.events[1],
+            Event::AgentIdentified(AgentIdentity {
+                source: IdentitySource::JoinToken,
+                ..
+            })
+        ));
+    }
+}
