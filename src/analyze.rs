@@ -48,15 +48,26 @@ fn agent_symptoms(
     if view.status == StreamStatus::Up {
         return svid_symptoms(view, true, is_open, th, now, blind, out);
     }
-    // identity_not_issued: the agent answered that it has no identity for
-    // us (and we are reconnecting since). It answers, so it is not
-    // unreachable, and no restart can issue a missing entry.
-    let no_identity = matches!(view.status, StreamStatus::Down | StreamStatus::Connecting)
-        && view.last_error.as_deref() == Some(NO_IDENTITY);
+    // identity_not_issued: the agent answers that it has no identity for us
+    // (and we are retrying since). It answers, so it is not unreachable,
+    // and no restart can issue a missing entry. An agent that has just
+    // started or attested answers so until its first sync delivers our
+    // entry: only a refusal that lasts `identity_grace` is a diagnosis, and
+    // until then an open agent_unreachable stays as it is.
+    let refused = view.status == StreamStatus::NoIdentity
+        || (view.status == StreamStatus::Connecting
+            && view.last_error.as_deref() == Some(NO_IDENTITY));
+    let identity_key = SymptomKey {
+        kind: SymptomKind::IdentityNotIssued,
+        subject: Subject::agent(&view.agent),
+    };
+    let no_identity = refused
+        && (saturating_since(now, view.status_since) >= th.identity_grace
+            || is_open(&identity_key));
     if no_identity {
         out.push(Symptom {
-            kind: SymptomKind::IdentityNotIssued,
-            subject: Subject::agent(&view.agent),
+            kind: identity_key.kind,
+            subject: identity_key.subject,
             severity: Severity::Critical,
             predicted_outage: None,
             evidence: json!({
@@ -338,33 +349,46 @@ mod tests {
 
     #[test]
     fn an_agent_that_issues_us_no_identity_is_not_unreachable() {
-        let open = open_set(&[(SymptomKind::AgentUnreachable, Subject::agent("a"))]);
-        for (status, open_before, want) in [
-            (
-                StreamStatus::Down,
-                false,
-                vec![SymptomKind::IdentityNotIssued],
-            ),
-            (
-                StreamStatus::Connecting,
-                false,
-                vec![SymptomKind::IdentityNotIssued],
-            ),
-            // An open agent_unreachable closes: the agent answers.
-            (
-                StreamStatus::Down,
-                true,
-                vec![SymptomKind::IdentityNotIssued],
-            ),
-        ] {
-            let mut v = view(status, 20, 21);
+        let unreachable = (SymptomKind::AgentUnreachable, Subject::agent("a"));
+        let refusing = |since: u64, at: u64| {
+            let mut v = view(StreamStatus::NoIdentity, since, at);
             v.svids.clear();
             v.last_error = Some(NO_IDENTITY.into());
-            let got = analyze(&[v], &|k| open_before && open.contains(k), &th(), t(21));
-            assert_eq!(kinds(&got), want, "{status:?} open={open_before}");
-            assert_eq!(got[0].subject, Subject::agent("a"));
-            assert_eq!(got[0].severity, Severity::Critical);
+            v
+        };
+        // (refusing since, now, unreachable open before, want)
+        for (since, at, open_before, want) in [
+            // Within the grace (a freshly attested agent before its first
+            // sync): nothing opens, an open agent_unreachable stays.
+            (20, 25, false, vec![]),
+            (20, 25, true, vec![SymptomKind::AgentUnreachable]),
+            // Past it: the diagnosis, and agent_unreachable closes (it
+            // answers).
+            (20, 30, false, vec![SymptomKind::IdentityNotIssued]),
+            (20, 30, true, vec![SymptomKind::IdentityNotIssued]),
+        ] {
+            let open = open_set(&[unreachable.clone()]);
+            let got = analyze(
+                &[refusing(since, at)],
+                &|k| open_before && open.contains(k),
+                &th(),
+                t(at),
+            );
+            assert_eq!(kinds(&got), want, "t{at} open={open_before}");
+            if let Some(s) = got
+                .iter()
+                .find(|s| s.kind == SymptomKind::IdentityNotIssued)
+            {
+                assert_eq!(s.subject, Subject::agent("a"));
+                assert_eq!(s.severity, Severity::Critical);
+            }
         }
+        // Open: stays open while retrying (Connecting after the refusal).
+        let open = open_set(&[(SymptomKind::IdentityNotIssued, Subject::agent("a"))]);
+        let mut v = refusing(29, 30);
+        v.status = StreamStatus::Connecting;
+        let got = analyze(&[v], &|k| open.contains(k), &th(), t(30));
+        assert_eq!(kinds(&got), vec![SymptomKind::IdentityNotIssued]);
         // Served again: nothing.
         let mut v = view(StreamStatus::Up, 0, 21);
         v.last_error = None;

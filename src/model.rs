@@ -247,6 +247,9 @@ pub enum StreamStatus {
     Down,
     /// The agent refused us permanently (`InvalidArgument`/`Unimplemented`).
     Rejected,
+    /// The agent answers but issues us no identity (`PermissionDenied`: no
+    /// registration entry matches our selectors); retried.
+    NoIdentity,
 }
 
 impl StreamStatus {
@@ -258,6 +261,7 @@ impl StreamStatus {
             StreamStatus::Unanswered => "unanswered",
             StreamStatus::Down => "down",
             StreamStatus::Rejected => "rejected",
+            StreamStatus::NoIdentity => "no_identity",
         }
     }
 }

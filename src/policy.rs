@@ -56,6 +56,11 @@ pub struct Thresholds {
     /// How long the stream must be down before `agent_unreachable` opens.
     #[serde(with = "humantime_serde")]
     pub unreachable_after: Duration,
+    /// How long an agent must refuse us an identity (`PermissionDenied`)
+    /// before `identity_not_issued` opens: a freshly started or re-attested
+    /// agent refuses until its first sync delivers our entry.
+    #[serde(default = "d_identity_grace", with = "humantime_serde")]
+    pub identity_grace: Duration,
     /// Sensor views older than this are blind.
     #[serde(with = "humantime_serde")]
     pub max_staleness: Duration,
@@ -242,6 +247,10 @@ pub struct Guards {
     pub futile_after: u32,
 }
 
+fn d_identity_grace() -> Duration {
+    Duration::from_secs(10)
+}
+
 fn d_futile_after() -> u32 {
     2
 }
@@ -334,6 +343,9 @@ impl Policy {
             }
         }
         let g = &self.guards;
+        if g.futile_after == 0 {
+            out.push("guards.futile_after must be at least 1".into());
+        }
         if !(g.breaker_share > 0.0 && g.breaker_share <= 1.0) {
             out.push(format!(
                 "guards.breaker_share = {} must be in (0, 1]",
@@ -410,8 +422,10 @@ mod tests {
         p.thresholds.rotation_overdue_open = 1.5;
         p.thresholds.expiring_close = 0.99;
         p.ladders.insert("nonsense".into(), vec![]);
+        p.guards.futile_after = 0;
         let problems = p.problems();
-        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("futile_after")));
     }
 
     #[test]

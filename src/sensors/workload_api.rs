@@ -248,6 +248,8 @@ impl WorkloadApiTask {
                         .inc();
                     let status = if !retry {
                         StreamStatus::Rejected
+                    } else if code == NO_IDENTITY {
+                        StreamStatus::NoIdentity
                     } else if unanswered {
                         StreamStatus::Unanswered
                     } else {
@@ -308,7 +310,7 @@ impl WorkloadApiTask {
                 v.status_since = now;
                 changed = true;
             }
-            if error.as_deref() == Some(NO_IDENTITY) {
+            if status == StreamStatus::NoIdentity {
                 // The agent has no identity for us: nothing is served, so
                 // nothing cached may be judged as if it were (SVIDs are
                 // kept only while the agent is away).

@@ -576,12 +576,16 @@ async fn no_identity_issued_is_reported_and_restarts_nothing() {
     // Our entry is deleted: the agent refuses us an identity, and the
     // sensor drops what it served.
     h.agent("a").update(|v| {
-        v.status = StreamStatus::Down;
+        v.status = StreamStatus::NoIdentity;
         v.status_since = t(20);
         v.last_error = Some(crate::model::NO_IDENTITY.into());
         v.svids.clear();
     });
-    for at in [20, 21, 45, 70] {
+    // Within identity_grace (10 s) it may be an agent that has not synced
+    // yet: nothing.
+    let r = h.tick(&mut sup, 21).await;
+    assert!(r.symptoms.is_empty() && r.started.is_empty());
+    for at in [30, 45, 70] {
         let r = h.tick(&mut sup, at).await;
         assert_eq!(kinds(&r), vec![SymptomKind::IdentityNotIssued], "at {at}");
         assert!(r.started.is_empty(), "nothing restarted at {at}");

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use spire_healer::clock::{Clock, SystemClock, unix_millis};
-use spire_healer::config::Config;
+use spire_healer::config::{Config, Resolved};
 use spire_healer::knowledge::{ActionRecord, HoldRecord, IncidentRecord, Query, Store};
 use spire_healer::telemetry::Metrics;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +30,7 @@ pub struct Cluster {
     pub lab: HaLab,
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
+    resolved: Resolved,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     _dir: tempfile::TempDir,
@@ -47,8 +48,20 @@ impl Cluster {
         policy_overrides: &[(&str, &str)],
         bootstrap_bundle: bool,
     ) -> Result<Cluster> {
+        Self::start_with(ttl, policy_overrides, bootstrap_bundle, "1h").await
+    }
+
+    /// [`Cluster::start`] with servers whose agent SVIDs live `agent_ttl`
+    /// (an HCL duration).
+    pub async fn start_with(
+        ttl: u32,
+        policy_overrides: &[(&str, &str)],
+        bootstrap_bundle: bool,
+        agent_ttl: &str,
+    ) -> Result<Cluster> {
         let lab = HaLab::start(HaOptions {
             postgres_url: pg_url()?,
+            agent_ttl: agent_ttl.into(),
             ..HaOptions::default()
         })
         .await?;
@@ -150,10 +163,34 @@ type = "entry_bump"
             lab,
             store: running.store,
             metrics,
+            resolved,
             shutdown,
             tasks,
             _dir: dir,
         })
+    }
+
+    /// Stops spire-healer (as SIGTERM does) and starts it again on the same
+    /// store and config: what it knows after a restart is what it recorded.
+    pub async fn restart_healer(&mut self) -> Result<()> {
+        self.shutdown.cancel();
+        self.tasks.close();
+        tokio::time::timeout(Duration::from_secs(30), self.tasks.wait())
+            .await
+            .context("spire-healer did not stop within 30 s")?;
+        self.shutdown = CancellationToken::new();
+        self.tasks = TaskTracker::new();
+        self.metrics = Arc::new(Metrics::new());
+        let running = spire_healer::app::start(
+            &self.resolved,
+            Arc::new(SystemClock),
+            self.metrics.clone(),
+            self.shutdown.clone(),
+            &self.tasks,
+        )
+        .await?;
+        self.store = running.store;
+        Ok(())
     }
 
     pub async fn stop(self) {

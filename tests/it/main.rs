@@ -16,3 +16,4 @@ mod lab_smoke;
 mod spire_api;
 mod spire_api_tls;
 mod spire_lab;
+mod stuck_agent;

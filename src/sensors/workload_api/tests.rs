@@ -395,7 +395,7 @@ async fn no_identity_issued_drops_what_was_served_and_comes_back() {
             v.last_error.as_deref() == Some(NO_IDENTITY)
         })
         .await;
-    assert_ne!(denied.status, StreamStatus::Up);
+    assert_eq!(denied.status, StreamStatus::NoIdentity);
     // Nothing is served any more, so nothing is kept as if it were.
     assert!(denied.svids.is_empty(), "{denied:#?}");
     assert!(run.errors(NO_IDENTITY) > 0.0, "{}", run.metrics.render());
