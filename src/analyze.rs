@@ -367,7 +367,7 @@ mod tests {
             (20, 30, false, vec![SymptomKind::IdentityNotIssued]),
             (20, 30, true, vec![SymptomKind::IdentityNotIssued]),
         ] {
-            let open = open_set(&[unreachable.clone()]);
+            let open = open_set(std::slice::from_ref(&unreachable));
             let got = analyze(
                 &[refusing(since, at)],
                 &|k| open_before && open.contains(k),
