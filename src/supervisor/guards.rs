@@ -35,13 +35,17 @@ pub(super) struct Guards {
 
 impl Guards {
     /// The ledger as the store remembers it. Failed verifications count
-    /// towards futility when their incident is still open.
+    /// towards futility when their incident is still open; so does an
+    /// action that returned but whose verdict was never recorded (the
+    /// process stopped while it was being verified) when its incident is
+    /// still open: it did not clear it.
     pub(super) fn resume(recent_actions: &[ActionRecord], open: &[Incident]) -> Self {
         let mut g = Self::default();
         let open: HashSet<&str> = open.iter().map(|i| i.id.as_str()).collect();
         for a in recent_actions {
-            if a.verification.as_deref() == Some("failed") && open.contains(a.incident_id.as_str())
-            {
+            let unverdicted = a.verification.is_none() && a.outcome.is_some() && !a.dry_run;
+            let failed = a.verification.as_deref() == Some("failed") || unverdicted;
+            if failed && open.contains(a.incident_id.as_str()) {
                 g.failed(&a.target, &a.actuator);
             }
             let at = from_unix_millis(a.started_at_ms);
@@ -252,6 +256,10 @@ mod tests {
             verification: Some("verified".into()),
             ..record("a", "restart", 3, false)
         };
+        let never_judged = ActionRecord {
+            incident_id: "c".into(),
+            ..record("c", "restart", 5, false)
+        };
         // Rebuilt from the store: only failures of incidents still open.
         let mut g = Guards::resume(
             &[
@@ -259,11 +267,13 @@ mod tests {
                 failed("a", "a", 2),
                 verified,
                 failed("b", "closed", 4),
+                never_judged,
             ],
-            &[agent_incident("a")],
+            &[agent_incident("a"), agent_incident("c")],
         );
         let key = |t: &str| (t.to_string(), "restart".to_string());
         assert_eq!(g.failures()[&key("a")], 2);
+        assert_eq!(g.failures()[&key("c")], 1, "returned, never judged, still open");
         assert!(!g.failures().contains_key(&key("b")));
         g.failed("b", "restart");
         assert_eq!(g.failures()[&key("b")], 1);

@@ -281,7 +281,7 @@ async fn a_deleted_entry_is_reported_not_restarted() -> Result<()> {
     assert_eq!(kinds, ["identity_not_issued"], "no other incident opened");
     assert!(healer.actions().await.is_empty(), "nothing restarted");
     println!(
-        "scenario d: identity_not_issued after {detect:.2}s, closed {:.2}s after it opened, no action",
+        "scenario a: identity_not_issued after {detect:.2}s, closed {:.2}s after it opened, no action",
         secs(incident.opened_at_ms, closed.closed_at_ms.unwrap())
     );
     healer.stop().await;

@@ -153,14 +153,16 @@ async fn an_agent_that_cannot_attest_is_evicted_and_readmitted() -> Result<()> {
         *open.entry((&i.symptom, &i.subject)).or_default() += 1;
     }
     assert!(open.values().all(|n| *n == 1), "{incidents:#?}");
-    // Bounded: each restart rung at most until futile (twice), across the
-    // restart of spire-healer; far below the hourly budget.
+    // Bounded: restart-agent at most until futile (twice), across the
+    // restart of spire-healer (a restart whose verdict the stopped process
+    // never recorded counts as failed when its incident is still open); far
+    // below the hourly budget.
     let restarts = actions
         .iter()
         .filter(|a| a.actuator == "restart-agent")
         .count();
-    assert!(restarts <= 3, "{actions:#?}");
-    assert!(actions.len() <= 6, "{actions:#?}");
+    assert!(restarts <= 2, "{actions:#?}");
+    assert!(actions.len() <= 5, "{actions:#?}");
     println!(
         "scenario b/c: agent_unreachable {:.1}s after the wipe; spire-healer restarted at +{:.1}s; \
          agent_not_renewing at +{:.1}s; evicted at +{:.1}s; re-admitted (incident closed) at +{:.1}s; \
