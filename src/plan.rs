@@ -183,13 +183,15 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Decision> {
     order.sort_by(|a, b| urgency(a, b));
     // Group by slot, in the order of each slot's most urgent incident; in a
     // group, the most specific diagnosis first (stable: urgency breaks ties).
-    let mut slots: Vec<(Slot<'_>, Vec<&Incident>)> = Vec::new();
+    let mut slots: Vec<Vec<&Incident>> = Vec::new();
+    let mut index: HashMap<Slot<'_>, usize> = HashMap::with_capacity(order.len());
     for inc in order {
-        let slot = Slot::of(inc);
-        match slots.iter_mut().find(|(s, _)| *s == slot) {
-            Some((_, group)) => group.push(inc),
-            None => slots.push((slot, vec![inc])),
+        let next = slots.len();
+        let i = *index.entry(Slot::of(inc)).or_insert(next);
+        if i == next {
+            slots.push(Vec::new());
         }
+        slots[i].push(inc);
     }
     let mut planner = Planner {
         input,
@@ -198,7 +200,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Decision> {
         planned: 0,
     };
     let mut out = Vec::new();
-    for (_, mut group) in slots {
+    for mut group in slots {
         group.sort_by_key(|i| std::cmp::Reverse(i.kind.specificity()));
         let mut taken = false;
         for inc in group {
@@ -234,7 +236,7 @@ fn urgency(a: &Incident, b: &Incident) -> std::cmp::Ordering {
 
 /// What incidents compete for: an agent (its own and its SVIDs'
 /// incidents), a peer or file, or nothing shared (servers, the cluster).
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, Hash)]
 enum Slot<'a> {
     Agent(&'a str),
     Other(&'a str),
