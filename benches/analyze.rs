@@ -94,6 +94,7 @@ fn server_view(now: SystemTime) -> ServerView {
         agents_truncated: false,
         bundle: Vec::new(),
         bundle_sequence: 1,
+        entry_lookups: Vec::new(),
     }
 }
 

@@ -7,7 +7,7 @@
 mod control_plane;
 mod handshake;
 
-pub use control_plane::{control_plane, debug_view};
+pub use control_plane::{control_plane, debug_view, explain_refusals};
 pub use handshake::{HandshakeInput, handshakes, remediable};
 
 use std::time::SystemTime;

@@ -85,6 +85,7 @@ pub async fn start(
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
         handshakes: handshakes.clone(),
+        lookups: Arc::default(),
     };
     let Sensors {
         sensors,

@@ -352,6 +352,31 @@ pub struct ServerView {
     pub bundle: Vec<Authority>,
     /// Bundle sequence number.
     pub bundle_sequence: u64,
+    /// Registration entries looked up for SPIFFE IDs an agent refuses us.
+    pub entry_lookups: Vec<EntryLookup>,
+}
+
+/// What a server holds for a SPIFFE ID an agent refuses to issue us.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryLookup {
+    /// The agent that refused it.
+    pub agent: String,
+    pub spiffe_id: String,
+    /// The entries for it (`None`: the lookup failed, see `error`).
+    pub entries: Option<Vec<EntrySummary>>,
+    /// Closed-set error class of a failed lookup.
+    pub error: Option<String>,
+}
+
+/// One registration entry, as much as a diagnosis needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntrySummary {
+    /// Entry id.
+    pub id: String,
+    /// Parent SPIFFE ID (the agent or a node alias).
+    pub parent_id: String,
+    /// `type:value`.
+    pub selectors: Vec<String>,
 }
 
 #[cfg(test)]
@@ -381,6 +406,7 @@ impl ServerView {
                 })
                 .collect(),
             bundle_sequence: 0,
+            entry_lookups: Vec::new(),
         }
     }
 }

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span};
 
 use crate::actuators::{Prepared, Registry};
-use crate::analyze::{HandshakeInput, analyze, control_plane, handshakes};
+use crate::analyze::{HandshakeInput, analyze, control_plane, explain_refusals, handshakes};
 use crate::clock::{Clock, saturating_since};
 use crate::handshake::Counter;
 use crate::knowledge::{Buffer, Knowledge};
@@ -246,6 +246,7 @@ impl Supervisor {
         let th = &self.policy.thresholds;
         let mut s = analyze(&obs.agents, &is_open, th, now);
         s.extend(control_plane(obs, obs.servers.len(), &is_open, th, now));
+        explain_refusals(obs, &mut s);
         let windows = self.handshakes.windows(now, th);
         let instants = self.changes.instants();
         s.extend(handshakes(

@@ -529,6 +529,7 @@ mod tests {
                 })
                 .collect(),
             bundle_sequence: 1,
+            entry_lookups: Vec::new(),
         })
     }
 

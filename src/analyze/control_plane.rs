@@ -23,8 +23,8 @@ use serde_json::json;
 
 use crate::clock::{saturating_since, unix_millis};
 use crate::model::{
-    AgentDebugView, Observations, Role, ServerAgent, ServerView, Severity, Subject, Symptom,
-    SymptomKey, SymptomKind,
+    AgentDebugView, EntryLookup, EntrySummary, Observations, Role, ServerAgent, ServerView,
+    Severity, Subject, Symptom, SymptomKey, SymptomKind,
 };
 use crate::policy::Thresholds;
 
@@ -661,6 +661,70 @@ struct CurrentBundle<'a> {
     tainted: BTreeSet<&'a str>,
     /// When the view it comes from was refreshed.
     updated_at: SystemTime,
+}
+
+/// Adds to every `identity_not_issued` what the servers hold for the SPIFFE
+/// IDs the agent refuses us (their entry lookups): `entry` is `missing`
+/// when no reachable server has an entry for any of them (deleted), or
+/// `not_matching` when one exists but is no longer issued to us (its
+/// selectors or parent changed); `unknown` without an answer. Pure.
+pub fn explain_refusals(obs: &Observations, symptoms: &mut [Symptom]) {
+    let lookups: Vec<&EntryLookup> = obs
+        .servers
+        .iter()
+        .filter(|s| s.reachable)
+        .flat_map(|s| s.entry_lookups.iter())
+        .filter(|l| l.entries.is_some())
+        .collect();
+    for s in symptoms
+        .iter_mut()
+        .filter(|s| s.kind == SymptomKind::IdentityNotIssued)
+    {
+        let agent = s.subject.agent_name();
+        let mine: Vec<&EntryLookup> = lookups
+            .iter()
+            .copied()
+            .filter(|l| l.agent == agent)
+            .collect();
+        let existing: Vec<&EntrySummary> = mine
+            .iter()
+            .flat_map(|l| l.entries.iter().flatten())
+            .collect();
+        let (entry, cause) = match (mine.is_empty(), existing.first()) {
+            (true, _) => (
+                "unknown",
+                "no registration entry matches our selectors (no server lookup)".to_string(),
+            ),
+            (false, None) => (
+                "missing",
+                format!(
+                    "the registration entry for {} is gone",
+                    spiffe_ids(&mine).join(", ")
+                ),
+            ),
+            (false, Some(e)) => (
+                "not_matching",
+                format!(
+                    "an entry for {} exists (parent {}, selectors {}) but is no longer issued to us: its selectors or parent no longer match",
+                    spiffe_ids(&mine).join(", "),
+                    e.parent_id,
+                    e.selectors.join(" ")
+                ),
+            ),
+        };
+        s.evidence["entry"] = json!(entry);
+        s.evidence["cause"] = json!(cause);
+        if !mine.is_empty() {
+            s.evidence["entries"] = json!(existing);
+        }
+    }
+}
+
+fn spiffe_ids<'a>(lookups: &[&'a EntryLookup]) -> Vec<&'a str> {
+    let mut ids: Vec<&str> = lookups.iter().map(|l| l.spiffe_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// Earliest of the known instants.

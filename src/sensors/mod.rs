@@ -11,6 +11,7 @@
 pub mod agent_debug;
 pub mod bootstrap_bundle;
 pub mod cert_files;
+pub mod entry_lookups;
 pub mod envoy_tls;
 pub mod handshake_probe;
 pub mod health;
@@ -114,6 +115,9 @@ pub struct SensorContext {
     pub tasks: TaskTracker,
     /// Handshake outcomes, added to by probes and Envoy scrapes.
     pub handshakes: Counter,
+    /// Entries to look up for identities agents refuse us: asked for by
+    /// Workload API sensors, answered by server sensors.
+    pub lookups: Arc<entry_lookups::EntryLookups>,
 }
 
 /// The started sensors, and the handles others need from them.
@@ -164,12 +168,14 @@ impl SensorSpec {
                 let agent = settings.agent.clone();
                 let (sensor, task, shared) = workload_api::build(settings, clock, metrics, wake);
                 let span = info_span!("sensor", sensor = "workload_api", agent = %agent);
+                let task = task.with_lookups(cx.lookups.clone());
                 cx.start(out, sensor, task.run(stop), span);
                 out.streams.insert(agent, shared);
             }
             SensorSpec::ServerApi(settings) => {
                 let span = info_span!("sensor", sensor = "server_api", target = %settings.server);
                 let (sensor, task) = server_api::build(settings, clock, metrics, wake);
+                let task = task.with_lookups(cx.lookups.clone());
                 cx.start(out, sensor, task.run(stop), span);
             }
             SensorSpec::ServerApiTcp {
@@ -192,7 +198,8 @@ impl SensorSpec {
                     Some(Ok(client)) => {
                         let span = info_span!("sensor", sensor = "server_api", target = %server);
                         let (sensor, task) = server_api::build(settings, clock, metrics, wake);
-                        cx.start(out, sensor, task.with_client(client).run(stop), span);
+                        let task = task.with_client(client).with_lookups(cx.lookups.clone());
+                        cx.start(out, sensor, task.run(stop), span);
                     }
                     Some(Err(e)) => {
                         error!(server = %server, error = %e, "Server admin API over TCP not started.")

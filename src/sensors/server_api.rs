@@ -30,8 +30,9 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::entry_lookups::EntryLookups;
 use crate::clock::Clock;
-use crate::model::{Authority, Reading, ServerAgent, ServerView};
+use crate::model::{Authority, EntryLookup, EntrySummary, Reading, ServerAgent, ServerView};
 use crate::spire_api::{ServerAdminClient, ServerDebugInfo, SpireApiError};
 use crate::telemetry::Metrics;
 
@@ -88,6 +89,7 @@ pub struct ServerApiTask {
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
     client: Option<ServerAdminClient>,
+    lookups: Arc<EntryLookups>,
 }
 
 /// Builds the sensor and its poll task. Until the first poll ends the view
@@ -114,6 +116,7 @@ pub fn build(
         agents_truncated: false,
         bundle: Vec::new(),
         bundle_sequence: 0,
+        entry_lookups: Vec::new(),
     };
     let (tx, rx) = watch::channel(Arc::new(initial));
     (
@@ -125,6 +128,7 @@ pub fn build(
             metrics,
             wake,
             client: None,
+            lookups: Arc::default(),
         },
     )
 }
@@ -137,6 +141,25 @@ struct Polled {
     truncated: bool,
     bundle: Vec<Authority>,
     sequence: u64,
+    entry_lookups: Vec<EntryLookup>,
+}
+
+/// The parts of an entry a diagnosis names.
+fn entry_summary(e: &crate::proto::spire::api::types::Entry) -> EntrySummary {
+    let id = |s: &Option<crate::proto::spire::api::types::Spiffeid>| {
+        s.as_ref()
+            .map(|s| format!("spiffe://{}{}", s.trust_domain, s.path))
+            .unwrap_or_default()
+    };
+    EntrySummary {
+        id: e.id.clone(),
+        parent_id: id(&e.parent_id),
+        selectors: e
+            .selectors
+            .iter()
+            .map(|s| format!("{}:{}", s.r#type, s.value))
+            .collect(),
+    }
 }
 
 impl ServerApiTask {
@@ -145,6 +168,13 @@ impl ServerApiTask {
     #[must_use]
     pub fn with_client(mut self, client: ServerAdminClient) -> Self {
         self.client = Some(client);
+        self
+    }
+
+    /// Looks up, at every poll, the entries of SPIFFE IDs agents refuse us.
+    #[must_use]
+    pub fn with_lookups(mut self, lookups: Arc<EntryLookups>) -> Self {
+        self.lookups = lookups;
         self
     }
 
@@ -190,12 +220,29 @@ impl ServerApiTask {
             client.list_agents_paged(s.page_size, s.max_pages),
             client.get_bundle(),
         )?;
+        let mut entry_lookups = Vec::new();
+        for (agent, spiffe_id) in self.lookups.wanted() {
+            let (entries, error) = match client.list_entries_by_spiffe_id(&spiffe_id).await {
+                Ok(found) => (Some(found.iter().map(entry_summary).collect()), None),
+                Err(e) => {
+                    self.metrics.error("sensor", e.kind());
+                    (None, Some(e.kind().to_string()))
+                }
+            };
+            entry_lookups.push(EntryLookup {
+                agent,
+                spiffe_id,
+                entries,
+                error,
+            });
+        }
         Ok(Polled {
             info,
             agents,
             truncated,
             bundle,
             sequence,
+            entry_lookups,
         })
     }
 
@@ -232,6 +279,7 @@ impl ServerApiTask {
                     agents_truncated: p.truncated,
                     bundle: p.bundle,
                     bundle_sequence: p.sequence,
+                    entry_lookups: p.entry_lookups,
                 }
             }
             Err(e) => {

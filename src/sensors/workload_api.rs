@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status, Streaming};
 use tracing::{debug, info, warn};
 
+use super::entry_lookups::EntryLookups;
 use super::{Sensor, SensorError};
 use crate::clock::Clock;
 use crate::endpoint::Endpoint;
@@ -177,6 +178,7 @@ pub struct WorkloadApiTask {
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
+    lookups: Arc<EntryLookups>,
 }
 
 /// Builds the sensor, its task and the shared handle (for `refetch`).
@@ -199,6 +201,7 @@ pub fn build(
             clock,
             metrics,
             wake,
+            lookups: Arc::default(),
         },
         shared,
     )
@@ -221,6 +224,14 @@ const HEARTBEAT: Duration = Duration::from_millis(500);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 
 impl WorkloadApiTask {
+    /// Asks `lookups` for the entries of the SPIFFE IDs the agent refuses
+    /// us (and forgets them once it serves again).
+    #[must_use]
+    pub fn with_lookups(mut self, lookups: Arc<EntryLookups>) -> Self {
+        self.lookups = lookups;
+        self
+    }
+
     /// Runs until `shutdown`.
     ///
     /// # Cancel safety
@@ -313,8 +324,12 @@ impl WorkloadApiTask {
             if status == StreamStatus::NoIdentity {
                 // The agent has no identity for us: nothing is served, so
                 // nothing cached may be judged as if it were (SVIDs are
-                // kept only while the agent is away).
-                v.svids.clear();
+                // kept only while the agent is away). What it served is
+                // looked up on the servers: gone, or no longer ours?
+                self.lookups
+                    .want(&self.settings.agent, v.svids.drain(..).map(|s| s.spiffe_id));
+            } else if up {
+                self.lookups.forget(&self.settings.agent);
             }
             if error.is_some() || up {
                 v.last_error = error;

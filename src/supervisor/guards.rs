@@ -273,7 +273,11 @@ mod tests {
         );
         let key = |t: &str| (t.to_string(), "restart".to_string());
         assert_eq!(g.failures()[&key("a")], 2);
-        assert_eq!(g.failures()[&key("c")], 1, "returned, never judged, still open");
+        assert_eq!(
+            g.failures()[&key("c")],
+            1,
+            "returned, never judged, still open"
+        );
         assert!(!g.failures().contains_key(&key("b")));
         g.failed("b", "restart");
         assert_eq!(g.failures()[&key("b")], 1);

@@ -240,7 +240,13 @@ async fn a_deleted_entry_is_reported_not_restarted() -> Result<()> {
     let lab = SpireLab::start(LabOptions::default()).await?;
     let entry = lab.register_entry("/healer", uid(), 300).await?;
     lab.wait_for_entry_synced("/healer").await?;
-    let healer = Healer::start(&lab, None).await?;
+    // The server's admin API too: the diagnosis says whether the entry is
+    // gone or no longer matches.
+    let server = format!(
+        "[[servers]]\nname = \"server\"\nadmin_socket = \"{}\"\npoll_interval = \"1s\"\n",
+        lab.server_socket().display()
+    );
+    let healer = Healer::start_with(&lab, None, "", &server).await?;
     let stream_up = format!(r#"spire_healer_workload_api_stream_up{{agent="{AGENT}"}}"#);
     healer
         .wait_for("stream up", Duration::from_secs(20), || async {
@@ -265,6 +271,13 @@ async fn a_deleted_entry_is_reported_not_restarted() -> Result<()> {
         .await?;
     let detect = secs(deleted_at, incident.opened_at_ms);
     assert_eq!(incident.subject, format!("agent:{AGENT}"));
+    assert_eq!(incident.evidence["entry"], "missing", "{incident:#?}");
+    assert!(
+        incident.evidence["cause"]
+            .as_str()
+            .is_some_and(|c| c.contains(&lab.spiffe_id("/healer"))),
+        "{incident:#?}"
+    );
     // A dozen more ticks of the agent refusing us: still nothing else.
     healer.wait_ticks(12).await?;
 

@@ -58,6 +58,7 @@ fn server(
         agents_truncated: false,
         bundle: bundle.iter().map(|f| authority(f, 86_400)).collect(),
         bundle_sequence: 1,
+        entry_lookups: Vec::new(),
     })
 }
 
@@ -563,4 +564,64 @@ fn stale_views_are_blind() {
     };
     let got = run(&obs, 100);
     assert!(got.iter().all(|s| s.blind), "{got:?}");
+}
+
+#[test]
+fn a_refusal_is_explained_by_what_the_servers_hold() {
+    let refusal = || Symptom {
+        kind: SymptomKind::IdentityNotIssued,
+        subject: Subject::agent("a"),
+        severity: Severity::Critical,
+        predicted_outage: None,
+        evidence: json!({}),
+        blind: false,
+    };
+    let with_lookup = |entries: Option<Vec<EntrySummary>>, reachable: bool| {
+        let mut s = (*server("s1", reachable, vec![], &["f"])).clone();
+        s.entry_lookups = vec![EntryLookup {
+            agent: "a".into(),
+            spiffe_id: "spiffe://td/w".into(),
+            error: entries.is_none().then(|| "unavailable".into()),
+            entries,
+        }];
+        Observations {
+            servers: vec![Arc::new(s)],
+            ..Default::default()
+        }
+    };
+    let entry = EntrySummary {
+        id: "e1".into(),
+        parent_id: "spiffe://td/node/0".into(),
+        selectors: vec!["unix:uid:1000".into()],
+    };
+    // (lookup, server reachable, entry, cause contains)
+    for (entries, reachable, want, says) in [
+        (Some(vec![]), true, "missing", "spiffe://td/w is gone"),
+        (
+            Some(vec![entry.clone()]),
+            true,
+            "not_matching",
+            "unix:uid:1000",
+        ),
+        (None, true, "unknown", "no server lookup"),
+        (Some(vec![]), false, "unknown", "no server lookup"),
+    ] {
+        let obs = with_lookup(entries, reachable);
+        let mut s = vec![refusal()];
+        explain_refusals(&obs, &mut s);
+        assert_eq!(s[0].evidence["entry"], want, "{:?}", s[0].evidence);
+        assert!(
+            s[0].evidence["cause"].as_str().unwrap().contains(says),
+            "{:?}",
+            s[0].evidence
+        );
+    }
+    // Other symptoms and other agents' lookups are left alone.
+    let obs = with_lookup(Some(vec![]), true);
+    let mut s = vec![Symptom {
+        subject: Subject::agent("b"),
+        ..refusal()
+    }];
+    explain_refusals(&obs, &mut s);
+    assert_eq!(s[0].evidence["entry"], "unknown");
 }

@@ -13,6 +13,8 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
+
+use crate::sensors::entry_lookups::EntryLookups;
 use tonic::{Code, Request, Response, Status};
 
 use super::*;
@@ -71,6 +73,7 @@ struct Running {
     sensor: WorkloadApiSensor,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
+    lookups: Arc<EntryLookups>,
     token: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
@@ -83,12 +86,15 @@ fn start(settings: Settings) -> Running {
         metrics.clone(),
         Arc::new(Notify::new()),
     );
+    let lookups = Arc::new(EntryLookups::default());
+    let task = task.with_lookups(lookups.clone());
     let token = CancellationToken::new();
     let task = tokio::spawn(task.run(token.clone()));
     Running {
         sensor,
         shared,
         metrics,
+        lookups,
         token,
         task: Some(task),
     }
@@ -396,13 +402,18 @@ async fn no_identity_issued_drops_what_was_served_and_comes_back() {
         })
         .await;
     assert_eq!(denied.status, StreamStatus::NoIdentity);
-    // Nothing is served any more, so nothing is kept as if it were.
+    // Nothing is served any more, so nothing is kept as if it were; what
+    // was served is looked up on the servers.
     assert!(denied.svids.is_empty(), "{denied:#?}");
+    let wanted: Vec<String> = run.lookups.wanted().into_iter().map(|(_, id)| id).collect();
+    let served: Vec<String> = before.svids.iter().map(|s| s.spiffe_id.clone()).collect();
+    assert_eq!(wanted, served);
     assert!(run.errors(NO_IDENTITY) > 0.0, "{}", run.metrics.render());
 
     // The entry is back: the SVID is served again.
     agent.set_no_identity(false);
     let up = run.wait_for("served again", is_up_with_svid).await;
+    assert!(run.lookups.wanted().is_empty(), "nothing left to look up");
     assert_eq!(up.last_error, None);
     assert_eq!(up.svids[0].spiffe_id, before.svids[0].spiffe_id);
     run.shutdown().await;
