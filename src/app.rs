@@ -15,6 +15,7 @@ use crate::actuators;
 use crate::clock::Clock;
 use crate::config::Resolved;
 use crate::knowledge::{self, Buffer, Store, StoreError};
+use crate::sensors::entry_lookups::EntryLookups;
 use crate::sensors::{SensorContext, Sensors};
 use crate::supervisor::{Parts, Supervisor, Targets};
 use crate::telemetry::{self, Health, Metrics};
@@ -85,7 +86,12 @@ pub async fn start(
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
         handshakes: handshakes.clone(),
-        lookups: Arc::default(),
+        lookups: Arc::new(EntryLookups::with_aliases(
+            cfg.agents
+                .iter()
+                .filter_map(|a| Some((a.name.clone(), a.node_alias.clone()?)))
+                .collect(),
+        )),
     };
     let Sensors {
         sensors,

@@ -356,12 +356,16 @@ pub struct ServerView {
     pub entry_lookups: Vec<EntryLookup>,
 }
 
-/// What a server holds for a SPIFFE ID an agent refuses to issue us.
+/// What a server holds for a SPIFFE ID: one an agent refuses to issue us,
+/// or a configured agent's node alias.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntryLookup {
-    /// The agent that refused it.
+    /// The agent that refused it, or whose node alias it is.
     pub agent: String,
     pub spiffe_id: String,
+    /// `spiffe_id` is the agent's node alias: its entries' parent is the
+    /// agent's own SPIFFE ID.
+    pub alias: bool,
     /// The entries for it (`None`: the lookup failed, see `error`).
     pub entries: Option<Vec<EntrySummary>>,
     /// Closed-set error class of a failed lookup.
@@ -658,9 +662,9 @@ pub struct Observations {
     /// Agents' bootstrap bundle files (`bootstrap_bundle` sensor).
     pub bootstrap_bundles: Vec<Arc<BootstrapBundleView>>,
     /// Agent SPIFFE ID → configured agent name: not a reading but what the
-    /// loop has learned and remembers across restarts (the Debug API, join
-    /// tokens it minted), so an agent that no longer answers is still known
-    /// by name where a server lists it.
+    /// loop has learned and remembers across restarts (the Debug API, the
+    /// servers' node-alias entries), so an agent that no longer answers is
+    /// still known by name where a server lists it.
     pub agent_ids: Arc<HashMap<String, String>>,
 }
 
@@ -1134,9 +1138,6 @@ pub enum Event {
 pub enum IdentitySource {
     /// The agent's own Debug API (the leaf of its SVID chain).
     DebugApi,
-    /// A join token we minted for the agent (`agent_evict`): the agent that
-    /// attests with it is `spiffe://<td>/spire/agent/join_token/<token>`.
-    JoinToken,
     /// The server's node-alias entry (`node_alias`) parented to the agent.
     NodeAlias,
 }
@@ -1146,14 +1147,13 @@ impl IdentitySource {
     pub fn as_str(self) -> &'static str {
         match self {
             IdentitySource::DebugApi => "debug_api",
-            IdentitySource::JoinToken => "join_token",
             IdentitySource::NodeAlias => "node_alias",
         }
     }
 
     /// From the stored name.
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::DebugApi, Self::JoinToken, Self::NodeAlias]
+        [Self::DebugApi, Self::NodeAlias]
             .into_iter()
             .find(|k| k.as_str() == s)
     }

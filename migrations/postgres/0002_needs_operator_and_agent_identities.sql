@@ -15,12 +15,12 @@ ALTER TABLE incidents
 -- [first_seen, last_seen], and the sighting with the latest time also sets
 -- `agent` and `source`: an ID that moved to another configured name (the
 -- config changed) follows the newest sighting. Rows are never deleted: a
--- few per agent (one per join token minted for it).
+-- few per agent (one per identity it attested with).
 CREATE TABLE agent_identities (
     spiffe_id     TEXT   NOT NULL PRIMARY KEY,
     agent         TEXT   NOT NULL,
     -- IdentitySource::as_str.
-    source        TEXT   NOT NULL CHECK (source IN ('debug_api', 'join_token', 'node_alias')),
+    source        TEXT   NOT NULL CHECK (source IN ('debug_api', 'node_alias')),
     first_seen_ms BIGINT NOT NULL,
     last_seen_ms  BIGINT NOT NULL,
     CHECK (first_seen_ms <= last_seen_ms)

@@ -674,7 +674,7 @@ pub fn explain_refusals(obs: &Observations, symptoms: &mut [Symptom]) {
         .iter()
         .filter(|s| s.reachable)
         .flat_map(|s| s.entry_lookups.iter())
-        .filter(|l| l.entries.is_some())
+        .filter(|l| l.entries.is_some() && !l.alias)
         .collect();
     for s in symptoms
         .iter_mut()

@@ -460,7 +460,7 @@ fn mixed_batch(tag: &str, t: i64) -> Vec<Event> {
     let spiffe_id = format!("spiffe://example.org/{tag}");
     let agent_id = format!("spiffe://example.org/spire/agent/join_token/{tag}");
     vec![
-        identified("node-a", &agent_id, IdentitySource::JoinToken, t),
+        identified("node-a", &agent_id, IdentitySource::NodeAlias, t),
         seen(Subject::agent("node-a"), t),
         seen(Subject::svid("node-a", &spiffe_id), t),
         svid_seen("node-a", &spiffe_id, "01", t),
@@ -1231,15 +1231,11 @@ async fn every_closed_set_value_is_accepted(f: Fixture) {
         }
         [Severity::Warning, Severity::Critical]
     }
-    fn identity_sources() -> [IdentitySource; 3] {
+    fn identity_sources() -> [IdentitySource; 2] {
         match IdentitySource::DebugApi {
-            IdentitySource::DebugApi | IdentitySource::JoinToken | IdentitySource::NodeAlias => {}
+            IdentitySource::DebugApi | IdentitySource::NodeAlias => {}
         }
-        [
-            IdentitySource::DebugApi,
-            IdentitySource::JoinToken,
-            IdentitySource::NodeAlias,
-        ]
+        [IdentitySource::DebugApi, IdentitySource::NodeAlias]
     }
 
     let mut events = vec![
@@ -1426,12 +1422,12 @@ async fn incident_needs_operator_round_trip(f: Fixture) {
 async fn agent_identities_upsert(f: Fixture) {
     let id = "spiffe://example.org/spire/agent/join_token/abc";
     f.store
-        .apply(&[identified("node-a", id, IdentitySource::JoinToken, T0)])
+        .apply(&[identified("node-a", id, IdentitySource::NodeAlias, T0)])
         .await
         .unwrap();
     assert_eq!(
         f.identity_row(id).await,
-        Some(("node-a".into(), "join_token".into(), T0, T0))
+        Some(("node-a".into(), "node_alias".into(), T0, T0))
     );
     // Seen again: first_seen stays, last_seen moves, and the newest sighting
     // names the agent and the source.
@@ -1454,7 +1450,7 @@ async fn agent_identities_upsert(f: Fixture) {
         .apply(&[identified(
             "node-a",
             id,
-            IdentitySource::JoinToken,
+            IdentitySource::NodeAlias,
             T0 - 1_000,
         )])
         .await
@@ -1468,7 +1464,7 @@ async fn agent_identities_upsert(f: Fixture) {
         .apply(&[
             identified("node-c", id, IdentitySource::NodeAlias, T0 + 9_000),
             identified("node-d", id, IdentitySource::DebugApi, T0 + 7_000),
-            identified("node-e", id, IdentitySource::JoinToken, T0 - 2_000),
+            identified("node-e", id, IdentitySource::NodeAlias, T0 - 2_000),
         ])
         .await
         .unwrap();
@@ -1500,7 +1496,7 @@ async fn load_knowledge_returns_agent_identities_oldest_first(f: Fixture) {
     f.store
         .apply(&[
             identified("node-a", a, IdentitySource::DebugApi, T0 + 2_000),
-            identified("node-b", b, IdentitySource::JoinToken, T0),
+            identified("node-b", b, IdentitySource::NodeAlias, T0),
             identified("node-c", c, IdentitySource::NodeAlias, T0 + 1_000),
         ])
         .await
@@ -1529,7 +1525,7 @@ async fn load_knowledge_returns_agent_identities_oldest_first(f: Fixture) {
 async fn unreadable_agent_identity_is_skipped(f: Fixture) {
     let good = "spiffe://example.org/spire/agent/join_token/good";
     f.store
-        .apply(&[identified("node-a", good, IdentitySource::JoinToken, T0)])
+        .apply(&[identified("node-a", good, IdentitySource::NodeAlias, T0)])
         .await
         .unwrap();
     f.execute_unchecked(
@@ -1542,7 +1538,7 @@ async fn unreadable_agent_identity_is_skipped(f: Fixture) {
     let k = f.store.load_knowledge(at(0)).await.unwrap();
     assert_eq!(
         k.agent_identities,
-        [identity("node-a", good, IdentitySource::JoinToken, T0)]
+        [identity("node-a", good, IdentitySource::NodeAlias, T0)]
     );
     assert_eq!(f.count("agent_identities").await, 2);
 }
@@ -1639,7 +1635,7 @@ async fn check_upgraded(url: &str) {
     store
         .apply(&[
             needs_operator("inc-old", "nothing left", T0 + 1_000),
-            identified("node-a", agent_id, IdentitySource::JoinToken, T0 + 1_000),
+            identified("node-a", agent_id, IdentitySource::NodeAlias, T0 + 1_000),
         ])
         .await
         .unwrap();
@@ -1653,7 +1649,7 @@ async fn check_upgraded(url: &str) {
         [identity(
             "node-a",
             agent_id,
-            IdentitySource::JoinToken,
+            IdentitySource::NodeAlias,
             T0 + 1_000
         )]
     );

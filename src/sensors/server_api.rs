@@ -221,7 +221,9 @@ impl ServerApiTask {
             client.get_bundle(),
         )?;
         let mut entry_lookups = Vec::new();
-        for (agent, spiffe_id) in self.lookups.wanted() {
+        let refused = self.lookups.wanted().into_iter().map(|w| (w, false));
+        let aliases = self.lookups.aliases_now().into_iter().map(|w| (w, true));
+        for ((agent, spiffe_id), alias) in refused.chain(aliases) {
             let (entries, error) = match client.list_entries_by_spiffe_id(&spiffe_id).await {
                 Ok(found) => (Some(found.iter().map(entry_summary).collect()), None),
                 Err(e) => {
@@ -232,6 +234,7 @@ impl ServerApiTask {
             entry_lookups.push(EntryLookup {
                 agent,
                 spiffe_id,
+                alias,
                 entries,
                 error,
             });

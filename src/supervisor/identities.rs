@@ -1,7 +1,7 @@
 //! Who an agent SPIFFE ID is: the durable mapping from agent SPIFFE IDs to
 //! configured `[[agents]]` names. Learned from each agent's Debug API (the
-//! leaf of its own SVID) and from the join tokens `agent_evict` mints for a
-//! configured agent; persisted (`AgentIdentified`) and resumed at start, so
+//! leaf of its own SVID) and from the servers' node-alias entries (an
+//! agent's `node_alias` entry is parented to its SPIFFE ID); persisted (`AgentIdentified`) and resumed at start, so
 //! an agent that stopped answering before spire-healer restarted is still
 //! known by name where a server lists it: counted once, acted on by name.
 
@@ -39,7 +39,9 @@ impl Identities {
         self.by_id.clone()
     }
 
-    /// Learns what the agents' Debug APIs say about themselves.
+    /// Learns what the agents' Debug APIs say about themselves, and whose
+    /// node-alias entries the servers hold (an alias entry's parent is the
+    /// agent's SPIFFE ID).
     pub(super) fn observe(
         &mut self,
         obs: &Observations,
@@ -52,6 +54,19 @@ impl Identities {
                 && configured.contains(&d.agent)
             {
                 self.learn(&d.agent, id, IdentitySource::DebugApi, now, tick);
+            }
+        }
+        let aliased = obs
+            .servers
+            .iter()
+            .filter(|s| s.reachable)
+            .flat_map(|s| s.entry_lookups.iter())
+            .filter(|l| l.alias && configured.contains(&l.agent));
+        for l in aliased {
+            for e in l.entries.iter().flatten() {
+                if e.parent_id.contains("/spire/agent/") {
+                    self.learn(&l.agent, &e.parent_id, IdentitySource::NodeAlias, now, tick);
+                }
             }
         }
     }
@@ -141,18 +156,18 @@ mod tests {
         assert_eq!(map["spiffe://td/spire/agent/join_token/new"], "a");
         assert!(!map.contains_key("spiffe://td/spire/agent/join_token/b"));
 
-        // A token we minted for `a`.
+        // A node-alias entry parented to a new identity of `a`.
         ids.learn(
             "a",
             "spiffe://td/spire/agent/join_token/minted",
-            IdentitySource::JoinToken,
+            IdentitySource::NodeAlias,
             t(12),
             &mut tick,
         );
         assert!(matches!(
             &tick.events[1],
             Event::AgentIdentified(AgentIdentity {
-                source: IdentitySource::JoinToken,
+                source: IdentitySource::NodeAlias,
                 ..
             })
         ));

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use spire_healer::clock::{Clock, SystemClock};
 use spire_healer::endpoint::Endpoint;
 use spire_healer::model::{AgentDebugView, AgentView, ServerView, StreamStatus};
+use spire_healer::sensors::entry_lookups::EntryLookups;
 use spire_healer::sensors::{agent_debug, server_api, workload_api};
 use spire_healer::spire_api::{AgentAdminClient, ServerAdminClient, SpireApiError};
 use spire_healer::telemetry::Metrics;
@@ -180,7 +181,14 @@ async fn admin_apis_and_sensors_on_real_spire() -> Result<()> {
         metrics.clone(),
         wake.clone(),
     );
-    tasks.spawn(srv_task.run(shutdown.child_token()));
+    // The agent's node alias is looked up: its entry's parent is the
+    // agent's own SPIFFE ID (how spire-healer names an agent whose Debug
+    // API it has never reached).
+    let lookups = Arc::new(EntryLookups::with_aliases(vec![(
+        "a1".into(),
+        lab.node_alias(),
+    )]));
+    tasks.spawn(srv_task.with_lookups(lookups).run(shutdown.child_token()));
     let (dbg_sensor, dbg_task) = agent_debug::build(
         agent_debug::Settings {
             poll_interval: Duration::from_millis(500),
@@ -202,6 +210,20 @@ async fn admin_apis_and_sensors_on_real_spire() -> Result<()> {
             .any(|a| a.spiffe_id == me.spiffe_id && !a.banned)
     );
     ensure!(!sv.agents_truncated && sv.agents_count >= 1 && sv.bundle == bundle);
+    let alias = sv
+        .entry_lookups
+        .iter()
+        .find(|l| l.alias && l.agent == "a1")
+        .with_context(|| format!("{:?}", sv.entry_lookups))?;
+    ensure!(
+        alias
+            .entries
+            .iter()
+            .flatten()
+            .any(|e| e.parent_id == me.spiffe_id),
+        "{alias:?} (agent {})",
+        me.spiffe_id
+    );
     ensure!(sv.svid_expires_at.is_some() && sv.last_error.is_none());
     let dv: Arc<AgentDebugView> = eventually("agent_debug reachable", WAIT, || async {
         Some(dbg_sensor.view()).filter(|v| v.reachable)

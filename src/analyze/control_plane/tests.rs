@@ -581,6 +581,7 @@ fn a_refusal_is_explained_by_what_the_servers_hold() {
         s.entry_lookups = vec![EntryLookup {
             agent: "a".into(),
             spiffe_id: "spiffe://td/w".into(),
+            alias: false,
             error: entries.is_none().then(|| "unavailable".into()),
             entries,
         }];
