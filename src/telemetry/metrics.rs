@@ -63,6 +63,9 @@ pub struct Gauges<'a> {
     pub servers_up: i64,
     /// Time since each agent's last successful sync with a server.
     pub agent_sync_ages: Vec<(&'a str, Duration)>,
+    /// Each configured server's agent SVID TTL, once known (learned or
+    /// set by the policy).
+    pub agent_svid_ttls: Vec<(&'a str, Duration)>,
 }
 
 /// The metric set, registered on its own [`Registry`].
@@ -120,6 +123,9 @@ pub struct Metrics {
     pub servers_up: IntGauge,
     /// Seconds since the agent's last successful server sync (Debug API).
     pub agent_last_sync_age_seconds: GaugeVec,
+    /// The agent SVID TTL `agent_not_renewing` judges a server's agents by,
+    /// by configured server.
+    pub agent_svid_ttl_seconds: GaugeVec,
     /// Handshake outcomes counted, by source (`probe`, `report`, `envoy`)
     /// and reason.
     pub handshakes_total: IntCounterVec,
@@ -306,6 +312,13 @@ impl Metrics {
                 ),
                 &["agent"]
             )),
+            agent_svid_ttl_seconds: reg!(GaugeVec::new(
+                Opts::new(
+                    "spire_healer_agent_svid_ttl_seconds",
+                    "Agent SVID TTL of the server's agents: learned from its agent listing, or the policy's agent_svid_ttl."
+                ),
+                &["server"]
+            )),
             handshakes_total: reg!(c(
                 "spire_healer_handshakes_total",
                 "mTLS handshake outcomes counted, by source and reason.",
@@ -426,6 +439,11 @@ impl Metrics {
             self.agent_last_sync_age_seconds
                 .with_label_values(&[agent])
                 .set(age.as_secs_f64());
+        }
+        for (server, ttl) in &g.agent_svid_ttls {
+            self.agent_svid_ttl_seconds
+                .with_label_values(&[server])
+                .set(ttl.as_secs_f64());
         }
         self.last_tick_timestamp_seconds.set(now_s);
     }
