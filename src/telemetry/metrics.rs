@@ -522,6 +522,26 @@ mod tests {
     }
 
     #[test]
+    fn the_tick_sets_each_servers_agent_svid_ttl() {
+        let m = Metrics::new();
+        let summary = TickSummary {
+            gauges: Some(Gauges {
+                agent_svid_ttls: vec![("server-a", Duration::from_secs(599))],
+                ..Gauges::default()
+            }),
+            ..TickSummary::default()
+        };
+        m.record_tick(SystemTime::UNIX_EPOCH, &summary);
+        assert_eq!(
+            sample(
+                &m.render(),
+                r#"spire_healer_agent_svid_ttl_seconds{server="server-a"}"#
+            ),
+            Some(599.0)
+        );
+    }
+
+    #[test]
     fn svid_series_are_bounded_and_pruned() {
         let m = Metrics::new();
         let many: Vec<_> = (0..50)

@@ -154,7 +154,12 @@ impl AgentTtls {
             if let Some(ttl) = next
                 && Some(ttl) != current
             {
-                self.learned.insert(v.server.clone(), ttl);
+                match self.learned.get_mut(&v.server) {
+                    Some(t) => *t = ttl,
+                    None => {
+                        self.learned.insert(v.server.clone(), ttl);
+                    }
+                }
                 log_change(&v.server, known, ttl);
             }
         }
