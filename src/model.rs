@@ -310,6 +310,47 @@ pub struct ServerAgent {
     pub can_reattest: bool,
 }
 
+/// How the agent SVID TTL of a server is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TtlSource {
+    /// `thresholds.agent_svid_ttl` in the policy (an override).
+    Policy,
+    /// From a renewal seen between two listings: the new SVID's lifetime
+    /// left when first listed, at most a poll interval and a sync interval
+    /// short of the TTL.
+    Learned,
+    /// The longest lifetime left seen on any listed SVID of unknown age: a
+    /// lower bound, until a renewal is seen.
+    LowerBound,
+}
+
+impl TtlSource {
+    /// Stable snake_case name (evidence, logs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Policy => "policy",
+            Self::Learned => "learned",
+            Self::LowerBound => "lower_bound",
+        }
+    }
+}
+
+/// The agent SVID TTL (`agent_ttl`) of a server, and how it is known. Never
+/// more than the real TTL unless the policy says so: a shorter TTL only
+/// makes an agent's share of it left look larger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentTtl {
+    /// The TTL.
+    pub ttl: std::time::Duration,
+    /// Where it comes from.
+    pub source: TtlSource,
+}
+
+/// Learned agent SVID TTLs by configured server name (the loop's memory,
+/// handed to `analyze`).
+pub type LearnedTtls = std::collections::HashMap<String, AgentTtl>;
+
 /// One X.509 authority of a bundle.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Authority {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::model::SymptomKind;
+use crate::model::{AgentTtl, SymptomKind, TtlSource};
 
 /// The built-in policy, `policies/default.toml`.
 pub const DEFAULT_POLICY: &str = include_str!("../policies/default.toml");
@@ -72,11 +72,14 @@ pub struct Thresholds {
     /// … and closes when it is younger than this.
     #[serde(default = "d_sync_close", with = "humantime_serde")]
     pub sync_stale_close: Duration,
-    /// Agent SVID TTL (`agent_ttl`, default `default_x509_svid_ttl` = 1 h).
-    #[serde(default = "d_agent_ttl", with = "humantime_serde")]
-    pub agent_svid_ttl: Duration,
+    /// The servers' agent SVID TTL (`agent_ttl`). Unset (the default): each
+    /// server's is learned from its agent listing (see
+    /// [`AgentTtl`](crate::model::AgentTtl)); set: it overrides what is
+    /// learned, for every server.
+    #[serde(default, with = "humantime_serde")]
+    pub agent_svid_ttl: Option<Duration>,
     /// `agent_not_renewing` opens when the server sees less than this share
-    /// of `agent_svid_ttl` left (SPIRE renews at 50 ± 5 % left).
+    /// of the agent SVID TTL left (SPIRE renews at 50 ± 5 % left).
     #[serde(default = "d_renew_open")]
     pub not_renewing_open: f64,
     /// … and closes above this share.
@@ -171,9 +174,6 @@ fn d_sync_open() -> Duration {
 }
 fn d_sync_close() -> Duration {
     Duration::from_secs(15)
-}
-fn d_agent_ttl() -> Duration {
-    Duration::from_secs(3600)
 }
 fn d_renew_open() -> f64 {
     0.4
@@ -282,6 +282,20 @@ pub struct Rung {
     pub cooldown: Option<Duration>,
 }
 
+impl Thresholds {
+    /// The agent SVID TTL to judge a server's agents by: the policy's
+    /// `agent_svid_ttl` when set, else what was `learned` about the server.
+    pub fn agent_ttl(&self, learned: Option<AgentTtl>) -> Option<AgentTtl> {
+        match self.agent_svid_ttl {
+            Some(ttl) => Some(AgentTtl {
+                ttl,
+                source: TtlSource::Policy,
+            }),
+            None => learned,
+        }
+    }
+}
+
 impl Policy {
     /// Every semantic problem (empty when valid).
     pub fn problems(&self) -> Vec<String> {
@@ -334,7 +348,7 @@ impl Policy {
         {
             out.push("thresholds: need 0 < not_renewing_open <= not_renewing_close < 1".into());
         }
-        if t.agent_svid_ttl.is_zero() {
+        if t.agent_svid_ttl.is_some_and(|d| d.is_zero()) {
             out.push("thresholds.agent_svid_ttl must be greater than zero".into());
         }
         for k in t.open_after.keys() {
@@ -426,6 +440,34 @@ mod tests {
         let problems = p.problems();
         assert_eq!(problems.len(), 4, "{problems:?}");
         assert!(problems.iter().any(|p| p.contains("futile_after")));
+    }
+
+    #[test]
+    fn agent_svid_ttl_is_learned_unless_the_policy_sets_it() {
+        let learned = AgentTtl {
+            ttl: Duration::from_secs(599),
+            source: TtlSource::Learned,
+        };
+        let p = Policy::builtin().unwrap();
+        assert_eq!(p.thresholds.agent_svid_ttl, None);
+        assert_eq!(p.thresholds.agent_ttl(Some(learned)), Some(learned));
+        assert_eq!(p.thresholds.agent_ttl(None), None);
+        // Policies written before the TTL was learned still load, and their
+        // value wins.
+        let text =
+            DEFAULT_POLICY.replace("[thresholds]\n", "[thresholds]\nagent_svid_ttl = \"1h\"\n");
+        let p = Policy::from_toml(&text, "p.toml").unwrap();
+        assert_eq!(
+            p.thresholds.agent_ttl(Some(learned)),
+            Some(AgentTtl {
+                ttl: Duration::from_secs(3600),
+                source: TtlSource::Policy
+            })
+        );
+        let zero =
+            DEFAULT_POLICY.replace("[thresholds]\n", "[thresholds]\nagent_svid_ttl = \"0s\"\n");
+        let p = Policy::from_toml(&zero, "p.toml").unwrap();
+        assert_eq!(p.problems().len(), 1, "{:?}", p.problems());
     }
 
     #[test]

@@ -245,7 +245,15 @@ impl Supervisor {
         let is_open = |k: &SymptomKey| incidents.is_open(k);
         let th = &self.policy.thresholds;
         let mut s = analyze(&obs.agents, &is_open, th, now);
-        s.extend(control_plane(obs, obs.servers.len(), &is_open, th, now));
+        let ttls = self.changes.agent_ttls();
+        s.extend(control_plane(
+            obs,
+            obs.servers.len(),
+            &is_open,
+            th,
+            ttls,
+            now,
+        ));
         explain_refusals(obs, &mut s);
         let windows = self.handshakes.windows(now, th);
         let instants = self.changes.instants();
@@ -416,6 +424,15 @@ impl Supervisor {
                         d.agent.as_str(),
                         saturating_since(now, d.last_sync_success?),
                     ))
+                })
+                .collect(),
+            agent_svid_ttls: obs
+                .servers
+                .iter()
+                .filter_map(|s| {
+                    let learned = self.changes.agent_ttls().get(&s.server).copied();
+                    let ttl = self.policy.thresholds.agent_ttl(learned)?;
+                    Some((s.server.as_str(), ttl.ttl))
                 })
                 .collect(),
         }

@@ -4,6 +4,7 @@
 //! - `agent_sync_stale`: the agent's Debug `last_sync_success` is old.
 //! - `agent_not_renewing`: a server sees the agent's SVID with less than
 //!   `not_renewing_open` of its TTL left (a healthy agent renews at half).
+//!   The TTL is the server's as learned from its listing, or the policy's.
 //! - `agent_banned`: a server lists the agent as banned.
 //! - `server_unhealthy`: admin API unreachable or `/ready` failing.
 //! - `all_servers_down`: no configured server answers.
@@ -17,27 +18,29 @@
 //! that can no longer be renewed.
 
 use std::collections::{BTreeSet, HashMap};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde_json::json;
 
 use crate::clock::{saturating_since, unix_millis};
 use crate::model::{
-    AgentDebugView, EntryLookup, EntrySummary, Observations, Role, ServerAgent, ServerView,
-    Severity, Subject, Symptom, SymptomKey, SymptomKind,
+    AgentDebugView, AgentTtl, EntryLookup, EntrySummary, LearnedTtls, Observations, Role,
+    ServerAgent, ServerView, Severity, Subject, Symptom, SymptomKey, SymptomKind,
 };
 use crate::policy::Thresholds;
 
 /// Control-plane symptoms present at `now`. `servers_configured` is how many
-/// servers the configuration watches (0: no server-side view at all).
+/// servers the configuration watches (0: no server-side view at all);
+/// `ttls` is each server's agent SVID TTL as learned so far.
 pub fn control_plane(
     obs: &Observations,
     servers_configured: usize,
     is_open: &dyn Fn(&SymptomKey) -> bool,
     th: &Thresholds,
+    ttls: &LearnedTtls,
     now: SystemTime,
 ) -> Vec<Symptom> {
-    let cx = Context::new(obs, th, now);
+    let cx = Context::new(obs, th, ttls, now);
     let mut out = Found {
         is_open,
         symptoms: Vec::new(),
@@ -76,6 +79,8 @@ struct Context<'a> {
     /// (an old identity not yet deleted, a new one after re-attestation)
     /// the one whose SVID expires last.
     current: HashMap<&'a str, &'a str>,
+    /// Learned agent SVID TTLs by server.
+    ttls: &'a LearnedTtls,
 }
 
 /// One agent as listed by a server.
@@ -87,7 +92,12 @@ struct Listed<'a> {
 }
 
 impl<'a> Context<'a> {
-    fn new(obs: &'a Observations, th: &'a Thresholds, now: SystemTime) -> Self {
+    fn new(
+        obs: &'a Observations,
+        th: &'a Thresholds,
+        ttls: &'a LearnedTtls,
+        now: SystemTime,
+    ) -> Self {
         let servers: Vec<&ServerView> = obs
             .servers
             .iter()
@@ -150,6 +160,7 @@ impl<'a> Context<'a> {
             trust_domain,
             listed,
             current,
+            ttls,
         }
     }
 
@@ -173,6 +184,26 @@ impl<'a> Context<'a> {
     /// Whether every server view is older than `max_staleness`.
     fn servers_blind(&self) -> bool {
         self.servers.iter().all(|s| self.stale(s.updated_at))
+    }
+
+    /// The agent SVID TTL of `server`'s agents: the policy's, else learned.
+    fn agent_ttl(&self, server: &str) -> Option<AgentTtl> {
+        self.th.agent_ttl(self.ttls.get(server).copied())
+    }
+
+    /// The agent SVID TTL of an agent: that of the server listing it, else
+    /// of any server (they share one datastore and normally one
+    /// `agent_ttl`).
+    fn agent_ttl_of(&self, spiffe_id: Option<&str>) -> Option<AgentTtl> {
+        spiffe_id
+            .and_then(|id| self.listed.get(id))
+            .and_then(|l| self.agent_ttl(l.server))
+            .or_else(|| {
+                self.obs
+                    .servers
+                    .iter()
+                    .find_map(|s| self.agent_ttl(&s.server))
+            })
     }
 
     /// A view refreshed before this is blind.
@@ -264,7 +295,11 @@ fn agent_sync_stale(cx: &Context<'_>, out: &mut Found<'_>) {
             Symptom {
                 kind: SymptomKind::AgentSyncStale,
                 subject: Subject::agent(&d.agent),
-                severity: severity_for(outage, now, th),
+                severity: severity_for(
+                    outage,
+                    now,
+                    cx.agent_ttl_of(d.spiffe_id.as_deref()).map(|t| t.ttl),
+                ),
                 predicted_outage: outage,
                 evidence: json!({
                     "last_sync_success_ms": unix_millis(last),
@@ -279,21 +314,28 @@ fn agent_sync_stale(cx: &Context<'_>, out: &mut Found<'_>) {
 }
 
 /// `agent_not_renewing`: a server sees the agent's SVID with less than
-/// `not_renewing_open` of its TTL left.
+/// `not_renewing_open` of its TTL left. An expired SVID was not renewed
+/// whatever the TTL; otherwise an agent of a server whose TTL is not known
+/// yet is not judged.
 fn agent_not_renewing(cx: &Context<'_>, out: &mut Found<'_>) {
     let (th, now) = (cx.th, cx.now);
-    let ttl = th.agent_svid_ttl.as_secs_f64();
     for (id, l) in cx.listed_now() {
         let a = l.agent;
-        let left = a
-            .expires_at
-            .duration_since(now)
-            .map_or(0.0, |d| d.as_secs_f64());
-        let share = left / ttl;
-        let (open_if, close_if) = (
-            !a.banned && share < th.not_renewing_open,
-            a.banned || share > th.not_renewing_close,
-        );
+        let ttl = cx.agent_ttl(l.server);
+        let left = a.expires_at.duration_since(now).unwrap_or_default();
+        let share = match ttl {
+            _ if left.is_zero() => Some(0.0),
+            Some(t) if !t.ttl.is_zero() => Some(left.as_secs_f64() / t.ttl.as_secs_f64()),
+            // No TTL known yet: nothing opens, and nothing open clears.
+            _ => None,
+        };
+        let (open_if, close_if) = match share {
+            Some(share) => (
+                !a.banned && share < th.not_renewing_open,
+                a.banned || share > th.not_renewing_close,
+            ),
+            None => (false, a.banned),
+        };
         if !open_if && close_if {
             continue;
         }
@@ -303,14 +345,16 @@ fn agent_not_renewing(cx: &Context<'_>, out: &mut Found<'_>) {
             Symptom {
                 kind: SymptomKind::AgentNotRenewing,
                 subject: cx.subject_of(id),
-                severity: severity_for(Some(a.expires_at), now, th),
+                severity: severity_for(Some(a.expires_at), now, ttl.map(|t| t.ttl)),
                 predicted_outage: Some(a.expires_at),
                 evidence: json!({
                     "spiffe_id": id,
                     "server": l.server,
                     "serial": a.serial,
                     "expires_at_ms": unix_millis(a.expires_at),
-                    "ttl_share_left": (share * 1000.0).round() / 1000.0,
+                    "ttl_share_left": share.map(|s| (s * 1000.0).round() / 1000.0),
+                    "ttl_secs": ttl.map(|t| t.ttl.as_secs()),
+                    "ttl_source": ttl.map(|t| t.source.as_str()),
                 }),
                 blind: cx.stale(l.updated_at),
             },
@@ -732,10 +776,12 @@ fn earliest<const N: usize>(ts: [Option<SystemTime>; N]) -> Option<SystemTime> {
     ts.into_iter().flatten().min()
 }
 
-/// Critical when the outage is less than a tenth of the agent TTL away.
-fn severity_for(outage: Option<SystemTime>, now: SystemTime, th: &Thresholds) -> Severity {
+/// Critical when the outage is less than a tenth of the agent SVID TTL
+/// away (or past, when the TTL is not known).
+fn severity_for(outage: Option<SystemTime>, now: SystemTime, ttl: Option<Duration>) -> Severity {
+    let within = ttl.map_or(Duration::ZERO, |t| t / 10);
     match outage.map(|t| t.duration_since(now).unwrap_or_default()) {
-        Some(left) if left < th.agent_svid_ttl / 10 => Severity::Critical,
+        Some(left) if left.is_zero() || left < within => Severity::Critical,
         _ => Severity::Warning,
     }
 }

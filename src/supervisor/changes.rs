@@ -7,6 +7,11 @@
 //! no allocation and no string comparison per SVID: a view the sensor did
 //! not replace (the same `Arc`) is not compared at all, and agents are
 //! looked up once.
+//!
+//! Servers' agent listings are compared too: a renewed agent SVID teaches
+//! the servers' agent SVID TTL ([`agent_ttl`]).
+
+mod agent_ttl;
 
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
@@ -15,8 +20,9 @@ use std::time::SystemTime;
 use tracing::info;
 
 use super::Tick;
-use crate::model::{AgentView, Event, Observations, ServerView, Subject};
+use crate::model::{AgentView, Event, LearnedTtls, Observations, ServerView, Subject};
 use crate::telemetry::metrics::SVID_TOP_K;
+use agent_ttl::AgentTtls;
 
 /// One agent as last seen.
 #[derive(Debug)]
@@ -56,11 +62,18 @@ pub(super) struct Changes {
     subjects: HashSet<Subject>,
     instants: Instants,
     generation: u64,
+    /// The servers' agent SVID TTLs, learned from their listings.
+    ttls: AgentTtls,
 }
 
 impl Changes {
     pub(super) fn instants(&self) -> Instants {
         self.instants
+    }
+
+    /// Each server's agent SVID TTL as learned so far.
+    pub(super) fn agent_ttls(&self) -> &LearnedTtls {
+        self.ttls.learned()
     }
 
     /// The agent's view as of the last tick.
@@ -131,6 +144,7 @@ impl Changes {
         }
         self.order = order;
         self.note_server_bundles(&obs.servers, now);
+        self.ttls.observe(&obs.servers);
         tick.summary.svid_expiries = soonest_expiries(&obs.agents);
     }
 

@@ -65,6 +65,9 @@ pub struct Gauges<'a> {
     pub servers_up: i64,
     /// Time since each agent's last successful sync with a server.
     pub agent_sync_ages: Vec<(&'a str, Duration)>,
+    /// Each configured server's agent SVID TTL, once known (learned or
+    /// set by the policy).
+    pub agent_svid_ttls: Vec<(&'a str, Duration)>,
 }
 
 /// The metric set, registered on its own [`Registry`].
@@ -124,6 +127,9 @@ pub struct Metrics {
     pub servers_up: IntGauge,
     /// Seconds since the agent's last successful server sync (Debug API).
     pub agent_last_sync_age_seconds: GaugeVec,
+    /// The agent SVID TTL `agent_not_renewing` judges a server's agents by,
+    /// by configured server.
+    pub agent_svid_ttl_seconds: GaugeVec,
     /// Handshake outcomes counted, by source (`probe`, `report`, `envoy`)
     /// and reason.
     pub handshakes_total: IntCounterVec,
@@ -315,6 +321,13 @@ impl Metrics {
                 ),
                 &["agent"]
             )),
+            agent_svid_ttl_seconds: reg!(GaugeVec::new(
+                Opts::new(
+                    "spire_healer_agent_svid_ttl_seconds",
+                    "Agent SVID TTL of the server's agents: learned from its agent listing, or the policy's agent_svid_ttl."
+                ),
+                &["server"]
+            )),
             handshakes_total: reg!(c(
                 "spire_healer_handshakes_total",
                 "mTLS handshake outcomes counted, by source and reason.",
@@ -442,6 +455,11 @@ impl Metrics {
                 .with_label_values(&[agent])
                 .set(age.as_secs_f64());
         }
+        for (server, ttl) in &g.agent_svid_ttls {
+            self.agent_svid_ttl_seconds
+                .with_label_values(&[server])
+                .set(ttl.as_secs_f64());
+        }
         self.last_tick_timestamp_seconds.set(now_s);
     }
 
@@ -515,6 +533,26 @@ mod tests {
         assert_eq!(
             sample(&text, r#"spiffe_certificate_rotation_total{agent="a"}"#),
             Some(1.0)
+        );
+    }
+
+    #[test]
+    fn the_tick_sets_each_servers_agent_svid_ttl() {
+        let m = Metrics::new();
+        let summary = TickSummary {
+            gauges: Some(Gauges {
+                agent_svid_ttls: vec![("server-a", Duration::from_secs(599))],
+                ..Gauges::default()
+            }),
+            ..TickSummary::default()
+        };
+        m.record_tick(SystemTime::UNIX_EPOCH, &summary);
+        assert_eq!(
+            sample(
+                &m.render(),
+                r#"spire_healer_agent_svid_ttl_seconds{server="server-a"}"#
+            ),
+            Some(599.0)
         );
     }
 

@@ -77,10 +77,16 @@ timeout = "20s"
 "#,
             sock = lab.workload_socket().display(),
         );
-        let resolved = Config::from_toml(&text, "test.toml")
+        Self::launch(&text, dir).await
+    }
+
+    /// Starts spire-healer with the config `text`; `dir` holds its files
+    /// and lives as long as the healer.
+    pub async fn launch(text: &str, dir: tempfile::TempDir) -> Result<Healer> {
+        let resolved = Config::from_toml(text, "test.toml")
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .validate(&|_| None)
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            .map_err(|e| anyhow::anyhow!("{e:?}\n{text}"))?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();

@@ -2,10 +2,12 @@
 //! v1.15.3, installed by scripts/install-spire.sh) runs as child processes in
 //! temporary directories; spire-healer runs in-process against them.
 
+mod agent_ttl;
 mod ca_rotation;
 mod cli;
 mod cluster;
 mod control_plane;
+mod ha_healer;
 mod ha_lab;
 mod handshakes;
 mod healing;

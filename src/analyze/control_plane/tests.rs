@@ -3,7 +3,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use super::*;
 use crate::model::{
-    AgentView, Authority, BootstrapBundleView, HealthView, ServerView, StreamStatus,
+    AgentView, Authority, BootstrapBundleView, HealthView, ServerView, StreamStatus, TtlSource,
 };
 use crate::policy::Policy;
 
@@ -79,8 +79,26 @@ fn kinds(s: &[Symptom]) -> Vec<(SymptomKind, String)> {
     v
 }
 
+/// Servers `s1` and `s2` with a learned 1 h agent SVID TTL.
+fn hour() -> LearnedTtls {
+    learned(3600, TtlSource::Learned)
+}
+
+fn learned(secs: u64, source: TtlSource) -> LearnedTtls {
+    ["s1", "s2"]
+        .into_iter()
+        .map(|s| {
+            let ttl = AgentTtl {
+                ttl: Duration::from_secs(secs),
+                source,
+            };
+            (s.to_string(), ttl)
+        })
+        .collect()
+}
+
 fn run(obs: &Observations, now: u64) -> Vec<Symptom> {
-    control_plane(obs, obs.servers.len(), &|_| false, &th(), t(now))
+    control_plane(obs, obs.servers.len(), &|_| false, &th(), &hour(), t(now))
 }
 
 #[test]
@@ -108,13 +126,13 @@ fn sync_stale_has_hysteresis() {
     // 20 s: between close (15 s) and open (30 s).
     assert!(run(&obs, 100).is_empty());
     let open = |k: &SymptomKey| k.kind == SymptomKind::AgentSyncStale;
-    let got = control_plane(&obs, 0, &open, &th(), t(100));
+    let got = control_plane(&obs, 0, &open, &th(), &hour(), t(100));
     assert_eq!(got.len(), 1);
     let fresh = Observations {
         agent_debug: vec![debug("a", 90, 100)],
         ..Default::default()
     };
-    assert!(control_plane(&fresh, 0, &open, &th(), t(100)).is_empty());
+    assert!(control_plane(&fresh, 0, &open, &th(), &hour(), t(100)).is_empty());
 }
 
 #[test]
@@ -214,7 +232,7 @@ fn an_evicted_agent_stays_unhealed_until_listed_and_renewing_again() {
         agent_ids: remembered(&[("t0", "agent-0"), ("b", "agent-1")]),
         ..Default::default()
     };
-    let got = control_plane(&gone, 1, &open_both, &th(), t(100));
+    let got = control_plane(&gone, 1, &open_both, &th(), &hour(), t(100));
     assert_eq!(
         kinds(&got),
         vec![
@@ -228,7 +246,7 @@ fn an_evicted_agent_stays_unhealed_until_listed_and_renewing_again() {
         servers: vec![server("s1", false, vec![], &[])],
         ..gone.clone()
     };
-    let got = control_plane(&down, 1, &open_both, &th(), t(100));
+    let got = control_plane(&down, 1, &open_both, &th(), &hour(), t(100));
     assert!(
         got.iter()
             .any(|s| s.kind == SymptomKind::AgentNotRenewing
@@ -248,7 +266,7 @@ fn an_evicted_agent_stays_unhealed_until_listed_and_renewing_again() {
         agent_ids: remembered(&[("t0", "agent-0"), ("t1", "agent-0")]),
         ..Default::default()
     };
-    assert!(control_plane(&back, 1, &open_both, &th(), t(100)).is_empty());
+    assert!(control_plane(&back, 1, &open_both, &th(), &hour(), t(100)).is_empty());
 }
 
 #[test]
@@ -372,7 +390,7 @@ fn own_bundle(agent: &str, fps: &[&str], updated: u64) -> Arc<AgentView> {
 
 fn stale_boot(obs: &Observations, open: bool, now: u64) -> Vec<Symptom> {
     let is_open = |k: &SymptomKey| open && k.kind == SymptomKind::BootstrapBundleStale;
-    control_plane(obs, obs.servers.len(), &is_open, &th(), t(now))
+    control_plane(obs, obs.servers.len(), &is_open, &th(), &hour(), t(now))
         .into_iter()
         .filter(|s| s.kind == SymptomKind::BootstrapBundleStale)
         .collect()
@@ -625,4 +643,116 @@ fn a_refusal_is_explained_by_what_the_servers_hold() {
     }];
     explain_refusals(&obs, &mut s);
     assert_eq!(s[0].evidence["entry"], "unknown");
+}
+
+fn not_renewing(obs: &Observations, th: &Thresholds, ttls: &LearnedTtls, now: u64) -> Vec<Symptom> {
+    control_plane(obs, obs.servers.len(), &|_| false, th, ttls, t(now))
+        .into_iter()
+        .filter(|s| s.kind == SymptomKind::AgentNotRenewing)
+        .collect()
+}
+
+#[test]
+fn not_renewing_is_judged_by_the_servers_learned_ttl() {
+    // 10 min TTL, learned 599 s. A healthy agent renews with at least 45 %
+    // of its 610 s lifetime (notBefore is backdated 10 s) left, 274 s; the
+    // server lists the new serial a sync later: a, 265 s left, is healthy.
+    // b stopped renewing and has 200 s left, c 50 s.
+    let obs = Observations {
+        servers: vec![server(
+            "s1",
+            true,
+            vec![
+                listed("a", 100 + 265, false),
+                listed("b", 100 + 200, false),
+                listed("c", 100 + 50, false),
+            ],
+            &["f1"],
+        )],
+        ..Default::default()
+    };
+    let ten_min = learned(599, TtlSource::Learned);
+    let got = not_renewing(&obs, &th(), &ten_min, 100);
+    let subjects: Vec<String> = got.iter().map(|s| s.subject.to_string()).collect();
+    assert_eq!(subjects.len(), 2, "{got:#?}");
+    let b = got
+        .iter()
+        .find(|s| s.evidence["spiffe_id"] == "spiffe://td/spire/agent/join_token/b")
+        .unwrap();
+    assert_eq!(b.evidence["ttl_secs"], 599);
+    assert_eq!(b.evidence["ttl_source"], "learned");
+    assert_eq!(b.evidence["ttl_share_left"], 0.334);
+    assert_eq!(b.severity, Severity::Warning);
+    let c = got
+        .iter()
+        .find(|s| s.evidence["spiffe_id"] == "spiffe://td/spire/agent/join_token/c")
+        .unwrap();
+    // Less than a tenth of the learned TTL left.
+    assert_eq!(c.severity, Severity::Critical);
+    // Judged by a 1 h TTL instead, the healthy agent would be flagged too.
+    assert_eq!(not_renewing(&obs, &th(), &hour(), 100).len(), 3);
+}
+
+#[test]
+fn the_policy_ttl_overrides_what_is_learned() {
+    let obs = Observations {
+        servers: vec![server(
+            "s1",
+            true,
+            vec![listed("a", 100 + 1000, false)],
+            &[],
+        )],
+        ..Default::default()
+    };
+    let ten_min = learned(599, TtlSource::Learned);
+    assert!(not_renewing(&obs, &th(), &ten_min, 100).is_empty());
+    let mut th = th();
+    th.agent_svid_ttl = Some(Duration::from_secs(3600));
+    let got = not_renewing(&obs, &th, &ten_min, 100);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].evidence["ttl_secs"], 3600);
+    assert_eq!(got[0].evidence["ttl_source"], "policy");
+}
+
+#[test]
+fn an_unknown_ttl_judges_only_expired_svids() {
+    let obs = Observations {
+        servers: vec![server(
+            "s1",
+            true,
+            vec![listed("a", 100 + 10, false), listed("b", 90, false)],
+            &[],
+        )],
+        ..Default::default()
+    };
+    let got = not_renewing(&obs, &th(), &LearnedTtls::default(), 100);
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert_eq!(
+        got[0].evidence["spiffe_id"],
+        "spiffe://td/spire/agent/join_token/b"
+    );
+    assert_eq!(got[0].evidence["ttl_secs"], serde_json::Value::Null);
+    assert_eq!(got[0].severity, Severity::Critical);
+}
+
+#[test]
+fn sync_stale_severity_uses_the_listing_servers_ttl() {
+    // Agent a's SVID expires in 100 s: more than a tenth of a 10 min TTL
+    // (warning), less than a tenth of 1 h (critical).
+    let mut d = (*debug("a", 0, 100)).clone();
+    d.svid_expires_at = Some(t(200));
+    let obs = Observations {
+        agent_debug: vec![Arc::new(d)],
+        servers: vec![server("s1", true, vec![listed("a", 1000, false)], &[])],
+        ..Default::default()
+    };
+    let stale = |ttls: &LearnedTtls| {
+        control_plane(&obs, 1, &|_| false, &th(), ttls, t(100))
+            .into_iter()
+            .find(|s| s.kind == SymptomKind::AgentSyncStale)
+            .unwrap()
+            .severity
+    };
+    assert_eq!(stale(&learned(600, TtlSource::Learned)), Severity::Warning);
+    assert_eq!(stale(&hour()), Severity::Critical);
 }
