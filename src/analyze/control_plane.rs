@@ -75,12 +75,14 @@ struct Context<'a> {
     /// datastore; each agent is taken from the freshest reachable server
     /// that lists it.
     listed: HashMap<&'a str, Listed<'a>>,
-    /// Per agent name, the SPIFFE ID it is listed under now: of several
-    /// (an old identity not yet deleted, a new one after re-attestation)
-    /// the one whose SVID expires last.
+    /// Per configured agent name, the SPIFFE ID it is listed under now: of
+    /// several (an old identity not yet deleted, a new one after
+    /// re-attestation) the one whose SVID expires last.
     current: HashMap<&'a str, &'a str>,
-    /// Learned agent SVID TTLs by server.
-    ttls: &'a LearnedTtls,
+    /// The agent SVID TTL in effect per watched server (policy, else
+    /// learned): servers are few, so a scan beats hashing a name per
+    /// listed agent.
+    ttls: Vec<(&'a str, Option<AgentTtl>)>,
 }
 
 /// One agent as listed by a server.
@@ -89,6 +91,8 @@ struct Listed<'a> {
     agent: &'a ServerAgent,
     server: &'a str,
     updated_at: SystemTime,
+    /// The configured agent it maps to, when known.
+    name: Option<&'a str>,
 }
 
 impl<'a> Context<'a> {
@@ -136,6 +140,7 @@ impl<'a> Context<'a> {
                     agent: a,
                     server: s.server.as_str(),
                     updated_at: s.updated_at,
+                    name: None,
                 };
                 let e = listed.entry(a.spiffe_id.as_str()).or_insert(this);
                 if s.updated_at > e.updated_at {
@@ -143,14 +148,23 @@ impl<'a> Context<'a> {
                 }
             }
         }
-        let mut current: HashMap<&str, &str> = HashMap::new();
-        for (id, l) in &listed {
-            let name = names.get(id).copied().unwrap_or(id);
-            let e = current.entry(name).or_insert(id);
-            if listed[e].agent.expires_at < l.agent.expires_at {
-                *e = id;
+        // Only a mapped SPIFFE ID can share its name with another: an
+        // unmapped one is its own name, and always current. Nothing is
+        // hashed for names when nothing is mapped.
+        let mut current: HashMap<&str, (&str, SystemTime)> = HashMap::new();
+        if !names.is_empty() {
+            for (id, l) in listed.iter_mut() {
+                let Some(name) = names.get(id).copied() else {
+                    continue;
+                };
+                l.name = Some(name);
+                let e = current.entry(name).or_insert((id, l.agent.expires_at));
+                if e.1 < l.agent.expires_at {
+                    *e = (id, l.agent.expires_at);
+                }
             }
         }
+        let current = current.into_iter().map(|(n, (id, _))| (n, id)).collect();
         Self {
             obs,
             th,
@@ -160,7 +174,16 @@ impl<'a> Context<'a> {
             trust_domain,
             listed,
             current,
-            ttls,
+            ttls: obs
+                .servers
+                .iter()
+                .map(|s| {
+                    (
+                        s.server.as_str(),
+                        th.agent_ttl(ttls.get(&s.server).copied()),
+                    )
+                })
+                .collect(),
         }
     }
 
@@ -168,7 +191,7 @@ impl<'a> Context<'a> {
     fn listed_now(&self) -> impl Iterator<Item = (&'a str, Listed<'a>)> + '_ {
         self.listed
             .iter()
-            .filter(|(id, _)| self.current.get(self.agent_name(id)) == Some(*id))
+            .filter(|(id, l)| l.name.is_none_or(|n| self.current.get(n) == Some(*id)))
             .map(|(id, l)| (*id, *l))
     }
 
@@ -188,7 +211,10 @@ impl<'a> Context<'a> {
 
     /// The agent SVID TTL of `server`'s agents: the policy's, else learned.
     fn agent_ttl(&self, server: &str) -> Option<AgentTtl> {
-        self.th.agent_ttl(self.ttls.get(server).copied())
+        match self.ttls.iter().find(|(s, _)| *s == server) {
+            Some((_, ttl)) => *ttl,
+            None => self.th.agent_ttl(None),
+        }
     }
 
     /// The agent SVID TTL of an agent: that of the server listing it, else

@@ -34,8 +34,7 @@ async fn known_as(c: &Cluster, spiffe_id: &str) -> Option<String> {
 async fn an_agent_that_cannot_attest_is_evicted_and_readmitted() -> Result<()> {
     // Agent SVIDs live 2 min: agent_not_renewing opens within 72 s of the
     // last renewal (40 % left), the same rule as a 1 h TTL, sooner.
-    let mut c = Cluster::start_with(600, &[], false, "2m")
-    .await?;
+    let mut c = Cluster::start_with(600, &[], false, "2m").await?;
     let old_id = c.lab.agent(0).spiffe_id();
     c.wait_for("agent-0 identified", Duration::from_secs(30), || async {
         (known_as(&c, &old_id).await.as_deref() == Some("agent-0")).then_some(())
