@@ -14,6 +14,7 @@ use spire_healer::telemetry::Metrics;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::ha_healer::ha_config;
 use crate::spire_lab::{HaLab, HaOptions};
 
 fn pg_url() -> Result<String> {
@@ -74,76 +75,18 @@ impl Cluster {
                 .await?;
         }
         let dir = tempfile::tempdir()?;
-        let mut text = String::new();
-        if !policy_overrides.is_empty() {
+        let policy_path = dir.path().join("policy.toml");
+        let policy_file = if policy_overrides.is_empty() {
+            None
+        } else {
             let policy = policy_overrides.iter().fold(
                 spire_healer::policy::DEFAULT_POLICY.to_string(),
                 |p, (from, to)| p.replace(from, to),
             );
-            let policy_path = dir.path().join("policy.toml");
             std::fs::write(&policy_path, policy)?;
-            text += &format!("policy_file = \"{}\"\n", policy_path.display());
-        }
-        let a0 = lab.agent(0);
-        let per_agent = |p: &std::path::Path| {
-            p.to_string_lossy()
-                .replace(&format!("/{}/", a0.name()), "/{agent}/")
+            Some(policy_path.as_path())
         };
-        let restart = a0.restart_command();
-        text += &format!(
-            r#"[supervisor]
-tick_interval = "250ms"
-[database]
-url = "sqlite://{db}"
-[http]
-listen = "127.0.0.1:0"
-[actuators.restart-agent]
-type = "command"
-argv = ["{sh}", "{script}"]
-timeout = "20s"
-[actuators.failover]
-type = "server_failover"
-strategy = "agent_config"
-restart = "restart-agent"
-repair_persisted_bundle = true
-[actuators.evict-agent]
-type = "agent_evict"
-restart = "restart-agent"
-join_token_file = "{token}"
-[actuators.entry-bump]
-type = "entry_bump"
-"#,
-            db = dir.path().join("healer.db").display(),
-            sh = restart[0],
-            script = per_agent(std::path::Path::new(&restart[1])),
-            token = per_agent(a0.join_token_file()),
-        );
-        for s in lab.servers() {
-            text += &format!(
-                "[[servers]]\nname = \"{}\"\nadmin_socket = \"{}\"\naddress = \"{}\"\nhealth_url = \"{}\"\nmetrics_url = \"{}\"\npoll_interval = \"1s\"\ntimeout = \"2s\"\n",
-                s.name(),
-                s.socket().display(),
-                s.address(),
-                s.health_url().trim_end_matches("/ready"),
-                s.metrics_url(),
-            );
-        }
-        for a in lab.agents() {
-            text += &format!(
-                "[[agents]]\nname = \"{}\"\naddress = \"unix://{}\"\nadmin_socket = \"{}\"\nhealth_url = \"{}\"\nmetrics_url = \"{}\"\nconfig_file = \"{}\"\ndata_dir = \"{}\"\nnode_alias = \"{}\"\npoll_interval = \"1s\"\nanswer_timeout = \"2s\"\nbackoff_max = \"2s\"\n",
-                a.name(),
-                a.workload_socket().display(),
-                a.admin_socket().display(),
-                a.health_url().trim_end_matches("/ready"),
-                a.metrics_url(),
-                a.conf().display(),
-                a.data_dir().display(),
-                a.node_alias(),
-            );
-            if bootstrap_bundle {
-                text += &format!("trust_bundle_path = \"{}\"\n", lab.bundle_path().display());
-            }
-        }
+        let text = ha_config(&lab, dir.path(), policy_file, bootstrap_bundle);
         let resolved = Config::from_toml(&text, "ha-test.toml")
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .validate(&|_| None)

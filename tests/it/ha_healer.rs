@@ -11,8 +11,14 @@ use crate::spire_lab::HaLab;
 /// The config watching every server and agent of `lab`: servers and agents
 /// polled every second, a 250 ms tick, a SQLite store in `dir`, and the
 /// `restart-agent`, `failover`, `evict-agent` and `entry-bump` actuators.
-/// `policy_file`: `None` for the built-in policy.
-pub fn ha_config(lab: &HaLab, dir: &Path, policy_file: Option<&Path>) -> String {
+/// `policy_file`: `None` for the built-in policy. With `bootstrap_bundle`,
+/// every agent's `trust_bundle_path` is the lab's bootstrap bundle.
+pub fn ha_config(
+    lab: &HaLab,
+    dir: &Path,
+    policy_file: Option<&Path>,
+    bootstrap_bundle: bool,
+) -> String {
     let a0 = lab.agent(0);
     // The lab's per-agent paths, with the agent's name as `{agent}`.
     let per_agent = |p: &Path| {
@@ -73,6 +79,9 @@ type = "entry_bump"
             a.data_dir().display(),
             a.node_alias(),
         );
+        if bootstrap_bundle {
+            text += &format!("trust_bundle_path = \"{}\"\n", lab.bundle_path().display());
+        }
     }
     text
 }
@@ -80,6 +89,6 @@ type = "entry_bump"
 /// Starts spire-healer watching `lab` with the built-in policy.
 pub async fn start_builtin(lab: &HaLab) -> Result<Healer> {
     let dir = tempfile::tempdir()?;
-    let text = ha_config(lab, dir.path(), None);
+    let text = ha_config(lab, dir.path(), None, false);
     Healer::launch(&text, dir).await
 }
