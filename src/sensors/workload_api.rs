@@ -222,6 +222,9 @@ enum End {
 /// Heartbeat period: the view's `updated_at` advances at least this often.
 const HEARTBEAT: Duration = Duration::from_millis(500);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// Retry cap while the agent refuses us an identity: SPIRE agents sync
+/// their entries every 5 s.
+const REFUSED_RETRY: Duration = Duration::from_secs(5);
 
 impl WorkloadApiTask {
     /// Asks `lookups` for the entries of the SPIFFE IDs the agent refuses
@@ -266,14 +269,23 @@ impl WorkloadApiTask {
                     } else {
                         StreamStatus::Down
                     };
-                    warn!(agent = %self.settings.agent, code, %detail, status = status.as_str(), "Workload API stream failed.");
+                    let before = self.shared.view();
+                    if before.status != status || before.last_error.as_deref() != Some(code) {
+                        warn!(agent = %self.settings.agent, code, %detail, status = status.as_str(), "Workload API stream failed.");
+                    } else {
+                        debug!(agent = %self.settings.agent, code, %detail, status = status.as_str(), "Workload API stream failed again.");
+                    }
                     self.set_status(status, Some(code.to_string()));
-                    let w = if retry {
-                        backoff
+                    // A refusal is asked again at least every agent sync, so
+                    // a re-created entry is seen within one more sync of
+                    // being served, not a whole backoff later.
+                    let cap = if status == StreamStatus::NoIdentity {
+                        self.settings.backoff_max.min(REFUSED_RETRY)
                     } else {
                         self.settings.backoff_max
                     };
-                    backoff = (backoff * 2).min(self.settings.backoff_max);
+                    let w = if retry { backoff.min(cap) } else { cap };
+                    backoff = (backoff * 2).min(cap);
                     w
                 }
             };
