@@ -14,6 +14,7 @@ use tracing::{Instrument, error, info, info_span};
 use crate::actuators;
 use crate::clock::Clock;
 use crate::config::Resolved;
+use crate::knowledge::scope_lock::{self, ScopeLock};
 use crate::knowledge::{self, Buffer, Store, StoreError};
 use crate::sensors::entry_lookups::EntryLookups;
 use crate::sensors::{SensorContext, Sensors};
@@ -30,6 +31,9 @@ pub struct Running {
     pub health: Arc<Health>,
     /// Bound HTTP address, when HTTP is enabled.
     pub http_addr: Option<SocketAddr>,
+    /// The scope this instance acts on, held until the last clone drops
+    /// (the watch task lets go of its clone at shutdown).
+    pub lock: Arc<tokio::sync::Mutex<ScopeLock>>,
 }
 
 /// Errors while starting.
@@ -52,11 +56,16 @@ pub enum StartError {
     Api(#[from] crate::api::ApiError),
 }
 
-/// Opens the store, spawns sensor tasks, the supervisor loop and the HTTP
+/// How often the scope lock's database session is checked.
+const LOCK_CHECK: Duration = Duration::from_secs(10);
+
+/// Opens the store, takes this instance's scope (see
+/// [`scope_lock`]), spawns sensor tasks, the supervisor loop and the HTTP
 /// server on `tasks`; all stop when `shutdown` is cancelled.
 ///
 /// # Errors
-/// The store cannot be opened, or the HTTP address or API socket cannot be
+/// The store cannot be opened, another instance holds the scope
+/// (`StoreError::InUse`), or the HTTP address or API socket cannot be
 /// bound.
 pub async fn start(
     resolved: &Resolved,
@@ -66,8 +75,15 @@ pub async fn start(
     tasks: &TaskTracker,
 ) -> Result<Running, StartError> {
     let cfg = &resolved.config;
-    let store = knowledge::open(resolved.database_url.expose_secret()).await?;
+    let url = resolved.database_url.expose_secret();
+    let store = knowledge::open(url).await?;
     info!(backend = store.backend(), "Knowledge store open.");
+    // One actor per scope: refuse to start when another instance acts on
+    // this store (SQLite) or on one of our agents (PostgreSQL).
+    let agents: Vec<String> = cfg.agents.iter().map(|a| a.name.clone()).collect();
+    let holder = scope_lock::Holder::this_process(clock.now());
+    let lock = scope_lock::acquire(url, &agents, &holder).await?;
+    let lock = Arc::new(tokio::sync::Mutex::new(lock));
     let since = clock
         .now()
         .checked_sub(Duration::from_secs(3600))
@@ -175,15 +191,42 @@ pub async fn start(
         },
         knowledge,
     );
+    // The loop holds the scope until it has drained; a watcher stops the
+    // daemon if the lock is lost (its database session dropped), since
+    // another instance may act from then on.
+    let held = lock.clone();
+    let stop = shutdown.child_token();
     tasks.spawn(
-        supervisor
-            .run(shutdown.child_token())
-            .instrument(info_span!("supervisor")),
+        async move {
+            supervisor.run(stop).await;
+            drop(held);
+        }
+        .instrument(info_span!("supervisor")),
     );
+    let watched = Arc::downgrade(&lock);
+    let watch_stop = shutdown.clone();
+    tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = watch_stop.cancelled() => return,
+                _ = tokio::time::sleep(LOCK_CHECK) => {}
+            }
+            let Some(lock) = watched.upgrade() else {
+                return;
+            };
+            let mut lock = lock.lock().await;
+            if !lock.alive().await {
+                scope_lock::lost(lock.kind());
+                watch_stop.cancel();
+                return;
+            }
+        }
+    });
     Ok(Running {
         store,
         metrics,
         health,
         http_addr,
+        lock,
     })
 }

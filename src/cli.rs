@@ -20,6 +20,9 @@ use crate::term::{shutdown_signal, table};
 
 /// Exit code when a needed service (the database) is unavailable (EX_UNAVAILABLE).
 pub const EXIT_UNAVAILABLE: i32 = 69;
+/// Exit code when another instance acts on the same store or agents
+/// (EX_TEMPFAIL: try again once it has stopped).
+pub const EXIT_IN_USE: i32 = 75;
 
 /// spire-healer: a self-healing supervisor for SPIFFE/SPIRE.
 #[derive(Debug, Parser)]
@@ -233,7 +236,10 @@ async fn run(path: &std::path::Path) -> i32 {
     if let Err(e) = crate::app::start(&resolved, clock, metrics, shutdown.clone(), &tasks).await {
         tracing::error!(error = %e, "Cannot start.");
         eprintln!("error: {e}");
-        return EXIT_UNAVAILABLE;
+        return match e {
+            crate::app::StartError::Store(crate::knowledge::StoreError::InUse(_)) => EXIT_IN_USE,
+            _ => EXIT_UNAVAILABLE,
+        };
     }
     tokio::select! {
         _ = shutdown_signal() => info!("Received shutdown signal."),

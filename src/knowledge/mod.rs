@@ -9,6 +9,7 @@
 mod buffer;
 mod postgres;
 mod run;
+pub mod scope_lock;
 mod sqlite;
 #[cfg(test)]
 mod tests;
@@ -43,6 +44,9 @@ pub enum StoreError {
     /// The database URL or path is unusable.
     #[error("invalid database location: {0}")]
     Config(String),
+    /// Another instance holds the scope (see [`scope_lock`]).
+    #[error("store in use: {0}")]
+    InUse(String),
 }
 
 impl StoreError {
@@ -54,6 +58,7 @@ impl StoreError {
             StoreError::Query(_) => "query",
             StoreError::Corrupt(_) => "corrupt",
             StoreError::Config(_) => "config",
+            StoreError::InUse(_) => "in_use",
         }
     }
 

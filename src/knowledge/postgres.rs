@@ -392,7 +392,7 @@ fn pg_error(e: sqlx::Error) -> StoreError {
 /// A connection-time failure. The server answering "no" to our credentials
 /// or database name is a configuration problem; anything else means it is
 /// not there.
-fn connect_error(addr: &str, e: sqlx::Error) -> StoreError {
+pub(super) fn connect_error(addr: &str, e: sqlx::Error) -> StoreError {
     let rejected = e
         .as_database_error()
         .and_then(|d| d.code())

@@ -2032,3 +2032,86 @@ async fn postgres_outage_mid_run_buffers_and_recovers() {
             .all(|a| a.outcome.as_deref() == Some("ok") && a.verification.is_some())
     );
 }
+
+// === One actor per scope ===
+
+mod scope {
+    use super::*;
+    use crate::knowledge::scope_lock::{Holder, acquire};
+
+    fn holder(pid: u32) -> Holder {
+        Holder {
+            host: "node-1".into(),
+            pid,
+            since: at(0),
+        }
+    }
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn sqlite_one_instance_per_database_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("h.db").display());
+        let first = acquire(&url, &names(&["a"]), &holder(4242)).await.unwrap();
+        assert_eq!(first.kind(), "lock_file");
+        // Any second instance on the same file, whatever its agents.
+        let e = acquire(&url, &names(&["b"]), &holder(7)).await.unwrap_err();
+        assert_eq!(e.kind(), "in_use");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("pid 4242 on node-1") && msg.contains("h.db.lock"),
+            "{msg}"
+        );
+        // Released with its holder (as when the process ends).
+        drop(first);
+        let again = acquire(&url, &names(&["b"]), &holder(7)).await.unwrap();
+        drop(again);
+        // Nothing to share in memory.
+        let mem = acquire("sqlite://:memory:", &names(&["a"]), &holder(1))
+            .await
+            .unwrap();
+        assert_eq!(mem.kind(), "none");
+    }
+
+    #[tokio::test]
+    async fn postgres_one_instance_per_agent() {
+        let Some(url) = pg_admin_url() else { return };
+        // Agent names unique to this run: the database is shared.
+        let tag = uuid::Uuid::now_v7().simple().to_string();
+        let n = |a: &str| format!("{a}-{tag}");
+        let mut first = acquire(&url, &[n("a"), n("b")], &holder(4242))
+            .await
+            .unwrap();
+        assert_eq!(first.kind(), "advisory_locks");
+        assert!(first.alive().await);
+        // Overlapping agents: refused, naming the agent and the holder.
+        let e = acquire(&url, &[n("c"), n("b")], &holder(7))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), "in_use");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&n("b")) && msg.contains("pid 4242 on node-1"),
+            "{msg}"
+        );
+        // Disjoint agents (another node's instance): both act.
+        let other = acquire(&url, &[n("c")], &holder(8)).await.unwrap();
+        drop(other);
+        // Released when the holder's session ends.
+        drop(first);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match acquire(&url, &[n("b")], &holder(7)).await {
+                Ok(_) => break,
+                Err(e) if e.kind() == "in_use" && tokio::time::Instant::now() < deadline => {
+                    // The server notices the closed session shortly.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+}

@@ -1,5 +1,5 @@
 //! The binary's command line: exit codes, every config error at once, the
-//! store readers, and a graceful stop on SIGTERM.
+//! store readers, one instance per store, and a graceful stop on SIGTERM.
 
 use std::process::Command;
 use std::time::Duration;
@@ -198,6 +198,19 @@ async fn run_stops_gracefully_on_sigterm() -> Result<()> {
             eprintln!("{line}");
         }
     });
+    // A second instance on the same store refuses to act, naming the first.
+    let second = tokio::process::Command::new(env!("CARGO_BIN_EXE_spire-healer"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .kill_on_drop(true)
+        .output();
+    let second = tokio::time::timeout(Duration::from_secs(30), second).await??;
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(75), "{err}");
+    assert!(
+        err.contains(&format!("pid {}", child.id().unwrap_or(0))) && err.contains("h.db.lock"),
+        "{err}"
+    );
     let pid = nix::unistd::Pid::from_raw(child.id().unwrap_or(0) as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
     let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;
