@@ -34,6 +34,8 @@ pub struct Running {
     /// The scope this instance acts on, held until the last clone drops
     /// (the watch task lets go of its clone at shutdown).
     pub lock: Arc<tokio::sync::Mutex<ScopeLock>>,
+    /// Sends a reloaded policy to the loop (SIGHUP).
+    pub policy: tokio::sync::watch::Sender<crate::policy::Policy>,
 }
 
 /// Errors while starting.
@@ -173,6 +175,7 @@ pub async fn start(
         None => None,
     };
 
+    let (policy_tx, policy_rx) = tokio::sync::watch::channel(resolved.policy.clone());
     let supervisor = Supervisor::new(
         Parts {
             clock,
@@ -190,7 +193,8 @@ pub async fn start(
                 .with_streams(streams),
         },
         knowledge,
-    );
+    )
+    .with_policy_updates(policy_rx);
     // The loop holds the scope until it has drained; a watcher stops the
     // daemon if the lock is lost (its database session dropped), since
     // another instance may act from then on.
@@ -228,5 +232,6 @@ pub async fn start(
         health,
         http_addr,
         lock,
+        policy: policy_tx,
     })
 }

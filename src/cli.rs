@@ -16,7 +16,7 @@ use crate::clock::{Clock, SystemClock, from_unix_millis};
 use crate::config::{Config, ConfigError, EXIT_CONFIG, Resolved, process_env};
 use crate::knowledge::{self, Query};
 use crate::telemetry::{LogFormat, Metrics, init_logging};
-use crate::term::{shutdown_signal, table};
+use crate::term::{reload_signal, shutdown_signal, table, watch_reload};
 
 /// Exit code when a needed service (the database) is unavailable (EX_UNAVAILABLE).
 pub const EXIT_UNAVAILABLE: i32 = 69;
@@ -233,17 +233,33 @@ async fn run(path: &std::path::Path) -> i32 {
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let metrics = Arc::new(Metrics::new());
-    if let Err(e) = crate::app::start(&resolved, clock, metrics, shutdown.clone(), &tasks).await {
-        tracing::error!(error = %e, "Cannot start.");
-        eprintln!("error: {e}");
-        return match e {
-            crate::app::StartError::Store(crate::knowledge::StoreError::InUse(_)) => EXIT_IN_USE,
-            _ => EXIT_UNAVAILABLE,
-        };
-    }
-    tokio::select! {
-        _ = shutdown_signal() => info!("Received shutdown signal."),
-        _ = shutdown.cancelled() => {}
+    // Watched before anything starts, so a HUP never terminates us.
+    let mut hup = watch_reload();
+    let running = match crate::app::start(&resolved, clock, metrics, shutdown.clone(), &tasks).await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot start.");
+            eprintln!("error: {e}");
+            return match e {
+                crate::app::StartError::Store(crate::knowledge::StoreError::InUse(_)) => {
+                    EXIT_IN_USE
+                }
+                _ => EXIT_UNAVAILABLE,
+            };
+        }
+    };
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => {
+                info!("Received shutdown signal.");
+                break;
+            }
+            _ = shutdown.cancelled() => break,
+            _ = reload_signal(&mut hup) => reload(path, &resolved, &running.policy),
+        }
     }
     shutdown.cancel();
     tasks.close();
@@ -254,6 +270,47 @@ async fn run(path: &std::path::Path) -> i32 {
         warn!("Shutdown grace period elapsed.");
     }
     0
+}
+
+/// SIGHUP: reads the configuration and policy again. A valid policy is
+/// applied from the next tick; a file with problems is rejected with each
+/// one logged, and the running configuration is kept. Sections that only a
+/// restart applies are named.
+fn reload(
+    path: &std::path::Path,
+    running: &Resolved,
+    policy: &tokio::sync::watch::Sender<crate::policy::Policy>,
+) {
+    info!(config = %path.display(), "Reloading (SIGHUP).");
+    let mut problems = Vec::new();
+    let Ok(next) = load(path, &mut problems) else {
+        let text = String::from_utf8_lossy(&problems);
+        let listed: Vec<&str> = text
+            .lines()
+            .skip(1)
+            .map(|l| l.trim().trim_start_matches("- "))
+            .filter(|l| !l.is_empty())
+            .collect();
+        warn!(
+            problems = %listed.join("; "),
+            count = listed.len(),
+            "Reload rejected; the running configuration is kept."
+        );
+        return;
+    };
+    let restart = running.config.restart_needed(&next.config);
+    if !restart.is_empty() {
+        warn!(
+            sections = %restart.join(", "),
+            "These configuration changes take effect at the next restart."
+        );
+    }
+    if *policy.borrow() == next.policy {
+        info!("Policy unchanged.");
+    } else {
+        policy.send_replace(next.policy);
+        info!("Policy reloaded; it applies from the next tick.");
+    }
 }
 
 enum Listing {

@@ -446,6 +446,33 @@ pub struct Resolved {
 }
 
 impl Config {
+    /// The sections of `self` that differ from `other`: what a reload
+    /// cannot apply without a restart (sensors, actuators, the store and
+    /// the listeners are built once, at start). The policy is not among
+    /// them: it is reloaded live.
+    pub fn restart_needed(&self, other: &Config) -> Vec<&'static str> {
+        let d =
+            |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+        let mut out = Vec::new();
+        for (name, differs) in [
+            ("supervisor", d(&self.supervisor, &other.supervisor)),
+            ("database", d(&self.database, &other.database)),
+            ("http", d(&self.http, &other.http)),
+            ("agents", d(&self.agents, &other.agents)),
+            ("servers", d(&self.servers, &other.servers)),
+            ("actuators", d(&self.actuators, &other.actuators)),
+            ("probes", d(&self.probes, &other.probes)),
+            ("cert_files", d(&self.cert_files, &other.cert_files)),
+            ("envoys", d(&self.envoys, &other.envoys)),
+            ("api", d(&self.api, &other.api)),
+        ] {
+            if differs {
+                out.push(name);
+            }
+        }
+        out
+    }
+
     /// Parses TOML text; `path` names the source in errors.
     ///
     /// # Errors

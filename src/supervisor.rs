@@ -123,6 +123,8 @@ pub struct Supervisor {
     guards: Guards,
     executor: Executor,
     store: Recorder,
+    /// A new policy, from a reload (SIGHUP); applied between ticks.
+    reload: Option<tokio::sync::watch::Receiver<Policy>>,
 }
 
 /// When the loop ticks, and the proof that it does.
@@ -165,7 +167,17 @@ impl Supervisor {
             dry_run: parts.dry_run,
             metrics: parts.metrics,
             store,
+            reload: None,
         }
+    }
+
+    /// Takes every policy sent on `updates` from the next tick on (a
+    /// reload: thresholds, ladders and guards; what the loop already
+    /// remembers stays).
+    #[must_use]
+    pub fn with_policy_updates(mut self, updates: tokio::sync::watch::Receiver<Policy>) -> Self {
+        self.reload = Some(updates);
+        self
     }
 
     /// Open incidents (for tests and the demo).
@@ -445,10 +457,18 @@ impl Supervisor {
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let wake = self.cadence.wake.clone();
         self.cadence.health.set_ready(true);
+        let mut reload = self.reload.take();
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                Some(()) = policy_changed(&mut reload) => {
+                    if let Some(rx) = &mut reload {
+                        self.policy = rx.borrow_and_update().clone();
+                        info!("Policy reloaded.");
+                    }
+                    continue;
+                }
                 _ = interval.tick() => {}
                 _ = wake.notified() => {
                     // Debounce bursts of changes.
@@ -469,5 +489,14 @@ impl Supervisor {
         self.store.drain().await;
     }
 }
+/// Resolves when a new policy was sent; `None` (never, in a select with
+/// `Some(())`) once the sender is gone or when there is no channel.
+async fn policy_changed(rx: &mut Option<tokio::sync::watch::Receiver<Policy>>) -> Option<()> {
+    match rx {
+        Some(rx) => rx.changed().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -3,6 +3,21 @@
 //! command waits for. They live apart so that no front end imports another.
 
 /// SIGINT or SIGTERM.
+/// Waits for SIGHUP (reload); never returns when it cannot be watched.
+pub async fn reload_signal(hup: &mut Option<tokio::signal::unix::Signal>) {
+    match hup {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// SIGHUP, watched from now on (so it no longer terminates the process).
+pub fn watch_reload() -> Option<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}
+
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match (

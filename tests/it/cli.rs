@@ -244,3 +244,86 @@ fn demo_heals_every_fault_and_exits_0() -> Result<()> {
     assert!(text.contains("Every fault was detected, healed and verified."));
     Ok(())
 }
+
+/// Reads the daemon's log lines until one contains `want` (bounded).
+async fn until_line<R: tokio::io::AsyncBufRead + Unpin>(
+    lines: &mut tokio::io::Lines<R>,
+    want: &str,
+) -> Result<String> {
+    let wait = async {
+        while let Some(line) = lines.next_line().await? {
+            eprintln!("{line}");
+            if line.contains(want) {
+                return Ok(line);
+            }
+        }
+        anyhow::bail!("the daemon's log ended before {want:?}")
+    };
+    tokio::time::timeout(Duration::from_secs(30), wait)
+        .await
+        .with_context(|| format!("waiting for {want:?}"))?
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_policy_and_a_bad_file_is_rejected() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, spire_healer::policy::DEFAULT_POLICY)?;
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "policy_file = \"{}\"\n[database]\nurl = \"sqlite://{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n[[agents]]\nname = \"a\"\naddress = \"unix://{}\"\n",
+            policy.display(),
+            dir.path().join("h.db").display(),
+            dir.path().join("missing.sock").display()
+        ),
+    )?;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_spire-healer"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().context("stderr")?).lines();
+    until_line(&mut lines, "Serving /metrics").await?;
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap_or(0) as i32);
+    let hup = || nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP);
+
+    // A valid change: applied, the process goes on.
+    std::fs::write(
+        &policy,
+        spire_healer::policy::DEFAULT_POLICY.replace("cooldown = \"20s\"", "cooldown = \"25s\""),
+    )?;
+    hup()?;
+    until_line(&mut lines, "Policy reloaded").await?;
+    // A broken file: every problem logged, the running policy kept.
+    std::fs::write(&policy, "[thresholds]\nmax_staleness = \"soon\"\n")?;
+    hup()?;
+    let rejected = until_line(&mut lines, "Reload rejected").await?;
+    assert!(
+        rejected.contains("max_staleness") || rejected.contains("policy"),
+        "{rejected}"
+    );
+    // A change only a restart applies is named.
+    std::fs::write(
+        &policy,
+        spire_healer::policy::DEFAULT_POLICY.replace("cooldown = \"20s\"", "cooldown = \"25s\""),
+    )?;
+    let text = std::fs::read_to_string(&cfg)?.replace("name = \"a\"", "name = \"b\"");
+    std::fs::write(&cfg, text)?;
+    hup()?;
+    let restart = until_line(&mut lines, "next restart").await?;
+    assert!(restart.contains("agents"), "{restart}");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    assert!(
+        child.try_wait()?.is_none(),
+        "still running after three HUPs"
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;
+    assert_eq!(status.code(), Some(0));
+    Ok(())
+}
