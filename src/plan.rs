@@ -309,6 +309,16 @@ impl Planner<'_, '_> {
         {
             return hold(inc, "", HoldReason::NoLocalCause);
         }
+        // Once nothing was left, it stays so for this incident (also after a
+        // restart, when the failures behind it may be older than the hour
+        // the ledger is rebuilt from): an operator acts, or it clears.
+        if let Some(reason) = &inc.needs_operator {
+            return Decision::NeedsOperator {
+                incident_id: inc.id.clone(),
+                target: target.clone(),
+                reason: reason.clone(),
+            };
+        }
         // The agent guards protect SPIRE agents; a peer or file is reloaded
         // from what is already on disk or in the agent's cache.
         let on_agent = inc.subject.is_agent_level();
@@ -837,6 +847,18 @@ mod tests {
                 },
                 100,
                 vec!["act a evict-agent rung1 next2", "hold a explained"],
+            ),
+            (
+                "an incident that needs an operator stays so (after a restart too)",
+                Case {
+                    incidents: vec![Incident {
+                        needs_operator: Some("restart-agent failed".into()),
+                        ..incident("i1", SymptomKind::AgentUnreachable, "a", 2)
+                    }],
+                    ..Case::default()
+                },
+                100,
+                vec!["operator a: restart-agent failed"],
             ),
             (
                 "nothing left to try: an operator must act, and the slot passes on",

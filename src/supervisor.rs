@@ -217,7 +217,7 @@ impl Supervisor {
         // Plan.
         let decisions = self.plan(&obs, &symptoms, now);
         // Execute: record first, then act.
-        let steps = self.execute(decisions, &obs, now, &mut tick);
+        let steps = self.execute(decisions, &obs, &symptoms, now, &mut tick);
         tick.summary.gauges = Some(self.gauges(&obs, &symptoms, now));
         self.metrics.record_tick(now, &tick.summary);
         self.store.push(tick.events);
@@ -248,7 +248,9 @@ impl Supervisor {
         for (target, actuator) in self.executor.verify(&|k| incidents.is_open(k), now, tick) {
             self.guards.failed(&target, &actuator);
         }
-        self.guards.settle(|target| incidents.any_on(target));
+        let policy = &self.policy;
+        let acting = incidents.acting_targets(|k| !policy.ladder(k).is_empty());
+        self.guards.settle(|target| acting.contains(target));
     }
 
     /// Symptoms of agents, the control plane and handshakes at `now`.
@@ -322,6 +324,7 @@ impl Supervisor {
         &mut self,
         decisions: Vec<Decision>,
         obs: &Observations,
+        symptoms: &[Symptom],
         now: SystemTime,
         tick: &mut Tick<'_>,
     ) -> Vec<Step> {
@@ -354,7 +357,16 @@ impl Supervisor {
                 continue;
             };
             let key = inc.key();
-            if let Some(id) = inc.evidence.get("spiffe_id").and_then(|v| v.as_str()) {
+            // The agent's SPIFFE ID as the symptom names it now (it may have
+            // re-attested since the incident opened), else as it opened.
+            let now_id = symptoms
+                .iter()
+                .find(|s| s.kind == key.kind && s.subject == key.subject)
+                .and_then(|s| s.evidence.get("spiffe_id"))
+                .and_then(|v| v.as_str());
+            if let Some(id) =
+                now_id.or_else(|| inc.evidence.get("spiffe_id").and_then(|v| v.as_str()))
+            {
                 step.params["evidence_spiffe_id"] = serde_json::json!(id);
             }
             let prepared = self.executor.prepare(&mut step, obs);

@@ -398,19 +398,34 @@ fn keep_unlisted_open(cx: &Context<'_>, kind: SymptomKind, out: &mut Found<'_>) 
         return keep_open_all(cx, kind, out);
     }
     for name in cx.unlisted() {
-        out.report(
-            false,
-            false,
-            Symptom {
-                kind,
-                subject: Subject::agent(name),
-                severity: Severity::Warning,
-                predicted_outage: cx.workload_expiry(name),
-                evidence: json!({ "listed": false }),
-                blind: cx.servers_blind(),
-            },
-        );
+        keep_open(cx, kind, name, json!({ "listed": false }), out);
     }
+}
+
+/// Reports `kind` on agent `name` only if its incident is open; nothing is
+/// built for the (many) agents without one.
+fn keep_open(
+    cx: &Context<'_>,
+    kind: SymptomKind,
+    name: &str,
+    evidence: serde_json::Value,
+    out: &mut Found<'_>,
+) {
+    let key = SymptomKey {
+        kind,
+        subject: Subject::agent(name),
+    };
+    if !(out.is_open)(&key) {
+        return;
+    }
+    out.symptoms.push(Symptom {
+        kind,
+        subject: key.subject,
+        severity: Severity::Warning,
+        predicted_outage: cx.workload_expiry(name),
+        evidence,
+        blind: cx.servers_blind(),
+    });
 }
 
 /// While no server answers, every open incident of `kind` on a known agent
@@ -420,18 +435,7 @@ fn keep_open_all(cx: &Context<'_>, kind: SymptomKind, out: &mut Found<'_>) {
     names.sort_unstable();
     names.dedup();
     for name in names {
-        out.report(
-            false,
-            false,
-            Symptom {
-                kind,
-                subject: Subject::agent(name),
-                severity: Severity::Warning,
-                predicted_outage: cx.workload_expiry(name),
-                evidence: json!({ "servers": "unreachable" }),
-                blind: cx.servers_blind(),
-            },
-        );
+        keep_open(cx, kind, name, json!({ "servers": "unreachable" }), out);
     }
 }
 

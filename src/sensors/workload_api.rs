@@ -334,12 +334,15 @@ impl WorkloadApiTask {
                 changed = true;
             }
             if status == StreamStatus::NoIdentity {
-                // The agent has no identity for us: nothing is served, so
-                // nothing cached may be judged as if it were (SVIDs are
-                // kept only while the agent is away). What it served is
-                // looked up on the servers: gone, or no longer ours?
-                self.lookups
-                    .want(&self.settings.agent, v.svids.drain(..).map(|s| s.spiffe_id));
+                // The agent has no identity for us: nothing is served. What
+                // it served last is remembered, not judged (analysis judges
+                // lifetimes only while the stream is up, so an open
+                // lifetime incident neither clears nor worsens), and looked
+                // up on the servers: gone, or no longer ours?
+                self.lookups.want(
+                    &self.settings.agent,
+                    v.svids.iter().map(|s| s.spiffe_id.clone()),
+                );
             } else if up {
                 self.lookups.forget(&self.settings.agent);
             }

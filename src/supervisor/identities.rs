@@ -56,15 +56,19 @@ impl Identities {
                 self.learn(&d.agent, id, IdentitySource::DebugApi, now, tick);
             }
         }
-        let aliased = obs
-            .servers
-            .iter()
-            .filter(|s| s.reachable)
+        // Only a parent a server lists as an attested agent: a join token
+        // minted with an alias is the parent of its alias entry before any
+        // agent has used it, and an unused token must never reach a log or
+        // the store.
+        let reachable = || obs.servers.iter().filter(|s| s.reachable);
+        let aliased = reachable()
             .flat_map(|s| s.entry_lookups.iter())
             .filter(|l| l.alias && configured.contains(&l.agent));
         for l in aliased {
             for e in l.entries.iter().flatten() {
-                if e.parent_id.contains("/spire/agent/") {
+                let attested =
+                    reachable().any(|s| s.agents.iter().any(|a| a.spiffe_id == e.parent_id));
+                if attested {
                     self.learn(&l.agent, &e.parent_id, IdentitySource::NodeAlias, now, tick);
                 }
             }
@@ -170,6 +174,74 @@ mod tests {
                 source: IdentitySource::NodeAlias,
                 ..
             })
+        ));
+    }
+
+    #[test]
+    fn learns_an_attested_agent_from_its_node_alias_entry() {
+        use crate::model::{EntryLookup, EntrySummary, ServerAgent, ServerView};
+        let configured: HashSet<String> = ["a".to_string()].into();
+        let id = |t: &str| format!("spiffe://td/spire/agent/join_token/{t}");
+        let lookup = |agent: &str, parent: &str| EntryLookup {
+            agent: agent.into(),
+            spiffe_id: "spiffe://td/node/0".into(),
+            alias: true,
+            entries: Some(vec![EntrySummary {
+                id: "e".into(),
+                parent_id: parent.into(),
+                selectors: vec![],
+            }]),
+            error: None,
+        };
+        let server = |reachable, lookups| {
+            let mut v = ServerView::test("s", reachable, &[], t(0));
+            v.entry_lookups = lookups;
+            // Attested agents only: "unused" is a token minted, not used.
+            v.agents = ["t1", "x", "t9"]
+                .iter()
+                .map(|tok| ServerAgent {
+                    spiffe_id: id(tok),
+                    attestation_type: "join_token".into(),
+                    serial: "01".into(),
+                    expires_at: t(100),
+                    banned: false,
+                    can_reattest: false,
+                })
+                .collect();
+            Arc::new(v)
+        };
+        let obs = Observations {
+            servers: vec![
+                server(
+                    true,
+                    vec![
+                        lookup("a", &id("t1")),
+                        // Not an agent: an alias of an alias.
+                        lookup("a", "spiffe://td/node/parent"),
+                        // A token minted for `a`, not used yet: never
+                        // learned, so never logged nor stored.
+                        lookup("a", &id("unused")),
+                        // Not configured.
+                        lookup("x", &id("x")),
+                    ],
+                ),
+                // An unreachable server's lookups count for nothing.
+                server(false, vec![lookup("a", &id("t9"))]),
+            ],
+            ..Observations::default()
+        };
+        let mut ids = Identities::default();
+        let mut tick = Tick::default();
+        ids.observe(&obs, &configured, t(1), &mut tick);
+        let map = ids.shared();
+        assert_eq!(map.len(), 1, "{map:?}");
+        assert_eq!(map[&id("t1")], "a");
+        assert!(matches!(
+            &tick.events[..],
+            [Event::AgentIdentified(AgentIdentity {
+                source: IdentitySource::NodeAlias,
+                ..
+            })]
         ));
     }
 }

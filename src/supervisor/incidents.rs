@@ -230,11 +230,15 @@ impl Incidents {
         self.hold(incident_id, "", target, "needs_operator", now, tick);
     }
 
-    /// Whether any open incident's target is `target` (an agent, peer or
-    /// file name).
-    pub(super) fn any_on(&self, target: &str) -> bool {
+    /// The targets (agent, peer or file names) of open incidents that
+    /// something can be done about (`acts`: the kind has a ladder): a
+    /// long-lived report such as a stale bootstrap bundle keeps no
+    /// futility alive.
+    pub(super) fn acting_targets(&self, acts: impl Fn(SymptomKind) -> bool) -> HashSet<&str> {
         self.iter()
-            .any(|i| i.subject.is_actionable() && i.subject.agent_name() == target)
+            .filter(|i| i.subject.is_actionable() && acts(i.kind))
+            .map(|i| i.subject.agent_name())
+            .collect()
     }
 
     /// Open incidents waiting for an operator, per symptom kind.

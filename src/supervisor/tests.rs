@@ -1165,3 +1165,40 @@ async fn a_futile_restart_stops_and_the_incident_needs_an_operator() {
     assert_eq!(r.started[0].actuator, "restart-agent", "no longer futile");
     h.action_finished().await;
 }
+
+#[tokio::test]
+async fn a_refusal_neither_clears_a_lifetime_incident_nor_credits_its_action() {
+    let h = Harness::new(vec![view("a")]).await;
+    let mut sup = h.supervisor().await;
+    // 86 % of the lifetime: svid_expiring (and overdue) open, one refetch
+    // runs for the agent's one slot.
+    let r = h.tick(&mut sup, 86).await;
+    assert!(kinds(&r).contains(&SymptomKind::SvidExpiring));
+    assert_eq!(r.started.len(), 1);
+    h.action_finished().await;
+    // The agent then refuses us (as right after a restart, before its first
+    // sync): what it served is remembered, not served.
+    h.agent("a").update(|v| {
+        v.status = StreamStatus::NoIdentity;
+        v.status_since = t(87);
+        v.last_error = Some(crate::model::NO_IDENTITY.into());
+    });
+    for at in [87, 89, 91] {
+        let r = h.tick(&mut sup, at).await;
+        assert!(r.closed.is_empty(), "not cleared at {at}");
+        assert!(
+            r.verified.iter().all(|(_, v)| *v != Verification::Verified),
+            "not credited at {at}: {:?}",
+            r.verified
+        );
+    }
+    let open = sup.open_incidents();
+    assert!(
+        open.iter().any(|i| i.kind == SymptomKind::SvidExpiring),
+        "{open:?}"
+    );
+    assert!(
+        open.iter()
+            .all(|i| i.kind != SymptomKind::IdentityNotIssued)
+    );
+}
