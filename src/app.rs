@@ -58,6 +58,8 @@ pub enum StartError {
     Api(#[from] crate::api::ApiError),
 }
 
+/// How often the store is probed when nothing needs writing.
+const STORE_HEARTBEAT: Duration = Duration::from_secs(5);
 /// How often the scope lock's database session is checked.
 const LOCK_CHECK: Duration = Duration::from_secs(10);
 
@@ -195,6 +197,17 @@ pub async fn start(
         knowledge,
     )
     .with_policy_updates(policy_rx);
+    // The store is probed even when nothing needs writing.
+    tasks.spawn(
+        crate::supervisor::store_heartbeat(
+            store.clone(),
+            supervisor.store_health(),
+            metrics.clone(),
+            STORE_HEARTBEAT,
+            shutdown.child_token(),
+        )
+        .instrument(info_span!("store_heartbeat")),
+    );
     // The loop holds the scope until it has drained; a watcher stops the
     // daemon if the lock is lost (its database session dropped), since
     // another instance may act from then on.

@@ -52,6 +52,7 @@ use handshakes::Handshakes;
 use identities::Identities;
 use incidents::Incidents;
 use recorder::{Recorder, abandoned};
+pub use recorder::{StoreHealth, heartbeat as store_heartbeat};
 use sensing::Sensing;
 
 /// What one tick did (for tests and logs).
@@ -180,6 +181,11 @@ impl Supervisor {
         self
     }
 
+    /// Whether the store answers, shared with the store heartbeat.
+    pub fn store_health(&self) -> Arc<recorder::StoreHealth> {
+        self.store.health()
+    }
+
     /// Open incidents (for tests and the demo).
     pub fn open_incidents(&self) -> Vec<Incident> {
         self.incidents.iter().cloned().collect()
@@ -225,13 +231,13 @@ impl Supervisor {
             // "Recorded before acting": try to land ActionStarted first. If
             // the store is away the events stay buffered and we act anyway;
             // the loop must not stall on the database.
-            self.store.flush().await;
+            self.store.flush(now).await;
         }
         for step in steps {
             self.executor.launch(step, now);
         }
         // Knowledge.
-        self.store.flush().await;
+        self.store.flush(now).await;
         self.cadence.health.ticked(now);
         timer.observe_duration();
         TickReport {
@@ -498,7 +504,7 @@ impl Supervisor {
         self.verify(now, &mut tick);
         self.metrics.record_tick(now, &tick.summary);
         self.store.push(tick.events);
-        self.store.drain().await;
+        self.store.drain(now).await;
     }
 }
 /// Resolves when a new policy was sent; `None` (never, in a select with

@@ -3,29 +3,114 @@
 //! that hangs never stalls detection; what does not land stays buffered
 //! for the next tick.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
-use tracing::warn;
+use tracing::{info, warn};
 
-use crate::knowledge::{ActionRecord, Buffer};
+use crate::clock::saturating_since;
+use crate::knowledge::{ActionRecord, Buffer, Store};
 use crate::model::{Event, Outcome, OutcomeKind};
 use crate::telemetry::Metrics;
-use std::sync::Arc;
 
 /// Time a tick may spend writing to the store.
 const FLUSH_BUDGET: Duration = Duration::from_millis(400);
 /// Bounded attempts to land what is left at shutdown.
 const DRAIN_ATTEMPTS: usize = 10;
+/// While the store is known to be away, a write is tried again this often
+/// (or as soon as the heartbeat finds it back); the loop does not wait on
+/// it in between.
+const RETRY_AWAY: Duration = Duration::from_secs(5);
+
+/// Whether the store answers: set by every write and by the heartbeat
+/// ([`heartbeat`]), which probes it even when nothing needs writing.
+#[derive(Debug)]
+pub struct StoreHealth {
+    up: AtomicBool,
+}
+
+impl Default for StoreHealth {
+    fn default() -> Self {
+        Self {
+            up: AtomicBool::new(true),
+        }
+    }
+}
+
+impl StoreHealth {
+    /// The store answered at the last write or probe.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::SeqCst)
+    }
+
+    /// Probes `store` once (bounded by `limit`) and records the answer.
+    pub async fn probe(&self, store: &dyn Store, metrics: &Metrics, limit: Duration) {
+        let up = matches!(tokio::time::timeout(limit, store.ping()).await, Ok(Ok(())));
+        if !up {
+            metrics.error("store", "ping");
+        }
+        self.set(up, metrics);
+    }
+
+    /// Records a write's or probe's result and `spire_healer_store_up`;
+    /// logs the transitions only.
+    fn set(&self, up: bool, metrics: &Metrics) {
+        metrics.store_up.set(i64::from(up));
+        let was = self.up.swap(up, Ordering::SeqCst);
+        if was && !up {
+            warn!(
+                "The knowledge store is away; events stay buffered and actions do not wait for it."
+            );
+        } else if !was && up {
+            info!("The knowledge store answers again.");
+        }
+    }
+}
+
+/// Probes `store` every `every` until `shutdown`, even when nothing needs
+/// writing: a database outage on a quiet fleet shows within one beat.
+pub async fn heartbeat(
+    store: Arc<dyn Store>,
+    health: Arc<StoreHealth>,
+    metrics: Arc<Metrics>,
+    every: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        health
+            .probe(&*store, &metrics, every.min(Duration::from_secs(2)))
+            .await;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
 
 /// The buffer in front of the store, with its metrics.
 pub(super) struct Recorder {
     buffer: Buffer,
     metrics: Arc<Metrics>,
+    health: Arc<StoreHealth>,
+    /// The last write that failed: none is tried before `RETRY_AWAY` after
+    /// it, unless the heartbeat finds the store back first.
+    failed_at: Option<SystemTime>,
 }
 
 impl Recorder {
     pub(super) fn new(buffer: Buffer, metrics: Arc<Metrics>) -> Self {
-        Self { buffer, metrics }
+        Self {
+            buffer,
+            metrics,
+            health: Arc::default(),
+            failed_at: None,
+        }
+    }
+
+    /// The store's health, shared with [`heartbeat`].
+    pub(super) fn health(&self) -> Arc<StoreHealth> {
+        self.health.clone()
     }
 
     pub(super) fn push(&mut self, events: Vec<Event>) {
@@ -38,26 +123,53 @@ impl Recorder {
     }
 
     /// Writes what is buffered, within [`FLUSH_BUDGET`]. Cancel-safe:
-    /// committed chunks are gone from the buffer, the rest waits.
-    pub(super) async fn flush(&mut self) {
+    /// committed chunks are gone from the buffer, the rest waits. Nothing
+    /// is tried (and nothing waited for) while the store is known to be
+    /// away, until `RETRY_AWAY` after the last failure or until the
+    /// heartbeat finds it back.
+    pub(super) async fn flush(&mut self, now: SystemTime) {
+        if self.buffer.is_empty() {
+            return;
+        }
+        if !self.health.is_up()
+            && self
+                .failed_at
+                .is_some_and(|t| saturating_since(now, t) < RETRY_AWAY)
+        {
+            self.metrics
+                .store_buffered_events
+                .set(self.buffer.len() as i64);
+            return;
+        }
+        self.write(now).await;
+    }
+
+    async fn write(&mut self, now: SystemTime) {
         let m = &self.metrics;
         let timer = m.store_flush_duration_seconds.start_timer();
         let dropped_before = self.buffer.dropped();
-        match tokio::time::timeout(FLUSH_BUDGET, self.buffer.flush()).await {
-            Ok(Ok(_)) => m.store_up.set(1),
-            Err(_) => {
-                m.store_up.set(0);
-                m.error("store", "timeout");
-                warn!(
-                    buffered = self.buffer.len(),
-                    budget_ms = FLUSH_BUDGET.as_millis() as u64,
-                    "Store write did not finish within its budget; keeping events buffered."
-                );
-            }
+        let failed = match tokio::time::timeout(FLUSH_BUDGET, self.buffer.flush()).await {
+            Ok(Ok(_)) => None,
+            Err(_) => Some("timeout".to_string()),
             Ok(Err(e)) => {
-                m.store_up.set(0);
                 m.error("store", e.kind());
-                warn!(error = %e, buffered = self.buffer.len(), "Store write failed; keeping events buffered.");
+                Some(e.to_string())
+            }
+        };
+        match failed {
+            None => {
+                self.failed_at = None;
+                self.health.set(true, m);
+            }
+            Some(error) => {
+                if self.health.is_up() {
+                    warn!(%error, buffered = self.buffer.len(), "Store write failed; keeping events buffered.");
+                }
+                if error == "timeout" {
+                    m.error("store", "timeout");
+                }
+                self.failed_at = Some(now);
+                self.health.set(false, m);
             }
         }
         timer.observe_duration();
@@ -66,13 +178,14 @@ impl Recorder {
         m.store_buffered_events.set(self.buffer.len() as i64);
     }
 
-    /// A few bounded attempts to land everything before exiting.
-    pub(super) async fn drain(&mut self) {
+    /// A few bounded attempts to land everything before exiting, whether
+    /// or not the store was last seen away.
+    pub(super) async fn drain(&mut self, now: SystemTime) {
         for _ in 0..DRAIN_ATTEMPTS {
-            self.flush().await;
             if self.buffer.is_empty() {
                 break;
             }
+            self.write(now).await;
         }
     }
 }
