@@ -142,6 +142,9 @@ pub async fn start(
             .collect(),
     });
     let registry = actuators::registry(&cfg.actuators, topo, streams.clone());
+    let mut actuator_names: Vec<String> = registry.keys().cloned().collect();
+    actuator_names.sort();
+    metrics.init_series(&actuator_names, &agents);
     if let Some(api_cfg) = &cfg.api {
         let (bound, fut) = crate::api::serve(
             api_cfg,

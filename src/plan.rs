@@ -60,6 +60,24 @@ pub enum HoldReason {
 }
 
 impl HoldReason {
+    /// Every reason.
+    pub const ALL: [HoldReason; 14] = [
+        HoldReason::TargetBusy,
+        HoldReason::Blind,
+        HoldReason::Cooldown,
+        HoldReason::Budget,
+        HoldReason::NotConfigured,
+        HoldReason::NoLadder,
+        HoldReason::ObserveOnly,
+        HoldReason::NoServerReachable,
+        HoldReason::CircuitOpen,
+        HoldReason::AwaitingResync,
+        HoldReason::NoLocalCause,
+        HoldReason::UnknownTarget,
+        HoldReason::Explained,
+        HoldReason::NeedsOperator,
+    ];
+
     /// Snake-case name: metric label and store value.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -635,6 +635,23 @@ pub fn request<T>(msg: T) -> tonic::Request<T> {
     req
 }
 
+/// Every error code [`failed`] and the session report (metric labels).
+pub const ERROR_CODES: [&str; 13] = [
+    "invalid_argument",
+    "unimplemented",
+    NO_IDENTITY,
+    "unavailable",
+    "deadline_exceeded",
+    "cancelled",
+    "internal",
+    "unknown",
+    "resource_exhausted",
+    "other",
+    "invalid_endpoint",
+    "unanswered",
+    "stream_ended",
+];
+
 /// Maps a gRPC status to how we react, per the Workload API spec.
 fn failed(status: &Status) -> End {
     let (code, retry) = match status.code() {

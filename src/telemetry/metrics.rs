@@ -17,6 +17,11 @@ use prometheus::{
 const FAST_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
+/// Buckets for action runs: a refetch takes milliseconds, an eviction with
+/// its restart up to minutes.
+const ACTION_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+];
 /// Buckets for times to recover.
 const MTTR_BUCKETS: &[f64] = &[
     0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0,
@@ -157,6 +162,50 @@ impl Metrics {
     ///
     /// # Panics
     /// Only if two metrics share a name, a programming error caught by tests.
+    /// Creates at zero every labelled series whose labels are known in
+    /// advance, so the first event is an increase Prometheus can see
+    /// (`increase()`/`rate()` need a previous sample): incidents and their
+    /// durations per symptom, actions, durations and verifications per
+    /// configured actuator and outcome, holds per reason, Workload API
+    /// errors per agent and code, rotations per agent.
+    pub fn init_series(&self, actuators: &[String], agents: &[String]) {
+        use crate::model::{OutcomeKind, SymptomKind, Verification};
+        for k in SymptomKind::ALL {
+            self.incidents_opened_total.with_label_values(&[k.as_str()]);
+            self.incident_duration_seconds
+                .with_label_values(&[k.as_str()]);
+        }
+        for a in actuators {
+            self.action_duration_seconds.with_label_values(&[a]);
+            for o in [
+                OutcomeKind::Ok,
+                OutcomeKind::Error,
+                OutcomeKind::DryRun,
+                OutcomeKind::Timeout,
+            ] {
+                self.actions_total.with_label_values(&[a, o.as_str()]);
+            }
+            for v in [
+                Verification::Verified,
+                Verification::Failed,
+                Verification::Skipped,
+            ] {
+                self.verifications_total.with_label_values(&[a, v.as_str()]);
+            }
+        }
+        for r in crate::plan::HoldReason::ALL {
+            self.holds_total.with_label_values(&[r.as_str()]);
+        }
+        for agent in agents {
+            self.spiffe_certificate_rotation_total
+                .with_label_values(&[agent]);
+            for code in crate::sensors::workload_api::ERROR_CODES {
+                self.spiffe_workload_api_errors_total
+                    .with_label_values(&[agent, code]);
+            }
+        }
+    }
+
     pub fn new() -> Self {
         let registry = Registry::new();
         macro_rules! reg {
@@ -238,7 +287,7 @@ impl Metrics {
                 "spire_healer_action_duration_seconds",
                 "Actuator run time.",
                 &["actuator"],
-                MTTR_BUCKETS
+                ACTION_BUCKETS
             )),
             verifications_total: reg!(c(
                 "spire_healer_verifications_total",
@@ -514,6 +563,29 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn known_series_exist_at_zero_before_their_first_event() {
+        let m = Metrics::new();
+        m.init_series(&["restart-agent".into()], &["node-a".into()]);
+        let text = m.render();
+        for series in [
+            r#"spire_healer_incidents_opened_total{symptom="agent_unreachable"}"#,
+            r#"spire_healer_incident_duration_seconds_count{symptom="svid_expiring"}"#,
+            r#"spire_healer_actions_total{actuator="restart-agent",outcome="ok"}"#,
+            r#"spire_healer_action_duration_seconds_count{actuator="restart-agent"}"#,
+            r#"spire_healer_verifications_total{actuator="restart-agent",result="failed"}"#,
+            r#"spire_healer_holds_total{reason="needs_operator"}"#,
+            r#"spiffe_certificate_rotation_total{agent="node-a"}"#,
+            r#"spiffe_workload_api_errors_total{agent="node-a",code="permission_denied"}"#,
+        ] {
+            assert_eq!(sample(&text, series), Some(0.0), "{series}");
+        }
+        // Action durations: milliseconds to minutes.
+        assert!(text.contains(
+            r#"spire_healer_action_duration_seconds_bucket{actuator="restart-agent",le="120"} 0"#
+        ));
+    }
 
     #[test]
     fn registers_and_renders() {
