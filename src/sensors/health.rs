@@ -170,7 +170,7 @@ impl HealthTask {
                 let kind = error.kind();
                 self.metrics.error("sensor", kind);
                 if previous.last_error.as_deref() != Some(kind) {
-                    warn!(target = %target, probe, kind, %error, "Health probe failed.");
+                    warn!(target_name = %target, probe, kind, %error, "Health probe failed.");
                 }
                 last_error.get_or_insert(kind);
                 None
@@ -191,7 +191,7 @@ impl HealthTask {
             || previous.last_error != view.last_error;
         if changed {
             info!(
-                target = %target,
+                target_name = %target,
                 live = ?view.live,
                 ready = ?view.ready,
                 error = ?view.last_error,

@@ -409,9 +409,9 @@ impl MetricsScrapeTask {
         let (reachable, last_error, samples) = match result {
             Ok(samples) => {
                 if !previous.reachable {
-                    info!(target = %target, samples = samples.len(), "Metrics endpoint scraped.");
+                    info!(target_name = %target, samples = samples.len(), "Metrics endpoint scraped.");
                 } else {
-                    debug!(target = %target, samples = samples.len(), "Metrics endpoint scraped.");
+                    debug!(target_name = %target, samples = samples.len(), "Metrics endpoint scraped.");
                 }
                 (true, None, samples)
             }
@@ -419,9 +419,9 @@ impl MetricsScrapeTask {
                 let kind = error.kind();
                 self.metrics.error("sensor", kind);
                 if previous.last_error.as_deref() != Some(kind) {
-                    warn!(target = %target, kind, %error, "Metrics scrape failed.");
+                    warn!(target_name = %target, kind, %error, "Metrics scrape failed.");
                 } else {
-                    debug!(target = %target, kind, %error, "Metrics scrape failed.");
+                    debug!(target_name = %target, kind, %error, "Metrics scrape failed.");
                 }
                 (false, Some(kind.to_string()), Vec::new())
             }

@@ -173,7 +173,8 @@ impl SensorSpec {
                 out.streams.insert(agent, shared);
             }
             SensorSpec::ServerApi(settings) => {
-                let span = info_span!("sensor", sensor = "server_api", target = %settings.server);
+                let span =
+                    info_span!("sensor", sensor = "server_api", target_name = %settings.server);
                 let (sensor, task) = server_api::build(settings, clock, metrics, wake);
                 let task = task.with_lookups(cx.lookups.clone());
                 cx.start(out, sensor, task.run(stop), span);
@@ -196,7 +197,8 @@ impl SensorSpec {
                 let server = settings.server.clone();
                 match client {
                     Some(Ok(client)) => {
-                        let span = info_span!("sensor", sensor = "server_api", target = %server);
+                        let span =
+                            info_span!("sensor", sensor = "server_api", target_name = %server);
                         let (sensor, task) = server_api::build(settings, clock, metrics, wake);
                         let task = task.with_client(client).with_lookups(cx.lookups.clone());
                         cx.start(out, sensor, task.run(stop), span);
@@ -210,18 +212,19 @@ impl SensorSpec {
                 }
             }
             SensorSpec::AgentDebug(settings) => {
-                let span = info_span!("sensor", sensor = "agent_debug", target = %settings.agent);
+                let span =
+                    info_span!("sensor", sensor = "agent_debug", target_name = %settings.agent);
                 let (sensor, task) = agent_debug::build(settings, clock, metrics, wake);
                 cx.start(out, sensor, task.run(stop), span);
             }
             SensorSpec::Health(settings) => {
-                let span = info_span!("sensor", sensor = "health", target = %settings.target);
+                let span = info_span!("sensor", sensor = "health", target_name = %settings.target);
                 let (sensor, task) = health::build(settings, clock, metrics, wake);
                 cx.start(out, sensor, task.run(stop), span);
             }
             SensorSpec::MetricsScrape(settings) => {
                 let span =
-                    info_span!("sensor", sensor = "metrics_scrape", target = %settings.target);
+                    info_span!("sensor", sensor = "metrics_scrape", target_name = %settings.target);
                 let (sensor, task) = metrics_scrape::build(settings, clock, metrics, wake);
                 // Only an Envoy's counters are handshake outcomes.
                 let task = task.with_handshakes(cx.handshakes.clone());
@@ -242,18 +245,18 @@ impl SensorSpec {
                     metrics,
                     wake,
                 );
-                let span = info_span!("sensor", sensor = "handshake_probe", target = %probe.name);
+                let span =
+                    info_span!("sensor", sensor = "handshake_probe", target_name = %probe.name);
                 cx.start(out, sensor, task.run(stop), span);
                 out.probes.insert(probe.name, handle);
             }
             SensorSpec::CertFile(file) => {
-                let span = info_span!("sensor", sensor = "cert_files", target = %file.name);
+                let span = info_span!("sensor", sensor = "cert_files", target_name = %file.name);
                 let (sensor, task) = cert_files::build(file, clock, metrics, wake);
                 cx.start(out, sensor, task.run(stop), span);
             }
             SensorSpec::BootstrapBundle(settings) => {
-                let span =
-                    info_span!("sensor", sensor = "bootstrap_bundle", target = %settings.agent);
+                let span = info_span!("sensor", sensor = "bootstrap_bundle", target_name = %settings.agent);
                 let (sensor, task) = bootstrap_bundle::build(settings, clock, metrics, wake);
                 cx.start(out, sensor, task.run(stop), span);
             }

@@ -167,7 +167,7 @@ impl Executor {
 
     /// Tracks a recorded step until it is verified.
     pub(super) fn track(&mut self, step: &Step, key: SymptomKey, now: SystemTime) {
-        info!(action = %step.action_id, incident = %step.incident_id, symptom = %step.symptom, actuator = %step.actuator, target = %step.target, rung = step.rung, dry_run = step.dry_run, "Starting action.");
+        info!(action = %step.action_id, incident = %step.incident_id, symptom = %step.symptom, actuator = %step.actuator, target_name = %step.target, rung = step.rung, dry_run = step.dry_run, "Starting action.");
         self.pending.insert(
             step.action_id.clone(),
             Pending {
@@ -245,7 +245,7 @@ impl Executor {
             let Some(p) = self.pending.remove(&id) else {
                 continue;
             };
-            info!(action = %id, actuator = %p.step.actuator, target = %p.step.target, verification = v.as_str(), "Action verified.");
+            info!(action = %id, actuator = %p.step.actuator, target_name = %p.step.target, verification = v.as_str(), "Action verified.");
             if v == Verification::Failed && !p.step.dry_run {
                 failed.push((p.step.target.clone(), p.step.actuator.clone()));
             }
@@ -285,7 +285,7 @@ impl Executor {
         let clock = self.clock.clone();
         let metrics = self.metrics.clone();
         let wake = self.wake.clone();
-        let span = info_span!("action", action = %step.action_id, actuator = %step.actuator, target = %step.target, reason = %step.symptom);
+        let span = info_span!("action", action = %step.action_id, actuator = %step.actuator, target_name = %step.target, reason = %step.symptom);
         self.tasks.spawn(
             async move {
                 let timer = metrics

@@ -177,7 +177,7 @@ impl Incidents {
         self.last_hold
             .insert(incident_id.to_string(), (actuator.to_string(), reason));
         tick.summary.holds.push(reason);
-        info!(incident = %incident_id, %actuator, %target, reason, "Holding back.");
+        info!(incident = %incident_id, %actuator, target_name = %target, reason, "Holding back.");
         tick.events.push(Event::Held {
             incident_id: incident_id.to_string(),
             actuator: actuator.to_string(),
@@ -219,7 +219,7 @@ impl Incidents {
             .find(|i| i.id == incident_id)
             && inc.needs_operator.is_none()
         {
-            warn!(incident = %incident_id, symptom = %inc.kind, %target, %reason, "Incident needs an operator.");
+            warn!(incident = %incident_id, symptom = %inc.kind, target_name = %target, %reason, "Incident needs an operator.");
             inc.needs_operator = Some(reason.to_string());
             tick.events.push(Event::IncidentNeedsOperator {
                 id: incident_id.to_string(),

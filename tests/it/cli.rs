@@ -327,3 +327,108 @@ async fn sighup_reloads_the_policy_and_a_bad_file_is_rejected() -> Result<()> {
     assert_eq!(status.code(), Some(0));
     Ok(())
 }
+
+/// A JSON value whose objects never repeat a key (serde_json would keep
+/// the last one silently).
+struct Strict;
+
+impl<'de> serde::de::DeserializeSeed<'de> for Strict {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(Strict)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Strict {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<(), A::Error> {
+        while a.next_element_seed(Strict)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<(), A::Error> {
+        let mut keys = std::collections::HashSet::new();
+        while let Some(k) = a.next_key::<String>()? {
+            if !keys.insert(k.clone()) {
+                return Err(serde::de::Error::custom(format!("duplicate key {k:?}")));
+            }
+            a.next_value_seed(Strict)?;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn json_logs_are_strict_json_with_unique_keys() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[database]\nurl = \"sqlite://{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n[[agents]]\nname = \"a\"\naddress = \"unix://{}\"\n[actuators.restart-agent]\ntype = \"command\"\nargv = [\"true\"]\ntimeout = \"5s\"\n",
+            dir.path().join("h.db").display(),
+            dir.path().join("missing.sock").display()
+        ),
+    )?;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_spire-healer"))
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().context("stderr")?).lines();
+    // Through an incident, its actions and their holds.
+    let mut seen = Vec::new();
+    let read = async {
+        while let Some(line) = lines.next_line().await? {
+            let mut de = serde_json::Deserializer::from_str(&line);
+            serde::de::DeserializeSeed::deserialize(Strict, &mut de)
+                .with_context(|| format!("not strict JSON: {line}"))?;
+            de.end().with_context(|| format!("trailing text: {line}"))?;
+            assert!(!line.contains('\u{1b}'), "ANSI escape in {line}");
+            let done = line.contains("Starting action.") && line.contains("restart-agent");
+            seen.push(line);
+            if done {
+                return Ok(());
+            }
+        }
+        anyhow::bail!("the log ended first")
+    };
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .context("waiting for a restart to start")??;
+    let action = seen.last().cloned().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&action)?;
+    assert_eq!(v["target_name"], "a", "{action}");
+    assert!(
+        v["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("spire_healer")),
+        "{action}"
+    );
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap_or(0) as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+    tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;
+    Ok(())
+}
