@@ -330,11 +330,15 @@ async fn list(args: &StoreArgs, what: Listing) -> i32 {
             }
         },
     };
-    let store = match knowledge::open(&url).await {
+    // Reading never creates or migrates a store.
+    let store = match knowledge::open_existing(&url).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
-            return EXIT_UNAVAILABLE;
+            return match e {
+                knowledge::StoreError::Config(_) => EXIT_CONFIG,
+                _ => EXIT_UNAVAILABLE,
+            };
         }
     };
     let mut q = Query {

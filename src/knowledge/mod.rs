@@ -218,6 +218,24 @@ pub trait Store: Send + Sync {
     async fn ping(&self) -> Result<(), StoreError>;
 }
 
+/// Opens an existing store for reading (`incidents`, `actions`): never
+/// creates a SQLite file, never migrates; a location without our schema is
+/// an error naming it.
+///
+/// # Errors
+/// [`StoreError::Config`] when there is no spire-healer store there;
+/// `Unavailable` when the database cannot be reached.
+pub async fn open_existing(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::connect_existing(url).await?))
+    } else {
+        let path = url.strip_prefix("sqlite://").unwrap_or(url);
+        Ok(Arc::new(
+            SqliteStore::open_existing(std::path::Path::new(path)).await?,
+        ))
+    }
+}
+
 /// Opens the store named by `url`: `postgres://…`/`postgresql://…` selects
 /// PostgreSQL, `sqlite://PATH` or a bare path selects SQLite (file created,
 /// WAL). Applies migrations.

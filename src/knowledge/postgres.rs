@@ -162,6 +162,52 @@ impl PostgresStore {
         Ok(store)
     }
 
+    /// Connects for reading: no migration, and a database without our
+    /// current schema is refused, naming it.
+    ///
+    /// # Errors
+    /// As [`PostgresStore::connect`], and [`StoreError::Config`] when the
+    /// database holds no spire-healer store at this schema.
+    pub async fn connect_existing(url: &str) -> Result<Self, StoreError> {
+        let options: PgConnectOptions = url
+            .parse()
+            .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
+        let options = options.application_name("spire-healer");
+        let addr = format!("{}:{}", options.get_host(), options.get_port());
+        let db = options.get_database().unwrap_or("").to_string();
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options);
+        let store = Self { pool, addr };
+        let version: Option<i64> = store
+            .bounded(async {
+                let exists: bool =
+                    sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+                        .fetch_one(&store.pool)
+                        .await
+                        .map_err(StoreError::from_sqlx)?;
+                if !exists {
+                    return Ok(None);
+                }
+                sqlx::query_scalar::<_, Option<i64>>("SELECT max(version) FROM _sqlx_migrations")
+                    .fetch_one(&store.pool)
+                    .await
+                    .map_err(StoreError::from_sqlx)
+            })
+            .await?;
+        let want = MIGRATIONS.last().map(|m| m.0);
+        if version != want {
+            return Err(StoreError::Config(format!(
+                "database {db:?} on {} is not a spire-healer store at schema {} (found {})",
+                store.addr,
+                want.unwrap_or(0),
+                version.map_or("none".to_string(), |v| v.to_string())
+            )));
+        }
+        Ok(store)
+    }
+
     /// Runs `op` within [`OP_TIMEOUT`] and names the server in
     /// unavailability errors.
     async fn bounded<T>(

@@ -162,6 +162,51 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 
+    /// Opens an existing database file for reading: never creates it, never
+    /// migrates it, and refuses a file without our current schema.
+    ///
+    /// # Errors
+    /// [`StoreError::Config`], naming the path, when the file is missing or
+    /// is not a spire-healer store at this version.
+    pub async fn open_existing(path: &Path) -> Result<Self, StoreError> {
+        if !path.is_file() {
+            return Err(StoreError::Config(format!(
+                "no spire-healer store at {} (the file does not exist)",
+                path.display()
+            )));
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .read_only(true)
+            .create_if_missing(false)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .map_err(|e| {
+                StoreError::Config(format!(
+                    "cannot open SQLite database {}: {e}",
+                    path.display()
+                ))
+            })?;
+        let version: Option<i64> = sqlx::query("SELECT max(version) FROM _sqlx_migrations")
+            .fetch_one(&pool)
+            .await
+            .ok()
+            .and_then(|r| r.try_get(0).ok());
+        let want = MIGRATIONS.last().map(|m| m.0);
+        if version != want {
+            return Err(StoreError::Config(format!(
+                "{} is not a spire-healer store at schema {} (found {})",
+                path.display(),
+                want.unwrap_or(0),
+                version.map_or("none".to_string(), |v| v.to_string())
+            )));
+        }
+        Ok(Self { pool })
+    }
+
     /// The underlying pool, for tests that inspect or corrupt rows directly.
     #[cfg(test)]
     pub(super) fn pool(&self) -> &SqlitePool {

@@ -2115,3 +2115,53 @@ mod scope {
         }
     }
 }
+
+// === Reading never creates ===
+
+#[tokio::test]
+async fn sqlite_reading_a_missing_store_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("typo.db");
+    let url = format!("sqlite://{}", path.display());
+    let e = crate::knowledge::open_existing(&url).await.err().unwrap();
+    assert_eq!(e.kind(), "config");
+    assert!(e.to_string().contains("typo.db"), "{e}");
+    assert!(!path.exists(), "a reader created the file");
+    // A file that is not our store is refused too.
+    std::fs::write(&path, b"").unwrap();
+    let e = crate::knowledge::open_existing(&url).await.err().unwrap();
+    assert!(e.to_string().contains("not a spire-healer store"), "{e}");
+    std::fs::remove_file(&path).unwrap();
+    // Once `run` has created it, it reads.
+    drop(crate::knowledge::open(&url).await.unwrap());
+    let s = crate::knowledge::open_existing(&url).await.unwrap();
+    assert!(s.incidents(&Query::default()).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn postgres_reading_an_empty_database_migrates_nothing() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let e = crate::knowledge::open_existing(&db.url)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.kind(), "config");
+    assert!(
+        e.to_string().contains("not a spire-healer store") && e.to_string().contains(&db.name),
+        "{e}"
+    );
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    let _ = conn.close().await;
+    assert_eq!(tables, 0, "a reader migrated the database");
+    drop(crate::knowledge::open(&db.url).await.unwrap());
+    let s = crate::knowledge::open_existing(&db.url).await.unwrap();
+    assert!(s.incidents(&Query::default()).await.unwrap().is_empty());
+}
