@@ -148,16 +148,24 @@ pub async fn main(cli: Cli) -> i32 {
 }
 
 /// `spire-healer report`: one batch with one report. Exit 0 when accepted,
-/// 64 on a bad argument, 69 when the API is unreachable, 77 when refused.
+/// 64 on a bad argument, 65 when the server did not count the report (it
+/// says why), 69 when the API is unreachable, 77 when refused.
 async fn report(socket: &std::path::Path, target: &str, reason: &str, count: u64) -> i32 {
     let Some(reason) = crate::handshake::Reason::parse(reason) else {
         eprintln!("error: unknown reason {reason:?}");
         return 64;
     };
+    if target.is_empty() || target.len() > crate::handshake::MAX_TARGET_LEN {
+        eprintln!(
+            "error: the target must be 1 to {} bytes long",
+            crate::handshake::MAX_TARGET_LEN
+        );
+        return 64;
+    }
     let client = match crate::api::ReportClient::connect_unix(socket) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}: {e}", socket.display());
             return 69;
         }
     };
@@ -170,11 +178,22 @@ async fn report(socket: &std::path::Path, target: &str, reason: &str, count: u64
             0
         }
         Ok(r) => {
-            eprintln!("error: {} report(s) rejected", r.rejected);
+            eprintln!(
+                "error: {} report(s) not counted by the server at {}: the count is over its \
+                 max_count_per_report, or it already tracks its maximum number of targets \
+                 (spire_healer_handshake_reports_rejected_total{{kind}} says which)",
+                r.rejected,
+                socket.display()
+            );
             65
         }
         Err(status) => {
-            eprintln!("error: {}: {}", status.code(), status.message());
+            eprintln!(
+                "error: {}: {}: {}",
+                socket.display(),
+                status.code(),
+                status.message()
+            );
             match status.code() {
                 tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => 77,
                 tonic::Code::Unavailable => 69,

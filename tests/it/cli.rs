@@ -432,3 +432,38 @@ async fn json_logs_are_strict_json_with_unique_keys() -> Result<()> {
     tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;
     Ok(())
 }
+
+#[test]
+fn report_names_what_is_wrong() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("absent.sock");
+    let run = |target: &str| {
+        bin()
+            .args(["report", "--socket"])
+            .arg(&socket)
+            .args(["--target", target, "--reason", "unknown_ca"])
+            .output()
+    };
+    let out = run("")?;
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("target must be"));
+    let out = run("web")?;
+    assert_eq!(out.status.code(), Some(69));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("absent.sock"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn reading_a_missing_store_creates_nothing_and_exits_64() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("typo.db");
+    let out = bin()
+        .args(["incidents", "--database"])
+        .arg(format!("sqlite://{}", db.display()))
+        .output()?;
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("typo.db"));
+    assert!(!db.exists(), "the reader created the store");
+    Ok(())
+}
