@@ -98,17 +98,23 @@ impl Actuator for CommandActuator {
             .split_first()
             .ok_or_else(|| ActuatorError::Failed("empty argv".into()))?;
         let limit = self.config.timeout.min(step.timeout);
+        // Its own process group: on a timeout, or when the run is cancelled
+        // (shutdown), the command and everything it started are killed, so
+        // nothing acts on after us. A command that completes keeps what it
+        // started (a restart script starts the agent).
         let mut child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .map_err(|source| ActuatorError::Spawn {
                 program: program.clone(),
                 source,
             })?;
+        let mut group = Group(child.id().map(|id| nix::unistd::Pid::from_raw(id as i32)));
         let tail = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut readers = tokio::task::JoinSet::new();
         if let Some(out) = child.stdout.take() {
@@ -118,9 +124,13 @@ impl Actuator for CommandActuator {
             readers.spawn(read_tail(err, tail.clone()));
         }
         let status = match tokio::time::timeout(limit, child.wait()).await {
-            Ok(Ok(status)) => status,
+            Ok(Ok(status)) => {
+                group.completed();
+                status
+            }
             Ok(Err(e)) => return Err(ActuatorError::Failed(format!("waiting for {program}: {e}"))),
             Err(_) => {
+                group.kill();
                 let _ = child.kill().await;
                 return Err(ActuatorError::Timeout(limit));
             }
@@ -150,6 +160,29 @@ impl Actuator for CommandActuator {
                 detail,
             })
         }
+    }
+}
+
+/// A command's process group, killed (SIGKILL) unless the command
+/// completed: on a timeout, and when the run is dropped mid-way.
+struct Group(Option<nix::unistd::Pid>);
+
+impl Group {
+    /// The command exited by itself: what it started stays.
+    fn completed(&mut self) {
+        self.0 = None;
+    }
+
+    fn kill(&mut self) {
+        if let Some(pgid) = self.0.take() {
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -209,6 +242,61 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.kind(), "timeout");
+    }
+
+    /// Waits (bounded) until the process in `pidfile` is gone.
+    async fn gone(pidfile: &std::path::Path) -> bool {
+        let pid = loop {
+            if let Ok(text) = std::fs::read_to_string(pidfile)
+                && let Ok(pid) = text.trim().parse::<i32>()
+            {
+                break nix::unistd::Pid::from_raw(pid);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        for _ in 0..250 {
+            if nix::sys::signal::kill(pid, None).is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn a_timeout_kills_what_the_command_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
+        let e = cmd(&["/bin/sh", "-c", &script])
+            .execute(&step(Duration::from_millis(300)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), "timeout");
+        assert!(gone(&pidfile).await, "the grandchild outlived the timeout");
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_run_kills_what_the_command_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
+        let c = cmd(&["/bin/sh", "-c", &script]);
+        let s = step(Duration::from_secs(20));
+        let run = c.execute(&s);
+        // Dropped once the grandchild runs: as a shutdown past its grace.
+        tokio::select! {
+            _ = run => panic!("the command ended by itself"),
+            _ = async {
+                while !pidfile.exists() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            } => {}
+        }
+        assert!(
+            gone(&pidfile).await,
+            "the grandchild outlived the cancelled run"
+        );
     }
 
     #[tokio::test]
