@@ -36,6 +36,8 @@ pub struct Running {
     pub lock: Arc<tokio::sync::Mutex<ScopeLock>>,
     /// Sends a reloaded policy to the loop (SIGHUP).
     pub policy: tokio::sync::watch::Sender<crate::policy::Policy>,
+    /// Actions cut short at shutdown (their grace elapsed).
+    pub interrupted: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Errors while starting.
@@ -181,6 +183,7 @@ pub async fn start(
     };
 
     let (policy_tx, policy_rx) = tokio::sync::watch::channel(resolved.policy.clone());
+    let interrupted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let supervisor = Supervisor::new(
         Parts {
             clock,
@@ -199,7 +202,13 @@ pub async fn start(
         },
         knowledge,
     )
-    .with_policy_updates(policy_rx);
+    .with_policy_updates(policy_rx)
+    // Three quarters of the grace for running actions: the rest is for
+    // recording what was cut short and flushing.
+    .with_shutdown_grace(crate::supervisor::ShutdownGrace {
+        grace: cfg.supervisor.shutdown_grace * 3 / 4,
+        interrupted: interrupted.clone(),
+    });
     // The store is probed even when nothing needs writing.
     tasks.spawn(
         crate::supervisor::store_heartbeat(
@@ -249,5 +258,6 @@ pub async fn start(
         http_addr,
         lock,
         policy: policy_tx,
+        interrupted,
     })
 }

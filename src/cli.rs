@@ -20,6 +20,9 @@ use crate::term::{reload_signal, shutdown_signal, table, watch_reload};
 
 /// Exit code when a needed service (the database) is unavailable (EX_UNAVAILABLE).
 pub const EXIT_UNAVAILABLE: i32 = 69;
+/// Exit code when the shutdown grace cut running actions short (they are
+/// recorded as interrupted; their process groups were killed).
+pub const EXIT_CUT_SHORT: i32 = 1;
 /// Exit code when another instance acts on the same store or agents
 /// (EX_TEMPFAIL: try again once it has stopped).
 pub const EXIT_IN_USE: i32 = 75;
@@ -282,11 +285,18 @@ async fn run(path: &std::path::Path) -> i32 {
     }
     shutdown.cancel();
     tasks.close();
-    if tokio::time::timeout(resolved.config.supervisor.shutdown_grace, tasks.wait())
+    let elapsed = tokio::time::timeout(resolved.config.supervisor.shutdown_grace, tasks.wait())
         .await
-        .is_err()
-    {
+        .is_err();
+    if elapsed {
         warn!("Shutdown grace period elapsed.");
+    }
+    let cut = running
+        .interrupted
+        .load(std::sync::atomic::Ordering::SeqCst);
+    if cut > 0 || elapsed {
+        warn!(interrupted = cut, "Stopped with actions cut short.");
+        return EXIT_CUT_SHORT;
     }
     0
 }

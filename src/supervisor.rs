@@ -126,6 +126,27 @@ pub struct Supervisor {
     store: Recorder,
     /// A new policy, from a reload (SIGHUP); applied between ticks.
     reload: Option<tokio::sync::watch::Receiver<Policy>>,
+    /// At shutdown: how long running actions may take, and how many had to
+    /// be cut short.
+    shutdown: ShutdownGrace,
+}
+
+/// What shutdown allows running actions, and what it had to cut short.
+#[derive(Debug, Clone)]
+pub struct ShutdownGrace {
+    /// How long running actions may take to return.
+    pub grace: Duration,
+    /// Actions interrupted at shutdown.
+    pub interrupted: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Default for ShutdownGrace {
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(30),
+            interrupted: Arc::default(),
+        }
+    }
 }
 
 /// When the loop ticks, and the proof that it does.
@@ -169,7 +190,16 @@ impl Supervisor {
             metrics: parts.metrics,
             store,
             reload: None,
+            shutdown: ShutdownGrace::default(),
         }
+    }
+
+    /// Running actions get `grace.grace` at shutdown; the rest are
+    /// interrupted, recorded as such and counted in `grace.interrupted`.
+    #[must_use]
+    pub fn with_shutdown_grace(mut self, grace: ShutdownGrace) -> Self {
+        self.shutdown = grace;
+        self
     }
 
     /// Takes every policy sent on `updates` from the next tick on (a
@@ -497,10 +527,16 @@ impl Supervisor {
             self.tick(now).instrument(info_span!("tick")).await;
         }
         info!("Supervisor stopping.");
-        self.executor.wait().await;
+        let all_returned = self.executor.wait(self.shutdown.grace).await;
         let now = self.clock.now();
         let mut tick = Tick::default();
         self.executor.collect(&mut tick);
+        if !all_returned {
+            let n = self.executor.interrupt(now, &mut tick);
+            self.shutdown
+                .interrupted
+                .fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+        }
         self.verify(now, &mut tick);
         self.metrics.record_tick(now, &tick.summary);
         self.store.push(tick.events);

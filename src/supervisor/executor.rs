@@ -93,6 +93,8 @@ pub(super) struct Executor {
     results_tx: mpsc::UnboundedSender<Finished>,
     results_rx: mpsc::UnboundedReceiver<Finished>,
     tasks: TaskTracker,
+    /// Abort handles of launched actions, to cut them short at shutdown.
+    aborts: HashMap<String, tokio::task::AbortHandle>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     /// Woken when an action returns, so its verification need not wait
@@ -116,6 +118,7 @@ impl Executor {
             results_tx,
             results_rx,
             tasks: TaskTracker::new(),
+            aborts: HashMap::new(),
             clock,
             metrics,
             wake,
@@ -213,6 +216,7 @@ impl Executor {
                     stream.retry_now();
                 }
             }
+            self.aborts.remove(&id);
             tick.events.push(Event::ActionFinished { id, outcome, at });
         }
     }
@@ -263,7 +267,7 @@ impl Executor {
     }
 
     /// Runs the step as a tracked task (a dry run only reports back).
-    pub(super) fn launch(&self, step: Step, now: SystemTime) {
+    pub(super) fn launch(&mut self, step: Step, now: SystemTime) {
         let tx = self.results_tx.clone();
         if step.dry_run {
             let _ = tx.send((
@@ -286,7 +290,8 @@ impl Executor {
         let metrics = self.metrics.clone();
         let wake = self.wake.clone();
         let span = info_span!("action", action = %step.action_id, actuator = %step.actuator, target_name = %step.target, reason = %step.symptom);
-        self.tasks.spawn(
+        let id = step.action_id.clone();
+        let handle = self.tasks.spawn(
             async move {
                 let timer = metrics
                     .action_duration_seconds
@@ -308,12 +313,50 @@ impl Executor {
             }
             .instrument(span),
         );
+        self.aborts.insert(id, handle.abort_handle());
     }
 
-    /// Waits for every launched action to return.
-    pub(super) async fn wait(&self) {
+    /// Waits for every launched action to return, at most `grace`.
+    /// Returns whether they all did.
+    pub(super) async fn wait(&self, grace: std::time::Duration) -> bool {
         self.tasks.close();
-        self.tasks.wait().await;
+        tokio::time::timeout(grace, self.tasks.wait()).await.is_ok()
+    }
+
+    /// Cuts short every action still running (its task is aborted, which
+    /// kills a command's process group) and records it as interrupted.
+    /// Returns how many there were.
+    pub(super) fn interrupt(&mut self, now: SystemTime, tick: &mut Tick<'_>) -> usize {
+        let running: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.finished.is_none())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &running {
+            if let Some(h) = self.aborts.remove(id) {
+                h.abort();
+            }
+            let Some(p) = self.pending.remove(id) else {
+                continue;
+            };
+            warn!(action = %id, actuator = %p.step.actuator, target_name = %p.step.target, "Action interrupted: shutting down before it returned.");
+            tick.summary
+                .actions
+                .push((p.step.actuator.clone(), OutcomeKind::Error.as_str()));
+            tick.events.push(Event::ActionFinished {
+                id: id.clone(),
+                outcome: Outcome {
+                    kind: OutcomeKind::Error,
+                    detail: serde_json::json!({ "interrupted": true, "started": true }),
+                    error: Some(
+                        "interrupted: spire-healer stopped before the action returned".into(),
+                    ),
+                },
+                at: now,
+            });
+        }
+        running.len()
     }
 }
 

@@ -467,3 +467,72 @@ fn reading_a_missing_store_creates_nothing_and_exits_64() -> Result<()> {
     assert!(!db.exists(), "the reader created the store");
     Ok(())
 }
+
+#[tokio::test]
+async fn sigterm_past_the_grace_interrupts_the_action_and_kills_its_group() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pidfile = dir.path().join("grandchild.pid");
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[supervisor]\nshutdown_grace = \"2s\"\n[database]\nurl = \"sqlite://{db}\"\n[http]\nlisten = \"127.0.0.1:0\"\n[[agents]]\nname = \"a\"\naddress = \"unix://{sock}\"\n[actuators.restart-agent]\ntype = \"command\"\nargv = [\"/bin/sh\", \"-c\", \"sleep 60 & echo $! > {pid}; wait\"]\ntimeout = \"60s\"\n",
+            db = dir.path().join("h.db").display(),
+            sock = dir.path().join("missing.sock").display(),
+            pid = pidfile.display(),
+        ),
+    )?;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_spire-healer"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().context("stderr")?).lines();
+    // refetch fails its verification, then the hanging restart starts.
+    loop {
+        let line = until_line(&mut lines, "Starting action.").await?;
+        if line.contains("restart-agent") {
+            break;
+        }
+    }
+    let grandchild = async {
+        loop {
+            if let Ok(t) = std::fs::read_to_string(&pidfile)
+                && let Ok(pid) = t.trim().parse::<i32>()
+            {
+                return nix::unistd::Pid::from_raw(pid);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let grandchild = tokio::time::timeout(Duration::from_secs(10), grandchild).await?;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap_or(0) as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;
+    assert_eq!(status.code(), Some(1), "cut short: non-zero");
+    // Nothing the action started lives on.
+    let gone = async {
+        while nix::sys::signal::kill(grandchild, None).is_ok() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), gone)
+        .await
+        .context("the action's child outlived spire-healer")?;
+    // Recorded as interrupted, having started.
+    let store = knowledge::open(&format!("sqlite://{}", dir.path().join("h.db").display())).await?;
+    let actions = store.actions(&knowledge::Query::default()).await?;
+    let restart = actions
+        .iter()
+        .find(|a| a.actuator == "restart-agent")
+        .context("restart recorded")?;
+    assert_eq!(restart.outcome.as_deref(), Some("error"), "{restart:?}");
+    let detail = restart.detail.clone().unwrap_or_default();
+    assert_eq!(detail["interrupted"], true, "{restart:?}");
+    assert_eq!(detail["started"], true, "{restart:?}");
+    Ok(())
+}
