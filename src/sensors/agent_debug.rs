@@ -126,7 +126,12 @@ impl AgentDebugTask {
                 }
             }
             let Some(c) = &client else { continue };
-            let Some(result) = super::until_shutdown(&shutdown, c.agent_debug_info()).await else {
+            let Some(result) = super::until_shutdown(
+                &shutdown,
+                super::timed(self.metrics.clone(), "agent_debug", c.agent_debug_info()),
+            )
+            .await
+            else {
                 return;
             };
             self.apply(result);

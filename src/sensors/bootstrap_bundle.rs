@@ -114,9 +114,12 @@ impl BootstrapBundleTask {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut cadence = super::Cadence::new(self.settings.poll_interval);
         while cadence.next(&shutdown).await {
-            if super::until_shutdown(&shutdown, self.poll_once())
-                .await
-                .is_none()
+            if super::until_shutdown(
+                &shutdown,
+                super::timed(self.metrics.clone(), "bootstrap_bundle", self.poll_once()),
+            )
+            .await
+            .is_none()
             {
                 return;
             }

@@ -367,9 +367,12 @@ impl CertFileTask {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut cadence = super::Cadence::new(self.settings.poll_interval);
         while cadence.next(&shutdown).await {
-            if super::until_shutdown(&shutdown, self.poll_once())
-                .await
-                .is_none()
+            if super::until_shutdown(
+                &shutdown,
+                super::timed(self.metrics.clone(), "cert_files", self.poll_once()),
+            )
+            .await
+            .is_none()
             {
                 return;
             }

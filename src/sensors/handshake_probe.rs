@@ -959,7 +959,12 @@ impl ProbeTask {
                 &self.clock,
                 self.settings.timeout,
             );
-            let Some(result) = super::until_shutdown(&shutdown, probe).await else {
+            let Some(result) = super::until_shutdown(
+                &shutdown,
+                super::timed(self.metrics.clone(), "handshake_probe", probe),
+            )
+            .await
+            else {
                 return;
             };
             self.apply(result);

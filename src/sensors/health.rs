@@ -137,7 +137,12 @@ impl HealthTask {
                     self.probe(self.settings.ready_url.as_deref()),
                 )
             };
-            let Some((live, ready)) = super::until_shutdown(&shutdown, both).await else {
+            let Some((live, ready)) = super::until_shutdown(
+                &shutdown,
+                super::timed(self.metrics.clone(), "health", both),
+            )
+            .await
+            else {
                 return;
             };
             self.publish(live, ready);

@@ -339,7 +339,12 @@ impl MetricsScrapeTask {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut cadence = super::Cadence::new(self.settings.interval);
         while cadence.next(&shutdown).await {
-            let Some(result) = super::until_shutdown(&shutdown, self.scrape()).await else {
+            let Some(result) = super::until_shutdown(
+                &shutdown,
+                super::timed(self.metrics.clone(), "metrics_scrape", self.scrape()),
+            )
+            .await
+            else {
                 return;
             };
             if let Ok(samples) = &result {

@@ -340,6 +340,23 @@ impl Cadence {
 }
 
 /// Runs `poll` unless `shutdown` comes first (then the poll is abandoned).
+/// Runs one poll of `sensor` and times it into
+/// `spire_healer_sensor_duration_seconds`: the real work (calls, reads),
+/// not the loop's read of the published view.
+pub(crate) async fn timed<T>(
+    metrics: Arc<Metrics>,
+    sensor: &'static str,
+    poll: impl Future<Output = T>,
+) -> T {
+    let timer = metrics
+        .sensor_duration_seconds
+        .with_label_values(&[sensor])
+        .start_timer();
+    let out = poll.await;
+    timer.observe_duration();
+    out
+}
+
 pub(crate) async fn until_shutdown<T>(
     shutdown: &tokio_util::sync::CancellationToken,
     poll: impl Future<Output = T>,

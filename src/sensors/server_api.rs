@@ -198,7 +198,12 @@ impl ServerApiTask {
                 }
             }
             let Some(c) = &client else { continue };
-            let Some(result) = super::until_shutdown(&shutdown, self.poll(c)).await else {
+            let Some(result) = super::until_shutdown(
+                &shutdown,
+                super::timed(self.metrics.clone(), "server_api", self.poll(c)),
+            )
+            .await
+            else {
                 return;
             };
             self.apply(result);

@@ -26,11 +26,9 @@ impl Sensing {
     /// counted.
     pub(super) async fn sense(&mut self, metrics: &Metrics) -> Observations {
         let mut obs = Observations::default();
+        // Reading a sensor is a copy of what its task last published; the
+        // task times its own polls (`sensors::timed`).
         for (s, last) in self.sensors.iter().zip(self.last.iter_mut()) {
-            let timer = metrics
-                .sensor_duration_seconds
-                .with_label_values(&[s.name()])
-                .start_timer();
             match s.observe().await {
                 Ok(readings) => *last = readings,
                 Err(e) => {
@@ -41,7 +39,6 @@ impl Sensing {
             for r in last.iter() {
                 obs.push(r.clone());
             }
-            timer.observe_duration();
         }
         obs
     }

@@ -147,6 +147,12 @@ async fn polls_a_healthy_server() {
         .await;
     assert_eq!(v.agents.iter().filter(|a| a.banned).count(), 1);
     assert_eq!(r.all_errors(), 0.0);
+    // Every poll is timed where it happens (not the loop's read of it).
+    let polls = sample(
+        &r.metrics.render(),
+        r#"spire_healer_sensor_duration_seconds_count{sensor="server_api"}"#,
+    );
+    assert!(polls.is_some_and(|n| n >= 2.0), "{polls:?}");
     r.stop().await;
 }
 
