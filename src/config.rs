@@ -576,17 +576,33 @@ impl Config {
     /// `[supervisor]`: the tick and the shutdown grace are positive.
     fn validate_supervisor(&self, errors: &mut Vec<ConfigError>) {
         let sup = &self.supervisor;
-        if sup.tick_interval.is_zero() {
-            errors.push(ConfigError::invalid(
+        // Upper bounds: a tick slower than a minute cannot heal a 1 h SVID
+        // in time, and a grace longer than systemd's stop timeout is cut
+        // short by it anyway.
+        for (key, value, max) in [
+            (
                 "supervisor.tick_interval",
-                "must be greater than zero",
-            ));
-        }
-        if sup.shutdown_grace.is_zero() {
-            errors.push(ConfigError::invalid(
+                sup.tick_interval,
+                Duration::from_secs(60),
+            ),
+            (
                 "supervisor.shutdown_grace",
-                "must be greater than zero",
-            ));
+                sup.shutdown_grace,
+                Duration::from_secs(600),
+            ),
+        ] {
+            if value.is_zero() {
+                errors.push(ConfigError::invalid(key, "must be greater than zero"));
+            } else if value > max {
+                errors.push(ConfigError::invalid(
+                    key,
+                    format!(
+                        "{} is too long (at most {})",
+                        humantime::format_duration(value),
+                        humantime::format_duration(max)
+                    ),
+                ));
+            }
         }
     }
 
@@ -1092,6 +1108,28 @@ timeout = "20s"
         let e = Config::from_toml("[supervisor]\ntick = \"1s\"\n", "t.toml").unwrap_err();
         assert_eq!(e.kind(), "parse");
         assert!(e.to_string().contains("tick"), "{e}");
+    }
+
+    #[test]
+    fn absurd_durations_are_rejected_with_their_bound() {
+        let text = GOOD.replace(
+            "tick_interval = \"500ms\"",
+            "tick_interval = \"1y\"\nshutdown_grace = \"2h\"",
+        );
+        let errors = Config::from_toml(&text, "t.toml")
+            .unwrap()
+            .validate(&no_env)
+            .unwrap_err();
+        let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(errors.len(), 2, "{text:?}");
+        assert!(
+            text[0].contains("tick_interval") && text[0].contains("at most 1m"),
+            "{text:?}"
+        );
+        assert!(
+            text[1].contains("shutdown_grace") && text[1].contains("at most 10m"),
+            "{text:?}"
+        );
     }
 
     #[test]
