@@ -146,7 +146,10 @@ impl AgentDebugTask {
         match result {
             Ok(info) => {
                 if !prev.reachable {
-                    info!(spiffe_id = info.spiffe_id().unwrap_or("unknown"), "Agent admin API answered.");
+                    info!(
+                        spiffe_id = info.spiffe_id().unwrap_or("unknown"),
+                        "Agent admin API answered."
+                    );
                 }
                 next.reachable = true;
                 next.last_error = None;
