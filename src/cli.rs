@@ -285,9 +285,15 @@ async fn run(path: &std::path::Path) -> i32 {
     }
     shutdown.cancel();
     tasks.close();
-    let elapsed = tokio::time::timeout(resolved.config.supervisor.shutdown_grace, tasks.wait())
-        .await
-        .is_err();
+    // The loop cuts running actions short at 3/4 of the grace; what it
+    // records about them then gets a bounded flush (10 attempts of 400 ms).
+    let drain = Duration::from_secs(5);
+    let elapsed = tokio::time::timeout(
+        resolved.config.supervisor.shutdown_grace + drain,
+        tasks.wait(),
+    )
+    .await
+    .is_err();
     if elapsed {
         warn!("Shutdown grace period elapsed.");
     }

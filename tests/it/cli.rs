@@ -476,7 +476,7 @@ async fn sigterm_past_the_grace_interrupts_the_action_and_kills_its_group() -> R
     std::fs::write(
         &cfg,
         format!(
-            "[supervisor]\nshutdown_grace = \"2s\"\n[database]\nurl = \"sqlite://{db}\"\n[http]\nlisten = \"127.0.0.1:0\"\n[[agents]]\nname = \"a\"\naddress = \"unix://{sock}\"\n[actuators.restart-agent]\ntype = \"command\"\nargv = [\"/bin/sh\", \"-c\", \"sleep 60 & echo $! > {pid}; wait\"]\ntimeout = \"60s\"\n",
+            "[supervisor]\nshutdown_grace = \"3s\"\n[database]\nurl = \"sqlite://{db}\"\n[http]\nlisten = \"127.0.0.1:0\"\n[[agents]]\nname = \"a\"\naddress = \"unix://{sock}\"\n[actuators.restart-agent]\ntype = \"command\"\nargv = [\"/bin/sh\", \"-c\", \"sleep 60 & echo $! > {pid}; wait\"]\ntimeout = \"60s\"\n",
             db = dir.path().join("h.db").display(),
             sock = dir.path().join("missing.sock").display(),
             pid = pidfile.display(),
