@@ -536,6 +536,10 @@ impl Supervisor {
             self.shutdown
                 .interrupted
                 .fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+            // An aborted action is dropped at its task's next poll, which
+            // kills a command's process group: wait for that (bounded) so
+            // it happens before the process exits.
+            self.executor.wait(Duration::from_secs(2)).await;
         }
         self.verify(now, &mut tick);
         self.metrics.record_tick(now, &tick.summary);
