@@ -514,9 +514,17 @@ async fn sigterm_past_the_grace_interrupts_the_action_and_kills_its_group() -> R
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
     let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;
     assert_eq!(status.code(), Some(1), "cut short: non-zero");
-    // Nothing the action started lives on.
+    // Nothing the action started lives on. Dead means gone or a zombie:
+    // once a lab test has made this process a child subreaper, a killed
+    // orphan is reparented here and waits, unreaped, as a zombie.
+    let alive = |pid: nix::unistd::Pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
+    };
     let gone = async {
-        while nix::sys::signal::kill(grandchild, None).is_ok() {
+        while alive(grandchild) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
