@@ -223,6 +223,23 @@ impl Cluster {
             .find(|i| i.symptom == symptom && i.subject == subject && i.opened_at_ms >= since)
     }
 
+    /// Waits (up to `limit`) until `actuator`'s action for `incident` has a
+    /// verification, and returns it.
+    pub async fn wait_judged(
+        &self,
+        incident: &str,
+        actuator: &str,
+        limit: Duration,
+    ) -> Result<ActionRecord> {
+        let what = format!("{actuator} for {incident} judged");
+        self.wait_for(&what, limit, || async {
+            self.actions().await.into_iter().find(|a| {
+                a.incident_id == incident && a.actuator == actuator && a.verification.is_some()
+            })
+        })
+        .await
+    }
+
     pub async fn closed(&self, id: &str) -> Option<IncidentRecord> {
         self.incidents()
             .await

@@ -323,13 +323,7 @@ async fn banned_agent_is_readmitted() -> Result<()> {
         })
         .await?;
     let evict = c
-        .wait_for("evict verified", Duration::from_secs(30), || async {
-            c.actions().await.into_iter().find(|a| {
-                a.incident_id == banned.id
-                    && a.actuator == "evict-agent"
-                    && a.verification.is_some()
-            })
-        })
+        .wait_judged(&banned.id, "evict-agent", Duration::from_secs(30))
         .await?;
     assert_eq!(evict.outcome.as_deref(), Some("ok"), "{evict:#?}");
     assert_eq!(

@@ -77,13 +77,7 @@ async fn an_agent_that_cannot_attest_is_evicted_and_readmitted() -> Result<()> {
         })
         .await?;
     let evict = c
-        .wait_for("eviction verified", Duration::from_secs(150), || async {
-            c.actions().await.into_iter().find(|a| {
-                a.incident_id == not_renewing.id
-                    && a.actuator == "evict-agent"
-                    && a.verification.is_some()
-            })
-        })
+        .wait_judged(&not_renewing.id, "evict-agent", Duration::from_secs(150))
         .await?;
     assert_eq!(evict.outcome.as_deref(), Some("ok"), "{evict:#?}");
     assert_eq!(
