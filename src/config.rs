@@ -173,6 +173,18 @@ pub struct DatabaseConfig {
     /// Events buffered in memory while the database is away.
     #[serde(default = "default_buffer")]
     pub buffer_capacity: usize,
+    /// The local spool: events the database could not take are appended
+    /// here (fsync'd, checksummed) before the loop acts on them, and replayed
+    /// when the database answers again, also after a restart. Default:
+    /// beside the SQLite file (`<file>.spool`); for PostgreSQL,
+    /// `spire-healer.spool` in the working directory (the systemd unit runs
+    /// in its state directory).
+    #[serde(default)]
+    pub spool: Option<PathBuf>,
+    /// Most bytes the spool may hold; past it, events stay in memory only
+    /// (counted as `spire_healer_errors_total{stage="spool",kind="full"}`).
+    #[serde(default = "default_spool_max")]
+    pub spool_max_bytes: u64,
 }
 
 fn default_db_url() -> secrecy::SecretString {
@@ -181,12 +193,17 @@ fn default_db_url() -> secrecy::SecretString {
 fn default_buffer() -> usize {
     100_000
 }
+fn default_spool_max() -> u64 {
+    256 << 20
+}
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
         Self {
             url: default_db_url(),
             buffer_capacity: default_buffer(),
+            spool: None,
+            spool_max_bytes: default_spool_max(),
         }
     }
 }
@@ -441,6 +458,8 @@ pub struct Resolved {
     pub policy: Policy,
     /// Database URL after environment overrides.
     pub database_url: secrecy::SecretString,
+    /// The spool file in force (`database.spool` or its default).
+    pub spool: PathBuf,
     /// Non-fatal findings (e.g. a ladder rung whose actuator is not configured).
     pub warnings: Vec<String>,
 }
@@ -553,6 +572,7 @@ impl Config {
         let mut errors = Vec::new();
         self.validate_supervisor(&mut errors);
         let database_url = self.validate_database(env, &mut errors);
+        let spool = self.spool_path(&database_url, &mut errors);
         let (endpoints, agents) = self.validate_agents(env, &mut errors);
         self.validate_servers(&agents, &mut errors);
         self.validate_agent_sources(&mut errors);
@@ -567,6 +587,7 @@ impl Config {
                 endpoints,
                 policy,
                 database_url,
+                spool,
                 warnings,
             }),
             _ => Err(errors),
@@ -627,6 +648,42 @@ impl Config {
             ));
         }
         database_url
+    }
+
+    /// The spool file: `database.spool`, else beside the SQLite file, else
+    /// `spire-healer.spool` in the working directory. Its directory must
+    /// exist and it must not be a directory.
+    fn spool_path(
+        &self,
+        database_url: &secrecy::SecretString,
+        errors: &mut Vec<ConfigError>,
+    ) -> PathBuf {
+        let url = secrecy::ExposeSecret::expose_secret(database_url);
+        let path = match (&self.database.spool, url.strip_prefix("sqlite://")) {
+            (Some(p), _) => p.clone(),
+            (None, Some(db)) if !db.is_empty() => PathBuf::from(format!("{db}.spool")),
+            (None, _) => PathBuf::from("spire-healer.spool"),
+        };
+        if path.is_dir() {
+            errors.push(ConfigError::invalid(
+                "database.spool",
+                format!("{} is a directory, not a spool file", path.display()),
+            ));
+        } else if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+            && !parent.is_dir()
+        {
+            errors.push(ConfigError::invalid(
+                "database.spool",
+                format!("directory {} of the spool does not exist", parent.display()),
+            ));
+        }
+        if self.database.spool_max_bytes < 1 << 20 {
+            errors.push(ConfigError::invalid(
+                "database.spool_max_bytes",
+                "must be at least 1048576 (1 MiB)",
+            ));
+        }
+        path
     }
 
     /// `[[agents]]`, their Workload API side: at least one, uniquely named,
