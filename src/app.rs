@@ -9,7 +9,7 @@ use secrecy::ExposeSecret;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, error, info, info_span};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::actuators;
 use crate::clock::Clock;
@@ -58,6 +58,48 @@ pub enum StartError {
     /// The API socket could not be set up.
     #[error("cannot serve the API: {0}")]
     Api(#[from] crate::api::ApiError),
+    /// The local spool could not be opened or emptied.
+    #[error("cannot use the spool: {0}")]
+    Spool(#[from] knowledge::SpoolError),
+}
+
+/// Opens the spool at `path` (locked: one process at a time) and lands
+/// what a previous run left in it; a torn last record (a crash
+/// mid-append) is cut off, logged and counted.
+///
+/// # Errors
+/// The spool is held by another process (`StoreError::InUse`), cannot be
+/// opened or emptied, or the store refused the replay (the spool then
+/// keeps everything for the next start).
+async fn replay_spool(
+    path: &std::path::Path,
+    max_bytes: u64,
+    store: &dyn knowledge::Store,
+    metrics: &Metrics,
+) -> Result<knowledge::Spool, StartError> {
+    let (spool, replayed) = match knowledge::open_and_replay(path, max_bytes, store).await {
+        Ok(done) => done,
+        Err(knowledge::ReplayError::Spool(e @ knowledge::SpoolError::Held { .. })) => {
+            return Err(StoreError::InUse(e.to_string()).into());
+        }
+        Err(knowledge::ReplayError::Spool(e)) => return Err(e.into()),
+        Err(knowledge::ReplayError::Store(e)) => return Err(e.into()),
+    };
+    if replayed.discarded_bytes > 0 {
+        metrics.error("spool", "torn");
+        warn!(
+            spool = %path.display(),
+            bytes = replayed.discarded_bytes,
+            "The spool ended in a torn or corrupt record (a crash while writing it); that record was cut off."
+        );
+    }
+    if replayed.events > 0 {
+        metrics
+            .store_replayed_events_total
+            .inc_by(replayed.events as u64);
+        info!(events = replayed.events, spool = %path.display(), "Replayed the spool into the knowledge store.");
+    }
+    Ok(spool)
 }
 
 /// How often the store is probed when nothing needs writing.
@@ -90,6 +132,14 @@ pub async fn start(
     let holder = scope_lock::Holder::this_process(clock.now());
     let lock = scope_lock::acquire(url, &agents, &holder).await?;
     let lock = Arc::new(tokio::sync::Mutex::new(lock));
+    // What a previous run could not write lands first, so the loop's
+    // memory (cooldowns, budget, open incidents) is read from all of it.
+    let spool = match &resolved.spool {
+        Some(path) => {
+            Some(replay_spool(path, cfg.database.spool_max_bytes, &*store, &metrics).await?)
+        }
+        None => None,
+    };
     let since = clock
         .now()
         .checked_sub(Duration::from_secs(3600))
@@ -191,7 +241,13 @@ pub async fn start(
             actuators: registry,
             policy: resolved.policy.clone(),
             dry_run: cfg.supervisor.dry_run,
-            buffer: Buffer::new(store.clone(), cfg.database.buffer_capacity),
+            buffer: {
+                let buffer = Buffer::new(store.clone(), cfg.database.buffer_capacity);
+                match spool {
+                    Some(spool) => buffer.with_spool(spool),
+                    None => buffer,
+                }
+            },
             metrics: metrics.clone(),
             health: health.clone(),
             wake,

@@ -458,8 +458,9 @@ pub struct Resolved {
     pub policy: Policy,
     /// Database URL after environment overrides.
     pub database_url: secrecy::SecretString,
-    /// The spool file in force (`database.spool` or its default).
-    pub spool: PathBuf,
+    /// The spool file in force (`database.spool` or its default); none
+    /// for an in-memory SQLite store, which a crash loses anyway.
+    pub spool: Option<PathBuf>,
     /// Non-fatal findings (e.g. a ladder rung whose actuator is not configured).
     pub warnings: Vec<String>,
 }
@@ -657,10 +658,11 @@ impl Config {
         &self,
         database_url: &secrecy::SecretString,
         errors: &mut Vec<ConfigError>,
-    ) -> PathBuf {
+    ) -> Option<PathBuf> {
         let url = secrecy::ExposeSecret::expose_secret(database_url);
         let path = match (&self.database.spool, url.strip_prefix("sqlite://")) {
             (Some(p), _) => p.clone(),
+            (None, Some(":memory:")) => return None,
             (None, Some(db)) if !db.is_empty() => PathBuf::from(format!("{db}.spool")),
             (None, _) => PathBuf::from("spire-healer.spool"),
         };
@@ -683,7 +685,7 @@ impl Config {
                 "must be at least 1048576 (1 MiB)",
             ));
         }
-        path
+        Some(path)
     }
 
     /// `[[agents]]`, their Workload API side: at least one, uniquely named,

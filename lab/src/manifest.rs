@@ -168,8 +168,9 @@ pub fn healer_config(m: &LabManifest, database_url: &str, listen: SocketAddr) ->
     );
     let _ = writeln!(
         t,
-        "[supervisor]\ntick_interval = \"1s\"\n\n[database]\nurl = {}\n\n[http]\nlisten = {}\n",
+        "[supervisor]\ntick_interval = \"1s\"\n\n[database]\nurl = {}\nspool = {}\n\n[http]\nlisten = {}\n",
         toml_str(database_url),
+        toml_str(&m.dir.join("spire-healer.spool").display().to_string()),
         toml_str(&listen.to_string())
     );
     for s in &m.servers {

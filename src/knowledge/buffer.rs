@@ -8,6 +8,12 @@
 //!   chunk whose outcome is unknown (the connection died during `COMMIT`) is
 //!   sent again; `Store::apply` is idempotent, so it lands once.
 //!
+//! - With a [`Spool`], events the store did not take can be made durable
+//!   ([`Buffer::spool_pending`]); while the spool holds anything, every new
+//!   event is spooled before it is written (write-ahead), and the spool is
+//!   emptied once the store has taken everything. Events dropped from
+//!   memory while spooled are read back from the spool before that.
+//!
 //! Caveat: memory is bounded by `capacity`. When full, the oldest
 //! `SubjectSeen` events go first (the next observation re-derives them;
 //! only `first_seen`/`last_seen` widen less), then the oldest events of any
@@ -16,6 +22,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use super::spool::{Spool, SpoolError};
 use super::{Store, StoreError};
 use crate::model::Event;
 
@@ -33,6 +40,12 @@ pub struct Buffer {
     /// Set once a drop was logged at `warn`; cleared by a complete flush, so
     /// an outage logs one warning, not one per tick.
     warned: bool,
+    spool: Option<Spool>,
+    /// Index in `pending` of the first event not in the spool.
+    unspooled: usize,
+    /// Events the spool holds were dropped from memory: read them back
+    /// from the spool before emptying it.
+    spooled_dropped: bool,
 }
 
 impl std::fmt::Debug for Buffer {
@@ -43,6 +56,8 @@ impl std::fmt::Debug for Buffer {
             .field("chunk", &self.chunk)
             .field("pending", &self.pending.len())
             .field("dropped", &self.dropped)
+            .field("spool", &self.spool)
+            .field("unspooled", &self.unspooled)
             .finish()
     }
 }
@@ -59,7 +74,17 @@ impl Buffer {
             pending: VecDeque::new(),
             dropped: 0,
             warned: false,
+            spool: None,
+            unspooled: 0,
+            spooled_dropped: false,
         }
+    }
+
+    /// Backs the buffer with `spool` (opened and replayed by the caller, so
+    /// it starts empty or holds events the store already took).
+    pub fn with_spool(mut self, spool: Spool) -> Self {
+        self.spool = Some(spool);
+        self
     }
 
     /// Sets the number of events per `apply` call (at least 1).
@@ -78,16 +103,25 @@ impl Buffer {
             return;
         }
         let mut subjects_to_drop = excess;
+        let (mut index, mut spooled_gone) = (0, 0);
+        let unspooled = self.unspooled;
         // `retain` visits front to back: the oldest go first.
         self.pending.retain(|e| {
             let drop = subjects_to_drop > 0 && matches!(e, Event::SubjectSeen { .. });
             if drop {
                 subjects_to_drop -= 1;
+                spooled_gone += usize::from(index < unspooled);
             }
+            index += 1;
             !drop
         });
         let others = self.pending.len().saturating_sub(self.capacity);
         self.pending.drain(..others);
+        let unspooled = self.unspooled - spooled_gone;
+        self.unspooled = unspooled.saturating_sub(others);
+        if spooled_gone > 0 || others.min(unspooled) > 0 {
+            self.spooled_dropped = true;
+        }
         self.dropped += u64::try_from(excess).unwrap_or(u64::MAX);
         if self.warned {
             tracing::debug!(
@@ -131,10 +165,66 @@ impl Buffer {
                 return Err(error);
             }
             self.pending.drain(..n);
+            self.unspooled = self.unspooled.saturating_sub(n);
             written += n;
         }
         self.warned = false;
         Ok(written)
+    }
+
+    /// Appends the events not yet in the spool to it, synced to disk, and
+    /// returns how many. Without a spool, does nothing.
+    ///
+    /// # Errors
+    /// The spool's: full, disk full, or I/O. The events stay in memory and
+    /// are offered to the spool again next time.
+    pub fn spool_pending(&mut self) -> Result<usize, SpoolError> {
+        let Some(spool) = self.spool.as_mut() else {
+            return Ok(0);
+        };
+        let events = &self.pending.make_contiguous()[self.unspooled..];
+        spool.append(events)?;
+        let n = events.len();
+        self.unspooled = self.pending.len();
+        Ok(n)
+    }
+
+    /// The spool holds events: new ones are spooled before they are
+    /// written.
+    pub fn spooling(&self) -> bool {
+        self.spool.as_ref().is_some_and(|s| !s.is_empty())
+    }
+
+    /// Bytes the spool holds (0 without one).
+    pub fn spool_bytes(&self) -> u64 {
+        self.spool.as_ref().map_or(0, Spool::bytes)
+    }
+
+    /// After a complete flush: empties the spool, or, when events it holds
+    /// were dropped from memory, reads them back into the buffer first
+    /// (they are then written by the next flush; applying them again is
+    /// idempotent) and returns how many. Does nothing while events are
+    /// pending.
+    ///
+    /// # Errors
+    /// The spool could not be read or emptied; it keeps its events.
+    pub fn settle_spool(&mut self) -> Result<usize, SpoolError> {
+        let Some(spool) = self.spool.as_mut() else {
+            return Ok(0);
+        };
+        if !self.pending.is_empty() || spool.is_empty() {
+            return Ok(0);
+        }
+        if self.spooled_dropped {
+            let events = spool.read_all()?;
+            let n = events.len();
+            self.pending.extend(events);
+            self.unspooled = self.pending.len();
+            self.spooled_dropped = false;
+            return Ok(n);
+        }
+        spool.clear()?;
+        Ok(0)
     }
 
     /// Events waiting to be written.
@@ -334,5 +424,65 @@ mod tests {
         assert_eq!(buf.dropped(), 12);
         let kept: Vec<Event> = buf.pending.iter().cloned().collect();
         assert_eq!(kept, vec![held(17), held(18), held(19)]);
+    }
+
+    fn spool_in(dir: &tempfile::TempDir) -> Spool {
+        Spool::open(&dir.path().join("b.spool"), 1 << 20).unwrap().0
+    }
+
+    #[tokio::test]
+    async fn spooled_events_dropped_from_memory_are_read_back_before_the_spool_empties() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FakeStore::healthy();
+        let mut buf = Buffer::new(store.clone(), 3).with_spool(spool_in(&dir));
+        store.fail_after(0);
+        buf.push([held(1), held(2)]);
+        assert!(buf.flush().await.is_err());
+        assert_eq!(buf.spool_pending().unwrap(), 2);
+        assert!(buf.spooling());
+        assert_eq!(buf.spool_pending().unwrap(), 0, "nothing new to spool");
+        // Memory overflows: held(1) and held(2) go, but the spool has them.
+        buf.push([held(3), held(4), held(5)]);
+        assert_eq!(buf.dropped(), 2);
+        assert_eq!(buf.spool_pending().unwrap(), 3);
+
+        store.fail_after(usize::MAX);
+        assert_eq!(buf.flush().await.unwrap(), 3);
+        assert_eq!(buf.settle_spool().unwrap(), 5, "read back from the spool");
+        assert!(buf.spooling(), "emptied only once the store has it all");
+        assert_eq!(buf.flush().await.unwrap(), 5);
+        assert_eq!(buf.settle_spool().unwrap(), 0);
+        assert!(!buf.spooling());
+        assert_eq!(buf.spool_bytes(), 0);
+        let applied = store.applied();
+        assert_eq!(applied[..3], [held(3), held(4), held(5)]);
+        assert_eq!(applied[3..], (1..=5).map(held).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_partly_committed_flush_spools_only_what_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.spool");
+        let store = FakeStore::healthy();
+        let mut buf = Buffer::new(store.clone(), 100)
+            .with_chunk_size(2)
+            .with_spool(Spool::open(&path, 1 << 20).unwrap().0);
+        buf.push((1..=5).map(held));
+        store.fail_after(1);
+        assert!(buf.flush().await.is_err());
+        assert_eq!(buf.spool_pending().unwrap(), 3);
+        // Without the spool's lock: read what a restart would replay.
+        drop(buf);
+        let (_, replay) = Spool::open(&path, 1 << 20).unwrap();
+        assert_eq!(replay.events, (3..=5).map(held).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn without_a_spool_nothing_is_spooled() {
+        let mut buf = Buffer::new(FakeStore::healthy(), 10);
+        buf.push([held(1)]);
+        assert_eq!(buf.spool_pending().unwrap(), 0);
+        assert!(!buf.spooling());
+        assert_eq!(buf.settle_spool().unwrap(), 0);
     }
 }

@@ -10,6 +10,7 @@ mod buffer;
 mod postgres;
 mod run;
 pub mod scope_lock;
+mod spool;
 mod sqlite;
 #[cfg(test)]
 mod tests;
@@ -22,6 +23,7 @@ use serde::Serialize;
 
 pub use buffer::Buffer;
 pub use postgres::PostgresStore;
+pub use spool::{Replay, ReplayError, Replayed, Spool, SpoolError, open_and_replay};
 pub use sqlite::SqliteStore;
 
 use crate::model::{AgentIdentity, Event, Incident};

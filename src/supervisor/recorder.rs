@@ -1,7 +1,9 @@
 //! Knowledge: the store's write path as the loop uses it. Events are
 //! buffered in order and flushed within a budget each tick, so a database
 //! that hangs never stalls detection; what does not land stays buffered
-//! for the next tick.
+//! for the next tick, and is appended to the local spool (fsync'd) so that
+//! a crash before the database answers again loses nothing: the spool is
+//! replayed at the next start.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -96,6 +98,9 @@ pub(super) struct Recorder {
     /// The last write that failed: none is tried before `RETRY_AWAY` after
     /// it, unless the heartbeat finds the store back first.
     failed_at: Option<SystemTime>,
+    /// The last spool error was logged; cleared when spooling works again,
+    /// so a full disk logs once, not every tick.
+    spool_warned: bool,
 }
 
 impl Recorder {
@@ -105,6 +110,7 @@ impl Recorder {
             metrics,
             health: Arc::default(),
             failed_at: None,
+            spool_warned: false,
         }
     }
 
@@ -126,7 +132,8 @@ impl Recorder {
     /// committed chunks are gone from the buffer, the rest waits. Nothing
     /// is tried (and nothing waited for) while the store is known to be
     /// away, until `RETRY_AWAY` after the last failure or until the
-    /// heartbeat finds it back.
+    /// heartbeat finds it back. What the store did not take is spooled
+    /// before this returns, so the loop may act on it.
     pub(super) async fn flush(&mut self, now: SystemTime) {
         if self.buffer.is_empty() {
             return;
@@ -136,6 +143,7 @@ impl Recorder {
                 .failed_at
                 .is_some_and(|t| saturating_since(now, t) < RETRY_AWAY)
         {
+            self.spool();
             self.metrics
                 .store_buffered_events
                 .set(self.buffer.len() as i64);
@@ -144,7 +152,34 @@ impl Recorder {
         self.write(now).await;
     }
 
+    /// Makes the events the store has not taken durable in the spool.
+    fn spool(&mut self) {
+        let m = &self.metrics;
+        match self.buffer.spool_pending() {
+            Ok(n) => {
+                m.store_spooled_events_total.inc_by(n as u64);
+                if n > 0 {
+                    self.spool_warned = false;
+                }
+            }
+            Err(error) => {
+                m.error("spool", error.kind());
+                if !self.spool_warned {
+                    self.spool_warned = true;
+                    tracing::error!(%error, buffered = self.buffer.len(), "Cannot spool events; they are kept in memory only until the store answers.");
+                }
+            }
+        }
+        m.store_spool_bytes
+            .set(i64::try_from(self.buffer.spool_bytes()).unwrap_or(i64::MAX));
+    }
+
     async fn write(&mut self, now: SystemTime) {
+        // Write-ahead: once the spool holds anything, new events go to it
+        // before the store, so it always holds a contiguous run of them.
+        if self.buffer.spooling() {
+            self.spool();
+        }
         let m = &self.metrics;
         let timer = m.store_flush_duration_seconds.start_timer();
         let dropped_before = self.buffer.dropped();
@@ -156,26 +191,48 @@ impl Recorder {
                 Some(e.to_string())
             }
         };
+        timer.observe_duration();
         match failed {
             None => {
                 self.failed_at = None;
                 self.health.set(true, m);
+                self.settle_spool();
             }
             Some(error) => {
                 if self.health.is_up() {
-                    warn!(%error, buffered = self.buffer.len(), "Store write failed; keeping events buffered.");
+                    warn!(%error, buffered = self.buffer.len(), "Store write failed; keeping events buffered and spooled.");
                 }
                 if error == "timeout" {
                     m.error("store", "timeout");
                 }
                 self.failed_at = Some(now);
                 self.health.set(false, m);
+                self.spool();
             }
         }
-        timer.observe_duration();
+        let m = &self.metrics;
         let dropped = self.buffer.dropped().saturating_sub(dropped_before);
         m.store_dropped_events_total.inc_by(dropped);
         m.store_buffered_events.set(self.buffer.len() as i64);
+    }
+
+    /// The store took everything: empty the spool (or read back what the
+    /// buffer dropped from it, written by the next flush).
+    fn settle_spool(&mut self) {
+        match self.buffer.settle_spool() {
+            Ok(0) => {}
+            Ok(n) => info!(
+                events = n,
+                "Events dropped from memory during the outage are read back from the spool."
+            ),
+            Err(error) => {
+                self.metrics.error("spool", error.kind());
+                warn!(%error, "Cannot empty the spool; its events will be replayed (idempotently) at the next start.");
+            }
+        }
+        self.metrics
+            .store_spool_bytes
+            .set(i64::try_from(self.buffer.spool_bytes()).unwrap_or(i64::MAX));
     }
 
     /// A few bounded attempts to land everything before exiting, whether
@@ -187,6 +244,8 @@ impl Recorder {
             }
             self.write(now).await;
         }
+        // Whatever is left survives the exit in the spool.
+        self.spool();
     }
 }
 

@@ -892,6 +892,98 @@ async fn store_outage_buffers_then_lands_everything_once() {
 }
 
 #[tokio::test]
+async fn a_crash_during_a_store_outage_loses_nothing_the_spool_replays_it() {
+    let h = Harness::new(vec![view("a")]).await;
+    let spool_path = h._dir.path().join("healer.spool");
+    let (spool, _) = knowledge::Spool::open(&spool_path, 1 << 20).unwrap();
+    // Record before act: when the restart runs, its start is on disk.
+    let recorded_first = Arc::new(AtomicBool::new(false));
+    let (path, seen, agent) = (spool_path.clone(), recorded_first.clone(), h.agent("a"));
+    h.restart.on_run(move || {
+        let spooled =
+            String::from_utf8_lossy(&std::fs::read(&path).unwrap_or_default()).into_owned();
+        seen.store(
+            spooled.contains(r#""actuator":"restart-agent""#),
+            Ordering::SeqCst,
+        );
+        agent.rotate("02", 75);
+    });
+    let flaky = Arc::new(FlakyStore {
+        inner: h.store.clone(),
+        down: AtomicBool::new(false),
+    });
+    let since = h.clock.now();
+    let knowledge = flaky.load_knowledge(since).await.unwrap();
+    let parts = Parts {
+        buffer: Buffer::new(flaky.clone(), 10_000).with_spool(spool),
+        ..h.parts(flaky.clone())
+    };
+    let mut sup = Supervisor::new(parts, knowledge);
+    h.tick(&mut sup, 10).await;
+    assert_eq!(h.metric("spire_healer_store_spool_bytes"), Some(0.0));
+
+    flaky.down.store(true, Ordering::SeqCst);
+    let r = h.tick(&mut sup, 70).await;
+    let incident = r.opened[0].clone();
+    h.action_finished().await;
+    h.tick(&mut sup, 72).await;
+    assert_eq!(h.tick(&mut sup, 75).await.started.len(), 1);
+    h.action_finished().await;
+    let r = h.tick(&mut sup, 76).await;
+    assert_eq!(r.closed, vec![incident.clone()]);
+    assert!(
+        recorded_first.load(Ordering::SeqCst),
+        "acted before spooling"
+    );
+    assert!(h.metric("spire_healer_store_spool_bytes").unwrap() > 0.0);
+    let spooled = h.metric("spire_healer_store_spooled_events_total").unwrap();
+    assert!(spooled >= r.buffered as f64, "{spooled} < {}", r.buffered);
+    assert!(h.incidents().await.is_empty(), "nothing reached the store");
+
+    // kill -9: nothing is drained. The database returns; the next start
+    // replays the spool before it reads the loop's memory.
+    drop(sup);
+    flaky.down.store(false, Ordering::SeqCst);
+    let (spool, replayed) = knowledge::open_and_replay(&spool_path, 1 << 20, &*h.store)
+        .await
+        .unwrap();
+    assert_eq!(replayed.events as f64, spooled);
+    assert!(spool.is_empty());
+    let incidents = h.incidents().await;
+    assert_eq!(incidents.len(), 1);
+    assert_eq!(incidents[0].id, incident);
+    assert_eq!(incidents[0].closed_at_ms, Some(unix_millis(t(76))));
+    let summary: Vec<_> = h
+        .actions()
+        .await
+        .iter()
+        .map(|a| {
+            (
+                a.actuator.clone(),
+                a.outcome.clone(),
+                a.verification.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("refetch".into(), Some("ok".into()), Some("failed".into())),
+            (
+                "restart-agent".into(),
+                Some("ok".into()),
+                Some("verified".into())
+            ),
+        ]
+    );
+    assert_eq!(h.holds().await.len(), 1);
+    // The cooldown and budget entries are back too: a supervisor resuming
+    // from the store remembers the restart.
+    let resumed = h.store.load_knowledge(t(0)).await.unwrap();
+    assert_eq!(resumed.recent_actions.len(), 2);
+}
+
+#[tokio::test]
 async fn an_idle_store_outage_shows_within_one_heartbeat() {
     let h = Harness::new(vec![view("a")]).await;
     let flaky = Arc::new(FlakyStore {

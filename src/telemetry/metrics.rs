@@ -112,6 +112,12 @@ pub struct Metrics {
     pub store_flush_duration_seconds: Histogram,
     /// 1 when the store accepted the last flush.
     pub store_up: IntGauge,
+    /// Bytes of events in the local spool (waiting for the database).
+    pub store_spool_bytes: IntGauge,
+    /// Events written to the local spool.
+    pub store_spooled_events_total: prometheus::IntCounter,
+    /// Events replayed from the spool into the database at start.
+    pub store_replayed_events_total: prometheus::IntCounter,
     /// Workload API stream state per agent (1 = up).
     pub workload_api_stream_up: IntGaugeVec,
     /// SVID notAfter, top-k soonest.
@@ -158,10 +164,6 @@ pub struct Metrics {
 pub const SVID_TOP_K: usize = 20;
 
 impl Metrics {
-    /// Builds and registers every metric.
-    ///
-    /// # Panics
-    /// Only if two metrics share a name, a programming error caught by tests.
     /// Creates at zero every labelled series whose labels are known in
     /// advance, so the first event is an increase Prometheus can see
     /// (`increase()`/`rate()` need a previous sample): incidents and their
@@ -196,6 +198,9 @@ impl Metrics {
         for r in crate::plan::HoldReason::ALL {
             self.holds_total.with_label_values(&[r.as_str()]);
         }
+        for kind in ["io", "disk_full", "full", "torn"] {
+            self.errors_total.with_label_values(&["spool", kind]);
+        }
         for agent in agents {
             self.spiffe_certificate_rotation_total
                 .with_label_values(&[agent]);
@@ -206,6 +211,10 @@ impl Metrics {
         }
     }
 
+    /// Builds and registers every metric.
+    ///
+    /// # Panics
+    /// Only if two metrics share a name, a programming error caught by tests.
     pub fn new() -> Self {
         let registry = Registry::new();
         macro_rules! reg {
@@ -317,6 +326,18 @@ impl Metrics {
             store_up: reg!(IntGauge::new(
                 "spire_healer_store_up",
                 "1 when the knowledge store accepted the last flush, else 0."
+            )),
+            store_spool_bytes: reg!(IntGauge::new(
+                "spire_healer_store_spool_bytes",
+                "Bytes of events in the local spool, waiting for the knowledge store."
+            )),
+            store_spooled_events_total: reg!(prometheus::IntCounter::new(
+                "spire_healer_store_spooled_events_total",
+                "Events written (fsync'd) to the local spool because the knowledge store did not take them."
+            )),
+            store_replayed_events_total: reg!(prometheus::IntCounter::new(
+                "spire_healer_store_replayed_events_total",
+                "Events replayed from the local spool into the knowledge store at start."
             )),
             workload_api_stream_up: reg!(g(
                 "spire_healer_workload_api_stream_up",
