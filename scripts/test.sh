@@ -11,6 +11,13 @@
 #     up. Root, or passwordless sudo, is needed for that. To use another
 #     server instead, set SPIRE_HEALER_TEST_PG_URL before calling this script;
 #     it is then used as is and nothing is provisioned.
+#   - Prometheus (scripts/lib/prometheus.sh), for the test that scrapes
+#     spire-healer into a real server: installed with apt-get (Debian's
+#     `prometheus` package, without recommends) when missing, and any service
+#     the package starts is stopped and disabled again (the test runs its own
+#     server on 127.0.0.1). Root, or passwordless sudo, is needed for that.
+#     To use another binary, set SPIRE_HEALER_PROMETHEUS_BIN to its path; it
+#     is then used as is and nothing is installed.
 #   - Go >= 1.26.6 and gcc, to build spire-server and spire-agent into
 #     .spire/bin (scripts/install-spire.sh; done once, then cached).
 #   - A Rust toolchain with rustfmt and clippy.
@@ -24,10 +31,16 @@ die() { printf '\nerror: %s\n' "$*" >&2; exit 1; }
 
 # shellcheck source=scripts/lib/postgres.sh
 source "$root/scripts/lib/postgres.sh"
+# shellcheck source=scripts/lib/prometheus.sh
+source "$root/scripts/lib/prometheus.sh"
 
 # --- PostgreSQL ---------------------------------------------------------------
 ensure_postgres
 export SPIRE_HEALER_TEST_PG_URL="$PG_URL"
+
+# --- Prometheus ---------------------------------------------------------------
+ensure_prometheus
+export SPIRE_HEALER_PROMETHEUS_BIN="$PROMETHEUS_BIN"
 
 # --- SPIRE --------------------------------------------------------------------
 export SPIRE_HEALER_SPIRE_BIN="$root/.spire/bin"

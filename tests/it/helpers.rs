@@ -1,5 +1,6 @@
 //! Starting spire-healer in-process against a lab, and reading its results.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,8 @@ pub struct Healer {
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
     pub clock: Arc<dyn Clock>,
+    /// Where `/metrics` is served, when `[http]` is enabled.
+    pub http_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     _dir: tempfile::TempDir,
@@ -104,6 +107,7 @@ timeout = "20s"
             store: running.store,
             metrics,
             clock,
+            http_addr: running.http_addr,
             shutdown,
             tasks,
             _dir: dir,

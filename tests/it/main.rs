@@ -15,6 +15,7 @@ mod helpers;
 mod idle;
 mod lab_peer;
 mod lab_smoke;
+mod prometheus;
 mod spire_api;
 mod spire_api_tls;
 mod spire_lab;
