@@ -100,6 +100,43 @@ impl LabDatabase {
     }
 }
 
+/// A fresh, empty database for a test (named and cleaned up like a lab's),
+/// dropped with the value.
+#[derive(Debug)]
+pub struct ScratchDatabase(LabDatabase);
+
+impl ScratchDatabase {
+    /// Creates it through `admin_url` (a role with CREATEDB).
+    ///
+    /// # Errors
+    /// The server cannot be reached or refuses the creation.
+    pub async fn create(admin_url: &str) -> Result<Self, LabError> {
+        LabDatabase::create(admin_url).await.map(Self)
+    }
+
+    /// `admin_url` with the database replaced by this one.
+    pub fn url(&self) -> String {
+        let admin = &self.0.admin_url;
+        let (base, query) = admin.split_once('?').unwrap_or((admin, ""));
+        let scheme_end = base.find("://").map_or(0, |i| i + 3);
+        let authority_end = base[scheme_end..]
+            .find('/')
+            .map_or(base.len(), |i| scheme_end + i);
+        let mut url = format!("{}/{}", &base[..authority_end], self.0.name);
+        if !query.is_empty() {
+            url.push('?');
+            url.push_str(query);
+        }
+        url
+    }
+}
+
+impl Drop for ScratchDatabase {
+    fn drop(&mut self) {
+        self.0.drop_blocking();
+    }
+}
+
 /// `DROP DATABASE IF EXISTS … WITH (FORCE)` (PostgreSQL ≥ 13); true when it
 /// existed.
 ///
@@ -311,6 +348,27 @@ pub(crate) fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scratch_url_replaces_only_the_database() {
+        let scratch = |admin: &str| {
+            ScratchDatabase(LabDatabase {
+                admin_url: admin.into(),
+                name: "spire_lab_1_x".into(),
+                spire_url: String::new(),
+                // Nothing to drop.
+                dropped: AtomicBool::new(true),
+            })
+        };
+        assert_eq!(
+            scratch("postgres://u:p@127.0.0.1:5432/admin?sslmode=disable").url(),
+            "postgres://u:p@127.0.0.1:5432/spire_lab_1_x?sslmode=disable"
+        );
+        assert_eq!(
+            scratch("postgres://u@h").url(),
+            "postgres://u@h/spire_lab_1_x"
+        );
+    }
 
     #[test]
     fn connection_string_replaces_the_database() {

@@ -71,7 +71,7 @@ mod process;
 mod single;
 pub mod svid_files;
 
-pub use database::database_exists;
+pub use database::{ScratchDatabase, database_exists};
 pub use ha::{HaAgent, HaLab, HaOptions, HaServer, ListedAgent};
 pub use manifest::{AgentManifest, DatabaseManifest, LabManifest, ServerManifest, healer_config};
 pub use single::{LabOptions, SpireLab};

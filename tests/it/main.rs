@@ -19,4 +19,5 @@ mod prometheus;
 mod spire_api;
 mod spire_api_tls;
 mod spire_lab;
+mod spool;
 mod stuck_agent;
