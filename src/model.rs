@@ -1004,6 +1004,14 @@ pub enum OutcomeKind {
 }
 
 impl OutcomeKind {
+    /// Every kind.
+    pub const ALL: [OutcomeKind; 4] = [Self::Ok, Self::Error, Self::DryRun, Self::Timeout];
+
+    /// From the stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
     /// Snake-case name: metric label and store value.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -159,24 +159,34 @@ struct Cadence {
 impl Supervisor {
     /// A supervisor resuming from `knowledge` (open incidents, recent
     /// actions: cooldowns and budget survive restarts). Actions recorded as
-    /// started but never finished are closed as abandoned.
+    /// started but never finished are closed as abandoned (started, outcome
+    /// unknown); the verification of every unverified action of an open
+    /// incident is taken up again.
     pub fn new(parts: Parts, knowledge: Knowledge) -> Self {
         let now = parts.clock.now();
         let mut store = Recorder::new(parts.buffer, parts.metrics.clone());
         store.push(abandoned(&knowledge.recent_actions, now));
         let th = &parts.policy.thresholds;
+        let identities = Identities::resume(knowledge.agent_identities, parts.targets.agents());
+        let mut executor = Executor::new(
+            parts.actuators,
+            parts.targets,
+            parts.clock.clone(),
+            parts.metrics.clone(),
+            parts.wake.clone(),
+        );
+        executor.resume(
+            &knowledge.recent_actions,
+            &knowledge.open_incidents,
+            &parts.policy,
+            now,
+        );
         Self {
             handshakes: Handshakes::new(parts.handshakes, th.burst_window + th.burst_baseline),
             guards: Guards::resume(&knowledge.recent_actions, &knowledge.open_incidents),
-            identities: Identities::resume(knowledge.agent_identities, parts.targets.agents()),
+            identities,
             incidents: Incidents::resume(knowledge.open_incidents),
-            executor: Executor::new(
-                parts.actuators,
-                parts.targets,
-                parts.clock.clone(),
-                parts.metrics.clone(),
-                parts.wake.clone(),
-            ),
+            executor,
             sensing: Sensing::new(parts.sensors),
             changes: Changes::default(),
             cadence: Cadence {

@@ -21,8 +21,16 @@ use tracing::{Instrument, info, info_span, warn};
 use super::Tick;
 use super::changes::Changes;
 use crate::actuators::{ActuatorError, Class, Prepared, Registry};
-use crate::clock::{Clock, saturating_since};
-use crate::model::{Event, Observations, Outcome, OutcomeKind, Step, SymptomKey, Verification};
+use crate::clock::{Clock, from_unix_millis, saturating_since};
+use crate::knowledge::ActionRecord;
+use crate::model::{
+    Event, Incident, Observations, Outcome, OutcomeKind, Step, SymptomKey, Verification,
+};
+use crate::policy::Policy;
+
+/// Verification window of a resumed action whose rung is no longer in
+/// the policy.
+const RESUMED_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
 use crate::sensors::handshake_probe::ProbeHandle;
 use crate::sensors::workload_api::Shared;
 use crate::telemetry::Metrics;
@@ -123,6 +131,73 @@ impl Executor {
             metrics,
             wake,
         }
+    }
+
+    /// Takes up, after a restart, the verification of every action of a
+    /// still-open incident that has no verdict: finished ones from their
+    /// recorded outcome and finish time; unfinished ones (the process died
+    /// while they ran; `abandoned` records them) as if they had returned
+    /// `now`, since they may have worked. The window is the rung's
+    /// `verify_within` in `policy` (or [`RESUMED_WINDOW`] when the ladder
+    /// has changed). Returns how many were taken up.
+    pub(super) fn resume(
+        &mut self,
+        actions: &[ActionRecord],
+        open: &[Incident],
+        policy: &Policy,
+        now: SystemTime,
+    ) -> usize {
+        let open: HashMap<&str, &Incident> = open.iter().map(|i| (i.id.as_str(), i)).collect();
+        let mut n = 0;
+        for a in actions.iter().filter(|a| a.verification.is_none()) {
+            let Some(incident) = open.get(a.incident_id.as_str()) else {
+                continue;
+            };
+            let rung = usize::try_from(a.rung).ok();
+            let window = rung
+                .and_then(|r| policy.ladder(incident.kind).get(r))
+                .filter(|r| r.actuator == a.actuator)
+                .map_or(RESUMED_WINDOW, |r| r.verify_within);
+            // Cut short by a shutdown, or never finished: it may have
+            // worked, so the symptom gets the window to clear.
+            let cut_short = a
+                .detail
+                .as_ref()
+                .is_some_and(|d| d["interrupted"] == serde_json::Value::Bool(true));
+            let finished = match (&a.outcome, a.finished_at_ms) {
+                (Some(_), Some(at)) if cut_short => (from_unix_millis(at), Some(OutcomeKind::Ok)),
+                (Some(o), Some(at)) => (from_unix_millis(at), OutcomeKind::parse(o)),
+                _ => (now, Some(OutcomeKind::Ok)),
+            };
+            let (finished_at, Some(kind)) = finished else {
+                continue;
+            };
+            let step = Step {
+                action_id: a.id.clone(),
+                incident_id: a.incident_id.clone(),
+                symptom: incident.kind,
+                rung: rung.unwrap_or(0),
+                actuator: a.actuator.clone(),
+                target: a.target.clone(),
+                params: a.params.clone(),
+                timeout: window,
+                verify_within: window,
+                dry_run: a.dry_run,
+            };
+            info!(action = %a.id, incident = %a.incident_id, actuator = %a.actuator, target_name = %a.target, "Resuming the verification of an action recorded before the restart.");
+            self.pending.insert(
+                a.id.clone(),
+                Pending {
+                    step,
+                    started: from_unix_millis(a.started_at_ms),
+                    key: incident.key(),
+                    finished: Some((finished_at, kind)),
+                    no_credit: false,
+                },
+            );
+            n += 1;
+        }
+        n
     }
 
     /// Configured peers: the only peers actions may target.

@@ -34,18 +34,17 @@ pub(super) struct Guards {
 }
 
 impl Guards {
-    /// The ledger as the store remembers it. Failed verifications count
-    /// towards futility when their incident is still open; so does an
-    /// action that returned but whose verdict was never recorded (the
-    /// process stopped while it was being verified) when its incident is
-    /// still open: it did not clear it.
+    /// The ledger as the store remembers it: failed verifications count
+    /// towards futility when their incident is still open. An action whose
+    /// verdict was never recorded (the process stopped while it was being
+    /// verified) is verified again by the executor, which books a failure
+    /// then.
     pub(super) fn resume(recent_actions: &[ActionRecord], open: &[Incident]) -> Self {
         let mut g = Self::default();
         let open: HashSet<&str> = open.iter().map(|i| i.id.as_str()).collect();
         for a in recent_actions {
-            let unverdicted = a.verification.is_none() && a.outcome.is_some() && !a.dry_run;
-            let failed = a.verification.as_deref() == Some("failed") || unverdicted;
-            if failed && open.contains(a.incident_id.as_str()) {
+            if a.verification.as_deref() == Some("failed") && open.contains(a.incident_id.as_str())
+            {
                 g.failed(&a.target, &a.actuator);
             }
             let at = from_unix_millis(a.started_at_ms);
@@ -273,10 +272,9 @@ mod tests {
         );
         let key = |t: &str| (t.to_string(), "restart".to_string());
         assert_eq!(g.failures()[&key("a")], 2);
-        assert_eq!(
-            g.failures()[&key("c")],
-            1,
-            "returned, never judged, still open"
+        assert!(
+            !g.failures().contains_key(&key("c")),
+            "returned, never judged: the executor judges it again"
         );
         assert!(!g.failures().contains_key(&key("b")));
         g.failed("b", "restart");

@@ -250,7 +250,9 @@ impl Recorder {
 }
 
 /// Closes the actions the store has as started but never finished: the
-/// supervisor stopped before they returned.
+/// supervisor stopped (crashed) before they returned, so they started and
+/// their outcome is unknown. Their verification is taken up again by the
+/// executor.
 pub(super) fn abandoned(recent_actions: &[ActionRecord], now: SystemTime) -> Vec<Event> {
     recent_actions
         .iter()
@@ -259,8 +261,11 @@ pub(super) fn abandoned(recent_actions: &[ActionRecord], now: SystemTime) -> Vec
             id: a.id.clone(),
             outcome: Outcome {
                 kind: OutcomeKind::Error,
-                detail: serde_json::json!({}),
-                error: Some("abandoned: the supervisor stopped before the action finished".into()),
+                detail: serde_json::json!({ "started": true, "outcome_unknown": true }),
+                error: Some(
+                    "abandoned: spire-healer stopped before the action returned; its outcome is unknown"
+                        .into(),
+                ),
             },
             at: now,
         })

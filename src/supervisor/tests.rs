@@ -1048,10 +1048,70 @@ async fn unfinished_action_is_closed_as_abandoned() {
         a.error.as_deref().is_some_and(|e| e.contains("abandoned")),
         "{a:?}"
     );
+    assert_eq!(
+        a.detail,
+        Some(json!({ "started": true, "outcome_unknown": true })),
+        "started, outcome unknown"
+    );
     assert!(
         h.restart.calls().is_empty(),
         "an abandoned action is not re-run"
     );
+}
+
+/// The verdict of the refetch started at 70, after a crash at 72 (its
+/// outcome recorded, its verification not), with the agent rotated at
+/// `healed_at` or not at all.
+async fn verdict_after_a_crash(healed_at: Option<u64>, tick_at: u64) -> (Harness, ActionRecord) {
+    let h = Harness::new(vec![view("a")]).await;
+    let mut sup = h.supervisor().await;
+    h.tick(&mut sup, 10).await;
+    let r = h.tick(&mut sup, 70).await;
+    assert_eq!(r.started.len(), 1);
+    h.action_finished().await;
+    let r = h.tick(&mut sup, 72).await;
+    assert!(r.verified.is_empty(), "within its window");
+    drop(sup);
+    let recorded = h.actions().await;
+    assert_eq!(recorded.len(), 1);
+    assert_eq!(recorded[0].outcome.as_deref(), Some("ok"));
+    assert_eq!(recorded[0].verification, None);
+
+    if let Some(at) = healed_at {
+        h.agent("a").rotate("02", at);
+    }
+    h.clock.set(t(tick_at));
+    let mut sup = h.supervisor().await;
+    let r = h.tick(&mut sup, tick_at).await;
+    assert_eq!(r.verified.len(), 1, "{r:?}");
+    let action = h
+        .actions()
+        .await
+        .into_iter()
+        .find(|a| a.id == recorded[0].id)
+        .unwrap();
+    (h, action)
+}
+
+#[tokio::test]
+async fn a_verification_cut_short_by_a_crash_is_resumed_and_fails_when_nothing_cleared() {
+    let (h, action) = verdict_after_a_crash(None, 76).await;
+    assert_eq!(action.verification.as_deref(), Some("failed"));
+    assert_eq!(
+        h.metric(r#"spire_healer_verifications_total{actuator="refetch",result="failed"}"#),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_verification_cut_short_by_a_crash_is_resumed_and_credits_a_clear() {
+    let (h, action) = verdict_after_a_crash(Some(73), 73).await;
+    assert_eq!(action.verification.as_deref(), Some("verified"));
+    assert_eq!(
+        h.incidents().await[0].resolution.as_deref(),
+        Some("cleared")
+    );
+    assert!(h.restart.calls().is_empty(), "nothing else was tried");
 }
 
 #[tokio::test]

@@ -3,7 +3,8 @@
 //! (simulated) fails while the database is away; the healer acts (the
 //! first rung, a refetch), is
 //! killed with SIGKILL, and the next start replays its spool: every event
-//! of the outage is then in the database.
+//! of the outage is then in the database, and the verification the kill
+//! cut short is resumed.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -283,6 +284,20 @@ timeout = "5s"
     let v: serde_json::Value = serde_json::from_str(&line)?;
     let replayed = v["events"].as_u64().unwrap_or(0);
     assert!(replayed >= 3, "{line}");
+    // The verification the kill cut short is taken up again: the agent is
+    // still down, so the refetch did not help.
+    let judged = wait_until(
+        "the first action's verdict",
+        Duration::from_secs(30),
+        || async {
+            let actions = store.actions(&all).await.ok()?;
+            actions
+                .into_iter()
+                .find(|a| a.rung == 0 && a.verification.is_some())
+        },
+    )
+    .await?;
+    assert_eq!(judged.verification.as_deref(), Some("failed"), "{judged:?}");
     healer.signal(Signal::SIGTERM)?;
     healer.wait_exit(Duration::from_secs(20)).await?;
 
