@@ -38,6 +38,10 @@ pub struct Running {
     pub policy: tokio::sync::watch::Sender<crate::policy::Policy>,
     /// Actions cut short at shutdown (their grace elapsed).
     pub interrupted: Arc<std::sync::atomic::AtomicUsize>,
+    /// The scope lock was lost (its database session dropped) and the
+    /// daemon stopped for it: the process exits 69 so a supervisor such as
+    /// systemd restarts it.
+    pub lock_lost: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Errors while starting.
@@ -290,6 +294,8 @@ pub async fn start(
     );
     let watched = Arc::downgrade(&lock);
     let watch_stop = shutdown.clone();
+    let lock_lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let lost = lock_lost.clone();
     tasks.spawn(async move {
         loop {
             tokio::select! {
@@ -302,6 +308,7 @@ pub async fn start(
             let mut lock = lock.lock().await;
             if !lock.alive().await {
                 scope_lock::lost(lock.kind());
+                lost.store(true, std::sync::atomic::Ordering::SeqCst);
                 watch_stop.cancel();
                 return;
             }
@@ -315,5 +322,6 @@ pub async fn start(
         lock,
         policy: policy_tx,
         interrupted,
+        lock_lost,
     })
 }

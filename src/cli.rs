@@ -304,6 +304,9 @@ async fn run(path: &std::path::Path) -> i32 {
         warn!(interrupted = cut, "Stopped with actions cut short.");
         return EXIT_CUT_SHORT;
     }
+    if running.lock_lost.load(std::sync::atomic::Ordering::SeqCst) {
+        return EXIT_UNAVAILABLE;
+    }
     0
 }
 

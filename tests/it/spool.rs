@@ -172,7 +172,19 @@ async fn kill_9_during_a_database_outage_loses_nothing_acted_on() -> Result<()> 
         .context("the scenario took longer than 150 s")?
 }
 
-async fn scenario() -> Result<()> {
+/// A fresh database behind a cuttable proxy, a healthy simulated agent,
+/// and a config for the binary using both (the spool in the temp dir).
+struct Setup {
+    db: spire_lab::ScratchDatabase,
+    proxy: Proxy,
+    dir: tempfile::TempDir,
+    agent: FakeAgent,
+    config: std::path::PathBuf,
+    spool: std::path::PathBuf,
+    store: Arc<dyn knowledge::Store>,
+}
+
+async fn setup() -> Result<Setup> {
     let db = spire_lab::ScratchDatabase::create(&test_pg_url()).await?;
     let direct = db.url();
     let (host_port, _) = direct
@@ -227,11 +239,35 @@ timeout = "5s"
         ),
     )?;
     let store = knowledge::open(&direct).await?;
-    let all = Query {
+    Ok(Setup {
+        db,
+        proxy,
+        dir,
+        agent,
+        config,
+        spool,
+        store,
+    })
+}
+
+fn all() -> Query {
+    Query {
         limit: 1000,
         ..Query::default()
-    };
+    }
+}
 
+async fn scenario() -> Result<()> {
+    let Setup {
+        db,
+        proxy,
+        dir: _dir,
+        agent,
+        config,
+        spool,
+        store,
+    } = setup().await?;
+    let all = all();
     let mut healer = Daemon::spawn(&config)?;
     // Healthy and recorded: the agent's SVID reached the database.
     wait_until(
@@ -322,4 +358,41 @@ timeout = "5s"
     assert!(replay.events.is_empty());
     drop(db);
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_database_session_stops_with_69_and_spools_what_is_left() -> Result<()> {
+    timeout(Duration::from_secs(120), async {
+        let s = setup().await?;
+        let mut healer = Daemon::spawn(&s.config)?;
+        wait_until(
+            "the agent's SVID in the store",
+            Duration::from_secs(30),
+            || async { s.store.svids(&all()).await.ok().filter(|v| !v.is_empty()) },
+        )
+        .await?;
+        // The database session holding the scope is gone: another instance
+        // may act now, so this one stops, and says so by its exit status.
+        s.proxy.cut();
+        s.agent.stop();
+        healer
+            .wait_line("The store lock was lost", Duration::from_secs(40))
+            .await?;
+        let status = healer.wait_exit(Duration::from_secs(40)).await?;
+        assert_eq!(status.code(), Some(69), "{status}");
+        // What happened meanwhile waits in the spool for the next start.
+        let (_, replay) = knowledge::Spool::open(&s.spool, 1 << 20)?;
+        assert!(
+            replay
+                .events
+                .iter()
+                .any(|e| matches!(e, spire_healer::model::Event::IncidentOpened { .. })),
+            "{:?}",
+            replay.events
+        );
+        drop(s.db);
+        Ok(())
+    })
+    .await
+    .context("the scenario took longer than 120 s")?
 }
