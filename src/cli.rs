@@ -206,20 +206,27 @@ async fn report(socket: &std::path::Path, target: &str, reason: &str, count: u64
     }
 }
 
-/// Loads and validates; prints errors. `Err(exit code)` on failure.
+/// Loads and validates; prints every problem. `Err(exit code)` on failure.
 fn load(path: &std::path::Path, out: &mut dyn Write) -> Result<Resolved, i32> {
-    let errors: Vec<ConfigError> = match Config::load(path) {
-        Ok(c) => match c.validate(&process_env) {
-            Ok(r) => return Ok(r),
-            Err(e) => e,
-        },
-        Err(e) => vec![e],
-    };
+    Config::check_file(path, &process_env).map_err(|errors| {
+        print_problems(path, &errors, out);
+        EXIT_CONFIG
+    })
+}
+
+/// `<file>: N problem(s):` and one item per problem; the lines of a
+/// multi-line problem (a syntax error's caret diagram) stay indented under
+/// it.
+fn print_problems(path: &std::path::Path, errors: &[ConfigError], out: &mut dyn Write) {
     let _ = writeln!(out, "{}: {} problem(s):", path.display(), errors.len());
-    for e in &errors {
-        let _ = writeln!(out, "  - {e}");
+    for e in errors {
+        let text = e.to_string();
+        let mut lines = text.lines();
+        let _ = writeln!(out, "  - {}", lines.next().unwrap_or(""));
+        for line in lines {
+            let _ = writeln!(out, "    {line}");
+        }
     }
-    Err(EXIT_CONFIG)
 }
 
 /// `check-config`.
@@ -261,14 +268,9 @@ async fn run(path: &std::path::Path) -> i32 {
     {
         Ok(r) => r,
         Err(e) => {
+            // Logged once (stderr, in the chosen log format), not also printed.
             tracing::error!(error = %e, "Cannot start.");
-            eprintln!("error: {e}");
-            return match e {
-                crate::app::StartError::Store(crate::knowledge::StoreError::InUse(_)) => {
-                    EXIT_IN_USE
-                }
-                _ => EXIT_UNAVAILABLE,
-            };
+            return start_exit_code(&e);
         }
     };
     let stop = shutdown_signal();
@@ -310,6 +312,21 @@ async fn run(path: &std::path::Path) -> i32 {
     0
 }
 
+/// The exit code of a failed start: 75 when another instance holds the
+/// store, the agents or the API socket; 64 when the database refused our
+/// login or database name, or the store location is unusable (the
+/// configuration must change); 69 when a dependency is unavailable.
+fn start_exit_code(e: &crate::app::StartError) -> i32 {
+    use crate::app::StartError;
+    use crate::knowledge::StoreError;
+    match e {
+        StartError::Store(StoreError::InUse(_))
+        | StartError::Api(crate::api::ApiError::InUse { .. }) => EXIT_IN_USE,
+        StartError::Store(StoreError::Config(_)) => EXIT_CONFIG,
+        _ => EXIT_UNAVAILABLE,
+    }
+}
+
 /// SIGHUP: reads the configuration and policy again. A valid policy is
 /// applied from the next tick; a file with problems is rejected with each
 /// one logged, and the running configuration is kept. Sections that only a
@@ -320,21 +337,21 @@ fn reload(
     policy: &tokio::sync::watch::Sender<crate::policy::Policy>,
 ) {
     info!(config = %path.display(), "Reloading (SIGHUP).");
-    let mut problems = Vec::new();
-    let Ok(next) = load(path, &mut problems) else {
-        let text = String::from_utf8_lossy(&problems);
-        let listed: Vec<&str> = text
-            .lines()
-            .skip(1)
-            .map(|l| l.trim().trim_start_matches("- "))
-            .filter(|l| !l.is_empty())
-            .collect();
-        warn!(
-            problems = %listed.join("; "),
-            count = listed.len(),
-            "Reload rejected; the running configuration is kept."
-        );
-        return;
+    let next = match Config::check_file(path, &process_env) {
+        Ok(next) => next,
+        Err(errors) => {
+            // One line per problem: a caret diagram does not fit a log line.
+            let listed: Vec<String> = errors
+                .iter()
+                .map(|e| e.to_string().lines().next().unwrap_or("").to_string())
+                .collect();
+            warn!(
+                problems = %listed.join("; "),
+                count = listed.len(),
+                "Reload rejected; the running configuration is kept."
+            );
+            return;
+        }
     };
     let restart = running.config.restart_needed(&next.config);
     if !restart.is_empty() {
@@ -359,11 +376,19 @@ enum Listing {
 async fn list(args: &StoreArgs, what: Listing) -> i32 {
     let url = match &args.database {
         Some(u) => u.clone(),
-        None => match Config::load(&args.config) {
+        None => match std::fs::read_to_string(&args.config)
+            .map_err(|e| {
+                vec![ConfigError::Read {
+                    path: args.config.display().to_string(),
+                    reason: e.to_string(),
+                }]
+            })
+            .and_then(|text| Config::parse(&text, &args.config.display().to_string()))
+        {
             Ok(c) => process_env("SPIRE_HEALER_DATABASE_URL")
                 .unwrap_or_else(|| c.database.url.expose_secret().to_string()),
-            Err(e) => {
-                eprintln!("error: {e}");
+            Err(errors) => {
+                print_problems(&args.config, &errors, &mut std::io::stderr());
                 return EXIT_CONFIG;
             }
         },

@@ -16,6 +16,8 @@ use crate::endpoint::Endpoint;
 use crate::policy::{DEFAULT_POLICY, Policy};
 use crate::sensors::SensorSpec;
 
+mod parse;
+
 /// Exit code for a bad configuration (EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;
 
@@ -25,6 +27,35 @@ pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 /// The process environment.
 pub fn process_env(key: &str) -> Option<String> {
     std::env::var(key).ok()
+}
+
+/// Longest poll interval of a sensor: one slower than this could miss most
+/// of a short-lived SVID's lifetime before noticing a problem.
+const MAX_POLL: Duration = Duration::from_secs(600);
+/// Longest deadline of one call or of a stream's first answer.
+const MAX_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest reconnect backoff: a recovered agent is seen again within it.
+const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+
+/// `<key>.<field>` is at most `max`.
+fn check_max(
+    key: &str,
+    field: &str,
+    value: Duration,
+    max: Duration,
+    errors: &mut Vec<ConfigError>,
+) {
+    let key = format!("{key}.{field}");
+    if value > max {
+        errors.push(ConfigError::invalid(
+            key,
+            format!(
+                "{} is too long (at most {})",
+                humantime::format_duration(value),
+                humantime::format_duration(max)
+            ),
+        ));
+    }
 }
 
 /// A probe, file or Envoy name: valid and not already taken.
@@ -400,6 +431,40 @@ fn check_admin_tcp(
     errors
 }
 
+/// Where in a file a problem is: 1-based line and column (in characters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Location {
+    /// Line, from 1.
+    pub line: usize,
+    /// Column, from 1.
+    pub column: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}, column {}", self.line, self.column)
+    }
+}
+
+/// ` (line 3, column 17)`, or nothing.
+fn at_suffix(at: &Option<Location>) -> String {
+    at.map(|at| format!(" ({at})")).unwrap_or_default()
+}
+
+/// `, line 3, column 17`, or nothing.
+fn comma_at(at: &Option<Location>) -> String {
+    at.map(|at| format!(", {at}")).unwrap_or_default()
+}
+
+/// `text` on the lines below a message, or nothing.
+fn below(text: &str) -> String {
+    if text.is_empty() {
+        String::new()
+    } else {
+        format!("\n{text}")
+    }
+}
+
 /// One configuration problem.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -411,19 +476,51 @@ pub enum ConfigError {
         /// OS error.
         reason: String,
     },
-    /// The TOML did not parse or has unknown keys / wrong types.
-    #[error("{path}: {reason}")]
+    /// The TOML does not parse (or, for a file read whole such as the
+    /// policy, has a wrong type or an unknown key). Displayed over several
+    /// lines: the message, then the line with a caret under the column.
+    #[error("{path}{}: {reason}{}", comma_at(.at), below(.diagram))]
     Parse {
         /// File.
         path: String,
-        /// Parser message (line, column, key).
+        /// Where, when the parser knows.
+        at: Option<Location>,
+        /// Parser message.
+        reason: String,
+        /// The line at fault with a caret under `at` (empty without `at`).
+        diagram: String,
+    },
+    /// A key that is not part of the configuration (a typo, or a setting
+    /// of another section).
+    #[error("{key}{}: unknown key, expected {expected}", at_suffix(.at))]
+    UnknownKey {
+        /// Dotted key, e.g. `supervisor.tick`.
+        key: String,
+        /// Where the key is.
+        at: Option<Location>,
+        /// The keys allowed there.
+        expected: String,
+    },
+    /// A value of the wrong type or form (a duration, an address), or a
+    /// required key that is missing.
+    #[error("{key}{}: {reason}", at_suffix(.at))]
+    Value {
+        /// Dotted key, e.g. `agents[0].answer_timeout`.
+        key: String,
+        /// Where the value (or its table) is.
+        at: Option<Location>,
+        /// What is wrong.
         reason: String,
     },
     /// A value is invalid.
-    #[error("{key}: {reason}")]
+    #[error("{key}{}: {reason}", at_suffix(.at))]
     Invalid {
         /// Dotted key, e.g. `agents[0].address`.
         key: String,
+        /// Where the value (or the nearest enclosing table) is in the file;
+        /// `None` for values that come from elsewhere (the environment, the
+        /// policy).
+        at: Option<Location>,
         /// What is wrong.
         reason: String,
     },
@@ -435,13 +532,37 @@ impl ConfigError {
         match self {
             ConfigError::Read { .. } => "read",
             ConfigError::Parse { .. } => "parse",
+            ConfigError::UnknownKey { .. } => "unknown_key",
+            ConfigError::Value { .. } => "value",
             ConfigError::Invalid { .. } => "invalid",
+        }
+    }
+
+    /// The dotted key the problem is about, if it is about one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::UnknownKey { key, .. }
+            | ConfigError::Value { key, .. }
+            | ConfigError::Invalid { key, .. } => Some(key),
+            ConfigError::Read { .. } | ConfigError::Parse { .. } => None,
+        }
+    }
+
+    /// Where in the file the problem is, if known.
+    pub fn location(&self) -> Option<Location> {
+        match self {
+            ConfigError::Parse { at, .. }
+            | ConfigError::UnknownKey { at, .. }
+            | ConfigError::Value { at, .. }
+            | ConfigError::Invalid { at, .. } => *at,
+            ConfigError::Read { .. } => None,
         }
     }
 
     fn invalid(key: impl Into<String>, reason: impl fmt::Display) -> Self {
         ConfigError::Invalid {
             key: key.into(),
+            at: None,
             reason: reason.to_string(),
         }
     }
@@ -496,17 +617,92 @@ impl Config {
     /// Parses TOML text; `path` names the source in errors.
     ///
     /// # Errors
-    /// A single [`ConfigError::Parse`] (the parser stops at the first error).
+    /// The first problem [`Config::parse`] finds.
     pub fn from_toml(text: &str, path: &str) -> Result<Self, ConfigError> {
-        parse_toml(text, path)
+        Self::parse(text, path).map_err(|mut errors| errors.remove(0))
+    }
+
+    /// Parses TOML text: its syntax, the types of its values and its keys,
+    /// without the checks of [`Config::validate`].
+    ///
+    /// # Errors
+    /// Every syntax error (and nothing else when there is one), else every
+    /// unknown key and every value of the wrong type or form, with its
+    /// dotted key and position.
+    pub fn parse(text: &str, path: &str) -> Result<Self, Vec<ConfigError>> {
+        let src = parse::Source { text, path };
+        let root = parse::document(src)?;
+        let sections = parse::sections(src, root.get_ref());
+        if sections.errors.is_empty() {
+            Ok(sections.config)
+        } else {
+            Err(sections.errors)
+        }
     }
 
     /// Reads and parses a file.
     ///
     /// # Errors
-    /// `Read` or `Parse`.
+    /// `Read`, or the first problem [`Config::parse`] finds.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        load_toml(path)
+        let text = read(path)?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text: [`Config::parse`], then
+    /// [`Config::validate`] on every part that parsed, so that one run lists
+    /// every problem of the file, each with its dotted key and position, in
+    /// file order.
+    ///
+    /// # Errors
+    /// Every problem found (only the syntax errors when there are any: a
+    /// document that does not parse cannot be checked further).
+    pub fn check(text: &str, path: &str, env: Env<'_>) -> Result<Resolved, Vec<ConfigError>> {
+        let src = parse::Source { text, path };
+        let root = parse::document(src)?;
+        let parse::Sections {
+            config,
+            mut errors,
+            kept,
+        } = parse::sections(src, root.get_ref());
+        let semantic = match config.validate(env) {
+            Ok(resolved) if errors.is_empty() => return Ok(resolved),
+            Ok(_) => Vec::new(),
+            Err(semantic) => semantic,
+        };
+        // A semantic problem of a value that did not parse (it was left at
+        // its default, or its element left out) says nothing new.
+        let unparsed: Vec<String> = errors
+            .iter()
+            .filter_map(|e| e.key().map(str::to_string))
+            .collect();
+        let url_from_env = env("SPIRE_HEALER_DATABASE_URL").is_some();
+        for mut e in semantic {
+            if let ConfigError::Invalid { key, at, .. } = &mut e {
+                *key = parse::file_key(key, &kept);
+                if unparsed.iter().any(|k| parse::overlaps(k, key)) {
+                    continue;
+                }
+                if !(url_from_env && key == "database.url") {
+                    *at = parse::offset_of(&root, key).map(|o| src.locate(o));
+                }
+            }
+            errors.push(e);
+        }
+        errors.sort_by_key(|e| {
+            e.location()
+                .map_or((usize::MAX, 0), |at| (at.line, at.column))
+        });
+        Err(errors)
+    }
+
+    /// Reads a file and [`Config::check`]s it.
+    ///
+    /// # Errors
+    /// `Read`, or every problem [`Config::check`] finds.
+    pub fn check_file(path: &Path, env: Env<'_>) -> Result<Resolved, Vec<ConfigError>> {
+        let text = read(path).map_err(|e| vec![e])?;
+        Self::check(&text, &path.display().to_string(), env)
     }
 
     /// Probes, certificate files and Envoy targets: valid, uniquely named
@@ -544,10 +740,13 @@ impl Config {
         for (i, e) in self.envoys.iter().enumerate() {
             let key = format!("envoys[{i}]");
             unique_name(&key, &e.name, &mut names, errors);
-            if !(e.metrics_url.starts_with("http://") || e.metrics_url.starts_with("https://")) {
+            if let Err(reason) = crate::http_client::check_url(&e.metrics_url) {
                 errors.push(ConfigError::invalid(
                     format!("{key}.metrics_url"),
-                    format!("{:?} must be an http:// or https:// URL", e.metrics_url),
+                    format!(
+                        "{:?}: {reason} (expected http://host:port/stats/prometheus)",
+                        e.metrics_url
+                    ),
                 ));
             }
             if e.poll_interval.is_zero() || e.timeout.is_zero() {
@@ -556,10 +755,17 @@ impl Config {
                     "poll_interval and timeout must be greater than zero",
                 ));
             }
+            check_max(&key, "poll_interval", e.poll_interval, MAX_POLL, errors);
+            check_max(&key, "timeout", e.timeout, MAX_TIMEOUT, errors);
         }
         if let Some(api) = &self.api {
-            for (field, reason) in api.problems() {
+            let problems = api.problems();
+            let socket_ok = !problems.iter().any(|(field, _)| *field == "socket");
+            for (field, reason) in problems {
                 errors.push(ConfigError::invalid(format!("api.{field}"), reason));
+            }
+            if let Some(Err(reason)) = socket_ok.then(|| check_api_socket(&api.socket)) {
+                errors.push(ConfigError::invalid("api.socket", reason));
             }
         }
     }
@@ -571,15 +777,15 @@ impl Config {
     /// Every problem found.
     pub fn validate(&self, env: Env<'_>) -> Result<Resolved, Vec<ConfigError>> {
         let mut errors = Vec::new();
+        let mut warnings = Vec::new();
         self.validate_supervisor(&mut errors);
-        let database_url = self.validate_database(env, &mut errors);
+        let database_url = self.validate_database(env, &mut errors, &mut warnings);
         let spool = self.spool_path(&database_url, &mut errors);
         let (endpoints, agents) = self.validate_agents(env, &mut errors);
         self.validate_servers(&agents, &mut errors);
         self.validate_agent_sources(&mut errors);
         self.validate_actuators(&mut errors);
         self.validate_handshakes(&mut errors);
-        let mut warnings = Vec::new();
         let policy = self.resolve_policy(&mut errors, &mut warnings);
 
         match policy {
@@ -629,18 +835,30 @@ impl Config {
     }
 
     /// `[database]`: the URL in force (`SPIRE_HEALER_DATABASE_URL` wins)
-    /// names a backend we speak, and the buffer holds something.
+    /// names a backend we speak and parses, and the buffer holds something.
+    /// A relative SQLite path is a warning naming the file it resolves to.
     fn validate_database(
         &self,
         env: Env<'_>,
         errors: &mut Vec<ConfigError>,
+        warnings: &mut Vec<String>,
     ) -> secrecy::SecretString {
         let database_url: secrecy::SecretString = env("SPIRE_HEALER_DATABASE_URL")
             .map(Into::into)
             .unwrap_or_else(|| self.database.url.clone());
-        if let Err(reason) = check_database_url(secrecy::ExposeSecret::expose_secret(&database_url))
-        {
+        let url = secrecy::ExposeSecret::expose_secret(&database_url);
+        if let Err(reason) = check_database_url(url) {
             errors.push(ConfigError::invalid("database.url", reason));
+        } else if let Some(path) = url.strip_prefix("sqlite://").map(Path::new)
+            && path.is_relative()
+        {
+            let absolute = std::env::current_dir()
+                .map(|cwd| cwd.join(path).display().to_string())
+                .unwrap_or_else(|_| "unknown: the working directory cannot be read".into());
+            warnings.push(format!(
+                "database.url {url:?} is relative to the working directory: the store is {absolute} \
+                 (write sqlite:///absolute/path to pin it)"
+            ));
         }
         if self.database.buffer_capacity == 0 {
             errors.push(ConfigError::invalid(
@@ -724,17 +942,17 @@ impl Config {
                 Ok(e) => endpoints.push(e),
                 Err(e) => errors.push(ConfigError::invalid(format!("{key}.address"), e)),
             }
-            if a.answer_timeout.is_zero() {
-                errors.push(ConfigError::invalid(
-                    format!("{key}.answer_timeout"),
-                    "must be greater than zero",
-                ));
-            }
-            if a.backoff_max.is_zero() {
-                errors.push(ConfigError::invalid(
-                    format!("{key}.backoff_max"),
-                    "must be greater than zero",
-                ));
+            for (field, value, max) in [
+                ("answer_timeout", a.answer_timeout, MAX_TIMEOUT),
+                ("backoff_max", a.backoff_max, MAX_BACKOFF),
+            ] {
+                if value.is_zero() {
+                    errors.push(ConfigError::invalid(
+                        format!("{key}.{field}"),
+                        "must be greater than zero",
+                    ));
+                }
+                check_max(&key, field, value, max, errors);
             }
         }
         (endpoints, seen)
@@ -785,6 +1003,8 @@ impl Config {
                     "poll_interval and timeout must be greater than zero",
                 ));
             }
+            check_max(&key, "poll_interval", srv.poll_interval, MAX_POLL, errors);
+            check_max(&key, "timeout", srv.timeout, MAX_TIMEOUT, errors);
         }
     }
 
@@ -812,6 +1032,26 @@ impl Config {
                     format!("{} must be an absolute path", f.display()),
                 ));
             }
+            if let Some(dir) = &a.data_dir {
+                if !dir.is_absolute() {
+                    errors.push(ConfigError::invalid(
+                        format!("{key}.data_dir"),
+                        format!("{} must be an absolute path", dir.display()),
+                    ));
+                } else if dir.exists() && !dir.is_dir() {
+                    errors.push(ConfigError::invalid(
+                        format!("{key}.data_dir"),
+                        format!("{} is not a directory", dir.display()),
+                    ));
+                }
+            }
+            if let Some(Err(e)) = a
+                .node_alias
+                .as_deref()
+                .map(crate::spiffe_id::SpiffeId::parse)
+            {
+                errors.push(ConfigError::invalid(format!("{key}.node_alias"), e));
+            }
             if let Some(path) = &a.trust_bundle_path {
                 let mut problems = Vec::new();
                 crate::sensors::cert_files::path_problems("trust_bundle_path", path, &mut problems);
@@ -825,6 +1065,7 @@ impl Config {
                     "must be greater than zero",
                 ));
             }
+            check_max(&key, "poll_interval", a.poll_interval, MAX_POLL, errors);
         }
     }
 
@@ -846,6 +1087,9 @@ impl Config {
                 ));
             }
             for (field, reason) in act.problems() {
+                errors.push(ConfigError::invalid(format!("{key}.{field}"), reason));
+            }
+            for (field, reason) in spire_actuator_problems(act) {
                 errors.push(ConfigError::invalid(format!("{key}.{field}"), reason));
             }
             if let Some(dep) = act.depends_on()
@@ -1013,22 +1257,23 @@ impl Resolved {
     }
 }
 
-/// Parses TOML text; `path` names the source in errors (the parser stops at
-/// the first one).
-fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, path: &str) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Parse {
-        path: path.to_string(),
-        reason: e.to_string().trim().replace('\n', " "),
+/// Reads a whole file as text.
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.display().to_string(),
+        reason: e.to_string(),
     })
 }
 
-/// Reads and parses a TOML file.
+/// Parses TOML text as one `T`; `path` names the source in errors (the
+/// parser stops at the first one).
+fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, path: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| parse::single_error(parse::Source { text, path }, &e))
+}
+
+/// Reads and parses a TOML file as one `T`.
 fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
-    parse_toml(&text, &path.display().to_string())
+    parse_toml(&read(path)?, &path.display().to_string())
 }
 
 // === impl Policy: loading ===
@@ -1057,6 +1302,29 @@ impl Policy {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         load_toml(path)
     }
+}
+
+/// The SPIRE API actuators' settings: positive deadlines and an absolute
+/// join token file.
+fn spire_actuator_problems(act: &ActuatorConfig) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    let positive = |field, d: Duration, out: &mut Vec<(&'static str, String)>| {
+        if d.is_zero() {
+            out.push((field, "must be greater than zero".to_string()));
+        }
+    };
+    match act {
+        ActuatorConfig::EntryBump(c) => positive("call_timeout", c.call_timeout, &mut out),
+        ActuatorConfig::AgentEvict(c) => {
+            positive("call_timeout", c.call_timeout, &mut out);
+            positive("join_token_ttl", c.join_token_ttl, &mut out);
+            if let Some(f) = c.join_token_file.as_deref().filter(|f| !f.starts_with('/')) {
+                out.push(("join_token_file", format!("{f:?} must be an absolute path")));
+            }
+        }
+        _ => {}
+    }
+    out
 }
 
 /// An admin socket path: absolute, short enough, and a socket if it exists.
@@ -1098,9 +1366,11 @@ fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
+/// A database URL we can open: a PostgreSQL URL that parses (checked
+/// without connecting), or `sqlite://PATH` whose directory exists.
 fn check_database_url(url: &str) -> Result<(), String> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Ok(());
+        return check_postgres_url(url);
     }
     let path = url
         .strip_prefix("sqlite://")
@@ -1123,399 +1393,70 @@ fn check_database_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn no_env(_: &str) -> Option<String> {
-        None
-    }
-
-    const GOOD: &str = r#"
-[supervisor]
-tick_interval = "500ms"
-
-[database]
-url = "sqlite://healer.db"
-
-[[agents]]
-name = "node-a"
-address = "unix:///run/spire/agent.sock"
-
-[actuators.restart-agent]
-type = "command"
-argv = ["systemctl", "restart", "spire-agent"]
-timeout = "20s"
-"#;
-
-    #[test]
-    fn good_config_validates() {
-        let c = Config::from_toml(GOOD, "t.toml").unwrap();
-        let r = c.validate(&no_env).unwrap();
-        assert_eq!(c.supervisor.tick_interval, Duration::from_millis(500));
-        assert_eq!(r.endpoints.len(), 1);
-        // Only the rungs whose actuators this config leaves out are warned about.
-        assert!(
-            r.warnings.iter().all(|w| !w.contains("\"restart-agent\"")),
-            "{:?}",
-            r.warnings
-        );
-    }
-
-    #[test]
-    fn unknown_key_is_rejected() {
-        let e = Config::from_toml("[supervisor]\ntick = \"1s\"\n", "t.toml").unwrap_err();
-        assert_eq!(e.kind(), "parse");
-        assert!(e.to_string().contains("tick"), "{e}");
-    }
-
-    #[test]
-    fn absurd_durations_are_rejected_with_their_bound() {
-        let text = GOOD.replace(
-            "tick_interval = \"500ms\"",
-            "tick_interval = \"1y\"\nshutdown_grace = \"2h\"",
-        );
-        let errors = Config::from_toml(&text, "t.toml")
-            .unwrap()
-            .validate(&no_env)
-            .unwrap_err();
-        let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
-        assert_eq!(errors.len(), 2, "{text:?}");
-        assert!(
-            text[0].contains("tick_interval") && text[0].contains("at most 1m"),
-            "{text:?}"
-        );
-        assert!(
-            text[1].contains("shutdown_grace") && text[1].contains("at most 10m"),
-            "{text:?}"
-        );
-    }
-
-    #[test]
-    fn bad_duration_is_rejected() {
-        let e =
-            Config::from_toml("[supervisor]\ntick_interval = \"soon\"\n", "t.toml").unwrap_err();
-        assert!(e.to_string().contains("tick_interval"), "{e}");
-    }
-
-    #[test]
-    fn handshake_sources_are_checked_together() {
-        let text = format!(
-            r#"{GOOD}
-[[probes]]
-name = "node-a"
-address = "nowhere"
-agent = "ghost"
-cert_file = "missing"
-
-[[probes]]
-name = "web"
-address = "127.0.0.1:8443"
-trust_domain = "example.org"
-agent = "node-a"
-
-[[cert_files]]
-name = "web"
-cert_path = "relative/svid.pem"
-agent = "ghost"
-
-[[envoys]]
-name = "front"
-metrics_url = "ftp://x"
-poll_interval = "0s"
-
-[api]
-socket = "relative.sock"
-"#
-        );
-        let errors = Config::from_toml(&text, "t.toml")
-            .unwrap()
-            .validate(&no_env)
-            .unwrap_err();
-        let keys: Vec<String> = errors
-            .iter()
-            .map(|e| match e {
-                ConfigError::Invalid { key, .. } => key.clone(),
-                other => other.to_string(),
-            })
-            .collect();
-        for want in [
-            "probes[0].name",
-            "probes[0].address",
-            "probes[0].agent",
-            "probes[0].cert_file",
-            "cert_files[0].name",
-            "cert_files[0].cert_path",
-            "cert_files[0].agent",
-            "envoys[0].metrics_url",
-            "envoys[0]",
-            "api.socket",
-        ] {
-            assert!(keys.iter().any(|k| k == want), "missing {want} in {keys:?}");
-        }
-        assert!(
-            !keys.iter().any(|k| k.starts_with("probes[1]")),
-            "the good probe is fine: {keys:?}"
-        );
-    }
-
-    #[test]
-    fn every_error_is_reported_at_once() {
-        let text = r#"
-[supervisor]
-tick_interval = "0s"
-[database]
-url = "mysql://x"
-[[agents]]
-name = "Bad Name"
-address = "unix://relative/path"
-[[agents]]
-name = "b"
-address = "tcp://127.0.0.1:8081/path"
-[[agents]]
-name = "b"
-address = "tcp://localhost:1"
-[actuators.restart]
-type = "command"
-argv = []
-"#;
-        let errors = Config::from_toml(text, "t.toml")
-            .unwrap()
-            .validate(&no_env)
-            .unwrap_err();
-        let keys: Vec<String> = errors
-            .iter()
-            .map(|e| match e {
-                ConfigError::Invalid { key, .. } => key.clone(),
-                other => other.to_string(),
-            })
-            .collect();
-        for want in [
-            "supervisor.tick_interval",
-            "database.url",
-            "agents[0].name",
-            "agents[0].address",
-            "agents[1].address",
-            "agents[2].name",
-            "agents[2].address",
-            "actuators.restart.argv",
-        ] {
-            assert!(keys.iter().any(|k| k == want), "missing {want} in {keys:?}");
-        }
-    }
-
-    #[test]
-    fn address_falls_back_to_spiffe_endpoint_socket() {
-        let text = "[[agents]]\nname = \"a\"\n";
-        let c = Config::from_toml(text, "t.toml").unwrap();
-        let env =
-            |k: &str| (k == "SPIFFE_ENDPOINT_SOCKET").then(|| "unix:///run/x/api.sock".to_string());
-        let r = c.validate(&env).unwrap();
-        assert_eq!(r.endpoints[0].to_string(), "unix:///run/x/api.sock");
-        let errors = c.validate(&no_env).unwrap_err();
-        assert!(errors[0].to_string().contains("agents[0].address"));
-    }
-
-    #[test]
-    fn regular_file_as_socket_is_rejected() {
-        let f = tempfile::NamedTempFile::new().unwrap();
-        let text = format!(
-            "[[agents]]\nname = \"a\"\naddress = \"unix://{}\"\n",
-            f.path().display()
-        );
-        let errors = Config::from_toml(&text, "t.toml")
-            .unwrap()
-            .validate(&no_env)
-            .unwrap_err();
-        assert!(
-            errors[0].to_string().contains("regular file"),
-            "{}",
-            errors[0]
-        );
-    }
-
-    #[test]
-    fn database_url_env_override() {
-        let c = Config::from_toml(GOOD, "t.toml").unwrap();
-        let env = |k: &str| (k == "SPIRE_HEALER_DATABASE_URL").then(|| "ftp://x".to_string());
-        let errors = c.validate(&env).unwrap_err();
-        assert!(errors[0].to_string().starts_with("database.url"));
-    }
-
-    #[test]
-    fn signal_and_webhook_actuators_validate() {
-        let text = format!(
-            "{GOOD}\n[actuators.reload-envoy]\ntype = \"signal\"\nsignal = \"SIGHUP\"\npidfile = \"/run/envoy-{{agent}}.pid\"\n\n[actuators.page]\ntype = \"webhook\"\nurl = \"http://127.0.0.1:9/hook\"\n"
-        );
-        let r = Config::from_toml(&text, "t.toml")
-            .unwrap()
-            .validate(&no_env)
-            .unwrap();
-        assert_eq!(r.config.actuators.len(), 3);
-        let bad = format!(
-            "{GOOD}\n[actuators.x]\ntype = \"signal\"\nsignal = \"SIGNOPE\"\npidfile = \"/p\"\n"
-        );
-        let errors = Config::from_toml(&bad, "t.toml")
-            .unwrap()
-            .validate(&no_env)
-            .unwrap_err();
-        assert!(
-            errors
-                .iter()
-                .any(|e| e.to_string().starts_with("actuators.x.")),
-            "{errors:?}"
-        );
-    }
-
-    #[test]
-    fn unconfigured_policy_actuator_is_a_warning() {
-        let text = "[[agents]]\nname = \"a\"\naddress = \"tcp://127.0.0.1:1\"\n";
-        let r = Config::from_toml(text, "t.toml")
-            .unwrap()
-            .validate(&no_env)
-            .unwrap();
-        assert!(r.warnings.iter().any(|w| w.contains("restart-agent")));
-    }
-
-    #[test]
-    fn sensors_follow_the_config_sections_in_start_order() {
-        let text = r#"
-[[agents]]
-name = "node-a"
-address = "unix:///run/spire/agent.sock"
-admin_socket = "/nonexistent/agent-admin.sock"
-metrics_url = "http://127.0.0.1:9988/metrics"
-trust_bundle_path = "/etc/spire/bootstrap.crt"
-
-[[servers]]
-name = "s1"
-admin_address = "127.0.0.1:8081"
-admin_via_agent = "node-a"
-health_url = "http://127.0.0.1:8080"
-
-[[envoys]]
-name = "front"
-metrics_url = "http://127.0.0.1:9901/stats/prometheus"
-"#;
-        let r = Config::from_toml(text, "t.toml")
-            .unwrap()
-            .validate(&no_env)
-            .unwrap();
-        let kinds: Vec<String> = r
-            .sensors()
-            .iter()
-            .map(|spec| match spec {
-                SensorSpec::WorkloadApi(s) => format!("workload_api {}", s.agent),
-                SensorSpec::ServerApi(s) => format!("server_api {}", s.server),
-                SensorSpec::ServerApiTcp {
-                    settings,
-                    via_agent,
-                    ..
-                } => format!("server_api_tcp {} via {via_agent}", settings.server),
-                SensorSpec::AgentDebug(s) => format!("agent_debug {}", s.agent),
-                SensorSpec::Health(s) => format!("health {}", s.target),
-                SensorSpec::MetricsScrape(s) => format!("metrics_scrape {} {:?}", s.target, s.role),
-                SensorSpec::HandshakeProbe(p) => format!("handshake_probe {}", p.name),
-                SensorSpec::CertFile(f) => format!("cert_files {}", f.name),
-                SensorSpec::BootstrapBundle(b) => {
-                    format!("bootstrap_bundle {} {}", b.agent, b.path.display())
-                }
-            })
-            .collect();
-        assert_eq!(
-            kinds,
-            [
-                "workload_api node-a",
-                "server_api_tcp s1 via node-a",
-                "health s1",
-                "agent_debug node-a",
-                "metrics_scrape node-a Agent",
-                "bootstrap_bundle node-a /etc/spire/bootstrap.crt",
-                "metrics_scrape front Envoy",
-            ]
-        );
-    }
-
-    fn invalid_keys(extra: &str) -> Vec<String> {
-        let text = format!("{GOOD}{extra}");
-        match Config::from_toml(&text, "t.toml")
-            .unwrap()
-            .validate(&no_env)
-        {
-            Ok(_) => Vec::new(),
-            Err(errors) => errors
-                .iter()
-                .map(|e| match e {
-                    ConfigError::Invalid { key, .. } => key.clone(),
-                    other => other.to_string(),
-                })
-                .collect(),
-        }
-    }
-
-    #[test]
-    fn server_admin_over_tcp() {
-        let ok = "[[servers]]\nname = \"s1\"\nadmin_address = \"127.0.0.1:8081\"\n\
-                  admin_via_agent = \"node-a\"\nadmin_server_id = \"spiffe://td/spire/server\"\n";
-        assert_eq!(invalid_keys(ok), Vec::<String>::new());
-        let c = Config::from_toml(&format!("{GOOD}{ok}"), "t.toml").unwrap();
-        assert_eq!(c.servers[0].admin_via_agent.as_deref(), Some("node-a"));
-
-        for (extra, want) in [
-            // Not IP:port.
-            (
-                "admin_address = \"spire:8081\"\nadmin_via_agent = \"node-a\"",
-                vec!["servers[0].admin_address"],
-            ),
-            // Both transports.
-            (
-                "admin_socket = \"/run/s.sock\"\nadmin_address = \"127.0.0.1:1\"\nadmin_via_agent = \"node-a\"",
-                vec!["servers[0].admin_address"],
-            ),
-            // No agent for our SVID, or an unknown one.
-            (
-                "admin_address = \"127.0.0.1:1\"",
-                vec!["servers[0].admin_via_agent"],
-            ),
-            (
-                "admin_address = \"127.0.0.1:1\"\nadmin_via_agent = \"nope\"",
-                vec!["servers[0].admin_via_agent"],
-            ),
-            // TCP-only settings without an address.
-            (
-                "admin_via_agent = \"node-a\"\nadmin_server_id = \"spiffe://td/spire/server\"",
-                vec!["servers[0].admin_via_agent", "servers[0].admin_server_id"],
-            ),
-            (
-                "admin_address = \"127.0.0.1:1\"\nadmin_via_agent = \"node-a\"\nadmin_server_id = \"td/server\"",
-                vec!["servers[0].admin_server_id"],
-            ),
-        ] {
-            let keys = invalid_keys(&format!("[[servers]]\nname = \"s1\"\n{extra}\n"));
-            assert_eq!(keys, want, "{extra}");
-        }
-    }
-
-    #[test]
-    fn trust_bundle_path_must_name_an_absolute_file() {
-        let agent = |path: &str| {
-            format!(
-                "[[agents]]\nname = \"node-b\"\naddress = \"unix:///run/b.sock\"\ntrust_bundle_path = \"{path}\"\n"
-            )
+/// Parses a PostgreSQL URL as the store will. The reason never quotes the
+/// URL, which may hold a password.
+fn check_postgres_url(url: &str) -> Result<(), String> {
+    use sqlx::postgres::PgConnectOptions;
+    let options = url.parse::<PgConnectOptions>().map_err(|e| {
+        let reason = match &e {
+            sqlx::Error::Configuration(inner) => inner.to_string(),
+            other => other.to_string(),
         };
-        assert_eq!(
-            invalid_keys(&agent("/etc/spire/bootstrap.crt")),
-            Vec::<String>::new()
+        format!(
+            "not a valid PostgreSQL URL ({reason}); expected postgres://user:password@host:port/database"
+        )
+    })?;
+    if options.get_database().is_none_or(str::is_empty) {
+        return Err(
+            "names no database; expected postgres://user:password@host:port/database".into(),
         );
-        for bad in ["", "bootstrap.crt", "/etc/spire/"] {
-            assert_eq!(
-                invalid_keys(&agent(bad)),
-                vec!["agents[1].trust_bundle_path"],
-                "{bad:?}"
-            );
+    }
+    Ok(())
+}
+
+/// The `[api]` socket as the server will bind it: its directory exists and
+/// is not open to everyone, and what is already there is a socket (a stale
+/// one is replaced).
+fn check_api_socket(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => return Ok(()), // relative or root: `problems` reports it
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => return Err(format!("{} is not a directory", dir.display())),
+        Ok(m) if m.permissions().mode() & 0o1002 == 0o002 => {
+            return Err(format!(
+                "directory {} is world-writable without the sticky bit: anyone could replace the socket",
+                dir.display()
+            ));
         }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!("directory {} does not exist", dir.display()));
+        }
+        Err(e) => return Err(format!("directory {}: {e}", dir.display())),
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => Ok(()),
+        Ok(m) => Err(format!(
+            "{} exists and is a {}, not a socket; it would not be replaced",
+            path.display(),
+            if m.is_dir() {
+                "directory"
+            } else if m.file_type().is_symlink() {
+                "symbolic link"
+            } else {
+                "regular file"
+            }
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
     }
 }
+
+#[cfg(test)]
+mod tests;
 
 #[cfg(test)]
 mod example_tests {

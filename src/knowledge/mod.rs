@@ -43,8 +43,10 @@ pub enum StoreError {
     /// A stored value could not be decoded.
     #[error("stored value is malformed: {0}")]
     Corrupt(String),
-    /// The database URL or path is unusable.
-    #[error("invalid database location: {0}")]
+    /// The database URL or path is unusable, or the server refused our
+    /// login or database name: the configuration must change. The message
+    /// says which.
+    #[error("{0}")]
     Config(String),
     /// Another instance holds the scope (see [`scope_lock`]).
     #[error("store in use: {0}")]

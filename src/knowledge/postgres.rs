@@ -136,13 +136,13 @@ impl PostgresStore {
                 // Closing politely is best effort; the server cleans up.
                 let _ = conn.close().await;
             }
-            Ok(Err(e)) => return Err(connect_error(&addr, e)),
+            Ok(Err(e)) => return Err(connect_error(&addr, options.get_username(), e)),
             Err(_) => {
                 let e = sqlx::Error::Io(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("no answer within {ACQUIRE_TIMEOUT:?}"),
                 ));
-                return Err(connect_error(&addr, e));
+                return Err(connect_error(&addr, options.get_username(), e));
             }
         }
 
@@ -437,16 +437,27 @@ fn pg_error(e: sqlx::Error) -> StoreError {
 
 /// A connection-time failure. The server answering "no" to our credentials
 /// or database name is a configuration problem; anything else means it is
-/// not there.
-pub(super) fn connect_error(addr: &str, e: sqlx::Error) -> StoreError {
-    let rejected = e
-        .as_database_error()
-        .and_then(|d| d.code())
-        .is_some_and(|code| code.starts_with("28") || code == "3D000");
-    if rejected {
-        StoreError::Config(format!("PostgreSQL at {addr} refused the connection: {e}"))
-    } else {
-        unavailable(addr, e)
+/// not there. The message is the server's own, without the position in
+/// PostgreSQL's source that sqlx appends ("at line 334").
+pub(super) fn connect_error(addr: &str, user: &str, e: sqlx::Error) -> StoreError {
+    let refused = e.as_database_error().and_then(|d| {
+        let code = d.code()?;
+        let message = d.message();
+        if code.starts_with("28") {
+            Some(format!(
+                "PostgreSQL at {addr} refused the login for user {user:?}: {message}"
+            ))
+        } else if code == "3D000" {
+            Some(format!(
+                "PostgreSQL at {addr} refused the connection: {message}"
+            ))
+        } else {
+            None
+        }
+    });
+    match refused {
+        Some(message) => StoreError::Config(message),
+        None => unavailable(addr, e),
     }
 }
 

@@ -208,10 +208,19 @@ async fn postgres(url: &str, agents: &[String], holder: &Holder) -> Result<Scope
     let options = options.application_name(&holder.label());
     let mut conn = match tokio::time::timeout(Duration::from_secs(5), options.connect()).await {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(super::postgres::connect_error(&addr, e)),
+        Ok(Err(e)) => {
+            return Err(super::postgres::connect_error(
+                &addr,
+                options.get_username(),
+                e,
+            ));
+        }
         Err(_) => {
-            return Err(StoreError::Config(format!(
-                "{addr}: no answer within 5 s while taking the store lock"
+            return Err(StoreError::Unavailable(sqlx::Error::Io(
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{addr}: no answer within 5 s while taking the store lock"),
+                ),
             )));
         }
     };

@@ -69,6 +69,119 @@ address = "unix://{}"
 }
 
 #[test]
+fn check_config_lists_all_eight_problems_with_their_positions() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let regular = dir.path().join("api.sock");
+    std::fs::write(&regular, "not a socket")?;
+    let cfg = dir.path().join("eight.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"[supervisor]
+tick_interval = "-5s"
+shutdown_grace = ""
+tick = "1s"
+
+[database]
+url = "postgres://healer:secret-pw@db:port/healer"
+
+[http]
+listen = "localhost:notaport"
+
+[[agents]]
+name = "node-a"
+address = "unix:///run/spire/agent.sock"
+answer_timeout = "1y"
+
+[[agents]]
+name = "Bad Name"
+address = "tcp://127.0.0.1:8081"
+
+[api]
+socket = "{}"
+"#,
+            regular.display()
+        ),
+    )?;
+    let out = bin()
+        .args(["check-config", "--config"])
+        .arg(&cfg)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(64), "{text}");
+    for want in [
+        "8 problem(s)",
+        "supervisor.tick_interval (line 2, column 17): ",
+        "supervisor.shutdown_grace (line 3, column 18): ",
+        "supervisor.tick (line 4, column 1): unknown key",
+        "database.url (line 7, column 7): not a valid PostgreSQL URL",
+        "http.listen (line 10, column 10): ",
+        "agents[0].answer_timeout (line 15, column 18): ",
+        "agents[1].name (line 18, column 8): ",
+        "api.socket (line 22, column 10): ",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+    assert!(!text.contains("secret-pw"), "password leaked:\n{text}");
+    // `run` refuses it the same way, before touching any database.
+    let out = bin().args(["run", "--config"]).arg(&cfg).output()?;
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("8 problem(s)"));
+
+    // A syntax error: its line, column and a caret under it, over several
+    // lines, not squashed into one.
+    std::fs::write(&cfg, "[supervisor]\ntick_interval = \"1s\n")?;
+    let out = bin()
+        .args(["check-config", "--config"])
+        .arg(&cfg)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(64), "{text}");
+    assert!(text.contains("line 2, column 20"), "{text}");
+    assert!(text.contains("\n    2 | tick_interval = \"1s\n"), "{text}");
+    assert!(text.contains("\n      |                    ^\n"), "{text}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn run_with_a_wrong_database_password_says_so_once_and_exits_64() -> Result<()> {
+    let good = crate::spire_lab::test_pg_url();
+    let (scheme, rest) = good.split_once("://").context("scheme")?;
+    let (userinfo, rest) = rest.split_once('@').context("userinfo")?;
+    let user = userinfo.split(':').next().unwrap_or(userinfo);
+    let secret = "definitely-not-the-password";
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[database]\nurl = \"{scheme}://{user}:{secret}@{rest}\"\nspool = \"{}\"\n\
+             [http]\nenabled = false\n[[agents]]\nname = \"a\"\naddress = \"tcp://127.0.0.1:1\"\n",
+            dir.path().join("s.spool").display()
+        ),
+    )?;
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_spire-healer"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("NO_COLOR", "1")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .context("still running: the server accepted a wrong password (trust authentication?)")??;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    let want = format!("refused the login for user \"{user}\": password authentication failed");
+    assert_eq!(err.matches(&want).count(), 1, "said once:\n{err}");
+    assert!(
+        !err.contains("at line"),
+        "PostgreSQL's source position:\n{err}"
+    );
+    assert!(!err.contains(secret), "password leaked:\n{err}");
+    Ok(())
+}
+
+#[test]
 fn run_fails_clearly_when_the_database_is_unreachable() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let cfg = dir.path().join("c.toml");
