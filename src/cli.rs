@@ -130,7 +130,7 @@ pub async fn main(cli: Cli) -> i32 {
         Command::CheckConfig { config } => check_config(&config, &mut std::io::stdout()),
         Command::Run { config } => {
             init_logging(cli.log_format, "info");
-            run(&config).await
+            run(&config, cli.log_format).await
         }
         Command::Demo {
             duration,
@@ -250,8 +250,19 @@ pub fn check_config(path: &std::path::Path, out: &mut dyn Write) -> i32 {
     }
 }
 
-async fn run(path: &std::path::Path) -> i32 {
-    let resolved = match load(path, &mut std::io::stderr()) {
+async fn run(path: &std::path::Path, format: LogFormat) -> i32 {
+    let resolved = match format {
+        LogFormat::Pretty => load(path, &mut std::io::stderr()),
+        // Every line on stderr is JSON: one log event per problem.
+        LogFormat::Json => Config::check_file(path, &process_env).map_err(|errors| {
+            for e in &errors {
+                tracing::error!(config = %path.display(), problem = %e, "Configuration problem.");
+            }
+            tracing::error!(config = %path.display(), problems = errors.len(), "{} problem(s) in the configuration; not starting.", errors.len());
+            EXIT_CONFIG
+        }),
+    };
+    let resolved = match resolved {
         Ok(r) => r,
         Err(code) => return code,
     };

@@ -127,6 +127,22 @@ socket = "{}"
     let out = bin().args(["run", "--config"]).arg(&cfg).output()?;
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("8 problem(s)"));
+    // In JSON mode too, every line of it JSON.
+    let out = bin()
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&cfg)
+        .output()?;
+    assert_eq!(out.status.code(), Some(64));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .context("a line of the JSON log is not JSON")?;
+    let problems = lines
+        .iter()
+        .filter(|l| l["message"] == "Configuration problem.")
+        .count();
+    assert_eq!(problems, 8, "{lines:?}");
 
     // A syntax error: its line, column and a caret under it, over several
     // lines, not squashed into one.
