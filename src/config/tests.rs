@@ -409,33 +409,9 @@ fn a_config_with_eight_errors_lists_all_eight() {
     let regular = dir.path().join("api.sock");
     std::fs::write(&regular, "not a socket").unwrap();
     // Type errors, an unknown key, a bad address, a bad URL, an absurd
-    // duration and semantic errors, in one file.
-    let text = format!(
-        r#"[supervisor]
-tick_interval = "-5s"
-shutdown_grace = ""
-tick = "1s"
-
-[database]
-url = "postgres://healer:secret-pw@db:port/healer"
-
-[http]
-listen = "localhost:notaport"
-
-[[agents]]
-name = "node-a"
-address = "unix:///run/spire/agent.sock"
-answer_timeout = "1y"
-
-[[agents]]
-name = "Bad Name"
-address = "tcp://127.0.0.1:8081"
-
-[api]
-socket = "{}"
-"#,
-        regular.display()
-    );
+    // duration and semantic errors, in one file (shared with the CLI test).
+    let text = include_str!("../../tests/fixtures/eight-errors.toml")
+        .replace("{api_socket}", &regular.display().to_string());
     let errors = Config::check(&text, "eight.toml", &no_env).unwrap_err();
     let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
     assert_eq!(

@@ -76,32 +76,8 @@ fn check_config_lists_all_eight_problems_with_their_positions() -> Result<()> {
     let cfg = dir.path().join("eight.toml");
     std::fs::write(
         &cfg,
-        format!(
-            r#"[supervisor]
-tick_interval = "-5s"
-shutdown_grace = ""
-tick = "1s"
-
-[database]
-url = "postgres://healer:secret-pw@db:port/healer"
-
-[http]
-listen = "localhost:notaport"
-
-[[agents]]
-name = "node-a"
-address = "unix:///run/spire/agent.sock"
-answer_timeout = "1y"
-
-[[agents]]
-name = "Bad Name"
-address = "tcp://127.0.0.1:8081"
-
-[api]
-socket = "{}"
-"#,
-            regular.display()
-        ),
+        include_str!("../fixtures/eight-errors.toml")
+            .replace("{api_socket}", &regular.display().to_string()),
     )?;
     let out = bin()
         .args(["check-config", "--config"])
