@@ -807,29 +807,21 @@ impl Config {
         // Upper bounds: a tick slower than a minute cannot heal a 1 h SVID
         // in time, and a grace longer than systemd's stop timeout is cut
         // short by it anyway.
-        for (key, value, max) in [
+        for (field, value, max) in [
+            ("tick_interval", sup.tick_interval, Duration::from_secs(60)),
             (
-                "supervisor.tick_interval",
-                sup.tick_interval,
-                Duration::from_secs(60),
-            ),
-            (
-                "supervisor.shutdown_grace",
+                "shutdown_grace",
                 sup.shutdown_grace,
                 Duration::from_secs(600),
             ),
         ] {
             if value.is_zero() {
-                errors.push(ConfigError::invalid(key, "must be greater than zero"));
-            } else if value > max {
                 errors.push(ConfigError::invalid(
-                    key,
-                    format!(
-                        "{} is too long (at most {})",
-                        humantime::format_duration(value),
-                        humantime::format_duration(max)
-                    ),
+                    format!("supervisor.{field}"),
+                    "must be greater than zero",
                 ));
+            } else {
+                check_max("supervisor", field, value, max, errors);
             }
         }
     }

@@ -6,6 +6,21 @@ fn no_env(_: &str) -> Option<String> {
     None
 }
 
+/// The key of every problem `validate` finds in `text` (the text of other
+/// problems), in order; empty when it is valid.
+fn problem_keys(text: &str) -> Vec<String> {
+    match Config::from_toml(text, "t.toml").unwrap().validate(&no_env) {
+        Ok(_) => Vec::new(),
+        Err(errors) => errors
+            .iter()
+            .map(|e| match e {
+                ConfigError::Invalid { key, .. } => key.clone(),
+                other => other.to_string(),
+            })
+            .collect(),
+    }
+}
+
 const GOOD: &str = r#"
 [supervisor]
 tick_interval = "500ms"
@@ -102,17 +117,7 @@ poll_interval = "0s"
 socket = "relative.sock"
 "#
     );
-    let errors = Config::from_toml(&text, "t.toml")
-        .unwrap()
-        .validate(&no_env)
-        .unwrap_err();
-    let keys: Vec<String> = errors
-        .iter()
-        .map(|e| match e {
-            ConfigError::Invalid { key, .. } => key.clone(),
-            other => other.to_string(),
-        })
-        .collect();
+    let keys = problem_keys(&text);
     for want in [
         "probes[0].name",
         "probes[0].address",
@@ -153,17 +158,7 @@ address = "tcp://localhost:1"
 type = "command"
 argv = []
 "#;
-    let errors = Config::from_toml(text, "t.toml")
-        .unwrap()
-        .validate(&no_env)
-        .unwrap_err();
-    let keys: Vec<String> = errors
-        .iter()
-        .map(|e| match e {
-            ConfigError::Invalid { key, .. } => key.clone(),
-            other => other.to_string(),
-        })
-        .collect();
+    let keys = problem_keys(text);
     for want in [
         "supervisor.tick_interval",
         "database.url",
@@ -310,21 +305,9 @@ metrics_url = "http://127.0.0.1:9901/stats/prometheus"
     );
 }
 
+/// [`problem_keys`] of a valid configuration with `extra` appended.
 fn invalid_keys(extra: &str) -> Vec<String> {
-    let text = format!("{GOOD}{extra}");
-    match Config::from_toml(&text, "t.toml")
-        .unwrap()
-        .validate(&no_env)
-    {
-        Ok(_) => Vec::new(),
-        Err(errors) => errors
-            .iter()
-            .map(|e| match e {
-                ConfigError::Invalid { key, .. } => key.clone(),
-                other => other.to_string(),
-            })
-            .collect(),
-    }
+    problem_keys(&format!("{GOOD}{extra}"))
 }
 
 #[test]
