@@ -47,6 +47,10 @@ pub enum Command {
         /// Configuration file.
         #[arg(long, short, default_value = "spire-healer.toml")]
         config: PathBuf,
+        /// When another instance acts on this scope, wait as a standby and
+        /// take over once it stops, instead of exiting 75.
+        #[arg(long)]
+        standby: bool,
     },
     /// Validate a configuration file and print every problem.
     CheckConfig {
@@ -128,9 +132,9 @@ pub enum Output {
 pub async fn main(cli: Cli) -> i32 {
     match cli.command {
         Command::CheckConfig { config } => check_config(&config, &mut std::io::stdout()),
-        Command::Run { config } => {
+        Command::Run { config, standby } => {
             init_logging(cli.log_format, "info");
-            run(&config, cli.log_format).await
+            run(&config, cli.log_format, standby).await
         }
         Command::Demo {
             duration,
@@ -250,7 +254,10 @@ pub fn check_config(path: &std::path::Path, out: &mut dyn Write) -> i32 {
     }
 }
 
-async fn run(path: &std::path::Path, format: LogFormat) -> i32 {
+/// How often a standby tries to take the scope.
+const STANDBY_RETRY: Duration = Duration::from_secs(5);
+
+async fn run(path: &std::path::Path, format: LogFormat, standby: bool) -> i32 {
     let resolved = match format {
         LogFormat::Pretty => load(path, &mut std::io::stderr()),
         // Every line on stderr is JSON: one log event per problem.
@@ -275,17 +282,45 @@ async fn run(path: &std::path::Path, format: LogFormat) -> i32 {
     let metrics = Arc::new(Metrics::new());
     // Watched before anything starts, so a HUP never terminates us.
     let mut hup = watch_reload();
-    let running = match crate::app::start(&resolved, clock, metrics, shutdown.clone(), &tasks).await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            // Logged once (stderr, in the chosen log format), not also printed.
-            tracing::error!(error = %e, "Cannot start.");
-            return start_exit_code(&e);
-        }
-    };
     let stop = shutdown_signal();
     tokio::pin!(stop);
+    let mut waiting = false;
+    let running = loop {
+        let started = crate::app::start(
+            &resolved,
+            clock.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+            &tasks,
+        )
+        .await;
+        match started {
+            Ok(r) => break r,
+            Err(crate::app::StartError::Store(crate::knowledge::StoreError::InUse(holder)))
+                if standby =>
+            {
+                if !waiting {
+                    warn!(%holder, "Standby: another instance acts on this scope; taking over once it stops.");
+                    waiting = true;
+                }
+                tokio::select! {
+                    _ = &mut stop => {
+                        info!("Received shutdown signal while standing by.");
+                        return 0;
+                    }
+                    _ = tokio::time::sleep(STANDBY_RETRY) => {}
+                }
+            }
+            Err(e) => {
+                // Logged once (stderr, in the chosen log format), not also printed.
+                tracing::error!(error = %e, "Cannot start.");
+                return start_exit_code(&e);
+            }
+        }
+    };
+    if waiting {
+        info!("Standby over: this instance now acts on the scope.");
+    }
     loop {
         tokio::select! {
             _ = &mut stop => {

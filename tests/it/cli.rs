@@ -265,7 +265,7 @@ async fn incidents_and_actions_read_the_store() -> Result<()> {
 }
 
 #[tokio::test]
-async fn run_stops_gracefully_on_sigterm() -> Result<()> {
+async fn run_stops_gracefully_on_sigterm_and_a_standby_takes_over() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let cfg = dir.path().join("c.toml");
     std::fs::write(
@@ -316,9 +316,40 @@ async fn run_stops_gracefully_on_sigterm() -> Result<()> {
         err.contains(&format!("pid {}", child.id().unwrap_or(0))) && err.contains("h.db.lock"),
         "{err}"
     );
+    // With --standby it waits instead, and takes over once the first stops.
+    let mut standby = tokio::process::Command::new(env!("CARGO_BIN_EXE_spire-healer"))
+        .args(["run", "--standby", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut standby_log =
+        tokio::io::BufReader::new(standby.stderr.take().context("stderr")?).lines();
+    let mut wait_line = async |needle: &str| -> Result<()> {
+        let found = async {
+            while let Some(line) = standby_log.next_line().await? {
+                eprintln!("standby: {line}");
+                if line.contains(needle) {
+                    return Ok(());
+                }
+            }
+            anyhow::bail!("the standby's log ended before {needle:?}")
+        };
+        tokio::time::timeout(Duration::from_secs(30), found)
+            .await
+            .with_context(|| format!("waiting for {needle:?}"))?
+    };
+    wait_line("Standby: another instance acts on this scope").await?;
     let pid = nix::unistd::Pid::from_raw(child.id().unwrap_or(0) as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
     let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;
+    assert_eq!(status.code(), Some(0));
+    wait_line("Store lock taken").await?;
+    wait_line("Standby over").await?;
+    let pid = nix::unistd::Pid::from_raw(standby.id().unwrap_or(0) as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+    let status = tokio::time::timeout(Duration::from_secs(15), standby.wait()).await??;
     assert_eq!(status.code(), Some(0));
     // The loop ran and recorded the agent it could not reach.
     let store = knowledge::open(&format!("sqlite://{}", dir.path().join("h.db").display())).await?;
