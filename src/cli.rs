@@ -128,10 +128,7 @@ pub enum Output {
 pub async fn main(cli: Cli) -> i32 {
     match cli.command {
         Command::CheckConfig { config } => check_config(&config, &mut std::io::stdout()),
-        Command::Run { config } => {
-            init_logging(cli.log_format, "info");
-            run(&config, cli.log_format).await
-        }
+        Command::Run { config } => run(&config, cli.log_format).await,
         Command::Demo {
             duration,
             metrics_port,
@@ -250,7 +247,13 @@ pub fn check_config(path: &std::path::Path, out: &mut dyn Write) -> i32 {
     }
 }
 
+/// How long the last spans may take to reach the collector at exit.
+const TRACE_FLUSH: Duration = Duration::from_secs(5);
+
 async fn run(path: &std::path::Path, format: LogFormat) -> i32 {
+    // Until the configuration says whether traces are exported, logs go
+    // through a subscriber of this thread only (`load` does not await).
+    let early = crate::telemetry::tracing::init_scoped(format, "info");
     let resolved = match format {
         LogFormat::Pretty => load(path, &mut std::io::stderr()),
         // Every line on stderr is JSON: one log event per problem.
@@ -262,20 +265,41 @@ async fn run(path: &std::path::Path, format: LogFormat) -> i32 {
             EXIT_CONFIG
         }),
     };
+    drop(early);
     let resolved = match resolved {
         Ok(r) => r,
         Err(code) => return code,
     };
+    let metrics = Arc::new(Metrics::new());
+    let traces =
+        match crate::telemetry::tracing::init(format, "info", resolved.otlp.as_ref(), &metrics) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot export traces.");
+                return EXIT_CONFIG;
+            }
+        };
+    if let Some(otlp) = &resolved.otlp {
+        info!(endpoint = %otlp.endpoint, service = %otlp.service_name, "Exporting traces over OTLP/gRPC.");
+    }
     for w in &resolved.warnings {
         warn!(warning = %w, "Configuration warning.");
     }
+    let code = serve(path, &resolved, metrics).await;
+    // The loop has stopped and dropped its spans: they are queued now.
+    traces.shutdown(TRACE_FLUSH).await;
+    code
+}
+
+/// Starts the daemon from `resolved` and runs it until a signal or a
+/// critical failure; returns the exit code.
+async fn serve(path: &std::path::Path, resolved: &Resolved, metrics: Arc<Metrics>) -> i32 {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let metrics = Arc::new(Metrics::new());
     // Watched before anything starts, so a HUP never terminates us.
     let mut hup = watch_reload();
-    let running = match crate::app::start(&resolved, clock, metrics, shutdown.clone(), &tasks).await
+    let running = match crate::app::start(resolved, clock, metrics, shutdown.clone(), &tasks).await
     {
         Ok(r) => r,
         Err(e) => {
@@ -293,7 +317,7 @@ async fn run(path: &std::path::Path, format: LogFormat) -> i32 {
                 break;
             }
             _ = shutdown.cancelled() => break,
-            _ = reload_signal(&mut hup) => reload(path, &resolved, &running.policy),
+            _ = reload_signal(&mut hup) => reload(path, resolved, &running.policy),
         }
     }
     shutdown.cancel();
