@@ -195,6 +195,8 @@ where
         .with_tracked_inactivity(false)
         .with_threads(false)
         .with_location(false)
+        // Our `target` attribute (an action's target) is not the module path.
+        .with_target(false)
         .with_filter(exported)
         .boxed()
 }
