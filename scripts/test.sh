@@ -20,6 +20,11 @@
 #     is then used as is and nothing is installed.
 #   - Go >= 1.26.6 and gcc, to build spire-server and spire-agent into
 #     .spire/bin (scripts/install-spire.sh; done once, then cached).
+#   - Go >= 1.26, to build the OpenTelemetry Collector the trace test sends
+#     spans to (scripts/install-otelcol.sh; built once into the user's cache
+#     directory, then cached). To use another binary, set
+#     SPIRE_HEALER_OTELCOL_BIN to its path; it is then used as is (it needs
+#     the otlp receiver and this project's jsonfile exporter).
 #   - A Rust toolchain with rustfmt and clippy.
 set -euo pipefail
 
@@ -50,6 +55,14 @@ if ! command -v go >/dev/null \
 fi
 say "installing SPIRE (scripts/install-spire.sh)"
 "$root/scripts/install-spire.sh" || die "scripts/install-spire.sh failed"
+
+# --- OpenTelemetry Collector -------------------------------------------------
+if [[ -z "${SPIRE_HEALER_OTELCOL_BIN:-}" ]]; then
+  say "installing the OpenTelemetry Collector (scripts/install-otelcol.sh)"
+  otelcol_bin="$("$root/scripts/install-otelcol.sh" | tail -n 1)" \
+    || die "scripts/install-otelcol.sh failed"
+  export SPIRE_HEALER_OTELCOL_BIN="$otelcol_bin"
+fi
 
 # --- Rust ---------------------------------------------------------------------
 command -v cargo >/dev/null || die "cargo is not installed"

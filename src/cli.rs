@@ -132,10 +132,7 @@ pub enum Output {
 pub async fn main(cli: Cli) -> i32 {
     match cli.command {
         Command::CheckConfig { config } => check_config(&config, &mut std::io::stdout()),
-        Command::Run { config, standby } => {
-            init_logging(cli.log_format, "info");
-            run(&config, cli.log_format, standby).await
-        }
+        Command::Run { config, standby } => run(&config, cli.log_format, standby).await,
         Command::Demo {
             duration,
             metrics_port,
@@ -254,10 +251,13 @@ pub fn check_config(path: &std::path::Path, out: &mut dyn Write) -> i32 {
     }
 }
 
-/// How often a standby tries to take the scope.
-const STANDBY_RETRY: Duration = Duration::from_secs(5);
+/// How long the last spans may take to reach the collector at exit.
+const TRACE_FLUSH: Duration = Duration::from_secs(5);
 
 async fn run(path: &std::path::Path, format: LogFormat, standby: bool) -> i32 {
+    // Until the configuration says whether traces are exported, logs go
+    // through a subscriber of this thread only (`load` does not await).
+    let early = crate::telemetry::tracing::init_scoped(format, "info");
     let resolved = match format {
         LogFormat::Pretty => load(path, &mut std::io::stderr()),
         // Every line on stderr is JSON: one log event per problem.
@@ -269,17 +269,47 @@ async fn run(path: &std::path::Path, format: LogFormat, standby: bool) -> i32 {
             EXIT_CONFIG
         }),
     };
+    drop(early);
     let resolved = match resolved {
         Ok(r) => r,
         Err(code) => return code,
     };
+    let metrics = Arc::new(Metrics::new());
+    let traces =
+        match crate::telemetry::tracing::init(format, "info", resolved.otlp.as_ref(), &metrics) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot export traces.");
+                return EXIT_CONFIG;
+            }
+        };
+    if let Some(otlp) = &resolved.otlp {
+        info!(endpoint = %otlp.endpoint, service = %otlp.service_name, "Exporting traces over OTLP/gRPC.");
+    }
     for w in &resolved.warnings {
         warn!(warning = %w, "Configuration warning.");
     }
+    let code = serve(path, &resolved, metrics, standby).await;
+    // The loop has stopped and dropped its spans: they are queued now.
+    traces.shutdown(TRACE_FLUSH).await;
+    code
+}
+
+/// How often a standby tries to take the scope.
+const STANDBY_RETRY: Duration = Duration::from_secs(5);
+
+/// Starts the daemon from `resolved` and runs it until a signal or a
+/// critical failure; returns the exit code. With `standby`, a scope held
+/// by another instance is waited for rather than an exit 75.
+async fn serve(
+    path: &std::path::Path,
+    resolved: &Resolved,
+    metrics: Arc<Metrics>,
+    standby: bool,
+) -> i32 {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let metrics = Arc::new(Metrics::new());
     // Watched before anything starts, so a HUP never terminates us.
     let mut hup = watch_reload();
     let stop = shutdown_signal();
@@ -287,7 +317,7 @@ async fn run(path: &std::path::Path, format: LogFormat, standby: bool) -> i32 {
     let mut waiting = false;
     let running = loop {
         let started = crate::app::start(
-            &resolved,
+            resolved,
             clock.clone(),
             metrics.clone(),
             shutdown.clone(),
@@ -328,7 +358,7 @@ async fn run(path: &std::path::Path, format: LogFormat, standby: bool) -> i32 {
                 break;
             }
             _ = shutdown.cancelled() => break,
-            _ = reload_signal(&mut hup) => reload(path, &resolved, &running.policy),
+            _ = reload_signal(&mut hup) => reload(path, resolved, &running.policy),
         }
     }
     shutdown.cancel();

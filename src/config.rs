@@ -16,7 +16,10 @@ use crate::endpoint::Endpoint;
 use crate::policy::{DEFAULT_POLICY, Policy};
 use crate::sensors::SensorSpec;
 
+mod otlp;
 mod parse;
+
+pub use otlp::{OtlpConfig, OtlpSettings, TelemetryConfig};
 
 /// Exit code for a bad configuration (EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;
@@ -133,6 +136,9 @@ pub struct Config {
     /// Our gRPC API (`spire_healer.v1`) on a Unix socket; off when unset.
     #[serde(default)]
     pub api: Option<crate::api::ApiConfig>,
+    /// Trace export (`[telemetry.otlp]`); off when unset.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
 }
 
 /// One Envoy whose Prometheus stats (`/stats/prometheus`) are scraped for
@@ -584,6 +590,9 @@ pub struct Resolved {
     pub spool: Option<PathBuf>,
     /// Non-fatal findings (e.g. a ladder rung whose actuator is not configured).
     pub warnings: Vec<String>,
+    /// The trace export in force (`[telemetry.otlp]` and the `OTEL_*`
+    /// variables); `None`: traces are off.
+    pub otlp: Option<OtlpSettings>,
 }
 
 impl Config {
@@ -606,6 +615,7 @@ impl Config {
             ("cert_files", d(&self.cert_files, &other.cert_files)),
             ("envoys", d(&self.envoys, &other.envoys)),
             ("api", d(&self.api, &other.api)),
+            ("telemetry", d(&self.telemetry, &other.telemetry)),
         ] {
             if differs {
                 out.push(name);
@@ -787,6 +797,7 @@ impl Config {
         self.validate_actuators(&mut errors);
         self.validate_handshakes(&mut errors);
         let policy = self.resolve_policy(&mut errors, &mut warnings);
+        let otlp = otlp::resolve(self.telemetry.otlp.as_ref(), env, &mut errors);
 
         match policy {
             Some(policy) if errors.is_empty() => Ok(Resolved {
@@ -796,6 +807,7 @@ impl Config {
                 database_url,
                 spool,
                 warnings,
+                otlp,
             }),
             _ => Err(errors),
         }

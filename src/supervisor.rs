@@ -435,7 +435,8 @@ impl Supervisor {
             });
             self.incidents.acted(&step.incident_id);
             self.guards.started(&step, now);
-            self.executor.track(&step, key, now);
+            let span = self.incidents.span(&step.incident_id);
+            self.executor.track(&step, key, &span, now);
             tick.report.started.push(step.clone());
             to_run.push(step);
         }
@@ -534,7 +535,15 @@ impl Supervisor {
                 }
             }
             let now = self.clock.now();
-            self.tick(now).instrument(info_span!("tick")).await;
+            // `idle`: nothing opened, closed, started or verified (an idle
+            // tick is not exported, see `telemetry::tracing`).
+            let span = info_span!("tick", idle = tracing::field::Empty);
+            let r = self.tick(now).instrument(span.clone()).await;
+            let idle = r.opened.is_empty()
+                && r.closed.is_empty()
+                && r.started.is_empty()
+                && r.verified.is_empty();
+            span.record("idle", idle);
         }
         info!("Supervisor stopping.");
         let all_returned = self.executor.wait(self.shutdown.grace).await;

@@ -20,7 +20,7 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use super::{Config, ConfigError, Location};
 
 /// The top-level keys of [`Config`], in file order of the docs.
-pub(super) const SECTIONS: [&str; 11] = [
+pub(super) const SECTIONS: [&str; 12] = [
     "supervisor",
     "database",
     "http",
@@ -32,6 +32,7 @@ pub(super) const SECTIONS: [&str; 11] = [
     "cert_files",
     "envoys",
     "api",
+    "telemetry",
 ];
 
 /// The text of a configuration file and the name it is reported under.
@@ -179,6 +180,7 @@ pub(super) fn sections(src: Source<'_>, root: &DeTable<'_>) -> Sections {
         cert_files,
         envoys,
         api: get("api").and_then(|v| p.value("api", v)),
+        telemetry: p.telemetry(get("telemetry")),
     };
     Sections {
         config,
@@ -287,6 +289,41 @@ impl<'i> Reader<'i> {
             }),
         }
         (items, indexes)
+    }
+
+    /// `[telemetry]`: each sub-table on its own, so that a bad key of
+    /// `[telemetry.otlp]` is reported under its own dotted key and hides
+    /// no other.
+    fn telemetry(&mut self, value: Option<&Spanned<DeValue<'i>>>) -> super::TelemetryConfig {
+        const KEYS: [&str; 1] = ["otlp"];
+        match value.map(|v| (v, v.get_ref())) {
+            None => super::TelemetryConfig::default(),
+            Some((_, DeValue::Table(t))) => {
+                for (k, _) in t.iter() {
+                    if !KEYS.contains(&k.get_ref().as_ref()) {
+                        self.errors.push(ConfigError::UnknownKey {
+                            key: format!("telemetry.{}", k.get_ref()),
+                            at: Some(self.src.locate(k.span().start)),
+                            expected: KEYS.join(", "),
+                        });
+                    }
+                }
+                super::TelemetryConfig {
+                    otlp: t.get("otlp").and_then(|v| self.value("telemetry.otlp", v)),
+                }
+            }
+            Some((v, other)) => {
+                self.errors.push(ConfigError::Value {
+                    key: "telemetry".into(),
+                    at: Some(self.src.locate(v.span().start)),
+                    reason: format!(
+                        "must be a table ([telemetry.otlp]), not a {}",
+                        other.type_str()
+                    ),
+                });
+                super::TelemetryConfig::default()
+            }
+        }
     }
 
     /// A table of named entries (`[actuators.<name>]`): each on its own.

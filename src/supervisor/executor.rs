@@ -16,7 +16,7 @@ use std::time::SystemTime;
 
 use tokio::sync::{Notify, mpsc};
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, Span, field, info, info_span, warn};
 
 use super::Tick;
 use super::changes::Changes;
@@ -89,6 +89,32 @@ struct Pending {
     /// that answers with no identity for us): whatever happens next is not
     /// this action's doing, so it is neither credited nor blamed.
     no_credit: bool,
+    /// The `action` span, a child of its incident's: open until the
+    /// verdict (see [`crate::telemetry::tracing`]).
+    span: Span,
+}
+
+/// The `action` span of `step`, a child of `parent` (its incident's span)
+/// linked to the current (tick) span. `resumed`: taken over from the
+/// store after a restart.
+fn action_span(step: &Step, parent: &Span, resumed: bool) -> Span {
+    let span = info_span!(
+        parent: parent,
+        "action",
+        action.id = %step.action_id,
+        incident.id = %step.incident_id,
+        symptom = %step.symptom,
+        actuator = %step.actuator,
+        rung = step.rung,
+        target = %step.target,
+        dry_run = step.dry_run,
+        resumed,
+        outcome = field::Empty,
+        verification = field::Empty,
+        otel.status_code = field::Empty,
+    );
+    span.follows_from(Span::current());
+    span
 }
 
 type Finished = (String, Outcome, SystemTime);
@@ -184,7 +210,10 @@ impl Executor {
                 verify_within: window,
                 dry_run: a.dry_run,
             };
-            info!(action = %a.id, incident = %a.incident_id, actuator = %a.actuator, target_name = %a.target, "Resuming the verification of an action recorded before the restart.");
+            let span = action_span(&step, &Span::none(), true);
+            span.in_scope(|| {
+                info!(action = %a.id, incident = %a.incident_id, actuator = %a.actuator, target_name = %a.target, "Resuming the verification of an action recorded before the restart.");
+            });
             self.pending.insert(
                 a.id.clone(),
                 Pending {
@@ -193,6 +222,7 @@ impl Executor {
                     key: incident.key(),
                     finished: Some((finished_at, kind)),
                     no_credit: false,
+                    span,
                 },
             );
             n += 1;
@@ -243,9 +273,13 @@ impl Executor {
             .map_or(Prepared::Ready, |a| a.prepare(step, obs))
     }
 
-    /// Tracks a recorded step until it is verified.
-    pub(super) fn track(&mut self, step: &Step, key: SymptomKey, now: SystemTime) {
-        info!(action = %step.action_id, incident = %step.incident_id, symptom = %step.symptom, actuator = %step.actuator, target_name = %step.target, rung = step.rung, dry_run = step.dry_run, "Starting action.");
+    /// Tracks a recorded step until it is verified; its span is a child
+    /// of `incident` (the incident's span).
+    pub(super) fn track(&mut self, step: &Step, key: SymptomKey, incident: &Span, now: SystemTime) {
+        let span = action_span(step, incident, false);
+        span.in_scope(|| {
+            info!(action = %step.action_id, incident = %step.incident_id, symptom = %step.symptom, actuator = %step.actuator, target_name = %step.target, rung = step.rung, dry_run = step.dry_run, "Starting action.");
+        });
         self.pending.insert(
             step.action_id.clone(),
             Pending {
@@ -254,6 +288,7 @@ impl Executor {
                 key,
                 finished: None,
                 no_credit: false,
+                span,
             },
         );
     }
@@ -281,6 +316,10 @@ impl Executor {
         while let Ok((id, outcome, at)) = self.results_rx.try_recv() {
             if let Some(p) = self.pending.get_mut(&id) {
                 p.finished = Some((at, outcome.kind));
+                p.span.record("outcome", outcome.kind.as_str());
+                if matches!(outcome.kind, OutcomeKind::Error | OutcomeKind::Timeout) {
+                    p.span.record("otel.status_code", "ERROR");
+                }
                 tick.summary
                     .actions
                     .push((p.step.actuator.clone(), outcome.kind.as_str()));
@@ -324,7 +363,10 @@ impl Executor {
             let Some(p) = self.pending.remove(&id) else {
                 continue;
             };
-            info!(action = %id, actuator = %p.step.actuator, target_name = %p.step.target, verification = v.as_str(), "Action verified.");
+            p.span.record("verification", v.as_str());
+            p.span.in_scope(|| {
+                info!(action = %id, actuator = %p.step.actuator, target_name = %p.step.target, verification = v.as_str(), "Action verified.");
+            });
             if v == Verification::Failed && !p.step.dry_run {
                 failed.push((p.step.target.clone(), p.step.actuator.clone()));
             }
@@ -364,7 +406,10 @@ impl Executor {
         let clock = self.clock.clone();
         let metrics = self.metrics.clone();
         let wake = self.wake.clone();
-        let span = info_span!("action", action = %step.action_id, actuator = %step.actuator, target_name = %step.target, reason = %step.symptom);
+        let span = self
+            .pending
+            .get(&step.action_id)
+            .map_or_else(Span::none, |p| p.span.clone());
         let id = step.action_id.clone();
         let handle = self.tasks.spawn(
             async move {
@@ -415,7 +460,10 @@ impl Executor {
             let Some(p) = self.pending.remove(id) else {
                 continue;
             };
-            warn!(action = %id, actuator = %p.step.actuator, target_name = %p.step.target, "Action interrupted: shutting down before it returned.");
+            p.span.record("outcome", "interrupted");
+            p.span.in_scope(|| {
+                warn!(action = %id, actuator = %p.step.actuator, target_name = %p.step.target, "Action interrupted: shutting down before it returned.");
+            });
             tick.summary
                 .actions
                 .push((p.step.actuator.clone(), OutcomeKind::Error.as_str()));
@@ -516,7 +564,7 @@ mod tests {
     fn a_dry_run_is_tracked_collected_and_verified_without_a_runtime() {
         let mut ex = executor();
         let s = step("a1", "a", true);
-        ex.track(&s, key("a"), t(1));
+        ex.track(&s, key("a"), &Span::none(), t(1));
         assert!(ex.busy_targets().contains("a"));
         ex.launch(s, t(1));
         let mut tick = Tick::default();
@@ -543,7 +591,7 @@ mod tests {
             kind,
             subject: Subject::svid("a", "spiffe://td/w"),
         };
-        ex.track(&s, svid(SymptomKind::SvidExpiring), t(1));
+        ex.track(&s, svid(SymptomKind::SvidExpiring), &Span::none(), t(1));
         ex.launch(s, t(1));
         let mut tick = Tick::default();
         ex.collect(&mut tick);
@@ -566,7 +614,7 @@ mod tests {
     fn an_unconfigured_actuator_fails_and_is_verified_failed() {
         let mut ex = executor();
         let s = step("a1", "a", false);
-        ex.track(&s, key("a"), t(1));
+        ex.track(&s, key("a"), &Span::none(), t(1));
         ex.launch(s, t(1));
         let mut tick = Tick::default();
         ex.collect(&mut tick);
@@ -604,7 +652,7 @@ mod tests {
             c
         };
         let mut ex = executor();
-        ex.track(&step("a1", "a", false), key("a"), t(10));
+        ex.track(&step("a1", "a", false), key("a"), &Span::none(), t(10));
         assert!(ex.explains_stream_loss("a", &changes_with(view(11))));
         assert!(!ex.explains_stream_loss("a", &changes_with(view(9))));
         assert!(!ex.explains_stream_loss("b", &changes_with(view(11))));

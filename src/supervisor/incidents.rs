@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
-use tracing::{info, warn};
+use tracing::{Span, field, info, info_span, warn};
 
 use super::Tick;
 use crate::clock::saturating_since;
@@ -30,6 +30,35 @@ pub(super) struct Incidents {
     /// Incidents the last reconcile closed because their symptom turned
     /// into a successor on the same subject: (old key, successor key).
     superseded: Vec<(SymptomKey, SymptomKey)>,
+    /// Each open incident's `incident` span, by incident id: open as long
+    /// as the incident (see [`crate::telemetry::tracing`]).
+    spans: HashMap<String, Span>,
+}
+
+/// The `incident` span of `inc`: a root, linked to the current (tick)
+/// span. `resumed`: taken over from the store after a restart (the span
+/// of the process that opened it ended with that process).
+fn incident_span(inc: &Incident, resumed: bool) -> Span {
+    let span = info_span!(
+        parent: None,
+        "incident",
+        incident.id = %inc.id,
+        symptom = %inc.kind,
+        subject = %inc.subject,
+        severity = inc.severity.as_str(),
+        predicted_outage = field::Empty,
+        resumed,
+        needs_operator = field::Empty,
+        resolution = field::Empty,
+    );
+    if let Some(at) = inc.predicted_outage {
+        span.record(
+            "predicted_outage",
+            field::display(humantime::format_rfc3339_seconds(at)),
+        );
+    }
+    span.follows_from(Span::current());
+    span
 }
 
 impl Incidents {
@@ -37,9 +66,16 @@ impl Incidents {
     pub(super) fn resume(open: Vec<Incident>) -> Self {
         let mut s = Self::default();
         for i in open {
+            s.spans.insert(i.id.clone(), incident_span(&i, true));
             s.insert(i);
         }
         s
+    }
+
+    /// The `incident` span of an open incident (for its actions' spans);
+    /// a disabled span when there is none.
+    pub(super) fn span(&self, id: &str) -> Span {
+        self.spans.get(id).cloned().unwrap_or_else(Span::none)
     }
 
     fn insert(&mut self, inc: Incident) {
@@ -83,6 +119,7 @@ impl Incidents {
         self.first_seen
             .retain(|k, _| present.contains(&(k.kind, &k.subject)));
         let last_hold = &mut self.last_hold;
+        let spans = &mut self.spans;
         let superseded = &mut self.superseded;
         superseded.clear();
         for (kind, by_subject) in &mut self.open {
@@ -91,6 +128,9 @@ impl Incidents {
                     return true;
                 }
                 last_hold.remove(&inc.id);
+                // Ends when dropped, at the end of this closure.
+                let span = spans.remove(&inc.id).unwrap_or_else(Span::none);
+                let _in = span.enter();
                 // Worse, or better diagnosed, is not healed: not counted as
                 // a recovery, and whatever ran for it is judged by what it
                 // turned into.
@@ -105,11 +145,13 @@ impl Incidents {
                         subject: subject.clone(),
                     };
                     superseded.push((inc.key(), successor));
+                    span.record("resolution", "superseded");
                     "superseded"
                 } else {
                     let took = saturating_since(now, inc.opened_at);
                     info!(incident = %inc.id, symptom = %inc.kind, subject = %inc.subject, after_ms = took.as_millis() as u64, "Incident closed.");
                     tick.summary.closed.push((inc.kind.as_str(), took.as_secs_f64()));
+                    span.record("resolution", "cleared");
                     "cleared"
                 };
                 tick.events.push(Event::IncidentClosed {
@@ -142,7 +184,11 @@ impl Incidents {
                 next_rung: 0,
                 needs_operator: None,
             };
-            warn!(incident = %inc.id, symptom = %s.kind, subject = %s.subject, severity = s.severity.as_str(), blind = s.blind, "Incident opened.");
+            let span = incident_span(&inc, false);
+            span.in_scope(|| {
+                warn!(incident = %inc.id, symptom = %s.kind, subject = %s.subject, severity = s.severity.as_str(), blind = s.blind, "Incident opened.");
+            });
+            self.spans.insert(inc.id.clone(), span);
             tick.summary.opened.push(s.kind.as_str());
             tick.events.push(Event::IncidentOpened {
                 incident: inc.clone(),
@@ -219,7 +265,15 @@ impl Incidents {
             .find(|i| i.id == incident_id)
             && inc.needs_operator.is_none()
         {
-            warn!(incident = %incident_id, symptom = %inc.kind, target_name = %target, %reason, "Incident needs an operator.");
+            let span = self
+                .spans
+                .get(incident_id)
+                .cloned()
+                .unwrap_or_else(Span::none);
+            span.record("needs_operator", reason);
+            span.in_scope(|| {
+                warn!(incident = %incident_id, symptom = %inc.kind, target_name = %target, %reason, "Incident needs an operator.");
+            });
             inc.needs_operator = Some(reason.to_string());
             tick.events.push(Event::IncidentNeedsOperator {
                 id: incident_id.to_string(),

@@ -86,6 +86,8 @@ pub struct Metrics {
     pub sensor_duration_seconds: HistogramVec,
     /// Errors by stage and closed-set kind.
     pub errors_total: IntCounterVec,
+    /// Finished spans never sent, by reason (`queue_full`, `export_failed`).
+    pub trace_spans_dropped_total: IntCounterVec,
     /// Symptoms currently present, by symptom and severity.
     pub symptoms: IntGaugeVec,
     /// Incidents currently open, by symptom.
@@ -260,6 +262,11 @@ impl Metrics {
                 "spire_healer_errors_total",
                 "Errors by stage and kind.",
                 &["stage", "kind"]
+            )),
+            trace_spans_dropped_total: reg!(c(
+                "spire_healer_trace_spans_dropped_total",
+                "Finished spans never sent to the OTLP collector, by reason.",
+                &["reason"]
             )),
             symptoms: reg!(g(
                 "spire_healer_symptoms",

@@ -1,6 +1,8 @@
-//! Metrics, logs and the HTTP endpoints `/metrics`, `/healthz`, `/readyz`.
+//! Metrics, logs, traces and the HTTP endpoints `/metrics`, `/healthz`,
+//! `/readyz`.
 
 pub mod metrics;
+pub mod tracing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,23 +30,11 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global `tracing` subscriber. `RUST_LOG` overrides `default_level`.
+/// Installs the global `tracing` subscriber for logs only (no trace
+/// export). `RUST_LOG` overrides `default_level`.
 pub fn init_logging(format: LogFormat, default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    // Colour only for a person at a terminal that can show it.
-    use std::io::IsTerminal;
-    let ansi = std::io::stderr().is_terminal()
-        && std::env::var_os("NO_COLOR").is_none()
-        && std::env::var("TERM").map_or(true, |t| t != "dumb");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Pretty => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
+    // Without an exporter nothing can fail.
+    let _ = self::tracing::init(format, default_level, None, &Metrics::new());
 }
 
 /// Liveness and readiness shared between the loop and the HTTP server.

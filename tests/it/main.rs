@@ -21,3 +21,4 @@ mod spire_api_tls;
 mod spire_lab;
 mod spool;
 mod stuck_agent;
+mod traces;
