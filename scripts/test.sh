@@ -51,6 +51,10 @@ fi
 say "installing SPIRE (scripts/install-spire.sh)"
 "$root/scripts/install-spire.sh" || die "scripts/install-spire.sh failed"
 
+# --- Grafana dashboard --------------------------------------------------------
+say "checking the Grafana dashboard (scripts/check-dashboard.sh)"
+"$root/scripts/check-dashboard.sh" || die "scripts/check-dashboard.sh failed"
+
 # --- Rust ---------------------------------------------------------------------
 command -v cargo >/dev/null || die "cargo is not installed"
 
