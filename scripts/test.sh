@@ -64,6 +64,10 @@ if [[ -z "${SPIRE_HEALER_OTELCOL_BIN:-}" ]]; then
   export SPIRE_HEALER_OTELCOL_BIN="$otelcol_bin"
 fi
 
+# --- Grafana dashboard --------------------------------------------------------
+say "checking the Grafana dashboard (scripts/check-dashboard.sh)"
+"$root/scripts/check-dashboard.sh" || die "scripts/check-dashboard.sh failed"
+
 # --- Rust ---------------------------------------------------------------------
 command -v cargo >/dev/null || die "cargo is not installed"
 

@@ -3,6 +3,7 @@
 //! running in-process and watching all of it: the rig of the control-plane
 //! and CA-rotation scenarios.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +32,8 @@ pub struct Cluster {
     pub lab: HaLab,
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
+    /// Where `/metrics` is served.
+    pub http_addr: Option<SocketAddr>,
     resolved: Resolved,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -106,6 +109,7 @@ impl Cluster {
             lab,
             store: running.store,
             metrics,
+            http_addr: running.http_addr,
             resolved,
             shutdown,
             tasks,
@@ -133,6 +137,7 @@ impl Cluster {
         )
         .await?;
         self.store = running.store;
+        self.http_addr = running.http_addr;
         Ok(())
     }
 

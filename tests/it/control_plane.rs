@@ -26,7 +26,7 @@ use crate::cluster::Cluster;
 
 /// Test policy: the built-in one with thresholds scaled to a 1 s sync
 /// interval (the agent Debug API caches its answer for 5 s).
-const POLICY_OVERRIDES: &[(&str, &str)] = &[
+pub(crate) const POLICY_OVERRIDES: &[(&str, &str)] = &[
     ("sync_stale_open = \"30s\"", "sync_stale_open = \"12s\""),
     ("sync_stale_close = \"15s\"", "sync_stale_close = \"8s\""),
     ("resync_grace = \"4m\"", "resync_grace = \"90s\""),

@@ -12,221 +12,29 @@
 //! (`scripts/test.sh` installs Debian's `prometheus` and sets it); the test
 //! fails when it is not there.
 
-use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::process::CommandExt as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
-use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use spire_healer::clock::{Clock, SystemClock};
-use spire_healer::http_client::{self, Options};
 use spire_healer::sensors::workload_api::ERROR_CODES;
 use spire_healer::simulated::agent::FakeAgent;
 use spire_healer::simulated::issuer::TestCa;
 use tokio::time::{Instant, sleep};
 
 use crate::helpers::Healer;
+use crate::prom_server::{JOB, Prometheus, WAIT_LIMIT, prometheus_bin};
 
 /// The whole test, Prometheus start to last query.
 const TEST_LIMIT: Duration = Duration::from_secs(150);
-/// One wait for a fact in Prometheus or the store.
-const WAIT_LIMIT: Duration = Duration::from_secs(45);
-/// Scrape and rule-evaluation interval of our Prometheus.
-const SCRAPE_INTERVAL: &str = "1s";
 /// Range of every `increase()`: longer than the whole test, so it spans
 /// every sample since the first scrape.
 const RANGE: &str = "5m";
-const JOB: &str = "spire-healer";
 const AGENT: &str = "prom-agent";
 const SYMPTOM: &str = "agent_unreachable";
 const ACTUATOR: &str = "restart-agent";
-
-/// The prometheus binary: `SPIRE_HEALER_PROMETHEUS_BIN`, which must name an
-/// existing file (the convention of `SPIRE_HEALER_SPIRE_BIN`: a missing
-/// binary is a failure with directions, not a skip).
-fn prometheus_bin() -> Result<PathBuf> {
-    let bin = std::env::var_os("SPIRE_HEALER_PROMETHEUS_BIN")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .context(
-            "SPIRE_HEALER_PROMETHEUS_BIN is not set; run scripts/test.sh (it installs \
-             Debian's prometheus package and sets it), or set it to a prometheus binary",
-        )?;
-    if !bin.is_file() {
-        bail!(
-            "{} not found; run scripts/test.sh (it installs Debian's prometheus package), \
-             or set SPIRE_HEALER_PROMETHEUS_BIN to a prometheus binary",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
-/// The last `n` lines of `path`, for error messages.
-fn tail(path: &Path, n: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-// === impl Prometheus ===
-
-/// A Prometheus server on a free port of 127.0.0.1 with a private data
-/// directory, scraping one target every second. It runs in its own process
-/// group, which `Drop` SIGKILLs and reaps.
-struct Prometheus {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Prometheus {
-    /// Starts Prometheus scraping `target` (`host:port`, path `/metrics`)
-    /// and waits (bounded) until it is ready.
-    async fn start(bin: &Path, target: &str) -> Result<Prometheus> {
-        let dir = tempfile::Builder::new().prefix("healer-prom").tempdir()?;
-        let config = dir.path().join("prometheus.yml");
-        fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: {SCRAPE_INTERVAL}\n  scrape_timeout: {SCRAPE_INTERVAL}\n  \
-                 evaluation_interval: {SCRAPE_INTERVAL}\n\
-                 scrape_configs:\n  - job_name: {JOB}\n    static_configs:\n      \
-                 - targets: [\"{target}\"]\n"
-            ),
-        )?;
-        let port = spire_lab::free_port()?;
-        let log = dir.path().join("prometheus.log");
-        let out = fs::File::create(&log)?;
-        let child = std::process::Command::new(bin)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("spawning {}", bin.display()))?;
-        let mut prom = Prometheus {
-            child,
-            port,
-            log,
-            _dir: dir,
-        };
-        prom.wait_ready().await?;
-        Ok(prom)
-    }
-
-    async fn wait_ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + WAIT_LIMIT;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!(
-                    "prometheus exited ({status}) before it was ready; its log:\n{}",
-                    tail(&self.log, 30)
-                );
-            }
-            if spire_lab::http_get_status(self.port, "/-/ready").await.ok() == Some(200) {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "prometheus not ready on 127.0.0.1:{} after {WAIT_LIMIT:?}; its log:\n{}",
-                    self.port,
-                    tail(&self.log, 30)
-                );
-            }
-            sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    /// An instant query at the current time: each series' labels and value.
-    async fn query(&self, promql: &str) -> Result<Vec<(BTreeMap<String, String>, f64)>> {
-        let url = format!(
-            "http://127.0.0.1:{}/api/v1/query?query={}",
-            self.port,
-            utf8_percent_encode(promql, NON_ALPHANUMERIC)
-        );
-        let resp = http_client::get(&url, &Options::new(Duration::from_secs(5)))
-            .await
-            .with_context(|| format!("querying {promql}"))?;
-        let body: serde_json::Value = serde_json::from_slice(&resp.body)
-            .with_context(|| format!("answer to {promql} is not JSON"))?;
-        if resp.status != 200 || body["status"] != "success" {
-            bail!("query {promql} failed ({}): {body}", resp.status);
-        }
-        let Some(result) = body["data"]["result"].as_array() else {
-            bail!("query {promql}: not a vector: {body}");
-        };
-        result
-            .iter()
-            .map(|s| {
-                let labels = serde_json::from_value(s["metric"].clone())?;
-                let value = s["value"][1]
-                    .as_str()
-                    .context("sample value")?
-                    .parse::<f64>()?;
-                Ok((labels, value))
-            })
-            .collect()
-    }
-
-    /// The single value `promql` yields, or `None` when it yields nothing.
-    ///
-    /// # Errors
-    /// The query fails, or yields more than one series.
-    async fn value(&self, promql: &str) -> Result<Option<f64>> {
-        let r = self.query(promql).await?;
-        if r.len() > 1 {
-            bail!("query {promql} yields {} series: {r:?}", r.len());
-        }
-        Ok(r.first().map(|(_, v)| *v))
-    }
-
-    /// Polls `promql` every 250 ms until its single value satisfies `ok`.
-    async fn wait_value(&self, what: &str, promql: &str, ok: impl Fn(f64) -> bool) -> Result<f64> {
-        let deadline = Instant::now() + WAIT_LIMIT;
-        loop {
-            let last = self.value(promql).await?;
-            if let Some(v) = last.filter(|v| ok(*v)) {
-                return Ok(v);
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "timed out after {WAIT_LIMIT:?} waiting for {what} ({promql} = {last:?}); \
-                     prometheus log:\n{}",
-                    tail(&self.log, 20)
-                );
-            }
-            sleep(Duration::from_millis(250)).await;
-        }
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let pgid = Pid::from_raw(self.child.id() as i32);
-        let _ = killpg(pgid, Signal::SIGKILL);
-        for _ in 0..500 {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
 
 // === the test ===
 
