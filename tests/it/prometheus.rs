@@ -50,7 +50,7 @@ const ACTUATOR: &str = "restart-agent";
 /// The prometheus binary: `SPIRE_HEALER_PROMETHEUS_BIN`, which must name an
 /// existing file (the convention of `SPIRE_HEALER_SPIRE_BIN`: a missing
 /// binary is a failure with directions, not a skip).
-fn prometheus_bin() -> Result<PathBuf> {
+pub(crate) fn prometheus_bin() -> Result<PathBuf> {
     let bin = std::env::var_os("SPIRE_HEALER_PROMETHEUS_BIN")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
