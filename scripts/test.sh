@@ -46,6 +46,15 @@ export SPIRE_HEALER_TEST_PG_URL="$PG_URL"
 # --- Prometheus ---------------------------------------------------------------
 ensure_prometheus
 export SPIRE_HEALER_PROMETHEUS_BIN="$PROMETHEUS_BIN"
+# The alert rules: valid, and their unit tests pass (promtool ships beside
+# prometheus).
+promtool="$(dirname "$PROMETHEUS_BIN")/promtool"
+[[ -x "$promtool" ]] || die "$promtool not found beside $PROMETHEUS_BIN"
+say "checking the alert rules (promtool check rules, promtool test rules)"
+"$promtool" check rules "$root/deploy/prometheus/spire-healer.rules.yaml" \
+  || die "promtool check rules failed"
+(cd "$root/deploy/prometheus/tests" && "$promtool" test rules ./*.yaml) \
+  || die "promtool test rules failed"
 
 # --- SPIRE --------------------------------------------------------------------
 export SPIRE_HEALER_SPIRE_BIN="$root/.spire/bin"

@@ -16,6 +16,7 @@
 
 mod changes;
 mod executor;
+mod gauges;
 mod guards;
 mod handshakes;
 mod identities;
@@ -456,35 +457,21 @@ impl Supervisor {
                 .entry((s.kind.as_str(), s.severity.as_str()))
                 .or_default() += 1;
         }
-        let agents = self.incidents.agents_at_risk();
-        let svids = self.incidents.svids_at_risk();
-        // Workloads at risk: SVIDs served by an agent at risk, or
-        // themselves the subject of an open incident. One look-up per agent.
-        let workloads = if agents.is_empty() && svids.is_empty() {
-            0
-        } else {
-            obs.agents
-                .iter()
-                .map(|v| {
-                    if agents.contains(v.agent.as_str()) {
-                        v.svids.len()
-                    } else if let Some(ids) = svids.get(v.agent.as_str()) {
-                        v.svids
-                            .iter()
-                            .filter(|s| ids.contains(s.spiffe_id.as_str()))
-                            .count()
-                    } else {
-                        0
-                    }
-                })
-                .sum()
+        let agents = self.executor.agents();
+        let known = gauges::Known {
+            agents,
+            peers: self.executor.peers(),
+            servers: obs.servers.iter().map(|s| s.server.as_str()).collect(),
+            files: obs.cert_files.iter().map(|f| f.file.as_str()).collect(),
         };
+        let open_list: Vec<&Incident> = self.incidents.iter().collect();
+        let open = || open_list.iter().copied();
         Gauges {
             symptoms: by_kind,
             incidents_open: self.incidents.count_by_kind(),
             needs_operator: self.incidents.needing_operator_by_kind(),
-            agents_at_risk: agents.len() as i64,
-            workloads_at_risk: workloads as i64,
+            agents_at_risk: self.incidents.agents_at_risk().len() as i64,
+            workloads_at_risk: gauges::workloads_at_risk(open(), &obs.agents, &known),
             predicted_outage: self.incidents.earliest_outage(),
             servers_up: obs.servers.iter().filter(|s| s.reachable).count() as i64,
             agent_sync_ages: obs
@@ -506,6 +493,12 @@ impl Supervisor {
                     Some((s.server.as_str(), ttl.ttl))
                 })
                 .collect(),
+            open_incidents: gauges::open_incidents(open(), &known),
+            agent_outages: gauges::agent_outages(open(), agents),
+            svid_outages: gauges::svid_outages(open(), &obs.agents, agents),
+            sensors: self.sensing.freshness(&self.policy.thresholds, now),
+            servers: gauges::servers(&obs.servers),
+            held: self.incidents.held_by_reason(),
         }
     }
 

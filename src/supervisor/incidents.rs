@@ -304,6 +304,19 @@ impl Incidents {
         out
     }
 
+    /// Open incidents whose latest decision was a hold, by its reason (an
+    /// action started since clears it, see [`acted`](Self::acted)).
+    pub(super) fn held_by_reason(&self) -> BTreeMap<&'static str, i64> {
+        let open: HashSet<&str> = self.iter().map(|i| i.id.as_str()).collect();
+        let mut out = BTreeMap::new();
+        for (id, (_, reason)) in &self.last_hold {
+            if open.contains(id.as_str()) {
+                *out.entry(*reason).or_default() += 1;
+            }
+        }
+        out
+    }
+
     /// An action started for the incident: the next hold is news again.
     pub(super) fn acted(&mut self, incident_id: &str) {
         self.last_hold.remove(incident_id);
@@ -315,19 +328,6 @@ impl Incidents {
             .filter(|i| i.subject.is_agent_level())
             .map(|i| i.subject.agent_name())
             .collect()
-    }
-
-    /// Per agent, the SPIFFE IDs with an open incident of their own.
-    pub(super) fn svids_at_risk(&self) -> HashMap<&str, HashSet<&str>> {
-        let mut out: HashMap<&str, HashSet<&str>> = HashMap::new();
-        for i in self.iter() {
-            if let Subject::Svid { agent, spiffe_id } = &i.subject {
-                out.entry(agent.as_str())
-                    .or_default()
-                    .insert(spiffe_id.as_str());
-            }
-        }
-        out
     }
 
     /// The earliest predicted outage over open incidents.
@@ -482,6 +482,27 @@ mod tests {
         inc.hold("i1", "restart", "a", "budget", t(4), &mut tick);
         assert_eq!(tick.summary.holds, ["cooldown", "budget", "budget"]);
         assert_eq!(tick.events.len(), 3);
+    }
+
+    #[test]
+    fn held_counts_open_incidents_by_their_latest_hold() {
+        let mut inc = Incidents::default();
+        let s = [
+            symptom(SymptomKind::AgentUnreachable, "a"),
+            symptom(SymptomKind::AgentUnreachable, "b"),
+        ];
+        let mut tick = Tick::default();
+        inc.reconcile(&s, &|_| false, &debounce(), t(0), &mut ids(), &mut tick);
+        inc.hold("i1", "restart", "a", "cooldown", t(1), &mut tick);
+        inc.hold("i1", "restart", "a", "budget", t(2), &mut tick);
+        inc.hold("i2", "restart", "b", "budget", t(2), &mut tick);
+        inc.hold("gone", "restart", "c", "cooldown", t(2), &mut tick);
+        assert_eq!(inc.held_by_reason(), BTreeMap::from([("budget", 2)]));
+        // An action clears it; so does the incident closing.
+        inc.acted("i2");
+        assert_eq!(inc.held_by_reason(), BTreeMap::from([("budget", 1)]));
+        inc.reconcile(&[], &|_| false, &debounce(), t(3), &mut ids(), &mut tick);
+        assert!(inc.held_by_reason().is_empty());
     }
 
     #[test]

@@ -3,11 +3,17 @@
 //! so they go blind by themselves instead of vanishing (a vanished view
 //! would look like a healthy fleet).
 
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
 use tracing::warn;
 
+use crate::clock::saturating_since;
 use crate::model::{Observations, Reading};
+use crate::policy::Thresholds;
 use crate::sensors::Sensor;
 use crate::telemetry::Metrics;
+use crate::telemetry::metrics::SensorFreshness;
 
 /// The sensors and their last good readings.
 pub(super) struct Sensing {
@@ -41,5 +47,51 @@ impl Sensing {
             }
         }
         obs
+    }
+
+    /// Per sensor name, how fresh its view is at `now`: the oldest of its
+    /// instances' last refreshes, blind when older than the staleness
+    /// limit analysis applies to its readings (`probe_max_staleness` for
+    /// probes and certificate files, `max_staleness` for the rest). An
+    /// instance with no readings yet makes the time unknown, not blind.
+    pub(super) fn freshness(&self, th: &Thresholds, now: SystemTime) -> Vec<SensorFreshness> {
+        // Per name: each instance's last refresh, and whether one is blind.
+        let mut by_name: BTreeMap<&'static str, (Vec<Option<SystemTime>>, bool)> = BTreeMap::new();
+        for (s, last) in self.sensors.iter().zip(&self.last) {
+            let newest = last.iter().map(refreshed).max_by_key(|(at, _)| *at);
+            let entry = by_name.entry(s.name()).or_default();
+            if let Some((at, probe)) = newest {
+                let limit = if probe {
+                    th.probe_max_staleness
+                } else {
+                    th.max_staleness
+                };
+                entry.1 |= saturating_since(now, at) > limit;
+            }
+            entry.0.push(newest.map(|(at, _)| at));
+        }
+        by_name
+            .into_iter()
+            .map(|(sensor, (instances, blind))| SensorFreshness {
+                sensor,
+                last_success: instances.into_iter().min().flatten(),
+                blind,
+            })
+            .collect()
+    }
+}
+
+/// When a reading's view was last refreshed, and whether the probe
+/// staleness limit applies to it.
+fn refreshed(r: &Reading) -> (SystemTime, bool) {
+    match r {
+        Reading::WorkloadApi(v) => (v.updated_at, false),
+        Reading::Server(v) => (v.updated_at, false),
+        Reading::AgentDebug(v) => (v.updated_at, false),
+        Reading::Health(v) => (v.updated_at, false),
+        Reading::Metrics(v) => (v.updated_at, false),
+        Reading::Probe(v) => (v.updated_at, true),
+        Reading::CertFile(v) => (v.updated_at, true),
+        Reading::BootstrapBundle(v) => (v.updated_at, false),
     }
 }

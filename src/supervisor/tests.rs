@@ -416,6 +416,34 @@ async fn overdue_escalates_from_refetch_to_restart_and_closes() {
         h.metric("spire_healer_predicted_outage_timestamp_seconds")
             .is_some_and(|v| v > 0.0)
     );
+    let outage = crate::clock::unix_secs_f64(t(100));
+    let open_series = |severity: &str| {
+        format!(
+            r#"spire_healer_open_incident{{severity="{severity}",symptom="svid_rotation_overdue",target="a"}}"#
+        )
+    };
+    let severity = ["warning", "critical"]
+        .into_iter()
+        .find(|s| h.metric(&open_series(s)) == Some(1.0))
+        .expect("an open_incident series at 1 for agent a");
+    assert_eq!(
+        h.metric(r#"spire_healer_agent_predicted_outage_timestamp_seconds{agent="a"}"#),
+        Some(outage)
+    );
+    assert_eq!(
+        h.metric(&format!(
+            r#"spire_healer_svid_predicted_outage_timestamp_seconds{{agent="a",spiffe_id="{SPIFFE_ID}"}}"#
+        )),
+        Some(outage)
+    );
+    assert_eq!(
+        h.metric(r#"spire_healer_sensor_blind{sensor="workload_api"}"#),
+        Some(0.0)
+    );
+    assert_eq!(
+        h.metric(r#"spire_healer_sensor_last_success_timestamp_seconds{sensor="workload_api"}"#),
+        Some(crate::clock::unix_secs_f64(t(70)))
+    );
 
     // t(72): refetch returned ok but the serial did not change; still inside
     // its verification window, so nothing else may run on the agent.
@@ -448,6 +476,13 @@ async fn overdue_escalates_from_refetch_to_restart_and_closes() {
     );
     assert!(sup.open_incidents().is_empty());
     assert_eq!(r.buffered, 0);
+    // Closed: its series stays, at 0; no outage is predicted any more.
+    assert_eq!(h.metric(&open_series(severity)), Some(0.0));
+    assert_eq!(
+        h.metric(r#"spire_healer_agent_predicted_outage_timestamp_seconds{agent="a"}"#),
+        None
+    );
+    assert_eq!(h.metric("spire_healer_workloads_at_risk"), Some(0.0));
 
     let incidents = h.incidents().await;
     assert_eq!(incidents.len(), 1);
@@ -701,6 +736,14 @@ async fn hourly_budget_holds_the_second_incident() {
         h.metric(r#"spire_healer_holds_total{reason="budget"}"#),
         Some(1.0)
     );
+    assert_eq!(
+        h.metric(r#"spire_healer_incidents_held{reason="budget"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        h.metric(r#"spire_healer_incidents_held{reason="cooldown"}"#),
+        Some(0.0)
+    );
 
     // Still spent on the next tick; the same hold is not recorded twice.
     let r = h.tick(&mut sup, 71).await;
@@ -788,6 +831,18 @@ async fn blind_view_opens_but_never_acts() {
     assert_eq!(
         h.metric(r#"spire_healer_holds_total{reason="blind"}"#),
         Some(1.0)
+    );
+    assert_eq!(
+        h.metric(r#"spire_healer_incidents_held{reason="blind"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        h.metric(r#"spire_healer_sensor_blind{sensor="workload_api"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        h.metric(r#"spire_healer_sensor_last_success_timestamp_seconds{sensor="workload_api"}"#),
+        Some(crate::clock::unix_secs_f64(t(50)))
     );
 }
 

@@ -8,10 +8,15 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use crate::clock::unix_secs_f64;
+use prometheus::core::Collector;
+use prometheus::proto::MetricType;
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+#[cfg(test)]
+mod catalogue;
 
 /// Buckets for durations of sub-second work.
 const FAST_BUCKETS: &[f64] = &[
@@ -73,7 +78,44 @@ pub struct Gauges<'a> {
     /// Each configured server's agent SVID TTL, once known (learned or
     /// set by the policy).
     pub agent_svid_ttls: Vec<(&'a str, Duration)>,
+    /// Open incidents as (symptom, target, severity): the target is a
+    /// configured name (agent, server, peer, certificate file), the trust
+    /// domain, or [`OTHER_TARGET`]; never a SPIFFE ID.
+    pub open_incidents: Vec<(&'static str, String, &'static str)>,
+    /// Per configured agent, the earliest predicted outage among its open
+    /// incidents (agents with none are left out).
+    pub agent_outages: Vec<(String, SystemTime)>,
+    /// Per SVID (agent, SPIFFE ID), its predicted outage; the
+    /// [`OUTAGE_TOP_K`] soonest are exported.
+    pub svid_outages: Vec<(String, String, SystemTime)>,
+    /// Per sensor: when every instance last refreshed its view (`None`:
+    /// one never did), and whether that is older than the policy allows.
+    pub sensors: Vec<SensorFreshness>,
+    /// Per configured server: whether its admin API answered the last poll,
+    /// and the latest notAfter among the untainted authorities of its
+    /// trust bundle.
+    pub servers: Vec<(&'a str, bool, Option<SystemTime>)>,
+    /// Open incidents whose latest decision was a hold, by reason.
+    pub held: BTreeMap<&'static str, i64>,
 }
+
+/// How fresh one sensor's view is (all its instances together).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SensorFreshness {
+    /// The sensor's name (`workload_api`, `server_api`, …).
+    pub sensor: &'static str,
+    /// The oldest of its instances' last refreshes; `None` while one has
+    /// never published a view.
+    pub last_success: Option<SystemTime>,
+    /// Older than the policy's staleness limit for its readings: analysis
+    /// treats what it says as blind.
+    pub blind: bool,
+}
+
+/// The `target` of incidents about a subject that is not configured (a
+/// peer named only in reports, an agent known only by its SPIFFE ID): one
+/// shared series, so a reporter cannot grow the label set.
+pub const OTHER_TARGET: &str = "other";
 
 /// The metric set, registered on its own [`Registry`].
 pub struct Metrics {
@@ -157,13 +199,53 @@ pub struct Metrics {
     pub api_requests_total: IntCounterVec,
     /// notAfter of the leaf in a watched certificate file, by file.
     pub cert_file_expiration_timestamp_seconds: GaugeVec,
+    /// 1: the version of this build.
+    pub build_info: IntGaugeVec,
+    /// 1 while an incident of that symptom on that target is open, 0 after.
+    pub open_incident: IntGaugeVec,
+    /// Earliest predicted outage per agent with open incidents.
+    pub agent_predicted_outage_timestamp_seconds: GaugeVec,
+    /// Predicted outage of the `OUTAGE_TOP_K` soonest SVIDs at risk.
+    pub svid_predicted_outage_timestamp_seconds: GaugeVec,
+    /// 1 when a sensor's view is older than the policy's staleness limit.
+    pub sensor_blind: IntGaugeVec,
+    /// When each sensor last refreshed its view (all instances).
+    pub sensor_last_success_timestamp_seconds: GaugeVec,
+    /// 1 when the server's admin API answered the last poll.
+    pub server_up: IntGaugeVec,
+    /// Latest notAfter of the untainted authorities in a server's bundle.
+    pub bundle_authority_expiration_timestamp_seconds: GaugeVec,
+    /// Open incidents whose latest decision was a hold, by reason.
+    pub incidents_held: IntGaugeVec,
     /// Per-agent set of labelled SVID series currently exported, so stale
     /// ones can be removed.
     exported_svids: std::sync::Mutex<Vec<(String, String)>>,
+    /// Every `open_incident` series ever set: kept at 0 once closed.
+    exported_incidents: std::sync::Mutex<std::collections::BTreeSet<[String; 3]>>,
+    /// Every hold reason `incidents_held` has a series for.
+    held_reasons: std::sync::Mutex<std::collections::BTreeSet<&'static str>>,
+    /// Every registered metric, series or not (the registry's `gather`
+    /// leaves out those without one): [`Metrics::descriptions`].
+    collectors: Vec<Box<dyn Collector>>,
+}
+
+/// What the registry says about one metric, with or without series.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricDescription {
+    /// Full name.
+    pub name: String,
+    /// Help text.
+    pub help: String,
+    /// `counter`, `gauge` or `histogram`.
+    pub kind: &'static str,
+    /// Label names, in declaration order.
+    pub labels: Vec<String>,
 }
 
 /// How many SVID expiry series at most.
 pub const SVID_TOP_K: usize = 20;
+/// How many per-SVID predicted-outage series at most.
+pub const OUTAGE_TOP_K: usize = 10;
 
 impl Metrics {
     /// Creates at zero every labelled series whose labels are known in
@@ -199,6 +281,7 @@ impl Metrics {
         }
         for r in crate::plan::HoldReason::ALL {
             self.holds_total.with_label_values(&[r.as_str()]);
+            self.incidents_held.with_label_values(&[r.as_str()]);
         }
         for kind in ["io", "disk_full", "full", "torn"] {
             self.errors_total.with_label_values(&["spool", kind]);
@@ -219,12 +302,14 @@ impl Metrics {
     /// Only if two metrics share a name, a programming error caught by tests.
     pub fn new() -> Self {
         let registry = Registry::new();
+        let mut collectors: Vec<Box<dyn Collector>> = Vec::new();
         macro_rules! reg {
             ($m:expr) => {{
                 let m = $m.expect("metric definition is valid");
                 registry
                     .register(Box::new(m.clone()))
                     .expect("metric names are unique");
+                collectors.push(Box::new(m.clone()));
                 m
             }};
         }
@@ -240,7 +325,7 @@ impl Metrics {
         let g = |name: &str, help: &str, labels: &[&str]| {
             IntGaugeVec::new(Opts::new(name, help), labels)
         };
-        Self {
+        let m = Self {
             tick_duration_seconds: reg!(Histogram::with_opts(
                 HistogramOpts::new(
                     "spire_healer_tick_duration_seconds",
@@ -440,9 +525,99 @@ impl Metrics {
                 ),
                 &["file"]
             )),
+            build_info: reg!(g(
+                "spire_healer_build_info",
+                "Always 1; the version label names this build.",
+                &["version"]
+            )),
+            open_incident: reg!(g(
+                "spire_healer_open_incident",
+                "1 while an incident of this symptom on this target is open, 0 once it closed.",
+                &["symptom", "target", "severity"]
+            )),
+            agent_predicted_outage_timestamp_seconds: reg!(GaugeVec::new(
+                Opts::new(
+                    "spire_healer_agent_predicted_outage_timestamp_seconds",
+                    "Earliest predicted outage (unix time) among the agent's open incidents; absent when it has none."
+                ),
+                &["agent"]
+            )),
+            svid_predicted_outage_timestamp_seconds: reg!(GaugeVec::new(
+                Opts::new(
+                    "spire_healer_svid_predicted_outage_timestamp_seconds",
+                    "Predicted outage (unix time) of the SVIDs at risk, top-k soonest."
+                ),
+                &["agent", "spiffe_id"]
+            )),
+            sensor_blind: reg!(g(
+                "spire_healer_sensor_blind",
+                "1 when the sensor's view is older than the policy's staleness limit (analysis calls it blind), else 0.",
+                &["sensor"]
+            )),
+            sensor_last_success_timestamp_seconds: reg!(GaugeVec::new(
+                Opts::new(
+                    "spire_healer_sensor_last_success_timestamp_seconds",
+                    "Unix time by which every instance of the sensor had last refreshed its view; 0 while one never did."
+                ),
+                &["sensor"]
+            )),
+            server_up: reg!(g(
+                "spire_healer_server_up",
+                "1 when the SPIRE server's admin API answered the last poll, else 0.",
+                &["server"]
+            )),
+            bundle_authority_expiration_timestamp_seconds: reg!(GaugeVec::new(
+                Opts::new(
+                    "spire_healer_bundle_authority_expiration_timestamp_seconds",
+                    "Latest notAfter (unix time) of the untainted X.509 authorities in the server's trust bundle: past it, no authority is left."
+                ),
+                &["server"]
+            )),
+            incidents_held: reg!(g(
+                "spire_healer_incidents_held",
+                "Open incidents whose latest decision was to hold back, by reason.",
+                &["reason"]
+            )),
             exported_svids: std::sync::Mutex::new(Vec::new()),
+            exported_incidents: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+            held_reasons: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+            collectors,
             registry,
-        }
+        };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        m
+    }
+
+    /// Every metric this set declares, sorted by name: the source of the
+    /// metrics catalogue (`docs/metrics.md`).
+    pub fn descriptions(&self) -> Vec<MetricDescription> {
+        let mut out: Vec<MetricDescription> = self
+            .collectors
+            .iter()
+            .flat_map(|c| {
+                let labels: Vec<String> = c
+                    .desc()
+                    .first()
+                    .map(|d| d.variable_labels.clone())
+                    .unwrap_or_default();
+                c.collect().into_iter().map(move |mf| MetricDescription {
+                    name: mf.name().to_string(),
+                    help: mf.help().to_string(),
+                    kind: match mf.get_field_type() {
+                        MetricType::COUNTER => "counter",
+                        MetricType::GAUGE => "gauge",
+                        MetricType::HISTOGRAM => "histogram",
+                        MetricType::SUMMARY => "summary",
+                        MetricType::UNTYPED => "untyped",
+                    },
+                    labels: labels.clone(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
     /// The registry, for tests and custom exporters.
@@ -537,7 +712,77 @@ impl Metrics {
                 .with_label_values(&[server])
                 .set(ttl.as_secs_f64());
         }
+        self.set_open_incidents(&g.open_incidents);
+        self.agent_predicted_outage_timestamp_seconds.reset();
+        for (agent, at) in &g.agent_outages {
+            self.agent_predicted_outage_timestamp_seconds
+                .with_label_values(&[agent])
+                .set(unix_secs_f64(*at));
+        }
+        let mut svids: Vec<_> = g.svid_outages.iter().collect();
+        svids.sort_by_key(|(agent, id, at)| (*at, agent, id));
+        self.svid_predicted_outage_timestamp_seconds.reset();
+        for (agent, id, at) in svids.into_iter().take(OUTAGE_TOP_K) {
+            self.svid_predicted_outage_timestamp_seconds
+                .with_label_values(&[agent, id])
+                .set(unix_secs_f64(*at));
+        }
+        for s in &g.sensors {
+            self.sensor_blind
+                .with_label_values(&[s.sensor])
+                .set(i64::from(s.blind));
+            self.sensor_last_success_timestamp_seconds
+                .with_label_values(&[s.sensor])
+                .set(s.last_success.map_or(0.0, unix_secs_f64));
+        }
+        self.bundle_authority_expiration_timestamp_seconds.reset();
+        for (server, up, bundle_expiry) in &g.servers {
+            self.server_up
+                .with_label_values(&[server])
+                .set(i64::from(*up));
+            if let Some(at) = bundle_expiry {
+                self.bundle_authority_expiration_timestamp_seconds
+                    .with_label_values(&[server])
+                    .set(unix_secs_f64(*at));
+            }
+        }
+        {
+            // Reasons outside `HoldReason` (actuator preconditions, a
+            // static set in code) keep their series at 0 once seen, like
+            // the closed set does from the start.
+            let mut reasons = self.held_reasons.lock().unwrap_or_else(|p| p.into_inner());
+            reasons.extend(crate::plan::HoldReason::ALL.map(|r| r.as_str()));
+            reasons.extend(g.held.keys());
+            for reason in reasons.iter() {
+                let n = g.held.get(reason).copied().unwrap_or(0);
+                self.incidents_held.with_label_values(&[reason]).set(n);
+            }
+        }
         self.last_tick_timestamp_seconds.set(now_s);
+    }
+
+    /// Sets `open_incident` to 1 for `open` and to 0 for every series set
+    /// before and no longer open.
+    fn set_open_incidents(&self, open: &[(&'static str, String, &'static str)]) {
+        let mut exported = self
+            .exported_incidents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let now: std::collections::BTreeSet<[String; 3]> = open
+            .iter()
+            .map(|(k, t, s)| [k.to_string(), t.clone(), s.to_string()])
+            .collect();
+        for labels in exported.iter().filter(|l| !now.contains(*l)) {
+            self.open_incident
+                .with_label_values(&[&labels[0], &labels[1], &labels[2]])
+                .set(0);
+        }
+        for labels in &now {
+            self.open_incident
+                .with_label_values(&[&labels[0], &labels[1], &labels[2]])
+                .set(1);
+        }
+        exported.extend(now);
     }
 
     /// Replaces the per-SVID expiry series with `svids` (agent, spiffe id,
@@ -604,6 +849,7 @@ mod tests {
             r#"spire_healer_action_duration_seconds_count{actuator="restart-agent"}"#,
             r#"spire_healer_verifications_total{actuator="restart-agent",result="failed"}"#,
             r#"spire_healer_holds_total{reason="needs_operator"}"#,
+            r#"spire_healer_incidents_held{reason="circuit_open"}"#,
             r#"spiffe_certificate_rotation_total{agent="node-a"}"#,
             r#"spiffe_workload_api_errors_total{agent="node-a",code="permission_denied"}"#,
         ] {
@@ -654,6 +900,133 @@ mod tests {
             ),
             Some(599.0)
         );
+    }
+
+    #[test]
+    fn build_info_names_the_version() {
+        let text = Metrics::new().render();
+        let series = format!(
+            r#"spire_healer_build_info{{version="{}"}}"#,
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(sample(&text, &series), Some(1.0));
+    }
+
+    #[test]
+    fn the_tick_sets_incidents_outages_sensors_servers_and_holds() {
+        let m = Metrics::new();
+        let at = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        let tick = |g: Gauges<'static>| {
+            m.record_tick(
+                at(10),
+                &TickSummary {
+                    gauges: Some(g),
+                    ..TickSummary::default()
+                },
+            );
+            m.render()
+        };
+        let text = tick(Gauges {
+            open_incidents: vec![
+                ("agent_banned", "node-a".into(), "critical"),
+                ("ca_expiring", "td".into(), "warning"),
+            ],
+            agent_outages: vec![("node-a".into(), at(900))],
+            svid_outages: (0..15)
+                .map(|i| {
+                    (
+                        "node-a".to_string(),
+                        format!("spiffe://td/w{i}"),
+                        at(100 + i),
+                    )
+                })
+                .collect(),
+            sensors: vec![SensorFreshness {
+                sensor: "server_api",
+                last_success: Some(at(3)),
+                blind: true,
+            }],
+            servers: vec![("s1", true, Some(at(5000))), ("s2", false, None)],
+            held: BTreeMap::from([("no_server_reachable", 2), ("not_an_svid", 1)]),
+            ..Gauges::default()
+        });
+        for (series, want) in [
+            (
+                r#"spire_healer_open_incident{severity="critical",symptom="agent_banned",target="node-a"}"#,
+                Some(1.0),
+            ),
+            (
+                r#"spire_healer_agent_predicted_outage_timestamp_seconds{agent="node-a"}"#,
+                Some(900.0),
+            ),
+            (
+                r#"spire_healer_svid_predicted_outage_timestamp_seconds{agent="node-a",spiffe_id="spiffe://td/w9"}"#,
+                Some(109.0),
+            ),
+            (
+                r#"spire_healer_svid_predicted_outage_timestamp_seconds{agent="node-a",spiffe_id="spiffe://td/w10"}"#,
+                None,
+            ),
+            (
+                r#"spire_healer_sensor_blind{sensor="server_api"}"#,
+                Some(1.0),
+            ),
+            (
+                r#"spire_healer_sensor_last_success_timestamp_seconds{sensor="server_api"}"#,
+                Some(3.0),
+            ),
+            (r#"spire_healer_server_up{server="s1"}"#, Some(1.0)),
+            (r#"spire_healer_server_up{server="s2"}"#, Some(0.0)),
+            (
+                r#"spire_healer_bundle_authority_expiration_timestamp_seconds{server="s1"}"#,
+                Some(5000.0),
+            ),
+            (
+                r#"spire_healer_bundle_authority_expiration_timestamp_seconds{server="s2"}"#,
+                None,
+            ),
+            (
+                r#"spire_healer_incidents_held{reason="no_server_reachable"}"#,
+                Some(2.0),
+            ),
+            (
+                r#"spire_healer_incidents_held{reason="not_an_svid"}"#,
+                Some(1.0),
+            ),
+            (r#"spire_healer_incidents_held{reason="budget"}"#, Some(0.0)),
+        ] {
+            assert_eq!(sample(&text, series), want, "{series}");
+        }
+        let svids = text
+            .lines()
+            .filter(|l| l.starts_with("spire_healer_svid_predicted_outage_timestamp_seconds{"))
+            .count();
+        assert_eq!(svids, OUTAGE_TOP_K);
+
+        // Everything closed: incident series stay at 0, outages go, a
+        // precondition reason seen once stays at 0.
+        let text = tick(Gauges::default());
+        for (series, want) in [
+            (
+                r#"spire_healer_open_incident{severity="critical",symptom="agent_banned",target="node-a"}"#,
+                Some(0.0),
+            ),
+            (
+                r#"spire_healer_open_incident{severity="warning",symptom="ca_expiring",target="td"}"#,
+                Some(0.0),
+            ),
+            (
+                r#"spire_healer_agent_predicted_outage_timestamp_seconds{agent="node-a"}"#,
+                None,
+            ),
+            (
+                r#"spire_healer_incidents_held{reason="not_an_svid"}"#,
+                Some(0.0),
+            ),
+        ] {
+            assert_eq!(sample(&text, series), want, "{series}");
+        }
+        assert!(!text.contains("spire_healer_svid_predicted_outage_timestamp_seconds{"));
     }
 
     #[test]

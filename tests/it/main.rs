@@ -3,6 +3,7 @@
 //! temporary directories; spire-healer runs in-process against them.
 
 mod agent_ttl;
+mod alert_rules;
 mod ca_rotation;
 mod cli;
 mod cluster;
@@ -17,6 +18,7 @@ mod helpers;
 mod idle;
 mod lab_peer;
 mod lab_smoke;
+mod metrics_lint;
 mod prom_server;
 mod prometheus;
 mod spire_api;
