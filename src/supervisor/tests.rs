@@ -1394,9 +1394,8 @@ async fn a_futile_restart_stops_and_the_incident_needs_an_operator() {
     let r = h.tick(&mut sup, 300).await;
     assert_eq!(r.closed.len(), 1);
     assert_eq!(
-        h.metric(r#"spire_healer_incidents_needing_operator{symptom="agent_unreachable"}"#)
-            .unwrap_or(0.0),
-        0.0
+        h.metric(r#"spire_healer_incidents_needing_operator{symptom="agent_unreachable"}"#),
+        Some(0.0)
     );
     h.agent("a").drop_stream(400);
     let r = h.tick(&mut sup, 400).await;

@@ -250,8 +250,8 @@ pub const OUTAGE_TOP_K: usize = 10;
 impl Metrics {
     /// Creates at zero every labelled series whose labels are known in
     /// advance, so the first event is an increase Prometheus can see
-    /// (`increase()`/`rate()` need a previous sample): incidents and their
-    /// durations per symptom, actions, durations and verifications per
+    /// (`increase()`/`rate()` need a previous sample): incidents, their
+    /// durations and those needing an operator per symptom, actions, durations and verifications per
     /// configured actuator and outcome, holds per reason, Workload API
     /// errors per agent and code, rotations per agent.
     pub fn init_series(&self, actuators: &[String], agents: &[String]) {
@@ -259,6 +259,8 @@ impl Metrics {
         for k in SymptomKind::ALL {
             self.incidents_opened_total.with_label_values(&[k.as_str()]);
             self.incident_duration_seconds
+                .with_label_values(&[k.as_str()]);
+            self.incidents_needing_operator
                 .with_label_values(&[k.as_str()]);
         }
         for a in actuators {
@@ -681,11 +683,13 @@ impl Metrics {
         for (kind, n) in &g.incidents_open {
             self.incidents_open.with_label_values(&[kind]).set(*n);
         }
-        self.incidents_needing_operator.reset();
-        for (kind, n) in &g.needs_operator {
+        // Every symptom keeps its series (at 0 when none needs an
+        // operator), so `> 0` rules and `sum()` panels always see one.
+        for k in crate::model::SymptomKind::ALL {
+            let n = g.needs_operator.get(k.as_str()).copied().unwrap_or(0);
             self.incidents_needing_operator
-                .with_label_values(&[kind])
-                .set(*n);
+                .with_label_values(&[k.as_str()])
+                .set(n);
         }
         let now_s = unix_secs_f64(now);
         self.set_svid_expiries(
@@ -845,6 +849,7 @@ mod tests {
         for series in [
             r#"spire_healer_incidents_opened_total{symptom="agent_unreachable"}"#,
             r#"spire_healer_incident_duration_seconds_count{symptom="svid_expiring"}"#,
+            r#"spire_healer_incidents_needing_operator{symptom="stale_cert_file"}"#,
             r#"spire_healer_actions_total{actuator="restart-agent",outcome="ok"}"#,
             r#"spire_healer_action_duration_seconds_count{actuator="restart-agent"}"#,
             r#"spire_healer_verifications_total{actuator="restart-agent",result="failed"}"#,
@@ -948,6 +953,7 @@ mod tests {
             }],
             servers: vec![("s1", true, Some(at(5000))), ("s2", false, None)],
             held: BTreeMap::from([("no_server_reachable", 2), ("not_an_svid", 1)]),
+            needs_operator: BTreeMap::from([("agent_banned", 1)]),
             ..Gauges::default()
         });
         for (series, want) in [
@@ -994,6 +1000,14 @@ mod tests {
                 Some(1.0),
             ),
             (r#"spire_healer_incidents_held{reason="budget"}"#, Some(0.0)),
+            (
+                r#"spire_healer_incidents_needing_operator{symptom="agent_banned"}"#,
+                Some(1.0),
+            ),
+            (
+                r#"spire_healer_incidents_needing_operator{symptom="ca_expiring"}"#,
+                Some(0.0),
+            ),
         ] {
             assert_eq!(sample(&text, series), want, "{series}");
         }
@@ -1021,6 +1035,10 @@ mod tests {
             ),
             (
                 r#"spire_healer_incidents_held{reason="not_an_svid"}"#,
+                Some(0.0),
+            ),
+            (
+                r#"spire_healer_incidents_needing_operator{symptom="agent_banned"}"#,
                 Some(0.0),
             ),
         ] {

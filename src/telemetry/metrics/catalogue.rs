@@ -97,7 +97,7 @@ const NOTES: &[(&str, &str)] = &[
     ),
     (
         "spire_healer_incidents_needing_operator",
-        "Set every tick; symptoms with none have no series.",
+        "Set every tick. Created at 0 per symptom, and back to 0 when none needs an operator.",
     ),
     (
         "spire_healer_incidents_open",
