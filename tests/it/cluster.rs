@@ -63,6 +63,15 @@ impl Cluster {
         bootstrap_bundle: bool,
         agent_ttl: &str,
     ) -> Result<Cluster> {
+        let lab = Self::start_lab(ttl, agent_ttl).await?;
+        Self::watch(lab, policy_overrides, bootstrap_bundle, "").await
+    }
+
+    /// The lab half of [`Cluster::start_with`]: servers whose agent SVIDs
+    /// live `agent_ttl`, and `/healer-<j>` (X509-SVID TTL `ttl` seconds)
+    /// synced to each agent. For tests that start workloads on the lab
+    /// before spire-healer watches it ([`Cluster::watch`]).
+    pub async fn start_lab(ttl: u32, agent_ttl: &str) -> Result<HaLab> {
         let lab = HaLab::start(HaOptions {
             postgres_url: pg_url()?,
             agent_ttl: agent_ttl.into(),
@@ -77,6 +86,17 @@ impl Cluster {
             lab.wait_for_entry_synced(j, &format!("/healer-{j}"))
                 .await?;
         }
+        Ok(lab)
+    }
+
+    /// Starts spire-healer watching `lab` (see [`Cluster::start`]), with
+    /// `extra` (TOML: `[api]`, `[[probes]]`, …) appended to its config.
+    pub async fn watch(
+        lab: HaLab,
+        policy_overrides: &[(&str, &str)],
+        bootstrap_bundle: bool,
+        extra: &str,
+    ) -> Result<Cluster> {
         let dir = tempfile::tempdir()?;
         let policy_path = dir.path().join("policy.toml");
         let policy_file = if policy_overrides.is_empty() {
@@ -89,7 +109,7 @@ impl Cluster {
             std::fs::write(&policy_path, policy)?;
             Some(policy_path.as_path())
         };
-        let text = ha_config(&lab, dir.path(), policy_file, bootstrap_bundle);
+        let text = ha_config(&lab, dir.path(), policy_file, bootstrap_bundle) + extra;
         let resolved = Config::from_toml(&text, "ha-test.toml")
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .validate(&|_| None)

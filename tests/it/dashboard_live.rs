@@ -3,20 +3,23 @@
 //! rewritten to [`FOR`]) and scrapes a spire-healer watching the real-SPIRE
 //! HA lab (two servers, two agents), which is driven through real
 //! incidents in turn: agent-0 killed, agent-1 banned, agent-0 frozen
-//! (SIGSTOP), each healed before the next. Throughout, a poller runs every
-//! dashboard query (variables substituted as "All") and reads the alerts.
-//! Asserted at the end:
+//! (SIGSTOP), each healed before the next. All along spire-healer probes a
+//! lab peer serving a real X509-SVID (minted by server A) over mTLS; before
+//! the first fault a client reports one failed handshake with that peer
+//! through spire-healer's API, and one report the API refuses. Throughout,
+//! a poller runs every dashboard query (variables substituted as "All") and
+//! reads the alerts. Asserted at the end:
 //!
 //! a. every dashboard query was accepted by Prometheus and returned data at
-//!    some point, except the ones listed in [`NO_DATA`] with their reason
-//!    (and those naming metrics this build does not export yet,
-//!    `dashboard::PENDING`); every metric the dashboard names was scraped
-//!    from the live `/metrics` (or is a recording rule);
+//!    some point (except those naming metrics this build does not export
+//!    yet, `dashboard::PENDING`); every metric the dashboard names was
+//!    scraped from the live `/metrics` (or is a recording rule);
 //! b. the [`REQUIRED`] alerts went pending or firing, and every alert
 //!    resolved once the lab was healed;
 //! c. no alert fired outside [`REQUIRED`] and [`ALLOWED`].
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,7 +30,9 @@ use tokio_util::sync::CancellationToken;
 use crate::cluster::Cluster;
 use crate::control_plane::POLICY_OVERRIDES;
 use crate::dashboard::{self, PENDING, PROMETHEUS_SERIES, Query};
+use crate::lab_peer::{Workload, published, wait_for};
 use crate::prom_server::{JOB, Prometheus, prometheus_bin};
+use crate::spire_lab::HaLab;
 
 /// The whole scenario, lab start to last assertion.
 const TEST_LIMIT: Duration = Duration::from_secs(600);
@@ -71,34 +76,18 @@ const ALLOWED: &[(&str, &str)] = &[
 /// success ratio): they need not resolve before the end.
 const STICKY: &[&str] = &["SpireHealerRemediationFailing"];
 
-/// Dashboard queries (by panel title or annotation name) that return no
-/// data on this run, and why. Their metric names are checked against
-/// `src/telemetry/metrics.rs` only, since this run never exports them.
-const NO_DATA: &[(&str, &str)] = &[
-    (
-        "Handshake failures by reason",
-        "no mTLS handshake fails here: handshake faults are driven in handshakes.rs",
-    ),
-    (
-        "Probe duration by peer",
-        "this lab run configures no handshake probe (handshakes.rs does)",
-    ),
-    (
-        "Peer certificate time left",
-        "this lab run configures no handshake probe (handshakes.rs does)",
-    ),
-    (
-        "Handshake reports rejected",
-        "nothing reports handshakes to spire-healer's API in this run",
-    ),
-];
-
-/// Metrics the dashboard uses that this run never exports, and why; they
-/// must be declared in `src/telemetry/metrics.rs`.
-const UNEXPORTED: &[(&str, &str)] = &[(
-    "spire_healer_incidents_needing_operator",
-    "no incident needs an operator here; the gauge has series only while one does",
-)];
+/// The probed lab peer: `[[probes]]` name and the path of its SPIFFE ID.
+const PEER: &str = "lab-peer";
+/// Time between probes of [`PEER`]. At most eight probes fit in the
+/// policy's 30 s `burst_window`, fewer than `burst_open_failures` (10): the
+/// probe alone cannot open a handshake burst, even if agent-1's SVID, which
+/// it presents and which spire-healer keeps while the agent is down, ran
+/// out during the ban.
+const PROBE_INTERVAL: &str = "4s";
+/// `[api] max_count_per_report`: the refused report asks for one more.
+const MAX_COUNT: u64 = 100;
+/// Bound of one `spire-healer report` run and of each wait for the peer.
+const CLI_LIMIT: Duration = Duration::from_secs(30);
 
 /// What the poller has seen.
 #[derive(Default)]
@@ -292,18 +281,134 @@ async fn scenario(bin: &std::path::Path, rules: &str) -> Result<()> {
     }
     let d = dashboard::load()?;
     let queries = dashboard::queries(&d);
-    for (title, _) in NO_DATA {
-        if !queries
-            .iter()
-            .any(|q| q.place.contains(&format!("\"{title}\"")))
-        {
-            bail!("NO_DATA names {title:?}, which the dashboard does not have");
-        }
-    }
 
     // 40 s SVIDs: rotations all along, and a frozen agent's missed
     // rotation (`svid_rotation_overdue`) within a minute.
-    let c = Cluster::start(40, POLICY_OVERRIDES, false).await?;
+    let lab = Cluster::start_lab(40, "1h").await?;
+    let work = tempfile::tempdir()?;
+    let peer = start_peer(&lab, work.path()).await?;
+    let socket = work.path().join("api.sock");
+    let config = handshake_config(&peer, lab.agent(1).name(), &socket);
+    let c = match Cluster::watch(lab, POLICY_OVERRIDES, false, &config).await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = peer.workload.stop().await;
+            return Err(e);
+        }
+    };
+    let result = observe(&c, bin, rules, &queries, &socket).await;
+    let stopped = peer.workload.stop().await;
+    c.stop().await;
+    let (s, names) = result?;
+    stopped.context("stopping the lab peer")?;
+    judge(&d, &queries, &s, &names, rules)
+}
+
+/// The lab peer spire-healer probes.
+struct Peer {
+    workload: Workload,
+    /// `unix:///…` where it listens.
+    address: String,
+    spiffe_id: String,
+}
+
+/// Mints an X509-SVID for `/lab-peer` on server A (valid an hour, chaining
+/// to the trust domain's bundle, which holds both servers' CAs) and starts
+/// `spire-lab peer` serving it. No agent issues that SPIFFE ID, so what the
+/// peer serves never lags behind a newer issued SVID (`stale_served_cert`
+/// is driven in handshakes.rs).
+async fn start_peer(lab: &HaLab, dir: &Path) -> Result<Peer> {
+    let svid_dir = dir.join("peer-svid");
+    std::fs::create_dir(&svid_dir)?;
+    let spiffe_id = lab.spiffe_id(&format!("/{PEER}"));
+    let svid = svid_dir.display().to_string();
+    lab.server_cli(
+        0,
+        &[
+            "x509",
+            "mint",
+            "-spiffeID",
+            &spiffe_id,
+            "-ttl",
+            "1h",
+            "-write",
+            &svid,
+        ],
+    )
+    .await
+    .context("spire-server x509 mint")?;
+    // `x509 mint` names the key `key.pem`; the peer reads the file set
+    // spiffe-helper writes.
+    std::fs::rename(svid_dir.join("key.pem"), svid_dir.join("svid_key.pem"))?;
+    let sock = format!("unix://{}", dir.join("peer.sock").display());
+    let addr_file = dir.join("peer.addr");
+    let mut workload = Workload::spawn(
+        "lab-peer",
+        dir,
+        &[
+            "peer",
+            "--dir",
+            &svid,
+            "--listen",
+            &sock,
+            "--addr-file",
+            &addr_file.display().to_string(),
+        ],
+    )?;
+    let at = wait_for(
+        "the lab peer listening",
+        CLI_LIMIT,
+        &mut [&mut workload],
+        || async { published(&addr_file) },
+    )
+    .await;
+    if let Err(e) = at {
+        let _ = workload.stop().await;
+        return Err(e);
+    }
+    Ok(Peer {
+        workload,
+        address: sock,
+        spiffe_id,
+    })
+}
+
+/// The healer config's handshake part: the API socket (our uid may report;
+/// a count over [`MAX_COUNT`] is refused) and the probe of the lab peer,
+/// presenting the identity `agent` hands spire-healer.
+fn handshake_config(peer: &Peer, agent: &str, socket: &Path) -> String {
+    format!(
+        r#"
+[api]
+socket = "{socket}"
+report_uids = [{uid}]
+max_count_per_report = {MAX_COUNT}
+
+[[probes]]
+name = "{PEER}"
+address = "{address}"
+spiffe_id = "{spiffe_id}"
+agent = "{agent}"
+interval = "{PROBE_INTERVAL}"
+timeout = "2s"
+"#,
+        socket = socket.display(),
+        uid = nix::unistd::geteuid().as_raw(),
+        address = peer.address,
+        spiffe_id = peer.spiffe_id,
+    )
+}
+
+/// Prometheus on the running cluster, the poller, the incidents; returns
+/// what the poller saw and the metric names Prometheus scraped.
+async fn observe(
+    c: &Cluster,
+    bin: &Path,
+    rules: &str,
+    queries: &[Query],
+    socket: &Path,
+) -> Result<(Seen, BTreeSet<String>)> {
+    let alerts_defined = dashboard::alert_names(rules);
     let addr = c.http_addr.context("the healer serves no /metrics")?;
     let prom = Arc::new(
         Prometheus::start_with_rules(bin, &addr.to_string(), &[shorten_for(rules, FOR)]).await?,
@@ -322,24 +427,85 @@ async fn scenario(bin: &std::path::Path, rules: &str) -> Result<()> {
     let stop = CancellationToken::new();
     let poller = tokio::spawn(poll(
         prom.clone(),
-        queries.clone(),
+        queries.to_vec(),
         seen.clone(),
         stop.clone(),
     ));
 
-    let result = drive(&c, &prom, &seen).await;
+    let result = drive(c, &prom, &seen, socket).await;
     stop.cancel();
     let _ = poller.await;
     let names = prom.metric_names().await;
-    c.stop().await;
     result?;
     let names: BTreeSet<String> = names?.into_iter().collect();
-    let s = seen.lock().unwrap_or_else(|p| p.into_inner());
-    judge(&d, &queries, &s, &names, rules)
+    let s = std::mem::take(&mut *seen.lock().unwrap_or_else(|p| p.into_inner()));
+    Ok((s, names))
+}
+
+/// Runs `spire-healer report` against the API at `socket`; returns its exit
+/// code and stderr.
+async fn report(socket: &Path, reason: &str, count: u64) -> Result<(Option<i32>, String)> {
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_spire-healer"))
+        .args(["report", "--socket"])
+        .arg(socket)
+        .args(["--target", PEER, "--reason", reason, "--count"])
+        .arg(count.to_string())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(CLI_LIMIT, run)
+        .await
+        .with_context(|| format!("spire-healer report ran over {CLI_LIMIT:?}"))??;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Handshakes: the probe's, and a client's reports, one refused.
+async fn handshakes(prom: &Prometheus, socket: &Path) -> Result<()> {
+    prom.wait_value(
+        "successful probes of the lab peer",
+        r#"spire_healer_handshakes_total{source="probe",reason="ok"}"#,
+        |v| v >= 2.0,
+    )
+    .await?;
+    prom.wait_value(
+        "the lab peer's certificate, an hour long",
+        &format!(
+            r#"spire_healer_handshake_peer_expiration_timestamp_seconds{{target="{PEER}"}} - time()"#
+        ),
+        |v| v > 600.0 && v <= 3600.0,
+    )
+    .await?;
+    // One failed handshake with the peer, as a client reports it: a lone
+    // failure among the probe's successes, no burst.
+    let (code, err) = report(socket, "unknown_ca", 1).await?;
+    if code != Some(0) {
+        bail!("the failure report was not accepted ({code:?}): {err}");
+    }
+    // A report the API counts nothing of: its count is over the limit.
+    let (code, err) = report(socket, "unknown_ca", MAX_COUNT + 1).await?;
+    if code != Some(65) {
+        bail!("the oversized report was not refused as uncounted (exit {code:?}): {err}");
+    }
+    prom.wait_value(
+        "the reported failure scraped",
+        r#"spire_healer_handshakes_total{source="report",reason="unknown_ca"}"#,
+        |v| v == 1.0,
+    )
+    .await?;
+    prom.wait_value(
+        "the refused report scraped",
+        r#"spire_healer_handshake_reports_rejected_total{kind="count_too_large"}"#,
+        |v| v == 1.0,
+    )
+    .await?;
+    Ok(())
 }
 
 /// The incidents, in turn, each healed and its alerts resolved.
-async fn drive(c: &Cluster, prom: &Prometheus, seen: &Mutex<Seen>) -> Result<()> {
+async fn drive(c: &Cluster, prom: &Prometheus, seen: &Mutex<Seen>, socket: &Path) -> Result<()> {
     let t0 = Instant::now();
     let at = || t0.elapsed().as_secs_f64();
     prom.wait_value(
@@ -369,6 +535,13 @@ async fn drive(c: &Cluster, prom: &Prometheus, seen: &Mutex<Seen>) -> Result<()>
             s.startup
         );
     }
+
+    // 0. Handshakes.
+    handshakes(prom, socket).await?;
+    println!(
+        "+{:.1}s lab peer probed; a reported failure and a refused report scraped",
+        at()
+    );
 
     // 1. agent-0 killed.
     let since = c.now_ms();
@@ -422,13 +595,6 @@ fn judge(
 ) -> Result<()> {
     let mut problems = Vec::new();
     let recording = dashboard::recording_rules(rules);
-    let declared = dashboard::declared_metrics()?;
-    let exception = |q: &Query| {
-        NO_DATA
-            .iter()
-            .find(|(t, _)| q.place.contains(&format!("\"{t}\"")))
-            .map(|(_, why)| *why)
-    };
 
     // a. Every query accepted and answered with data.
     println!("dashboard queries ({} polls):", s.polls);
@@ -450,14 +616,9 @@ fn judge(
             problems.push(format!("{}: Prometheus refused the query: {e}", q.place));
         }
         let verdict = if s.data.contains(&i) {
-            match exception(q) {
-                Some(_) => "data (listed in NO_DATA, which can go)".to_string(),
-                None => "data".to_string(),
-            }
+            "data".to_string()
         } else if !pending.is_empty() {
             format!("NOT CHECKED: names {pending:?}, not exported by this build")
-        } else if let Some(why) = exception(q) {
-            format!("no data, as expected: {why}")
         } else {
             problems.push(format!("{}: never returned data: {}", q.place, q.expr));
             "NO DATA".to_string()
@@ -465,18 +626,12 @@ fn judge(
         println!("  {}: {verdict}", q.place);
     }
     // Every metric named was scraped from the live /metrics (or is a
-    // recording rule, or Prometheus' own); those of NO_DATA queries, which
-    // this run never exports, are declared at least.
+    // recording rule, or Prometheus' own).
     let lint = dashboard::lint(d, &|_| true);
     for (name, places) in &lint.metrics {
-        let only_no_data = places
-            .iter()
-            .all(|p| NO_DATA.iter().any(|(t, _)| p.contains(&format!("\"{t}\""))));
-        let unexported = UNEXPORTED.iter().any(|(n, _)| n == name);
         let ok = scraped.contains(name)
             || recording.contains(name)
-            || PROMETHEUS_SERIES.contains(&name.as_str())
-            || ((only_no_data || unexported) && declared.contains(name));
+            || PROMETHEUS_SERIES.contains(&name.as_str());
         if !ok && !PENDING.contains(&name.as_str()) {
             problems.push(format!(
                 "metric {name} (used by {}) was never scraped from spire-healer's /metrics",
