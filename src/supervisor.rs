@@ -495,7 +495,12 @@ impl Supervisor {
                 .collect(),
             open_incidents: gauges::open_incidents(open(), &known),
             agent_outages: gauges::agent_outages(open(), agents),
-            svid_outages: gauges::svid_outages(open(), &obs.agents, agents),
+            svid_outages: gauges::svid_outages(
+                open(),
+                &obs.agents,
+                agents,
+                crate::telemetry::metrics::OUTAGE_TOP_K,
+            ),
             sensors: self.sensing.freshness(&self.policy.thresholds, now),
             servers: gauges::servers(&obs.servers),
             held: self.incidents.held_by_reason(),

@@ -8,7 +8,7 @@
 //! known only by its SPIFFE ID) shares [`OTHER_TARGET`]. SPIFFE IDs appear
 //! only on the top-k per-SVID outage series.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -82,53 +82,77 @@ pub(super) fn agent_outages<'i>(
     out.into_iter().map(|(a, t)| (a.to_string(), t)).collect()
 }
 
-/// Per SVID at risk, its predicted outage: an incident about the SVID
-/// predicts its own; one about its agent (which then cannot renew it)
-/// predicts the later of the agent's predicted outage and the SVID's
-/// notAfter. The earliest applies. Agents outside `agents` are left out.
+/// The `k` SVIDs at risk with the soonest predicted outage, soonest first
+/// (ties by agent and SPIFFE ID): an incident about the SVID predicts its
+/// own; one about its agent (which then cannot renew it) predicts the later
+/// of the agent's predicted outage and the SVID's notAfter. The earliest
+/// applies. SVID incidents of agents outside `agents` are left out.
+///
+/// Runs every tick over every open incident: it indexes nothing per view,
+/// looks each view up once, and allocates labels for the `k` kept only.
 pub(super) fn svid_outages<'i>(
-    incidents: impl Iterator<Item = &'i Incident> + Clone,
-    views: &[Arc<AgentView>],
+    incidents: impl Iterator<Item = &'i Incident>,
+    views: &'i [Arc<AgentView>],
     agents: &HashSet<String>,
+    k: usize,
 ) -> Vec<(String, String, SystemTime)> {
-    let mut out: BTreeMap<(&str, &str), SystemTime> = BTreeMap::new();
-    let mut put = |agent, id, at: SystemTime| {
-        out.entry((agent, id))
-            .and_modify(|e| *e = (*e).min(at))
-            .or_insert(at);
-    };
-    for i in incidents.clone() {
-        if let (Subject::Svid { agent, spiffe_id }, Some(at)) = (&i.subject, i.predicted_outage)
-            && agents.contains(agent)
-        {
-            put(agent.as_str(), spiffe_id.as_str(), at);
+    let mut candidates: Vec<(SystemTime, &str, &str)> = Vec::new();
+    let mut agents_at_risk: HashMap<&str, SystemTime> = HashMap::new();
+    for i in incidents {
+        match (&i.subject, i.predicted_outage) {
+            (Subject::Svid { agent, spiffe_id }, Some(at)) if agents.contains(agent) => {
+                candidates.push((at, agent, spiffe_id));
+            }
+            (Subject::Agent { agent }, Some(at)) => {
+                agents_at_risk
+                    .entry(agent)
+                    .and_modify(|e| *e = (*e).min(at))
+                    .or_insert(at);
+            }
+            _ => {}
         }
     }
-    for i in incidents {
-        let (Subject::Agent { agent }, Some(at)) = (&i.subject, i.predicted_outage) else {
-            continue;
-        };
-        for v in views.iter().filter(|v| &v.agent == agent) {
-            for s in &v.svids {
-                put(agent.as_str(), s.spiffe_id.as_str(), at.max(s.not_after));
+    if !agents_at_risk.is_empty() {
+        for v in views {
+            if let Some(at) = agents_at_risk.get(v.agent.as_str()) {
+                candidates.extend(v.svids.iter().map(|s| {
+                    (
+                        (*at).max(s.not_after),
+                        v.agent.as_str(),
+                        s.spiffe_id.as_str(),
+                    )
+                }));
             }
         }
     }
-    out.into_iter()
-        .map(|((a, id), t)| (a.to_string(), id.to_string(), t))
+    // An SVID appears at most twice (its own incident and its agent's), so
+    // the 2k soonest candidates hold the k soonest SVIDs.
+    let keep = (2 * k).min(candidates.len());
+    if keep < candidates.len() {
+        candidates.select_nth_unstable(keep);
+        candidates.truncate(keep);
+    }
+    candidates.sort_unstable();
+    let mut seen: HashSet<(&str, &str)> = HashSet::new();
+    candidates
+        .into_iter()
+        .filter(|(_, agent, id)| seen.insert((agent, id)))
+        .take(k)
+        .map(|(at, agent, id)| (agent.to_string(), id.to_string(), at))
         .collect()
 }
 
 /// Workloads at risk: SVIDs served by an agent with an open agent-level
 /// incident, or themselves in one, plus configured peers and certificate
-/// files with an open incident.
+/// files with an open incident. One look-up per view, none per SVID of an
+/// agent without incidents.
 pub(super) fn workloads_at_risk<'i>(
     incidents: impl Iterator<Item = &'i Incident>,
     views: &[Arc<AgentView>],
     known: &Known<'_>,
 ) -> i64 {
     let mut agents: HashSet<&str> = HashSet::new();
-    let mut svids: HashSet<(&str, &str)> = HashSet::new();
+    let mut svids: HashMap<&str, HashSet<&str>> = HashMap::new();
     let mut others: HashSet<(bool, &str)> = HashSet::new();
     for i in incidents {
         match &i.subject {
@@ -136,7 +160,7 @@ pub(super) fn workloads_at_risk<'i>(
                 agents.insert(agent);
             }
             Subject::Svid { agent, spiffe_id } => {
-                svids.insert((agent, spiffe_id));
+                svids.entry(agent).or_default().insert(spiffe_id);
             }
             Subject::Peer { peer } | Subject::Handshakes { peer, .. }
                 if known.peers.contains(peer) =>
@@ -149,19 +173,25 @@ pub(super) fn workloads_at_risk<'i>(
             _ => {}
         }
     }
-    let served: usize = views
-        .iter()
-        .map(|v| {
-            if agents.contains(v.agent.as_str()) {
-                v.svids.len()
-            } else {
-                v.svids
-                    .iter()
-                    .filter(|s| svids.contains(&(v.agent.as_str(), s.spiffe_id.as_str())))
-                    .count()
-            }
-        })
-        .sum();
+    let served: usize = if agents.is_empty() && svids.is_empty() {
+        0
+    } else {
+        views
+            .iter()
+            .map(|v| {
+                if agents.contains(v.agent.as_str()) {
+                    v.svids.len()
+                } else if let Some(ids) = svids.get(v.agent.as_str()) {
+                    v.svids
+                        .iter()
+                        .filter(|s| ids.contains(s.spiffe_id.as_str()))
+                        .count()
+                } else {
+                    0
+                }
+            })
+            .sum()
+    };
     (served + others.len()) as i64
 }
 
@@ -316,7 +346,7 @@ mod tests {
             &[("spiffe://td/x", 400), ("spiffe://td/z", 900)],
         )];
         assert_eq!(
-            svid_outages(open.iter(), &views, &agents),
+            svid_outages(open.iter(), &views, &agents, 10),
             [
                 // Its own incident predicts 300, before the agent's 500.
                 ("a".to_string(), "spiffe://td/x".to_string(), t(300)),
@@ -324,6 +354,35 @@ mod tests {
                 ("a".to_string(), "spiffe://td/z".to_string(), t(900)),
             ]
         );
+    }
+
+    #[test]
+    fn only_the_k_soonest_svids_are_kept_each_once() {
+        let agents = names(&["a"]);
+        let open = [
+            incident(SymptomKind::AgentBanned, Subject::agent("a"), Some(100)),
+            incident(
+                SymptomKind::SvidExpiring,
+                Subject::svid("a", "spiffe://td/x"),
+                Some(200),
+            ),
+        ];
+        let views = [agent_view(
+            "a",
+            &[
+                ("spiffe://td/x", 50),
+                ("spiffe://td/y", 150),
+                ("spiffe://td/z", 300),
+            ],
+        )];
+        let svid = |id: &str, at| ("a".to_string(), id.to_string(), t(at));
+        // x twice (its own 200, its agent's 100): once, at 100.
+        assert_eq!(
+            svid_outages(open.iter(), &views, &agents, 2),
+            [svid("spiffe://td/x", 100), svid("spiffe://td/y", 150)]
+        );
+        assert_eq!(svid_outages(open.iter(), &views, &agents, 5).len(), 3);
+        assert!(svid_outages(open.iter(), &views, &agents, 0).is_empty());
     }
 
     #[test]
