@@ -81,7 +81,7 @@ pub struct Gauges<'a> {
     /// Open incidents as (symptom, target, severity): the target is a
     /// configured name (agent, server, peer, certificate file), the trust
     /// domain, or [`OTHER_TARGET`]; never a SPIFFE ID.
-    pub open_incidents: Vec<(&'static str, String, &'static str)>,
+    pub open_incidents: Vec<OpenIncidentLabels>,
     /// Per configured agent, the earliest predicted outage among its open
     /// incidents (agents with none are left out).
     pub agent_outages: Vec<(String, SystemTime)>,
@@ -221,7 +221,7 @@ pub struct Metrics {
     /// ones can be removed.
     exported_svids: std::sync::Mutex<Vec<(String, String)>>,
     /// Every `open_incident` series ever set: kept at 0 once closed.
-    exported_incidents: std::sync::Mutex<std::collections::BTreeSet<[String; 3]>>,
+    exported_incidents: std::sync::Mutex<Vec<OpenIncidentLabels>>,
     /// Every hold reason `incidents_held` has a series for.
     held_reasons: std::sync::Mutex<std::collections::BTreeSet<&'static str>>,
     /// Every registered metric, series or not (the registry's `gather`
@@ -246,6 +246,10 @@ pub struct MetricDescription {
 pub const SVID_TOP_K: usize = 20;
 /// How many per-SVID predicted-outage series at most.
 pub const OUTAGE_TOP_K: usize = 10;
+
+/// (symptom, target, severity) of an open incident, as
+/// `spire_healer_open_incident` labels it.
+pub type OpenIncidentLabels = (&'static str, String, &'static str);
 
 impl Metrics {
     /// Creates at zero every labelled series whose labels are known in
@@ -581,7 +585,7 @@ impl Metrics {
                 &["reason"]
             )),
             exported_svids: std::sync::Mutex::new(Vec::new()),
-            exported_incidents: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+            exported_incidents: std::sync::Mutex::new(Vec::new()),
             held_reasons: std::sync::Mutex::new(std::collections::BTreeSet::new()),
             collectors,
             registry,
@@ -767,26 +771,54 @@ impl Metrics {
 
     /// Sets `open_incident` to 1 for `open` and to 0 for every series set
     /// before and no longer open.
-    fn set_open_incidents(&self, open: &[(&'static str, String, &'static str)]) {
-        let mut exported = self
+    fn set_open_incidents(&self, open: &[OpenIncidentLabels]) {
+        let sorted;
+        let open = if open.is_sorted() {
+            open
+        } else {
+            let mut v = open.to_vec();
+            v.sort_unstable();
+            v.dedup();
+            sorted = v;
+            &sorted[..]
+        };
+        let mut last = self
             .exported_incidents
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let now: std::collections::BTreeSet<[String; 3]> = open
-            .iter()
-            .map(|(k, t, s)| [k.to_string(), t.clone(), s.to_string()])
-            .collect();
-        for labels in exported.iter().filter(|l| !now.contains(*l)) {
-            self.open_incident
-                .with_label_values(&[&labels[0], &labels[1], &labels[2]])
-                .set(0);
+        // Steady state: the same incidents as last tick, nothing to do.
+        if last.as_slice() == open {
+            return;
         }
-        for labels in &now {
+        // Both sorted: one merge walk sets what closed to 0, what opened to 1.
+        let set = |(k, t, s): &OpenIncidentLabels, v| {
             self.open_incident
-                .with_label_values(&[&labels[0], &labels[1], &labels[2]])
-                .set(1);
+                .with_label_values(&[*k, t.as_str(), *s])
+                .set(v);
+        };
+        let (mut old, mut new) = (last.iter().peekable(), open.iter().peekable());
+        loop {
+            match (old.peek(), new.peek()) {
+                (Some(o), Some(n)) if o == n => {
+                    old.next();
+                    new.next();
+                }
+                (Some(o), Some(n)) if o < n => {
+                    set(o, 0);
+                    old.next();
+                }
+                (_, Some(n)) => {
+                    set(n, 1);
+                    new.next();
+                }
+                (Some(o), None) => {
+                    set(o, 0);
+                    old.next();
+                }
+                (None, None) => break,
+            }
         }
-        exported.extend(now);
+        *last = open.to_vec();
     }
 
     /// Replaces the per-SVID expiry series with `svids` (agent, spiffe id,
