@@ -143,16 +143,18 @@ pub(super) fn svid_outages<'i>(
 }
 
 /// Workloads at risk: SVIDs served by an agent with an open agent-level
-/// incident, or themselves in one, plus configured peers and certificate
-/// files with an open incident. One look-up per view, none per SVID of an
-/// agent without incidents.
+/// incident, or themselves in one (an SVID is judged only while its agent
+/// serves it, so its incident stands for a served SVID), plus configured
+/// peers and certificate files with an open incident. Hashes per open
+/// incident and, only when an agent is at risk, once per view; never per
+/// SVID.
 pub(super) fn workloads_at_risk<'i>(
     incidents: impl Iterator<Item = &'i Incident>,
     views: &[Arc<AgentView>],
     known: &Known<'_>,
 ) -> i64 {
     let mut agents: HashSet<&str> = HashSet::new();
-    let mut svids: HashMap<&str, HashSet<&str>> = HashMap::new();
+    let mut svids: HashSet<(&str, &str)> = HashSet::new();
     let mut others: HashSet<(bool, &str)> = HashSet::new();
     for i in incidents {
         match &i.subject {
@@ -160,7 +162,7 @@ pub(super) fn workloads_at_risk<'i>(
                 agents.insert(agent);
             }
             Subject::Svid { agent, spiffe_id } => {
-                svids.entry(agent).or_default().insert(spiffe_id);
+                svids.insert((agent, spiffe_id));
             }
             Subject::Peer { peer } | Subject::Handshakes { peer, .. }
                 if known.peers.contains(peer) =>
@@ -173,26 +175,18 @@ pub(super) fn workloads_at_risk<'i>(
             _ => {}
         }
     }
-    let served: usize = if agents.is_empty() && svids.is_empty() {
+    // SVIDs of agents at risk count once, with all their agent's SVIDs.
+    let own = svids.iter().filter(|(a, _)| !agents.contains(a)).count();
+    let served: usize = if agents.is_empty() {
         0
     } else {
         views
             .iter()
-            .map(|v| {
-                if agents.contains(v.agent.as_str()) {
-                    v.svids.len()
-                } else if let Some(ids) = svids.get(v.agent.as_str()) {
-                    v.svids
-                        .iter()
-                        .filter(|s| ids.contains(s.spiffe_id.as_str()))
-                        .count()
-                } else {
-                    0
-                }
-            })
+            .filter(|v| agents.contains(v.agent.as_str()))
+            .map(|v| v.svids.len())
             .sum()
     };
-    (served + others.len()) as i64
+    (served + own + others.len()) as i64
 }
 
 /// Per configured server: whether it answered, and the latest notAfter of
