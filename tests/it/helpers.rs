@@ -213,3 +213,31 @@ timeout = "20s"
 pub fn secs(from_ms: i64, to_ms: i64) -> f64 {
     (to_ms - from_ms) as f64 / 1000.0
 }
+
+/// A simulated agent serving `spiffe://<trust_domain>/workload/web` with
+/// hour-long SVIDs (no rotation during a test but the ones it causes) from a
+/// CA valid for two hours, started on `<dir>/agent.sock`.
+///
+/// # Errors
+/// The CA cannot be made or the socket bound.
+pub fn simulated_agent(
+    dir: &std::path::Path,
+    trust_domain: &str,
+) -> Result<Arc<spire_healer::simulated::agent::FakeAgent>> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let now = clock.now();
+    let ca = spire_healer::simulated::issuer::TestCa::new(
+        trust_domain,
+        now - Duration::from_secs(60),
+        now + Duration::from_secs(7200),
+    )?;
+    let agent = Arc::new(spire_healer::simulated::agent::FakeAgent::new(
+        ca,
+        &format!("spiffe://{trust_domain}/workload/web"),
+        Duration::from_secs(3600),
+        clock,
+        &dir.join("agent.sock"),
+    ));
+    agent.start()?;
+    Ok(agent)
+}

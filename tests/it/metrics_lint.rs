@@ -7,14 +7,10 @@
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use spire_healer::clock::{Clock, SystemClock};
 use spire_healer::http_client::{self, Options};
-use spire_healer::simulated::agent::FakeAgent;
-use spire_healer::simulated::issuer::TestCa;
 
 use crate::helpers::Healer;
 use crate::prom_server::prometheus_bin;
@@ -34,22 +30,8 @@ async fn live_metrics_pass_promtool_check_metrics() -> Result<()> {
         );
     }
     let dir = tempfile::Builder::new().prefix("healer-lint").tempdir()?;
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let now = clock.now();
-    let ca = TestCa::new(
-        "lint.healer",
-        now - Duration::from_secs(60),
-        now + Duration::from_secs(7200),
-    )?;
-    let socket = dir.path().join("agent.sock");
-    let agent = Arc::new(FakeAgent::new(
-        ca,
-        "spiffe://lint.healer/workload/web",
-        Duration::from_secs(3600),
-        clock,
-        &socket,
-    ));
-    agent.start()?;
+    let agent = crate::helpers::simulated_agent(dir.path(), "lint.healer")?;
+    let socket = agent.socket().to_path_buf();
     // The actuator does nothing: the incident stays open while we look.
     let text = format!(
         r#"

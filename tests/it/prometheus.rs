@@ -14,14 +14,10 @@
 
 use std::fs;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use spire_healer::clock::{Clock, SystemClock};
 use spire_healer::sensors::workload_api::ERROR_CODES;
-use spire_healer::simulated::agent::FakeAgent;
-use spire_healer::simulated::issuer::TestCa;
 use tokio::time::{Instant, sleep};
 
 use crate::helpers::Healer;
@@ -83,24 +79,8 @@ async fn first_incident_and_action_are_increases_in_prometheus() -> Result<()> {
 
 async fn scenario(bin: &Path) -> Result<()> {
     let dir = tempfile::Builder::new().prefix("healer-prom").tempdir()?;
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let now = clock.now();
-    // An hour-long SVID: no rotation during the test but the one the
-    // restart causes.
-    let ca = TestCa::new(
-        "prom.healer",
-        now - Duration::from_secs(60),
-        now + Duration::from_secs(7200),
-    )?;
-    let socket = dir.path().join("agent.sock");
-    let agent = Arc::new(FakeAgent::new(
-        ca,
-        "spiffe://prom.healer/workload/web",
-        Duration::from_secs(3600),
-        clock,
-        &socket,
-    ));
-    agent.start()?;
+    let agent = crate::helpers::simulated_agent(dir.path(), "prom.healer")?;
+    let socket = agent.socket().to_path_buf();
 
     let flag = dir.path().join("restart-flag");
     let text = format!(

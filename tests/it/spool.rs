@@ -14,10 +14,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use spire_healer::clock::{Clock, SystemClock};
 use spire_healer::knowledge::{self, Query};
 use spire_healer::simulated::agent::FakeAgent;
-use spire_healer::simulated::issuer::TestCa;
 use tokio::io::AsyncBufReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -178,7 +176,7 @@ struct Setup {
     db: spire_lab::ScratchDatabase,
     proxy: Proxy,
     dir: tempfile::TempDir,
-    agent: FakeAgent,
+    agent: Arc<FakeAgent>,
     config: std::path::PathBuf,
     spool: std::path::PathBuf,
     store: Arc<dyn knowledge::Store>,
@@ -196,22 +194,8 @@ async fn setup() -> Result<Setup> {
     let via_proxy = direct.replacen(host_port, &format!("127.0.0.1:{}", proxy.port), 1);
 
     let dir = tempfile::Builder::new().prefix("healer-spool").tempdir()?;
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let now = clock.now();
-    let ca = TestCa::new(
-        "spool.healer",
-        now - Duration::from_secs(60),
-        now + Duration::from_secs(7200),
-    )?;
-    let socket = dir.path().join("agent.sock");
-    let agent = FakeAgent::new(
-        ca,
-        "spiffe://spool.healer/workload/web",
-        Duration::from_secs(3600),
-        clock,
-        &socket,
-    );
-    agent.start()?;
+    let agent = crate::helpers::simulated_agent(dir.path(), "spool.healer")?;
+    let socket = agent.socket().to_path_buf();
     let spool = dir.path().join("healer.spool");
     let config = dir.path().join("healer.toml");
     std::fs::write(

@@ -19,16 +19,12 @@ use std::fs;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use serde_json::Value;
-use spire_healer::clock::{Clock, SystemClock};
-use spire_healer::simulated::agent::FakeAgent;
-use spire_healer::simulated::issuer::TestCa;
 use tokio::time::{Instant, sleep};
 
 /// The whole test.
@@ -241,22 +237,8 @@ async fn scenario(bin: &Path) -> Result<()> {
     let dir = tempfile::Builder::new().prefix("healer-traces").tempdir()?;
     let collector = Collector::start(bin, dir.path()).await?;
 
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let now = clock.now();
-    let ca = TestCa::new(
-        "traces.healer",
-        now - Duration::from_secs(60),
-        now + Duration::from_secs(7200),
-    )?;
-    let socket = dir.path().join("agent.sock");
-    let agent = Arc::new(FakeAgent::new(
-        ca,
-        "spiffe://traces.healer/workload/web",
-        Duration::from_secs(3600),
-        clock,
-        &socket,
-    ));
-    agent.start()?;
+    let agent = crate::helpers::simulated_agent(dir.path(), "traces.healer")?;
+    let socket = agent.socket().to_path_buf();
     let flag = dir.path().join("restart-flag");
     let config = dir.path().join("healer.toml");
     fs::write(
