@@ -194,6 +194,7 @@ fn d_open_after() -> BTreeMap<String, Duration> {
             "bootstrap_bundle_stale".to_string(),
             Duration::from_secs(10),
         ),
+        ("server_unhealthy".to_string(), Duration::from_secs(5)),
     ])
 }
 
