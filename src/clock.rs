@@ -59,6 +59,11 @@ impl Clock for ManualClock {
     }
 }
 
+/// `t` as RFC 3339 in UTC, to the second (for messages to people).
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
 /// Milliseconds since the Unix epoch (UTC); times before the epoch clamp to 0.
 pub fn unix_millis(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)

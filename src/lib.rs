@@ -45,6 +45,7 @@ pub mod app;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod endpoint;
 pub mod handshake;

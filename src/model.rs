@@ -1179,7 +1179,186 @@ pub enum Event {
     /// An agent's SPIFFE ID was learned (or seen again): the durable mapping
     /// from agent SPIFFE IDs to configured `[[agents]]` names.
     AgentIdentified(AgentIdentity),
+    /// A step that needs a person's yes waits for it (`pending`).
+    ApprovalRequested {
+        /// The approval, as requested.
+        approval: Approval,
+    },
+    /// An approval changed state: approved or rejected by an operator,
+    /// expired, used (its step started) or withdrawn.
+    ApprovalDecided {
+        /// Approval id.
+        id: String,
+        /// The new state (never `Pending`).
+        state: ApprovalState,
+        /// Who decided (an operator's principal; `None` for the loop).
+        by: Option<String>,
+        /// The operator's reason or comment.
+        reason: Option<String>,
+        /// The action it became (`Used`).
+        action_id: Option<String>,
+        /// When.
+        at: SystemTime,
+    },
+    /// An operator changed a control (pause, resume, dry run). The last
+    /// change of each control is restored at start.
+    ControlChanged {
+        /// Unique id (idempotence).
+        id: String,
+        /// What changed.
+        change: ControlChange,
+        /// Who (the caller's principal).
+        by: String,
+        /// Why, when given.
+        reason: Option<String>,
+        /// When.
+        at: SystemTime,
+    },
+    /// A (symptom, actuator) step verified too rarely over its last runs:
+    /// skipped until an operator resets it.
+    Demoted {
+        symptom: SymptomKind,
+        actuator: String,
+        /// Verified runs in the window.
+        verified: u32,
+        /// Runs in the window.
+        runs: u32,
+        /// When.
+        at: SystemTime,
+    },
+    /// An operator let a demoted step run again; its run window starts
+    /// afresh.
+    DemotionReset {
+        /// Unique id (idempotence).
+        id: String,
+        symptom: SymptomKind,
+        actuator: String,
+        /// Who.
+        by: String,
+        /// When.
+        at: SystemTime,
+    },
 }
+
+// === Operator controls ===
+
+/// A step waiting for a person's yes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Approval {
+    /// Id (what `approve ID` names).
+    pub id: String,
+    /// The incident the step serves.
+    pub incident_id: String,
+    pub symptom: SymptomKind,
+    /// The ladder rung.
+    pub rung: usize,
+    /// The actuator that would run.
+    pub actuator: String,
+    /// Its target.
+    pub target: String,
+    /// When it was asked for.
+    pub requested_at: SystemTime,
+    /// After this, it is expired (recorded as a hold) and asked again.
+    pub expires_at: SystemTime,
+}
+
+/// Where an approval stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalState {
+    /// Waiting for a person.
+    Pending,
+    /// Approved; the step runs at the next tick its guards allow.
+    Approved,
+    /// Rejected: held as `approval_rejected`, the ladder moves on.
+    Rejected,
+    /// Nobody decided in time: held as `approval_expired`.
+    Expired,
+    /// Approved and started.
+    Used,
+    /// The incident closed, or its ladder moved on, before a decision.
+    Withdrawn,
+}
+
+impl ApprovalState {
+    /// Every state.
+    pub const ALL: [ApprovalState; 6] = [
+        Self::Pending,
+        Self::Approved,
+        Self::Rejected,
+        Self::Expired,
+        Self::Used,
+        Self::Withdrawn,
+    ];
+
+    /// Stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Approved => "approved",
+            Self::Rejected => "rejected",
+            Self::Expired => "expired",
+            Self::Used => "used",
+            Self::Withdrawn => "withdrawn",
+        }
+    }
+
+    /// From the stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// Whether no decision can follow.
+    pub fn is_final(self) -> bool {
+        !matches!(self, Self::Pending | Self::Approved)
+    }
+}
+
+/// A change of an operator control.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlChange {
+    /// No action starts until resumed.
+    Paused,
+    /// The pause ended.
+    Resumed,
+    /// Dry run on.
+    DryRunOn,
+    /// Dry run off.
+    DryRunOff,
+}
+
+impl ControlChange {
+    /// Every change.
+    pub const ALL: [ControlChange; 4] =
+        [Self::Paused, Self::Resumed, Self::DryRunOn, Self::DryRunOff];
+
+    /// Stored name (also the audit kind).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Paused => "paused",
+            Self::Resumed => "resumed",
+            Self::DryRunOn => "dry_run_on",
+            Self::DryRunOff => "dry_run_off",
+        }
+    }
+
+    /// From the stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The control it sets: `pause` or `dry_run`.
+    pub fn control(self) -> &'static str {
+        match self {
+            Self::Paused | Self::Resumed => "pause",
+            Self::DryRunOn | Self::DryRunOff => "dry_run",
+        }
+    }
+}
+
+/// The principal the loop records its own decisions under.
+pub const LOOP_ACTOR: &str = "spire-healer";
 
 /// Where an agent name ↔ SPIFFE ID pairing was learned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -57,11 +57,28 @@ pub enum HoldReason {
     /// Every rung left on the ladder is futile for this target: an operator
     /// must act (recorded on the incident as `needs_operator`).
     NeedsOperator,
+    /// An operator paused the supervisor: nothing starts.
+    Paused,
+    /// The step needs a person's yes and waits for it.
+    AwaitingApproval,
+    /// An operator rejected the step: the ladder moves on.
+    ApprovalRejected,
+    /// Nobody approved the step in time: it is asked again.
+    ApprovalExpired,
+    /// The (symptom, actuator) step verified too rarely over its last runs:
+    /// skipped until an operator resets it; the ladder moves on.
+    Demoted,
+    /// Too much of the target's group is under disruptive action already.
+    BlastRadius,
+    /// The most actions allowed at once are running.
+    MaxConcurrent,
+    /// A maintenance window holds this actuator class now.
+    MaintenanceWindow,
 }
 
 impl HoldReason {
     /// Every reason.
-    pub const ALL: [HoldReason; 14] = [
+    pub const ALL: [HoldReason; 22] = [
         HoldReason::TargetBusy,
         HoldReason::Blind,
         HoldReason::Cooldown,
@@ -76,6 +93,14 @@ impl HoldReason {
         HoldReason::UnknownTarget,
         HoldReason::Explained,
         HoldReason::NeedsOperator,
+        HoldReason::Paused,
+        HoldReason::AwaitingApproval,
+        HoldReason::ApprovalRejected,
+        HoldReason::ApprovalExpired,
+        HoldReason::Demoted,
+        HoldReason::BlastRadius,
+        HoldReason::MaxConcurrent,
+        HoldReason::MaintenanceWindow,
     ];
 
     /// Snake-case name: metric label and store value.
@@ -95,6 +120,14 @@ impl HoldReason {
             HoldReason::UnknownTarget => "unknown_target",
             HoldReason::Explained => "explained",
             HoldReason::NeedsOperator => "needs_operator",
+            HoldReason::Paused => "paused",
+            HoldReason::AwaitingApproval => "awaiting_approval",
+            HoldReason::ApprovalRejected => "approval_rejected",
+            HoldReason::ApprovalExpired => "approval_expired",
+            HoldReason::Demoted => "demoted",
+            HoldReason::BlastRadius => "blast_radius",
+            HoldReason::MaxConcurrent => "max_concurrent",
+            HoldReason::MaintenanceWindow => "maintenance_window",
         }
     }
 
@@ -121,6 +154,16 @@ impl HoldReason {
 pub enum Decision {
     /// Run this step; the incident's ladder moves to `next_rung`.
     Act {
+        step: Step,
+        /// Rung to try if this one does not verify.
+        next_rung: usize,
+        /// Rungs passed over on the way (demoted, rejected): (actuator,
+        /// why), each recorded as a hold.
+        skipped: Vec<(String, HoldReason)>,
+    },
+    /// The step needs a person's yes: the loop asks for one (unless one is
+    /// pending) and holds the incident as `awaiting_approval`.
+    AwaitApproval {
         step: Step,
         /// Rung to try if this one does not verify.
         next_rung: usize,
@@ -178,8 +221,29 @@ pub struct PlanInput<'a> {
     pub policy: &'a Policy,
     /// Record without executing.
     pub dry_run: bool,
+    /// Operator controls and the group guards' view.
+    pub controls: &'a PlanControls<'a>,
     /// The tick's one reading of the clock.
     pub now: SystemTime,
+}
+
+/// What operators decided and what is in flight, as `plan` needs it.
+#[derive(Debug, Default)]
+pub struct PlanControls<'a> {
+    /// An operator paused the supervisor: every step holds as `paused`.
+    pub paused: bool,
+    /// Live approvals by (incident id, rung): the approval id and whether
+    /// it is `Pending` or `Approved`.
+    pub approvals: HashMap<(&'a str, usize), (&'a str, crate::model::ApprovalState)>,
+    /// (incident id, rung) an operator rejected: skipped for that incident.
+    pub rejected: HashSet<(&'a str, usize)>,
+    /// Demoted (symptom, actuator) steps: skipped until reset.
+    pub demoted: HashSet<(crate::model::SymptomKind, &'a str)>,
+    /// Actions running or awaiting verification: (target, actuator).
+    pub in_flight: Vec<(&'a str, &'a str)>,
+    /// The server each configured agent is behind (blast-radius groups);
+    /// agents missing here are in no server group.
+    pub agent_server: HashMap<&'a str, &'a str>,
 }
 
 /// Decides what to do for each open incident.
@@ -228,7 +292,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Decision> {
             }
             let d = planner.decide(inc);
             taken = match &d {
-                Decision::Act { .. } => true,
+                Decision::Act { .. } | Decision::AwaitApproval { .. } => true,
                 Decision::Hold { reason, .. } => reason.keeps_slot(),
                 Decision::NeedsOperator { .. } => false,
             };
@@ -405,6 +469,7 @@ impl Planner<'_, '_> {
         self.busy.insert(target.clone());
         self.planned += 1;
         Decision::Act {
+            skipped: Vec::new(),
             step: Step {
                 action_id: String::new(),
                 incident_id: inc.id.clone(),
@@ -524,6 +589,7 @@ mod tests {
             agents: &["a", "b", "c"].map(String::from).into(),
             policy: &policy,
             dry_run: false,
+            controls: &PlanControls::default(),
             now: t(now),
         })
     }
@@ -531,7 +597,9 @@ mod tests {
     fn summary(d: &[Decision]) -> Vec<String> {
         d.iter()
             .map(|d| match d {
-                Decision::Act { step, next_rung } => {
+                Decision::Act {
+                    step, next_rung, ..
+                } => {
                     format!(
                         "act {} {} rung{} next{}",
                         step.target, step.actuator, step.rung, next_rung
@@ -542,6 +610,12 @@ mod tests {
                 }
                 Decision::NeedsOperator { target, reason, .. } => {
                     format!("operator {target}: {reason}")
+                }
+                Decision::AwaitApproval { step, .. } => {
+                    format!(
+                        "approval {} {} rung{}",
+                        step.target, step.actuator, step.rung
+                    )
                 }
             })
             .collect()

@@ -360,6 +360,7 @@ impl Supervisor {
             agents: executor.agents(),
             policy: &self.policy,
             dry_run: self.dry_run,
+            controls: &crate::plan::PlanControls::default(),
             now,
         })
     }
@@ -378,7 +379,11 @@ impl Supervisor {
         let mut to_run = Vec::new();
         for d in decisions {
             let (mut step, next_rung) = match d {
-                Decision::Act { step, next_rung } => (step, next_rung),
+                Decision::Act {
+                    step, next_rung, ..
+                } => (step, next_rung),
+                // SKELETON: approvals are wired into the loop next.
+                Decision::AwaitApproval { .. } => continue,
                 Decision::Hold {
                     incident_id,
                     actuator,

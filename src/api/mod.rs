@@ -31,11 +31,12 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::handshake::Counter;
 use crate::proto::healer::supervisor_server::{Supervisor, SupervisorServer};
-use crate::proto::healer::{ReportHandshakesRequest, ReportHandshakesResponse};
+use crate::proto::healer::{self as pb, ReportHandshakesRequest, ReportHandshakesResponse};
 use crate::telemetry::metrics::Metrics;
 
 mod client;
 pub mod reports;
+pub mod tcp;
 
 pub use client::ReportClient;
 
@@ -79,6 +80,53 @@ pub struct ApiConfig {
     /// `DEADLINE_EXCEEDED` (frees its slot from idle reporters).
     #[serde(default = "default_stream_idle_timeout", with = "humantime_serde")]
     pub stream_idle_timeout: Duration,
+    /// Uids allowed to read over the socket (status, lists, watch).
+    /// Default: only the uid spire-healer runs as.
+    #[serde(default = "default_report_uids")]
+    pub read_uids: Vec<u32>,
+    /// Uids allowed to operate over the socket (approve, reject, pause,
+    /// resume, dry run, reset a demotion; operators read too). Default:
+    /// only the uid spire-healer runs as.
+    #[serde(default = "default_report_uids")]
+    pub operator_uids: Vec<u32>,
+    /// Callers by SPIFFE ID (TCP with mTLS).
+    #[serde(default)]
+    pub authz: AuthzConfig,
+    /// Optional TCP listener with mTLS, using our own X509-SVID from the
+    /// Workload API.
+    #[serde(default)]
+    pub tcp: Option<tcp::TcpConfig>,
+}
+
+/// `[api.authz]`: roles by SPIFFE ID, for callers over TCP with mTLS.
+/// An ID must be in our trust domain; anyone else is refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthzConfig {
+    /// May read (status, lists, watch).
+    #[serde(default)]
+    pub readers: Vec<String>,
+    /// May operate and read.
+    #[serde(default)]
+    pub operators: Vec<String>,
+    /// May call `ReportHandshakes`.
+    #[serde(default)]
+    pub reporters: Vec<String>,
+}
+
+/// What the API reads and changes.
+#[derive(Clone)]
+pub struct Backend {
+    /// History (lists, incidents, audit).
+    pub store: Arc<dyn crate::knowledge::Store>,
+    /// Pause, dry run, approvals, demotions.
+    pub controls: crate::control::Controls,
+    /// Recent events for `Watch`.
+    pub hub: Arc<crate::control::Hub>,
+    /// The loop's last published status.
+    pub status: tokio::sync::watch::Receiver<crate::control::Status>,
+    /// The clock mutating calls are stamped with.
+    pub clock: Arc<dyn crate::clock::Clock>,
 }
 
 fn default_socket() -> PathBuf {
@@ -129,6 +177,10 @@ impl Default for ApiConfig {
             max_concurrent_streams: default_max_concurrent_streams(),
             max_count_per_report: default_max_count_per_report(),
             stream_idle_timeout: default_stream_idle_timeout(),
+            read_uids: default_report_uids(),
+            operator_uids: default_report_uids(),
+            authz: AuthzConfig::default(),
+            tcp: None,
         }
     }
 }
@@ -424,6 +476,106 @@ impl Supervisor for Api {
         let result = Api::report_handshakes(self, req).await;
         self.count(Method::ReportHandshakes, &result);
         result.map(Response::new)
+    }
+
+    async fn get_status(
+        &self,
+        _req: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        Err(Status::unimplemented("SKELETON"))
+    }
+
+    async fn list_incidents(
+        &self,
+        _req: Request<pb::ListIncidentsRequest>,
+    ) -> Result<Response<pb::ListIncidentsResponse>, Status> {
+        Err(Status::unimplemented("SKELETON"))
+    }
+
+    async fn get_incident(
+        &self,
+        _req: Request<pb::GetIncidentRequest>,
+    ) -> Result<Response<pb::GetIncidentResponse>, Status> {
+        Err(Status::unimplemented("SKELETON"))
+    }
+
+    async fn list_actions(
+        &self,
+        _req: Request<pb::ListActionsRequest>,
+    ) -> Result<Response<pb::ListActionsResponse>, Status> {
+        Err(Status::unimplemented("SKELETON"))
+    }
+
+    async fn list_holds(
+        &self,
+        _req: Request<pb::ListHoldsRequest>,
+    ) -> Result<Response<pb::ListHoldsResponse>, Status> {
+        Err(Status::unimplemented("SKELETON"))
+    }
+
+    async fn list_approvals(
+        &self,
+        _req: Request<pb::ListApprovalsRequest>,
+    ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
+        Err(Status::unimplemented("SKELETON"))
+    }
+
+    async fn list_audit(
+        &self,
+        _req: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        Err(Status::unimplemented("SKELETON"))
+    }
+
+    async fn approve(
+        &self,
+        _req: Request<pb::ApproveRequest>,
+    ) -> Result<Response<pb::Approval>, Status> {
+        Err(Status::unimplemented("SKELETON"))
+    }
+
+    async fn reject(
+        &self,
+        _req: Request<pb::RejectRequest>,
+    ) -> Result<Response<pb::Approval>, Status> {
+        Err(Status::unimplemented("SKELETON"))
+    }
+
+    async fn pause(
+        &self,
+        _req: Request<pb::PauseRequest>,
+    ) -> Result<Response<pb::ControlResponse>, Status> {
+        Err(Status::unimplemented("SKELETON"))
+    }
+
+    async fn resume(
+        &self,
+        _req: Request<pb::ResumeRequest>,
+    ) -> Result<Response<pb::ControlResponse>, Status> {
+        Err(Status::unimplemented("SKELETON"))
+    }
+
+    async fn set_dry_run(
+        &self,
+        _req: Request<pb::SetDryRunRequest>,
+    ) -> Result<Response<pb::ControlResponse>, Status> {
+        Err(Status::unimplemented("SKELETON"))
+    }
+
+    async fn reset_demotion(
+        &self,
+        _req: Request<pb::ResetDemotionRequest>,
+    ) -> Result<Response<pb::ResetDemotionResponse>, Status> {
+        Err(Status::unimplemented("SKELETON"))
+    }
+
+    type WatchStream = futures::stream::BoxStream<'static, Result<pb::WatchEvent, Status>>;
+
+    async fn watch(
+        &self,
+        _req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("SKELETON"))
     }
 }
 

@@ -176,6 +176,85 @@ pub struct HoldRecord {
     pub at_ms: i64,
 }
 
+/// One stored approval.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ApprovalRecord {
+    pub id: String,
+    pub incident_id: String,
+    /// Symptom name.
+    pub symptom: String,
+    pub rung: i64,
+    pub actuator: String,
+    pub target: String,
+    /// An [`ApprovalState`](crate::model::ApprovalState) name.
+    pub state: String,
+    pub requested_at_ms: i64,
+    pub expires_at_ms: i64,
+    /// Who approved or rejected it.
+    pub decided_by: Option<String>,
+    /// When its state last changed from pending or approved.
+    pub decided_at_ms: Option<i64>,
+    /// The operator's reason or comment.
+    pub reason: Option<String>,
+    /// The action it became.
+    pub action_id: Option<String>,
+}
+
+/// One decision, as `spire-healer audit` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditRecord {
+    /// Unique per decision (derived from the event, so a re-applied batch
+    /// writes nothing twice).
+    pub id: String,
+    pub at_ms: i64,
+    /// `acted`, `held`, `pending`, `approved`, `rejected`, `expired`,
+    /// `withdrawn`, `used`, `demoted`, `demotion_reset`, `paused`,
+    /// `resumed`, `dry_run_on`, `dry_run_off`, `needs_operator`.
+    pub kind: String,
+    /// [`LOOP_ACTOR`](crate::model::LOOP_ACTOR) or an operator's principal.
+    pub actor: String,
+    pub incident_id: Option<String>,
+    pub action_id: Option<String>,
+    pub approval_id: Option<String>,
+    pub symptom: Option<String>,
+    pub actuator: Option<String>,
+    pub target: Option<String>,
+    /// A hold reason, an operator's reason, …
+    pub reason: Option<String>,
+    /// Anything else (JSON object; `{}` when nothing).
+    pub detail: serde_json::Value,
+}
+
+/// A (symptom, actuator) step demoted and not yet reset.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DemotionRecord {
+    pub symptom: String,
+    pub actuator: String,
+    pub verified: u32,
+    pub runs: u32,
+    pub demoted_at_ms: i64,
+}
+
+/// The last change of one control (pause, dry run).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ControlRecord {
+    pub change: crate::model::ControlChange,
+    pub by: String,
+    pub reason: Option<String>,
+    pub at_ms: i64,
+}
+
+/// One verdict of a (symptom, actuator) step, for the demotion window.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VerdictRecord {
+    pub symptom: String,
+    pub actuator: String,
+    /// `verified` (true) or `failed` (false); skipped runs are not verdicts.
+    pub verified: bool,
+    /// When it was judged.
+    pub at_ms: i64,
+}
+
 /// What the supervisor needs from history at start.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Knowledge {
@@ -185,17 +264,48 @@ pub struct Knowledge {
     pub recent_actions: Vec<ActionRecord>,
     /// Every agent SPIFFE ID learned so far, mapped to its configured name.
     pub agent_identities: Vec<AgentIdentity>,
+    /// The last change of each control (at most one per control).
+    pub controls: Vec<ControlRecord>,
+    /// Approvals still pending or approved and not used.
+    pub approvals: Vec<ApprovalRecord>,
+    /// Demotions not reset.
+    pub demotions: Vec<DemotionRecord>,
+    /// Verdicts per (symptom, actuator) since its last reset: at most the
+    /// last [`VERDICT_WINDOW`] per pair, oldest first.
+    pub verdicts: Vec<VerdictRecord>,
+}
+
+/// Most verdicts per (symptom, actuator) `load_knowledge` returns.
+pub const VERDICT_WINDOW: usize = 100;
+
+/// Where a page starts: strictly older than this row (newest first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageKey {
+    /// The last row's time column.
+    pub at_ms: i64,
+    /// The last row's id (ties on time).
+    pub id: String,
 }
 
 /// Filter for listing.
 #[derive(Debug, Clone, Default)]
 pub struct Query {
-    /// Only open incidents (ignored for actions).
+    /// Only open incidents (incidents), only pending approvals (approvals).
     pub open_only: bool,
-    /// Only this incident's actions (ignored for incidents).
+    /// Only this incident's rows (actions, holds, approvals, audit).
     pub incident_id: Option<String>,
     /// At most this many rows, newest first.
     pub limit: u32,
+    /// Rows strictly older than this key (the next page).
+    pub page: Option<PageKey>,
+    /// Rows at or after this time (unix ms).
+    pub since_ms: Option<i64>,
+    /// Rows before this time (unix ms).
+    pub until_ms: Option<i64>,
+    /// Only this symptom (incidents).
+    pub symptom: Option<String>,
+    /// Only these kinds (audit); empty: all.
+    pub kinds: Vec<String>,
 }
 
 /// The knowledge store.
@@ -218,6 +328,21 @@ pub trait Store: Send + Sync {
     async fn svids(&self, q: &Query) -> Result<Vec<SvidRecord>, StoreError>;
     /// Hold decisions, newest first.
     async fn holds(&self, q: &Query) -> Result<Vec<HoldRecord>, StoreError>;
+    /// One incident by id.
+    async fn incident(&self, id: &str) -> Result<Option<IncidentRecord>, StoreError> {
+        let _ = id;
+        Err(StoreError::Corrupt("incident: not built yet".into()))
+    }
+    /// Approvals, newest first (`open_only`: pending only).
+    async fn approvals(&self, q: &Query) -> Result<Vec<ApprovalRecord>, StoreError> {
+        let _ = q;
+        Err(StoreError::Corrupt("approvals: not built yet".into()))
+    }
+    /// Decisions, newest first.
+    async fn audit(&self, q: &Query) -> Result<Vec<AuditRecord>, StoreError> {
+        let _ = q;
+        Err(StoreError::Corrupt("audit: not built yet".into()))
+    }
     /// Cheap liveness check.
     async fn ping(&self) -> Result<(), StoreError>;
 }

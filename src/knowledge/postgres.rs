@@ -318,6 +318,7 @@ impl Store for PostgresStore {
                 open_incidents,
                 recent_actions,
                 agent_identities,
+                ..Knowledge::default()
             })
         })
         .await

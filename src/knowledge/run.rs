@@ -55,6 +55,8 @@ impl<'a> Run<'a> {
                 Self::IncidentNeedsOperator(rows(run, IncidentNeedsOperator::of))
             }
             Event::AgentIdentified(_) => Self::AgentIdentified(rows(run, AgentIdentified::of)),
+            // SKELETON: the operator-control events are not stored yet.
+            _ => return None,
         })
     }
 }

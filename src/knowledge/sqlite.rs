@@ -333,6 +333,7 @@ impl Store for SqliteStore {
             open_incidents,
             recent_actions,
             agent_identities,
+            ..Knowledge::default()
         })
     }
 
