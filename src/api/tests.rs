@@ -621,6 +621,7 @@ fn config_problems_are_all_listed() {
         max_concurrent_streams: 0,
         max_count_per_report: 0,
         stream_idle_timeout: Duration::ZERO,
+        ..ApiConfig::default()
     };
     let fields: Vec<_> = cfg.problems().into_iter().map(|(f, _)| f).collect();
     assert_eq!(
