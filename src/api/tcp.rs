@@ -20,3 +20,16 @@ pub struct TcpConfig {
     #[serde(default)]
     pub spiffe_id: Option<String>,
 }
+
+/// What a TCP connection tells the API about its caller: set by the mTLS
+/// acceptor (tonic `Connected::connect_info`), read by authorization
+/// through `req.extensions().get::<TcpConnectInfo>()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpConnectInfo {
+    /// The remote address.
+    pub remote: SocketAddr,
+    /// The SPIFFE ID of the caller's X509-SVID, verified against our trust
+    /// bundle during the handshake (`None` never reaches a handler: a
+    /// caller without a valid SVID fails the handshake).
+    pub peer_spiffe_id: Option<String>,
+}
