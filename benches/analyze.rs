@@ -176,7 +176,7 @@ fn bench(c: &mut Criterion) {
             ))],
             actuators: Default::default(),
             policy,
-            dry_run: true,
+            operator: spire_healer::supervisor::Operator::detached(true),
             buffer: Buffer::new(Arc::new(NullStore), 1_000_000),
             metrics,
             health: Arc::new(Health::new(Duration::from_secs(10))),

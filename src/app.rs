@@ -18,7 +18,8 @@ use crate::knowledge::scope_lock::{self, ScopeLock};
 use crate::knowledge::{self, Buffer, Store, StoreError};
 use crate::sensors::entry_lookups::EntryLookups;
 use crate::sensors::{SensorContext, Sensors};
-use crate::supervisor::{Parts, Supervisor, Targets};
+use crate::control::Controls;
+use crate::supervisor::{Operator, Parts, Supervisor, Targets};
 use crate::telemetry::{self, Health, Metrics};
 
 /// Handles to a started supervisor.
@@ -154,6 +155,18 @@ pub async fn start(
         cfg.supervisor.tick_interval * 5 + Duration::from_secs(5),
     ));
     let wake = Arc::new(Notify::new());
+    // Pause and dry run as last recorded (an operator's change outlives a
+    // restart), live approvals and demotions.
+    let operator = Operator::new(Controls::resume(
+        cfg.supervisor.dry_run,
+        &knowledge.controls,
+        &knowledge.approvals,
+        &knowledge.demotions,
+        wake.clone(),
+    ));
+    if let Some(p) = operator.controls.paused() {
+        warn!(by = %p.by, reason = p.reason.as_deref().unwrap_or(""), "Paused by an operator: no action starts until `spire-healer resume`.");
+    }
     let handshakes = crate::handshake::Counter::default();
     let sensor_cx = SensorContext {
         clock: clock.clone(),
@@ -244,7 +257,7 @@ pub async fn start(
             sensors,
             actuators: registry,
             policy: resolved.policy.clone(),
-            dry_run: cfg.supervisor.dry_run,
+            operator: operator.clone(),
             buffer: {
                 let buffer = Buffer::new(store.clone(), cfg.database.buffer_capacity);
                 match spool {

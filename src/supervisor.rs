@@ -21,6 +21,7 @@ mod guards;
 mod handshakes;
 mod identities;
 mod incidents;
+mod operator;
 mod recorder;
 mod sensing;
 
@@ -52,6 +53,8 @@ use guards::{Guards, breaker_open};
 use handshakes::Handshakes;
 use identities::Identities;
 use incidents::Incidents;
+use operator::Operations;
+pub use operator::{HUB_CAPACITY, Operator};
 use recorder::{Recorder, abandoned};
 pub use recorder::{StoreHealth, heartbeat as store_heartbeat};
 use sensing::Sensing;
@@ -83,8 +86,9 @@ pub struct Parts {
     pub actuators: Registry,
     /// Thresholds, ladders and guards.
     pub policy: Policy,
-    /// Record decisions without executing them.
-    pub dry_run: bool,
+    /// Operator controls (pause, dry run as configured and as changed,
+    /// approvals, demotions), the status and the events the API reads.
+    pub operator: Operator,
     /// The store's write path.
     pub buffer: Buffer,
     pub metrics: Arc<Metrics>,
@@ -114,9 +118,9 @@ struct Tick<'o> {
 pub struct Supervisor {
     clock: Arc<dyn Clock>,
     policy: Policy,
-    dry_run: bool,
     metrics: Arc<Metrics>,
     cadence: Cadence,
+    operations: Operations,
     sensing: Sensing,
     changes: Changes,
     handshakes: Handshakes,
@@ -197,7 +201,7 @@ impl Supervisor {
             },
             clock: parts.clock,
             policy: parts.policy,
-            dry_run: parts.dry_run,
+            operations: Operations::new(parts.operator),
             metrics: parts.metrics,
             store,
             reload: None,
@@ -261,12 +265,17 @@ impl Supervisor {
         });
         self.executor.collect(&mut tick);
         self.verify(now, &mut tick);
+        // What operators changed since the last tick.
+        let _resets = self
+            .operations
+            .intake(&mut self.incidents, now, &mut tick);
         // Plan.
         let decisions = self.plan(&obs, &symptoms, now);
         // Execute: record first, then act.
         let steps = self.execute(decisions, &obs, &symptoms, now, &mut tick);
         tick.summary.gauges = Some(self.gauges(&obs, &symptoms, now));
         self.metrics.record_tick(now, &tick.summary);
+        self.operations.publish_events(&tick.events);
         self.store.push(tick.events);
         if !steps.is_empty() {
             // "Recorded before acting": try to land ActionStarted first. If
@@ -279,6 +288,7 @@ impl Supervisor {
         }
         // Knowledge.
         self.store.flush(now).await;
+        self.publish_status(&obs, now);
         self.cadence.health.ticked(now);
         timer.observe_duration();
         TickReport {
@@ -341,6 +351,12 @@ impl Supervisor {
         let actions_last_hour = self.guards.actions_last_hour(now);
         let g = &self.guards;
         let executor = &self.executor;
+        let mut controls = self.operations.plan_controls();
+        let in_flight = executor.in_flight();
+        controls.in_flight = in_flight
+            .iter()
+            .map(|(t, a)| (t.as_str(), a.as_str()))
+            .collect();
         plan(&PlanInput {
             symptoms,
             incidents: self.incidents.iter().collect(),
@@ -359,8 +375,8 @@ impl Supervisor {
             peers: executor.peers(),
             agents: executor.agents(),
             policy: &self.policy,
-            dry_run: self.dry_run,
-            controls: &crate::plan::PlanControls::default(),
+            dry_run: self.operations.controls().dry_run(),
+            controls: &controls,
             now,
         })
     }
@@ -380,10 +396,30 @@ impl Supervisor {
         for d in decisions {
             let (mut step, next_rung) = match d {
                 Decision::Act {
-                    step, next_rung, ..
-                } => (step, next_rung),
-                // SKELETON: approvals are wired into the loop next.
-                Decision::AwaitApproval { .. } => continue,
+                    step,
+                    next_rung,
+                    skipped,
+                } => {
+                    for (actuator, reason) in skipped {
+                        let (incident, target) = (&step.incident_id, &step.target);
+                        let reason = reason.as_str();
+                        self.incidents
+                            .hold(incident, &actuator, target, reason, now, tick);
+                    }
+                    (step, next_rung)
+                }
+                Decision::AwaitApproval { step, .. } => {
+                    // SKELETON: the policy's `[guards.approval] expires_after`.
+            let expiry = Duration::from_secs(15 * 60);
+                    tick.events
+                        .push(self.operations.request(&step, expiry, now));
+                    let reason = crate::plan::HoldReason::AwaitingApproval.as_str();
+                    let (incident, actuator, target) =
+                        (&step.incident_id, &step.actuator, &step.target);
+                    self.incidents
+                        .hold(incident, actuator, target, reason, now, tick);
+                    continue;
+                }
                 Decision::Hold {
                     incident_id,
                     actuator,
@@ -439,6 +475,7 @@ impl Supervisor {
                 step: step.clone(),
                 at: now,
             });
+            tick.events.extend(self.operations.used(&step, now));
             self.incidents.acted(&step.incident_id);
             self.guards.started(&step, now);
             let span = self.incidents.span(&step.incident_id);
@@ -447,6 +484,51 @@ impl Supervisor {
             to_run.push(step);
         }
         to_run
+    }
+
+    /// Publishes what `GetStatus` answers: subjects with open incidents,
+    /// blind sensors, actions in flight, the store's health.
+    fn publish_status(&self, obs: &Observations, now: SystemTime) {
+        let incidents = &self.incidents;
+        let (sensing, policy, executor) = (&self.sensing, &self.policy, &self.executor);
+        let store_up = self.store.health().is_up();
+        self.operations.publish_status(|| {
+            let mut by_subject: BTreeMap<String, crate::control::SubjectStatus> = BTreeMap::new();
+            for inc in incidents.iter() {
+                let e = by_subject
+                    .entry(inc.subject.to_string())
+                    .or_insert_with(|| crate::control::SubjectStatus {
+                        subject: inc.subject.to_string(),
+                        state: crate::control::SubjectState::Degraded,
+                        open_incident_ids: Vec::new(),
+                        predicted_outage: None,
+                    });
+                e.open_incident_ids.push(inc.id.clone());
+                if inc.severity == crate::model::Severity::Critical {
+                    e.state = crate::control::SubjectState::Failing;
+                }
+                e.predicted_outage = match (e.predicted_outage, inc.predicted_outage) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            let watched = executor.agents().len() + executor.peers().len() + obs.servers.len();
+            let unhealthy = by_subject.len();
+            crate::control::Status {
+                subjects: by_subject.into_values().collect(),
+                healthy_subjects: watched.saturating_sub(unhealthy) as u64,
+                blind_sensors: sensing
+                    .freshness(&policy.thresholds, now)
+                    .into_iter()
+                    .filter(|f| f.blind)
+                    .map(|f| f.sensor.to_string())
+                    .collect(),
+                actions_in_flight: u32::try_from(executor.in_flight().len()).unwrap_or(u32::MAX),
+                open_incidents: u32::try_from(incidents.iter().count()).unwrap_or(u32::MAX),
+                last_tick: Some(now),
+                store_up,
+            }
+        });
     }
 
     /// The fleet as the metrics show it after this tick.

@@ -245,6 +245,14 @@ impl Executor {
         self.actuators.get(actuator).map(|a| a.class())
     }
 
+    /// (target, actuator) of every action running or awaiting verification.
+    pub(super) fn in_flight(&self) -> Vec<(String, String)> {
+        self.pending
+            .values()
+            .map(|p| (p.step.target.clone(), p.step.actuator.clone()))
+            .collect()
+    }
+
     /// Targets with an action running or awaiting verification.
     pub(super) fn busy_targets(&self) -> HashSet<String> {
         self.pending

@@ -223,6 +223,8 @@ struct Harness {
     restart: Arc<FakeActuator>,
     policy: Policy,
     dry_run: bool,
+    /// Shared controls (pause, approvals) when a test drives them.
+    operator: Option<Operator>,
 }
 
 impl Harness {
@@ -246,6 +248,7 @@ impl Harness {
             restart: Arc::default(),
             policy: two_rung_policy(),
             dry_run: false,
+            operator: None,
         }
     }
 
@@ -284,7 +287,7 @@ impl Harness {
             sensors,
             actuators,
             policy: self.policy.clone(),
-            dry_run: self.dry_run,
+            operator: self.operator.clone().unwrap_or_else(|| Operator::detached(self.dry_run)),
             buffer: Buffer::new(store, 10_000),
             metrics: self.metrics.clone(),
             health: Arc::new(Health::new(Duration::from_secs(60))),
