@@ -14,11 +14,11 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::actuators;
 use crate::clock::Clock;
 use crate::config::Resolved;
+use crate::control::Controls;
 use crate::knowledge::scope_lock::{self, ScopeLock};
 use crate::knowledge::{self, Buffer, Store, StoreError};
 use crate::sensors::entry_lookups::EntryLookups;
 use crate::sensors::{SensorContext, Sensors};
-use crate::control::Controls;
 use crate::supervisor::{Operator, Parts, Supervisor, Targets};
 use crate::telemetry::{self, Health, Metrics};
 
@@ -271,7 +271,17 @@ pub async fn start(
             tick_interval: cfg.supervisor.tick_interval,
             handshakes,
             targets: Targets::new(cfg.agents.iter().map(|a| a.name.clone()), [], probes)
-                .with_streams(streams),
+                .with_streams(streams)
+                .with_server_groups(
+                    cfg.agents
+                        .iter()
+                        .filter_map(|a| Some((a.name.clone(), a.config_file.clone()?)))
+                        .collect(),
+                    cfg.servers
+                        .iter()
+                        .filter_map(|s| Some((s.name.clone(), s.address.clone()?)))
+                        .collect(),
+                ),
         },
         knowledge,
     )

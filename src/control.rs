@@ -373,6 +373,17 @@ impl Controls {
             .collect()
     }
 
+    /// (incident id, rung) of every rejected approval still held in
+    /// memory: those steps are passed over for their incident.
+    pub fn rejected(&self) -> Vec<(String, usize)> {
+        self.lock()
+            .approvals
+            .values()
+            .filter(|a| a.state == ApprovalState::Rejected)
+            .map(|a| (a.approval.incident_id.clone(), a.approval.rung))
+            .collect()
+    }
+
     /// Demoted steps.
     pub fn demoted(&self) -> Vec<DemotedStep> {
         self.lock().demoted.clone()

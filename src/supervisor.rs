@@ -17,6 +17,7 @@
 mod changes;
 mod executor;
 mod gauges;
+mod groups;
 mod guards;
 mod handshakes;
 mod identities;
@@ -266,9 +267,7 @@ impl Supervisor {
         self.executor.collect(&mut tick);
         self.verify(now, &mut tick);
         // What operators changed since the last tick.
-        let _resets = self
-            .operations
-            .intake(&mut self.incidents, now, &mut tick);
+        let _resets = self.operations.intake(&mut self.incidents, now, &mut tick);
         // Plan.
         let decisions = self.plan(&obs, &symptoms, now);
         // Execute: record first, then act.
@@ -349,9 +348,14 @@ impl Supervisor {
     fn plan(&mut self, obs: &Observations, symptoms: &[Symptom], now: SystemTime) -> Vec<Decision> {
         let servers_reachable = self.guards.note_servers(&obs.servers, now);
         let actions_last_hour = self.guards.actions_last_hour(now);
+        let agent_servers = self.executor.agent_servers(now).clone();
         let g = &self.guards;
         let executor = &self.executor;
         let mut controls = self.operations.plan_controls();
+        controls.agent_server = agent_servers
+            .iter()
+            .map(|(a, s)| (a.as_str(), s.as_str()))
+            .collect();
         let in_flight = executor.in_flight();
         controls.in_flight = in_flight
             .iter()
@@ -410,7 +414,7 @@ impl Supervisor {
                 }
                 Decision::AwaitApproval { step, .. } => {
                     // SKELETON: the policy's `[guards.approval] expires_after`.
-            let expiry = Duration::from_secs(15 * 60);
+                    let expiry = Duration::from_secs(15 * 60);
                     tick.events
                         .push(self.operations.request(&step, expiry, now));
                     let reason = crate::plan::HoldReason::AwaitingApproval.as_str();

@@ -45,6 +45,8 @@ pub struct Targets {
     /// Workload API streams by agent: retried at once when an action on
     /// their agent returns, rather than after their reconnect backoff.
     streams: HashMap<String, Arc<Shared>>,
+    /// Which server each agent is behind (blast-radius groups).
+    server_groups: super::groups::AgentServers,
 }
 
 impl Targets {
@@ -67,7 +69,20 @@ impl Targets {
             peers: all,
             probes,
             streams: HashMap::new(),
+            server_groups: super::groups::AgentServers::default(),
         }
+    }
+
+    /// Agents' config files (agent, path) and the servers (name,
+    /// `host:port`) they may point at: the "agents behind one server"
+    /// blast-radius groups.
+    pub fn with_server_groups(
+        mut self,
+        files: Vec<(String, std::path::PathBuf)>,
+        servers: Vec<(String, String)>,
+    ) -> Self {
+        self.server_groups = super::groups::AgentServers::new(files, servers);
+        self
     }
 
     /// The agents' Workload API streams, to retry when an action on their
@@ -243,6 +258,11 @@ impl Executor {
     /// The class of a configured actuator; `None` when not configured.
     pub(super) fn class(&self, actuator: &str) -> Option<Class> {
         self.actuators.get(actuator).map(|a| a.class())
+    }
+
+    /// Agent → the server it is behind (read again every 30 s).
+    pub(super) fn agent_servers(&mut self, now: SystemTime) -> &HashMap<String, String> {
+        self.targets.server_groups.current(now)
     }
 
     /// (target, actuator) of every action running or awaiting verification.

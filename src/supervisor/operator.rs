@@ -57,6 +57,7 @@ impl Operator {
 pub(super) struct Operations {
     link: Operator,
     live: Vec<ApprovalEntry>,
+    rejected: Vec<(String, usize)>,
 }
 
 impl Operations {
@@ -64,6 +65,7 @@ impl Operations {
         Self {
             link,
             live: Vec::new(),
+            rejected: Vec::new(),
         }
     }
 
@@ -116,12 +118,8 @@ impl Operations {
                 .by_id(&a.incident_id)
                 .filter(|inc| inc.next_rung <= a.rung + 1);
             let Some(inc) = open else {
-                tick.events.extend(controls.conclude(
-                    &a.id,
-                    ApprovalState::Withdrawn,
-                    None,
-                    now,
-                ));
+                tick.events
+                    .extend(controls.conclude(&a.id, ApprovalState::Withdrawn, None, now));
                 continue;
             };
             if entry.state == ApprovalState::Pending && now >= a.expires_at {
@@ -139,6 +137,9 @@ impl Operations {
             }
         }
         self.live = controls.live_approvals();
+        self.rejected = controls.rejected();
+        self.rejected
+            .retain(|(incident, _)| incidents.by_id(incident).is_some());
         resets
     }
 
@@ -155,12 +156,22 @@ impl Operations {
         PlanControls {
             paused: self.link.controls.paused().is_some(),
             approvals,
+            rejected: self
+                .rejected
+                .iter()
+                .map(|(i, r)| (i.as_str(), *r))
+                .collect(),
             ..PlanControls::default()
         }
     }
 
     /// Asks for a person's yes for `step` (recorded as `pending`).
-    pub(super) fn request(&self, step: &Step, expires_after: std::time::Duration, now: SystemTime) -> Event {
+    pub(super) fn request(
+        &self,
+        step: &Step,
+        expires_after: std::time::Duration,
+        now: SystemTime,
+    ) -> Event {
         let approval = Approval {
             id: new_id(),
             incident_id: step.incident_id.clone(),
@@ -185,12 +196,9 @@ impl Operations {
     /// The approved step `step` started as its action.
     pub(super) fn used(&self, step: &Step, now: SystemTime) -> Option<Event> {
         let id = step.params.get("approval_id")?.as_str()?;
-        self.link.controls.conclude(
-            id,
-            ApprovalState::Used,
-            Some(step.action_id.clone()),
-            now,
-        )
+        self.link
+            .controls
+            .conclude(id, ApprovalState::Used, Some(step.action_id.clone()), now)
     }
 
     /// Publishes the tick's recorded events for `Watch`.

@@ -287,7 +287,10 @@ impl Harness {
             sensors,
             actuators,
             policy: self.policy.clone(),
-            operator: self.operator.clone().unwrap_or_else(|| Operator::detached(self.dry_run)),
+            operator: self
+                .operator
+                .clone()
+                .unwrap_or_else(|| Operator::detached(self.dry_run)),
             buffer: Buffer::new(store, 10_000),
             metrics: self.metrics.clone(),
             health: Arc::new(Health::new(Duration::from_secs(60))),
