@@ -4,18 +4,24 @@
 //! reach the configuration.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 use crate::model::{AgentTtl, SymptomKind, TtlSource};
+
+pub mod maintenance;
+
+pub use maintenance::MaintenanceWindow;
 
 /// The built-in policy, `policies/default.toml`.
 pub const DEFAULT_POLICY: &str = include_str!("../policies/default.toml");
 
 /// How much an actuator disturbs its target: decides which do-no-harm
-/// guards apply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// guards apply. Named in the policy as `gentle`, `agent_local` and
+/// `failover`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Class {
     /// Cannot make things worse (re-open a stream, bump an entry).
     Gentle,
@@ -26,6 +32,26 @@ pub enum Class {
     /// Moves the agent to another server: held while no server answers, but
     /// not by the breaker (a dead server is exactly what it fixes).
     Failover,
+}
+
+impl Class {
+    /// Every class.
+    pub const ALL: [Class; 3] = [Class::Gentle, Class::AgentLocal, Class::Failover];
+
+    /// Policy name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Gentle => "gentle",
+            Class::AgentLocal => "agent_local",
+            Class::Failover => "failover",
+        }
+    }
+
+    /// Whether it can disturb its target (everything but [`Class::Gentle`]):
+    /// what the blast-radius guard counts.
+    pub fn is_disruptive(self) -> bool {
+        self != Class::Gentle
+    }
 }
 
 /// A whole policy.
@@ -39,6 +65,10 @@ pub struct Policy {
     /// Ladder per symptom name.
     #[serde(default)]
     pub ladders: BTreeMap<String, Vec<Rung>>,
+    /// Maintenance windows (`[[maintenance]]`): while one is open, the
+    /// classes and actuators it lists hold with `maintenance_window`.
+    #[serde(default)]
+    pub maintenance: Vec<MaintenanceWindow>,
 }
 
 /// Open and close conditions of the symptoms.
@@ -246,6 +276,207 @@ pub struct Guards {
     /// ladder with nothing left holds as `needs_operator`.
     #[serde(default = "d_futile_after")]
     pub futile_after: u32,
+    /// At most this many actions running or awaiting verification at once
+    /// (all targets, all classes); more hold as `max_concurrent`.
+    #[serde(default = "d_max_concurrent")]
+    pub max_concurrent_actions: u32,
+    /// Which steps need a person's yes (`[guards.approval]`).
+    #[serde(default)]
+    pub approval: ApprovalGuard,
+    /// Steps that verify too rarely are skipped (`[guards.demotion]`).
+    #[serde(default)]
+    pub demotion: DemotionGuard,
+    /// How much of a group may be under disruptive action at once
+    /// (`[guards.blast_radius]`).
+    #[serde(default)]
+    pub blast_radius: BlastRadius,
+}
+
+fn d_max_concurrent() -> u32 {
+    4
+}
+
+/// `[guards.approval]`: approval per actuator class.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalGuard {
+    /// Steps of these classes need an approval, unless their rung says
+    /// `approval = "none"`. Empty (the default): only rungs with
+    /// `approval = "required"` do.
+    #[serde(default)]
+    pub classes: Vec<Class>,
+    /// A pending approval nobody decided within this is expired (held as
+    /// `approval_expired`) and asked for again.
+    #[serde(default = "d_approval_expiry", with = "humantime_serde")]
+    pub expires_after: Duration,
+}
+
+impl Default for ApprovalGuard {
+    fn default() -> Self {
+        Self {
+            classes: Vec::new(),
+            expires_after: d_approval_expiry(),
+        }
+    }
+}
+
+fn d_approval_expiry() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+
+/// `[guards.demotion]`: a (symptom, actuator) step whose share of verified
+/// runs over its last `window` runs falls below `min_success_ratio` is
+/// demoted: skipped (the ladder moves on) until an operator resets it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemotionGuard {
+    /// Off: nothing is demoted, and steps demoted before are not skipped
+    /// (they stay recorded until reset).
+    #[serde(default = "d_true")]
+    pub enabled: bool,
+    /// Runs judged (verified or failed), per (symptom, actuator); nothing
+    /// is demoted before there are this many.
+    #[serde(default = "d_demotion_window")]
+    pub window: usize,
+    /// Demoted when verified / window falls below this.
+    #[serde(default = "d_min_success_ratio")]
+    pub min_success_ratio: f64,
+}
+
+impl Default for DemotionGuard {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            window: d_demotion_window(),
+            min_success_ratio: d_min_success_ratio(),
+        }
+    }
+}
+
+fn d_demotion_window() -> usize {
+    5
+}
+fn d_min_success_ratio() -> f64 {
+    0.4
+}
+
+/// `[guards.blast_radius]`: at most this much of a group under disruptive
+/// action (any class but `gentle`) at once, counting actions running or
+/// awaiting verification and those planned in the same tick; more hold as
+/// `blast_radius`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlastRadius {
+    /// Off: no group limit (`max_concurrent_actions` still applies).
+    #[serde(default = "d_true")]
+    pub enabled: bool,
+    /// Of all configured agents.
+    #[serde(default = "d_radius_agents")]
+    pub agents: Limit,
+    /// Of the agents behind one server.
+    #[serde(default = "d_radius_server")]
+    pub per_server: Limit,
+    /// Of the peers of one name: the part of a peer's (or certificate
+    /// file's) name before its first `/`, so `web/a` and `web/b` are two
+    /// instances of `web`.
+    #[serde(default = "d_radius_peer")]
+    pub per_peer: Limit,
+}
+
+impl Default for BlastRadius {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            agents: d_radius_agents(),
+            per_server: d_radius_server(),
+            per_peer: d_radius_peer(),
+        }
+    }
+}
+
+fn d_radius_agents() -> Limit {
+    Limit::Percent(25.0)
+}
+fn d_radius_server() -> Limit {
+    Limit::Percent(50.0)
+}
+fn d_radius_peer() -> Limit {
+    Limit::Count(1)
+}
+
+/// A group limit: a count (`2`) or a share of the group (`"25%"`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Limit {
+    /// At most this many.
+    Count(u32),
+    /// At most this percentage of the group, rounded down, but at least 1.
+    Percent(f64),
+}
+
+impl Limit {
+    /// How many members of a group of `size` may be under action at once:
+    /// a count as written; a percentage rounded down but at least 1, so a
+    /// small group is never frozen entirely.
+    pub fn of(self, size: usize) -> usize {
+        match self {
+            Limit::Count(n) => n as usize,
+            Limit::Percent(p) => ((size as f64 * p / 100.0).floor() as usize).max(1),
+        }
+    }
+
+    /// What is wrong with it, if anything.
+    fn problem(self) -> Option<String> {
+        match self {
+            Limit::Count(0) => Some("0 would hold every disruptive step: use at least 1".into()),
+            Limit::Percent(p) if !(p > 0.0 && p <= 100.0) => {
+                Some(format!("{p}% must be above 0% and at most 100%"))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Limit::Count(n) => write!(f, "{n}"),
+            Limit::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Limit {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Limit;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a count such as 2 or a percentage such as \"25%\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Limit, E> {
+                u32::try_from(v)
+                    .map(Limit::Count)
+                    .map_err(|_| E::custom(format!("{v} must be a count from 0 to {}", u32::MAX)))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Limit, E> {
+                u32::try_from(v)
+                    .map(Limit::Count)
+                    .map_err(|_| E::custom(format!("{v} must be a count from 0 to {}", u32::MAX)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Limit, E> {
+                v.trim()
+                    .strip_suffix('%')
+                    .and_then(|n| n.trim().parse::<f64>().ok())
+                    .map(Limit::Percent)
+                    .ok_or_else(|| {
+                        E::custom(format!(
+                            "{v:?} is not a percentage such as \"25%\" (a count is written without quotes)"
+                        ))
+                    })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 fn d_identity_grace() -> Duration {
@@ -281,6 +512,22 @@ pub struct Rung {
     /// Overrides the default cooldown for this rung.
     #[serde(default, with = "humantime_serde")]
     pub cooldown: Option<Duration>,
+    /// `"required"`: the step waits for an operator's approval; `"none"`:
+    /// it never does, whatever `[guards.approval] classes` says. Unset: as
+    /// its actuator's class says.
+    #[serde(default)]
+    pub approval: Option<ApprovalMode>,
+}
+
+/// Whether a rung needs a person's yes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalMode {
+    /// It waits for an approval.
+    Required,
+    /// It never does.
+    #[serde(rename = "none")]
+    NotRequired,
 }
 
 impl Thresholds {
@@ -367,6 +614,41 @@ impl Policy {
                 g.breaker_share
             ));
         }
+        if g.max_concurrent_actions == 0 {
+            out.push("guards.max_concurrent_actions must be at least 1".into());
+        }
+        if g.approval.expires_after.is_zero() {
+            out.push("guards.approval.expires_after must be greater than zero".into());
+        }
+        let d = &g.demotion;
+        if !(1..=crate::knowledge::VERDICT_WINDOW).contains(&d.window) {
+            out.push(format!(
+                "guards.demotion.window = {} must be from 1 to {}",
+                d.window,
+                crate::knowledge::VERDICT_WINDOW
+            ));
+        }
+        if !(d.min_success_ratio > 0.0 && d.min_success_ratio <= 1.0) {
+            out.push(format!(
+                "guards.demotion.min_success_ratio = {} must be in (0, 1]",
+                d.min_success_ratio
+            ));
+        }
+        let b = &g.blast_radius;
+        for (name, limit) in [
+            ("agents", b.agents),
+            ("per_server", b.per_server),
+            ("per_peer", b.per_peer),
+        ] {
+            if let Some(why) = limit.problem() {
+                out.push(format!("guards.blast_radius.{name}: {why}"));
+            }
+        }
+        for (i, w) in self.maintenance.iter().enumerate() {
+            for (field, why) in w.problems() {
+                out.push(format!("maintenance[{i}].{field}: {why}"));
+            }
+        }
         for (symptom, ladder) in &self.ladders {
             if SymptomKind::parse(symptom).is_none() {
                 out.push(format!("ladders.{symptom}: unknown symptom"));
@@ -408,72 +690,47 @@ impl Policy {
     pub fn cooldown(&self, rung: &Rung) -> Duration {
         rung.cooldown.unwrap_or(self.guards.cooldown)
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    /// How long a pending approval waits for a decision before it expires
+    /// (`guards.approval.expires_after`).
+    pub fn approval_expiry(&self) -> Duration {
+        self.guards.approval.expires_after
+    }
 
-    #[test]
-    fn builtin_policy_is_valid() {
-        let p = Policy::builtin().unwrap();
-        assert!(p.problems().is_empty(), "{:?}", p.problems());
-        for k in SymptomKind::ALL {
-            let observe_only = matches!(
-                k,
-                SymptomKind::ServerUnhealthy
-                    | SymptomKind::AllServersDown
-                    | SymptomKind::CaExpiring
-                    | SymptomKind::IdentityNotIssued
-                    | SymptomKind::BootstrapBundleStale
-            );
-            assert_eq!(p.ladder(k).is_empty(), observe_only, "ladder for {k}");
+    /// Whether a step of `rung`, whose actuator is of `class`, needs an
+    /// operator's approval: the rung's `approval` when set, else whether
+    /// `guards.approval.classes` lists the class.
+    pub fn needs_approval(&self, rung: &Rung, class: Class) -> bool {
+        match rung.approval {
+            Some(ApprovalMode::Required) => true,
+            Some(ApprovalMode::NotRequired) => false,
+            None => self.guards.approval.classes.contains(&class),
         }
     }
 
-    #[test]
-    fn problems_are_listed() {
-        let mut p = Policy::builtin().unwrap();
-        p.thresholds.rotation_overdue_open = 1.5;
-        p.thresholds.expiring_close = 0.99;
-        p.ladders.insert("nonsense".into(), vec![]);
-        p.guards.futile_after = 0;
-        let problems = p.problems();
-        assert_eq!(problems.len(), 4, "{problems:?}");
-        assert!(problems.iter().any(|p| p.contains("futile_after")));
+    /// The maintenance windows open at `now`, each with when it closes.
+    pub fn open_maintenance(&self, now: SystemTime) -> Vec<(&MaintenanceWindow, SystemTime)> {
+        self.maintenance
+            .iter()
+            .filter_map(|w| Some((w, w.open_until(now)?)))
+            .collect()
     }
 
-    #[test]
-    fn agent_svid_ttl_is_learned_unless_the_policy_sets_it() {
-        let learned = AgentTtl {
-            ttl: Duration::from_secs(599),
-            source: TtlSource::Learned,
-        };
-        let p = Policy::builtin().unwrap();
-        assert_eq!(p.thresholds.agent_svid_ttl, None);
-        assert_eq!(p.thresholds.agent_ttl(Some(learned)), Some(learned));
-        assert_eq!(p.thresholds.agent_ttl(None), None);
-        // Policies written before the TTL was learned still load, and their
-        // value wins.
-        let text =
-            DEFAULT_POLICY.replace("[thresholds]\n", "[thresholds]\nagent_svid_ttl = \"1h\"\n");
-        let p = Policy::from_toml(&text, "p.toml").unwrap();
-        assert_eq!(
-            p.thresholds.agent_ttl(Some(learned)),
-            Some(AgentTtl {
-                ttl: Duration::from_secs(3600),
-                source: TtlSource::Policy
-            })
-        );
-        let zero =
-            DEFAULT_POLICY.replace("[thresholds]\n", "[thresholds]\nagent_svid_ttl = \"0s\"\n");
-        let p = Policy::from_toml(&zero, "p.toml").unwrap();
-        assert_eq!(p.problems().len(), 1, "{:?}", p.problems());
-    }
-
-    #[test]
-    fn unknown_policy_key_is_rejected() {
-        let text = DEFAULT_POLICY.replace("[guards]", "[guards]\nbudget = 3");
-        assert!(Policy::from_toml(&text, "p.toml").is_err());
+    /// When the maintenance window holding `actuator` (of `class`) at `now`
+    /// closes (the latest, when several do); `None`: no window holds it.
+    pub fn maintenance_until(
+        &self,
+        now: SystemTime,
+        class: Class,
+        actuator: &str,
+    ) -> Option<SystemTime> {
+        self.open_maintenance(now)
+            .into_iter()
+            .filter(|(w, _)| w.holds(class, actuator))
+            .map(|(_, until)| until)
+            .max()
     }
 }
+
+#[cfg(test)]
+mod tests;

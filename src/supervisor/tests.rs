@@ -382,6 +382,7 @@ fn refetch_only(mut policy: Policy) -> Policy {
         timeout: Duration::from_secs(5),
         verify_within: Duration::from_secs(4),
         cooldown: None,
+        approval: None,
     };
     policy
         .ladders
@@ -1247,6 +1248,7 @@ async fn burst_harness(verify_within: Duration) -> Harness {
             timeout: Duration::from_secs(5),
             verify_within,
             cooldown: None,
+            approval: None,
         }],
     );
     h
