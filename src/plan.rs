@@ -1,10 +1,21 @@
-//! Plan: open incidents + history + policy → steps or holds. Pure.
+//! Plan: open incidents + history + policy + operator controls → steps or
+//! holds. Pure.
 //!
 //! For each open incident, most urgent first, the next rung of its ladder is
-//! proposed unless a guard holds it back: the target already has an action
-//! running or awaiting verification, the observation is blind, the
-//! (target, actuator) cooldown has not passed, or the hourly budget is spent.
-//! Every hold carries its reason so "held back, because" is recorded.
+//! proposed. Rungs that cannot help are passed over: not configured, futile
+//! on the target, rejected by an operator for this incident, or demoted for
+//! the symptom (the last two are reported in `skipped`). The chosen step is
+//! then held back if a guard says so, in this order: the target already has
+//! an action running or awaiting verification, the observation is blind, no
+//! server answers, the circuit breaker is open, the servers just came back,
+//! a maintenance window is open, the (target, actuator) cooldown has not
+//! passed, the hourly budget is spent, too many actions run at once, too
+//! much of the target's group is under disruptive action (blast radius).
+//! Only a step that passes every guard meets the operator controls: paused
+//! holds it; one that needs an approval asks for it, waits while it is
+//! pending and acts once approved. Approval is consent, not a bypass: an
+//! approved step still waits for the guards. Every hold carries its reason
+//! so "held back, because" is recorded.
 
 use std::collections::{HashMap, HashSet};
 use std::time::SystemTime;
@@ -12,8 +23,8 @@ use std::time::SystemTime;
 use serde_json::json;
 
 use crate::clock::saturating_since;
-use crate::model::{Incident, Step, Symptom, SymptomKey};
-use crate::policy::{Class, Policy};
+use crate::model::{ApprovalState, Incident, Step, Symptom, SymptomKey};
+use crate::policy::{Class, MaintenanceWindow, Policy};
 
 /// Why a step was not taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -145,6 +156,12 @@ impl HoldReason {
                 | HoldReason::NoServerReachable
                 | HoldReason::CircuitOpen
                 | HoldReason::AwaitingResync
+                | HoldReason::Paused
+                | HoldReason::AwaitingApproval
+                | HoldReason::ApprovalExpired
+                | HoldReason::BlastRadius
+                | HoldReason::MaxConcurrent
+                | HoldReason::MaintenanceWindow
         )
     }
 }
@@ -161,12 +178,16 @@ pub enum Decision {
         /// why), each recorded as a hold.
         skipped: Vec<(String, HoldReason)>,
     },
-    /// The step needs a person's yes: the loop asks for one (unless one is
-    /// pending) and holds the incident as `awaiting_approval`.
+    /// The step needs a person's yes and has no live approval: the loop
+    /// asks for one and holds the incident as `awaiting_approval`. Returned
+    /// only when every guard would let the step run now (and not paused).
     AwaitApproval {
         step: Step,
         /// Rung to try if this one does not verify.
         next_rung: usize,
+        /// Rungs passed over on the way (demoted, rejected): (actuator,
+        /// why), each recorded as a hold.
+        skipped: Vec<(String, HoldReason)>,
     },
     /// Hold back.
     Hold {
@@ -230,16 +251,21 @@ pub struct PlanInput<'a> {
 /// What operators decided and what is in flight, as `plan` needs it.
 #[derive(Debug, Default)]
 pub struct PlanControls<'a> {
-    /// An operator paused the supervisor: every step holds as `paused`.
+    /// An operator paused the supervisor: every step that would act or ask
+    /// for an approval holds as `paused` (holds for other reasons stay).
     pub paused: bool,
     /// Live approvals by (incident id, rung): the approval id and whether
-    /// it is `Pending` or `Approved`.
-    pub approvals: HashMap<(&'a str, usize), (&'a str, crate::model::ApprovalState)>,
+    /// it is `Pending` or `Approved` (other states count as none). An
+    /// approved step carries the id in `step.params["approval_id"]`.
+    pub approvals: HashMap<(&'a str, usize), (&'a str, ApprovalState)>,
     /// (incident id, rung) an operator rejected: skipped for that incident.
     pub rejected: HashSet<(&'a str, usize)>,
-    /// Demoted (symptom, actuator) steps: skipped until reset.
+    /// Demoted (symptom, actuator) steps: skipped until reset (while
+    /// `guards.demotion.enabled`).
     pub demoted: HashSet<(crate::model::SymptomKind, &'a str)>,
-    /// Actions running or awaiting verification: (target, actuator).
+    /// Actions running or awaiting verification: (target, actuator). They
+    /// count towards `max_concurrent_actions` and, when their actuator is
+    /// disruptive (or no longer configured), towards the blast radius.
     pub in_flight: Vec<(&'a str, &'a str)>,
     /// The server each configured agent is behind (blast-radius groups);
     /// agents missing here are in no server group.
@@ -280,6 +306,8 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Decision> {
         blind,
         busy: input.busy_targets.clone(),
         planned: 0,
+        disruptive: Vec::new(),
+        maintenance: input.policy.open_maintenance(input.now),
     };
     let mut out = Vec::new();
     for mut group in slots {
@@ -346,13 +374,25 @@ fn hold(inc: &Incident, actuator: &str, reason: HoldReason) -> Decision {
     }
 }
 
+/// The group of a peer (or certificate file) for the blast radius: its
+/// name up to the first `/`. Reported handshake targets may name instances
+/// of one service as `web/a`, `web/b`: both are peers of the name `web`.
+pub fn peer_group(name: &str) -> &str {
+    name.split_once('/').map_or(name, |(group, _)| group)
+}
+
 /// The guards' view while one tick is planned: targets taken and actions
 /// planned so far.
 struct Planner<'i, 'a> {
     input: &'i PlanInput<'a>,
     blind: HashSet<SymptomKey>,
     busy: HashSet<String>,
+    /// Steps planned to act this tick.
     planned: usize,
+    /// Targets of the disruptive steps planned this tick.
+    disruptive: Vec<String>,
+    /// Maintenance windows open now.
+    maintenance: Vec<(&'a MaintenanceWindow, SystemTime)>,
 }
 
 impl Planner<'_, '_> {
@@ -405,31 +445,46 @@ impl Planner<'_, '_> {
         // from what is already on disk or in the agent's cache.
         let on_agent = inc.subject.is_agent_level();
         // Past the end, repeat the last rung until it is futile. Skip rungs
-        // whose actuator is not configured, or futile on this target.
+        // whose actuator is not configured, futile on this target, rejected
+        // for this incident or demoted for this symptom.
         let start = inc.next_rung.min(ladder.len() - 1);
-        let configured = |r: &&crate::policy::Rung| (input.class)(&r.actuator).is_some();
-        let Some((idx, rung)) = ladder
-            .iter()
-            .enumerate()
-            .skip(start)
-            .find(|(_, r)| configured(r) && self.futile(&target, &r.actuator).is_none())
-        else {
-            let futile: Vec<String> = ladder
-                .iter()
-                .skip(start)
-                .filter(configured)
-                .filter_map(|r| {
-                    let n = self.futile(&target, &r.actuator)?;
-                    Some(format!("{} failed verification {n} times", r.actuator))
-                })
-                .collect();
-            if futile.is_empty() {
+        let controls = input.controls;
+        let demotion = input.policy.guards.demotion.enabled;
+        let mut skipped = Vec::new();
+        let mut passed_over = Vec::new();
+        let mut chosen = None;
+        for (idx, r) in ladder.iter().enumerate().skip(start) {
+            if (input.class)(&r.actuator).is_none() {
+                continue;
+            }
+            let actuator = r.actuator.as_str();
+            if let Some(n) = self.futile(&target, actuator) {
+                passed_over.push(format!("{actuator} failed verification {n} times"));
+            } else if controls.rejected.contains(&(inc.id.as_str(), idx)) {
+                passed_over.push(format!("{actuator} was rejected by an operator"));
+                skipped.push((r.actuator.clone(), HoldReason::ApprovalRejected));
+            } else if demotion && controls.demoted.contains(&(inc.kind, actuator)) {
+                passed_over.push(format!(
+                    "{actuator} is demoted for {} (it verified too rarely; an operator may reset it)",
+                    inc.kind
+                ));
+                skipped.push((r.actuator.clone(), HoldReason::Demoted));
+            } else {
+                chosen = Some((idx, r));
+                break;
+            }
+        }
+        let Some((idx, rung)) = chosen else {
+            if passed_over.is_empty() {
                 return hold(inc, "", HoldReason::NotConfigured);
             }
             return Decision::NeedsOperator {
                 incident_id: inc.id.clone(),
                 target: target.clone(),
-                reason: format!("nothing left to try on {target}: {}", futile.join(", ")),
+                reason: format!(
+                    "nothing left to try on {target}: {}",
+                    passed_over.join(", ")
+                ),
             };
         };
         let class = (input.class)(&rung.actuator).unwrap_or(Class::AgentLocal);
@@ -458,6 +513,9 @@ impl Planner<'_, '_> {
         {
             return held(HoldReason::AwaitingResync);
         }
+        if self.in_maintenance(class, &rung.actuator) {
+            return held(HoldReason::MaintenanceWindow);
+        }
         if let Some(last) = input.last_run.get(&(target.clone(), rung.actuator.clone()))
             && saturating_since(input.now, *last) < input.policy.cooldown(rung)
         {
@@ -466,511 +524,114 @@ impl Planner<'_, '_> {
         if input.actions_last_hour + self.planned >= input.policy.guards.budget_per_hour as usize {
             return held(HoldReason::Budget);
         }
-        self.busy.insert(target.clone());
+        if controls.in_flight.len() + self.planned
+            >= input.policy.guards.max_concurrent_actions as usize
+        {
+            return held(HoldReason::MaxConcurrent);
+        }
+        if class.is_disruptive()
+            && input.policy.guards.blast_radius.enabled
+            && self.over_radius(on_agent, &target)
+        {
+            return held(HoldReason::BlastRadius);
+        }
+        if controls.paused {
+            return held(HoldReason::Paused);
+        }
+        let mut params = json!({ "subject": inc.subject.to_string() });
+        let approval = controls
+            .approvals
+            .get(&(inc.id.as_str(), idx))
+            .filter(|(_, state)| matches!(state, ApprovalState::Pending | ApprovalState::Approved));
+        match approval {
+            Some((id, ApprovalState::Approved)) => params["approval_id"] = json!(id),
+            Some(_) if input.policy.needs_approval(rung, class) => {
+                return held(HoldReason::AwaitingApproval);
+            }
+            _ => {}
+        }
+        let step = Step {
+            action_id: String::new(),
+            incident_id: inc.id.clone(),
+            symptom: inc.kind,
+            rung: idx,
+            actuator: rung.actuator.clone(),
+            target,
+            params,
+            timeout: rung.timeout,
+            verify_within: rung.verify_within,
+            dry_run: input.dry_run,
+        };
+        if approval.is_none() && input.policy.needs_approval(rung, class) {
+            return Decision::AwaitApproval {
+                step,
+                next_rung: idx + 1,
+                skipped,
+            };
+        }
+        self.busy.insert(step.target.clone());
         self.planned += 1;
+        if class.is_disruptive() {
+            self.disruptive.push(step.target.clone());
+        }
         Decision::Act {
-            skipped: Vec::new(),
-            step: Step {
-                action_id: String::new(),
-                incident_id: inc.id.clone(),
-                symptom: inc.kind,
-                rung: idx,
-                actuator: rung.actuator.clone(),
-                target,
-                params: json!({ "subject": inc.subject.to_string() }),
-                timeout: rung.timeout,
-                verify_within: rung.verify_within,
-                dry_run: input.dry_run,
-            },
+            skipped,
+            step,
             next_rung: idx + 1,
         }
+    }
+
+    /// Whether a maintenance window open now holds `actuator` (of `class`).
+    fn in_maintenance(&self, class: Class, actuator: &str) -> bool {
+        self.maintenance
+            .iter()
+            .any(|(w, _)| w.holds(class, actuator))
+    }
+
+    /// Whether one more disruptive step on `target` would put too much of
+    /// one of its groups under disruptive action: all agents and the agents
+    /// behind its server (an agent), or the peers of its name (a peer or
+    /// certificate file). Counts in-flight actions whose actuator is
+    /// disruptive or no longer configured, and the disruptive steps
+    /// planned this tick.
+    fn over_radius(&self, on_agent: bool, target: &str) -> bool {
+        let input = self.input;
+        let c = input.controls;
+        let limits = &input.policy.guards.blast_radius;
+        let under_action: Vec<&str> = c
+            .in_flight
+            .iter()
+            .filter(|(_, actuator)| (input.class)(actuator).is_none_or(Class::is_disruptive))
+            .map(|(t, _)| *t)
+            .chain(self.disruptive.iter().map(String::as_str))
+            .collect();
+        let is_agent = |t: &str| input.agents.contains(t);
+        if !on_agent {
+            let group = peer_group(target);
+            let size = input
+                .peers
+                .iter()
+                .filter(|p| peer_group(p) == group)
+                .count();
+            let busy = under_action
+                .iter()
+                .filter(|t| !is_agent(t) && peer_group(t) == group)
+                .count();
+            return busy >= limits.per_peer.of(size);
+        }
+        let busy = under_action.iter().filter(|t| is_agent(t)).count();
+        if busy >= limits.agents.of(input.agents.len()) {
+            return true;
+        }
+        let Some(server) = c.agent_server.get(target) else {
+            return false;
+        };
+        let behind = |t: &str| c.agent_server.get(t) == Some(server);
+        let size = c.agent_server.values().filter(|s| *s == server).count();
+        let busy = under_action.iter().filter(|t| behind(t)).count();
+        busy >= limits.per_server.of(size)
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::{Severity, Subject, SymptomKind};
-    use std::time::{Duration, UNIX_EPOCH};
-
-    fn t(secs: u64) -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
-    }
-
-    fn incident(id: &str, kind: SymptomKind, agent: &str, rung: usize) -> Incident {
-        Incident {
-            id: id.into(),
-            kind,
-            subject: Subject::agent(agent),
-            severity: Severity::Warning,
-            opened_at: t(0),
-            predicted_outage: Some(t(100)),
-            evidence: json!({}),
-            next_rung: rung,
-            needs_operator: None,
-        }
-    }
-
-    struct Case {
-        incidents: Vec<Incident>,
-        blind: bool,
-        busy: Vec<&'static str>,
-        last_run: Vec<(&'static str, &'static str, u64)>,
-        hour: usize,
-        configured: &'static [&'static str],
-        servers_reachable: Option<bool>,
-        breaker_open: bool,
-        servers_back_since: Option<SystemTime>,
-        /// (target, actuator, failed verifications).
-        failures: Vec<(&'static str, &'static str, u32)>,
-    }
-
-    impl Default for Case {
-        fn default() -> Self {
-            Self {
-                incidents: vec![incident("i1", SymptomKind::AgentUnreachable, "a", 0)],
-                blind: false,
-                busy: vec![],
-                last_run: vec![],
-                hour: 0,
-                configured: &["refetch", "restart-agent", "failover"],
-                servers_reachable: None,
-                breaker_open: false,
-                servers_back_since: None,
-                failures: vec![],
-            }
-        }
-    }
-
-    fn run(c: &Case, now: u64) -> Vec<Decision> {
-        let policy = Policy::builtin().unwrap();
-        let symptoms: Vec<Symptom> = c
-            .incidents
-            .iter()
-            .map(|i| Symptom {
-                kind: i.kind,
-                subject: i.subject.clone(),
-                severity: i.severity,
-                predicted_outage: i.predicted_outage,
-                evidence: json!({}),
-                blind: c.blind,
-            })
-            .collect();
-        let busy = c.busy.iter().map(|s| s.to_string()).collect();
-        let last_run = c
-            .last_run
-            .iter()
-            .map(|(tg, a, at)| ((tg.to_string(), a.to_string()), t(*at)))
-            .collect();
-        let failures = c
-            .failures
-            .iter()
-            .map(|(tg, a, n)| ((tg.to_string(), a.to_string()), *n))
-            .collect();
-        let class = |a: &str| {
-            c.configured.contains(&a).then_some(match a {
-                "refetch" => Class::Gentle,
-                "failover" => Class::Failover,
-                _ => Class::AgentLocal,
-            })
-        };
-        plan(&PlanInput {
-            symptoms: &symptoms,
-            incidents: c.incidents.iter().collect(),
-            busy_targets: &busy,
-            last_run: &last_run,
-            failures: &failures,
-            actions_last_hour: c.hour,
-            class: &class,
-            servers_reachable: c.servers_reachable,
-            breaker_open: c.breaker_open,
-            servers_back_since: c.servers_back_since,
-            peers: &HashSet::from(["web".to_string()]),
-            agents: &["a", "b", "c"].map(String::from).into(),
-            policy: &policy,
-            dry_run: false,
-            controls: &PlanControls::default(),
-            now: t(now),
-        })
-    }
-
-    fn summary(d: &[Decision]) -> Vec<String> {
-        d.iter()
-            .map(|d| match d {
-                Decision::Act {
-                    step, next_rung, ..
-                } => {
-                    format!(
-                        "act {} {} rung{} next{}",
-                        step.target, step.actuator, step.rung, next_rung
-                    )
-                }
-                Decision::Hold { target, reason, .. } => {
-                    format!("hold {target} {}", reason.as_str())
-                }
-                Decision::NeedsOperator { target, reason, .. } => {
-                    format!("operator {target}: {reason}")
-                }
-                Decision::AwaitApproval { step, .. } => {
-                    format!(
-                        "approval {} {} rung{}",
-                        step.target, step.actuator, step.rung
-                    )
-                }
-            })
-            .collect()
-    }
-
-    #[test]
-    fn table() {
-        let cases: Vec<(&str, Case, u64, Vec<&str>)> = vec![
-            (
-                "first rung",
-                Case::default(),
-                10,
-                vec!["act a refetch rung0 next1"],
-            ),
-            (
-                "second rung",
-                Case {
-                    incidents: vec![incident("i1", SymptomKind::AgentUnreachable, "a", 1)],
-                    ..Case::default()
-                },
-                10,
-                vec!["act a restart-agent rung1 next2"],
-            ),
-            (
-                "past the end repeats the last rung",
-                Case {
-                    incidents: vec![incident("i1", SymptomKind::AgentUnreachable, "a", 7)],
-                    ..Case::default()
-                },
-                10,
-                vec!["act a restart-agent rung1 next2"],
-            ),
-            (
-                "unconfigured rung is skipped",
-                Case {
-                    configured: &["restart-agent"],
-                    ..Case::default()
-                },
-                10,
-                vec!["act a restart-agent rung1 next2"],
-            ),
-            (
-                "nothing configured",
-                Case {
-                    incidents: vec![incident("i1", SymptomKind::SvidExpired, "a", 0)],
-                    configured: &["refetch"],
-                    ..Case::default()
-                },
-                10,
-                vec!["hold a not_configured"],
-            ),
-            (
-                "a burst nothing local explains is only reported",
-                Case {
-                    incidents: vec![Incident {
-                        subject: Subject::handshakes("web", crate::handshake::Reason::UnknownCa),
-                        evidence: json!({ "remediable": false }),
-                        ..incident("i1", SymptomKind::HandshakeFailureBurst, "web", 0)
-                    }],
-                    configured: &["refetch", "reload-peer", "restart-peer"],
-                    ..Case::default()
-                },
-                10,
-                vec!["hold web no_local_cause"],
-            ),
-            (
-                "a burst after a rotation reloads the peer, servers down or not",
-                Case {
-                    incidents: vec![Incident {
-                        subject: Subject::handshakes("web", crate::handshake::Reason::UnknownCa),
-                        evidence: json!({ "remediable": true }),
-                        ..incident("i1", SymptomKind::HandshakeFailureBurst, "web", 1)
-                    }],
-                    configured: &["refetch", "reload-peer", "restart-peer"],
-                    servers_reachable: Some(false),
-                    breaker_open: true,
-                    ..Case::default()
-                },
-                10,
-                vec!["act web reload-peer rung1 next2"],
-            ),
-            (
-                "a peer that is not a configured probe is never acted on",
-                Case {
-                    incidents: vec![Incident {
-                        subject: Subject::handshakes("sshd", crate::handshake::Reason::Expired),
-                        evidence: json!({ "remediable": true }),
-                        ..incident("i1", SymptomKind::HandshakeFailureBurst, "sshd", 1)
-                    }],
-                    configured: &["refetch", "reload-peer", "restart-peer"],
-                    ..Case::default()
-                },
-                10,
-                vec!["hold sshd unknown_target"],
-            ),
-            (
-                "an agent known only by its SPIFFE ID is never acted on",
-                Case {
-                    incidents: vec![incident(
-                        "i1",
-                        SymptomKind::AgentNotRenewing,
-                        "spiffe://td/spire/agent/join_token/x",
-                        0,
-                    )],
-                    configured: &["restart-agent", "evict-agent"],
-                    ..Case::default()
-                },
-                10,
-                vec!["hold spiffe://td/spire/agent/join_token/x unknown_target"],
-            ),
-            (
-                "a stale served certificate: reload, then restart",
-                Case {
-                    incidents: vec![Incident {
-                        subject: Subject::peer("web"),
-                        ..incident("i1", SymptomKind::StaleServedCert, "web", 1)
-                    }],
-                    configured: &["reload-peer", "restart-peer"],
-                    ..Case::default()
-                },
-                10,
-                vec!["act web restart-peer rung1 next2"],
-            ),
-            (
-                "blind",
-                Case {
-                    blind: true,
-                    ..Case::default()
-                },
-                10,
-                vec!["hold a blind"],
-            ),
-            (
-                "busy",
-                Case {
-                    busy: vec!["a"],
-                    ..Case::default()
-                },
-                10,
-                vec!["hold a target_busy"],
-            ),
-            (
-                "cooldown",
-                Case {
-                    last_run: vec![("a", "refetch", 5)],
-                    ..Case::default()
-                },
-                10,
-                vec!["hold a cooldown"],
-            ),
-            (
-                "cooldown passed",
-                Case {
-                    last_run: vec![("a", "refetch", 5)],
-                    ..Case::default()
-                },
-                30,
-                vec!["act a refetch rung0 next1"],
-            ),
-            (
-                "budget",
-                Case {
-                    hour: 30,
-                    ..Case::default()
-                },
-                10,
-                vec!["hold a budget"],
-            ),
-            (
-                "gentle steps run while no server answers",
-                Case {
-                    servers_reachable: Some(false),
-                    ..Case::default()
-                },
-                10,
-                vec!["act a refetch rung0 next1"],
-            ),
-            (
-                "no restart while no server answers",
-                Case {
-                    incidents: vec![incident("i1", SymptomKind::AgentUnreachable, "a", 1)],
-                    servers_reachable: Some(false),
-                    ..Case::default()
-                },
-                10,
-                vec!["hold a no_server_reachable"],
-            ),
-            (
-                "no failover while no server answers",
-                Case {
-                    incidents: vec![incident("i1", SymptomKind::AgentSyncStale, "a", 0)],
-                    servers_reachable: Some(false),
-                    ..Case::default()
-                },
-                10,
-                vec!["hold a no_server_reachable"],
-            ),
-            (
-                "stale agents get their sync backoff after an outage",
-                Case {
-                    incidents: vec![incident("i1", SymptomKind::AgentSyncStale, "a", 1)],
-                    servers_reachable: Some(true),
-                    servers_back_since: Some(t(0)),
-                    ..Case::default()
-                },
-                10,
-                vec!["hold a awaiting_resync"],
-            ),
-            (
-                "breaker holds restarts",
-                Case {
-                    incidents: vec![incident("i1", SymptomKind::AgentUnreachable, "a", 1)],
-                    breaker_open: true,
-                    ..Case::default()
-                },
-                10,
-                vec!["hold a circuit_open"],
-            ),
-            (
-                "breaker lets failover through",
-                Case {
-                    incidents: vec![incident("i1", SymptomKind::AgentSyncStale, "a", 0)],
-                    breaker_open: true,
-                    servers_reachable: Some(true),
-                    ..Case::default()
-                },
-                10,
-                vec!["act a failover rung0 next1"],
-            ),
-            (
-                "server subjects are observed only",
-                Case {
-                    incidents: vec![Incident {
-                        subject: Subject::server("s1"),
-                        ..incident("i1", SymptomKind::BundleDivergence, "x", 0)
-                    }],
-                    ..Case::default()
-                },
-                10,
-                vec!["hold s1 observe_only"],
-            ),
-            (
-                "one slot per target: of equally specific diagnoses the most urgent acts",
-                Case {
-                    incidents: vec![
-                        incident("i1", SymptomKind::SvidRotationOverdue, "a", 0),
-                        Incident {
-                            severity: Severity::Critical,
-                            ..incident("i2", SymptomKind::SvidExpired, "a", 0)
-                        },
-                        incident("i3", SymptomKind::AgentUnreachable, "b", 0),
-                    ],
-                    ..Case::default()
-                },
-                10,
-                vec![
-                    "act a restart-agent rung0 next1",
-                    "hold a explained",
-                    "act b refetch rung0 next1",
-                ],
-            ),
-            (
-                "the most specific diagnosis chooses the step, not the most severe",
-                Case {
-                    incidents: vec![
-                        Incident {
-                            severity: Severity::Critical,
-                            ..incident("i1", SymptomKind::SvidExpired, "a", 0)
-                        },
-                        Incident {
-                            severity: Severity::Critical,
-                            ..incident("i2", SymptomKind::AgentUnreachable, "a", 0)
-                        },
-                        incident("i3", SymptomKind::AgentNotRenewing, "a", 0),
-                    ],
-                    configured: &["refetch", "restart-agent", "evict-agent"],
-                    ..Case::default()
-                },
-                10,
-                vec![
-                    "act a restart-agent rung0 next1",
-                    "hold a explained",
-                    "hold a explained",
-                ],
-            ),
-            (
-                "a specific diagnosis held for now keeps the slot",
-                Case {
-                    incidents: vec![
-                        incident("i1", SymptomKind::AgentUnreachable, "a", 0),
-                        incident("i2", SymptomKind::AgentNotRenewing, "a", 0),
-                    ],
-                    configured: &["refetch", "restart-agent", "evict-agent"],
-                    last_run: vec![("a", "restart-agent", 5)],
-                    ..Case::default()
-                },
-                10,
-                vec!["hold a cooldown", "hold a explained"],
-            ),
-            (
-                "one failed verification is not futility yet",
-                Case {
-                    incidents: vec![incident("i1", SymptomKind::AgentNotRenewing, "a", 0)],
-                    configured: &["restart-agent", "evict-agent"],
-                    failures: vec![("a", "restart-agent", 1)],
-                    ..Case::default()
-                },
-                100,
-                vec!["act a restart-agent rung0 next1"],
-            ),
-            (
-                "a rung futile on the target is skipped: straight to eviction",
-                Case {
-                    incidents: vec![
-                        incident("i1", SymptomKind::AgentUnreachable, "a", 2),
-                        incident("i2", SymptomKind::AgentNotRenewing, "a", 0),
-                    ],
-                    configured: &["refetch", "restart-agent", "evict-agent"],
-                    failures: vec![("a", "restart-agent", 2), ("b", "evict-agent", 9)],
-                    ..Case::default()
-                },
-                100,
-                vec!["act a evict-agent rung1 next2", "hold a explained"],
-            ),
-            (
-                "an incident that needs an operator stays so (after a restart too)",
-                Case {
-                    incidents: vec![Incident {
-                        needs_operator: Some("restart-agent failed".into()),
-                        ..incident("i1", SymptomKind::AgentUnreachable, "a", 2)
-                    }],
-                    ..Case::default()
-                },
-                100,
-                vec!["operator a: restart-agent failed"],
-            ),
-            (
-                "nothing left to try: an operator must act, and the slot passes on",
-                Case {
-                    incidents: vec![
-                        incident("i1", SymptomKind::AgentUnreachable, "a", 2),
-                        incident("i2", SymptomKind::SvidRotationOverdue, "a", 0),
-                    ],
-                    failures: vec![("a", "restart-agent", 2)],
-                    ..Case::default()
-                },
-                100,
-                vec![
-                    "operator a: nothing left to try on a: restart-agent failed verification 2 times",
-                    "act a refetch rung0 next1",
-                ],
-            ),
-        ];
-        for (name, case, now, want) in cases {
-            assert_eq!(summary(&run(&case, now)), want, "{name}");
-        }
-    }
-}
+mod tests;
