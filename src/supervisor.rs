@@ -15,6 +15,7 @@
 //! stages ([`crate::analyze`], [`crate::plan`]), never in a field here.
 
 mod changes;
+mod demotion;
 mod executor;
 mod gauges;
 mod groups;
