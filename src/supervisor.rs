@@ -33,7 +33,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::actuators::{Prepared, Registry};
 use crate::analyze::{HandshakeInput, analyze, control_plane, explain_refusals, handshakes};
@@ -123,6 +123,7 @@ pub struct Supervisor {
     metrics: Arc<Metrics>,
     cadence: Cadence,
     operations: Operations,
+    demotions: demotion::Demotions,
     sensing: Sensing,
     changes: Changes,
     handshakes: Handshakes,
@@ -204,6 +205,7 @@ impl Supervisor {
             clock: parts.clock,
             policy: parts.policy,
             operations: Operations::new(parts.operator),
+            demotions: demotion::Demotions::resume(&knowledge.verdicts, &knowledge.demotions),
             metrics: parts.metrics,
             store,
             reload: None,
@@ -268,7 +270,11 @@ impl Supervisor {
         self.executor.collect(&mut tick);
         self.verify(now, &mut tick);
         // What operators changed since the last tick.
-        let _resets = self.operations.intake(&mut self.incidents, now, &mut tick);
+        for reset in self.operations.intake(&mut self.incidents, now, &mut tick) {
+            info!(symptom = %reset.symptom, actuator = %reset.actuator, "Demotion reset by an operator.");
+            self.demotions.reset(reset.symptom, &reset.actuator);
+            self.incidents.reconsider(reset.symptom);
+        }
         // Plan.
         let decisions = self.plan(&obs, &symptoms, now);
         // Execute: record first, then act.
@@ -302,8 +308,28 @@ impl Supervisor {
     /// which forgets targets whose incidents all closed.
     fn verify(&mut self, now: SystemTime, tick: &mut Tick<'_>) {
         let incidents = &self.incidents;
-        for (target, actuator) in self.executor.verify(&|k| incidents.is_open(k), now, tick) {
-            self.guards.failed(&target, &actuator);
+        for v in self.executor.verify(&|k| incidents.is_open(k), now, tick) {
+            if !v.verified {
+                self.guards.failed(&v.target, &v.actuator);
+            }
+            let demoted =
+                self.demotions
+                    .record(v.symptom, &v.actuator, v.verified, now, &self.policy);
+            if let Some(event) = demoted {
+                if let Event::Demoted { verified, runs, .. } = &event {
+                    warn!(symptom = %v.symptom, actuator = %v.actuator, verified, runs, "Demoted: the step verified too rarely; skipped until `spire-healer reset-demotion`.");
+                    self.operations
+                        .controls()
+                        .demote(crate::control::DemotedStep {
+                            symptom: v.symptom,
+                            actuator: v.actuator.clone(),
+                            verified: *verified,
+                            runs: *runs,
+                            at: now,
+                        });
+                }
+                tick.events.push(event);
+            }
         }
         let policy = &self.policy;
         let acting = incidents.acting_targets(|k| !policy.ladder(k).is_empty());
@@ -353,6 +379,7 @@ impl Supervisor {
         let g = &self.guards;
         let executor = &self.executor;
         let mut controls = self.operations.plan_controls();
+        controls.demoted = self.demotions.demoted().collect();
         controls.agent_server = agent_servers
             .iter()
             .map(|(a, s)| (a.as_str(), s.as_str()))
@@ -405,17 +432,12 @@ impl Supervisor {
                     next_rung,
                     skipped,
                 } => {
-                    for (actuator, reason) in skipped {
-                        let (incident, target) = (&step.incident_id, &step.target);
-                        let reason = reason.as_str();
-                        self.incidents
-                            .hold(incident, &actuator, target, reason, now, tick);
-                    }
+                    self.hold_skipped(&step, skipped, now, tick);
                     (step, next_rung)
                 }
-                Decision::AwaitApproval { step, .. } => {
-                    // SKELETON: the policy's `[guards.approval] expires_after`.
-                    let expiry = Duration::from_secs(15 * 60);
+                Decision::AwaitApproval { step, skipped, .. } => {
+                    self.hold_skipped(&step, skipped, now, tick);
+                    let expiry = self.policy.approval_expiry();
                     tick.events
                         .push(self.operations.request(&step, expiry, now));
                     let reason = crate::plan::HoldReason::AwaitingApproval.as_str();
@@ -489,6 +511,22 @@ impl Supervisor {
             to_run.push(step);
         }
         to_run
+    }
+
+    /// Records a hold for each rung `plan` passed over on the way to `step`
+    /// (demoted, rejected).
+    fn hold_skipped(
+        &mut self,
+        step: &Step,
+        skipped: Vec<(String, crate::plan::HoldReason)>,
+        now: SystemTime,
+        tick: &mut Tick<'_>,
+    ) {
+        for (actuator, reason) in skipped {
+            let (incident, target) = (&step.incident_id, &step.target);
+            self.incidents
+                .hold(incident, &actuator, target, reason.as_str(), now, tick);
+        }
     }
 
     /// Publishes what `GetStatus` answers: subjects with open incidents,

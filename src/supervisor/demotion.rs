@@ -9,9 +9,6 @@
 //! (dry run, skipped, interrupted) is never recorded here. Rebuilt from the
 //! store at start ([`Demotions::resume`]), so a restart neither forgets a
 //! demotion nor the runs leading to one. Pure: time comes in as `now`.
-// The loop calls this ledger once verdicts are wired into it; until then
-// only the tests below do.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::SystemTime;
@@ -103,6 +100,7 @@ impl Demotions {
         self.demoted.iter().map(|(s, a)| (*s, a.as_str()))
     }
 
+    #[cfg(test)]
     /// Whether the step is demoted.
     pub(super) fn is_demoted(&self, symptom: SymptomKind, actuator: &str) -> bool {
         self.demoted.contains(&(symptom, actuator.to_string()))

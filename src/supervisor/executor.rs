@@ -93,6 +93,16 @@ impl Targets {
     }
 }
 
+/// The verdict of an action that was run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Verdict {
+    pub symptom: crate::model::SymptomKind,
+    pub target: String,
+    pub actuator: String,
+    /// The symptom cleared in time.
+    pub verified: bool,
+}
+
 /// An action in flight or awaiting verification.
 #[derive(Debug, Clone)]
 struct Pending {
@@ -365,14 +375,14 @@ impl Executor {
 
     /// Decides the verification of every returned action whose verdict is
     /// due; `is_open` tells whether its incident is still open. Returns the
-    /// (target, actuator) of every failed verification: the futility
-    /// ledger's input.
+    /// verdict of every action that was really run (not a dry run): the
+    /// futility ledger's and the demotion ledger's input.
     pub(super) fn verify(
         &mut self,
         is_open: &dyn Fn(&SymptomKey) -> bool,
         now: SystemTime,
         tick: &mut Tick<'_>,
-    ) -> Vec<(String, String)> {
+    ) -> Vec<Verdict> {
         let mut done: Vec<(String, Verification)> = self
             .pending
             .iter()
@@ -395,8 +405,13 @@ impl Executor {
             p.span.in_scope(|| {
                 info!(action = %id, actuator = %p.step.actuator, target_name = %p.step.target, verification = v.as_str(), "Action verified.");
             });
-            if v == Verification::Failed && !p.step.dry_run {
-                failed.push((p.step.target.clone(), p.step.actuator.clone()));
+            if v != Verification::Skipped && !p.step.dry_run {
+                failed.push(Verdict {
+                    symptom: p.step.symptom,
+                    target: p.step.target.clone(),
+                    actuator: p.step.actuator.clone(),
+                    verified: v == Verification::Verified,
+                });
             }
             tick.summary
                 .verifications

@@ -284,6 +284,20 @@ impl Incidents {
         self.hold(incident_id, "", target, "needs_operator", now, tick);
     }
 
+    /// An operator reset a demoted step of `kind`: its open incidents that
+    /// had nothing left to try are planned again (in memory; after a
+    /// restart such an incident asks for an operator again until it
+    /// clears).
+    pub(super) fn reconsider(&mut self, kind: SymptomKind) {
+        if let Some(by_subject) = self.open.get_mut(&kind) {
+            for inc in by_subject.values_mut() {
+                if inc.needs_operator.take().is_some() {
+                    self.last_hold.remove(&inc.id);
+                }
+            }
+        }
+    }
+
     /// The targets (agent, peer or file names) of open incidents that
     /// something can be done about (`acts`: the kind has a ladder): a
     /// long-lived report such as a stale bootstrap bundle keeps no

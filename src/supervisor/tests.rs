@@ -1452,3 +1452,5 @@ async fn a_refusal_neither_clears_a_lifetime_incident_nor_credits_its_action() {
             .all(|i| i.kind != SymptomKind::IdentityNotIssued)
     );
 }
+
+mod operator;
