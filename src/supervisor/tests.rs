@@ -204,6 +204,18 @@ impl Store for FlakyStore {
         self.check()?;
         self.inner.holds(q).await
     }
+    async fn incident(&self, id: &str) -> Result<Option<IncidentRecord>, StoreError> {
+        self.check()?;
+        self.inner.incident(id).await
+    }
+    async fn approvals(&self, q: &Query) -> Result<Vec<knowledge::ApprovalRecord>, StoreError> {
+        self.check()?;
+        self.inner.approvals(q).await
+    }
+    async fn audit(&self, q: &Query) -> Result<Vec<knowledge::AuditRecord>, StoreError> {
+        self.check()?;
+        self.inner.audit(q).await
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         self.check()?;
         self.inner.ping().await
