@@ -1291,6 +1291,11 @@ async fn nul_characters_do_not_poison_a_batch(f: Fixture) {
                 IdentitySource::DebugApi,
                 T0,
             ),
+            requested("apr-nul", "inc-nul", T0),
+            decided("apr-nul", ApprovalState::Rejected, nul, T0),
+            control("c-nul", ControlChange::Paused, nul, T0),
+            demoted(nul, 0, 3, T0),
+            reset("r-nul", nul, nul, T0 + 1),
         ])
         .await
         .unwrap();
@@ -1314,6 +1319,23 @@ async fn nul_characters_do_not_poison_a_batch(f: Fixture) {
         .unwrap()
         .agent_identities;
     assert_eq!(identities[0].agent, expected);
+    let approval = &f.store.approvals(&q()).await.unwrap()[0];
+    assert_eq!(approval.decided_by.as_deref(), Some(expected));
+    let k = f.store.load_knowledge(at(0)).await.unwrap();
+    assert_eq!(k.controls[0].by, expected);
+    assert!(k.demotions.is_empty(), "reset");
+    let audit = f
+        .store
+        .audit(&Query {
+            kinds: vec!["demotion_reset".into()],
+            ..q()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (audit[0].actor.as_str(), audit[0].actuator.as_deref()),
+        (expected, Some(expected))
+    );
 }
 
 async fn holds_listing(f: Fixture) {
@@ -1401,6 +1423,26 @@ async fn every_closed_set_value_is_accepted(f: Fixture) {
         }
         [IdentitySource::DebugApi, IdentitySource::NodeAlias]
     }
+    fn control_changes() -> [ControlChange; 4] {
+        match ControlChange::Paused {
+            ControlChange::Paused
+            | ControlChange::Resumed
+            | ControlChange::DryRunOn
+            | ControlChange::DryRunOff => {}
+        }
+        ControlChange::ALL
+    }
+    fn approval_states() -> [ApprovalState; 6] {
+        match ApprovalState::Pending {
+            ApprovalState::Pending
+            | ApprovalState::Approved
+            | ApprovalState::Rejected
+            | ApprovalState::Expired
+            | ApprovalState::Used
+            | ApprovalState::Withdrawn => {}
+        }
+        ApprovalState::ALL
+    }
 
     let mut events = vec![
         seen(Subject::agent("node-a"), T0),
@@ -1430,7 +1472,25 @@ async fn every_closed_set_value_is_accepted(f: Fixture) {
             T0 + i64::try_from(n).unwrap(),
         ));
     }
+    for (n, change) in control_changes().into_iter().enumerate() {
+        events.push(control(&format!("c-{n}"), change, "uid:0", T0));
+    }
+    for (n, state) in approval_states().into_iter().enumerate() {
+        let id = format!("apr-{n}");
+        events.push(requested(&id, "inc-0-warning", T0));
+        events.push(decided(&id, state, "uid:0", T0 + 1));
+    }
     f.store.apply(&events).await.unwrap();
+    assert_eq!(f.count("control_changes").await, 4);
+    let states: BTreeSet<String> = f
+        .store
+        .approvals(&q())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.state)
+        .collect();
+    assert_eq!(states.len(), approval_states().len());
     let k = f.store.load_knowledge(at(0)).await.unwrap();
     assert_eq!(k.open_incidents.len(), SymptomKind::ALL.len() * 2);
     let sources: Vec<_> = k.agent_identities.iter().map(|i| i.source).collect();
@@ -2544,7 +2604,7 @@ fn migrator_upto(list: &[(i64, &'static str, &'static str)], n: usize) -> Migrat
 }
 
 /// Rows as a 0001-era store wrote them; the same SQL on both backends.
-const ROWS_0001: [&str; 4] = [
+const ROWS_0001: [&str; 5] = [
     "INSERT INTO incidents (id, symptom, subject, severity, opened_at_ms, predicted_outage_ms, \
        evidence, next_rung) \
      VALUES ('inc-old', 'agent_unreachable', 'agent:node-a', 'warning', 1700000000123, NULL, \
@@ -2559,6 +2619,9 @@ const ROWS_0001: [&str; 4] = [
        1700000000500)",
     "INSERT INTO subjects (subject, kind, agent, first_seen_ms, last_seen_ms) \
      VALUES ('agent:node-a', 'agent', 'node-a', 1700000000000, 1700000000900)",
+    "INSERT INTO holds (incident_id, actuator, target, reason, at_ms) \
+     VALUES ('inc-old', 'refetch', 'node-a', 'cooldown', 1700000000600), \
+            ('inc-old', 'refetch', 'node-a', 'budget', 1700000000600)",
 ];
 
 /// What a store opened on the upgraded database must show: the old rows
@@ -2597,6 +2660,39 @@ async fn check_upgraded(url: &str) {
         k.open_incidents[0].needs_operator.as_deref(),
         Some("nothing left")
     );
+    // Old holds page by their row ids; the operator controls start empty
+    // and take the new events.
+    let holds = store.holds(&Query { limit: 1, ..q() }).await.unwrap();
+    let next = store
+        .holds(&Query {
+            limit: 1,
+            page: Some(PageKey {
+                at_ms: holds[0].at_ms,
+                id: holds[0].id.clone(),
+            }),
+            ..q()
+        })
+        .await
+        .unwrap();
+    assert_eq!(next.len(), 1);
+    assert_ne!(holds[0].reason, next[0].reason);
+    let audit = store.audit(&q()).await.unwrap();
+    assert_eq!(audit.len(), 1, "the needs-operator verdict just applied");
+    assert!(k.controls.is_empty() && k.approvals.is_empty() && k.demotions.is_empty());
+    store
+        .apply(&[
+            requested("apr-1", "inc-old", T0 + 2_000),
+            control("c-1", ControlChange::Paused, "uid:0", T0 + 2_000),
+            demoted("refetch", 0, 5, T0 + 2_000),
+        ])
+        .await
+        .unwrap();
+    let k = store.load_knowledge(at(0)).await.unwrap();
+    assert_eq!(
+        (k.controls.len(), k.approvals.len(), k.demotions.len()),
+        (1, 1, 1)
+    );
+    assert_eq!(store.audit(&q()).await.unwrap().len(), 4);
     assert_eq!(
         k.agent_identities,
         [identity(
@@ -2642,6 +2738,175 @@ async fn postgres_upgrades_from_0001_in_place() {
     }
     pool.close().await;
     check_upgraded(&db.url).await;
+}
+
+/// Every listing shape and every start-up read is an index search or an
+/// ordered index scan: no full table scan; and no listing sorts (a page is
+/// an index range).
+#[tokio::test]
+async fn sqlite_listings_and_start_up_reads_use_an_index() {
+    use super::list;
+    let f = Fixture::sqlite().await;
+    let Raw::Sqlite(s) = &f.raw else {
+        unreachable!()
+    };
+    let page = || {
+        Some(PageKey {
+            at_ms: T0,
+            id: "7".into(),
+        })
+    };
+    let inc = || Some("inc-1".to_owned());
+    let shapes: Vec<(&str, list::Listing)> = vec![
+        ("incidents", list::incidents(&q()).unwrap()),
+        (
+            "incidents",
+            list::incidents(&Query {
+                open_only: true,
+                page: page(),
+                ..q()
+            })
+            .unwrap(),
+        ),
+        (
+            "incidents",
+            list::incidents(&Query {
+                symptom: Some("svid_expiring".into()),
+                open_only: true,
+                since_ms: Some(T0),
+                page: page(),
+                ..q()
+            })
+            .unwrap(),
+        ),
+        (
+            "incidents",
+            list::incidents(&Query {
+                since_ms: Some(T0),
+                until_ms: Some(T0 + 1),
+                ..q()
+            })
+            .unwrap(),
+        ),
+        (
+            "actions",
+            list::actions(&Query {
+                page: page(),
+                until_ms: Some(T0),
+                ..q()
+            })
+            .unwrap(),
+        ),
+        (
+            "actions",
+            list::actions(&Query {
+                incident_id: inc(),
+                page: page(),
+                ..q()
+            })
+            .unwrap(),
+        ),
+        (
+            "holds",
+            list::holds(&Query {
+                page: page(),
+                ..q()
+            })
+            .unwrap(),
+        ),
+        (
+            "holds",
+            list::holds(&Query {
+                incident_id: inc(),
+                page: page(),
+                since_ms: Some(T0),
+                ..q()
+            })
+            .unwrap(),
+        ),
+        (
+            "approvals",
+            list::approvals(&Query {
+                page: page(),
+                ..q()
+            })
+            .unwrap(),
+        ),
+        (
+            "approvals",
+            list::approvals(&Query {
+                open_only: true,
+                page: page(),
+                ..q()
+            })
+            .unwrap(),
+        ),
+        (
+            "approvals",
+            list::approvals(&Query {
+                incident_id: inc(),
+                ..q()
+            })
+            .unwrap(),
+        ),
+        (
+            "audit",
+            list::audit(&Query {
+                kinds: vec!["held".into(), "acted".into()],
+                page: page(),
+                ..q()
+            })
+            .unwrap(),
+        ),
+        (
+            "audit",
+            list::audit(&Query {
+                incident_id: inc(),
+                since_ms: Some(T0),
+                page: page(),
+                ..q()
+            })
+            .unwrap(),
+        ),
+    ];
+    let mut statements: Vec<(String, bool)> = shapes
+        .into_iter()
+        .map(|(table, l)| (format!("SELECT * FROM {table} {}", l.sql), false))
+        .collect();
+    // Live approvals are few (the loop concludes each): sorting the ones
+    // the index found is fine.
+    statements.push((list::LIVE_APPROVALS.to_owned(), true));
+    statements.extend(
+        [
+            list::LAST_CONTROL_CHANGE,
+            list::FIRST_VERDICT_PAIR,
+            list::NEXT_VERDICT_PAIR,
+            list::VERDICT_WINDOW_OF_PAIR,
+            "SELECT * FROM incidents WHERE id = $1",
+            "SELECT * FROM incidents WHERE closed_at_ms IS NULL ORDER BY opened_at_ms, id",
+            "SELECT * FROM actions WHERE started_at_ms >= $1 ORDER BY started_at_ms, id",
+        ]
+        .map(|sql| (sql.to_owned(), false)),
+    );
+    for (sql, may_sort) in statements {
+        let rows = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+            .fetch_all(s.pool())
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let plan: Vec<String> = rows
+            .iter()
+            .map(|r| sqlx::Row::get::<String, _>(r, "detail"))
+            .collect();
+        let plan = plan.join(" | ");
+        let full_scan = plan
+            .split(" | ")
+            .any(|step| step.starts_with("SCAN") && !step.contains("USING"));
+        assert!(!full_scan, "table scan: {sql}\n{plan}");
+        assert!(
+            may_sort || !plan.contains("TEMP B-TREE"),
+            "sort: {sql}\n{plan}"
+        );
+    }
 }
 
 #[tokio::test]
