@@ -337,7 +337,9 @@ pub trait Store: Send + Sync {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
     /// Applies a batch atomically, in order. Each event is idempotent by its
-    /// ids, so re-applying a batch after an unknown outcome is safe.
+    /// ids, so re-applying a batch after an unknown outcome is safe. Every
+    /// decision event also writes its [`AuditRecord`], in the same
+    /// transaction.
     async fn apply(&self, events: &[Event]) -> Result<(), StoreError>;
     /// What the supervisor resumes from, every part bounded: open
     /// incidents, actions started since `since` (oldest first), every agent

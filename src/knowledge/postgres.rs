@@ -2,7 +2,9 @@
 //!
 //! Each run of same-kind events in a batch is one statement over `UNNEST`ed
 //! column arrays: one round trip per run, whatever its length, and no
-//! parameter limit. Updates pick the event that sequential application would
+//! parameter limit; its audit rows are one more. The operator-control
+//! events (approval decisions, control changes, demotions and resets) are
+//! rare and depend on each other in order: one statement per event. Updates pick the event that sequential application would
 //! have kept (`DISTINCT ON … ORDER BY ord`), so a run behaves exactly like
 //! its events applied one by one.
 //!

@@ -590,6 +590,32 @@ fn mixed_batch(tag: &str, t: i64) -> Vec<Event> {
     ]
 }
 
+/// How many kinds of [`Event`] there are; [`event_kind`] stops compiling
+/// when one is added: then add it to [`mixed_batch`] too.
+const EVENT_KINDS: usize = 17;
+
+fn event_kind(e: &Event) -> &'static str {
+    match e {
+        Event::SubjectSeen { .. } => "subject_seen",
+        Event::SvidSeen { .. } => "svid_seen",
+        Event::SvidReplaced { .. } => "svid_replaced",
+        Event::IncidentOpened { .. } => "incident_opened",
+        Event::IncidentClosed { .. } => "incident_closed",
+        Event::IncidentEscalated { .. } => "incident_escalated",
+        Event::ActionStarted { .. } => "action_started",
+        Event::ActionFinished { .. } => "action_finished",
+        Event::ActionVerified { .. } => "action_verified",
+        Event::Held { .. } => "held",
+        Event::IncidentNeedsOperator { .. } => "incident_needs_operator",
+        Event::AgentIdentified(_) => "agent_identified",
+        Event::ApprovalRequested { .. } => "approval_requested",
+        Event::ApprovalDecided { .. } => "approval_decided",
+        Event::ControlChanged { .. } => "control_changed",
+        Event::Demoted { .. } => "demoted",
+        Event::DemotionReset { .. } => "demotion_reset",
+    }
+}
+
 /// Audit rows per [`mixed_batch`]: acted, held, needs_operator, pending,
 /// approved, used, paused, dry_run_on, demoted, demotion_reset, demoted.
 const MIXED_AUDIT_ROWS: i64 = 11;
@@ -938,6 +964,12 @@ async fn reapplying_batches_is_idempotent(f: Fixture) {
 async fn a_spool_replays_every_kind_of_event_once(f: Fixture) {
     let first = mixed_batch("x", T0);
     let second = mixed_batch("y", T0 + 10_000);
+    let kinds: BTreeSet<&str> = first.iter().map(event_kind).collect();
+    assert_eq!(
+        kinds.len(),
+        EVENT_KINDS,
+        "mixed_batch holds every kind: {kinds:?}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.spool");
     let (mut spool, _) = crate::knowledge::Spool::open(&path, 1 << 20).unwrap();
