@@ -14,8 +14,8 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use spire_healer::analyze::analyze;
 use spire_healer::clock::{Clock, ManualClock};
 use spire_healer::knowledge::{
-    ActionRecord, Buffer, HoldRecord, IncidentRecord, Knowledge, Query, Store, StoreError,
-    SvidRecord,
+    ActionRecord, ApprovalRecord, AuditRecord, Buffer, HoldRecord, IncidentRecord, Knowledge,
+    Query, Store, StoreError, SvidRecord,
 };
 use spire_healer::model::{
     AgentView, Event, Reading, ServerAgent, ServerView, StreamStatus, SvidObservation,
@@ -140,6 +140,15 @@ impl Store for NullStore {
         Ok(vec![])
     }
     async fn holds(&self, _: &Query) -> Result<Vec<HoldRecord>, StoreError> {
+        Ok(vec![])
+    }
+    async fn incident(&self, _: &str) -> Result<Option<IncidentRecord>, StoreError> {
+        Ok(None)
+    }
+    async fn approvals(&self, _: &Query) -> Result<Vec<ApprovalRecord>, StoreError> {
+        Ok(vec![])
+    }
+    async fn audit(&self, _: &Query) -> Result<Vec<AuditRecord>, StoreError> {
         Ok(vec![])
     }
     async fn ping(&self) -> Result<(), StoreError> {

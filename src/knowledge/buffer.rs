@@ -258,7 +258,8 @@ mod tests {
 
     use super::*;
     use crate::knowledge::{
-        ActionRecord, HoldRecord, IncidentRecord, Knowledge, Query, SvidRecord,
+        ActionRecord, ApprovalRecord, AuditRecord, HoldRecord, IncidentRecord, Knowledge, Query,
+        SvidRecord,
     };
     use crate::model::Subject;
 
@@ -319,6 +320,15 @@ mod tests {
             Ok(vec![])
         }
         async fn holds(&self, _: &Query) -> Result<Vec<HoldRecord>, StoreError> {
+            Ok(vec![])
+        }
+        async fn incident(&self, _: &str) -> Result<Option<IncidentRecord>, StoreError> {
+            Ok(None)
+        }
+        async fn approvals(&self, _: &Query) -> Result<Vec<ApprovalRecord>, StoreError> {
+            Ok(vec![])
+        }
+        async fn audit(&self, _: &Query) -> Result<Vec<AuditRecord>, StoreError> {
             Ok(vec![])
         }
         async fn ping(&self) -> Result<(), StoreError> {

@@ -7,6 +7,7 @@
 //! a restart.
 
 mod buffer;
+mod list;
 mod postgres;
 mod run;
 pub mod scope_lock;
@@ -51,6 +52,10 @@ pub enum StoreError {
     /// Another instance holds the scope (see [`scope_lock`]).
     #[error("store in use: {0}")]
     InUse(String),
+    /// A listing's arguments cannot be used (a page key that no row of
+    /// that listing could have given). The message says which.
+    #[error("invalid query: {0}")]
+    InvalidQuery(String),
 }
 
 impl StoreError {
@@ -63,6 +68,7 @@ impl StoreError {
             StoreError::Corrupt(_) => "corrupt",
             StoreError::Config(_) => "config",
             StoreError::InUse(_) => "in_use",
+            StoreError::InvalidQuery(_) => "invalid_query",
         }
     }
 
@@ -164,6 +170,9 @@ pub struct SvidRecord {
 /// One "held back, because" decision.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HoldRecord {
+    /// Stable row id (decimal digits), unique per hold: the tie-breaker of
+    /// its [`PageKey`].
+    pub id: String,
     /// Incident.
     pub incident_id: String,
     /// Actuator held back.
@@ -264,14 +273,19 @@ pub struct Knowledge {
     pub recent_actions: Vec<ActionRecord>,
     /// Every agent SPIFFE ID learned so far, mapped to its configured name.
     pub agent_identities: Vec<AgentIdentity>,
-    /// The last change of each control (at most one per control).
+    /// The last change of each control (at most one per control: `pause`
+    /// first, then `dry_run`). "Last" is the order the changes were
+    /// applied, which is the order they were made.
     pub controls: Vec<ControlRecord>,
-    /// Approvals still pending or approved and not used.
+    /// Approvals still pending or approved and not used, oldest request
+    /// first.
     pub approvals: Vec<ApprovalRecord>,
-    /// Demotions not reset.
+    /// Demotions not reset, oldest first.
     pub demotions: Vec<DemotionRecord>,
-    /// Verdicts per (symptom, actuator) since its last reset: at most the
-    /// last [`VERDICT_WINDOW`] per pair, oldest first.
+    /// Verdicts (`verified` or `failed` verifications; `skipped` is none)
+    /// per (symptom, actuator), judged at or after the pair's last demotion
+    /// reset: at most the last [`VERDICT_WINDOW`] per pair. Grouped by
+    /// pair (by symptom, then actuator), oldest first within a pair.
     pub verdicts: Vec<VerdictRecord>,
 }
 
@@ -279,28 +293,37 @@ pub struct Knowledge {
 pub const VERDICT_WINDOW: usize = 100;
 
 /// Where a page starts: strictly older than this row (newest first).
+///
+/// Listings are ordered by (time column, id), newest first; the time
+/// column is `opened_at_ms` for incidents, `started_at_ms` for actions,
+/// `at_ms` for holds and audit, `requested_at_ms` for approvals. The next
+/// page is the rows strictly below the last row's pair, so a listing walked
+/// page by page shows every row once, ties on time included.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageKey {
     /// The last row's time column.
     pub at_ms: i64,
-    /// The last row's id (ties on time).
+    /// The last row's id (ties on time). For holds, the decimal
+    /// [`HoldRecord::id`]; anything else there is
+    /// [`StoreError::InvalidQuery`].
     pub id: String,
 }
 
-/// Filter for listing.
+/// Filter for listing. Fields a listing does not name are ignored by it.
 #[derive(Debug, Clone, Default)]
 pub struct Query {
-    /// Only open incidents (incidents), only pending approvals (approvals).
+    /// Only open incidents (incidents), only not replaced (svids), only
+    /// pending approvals (approvals).
     pub open_only: bool,
     /// Only this incident's rows (actions, holds, approvals, audit).
     pub incident_id: Option<String>,
-    /// At most this many rows, newest first.
+    /// At most this many rows, newest first; 0 means 100.
     pub limit: u32,
-    /// Rows strictly older than this key (the next page).
+    /// Rows strictly older than this key (the next page). Not for svids.
     pub page: Option<PageKey>,
-    /// Rows at or after this time (unix ms).
+    /// Rows whose time column is at or after this (unix ms). Not for svids.
     pub since_ms: Option<i64>,
-    /// Rows before this time (unix ms).
+    /// Rows whose time column is before this (unix ms). Not for svids.
     pub until_ms: Option<i64>,
     /// Only this symptom (incidents).
     pub symptom: Option<String>,
@@ -314,35 +337,38 @@ pub trait Store: Send + Sync {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
     /// Applies a batch atomically, in order. Each event is idempotent by its
-    /// ids, so re-applying a batch after an unknown outcome is safe.
+    /// ids, so re-applying a batch after an unknown outcome is safe. Every
+    /// decision event also writes its [`AuditRecord`], in the same
+    /// transaction.
     async fn apply(&self, events: &[Event]) -> Result<(), StoreError>;
-    /// Open incidents, actions started since `since`, and every agent
-    /// identity (oldest sighting first). An open incident or identity that
-    /// does not parse is skipped with a warning naming it.
+    /// What the supervisor resumes from, every part bounded: open
+    /// incidents, actions started since `since` (oldest first), every agent
+    /// identity (oldest sighting first), the last change of each control,
+    /// approvals still pending or approved, demotions not reset, and the
+    /// verdict window of each (symptom, actuator) (see
+    /// [`Knowledge::verdicts`]). A row that does not parse is skipped with
+    /// a warning naming it.
     async fn load_knowledge(&self, since: SystemTime) -> Result<Knowledge, StoreError>;
-    /// Incidents, newest first.
+    /// Incidents, newest first by `opened_at_ms`. Uses `open_only`,
+    /// `symptom`, `since_ms`, `until_ms`, `page`, `limit`.
     async fn incidents(&self, q: &Query) -> Result<Vec<IncidentRecord>, StoreError>;
-    /// Actions, newest first.
+    /// Actions, newest first by `started_at_ms`. Uses `incident_id`,
+    /// `since_ms`, `until_ms`, `page`, `limit`.
     async fn actions(&self, q: &Query) -> Result<Vec<ActionRecord>, StoreError>;
-    /// SVID lifecycles, newest first.
+    /// SVID lifecycles, newest first. Uses `open_only` and `limit`.
     async fn svids(&self, q: &Query) -> Result<Vec<SvidRecord>, StoreError>;
-    /// Hold decisions, newest first.
+    /// Hold decisions, newest first by `at_ms`. Uses `incident_id`,
+    /// `since_ms`, `until_ms`, `page`, `limit`.
     async fn holds(&self, q: &Query) -> Result<Vec<HoldRecord>, StoreError>;
-    /// One incident by id.
-    async fn incident(&self, id: &str) -> Result<Option<IncidentRecord>, StoreError> {
-        let _ = id;
-        Err(StoreError::Corrupt("incident: not built yet".into()))
-    }
-    /// Approvals, newest first (`open_only`: pending only).
-    async fn approvals(&self, q: &Query) -> Result<Vec<ApprovalRecord>, StoreError> {
-        let _ = q;
-        Err(StoreError::Corrupt("approvals: not built yet".into()))
-    }
-    /// Decisions, newest first.
-    async fn audit(&self, q: &Query) -> Result<Vec<AuditRecord>, StoreError> {
-        let _ = q;
-        Err(StoreError::Corrupt("audit: not built yet".into()))
-    }
+    /// One incident by id; `None` when there is none.
+    async fn incident(&self, id: &str) -> Result<Option<IncidentRecord>, StoreError>;
+    /// Approvals, newest first by `requested_at_ms`. Uses `open_only`
+    /// (pending only), `incident_id`, `since_ms`, `until_ms`, `page`,
+    /// `limit`.
+    async fn approvals(&self, q: &Query) -> Result<Vec<ApprovalRecord>, StoreError>;
+    /// Decisions, newest first by `at_ms`. Uses `incident_id`, `kinds`,
+    /// `since_ms`, `until_ms`, `page`, `limit`.
+    async fn audit(&self, q: &Query) -> Result<Vec<AuditRecord>, StoreError>;
     /// Cheap liveness check.
     async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -2,7 +2,9 @@
 //!
 //! Each run of same-kind events in a batch is one statement over `UNNEST`ed
 //! column arrays: one round trip per run, whatever its length, and no
-//! parameter limit. Updates pick the event that sequential application would
+//! parameter limit; its audit rows are one more. The operator-control
+//! events (approval decisions, control changes, demotions and resets) are
+//! rare and depend on each other in order: one statement per event. Updates pick the event that sequential application would
 //! have kept (`DISTINCT ON … ORDER BY ord`), so a run behaves exactly like
 //! its events applied one by one.
 //!
@@ -18,12 +20,14 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
-use sqlx::{ConnectOptions, Connection, Postgres, Row, SqlSafeStr};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Postgres, Row, SqlSafeStr};
 
+use super::list::{self, Arg, Listing, limit};
 use super::run::{self, Run, runs};
-use super::sqlite::{identity_from_columns, incident_from_record, limit};
+use super::sqlite::{control_from_columns, count, identity_from_columns, incident_from_record};
 use super::{
-    ActionRecord, HoldRecord, IncidentRecord, Knowledge, Query, Store, StoreError, SvidRecord,
+    ActionRecord, ApprovalRecord, AuditRecord, DemotionRecord, HoldRecord, IncidentRecord,
+    Knowledge, Query, Store, StoreError, SvidRecord, VERDICT_WINDOW, VerdictRecord,
 };
 use crate::clock::unix_millis;
 use crate::model::Event;
@@ -40,6 +44,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "needs_operator_and_agent_identities",
         include_str!("../../migrations/postgres/0002_needs_operator_and_agent_identities.sql"),
+    ),
+    (
+        3,
+        "operator_controls",
+        include_str!("../../migrations/postgres/0003_operator_controls.sql"),
     ),
 ];
 
@@ -97,7 +106,17 @@ macro_rules! svid_select {
 macro_rules! hold_select {
     ($rest:literal) => {
         concat!(
-            "SELECT incident_id, actuator, target, reason, at_ms FROM holds ",
+            "SELECT id, incident_id, actuator, target, reason, at_ms FROM holds ",
+            $rest
+        )
+    };
+}
+
+macro_rules! audit_select {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, at_ms, kind, actor, incident_id, action_id, approval_id, symptom, \
+             actuator, target, reason, detail::text AS detail FROM audit ",
             $rest
         )
     };
@@ -264,8 +283,14 @@ impl Store for PostgresStore {
         }
         self.bounded(async {
             let mut tx = self.pool.begin().await.map_err(pg_error)?;
-            for run in runs(events) {
-                apply_run(&mut tx, run).await?;
+            for rows in runs(events) {
+                apply_run(&mut tx, rows.run).await?;
+                if !rows.audit.is_empty() {
+                    audit_rows(&rows.audit)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(pg_error)?;
+                }
             }
             tx.commit().await.map_err(pg_error)
         })
@@ -274,10 +299,17 @@ impl Store for PostgresStore {
 
     async fn load_knowledge(&self, since: SystemTime) -> Result<Knowledge, StoreError> {
         self.bounded(async {
+            // One read transaction (REPEATABLE READ: one snapshot for
+            // every part).
+            let mut tx = self.pool.begin().await.map_err(pg_error)?;
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .execute(&mut *tx)
+                .await
+                .map_err(pg_error)?;
             let rows = sqlx::query(incident_select!(
                 "WHERE closed_at_ms IS NULL ORDER BY opened_at_ms, id"
             ))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await
             .map_err(pg_error)?;
             let mut open_incidents = Vec::with_capacity(rows.len());
@@ -296,12 +328,12 @@ impl Store for PostgresStore {
                 "WHERE started_at_ms >= $1 ORDER BY started_at_ms, id"
             ))
             .bind(unix_millis(since))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await
             .map_err(pg_error)?;
             let recent_actions = rows.iter().map(action_record).collect::<Result<_, _>>()?;
             let rows = sqlx::query(IDENTITIES_SELECT)
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *tx)
                 .await
                 .map_err(pg_error)?;
             let mut agent_identities = Vec::with_capacity(rows.len());
@@ -314,53 +346,69 @@ impl Store for PostgresStore {
                     col(row, "last_seen_ms")?,
                 ));
             }
+
+            let mut controls = Vec::with_capacity(list::CONTROLS.len());
+            for control in list::CONTROLS {
+                let row = sqlx::query(list::LAST_CONTROL_CHANGE)
+                    .bind(control)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(pg_error)?;
+                if let Some(row) = row {
+                    controls.extend(control_from_columns(
+                        control,
+                        &col::<String>(&row, "change")?,
+                        col(&row, "changed_by")?,
+                        col(&row, "reason")?,
+                        col(&row, "at_ms")?,
+                    ));
+                }
+            }
+            let rows = sqlx::query(list::LIVE_APPROVALS)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(pg_error)?;
+            let approvals = rows.iter().map(approval_record).collect::<Result<_, _>>()?;
+            let rows = sqlx::query(list::OPEN_DEMOTIONS)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(pg_error)?;
+            let demotions = rows.iter().map(demotion_record).collect::<Result<_, _>>()?;
+            let verdicts = verdicts(&mut tx).await?;
+            tx.commit().await.map_err(pg_error)?;
             Ok(Knowledge {
                 open_incidents,
                 recent_actions,
                 agent_identities,
-                ..Knowledge::default()
+                controls,
+                approvals,
+                demotions,
+                verdicts,
             })
         })
         .await
     }
 
     async fn incidents(&self, q: &Query) -> Result<Vec<IncidentRecord>, StoreError> {
-        let query = if q.open_only {
-            sqlx::query(incident_select!(
-                "WHERE closed_at_ms IS NULL ORDER BY opened_at_ms DESC, id DESC LIMIT $1"
-            ))
-        } else {
-            sqlx::query(incident_select!(
-                "ORDER BY opened_at_ms DESC, id DESC LIMIT $1"
-            ))
-        };
-        let rows = self
+        let rows = self.list(incident_select!(""), list::incidents(q)?).await?;
+        rows.iter().map(incident_record).collect()
+    }
+
+    async fn incident(&self, id: &str) -> Result<Option<IncidentRecord>, StoreError> {
+        let row = self
             .bounded(async {
-                query
-                    .bind(limit(q))
-                    .fetch_all(&self.pool)
+                sqlx::query(incident_select!("WHERE id = $1"))
+                    .bind(text(id))
+                    .fetch_optional(&self.pool)
                     .await
                     .map_err(pg_error)
             })
             .await?;
-        rows.iter().map(incident_record).collect()
+        row.as_ref().map(incident_record).transpose()
     }
 
     async fn actions(&self, q: &Query) -> Result<Vec<ActionRecord>, StoreError> {
-        let query = match &q.incident_id {
-            Some(id) => sqlx::query(action_select!(
-                "WHERE incident_id = $2 ORDER BY started_at_ms DESC, id DESC LIMIT $1"
-            ))
-            .bind(limit(q))
-            .bind(id.clone()),
-            None => sqlx::query(action_select!(
-                "ORDER BY started_at_ms DESC, id DESC LIMIT $1"
-            ))
-            .bind(limit(q)),
-        };
-        let rows = self
-            .bounded(async { query.fetch_all(&self.pool).await.map_err(pg_error) })
-            .await?;
+        let rows = self.list(action_select!(""), list::actions(q)?).await?;
         rows.iter().map(action_record).collect()
     }
 
@@ -388,22 +436,21 @@ impl Store for PostgresStore {
         rows.iter().map(svid_record).collect()
     }
 
-    /// `incident_id` filters by incident.
     async fn holds(&self, q: &Query) -> Result<Vec<HoldRecord>, StoreError> {
-        let query = match &q.incident_id {
-            Some(id) => sqlx::query(hold_select!(
-                "WHERE incident_id = $2 ORDER BY at_ms DESC, id DESC LIMIT $1"
-            ))
-            .bind(limit(q))
-            .bind(id.clone()),
-            None => {
-                sqlx::query(hold_select!("ORDER BY at_ms DESC, id DESC LIMIT $1")).bind(limit(q))
-            }
-        };
-        let rows = self
-            .bounded(async { query.fetch_all(&self.pool).await.map_err(pg_error) })
-            .await?;
+        let rows = self.list(hold_select!(""), list::holds(q)?).await?;
         rows.iter().map(hold_record).collect()
+    }
+
+    async fn approvals(&self, q: &Query) -> Result<Vec<ApprovalRecord>, StoreError> {
+        let rows = self
+            .list(list::APPROVAL_SELECT, list::approvals(q)?)
+            .await?;
+        rows.iter().map(approval_record).collect()
+    }
+
+    async fn audit(&self, q: &Query) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = self.list(audit_select!(""), list::audit(q)?).await?;
+        rows.iter().map(audit_record).collect()
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -416,6 +463,56 @@ impl Store for PostgresStore {
         })
         .await
     }
+}
+
+impl PostgresStore {
+    /// Runs a listing after `select` (`SELECT … FROM table `).
+    async fn list(&self, select: &str, l: Listing) -> Result<Vec<PgRow>, StoreError> {
+        // Built from our constants and `$n` placeholders only.
+        let sql = AssertSqlSafe(format!("{select}{}", l.sql));
+        let query = l
+            .args
+            .into_iter()
+            .fold(sqlx::query(sql), |q, arg| match arg {
+                Arg::Int(v) => q.bind(v),
+                // Stored text had NUL replaced; so must a filter on it.
+                Arg::Text(v) => q.bind(text(&v)),
+            });
+        self.bounded(async { query.fetch_all(&self.pool).await.map_err(pg_error) })
+            .await
+    }
+}
+
+/// The verdict window of every (symptom, actuator), pair by pair.
+async fn verdicts(conn: &mut PgConnection) -> Result<Vec<VerdictRecord>, StoreError> {
+    let mut out = Vec::new();
+    let mut pair: Option<(String, String)> = sqlx::query_as(list::FIRST_VERDICT_PAIR)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(pg_error)?;
+    while let Some((symptom, actuator)) = pair {
+        let rows: Vec<(String, i64)> = sqlx::query_as(list::VERDICT_WINDOW_OF_PAIR)
+            .bind(symptom.clone())
+            .bind(actuator.clone())
+            .bind(i64::MIN)
+            .bind(run::to_i64(VERDICT_WINDOW))
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(pg_error)?;
+        out.extend(rows.into_iter().rev().map(|(v, at_ms)| VerdictRecord {
+            symptom: symptom.clone(),
+            actuator: actuator.clone(),
+            verified: v == "verified",
+            at_ms,
+        }));
+        pair = sqlx::query_as(list::NEXT_VERDICT_PAIR)
+            .bind(symptom)
+            .bind(actuator)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(pg_error)?;
+    }
+    Ok(out)
 }
 
 // === Errors ===
@@ -510,7 +607,9 @@ impl std::error::Error for AtAddress {
 
 // === Writes ===
 
-/// Writes one run as one statement over column arrays.
+/// Writes one run: one statement over column arrays, or, for the rare
+/// operator-control events whose rows depend on each other in order, one
+/// statement per event.
 async fn apply_run(conn: &mut PgConnection, run: Run<'_>) -> Result<(), StoreError> {
     let query = match run {
         Run::SubjectSeen(rows) => subjects_seen(&rows),
@@ -525,8 +624,24 @@ async fn apply_run(conn: &mut PgConnection, run: Run<'_>) -> Result<(), StoreErr
         Run::Held(rows) => holds(&rows),
         Run::IncidentNeedsOperator(rows) => incidents_need_operator(&rows),
         Run::AgentIdentified(rows) => agents_identified(&rows),
+        Run::ApprovalRequested(rows) => approvals_requested(&rows),
+        Run::ControlChanged(rows) => return each(conn, rows.iter().map(control_changed)).await,
+        Run::ApprovalDecided(rows) => return each(conn, rows.iter().map(approval_decided)).await,
+        Run::Demoted(rows) => return each(conn, rows.iter().map(demoted)).await,
+        Run::DemotionReset(rows) => return each(conn, rows.iter().map(demotion_reset)).await,
     };
     query.execute(&mut *conn).await.map(drop).map_err(pg_error)
+}
+
+/// Runs `queries` one after the other.
+async fn each(
+    conn: &mut PgConnection,
+    queries: impl Iterator<Item = PgQuery>,
+) -> Result<(), StoreError> {
+    for q in queries {
+        q.execute(&mut *conn).await.map_err(pg_error)?;
+    }
+    Ok(())
 }
 
 /// One statement with its column arrays bound.
@@ -750,6 +865,100 @@ fn agents_identified(rows: &[run::AgentIdentified<'_>]) -> PgQuery {
     .bind(column(rows, |r| r.at_ms))
 }
 
+fn approvals_requested(rows: &[run::ApprovalRequested<'_>]) -> PgQuery {
+    sqlx::query(
+        "INSERT INTO approvals (id, incident_id, symptom, rung, actuator, target, state, \
+           requested_at_ms, expires_at_ms) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], \
+                              $6::text[], $7::text[], $8::int8[], $9::int8[]) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(column(rows, |r| text(r.id)))
+    .bind(column(rows, |r| text(r.incident_id)))
+    .bind(column(rows, |r| r.symptom))
+    .bind(column(rows, |r| r.rung))
+    .bind(column(rows, |r| text(r.actuator)))
+    .bind(column(rows, |r| text(r.target)))
+    .bind(column(rows, |r| r.state))
+    .bind(column(rows, |r| r.requested_at_ms))
+    .bind(column(rows, |r| r.expires_at_ms))
+}
+
+fn approval_decided(r: &run::ApprovalDecided<'_>) -> PgQuery {
+    sqlx::query(run::APPROVAL_DECIDED_SQL)
+        .bind(r.state)
+        .bind(r.by.map(text))
+        .bind(r.reason.map(text))
+        .bind(r.action_id.map(text))
+        .bind(r.rank)
+        .bind(r.at_ms)
+        .bind(text(r.id))
+}
+
+fn control_changed(r: &run::ControlChanged<'_>) -> PgQuery {
+    // One statement per change: `seq` follows batch order exactly.
+    sqlx::query(
+        "INSERT INTO control_changes (id, control, change, changed_by, reason, at_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+    )
+    .bind(text(r.id))
+    .bind(r.control)
+    .bind(r.change)
+    .bind(text(r.by))
+    .bind(r.reason.map(text))
+    .bind(r.at_ms)
+}
+
+fn demoted(r: &run::Demoted<'_>) -> PgQuery {
+    sqlx::query(run::DEMOTED_SQL)
+        .bind(r.symptom)
+        .bind(text(r.actuator))
+        .bind(r.verified)
+        .bind(r.runs)
+        .bind(r.at_ms)
+}
+
+fn demotion_reset(r: &run::DemotionReset<'_>) -> PgQuery {
+    sqlx::query(run::DEMOTION_RESET_SQL)
+        .bind(r.symptom)
+        .bind(text(r.actuator))
+        .bind(r.at_ms)
+        .bind(text(r.by))
+}
+
+/// Audit rows, with the context the event did not carry taken from the
+/// approval and the incident they name (when known).
+fn audit_rows(rows: &[run::Audit<'_>]) -> PgQuery {
+    sqlx::query(
+        "INSERT INTO audit (id, at_ms, kind, actor, incident_id, action_id, approval_id, \
+           symptom, actuator, target, reason, detail) \
+         SELECT u.id, u.at_ms, u.kind, u.actor, coalesce(u.incident_id, a.incident_id), \
+           u.action_id, u.approval_id, \
+           coalesce(u.symptom, a.symptom, (SELECT i.symptom FROM incidents i \
+             WHERE i.id = coalesce(u.incident_id, a.incident_id))), \
+           coalesce(u.actuator, a.actuator), coalesce(u.target, a.target), u.reason, \
+           u.detail::jsonb \
+         FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], \
+                     $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[]) \
+           AS u(id, at_ms, kind, actor, incident_id, action_id, approval_id, symptom, \
+                actuator, target, reason, detail) \
+         LEFT JOIN approvals a ON a.id = u.approval_id \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(column(rows, |r| text(&r.id)))
+    .bind(column(rows, |r| r.at_ms))
+    .bind(column(rows, |r| r.kind))
+    .bind(column(rows, |r| text(r.actor)))
+    .bind(column(rows, |r| r.incident_id.map(text)))
+    .bind(column(rows, |r| r.action_id.map(text)))
+    .bind(column(rows, |r| r.approval_id.map(text)))
+    .bind(column(rows, |r| r.symptom))
+    .bind(column(rows, |r| r.actuator.map(text)))
+    .bind(column(rows, |r| r.target.map(text)))
+    .bind(column(rows, |r| r.reason.map(text)))
+    .bind(column(rows, |r| json(&r.detail)))
+}
+
 /// PostgreSQL text cannot hold NUL, and one such string (say, in an
 /// actuator's output tail) would fail its batch on every retry. Replaced by
 /// U+FFFD.
@@ -843,11 +1052,57 @@ fn svid_record(row: &PgRow) -> Result<SvidRecord, StoreError> {
 
 fn hold_record(row: &PgRow) -> Result<HoldRecord, StoreError> {
     Ok(HoldRecord {
+        id: col::<i64>(row, "id")?.to_string(),
         incident_id: col(row, "incident_id")?,
         actuator: col(row, "actuator")?,
         target: col(row, "target")?,
         reason: col(row, "reason")?,
         at_ms: col(row, "at_ms")?,
+    })
+}
+
+fn approval_record(row: &PgRow) -> Result<ApprovalRecord, StoreError> {
+    Ok(ApprovalRecord {
+        id: col(row, "id")?,
+        incident_id: col(row, "incident_id")?,
+        symptom: col(row, "symptom")?,
+        rung: col(row, "rung")?,
+        actuator: col(row, "actuator")?,
+        target: col(row, "target")?,
+        state: col(row, "state")?,
+        requested_at_ms: col(row, "requested_at_ms")?,
+        expires_at_ms: col(row, "expires_at_ms")?,
+        decided_by: col(row, "decided_by")?,
+        decided_at_ms: col(row, "decided_at_ms")?,
+        reason: col(row, "reason")?,
+        action_id: col(row, "action_id")?,
+    })
+}
+
+fn audit_record(row: &PgRow) -> Result<AuditRecord, StoreError> {
+    Ok(AuditRecord {
+        id: col(row, "id")?,
+        at_ms: col(row, "at_ms")?,
+        kind: col(row, "kind")?,
+        actor: col(row, "actor")?,
+        incident_id: col(row, "incident_id")?,
+        action_id: col(row, "action_id")?,
+        approval_id: col(row, "approval_id")?,
+        symptom: col(row, "symptom")?,
+        actuator: col(row, "actuator")?,
+        target: col(row, "target")?,
+        reason: col(row, "reason")?,
+        detail: json_col(row, "detail")?,
+    })
+}
+
+fn demotion_record(row: &PgRow) -> Result<DemotionRecord, StoreError> {
+    Ok(DemotionRecord {
+        symptom: col(row, "symptom")?,
+        actuator: col(row, "actuator")?,
+        verified: count(col(row, "verified")?, "verified")?,
+        runs: count(col(row, "runs")?, "runs")?,
+        demoted_at_ms: col(row, "demoted_at_ms")?,
     })
 }
 

@@ -17,13 +17,15 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Row, SqlSafeStr, Sqlite};
 
+use super::list::{self, Arg, Listing, limit};
 use super::run::{self, Run, runs};
 use super::{
-    ActionRecord, HoldRecord, IncidentRecord, Knowledge, Query, Store, StoreError, SvidRecord,
+    ActionRecord, ApprovalRecord, AuditRecord, ControlRecord, DemotionRecord, HoldRecord,
+    IncidentRecord, Knowledge, Query, Store, StoreError, SvidRecord, VERDICT_WINDOW, VerdictRecord,
 };
 use crate::clock::{from_unix_millis, unix_millis};
 use crate::model::{
-    AgentIdentity, Event, IdentitySource, Incident, Severity, Subject, SymptomKind,
+    AgentIdentity, ControlChange, Event, IdentitySource, Incident, Severity, Subject, SymptomKind,
 };
 
 /// Embedded migrations, in order. `tests.rs` checks that this list matches
@@ -38,6 +40,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "needs_operator_and_agent_identities",
         include_str!("../../migrations/sqlite/0002_needs_operator_and_agent_identities.sql"),
+    ),
+    (
+        3,
+        "operator_controls",
+        include_str!("../../migrations/sqlite/0003_operator_controls.sql"),
     ),
 ];
 
@@ -93,7 +100,16 @@ macro_rules! svid_select {
 macro_rules! hold_select {
     ($rest:literal) => {
         concat!(
-            "SELECT incident_id, actuator, target, reason, at_ms FROM holds ",
+            "SELECT id, incident_id, actuator, target, reason, at_ms FROM holds ",
+            $rest
+        )
+    };
+}
+macro_rules! audit_select {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, at_ms, kind, actor, incident_id, action_id, approval_id, symptom, \
+             actuator, target, reason, detail FROM audit ",
             $rest
         )
     };
@@ -282,17 +298,22 @@ impl Store for SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(StoreError::from_sqlx)?;
-        for run in runs(events) {
-            apply_run(&mut tx, run).await?;
+        for rows in runs(events) {
+            apply_run(&mut tx, rows.run).await?;
+            if !rows.audit.is_empty() {
+                audit_rows(&mut tx, &rows.audit).await?;
+            }
         }
         tx.commit().await.map_err(StoreError::from_sqlx)
     }
 
     async fn load_knowledge(&self, since: SystemTime) -> Result<Knowledge, StoreError> {
+        // One read transaction: every part from the same snapshot.
+        let mut conn = self.pool.begin().await.map_err(StoreError::from_sqlx)?;
         let rows = sqlx::query(incident_select!(
             "WHERE closed_at_ms IS NULL ORDER BY opened_at_ms, id"
         ))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await
         .map_err(StoreError::from_sqlx)?;
         let mut open_incidents = Vec::with_capacity(rows.len());
@@ -311,12 +332,12 @@ impl Store for SqliteStore {
             "WHERE started_at_ms >= ? ORDER BY started_at_ms, id"
         ))
         .bind(unix_millis(since))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await
         .map_err(StoreError::from_sqlx)?;
         let recent_actions = rows.iter().map(action_record).collect::<Result<_, _>>()?;
         let rows = sqlx::query(IDENTITIES_SELECT)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *conn)
             .await
             .map_err(StoreError::from_sqlx)?;
         let mut agent_identities = Vec::with_capacity(rows.len());
@@ -329,47 +350,63 @@ impl Store for SqliteStore {
                 col(row, "last_seen_ms")?,
             ));
         }
+
+        let mut controls = Vec::with_capacity(list::CONTROLS.len());
+        for control in list::CONTROLS {
+            let row = sqlx::query(list::LAST_CONTROL_CHANGE)
+                .bind(control)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(StoreError::from_sqlx)?;
+            if let Some(row) = row {
+                controls.extend(control_from_columns(
+                    control,
+                    &col::<String>(&row, "change")?,
+                    col(&row, "changed_by")?,
+                    col(&row, "reason")?,
+                    col(&row, "at_ms")?,
+                ));
+            }
+        }
+        let rows = sqlx::query(list::LIVE_APPROVALS)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(StoreError::from_sqlx)?;
+        let approvals = rows.iter().map(approval_record).collect::<Result<_, _>>()?;
+        let rows = sqlx::query(list::OPEN_DEMOTIONS)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(StoreError::from_sqlx)?;
+        let demotions = rows.iter().map(demotion_record).collect::<Result<_, _>>()?;
+        let verdicts = verdicts(&mut conn).await?;
+        conn.commit().await.map_err(StoreError::from_sqlx)?;
         Ok(Knowledge {
             open_incidents,
             recent_actions,
             agent_identities,
-            ..Knowledge::default()
+            controls,
+            approvals,
+            demotions,
+            verdicts,
         })
     }
 
     async fn incidents(&self, q: &Query) -> Result<Vec<IncidentRecord>, StoreError> {
-        let query = if q.open_only {
-            sqlx::query(incident_select!(
-                "WHERE closed_at_ms IS NULL ORDER BY opened_at_ms DESC, id DESC LIMIT ?"
-            ))
-        } else {
-            sqlx::query(incident_select!(
-                "ORDER BY opened_at_ms DESC, id DESC LIMIT ?"
-            ))
-        };
-        let rows = query
-            .bind(limit(q))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(StoreError::from_sqlx)?;
+        let rows = self.list(incident_select!(""), list::incidents(q)?).await?;
         rows.iter().map(incident_record).collect()
     }
 
-    async fn actions(&self, q: &Query) -> Result<Vec<ActionRecord>, StoreError> {
-        let query = match &q.incident_id {
-            Some(id) => sqlx::query(action_select!(
-                "WHERE incident_id = ? ORDER BY started_at_ms DESC, id DESC LIMIT ?"
-            ))
-            .bind(id.clone()),
-            None => sqlx::query(action_select!(
-                "ORDER BY started_at_ms DESC, id DESC LIMIT ?"
-            )),
-        };
-        let rows = query
-            .bind(limit(q))
-            .fetch_all(&self.pool)
+    async fn incident(&self, id: &str) -> Result<Option<IncidentRecord>, StoreError> {
+        let row = sqlx::query(incident_select!("WHERE id = ?"))
+            .bind(id.to_owned())
+            .fetch_optional(&self.pool)
             .await
             .map_err(StoreError::from_sqlx)?;
+        row.as_ref().map(incident_record).transpose()
+    }
+
+    async fn actions(&self, q: &Query) -> Result<Vec<ActionRecord>, StoreError> {
+        let rows = self.list(action_select!(""), list::actions(q)?).await?;
         rows.iter().map(action_record).collect()
     }
 
@@ -393,21 +430,21 @@ impl Store for SqliteStore {
         rows.iter().map(svid_record).collect()
     }
 
-    /// `incident_id` filters by incident.
     async fn holds(&self, q: &Query) -> Result<Vec<HoldRecord>, StoreError> {
-        let query = match &q.incident_id {
-            Some(id) => sqlx::query(hold_select!(
-                "WHERE incident_id = ? ORDER BY at_ms DESC, id DESC LIMIT ?"
-            ))
-            .bind(id.clone()),
-            None => sqlx::query(hold_select!("ORDER BY at_ms DESC, id DESC LIMIT ?")),
-        };
-        let rows = query
-            .bind(limit(q))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(StoreError::from_sqlx)?;
+        let rows = self.list(hold_select!(""), list::holds(q)?).await?;
         rows.iter().map(hold_record).collect()
+    }
+
+    async fn approvals(&self, q: &Query) -> Result<Vec<ApprovalRecord>, StoreError> {
+        let rows = self
+            .list(list::APPROVAL_SELECT, list::approvals(q)?)
+            .await?;
+        rows.iter().map(approval_record).collect()
+    }
+
+    async fn audit(&self, q: &Query) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = self.list(audit_select!(""), list::audit(q)?).await?;
+        rows.iter().map(audit_record).collect()
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -417,6 +454,57 @@ impl Store for SqliteStore {
             .map(drop)
             .map_err(StoreError::from_sqlx)
     }
+}
+
+impl SqliteStore {
+    /// Runs a listing after `select` (`SELECT … FROM table `).
+    async fn list(&self, select: &str, l: Listing) -> Result<Vec<SqliteRow>, StoreError> {
+        // Built from our constants and `$n` placeholders only.
+        let sql = AssertSqlSafe(format!("{select}{}", l.sql));
+        let query = l
+            .args
+            .into_iter()
+            .fold(sqlx::query(sql), |q, arg| match arg {
+                Arg::Int(v) => q.bind(v),
+                Arg::Text(v) => q.bind(v),
+            });
+        query
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::from_sqlx)
+    }
+}
+
+/// The verdict window of every (symptom, actuator), pair by pair.
+async fn verdicts(conn: &mut SqliteConnection) -> Result<Vec<VerdictRecord>, StoreError> {
+    let mut out = Vec::new();
+    let mut pair: Option<(String, String)> = sqlx::query_as(list::FIRST_VERDICT_PAIR)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(StoreError::from_sqlx)?;
+    while let Some((symptom, actuator)) = pair {
+        let rows: Vec<(String, i64)> = sqlx::query_as(list::VERDICT_WINDOW_OF_PAIR)
+            .bind(symptom.clone())
+            .bind(actuator.clone())
+            .bind(i64::MIN)
+            .bind(super::run::to_i64(VERDICT_WINDOW))
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(StoreError::from_sqlx)?;
+        out.extend(rows.into_iter().rev().map(|(v, at_ms)| VerdictRecord {
+            symptom: symptom.clone(),
+            actuator: actuator.clone(),
+            verified: v == "verified",
+            at_ms,
+        }));
+        pair = sqlx::query_as(list::NEXT_VERDICT_PAIR)
+            .bind(symptom)
+            .bind(actuator)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(StoreError::from_sqlx)?;
+    }
+    Ok(out)
 }
 
 // === Writes ===
@@ -439,6 +527,11 @@ async fn apply_run(conn: &mut SqliteConnection, run: Run<'_>) -> Result<(), Stor
         Run::Held(rows) => holds(conn, &rows).await,
         Run::IncidentNeedsOperator(rows) => incidents_need_operator(conn, &rows).await,
         Run::AgentIdentified(rows) => agents_identified(conn, &rows).await,
+        Run::ApprovalRequested(rows) => approvals_requested(conn, &rows).await,
+        Run::ApprovalDecided(rows) => approvals_decided(conn, &rows).await,
+        Run::ControlChanged(rows) => controls_changed(conn, &rows).await,
+        Run::Demoted(rows) => demoted(conn, &rows).await,
+        Run::DemotionReset(rows) => demotions_reset(conn, &rows).await,
     }
 }
 
@@ -690,6 +783,142 @@ async fn agents_identified(
     .await
 }
 
+async fn approvals_requested(
+    conn: &mut SqliteConnection,
+    rows: &[run::ApprovalRequested<'_>],
+) -> Result<(), StoreError> {
+    insert_rows(
+        conn,
+        "INSERT INTO approvals (id, incident_id, symptom, rung, actuator, target, state, \
+         requested_at_ms, expires_at_ms) VALUES ",
+        9,
+        " ON CONFLICT DO NOTHING",
+        rows,
+        |q, r| {
+            q.bind(r.id.to_owned())
+                .bind(r.incident_id.to_owned())
+                .bind(r.symptom)
+                .bind(r.rung)
+                .bind(r.actuator.to_owned())
+                .bind(r.target.to_owned())
+                .bind(r.state)
+                .bind(r.requested_at_ms)
+                .bind(r.expires_at_ms)
+        },
+    )
+    .await
+}
+
+async fn approvals_decided(
+    conn: &mut SqliteConnection,
+    rows: &[run::ApprovalDecided<'_>],
+) -> Result<(), StoreError> {
+    for r in rows {
+        let query = sqlx::query(run::APPROVAL_DECIDED_SQL)
+            .bind(r.state)
+            .bind(r.by.map(str::to_owned))
+            .bind(r.reason.map(str::to_owned))
+            .bind(r.action_id.map(str::to_owned))
+            .bind(r.rank)
+            .bind(r.at_ms)
+            .bind(r.id.to_owned());
+        execute(conn, query).await?;
+    }
+    Ok(())
+}
+
+async fn controls_changed(
+    conn: &mut SqliteConnection,
+    rows: &[run::ControlChanged<'_>],
+) -> Result<(), StoreError> {
+    // The rows of one INSERT take rowids (`seq`) in VALUES order.
+    insert_rows(
+        conn,
+        "INSERT INTO control_changes (id, control, change, changed_by, reason, at_ms) VALUES ",
+        6,
+        " ON CONFLICT DO NOTHING",
+        rows,
+        |q, r| {
+            q.bind(r.id.to_owned())
+                .bind(r.control)
+                .bind(r.change)
+                .bind(r.by.to_owned())
+                .bind(r.reason.map(str::to_owned))
+                .bind(r.at_ms)
+        },
+    )
+    .await
+}
+
+async fn demoted(conn: &mut SqliteConnection, rows: &[run::Demoted<'_>]) -> Result<(), StoreError> {
+    for r in rows {
+        let query = sqlx::query(run::DEMOTED_SQL)
+            .bind(r.symptom)
+            .bind(r.actuator.to_owned())
+            .bind(r.verified)
+            .bind(r.runs)
+            .bind(r.at_ms);
+        execute(conn, query).await?;
+    }
+    Ok(())
+}
+
+async fn demotions_reset(
+    conn: &mut SqliteConnection,
+    rows: &[run::DemotionReset<'_>],
+) -> Result<(), StoreError> {
+    for r in rows {
+        let query = sqlx::query(run::DEMOTION_RESET_SQL)
+            .bind(r.symptom)
+            .bind(r.actuator.to_owned())
+            .bind(r.at_ms)
+            .bind(r.by.to_owned());
+        execute(conn, query).await?;
+    }
+    Ok(())
+}
+
+/// Audit rows, with the context the event did not carry taken from the
+/// approval and the incident they name (when known).
+async fn audit_rows(
+    conn: &mut SqliteConnection,
+    rows: &[run::Audit<'_>],
+) -> Result<(), StoreError> {
+    // `WHERE true`: SQLite reads `ON CONFLICT` after a join as the join's
+    // constraint otherwise.
+    insert_rows(
+        conn,
+        "WITH u (id, at_ms, kind, actor, incident_id, action_id, approval_id, symptom, \
+           actuator, target, reason, detail) AS (VALUES ",
+        12,
+        ") INSERT INTO audit (id, at_ms, kind, actor, incident_id, action_id, approval_id, \
+           symptom, actuator, target, reason, detail) \
+         SELECT u.id, u.at_ms, u.kind, u.actor, coalesce(u.incident_id, a.incident_id), \
+           u.action_id, u.approval_id, \
+           coalesce(u.symptom, a.symptom, (SELECT i.symptom FROM incidents i \
+             WHERE i.id = coalesce(u.incident_id, a.incident_id))), \
+           coalesce(u.actuator, a.actuator), coalesce(u.target, a.target), u.reason, u.detail \
+         FROM u LEFT JOIN approvals a ON a.id = u.approval_id WHERE true \
+         ON CONFLICT DO NOTHING",
+        rows,
+        |q, r| {
+            q.bind(r.id.clone())
+                .bind(r.at_ms)
+                .bind(r.kind)
+                .bind(r.actor.to_owned())
+                .bind(r.incident_id.map(str::to_owned))
+                .bind(r.action_id.map(str::to_owned))
+                .bind(r.approval_id.map(str::to_owned))
+                .bind(r.symptom)
+                .bind(r.actuator.map(str::to_owned))
+                .bind(r.target.map(str::to_owned))
+                .bind(r.reason.map(str::to_owned))
+                .bind(r.detail.to_string())
+        },
+    )
+    .await
+}
+
 /// Sends `rows` as `head (?, …), (?, …) tail` statements of at most
 /// [`MAX_ROWS_PER_STATEMENT`] rows and [`MAX_PARAMS`] parameters. `bind`
 /// binds one row's `cols` values.
@@ -799,11 +1028,57 @@ fn svid_record(row: &SqliteRow) -> Result<SvidRecord, StoreError> {
 
 fn hold_record(row: &SqliteRow) -> Result<HoldRecord, StoreError> {
     Ok(HoldRecord {
+        id: col::<i64>(row, "id")?.to_string(),
         incident_id: col(row, "incident_id")?,
         actuator: col(row, "actuator")?,
         target: col(row, "target")?,
         reason: col(row, "reason")?,
         at_ms: col(row, "at_ms")?,
+    })
+}
+
+fn approval_record(row: &SqliteRow) -> Result<ApprovalRecord, StoreError> {
+    Ok(ApprovalRecord {
+        id: col(row, "id")?,
+        incident_id: col(row, "incident_id")?,
+        symptom: col(row, "symptom")?,
+        rung: col(row, "rung")?,
+        actuator: col(row, "actuator")?,
+        target: col(row, "target")?,
+        state: col(row, "state")?,
+        requested_at_ms: col(row, "requested_at_ms")?,
+        expires_at_ms: col(row, "expires_at_ms")?,
+        decided_by: col(row, "decided_by")?,
+        decided_at_ms: col(row, "decided_at_ms")?,
+        reason: col(row, "reason")?,
+        action_id: col(row, "action_id")?,
+    })
+}
+
+fn audit_record(row: &SqliteRow) -> Result<AuditRecord, StoreError> {
+    Ok(AuditRecord {
+        id: col(row, "id")?,
+        at_ms: col(row, "at_ms")?,
+        kind: col(row, "kind")?,
+        actor: col(row, "actor")?,
+        incident_id: col(row, "incident_id")?,
+        action_id: col(row, "action_id")?,
+        approval_id: col(row, "approval_id")?,
+        symptom: col(row, "symptom")?,
+        actuator: col(row, "actuator")?,
+        target: col(row, "target")?,
+        reason: col(row, "reason")?,
+        detail: json_col(row, "detail")?,
+    })
+}
+
+fn demotion_record(row: &SqliteRow) -> Result<DemotionRecord, StoreError> {
+    Ok(DemotionRecord {
+        symptom: col(row, "symptom")?,
+        actuator: col(row, "actuator")?,
+        verified: count(col(row, "verified")?, "verified")?,
+        runs: count(col(row, "runs")?, "runs")?,
+        demoted_at_ms: col(row, "demoted_at_ms")?,
     })
 }
 
@@ -881,11 +1156,36 @@ pub(super) fn identity_from_columns(
     })
 }
 
-/// Listing limit: 0 means the default of 100.
-pub(super) fn limit(q: &Query) -> i64 {
-    if q.limit == 0 {
-        100
-    } else {
-        i64::from(q.limit)
+/// Rebuilds the change in force of `control` from its `control_changes`
+/// columns. Backend-neutral.
+///
+/// `None`, with a warning, when the change is not one we know (or belongs
+/// to the other control): the control then starts as configured.
+pub(super) fn control_from_columns(
+    control: &str,
+    change: &str,
+    by: String,
+    reason: Option<String>,
+    at_ms: i64,
+) -> Option<ControlRecord> {
+    match ControlChange::parse(change) {
+        Some(change) if change.control() == control => Some(ControlRecord {
+            change,
+            by,
+            reason,
+            at_ms,
+        }),
+        _ => {
+            tracing::warn!(control, change, "Skipping an unknown control change.");
+            None
+        }
     }
+}
+
+/// A stored count as `u32`.
+///
+/// # Errors
+/// [`StoreError::Corrupt`] naming `name` when it is negative or too large.
+pub(super) fn count(n: i64, name: &str) -> Result<u32, StoreError> {
+    u32::try_from(n).map_err(|_| StoreError::Corrupt(format!("column {name}: {n} is no count")))
 }

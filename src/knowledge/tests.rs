@@ -21,8 +21,8 @@ use tokio::time::Instant;
 use super::*;
 use crate::clock::{from_unix_millis, unix_millis};
 use crate::model::{
-    AgentIdentity, Event, IdentitySource, Incident, Outcome, OutcomeKind, Severity, Step, Subject,
-    SymptomKind, Verification, new_id,
+    AgentIdentity, Approval, ApprovalState, ControlChange, Event, IdentitySource, Incident,
+    LOOP_ACTOR, Outcome, OutcomeKind, Severity, Step, Subject, SymptomKind, Verification, new_id,
 };
 
 const PG_URL_ENV: &str = "SPIRE_HEALER_TEST_PG_URL";
@@ -152,6 +152,10 @@ impl Fixture {
                 "actions",
                 "holds",
                 "agent_identities",
+                "approvals",
+                "control_changes",
+                "demotions",
+                "audit",
             ]
             .contains(&table),
             "unknown table {table}"
@@ -453,10 +457,97 @@ fn seen(subject: Subject, ms: i64) -> Event {
     }
 }
 
+fn approval(id: &str, incident_id: &str, ms: i64) -> Approval {
+    Approval {
+        id: id.into(),
+        incident_id: incident_id.into(),
+        symptom: SymptomKind::SvidExpiring,
+        rung: 1,
+        actuator: "restart-agent".into(),
+        target: "node-a".into(),
+        requested_at: at(ms),
+        expires_at: at(ms + 600_000),
+    }
+}
+
+fn requested(id: &str, incident_id: &str, ms: i64) -> Event {
+    Event::ApprovalRequested {
+        approval: approval(id, incident_id, ms),
+    }
+}
+
+/// An operator's decision (`by` set) or the loop's (`by` empty).
+fn decided(id: &str, state: ApprovalState, by: &str, ms: i64) -> Event {
+    Event::ApprovalDecided {
+        id: id.into(),
+        state,
+        by: (!by.is_empty()).then(|| by.to_owned()),
+        reason: (!by.is_empty()).then(|| format!("{by} says {}", state.as_str())),
+        action_id: None,
+        at: at(ms),
+    }
+}
+
+fn used(id: &str, action_id: &str, ms: i64) -> Event {
+    Event::ApprovalDecided {
+        id: id.into(),
+        state: ApprovalState::Used,
+        by: None,
+        reason: None,
+        action_id: Some(action_id.into()),
+        at: at(ms),
+    }
+}
+
+fn control(id: &str, change: ControlChange, by: &str, ms: i64) -> Event {
+    Event::ControlChanged {
+        id: id.into(),
+        change,
+        by: by.into(),
+        reason: Some(format!("{by}: {}", change.as_str())),
+        at: at(ms),
+    }
+}
+
+fn demoted(actuator: &str, verified: u32, runs: u32, ms: i64) -> Event {
+    Event::Demoted {
+        symptom: SymptomKind::SvidExpiring,
+        actuator: actuator.into(),
+        verified,
+        runs,
+        at: at(ms),
+    }
+}
+
+fn reset(id: &str, actuator: &str, by: &str, ms: i64) -> Event {
+    Event::DemotionReset {
+        id: id.into(),
+        symptom: SymptomKind::SvidExpiring,
+        actuator: actuator.into(),
+        by: by.into(),
+        at: at(ms),
+    }
+}
+
+/// A started action of `actuator` for the demotion window, judged at `ms`.
+fn judged(id: &str, actuator: &str, v: Verification, ms: i64) -> [Event; 2] {
+    let mut s = step(id, "inc-1", 0);
+    s.actuator = actuator.into();
+    [
+        Event::ActionStarted {
+            step: s,
+            at: at(ms - 10),
+        },
+        verified(id, v, ms),
+    ]
+}
+
 /// One of everything, with updates that depend on batch order.
 fn mixed_batch(tag: &str, t: i64) -> Vec<Event> {
     let inc = format!("inc-{tag}");
     let act = format!("act-{tag}");
+    let apr = format!("apr-{tag}");
+    let restart = format!("restart-{tag}");
     let spiffe_id = format!("spiffe://example.org/{tag}");
     let agent_id = format!("spiffe://example.org/spire/agent/join_token/{tag}");
     vec![
@@ -477,9 +568,57 @@ fn mixed_batch(tag: &str, t: i64) -> Vec<Event> {
         verified(&act, Verification::Verified, t + 5),
         needs_operator(&inc, "restart-agent futile 3 times", t + 5),
         identified("node-a", &agent_id, IdentitySource::DebugApi, t + 5),
+        requested(&apr, &inc, t + 2),
+        decided(&apr, ApprovalState::Approved, "uid:0", t + 3),
+        used(&apr, &act, t + 3),
+        control(
+            &format!("ctl-{tag}-1"),
+            ControlChange::Paused,
+            "uid:0",
+            t + 4,
+        ),
+        control(
+            &format!("ctl-{tag}-2"),
+            ControlChange::DryRunOn,
+            "uid:0",
+            t + 4,
+        ),
+        demoted(&restart, 1, 10, t + 4),
+        reset(&format!("rst-{tag}"), &restart, "uid:0", t + 5),
+        demoted(&restart, 2, 10, t + 6),
         closed(&inc, t + 6, "cleared"),
     ]
 }
+
+/// How many kinds of [`Event`] there are; [`event_kind`] stops compiling
+/// when one is added: then add it to [`mixed_batch`] too.
+const EVENT_KINDS: usize = 17;
+
+fn event_kind(e: &Event) -> &'static str {
+    match e {
+        Event::SubjectSeen { .. } => "subject_seen",
+        Event::SvidSeen { .. } => "svid_seen",
+        Event::SvidReplaced { .. } => "svid_replaced",
+        Event::IncidentOpened { .. } => "incident_opened",
+        Event::IncidentClosed { .. } => "incident_closed",
+        Event::IncidentEscalated { .. } => "incident_escalated",
+        Event::ActionStarted { .. } => "action_started",
+        Event::ActionFinished { .. } => "action_finished",
+        Event::ActionVerified { .. } => "action_verified",
+        Event::Held { .. } => "held",
+        Event::IncidentNeedsOperator { .. } => "incident_needs_operator",
+        Event::AgentIdentified(_) => "agent_identified",
+        Event::ApprovalRequested { .. } => "approval_requested",
+        Event::ApprovalDecided { .. } => "approval_decided",
+        Event::ControlChanged { .. } => "control_changed",
+        Event::Demoted { .. } => "demoted",
+        Event::DemotionReset { .. } => "demotion_reset",
+    }
+}
+
+/// Audit rows per [`mixed_batch`]: acted, held, needs_operator, pending,
+/// approved, used, paused, dry_run_on, demoted, demotion_reset, demoted.
+const MIXED_AUDIT_ROWS: i64 = 11;
 
 // === Contract ===
 
@@ -530,6 +669,13 @@ contract!(
     load_knowledge_returns_agent_identities_oldest_first,
     unreadable_agent_identity_is_skipped,
     a_spool_replays_every_kind_of_event_once,
+    approvals_round_trip_and_only_move_forward,
+    audit_has_a_row_per_decision,
+    paging_walks_every_list_once,
+    listings_filter_by_time_symptom_and_incident,
+    load_knowledge_restores_controls_approvals_and_demotions,
+    verdict_window_restarts_at_a_reset,
+    incident_by_id,
 );
 
 async fn migrations_are_idempotent(f: Fixture) {
@@ -749,32 +895,33 @@ async fn action_lifecycle_and_listing(f: Fixture) {
 }
 
 /// Everything a listing can show, for before/after comparisons.
-async fn snapshot(
-    f: &Fixture,
-) -> (
-    Vec<IncidentRecord>,
-    Vec<ActionRecord>,
-    Vec<SvidRecord>,
-    Vec<HoldRecord>,
-    Option<(String, String, i64, i64)>,
-    Vec<AgentIdentity>,
-) {
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    incidents: Vec<IncidentRecord>,
+    actions: Vec<ActionRecord>,
+    svids: Vec<SvidRecord>,
+    holds: Vec<HoldRecord>,
+    subject: Option<(String, String, i64, i64)>,
+    approvals: Vec<ApprovalRecord>,
+    audit: Vec<AuditRecord>,
+    knowledge: Knowledge,
+}
+
+async fn snapshot(f: &Fixture) -> Snapshot {
     let all = Query {
         limit: 10_000,
         ..q()
     };
-    (
-        f.store.incidents(&all).await.unwrap(),
-        f.store.actions(&all).await.unwrap(),
-        f.store.svids(&all).await.unwrap(),
-        f.store.holds(&all).await.unwrap(),
-        f.subject_row(&Subject::agent("node-a")).await,
-        f.store
-            .load_knowledge(at(0))
-            .await
-            .unwrap()
-            .agent_identities,
-    )
+    Snapshot {
+        incidents: f.store.incidents(&all).await.unwrap(),
+        actions: f.store.actions(&all).await.unwrap(),
+        svids: f.store.svids(&all).await.unwrap(),
+        holds: f.store.holds(&all).await.unwrap(),
+        subject: f.subject_row(&Subject::agent("node-a")).await,
+        approvals: f.store.approvals(&all).await.unwrap(),
+        audit: f.store.audit(&all).await.unwrap(),
+        knowledge: f.store.load_knowledge(at(0)).await.unwrap(),
+    }
 }
 
 async fn reapplying_batches_is_idempotent(f: Fixture) {
@@ -783,10 +930,13 @@ async fn reapplying_batches_is_idempotent(f: Fixture) {
     f.store.apply(&first).await.unwrap();
     f.store.apply(&second).await.unwrap();
     let once = snapshot(&f).await;
-    assert_eq!(once.0.len(), 2);
-    assert_eq!(once.3.len(), 2);
-    assert_eq!(once.5.len(), 2);
-    assert!(once.0.iter().all(|i| i.needs_operator.is_some()));
+    assert_eq!(once.incidents.len(), 2);
+    assert_eq!(once.holds.len(), 2);
+    assert_eq!(once.knowledge.agent_identities.len(), 2);
+    assert!(once.incidents.iter().all(|i| i.needs_operator.is_some()));
+    assert!(once.approvals.iter().all(|a| a.state == "used"));
+    assert_eq!(once.knowledge.controls.len(), 2);
+    assert_eq!(once.knowledge.demotions.len(), 2);
 
     // An unknown outcome: the client retries batches that did commit,
     // including an older one after a newer one.
@@ -797,12 +947,15 @@ async fn reapplying_batches_is_idempotent(f: Fixture) {
         .await
         .unwrap();
     assert_eq!(snapshot(&f).await, once);
-    for table in ["incidents", "actions", "holds"] {
+    for table in ["incidents", "actions", "holds", "approvals"] {
         assert_eq!(f.count(table).await, 2, "{table}");
     }
     assert_eq!(f.count("svid_lifecycles").await, 4);
     assert_eq!(f.count("subjects").await, 3);
     assert_eq!(f.count("agent_identities").await, 2);
+    assert_eq!(f.count("control_changes").await, 4);
+    assert_eq!(f.count("demotions").await, 4);
+    assert_eq!(f.count("audit").await, 2 * MIXED_AUDIT_ROWS);
 }
 
 /// A crash during an outage: part of the stream committed, the rest (and
@@ -811,6 +964,12 @@ async fn reapplying_batches_is_idempotent(f: Fixture) {
 async fn a_spool_replays_every_kind_of_event_once(f: Fixture) {
     let first = mixed_batch("x", T0);
     let second = mixed_batch("y", T0 + 10_000);
+    let kinds: BTreeSet<&str> = first.iter().map(event_kind).collect();
+    assert_eq!(
+        kinds.len(),
+        EVENT_KINDS,
+        "mixed_batch holds every kind: {kinds:?}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.spool");
     let (mut spool, _) = crate::knowledge::Spool::open(&path, 1 << 20).unwrap();
@@ -828,10 +987,16 @@ async fn a_spool_replays_every_kind_of_event_once(f: Fixture) {
     f.store.apply(&first).await.unwrap();
     f.store.apply(&second).await.unwrap();
     assert_eq!(snapshot(&f).await, replayed_store);
-    assert_eq!(replayed_store.0.len(), 2);
-    assert_eq!(replayed_store.1.len(), 2);
-    assert_eq!(replayed_store.3.len(), 2);
+    assert_eq!(replayed_store.incidents.len(), 2);
+    assert_eq!(replayed_store.actions.len(), 2);
+    assert_eq!(replayed_store.holds.len(), 2);
     assert_eq!(f.count("svid_lifecycles").await, 4);
+    // The operator controls replay too, once each.
+    assert_eq!(replayed_store.approvals.len(), 2);
+    assert_eq!(replayed_store.knowledge.controls.len(), 2);
+    assert_eq!(replayed_store.knowledge.demotions.len(), 2);
+    assert_eq!(f.count("control_changes").await, 4);
+    assert_eq!(f.count("audit").await, 2 * MIXED_AUDIT_ROWS);
 }
 
 async fn updates_follow_batch_order(f: Fixture) {
@@ -1158,6 +1323,11 @@ async fn nul_characters_do_not_poison_a_batch(f: Fixture) {
                 IdentitySource::DebugApi,
                 T0,
             ),
+            requested("apr-nul", "inc-nul", T0),
+            decided("apr-nul", ApprovalState::Rejected, nul, T0),
+            control("c-nul", ControlChange::Paused, nul, T0),
+            demoted(nul, 0, 3, T0),
+            reset("r-nul", nul, nul, T0 + 1),
         ])
         .await
         .unwrap();
@@ -1181,6 +1351,23 @@ async fn nul_characters_do_not_poison_a_batch(f: Fixture) {
         .unwrap()
         .agent_identities;
     assert_eq!(identities[0].agent, expected);
+    let approval = &f.store.approvals(&q()).await.unwrap()[0];
+    assert_eq!(approval.decided_by.as_deref(), Some(expected));
+    let k = f.store.load_knowledge(at(0)).await.unwrap();
+    assert_eq!(k.controls[0].by, expected);
+    assert!(k.demotions.is_empty(), "reset");
+    let audit = f
+        .store
+        .audit(&Query {
+            kinds: vec!["demotion_reset".into()],
+            ..q()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (audit[0].actor.as_str(), audit[0].actuator.as_deref()),
+        (expected, Some(expected))
+    );
 }
 
 async fn holds_listing(f: Fixture) {
@@ -1210,6 +1397,7 @@ async fn holds_listing(f: Fixture) {
     assert_eq!(
         all[2],
         HoldRecord {
+            id: all[2].id.clone(),
             incident_id: "inc-a".into(),
             actuator: "restart-agent".into(),
             target: "node-a".into(),
@@ -1267,6 +1455,26 @@ async fn every_closed_set_value_is_accepted(f: Fixture) {
         }
         [IdentitySource::DebugApi, IdentitySource::NodeAlias]
     }
+    fn control_changes() -> [ControlChange; 4] {
+        match ControlChange::Paused {
+            ControlChange::Paused
+            | ControlChange::Resumed
+            | ControlChange::DryRunOn
+            | ControlChange::DryRunOff => {}
+        }
+        ControlChange::ALL
+    }
+    fn approval_states() -> [ApprovalState; 6] {
+        match ApprovalState::Pending {
+            ApprovalState::Pending
+            | ApprovalState::Approved
+            | ApprovalState::Rejected
+            | ApprovalState::Expired
+            | ApprovalState::Used
+            | ApprovalState::Withdrawn => {}
+        }
+        ApprovalState::ALL
+    }
 
     let mut events = vec![
         seen(Subject::agent("node-a"), T0),
@@ -1296,7 +1504,25 @@ async fn every_closed_set_value_is_accepted(f: Fixture) {
             T0 + i64::try_from(n).unwrap(),
         ));
     }
+    for (n, change) in control_changes().into_iter().enumerate() {
+        events.push(control(&format!("c-{n}"), change, "uid:0", T0));
+    }
+    for (n, state) in approval_states().into_iter().enumerate() {
+        let id = format!("apr-{n}");
+        events.push(requested(&id, "inc-0-warning", T0));
+        events.push(decided(&id, state, "uid:0", T0 + 1));
+    }
     f.store.apply(&events).await.unwrap();
+    assert_eq!(f.count("control_changes").await, 4);
+    let states: BTreeSet<String> = f
+        .store
+        .approvals(&q())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.state)
+        .collect();
+    assert_eq!(states.len(), approval_states().len());
     let k = f.store.load_knowledge(at(0)).await.unwrap();
     assert_eq!(k.open_incidents.len(), SymptomKind::ALL.len() * 2);
     let sources: Vec<_> = k.agent_identities.iter().map(|i| i.source).collect();
@@ -1391,6 +1617,9 @@ async fn empty_store_lists_nothing(f: Fixture) {
     assert!(f.store.actions(&q()).await.unwrap().is_empty());
     assert!(f.store.svids(&q()).await.unwrap().is_empty());
     assert!(f.store.holds(&q()).await.unwrap().is_empty());
+    assert!(f.store.approvals(&q()).await.unwrap().is_empty());
+    assert!(f.store.audit(&q()).await.unwrap().is_empty());
+    assert_eq!(f.store.incident("inc-1").await.unwrap(), None);
     assert_eq!(
         f.store.load_knowledge(at(0)).await.unwrap(),
         Knowledge::default()
@@ -1573,6 +1802,792 @@ async fn unreadable_agent_identity_is_skipped(f: Fixture) {
     assert_eq!(f.count("agent_identities").await, 2);
 }
 
+async fn approvals_round_trip_and_only_move_forward(f: Fixture) {
+    f.store
+        .apply(&[
+            opened(incident("inc-1", T0)),
+            requested("apr-1", "inc-1", T0 + 1),
+            requested("apr-2", "inc-1", T0 + 2),
+        ])
+        .await
+        .unwrap();
+    let pending = ApprovalRecord {
+        id: "apr-1".into(),
+        incident_id: "inc-1".into(),
+        symptom: "svid_expiring".into(),
+        rung: 1,
+        actuator: "restart-agent".into(),
+        target: "node-a".into(),
+        state: "pending".into(),
+        requested_at_ms: T0 + 1,
+        expires_at_ms: T0 + 600_001,
+        decided_by: None,
+        decided_at_ms: None,
+        reason: None,
+        action_id: None,
+    };
+    let all = f.store.approvals(&q()).await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[1], pending);
+
+    // Approved by an operator, then used by the loop: the approver and
+    // the reason stay, the action is recorded, the time is the last change.
+    let approve = [decided(
+        "apr-1",
+        ApprovalState::Approved,
+        "uid:1000",
+        T0 + 10,
+    )];
+    f.store.apply(&approve).await.unwrap();
+    f.store
+        .apply(&[used("apr-1", "act-1", T0 + 20)])
+        .await
+        .unwrap();
+    // Nothing moves a final state: a late rejection, a re-applied approval,
+    // a second request.
+    f.store
+        .apply(&[decided("apr-1", ApprovalState::Rejected, "uid:0", T0 + 30)])
+        .await
+        .unwrap();
+    f.store.apply(&approve).await.unwrap();
+    f.store
+        .apply(&[requested("apr-1", "inc-other", T0 + 40)])
+        .await
+        .unwrap();
+    let used_one = ApprovalRecord {
+        state: "used".into(),
+        decided_by: Some("uid:1000".into()),
+        decided_at_ms: Some(T0 + 20),
+        reason: Some("uid:1000 says approved".into()),
+        action_id: Some("act-1".into()),
+        ..pending.clone()
+    };
+    let of = |id: &str, rows: &[ApprovalRecord]| rows.iter().find(|a| a.id == id).cloned();
+    let all = f.store.approvals(&q()).await.unwrap();
+    assert_eq!(of("apr-1", &all), Some(used_one));
+
+    // Within one batch, in order: approved then rejected keeps approved
+    // (not final) only until the rejection, which is final.
+    f.store
+        .apply(&[
+            decided("apr-2", ApprovalState::Approved, "uid:1", T0 + 50),
+            decided("apr-2", ApprovalState::Rejected, "uid:2", T0 + 51),
+            decided("apr-2", ApprovalState::Approved, "uid:3", T0 + 52),
+            decided("apr-2", ApprovalState::Pending, "uid:4", T0 + 53),
+        ])
+        .await
+        .unwrap();
+    let all = f.store.approvals(&q()).await.unwrap();
+    let two = of("apr-2", &all).unwrap();
+    assert_eq!(
+        (
+            two.state.as_str(),
+            two.decided_by.as_deref(),
+            two.decided_at_ms
+        ),
+        ("rejected", Some("uid:2"), Some(T0 + 51))
+    );
+
+    // A decision on an approval the store never saw (its request was lost)
+    // fails nothing and changes nothing, but is audited.
+    f.store
+        .apply(&[
+            decided("apr-unknown", ApprovalState::Approved, "uid:5", T0 + 60),
+            opened(incident("inc-after", T0 + 61)),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(f.count("approvals").await, 2);
+    assert!(f.store.incident("inc-after").await.unwrap().is_some());
+    let audit = f
+        .store
+        .audit(&Query {
+            kinds: vec!["approved".into()],
+            ..q()
+        })
+        .await
+        .unwrap();
+    let unknown = audit
+        .iter()
+        .find(|a| a.approval_id.as_deref() == Some("apr-unknown"))
+        .unwrap();
+    assert_eq!(
+        (unknown.actor.as_str(), unknown.incident_id.as_deref()),
+        ("uid:5", None)
+    );
+
+    // Every state is accepted, and `open_only` lists the pending ones.
+    let mut events = Vec::new();
+    for (n, state) in ApprovalState::ALL.into_iter().enumerate() {
+        let id = format!("apr-s{n}");
+        let ms = T0 + 100 + i64::try_from(n).unwrap();
+        events.push(requested(&id, "inc-2", ms));
+        if state != ApprovalState::Pending {
+            events.push(decided(&id, state, "", ms + 1));
+        }
+    }
+    f.store.apply(&events).await.unwrap();
+    let listed = f
+        .store
+        .approvals(&Query {
+            incident_id: Some("inc-2".into()),
+            ..q()
+        })
+        .await
+        .unwrap();
+    let states: Vec<&str> = listed.iter().rev().map(|a| a.state.as_str()).collect();
+    let expected: Vec<&str> = ApprovalState::ALL.iter().map(|s| s.as_str()).collect();
+    assert_eq!(states, expected);
+    let open = f
+        .store
+        .approvals(&Query {
+            open_only: true,
+            ..q()
+        })
+        .await
+        .unwrap();
+    let ids: Vec<&str> = open.iter().map(|a| a.id.as_str()).collect();
+    assert_eq!(ids, ["apr-s0"]);
+}
+
+async fn audit_has_a_row_per_decision(f: Fixture) {
+    let mut s = step("act-1", "inc-1", 2);
+    s.params = json!({"signal": "SIGHUP", "approval_id": "apr-1"});
+    s.dry_run = true;
+    let batch = vec![
+        opened(incident("inc-1", T0)),
+        requested("apr-1", "inc-1", T0 + 1),
+        decided("apr-1", ApprovalState::Approved, "uid:1000", T0 + 2),
+        Event::ActionStarted {
+            step: s,
+            at: at(T0 + 3),
+        },
+        used("apr-1", "act-1", T0 + 3),
+        held("inc-1", "cooldown", T0 + 4),
+        needs_operator("inc-1", "nothing left", T0 + 5),
+        control("c-1", ControlChange::Paused, "uid:0", T0 + 6),
+        control("c-2", ControlChange::Resumed, "uid:0", T0 + 7),
+        control(
+            "c-3",
+            ControlChange::DryRunOn,
+            "spiffe://example.org/op",
+            T0 + 8,
+        ),
+        control("c-4", ControlChange::DryRunOff, "uid:0", T0 + 9),
+        demoted("restart-agent", 1, 10, T0 + 10),
+        reset("r-1", "restart-agent", "uid:0", T0 + 11),
+        decided("apr-gone", ApprovalState::Expired, "", T0 + 12),
+        Event::ApprovalDecided {
+            id: "apr-other".into(),
+            state: ApprovalState::Withdrawn,
+            by: None,
+            reason: None,
+            action_id: None,
+            at: at(T0 + 12),
+        },
+        // Not decisions: no audit row.
+        finished("act-1", OutcomeKind::DryRun, T0 + 13),
+        verified("act-1", Verification::Skipped, T0 + 14),
+        closed("inc-1", T0 + 15, "cleared"),
+    ];
+    f.store.apply(&batch).await.unwrap();
+    f.store.apply(&batch).await.unwrap();
+
+    let rows = f.store.audit(&q()).await.unwrap();
+    let summary: Vec<(&str, &str)> = rows
+        .iter()
+        .rev()
+        .map(|a| (a.kind.as_str(), a.actor.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("pending", LOOP_ACTOR),
+            ("approved", "uid:1000"),
+            ("acted", LOOP_ACTOR),
+            ("used", LOOP_ACTOR),
+            ("held", LOOP_ACTOR),
+            ("needs_operator", LOOP_ACTOR),
+            ("paused", "uid:0"),
+            ("resumed", "uid:0"),
+            ("dry_run_on", "spiffe://example.org/op"),
+            ("dry_run_off", "uid:0"),
+            ("demoted", LOOP_ACTOR),
+            ("demotion_reset", "uid:0"),
+            // Same time: by id.
+            ("expired", LOOP_ACTOR),
+            ("withdrawn", LOOP_ACTOR),
+        ]
+    );
+    assert_eq!(f.count("audit").await, 14, "re-applied: nothing twice");
+    let by_kind = |kind: &str| rows.iter().find(|a| a.kind == kind).unwrap().clone();
+
+    let acted = by_kind("acted");
+    assert_eq!(
+        acted,
+        AuditRecord {
+            id: acted.id.clone(),
+            at_ms: T0 + 3,
+            kind: "acted".into(),
+            actor: LOOP_ACTOR.into(),
+            incident_id: Some("inc-1".into()),
+            action_id: Some("act-1".into()),
+            approval_id: Some("apr-1".into()),
+            symptom: Some("svid_expiring".into()),
+            actuator: Some("restart-agent".into()),
+            target: Some("node-a".into()),
+            reason: None,
+            detail: json!({"dry_run": true, "approval_id": "apr-1"}),
+        }
+    );
+    // The loop's `used` and the operator's decision take their context
+    // from the approval.
+    let approved = by_kind("approved");
+    assert_eq!(approved.reason.as_deref(), Some("uid:1000 says approved"));
+    for a in [&approved, &by_kind("used")] {
+        assert_eq!(a.incident_id.as_deref(), Some("inc-1"), "{a:?}");
+        assert_eq!(a.symptom.as_deref(), Some("svid_expiring"), "{a:?}");
+        assert_eq!(a.actuator.as_deref(), Some("restart-agent"), "{a:?}");
+        assert_eq!(a.target.as_deref(), Some("node-a"), "{a:?}");
+    }
+    assert_eq!(by_kind("used").action_id.as_deref(), Some("act-1"));
+    assert_eq!(
+        by_kind("pending").detail,
+        json!({"rung": 1, "expires_at_ms": T0 + 600_001})
+    );
+    // Holds and needs-operator verdicts take the incident's symptom.
+    let held = by_kind("held");
+    assert_eq!(
+        (
+            held.reason.as_deref(),
+            held.symptom.as_deref(),
+            held.actuator.as_deref(),
+            held.target.as_deref()
+        ),
+        (
+            Some("cooldown"),
+            Some("svid_expiring"),
+            Some("restart-agent"),
+            Some("node-a")
+        )
+    );
+    let needs = by_kind("needs_operator");
+    assert_eq!(needs.reason.as_deref(), Some("nothing left"));
+    assert_eq!(needs.symptom.as_deref(), Some("svid_expiring"));
+    assert_eq!(by_kind("paused").reason.as_deref(), Some("uid:0: paused"));
+    assert_eq!(
+        by_kind("demoted").detail,
+        json!({"verified": 1, "runs": 10})
+    );
+    assert_eq!(
+        by_kind("demotion_reset").actuator.as_deref(),
+        Some("restart-agent")
+    );
+    assert_eq!(by_kind("expired").incident_id, None, "unknown approval");
+
+    // Filters: incident, kinds, time.
+    let of_incident = f
+        .store
+        .audit(&Query {
+            incident_id: Some("inc-1".into()),
+            ..q()
+        })
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = of_incident.iter().rev().map(|a| a.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "pending",
+            "approved",
+            "acted",
+            "used",
+            "held",
+            "needs_operator"
+        ]
+    );
+    let controls = f
+        .store
+        .audit(&Query {
+            kinds: vec!["paused".into(), "resumed".into()],
+            ..q()
+        })
+        .await
+        .unwrap();
+    assert_eq!(controls.len(), 2);
+    let window = f
+        .store
+        .audit(&Query {
+            since_ms: Some(T0 + 6),
+            until_ms: Some(T0 + 8),
+            ..q()
+        })
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = window.iter().map(|a| a.kind.as_str()).collect();
+    assert_eq!(kinds, ["resumed", "paused"]);
+}
+
+/// Pages of `size` through a listing (newest first), following the last
+/// row's key, until a short page.
+async fn walk(list: impl AsyncFn(Query) -> Vec<(i64, String)>, base: &Query) -> Vec<(i64, String)> {
+    let mut out = Vec::new();
+    let mut page = None;
+    loop {
+        let rows = list(Query {
+            page: page.clone(),
+            ..base.clone()
+        })
+        .await;
+        let short = rows.len() < usize::try_from(base.limit).unwrap();
+        if let Some((at_ms, id)) = rows.last() {
+            page = Some(PageKey {
+                at_ms: *at_ms,
+                id: id.clone(),
+            });
+        }
+        out.extend(rows);
+        if short {
+            return out;
+        }
+    }
+}
+
+/// `walked` page by page equals `all` listed at once: newest first, every
+/// one of the `n` rows once. (How ids order within a time is the
+/// database's: PostgreSQL's text collation may not be byte order.)
+fn assert_walked(name: &str, walked: &[(i64, String)], all: &[(i64, String)], n: usize) {
+    assert_eq!(all.len(), n, "{name}: all rows");
+    assert_eq!(walked, all, "{name}: pages vs one listing");
+    let distinct: BTreeSet<_> = walked.iter().collect();
+    assert_eq!(distinct.len(), n, "{name}: repeats");
+    assert!(
+        walked.windows(2).all(|w| w[0].0 >= w[1].0),
+        "{name}: newest first"
+    );
+}
+
+async fn paging_walks_every_list_once(f: Fixture) {
+    // 23 of each, most sharing a time with others: ties must page by id.
+    const N: i64 = 23;
+    let mut events = Vec::new();
+    for n in 0..N {
+        let ms = T0 + n / 4;
+        let inc = format!("inc-{n:02}");
+        events.push(opened(incident(&inc, ms)));
+        events.push(started(&format!("act-{n:02}"), &inc, ms));
+        events.push(held(&format!("inc-{}", n % 3), &format!("reason-{n}"), ms));
+        events.push(requested(&format!("apr-{n:02}"), &inc, ms));
+    }
+    f.store.apply(&events).await.unwrap();
+    let store = &f.store;
+    for size in [1, 2, 5, 100] {
+        let base = Query { limit: size, ..q() };
+        let all = Query {
+            limit: 1_000,
+            ..q()
+        };
+        let incidents = async |q: Query| -> Vec<(i64, String)> {
+            let rows = store.incidents(&q).await.unwrap();
+            rows.into_iter().map(|r| (r.opened_at_ms, r.id)).collect()
+        };
+        let actions = async |q: Query| -> Vec<(i64, String)> {
+            let rows = store.actions(&q).await.unwrap();
+            rows.into_iter().map(|r| (r.started_at_ms, r.id)).collect()
+        };
+        let holds = async |q: Query| -> Vec<(i64, String)> {
+            let rows = store.holds(&q).await.unwrap();
+            rows.into_iter().map(|r| (r.at_ms, r.id)).collect()
+        };
+        let approvals = async |q: Query| -> Vec<(i64, String)> {
+            let rows = store.approvals(&q).await.unwrap();
+            rows.into_iter()
+                .map(|r| (r.requested_at_ms, r.id))
+                .collect()
+        };
+        let audit = async |q: Query| -> Vec<(i64, String)> {
+            let rows = store.audit(&q).await.unwrap();
+            rows.into_iter().map(|r| (r.at_ms, r.id)).collect()
+        };
+        let n = usize::try_from(N).unwrap();
+        assert_walked(
+            "incidents",
+            &walk(&incidents, &base).await,
+            &incidents(all.clone()).await,
+            n,
+        );
+        assert_walked(
+            "actions",
+            &walk(&actions, &base).await,
+            &actions(all.clone()).await,
+            n,
+        );
+        assert_walked(
+            "holds",
+            &walk(&holds, &base).await,
+            &holds(all.clone()).await,
+            n,
+        );
+        assert_walked(
+            "approvals",
+            &walk(&approvals, &base).await,
+            &approvals(all.clone()).await,
+            n,
+        );
+        // acted, held and pending per n.
+        assert_walked(
+            "audit",
+            &walk(&audit, &base).await,
+            &audit(all.clone()).await,
+            3 * n,
+        );
+        // Paging within a filter.
+        let of_inc_1 = Query {
+            incident_id: Some("inc-1".into()),
+            ..base.clone()
+        };
+        let walked = walk(&holds, &of_inc_1).await;
+        assert_eq!(walked.len(), 8, "holds of inc-1: n % 3 == 1");
+        assert_eq!(
+            walked,
+            holds(Query {
+                limit: 1_000,
+                ..of_inc_1.clone()
+            })
+            .await
+        );
+    }
+    // Hold ids order as numbers within a time: 8 ties after one another.
+    let holds = f
+        .store
+        .holds(&Query {
+            limit: 1_000,
+            ..q()
+        })
+        .await
+        .unwrap();
+    for w in holds.windows(2) {
+        let key = |h: &HoldRecord| (h.at_ms, h.id.parse::<i64>().unwrap());
+        assert!(key(&w[0]) > key(&w[1]), "{w:?}");
+    }
+    let bad = f
+        .store
+        .holds(&Query {
+            page: Some(PageKey {
+                at_ms: T0,
+                id: "not-a-number".into(),
+            }),
+            ..q()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.kind(), "invalid_query", "{bad}");
+}
+
+async fn listings_filter_by_time_symptom_and_incident(f: Fixture) {
+    let mut other = incident("inc-other", T0 + 20);
+    other.kind = SymptomKind::AgentUnreachable;
+    f.store
+        .apply(&[
+            opened(incident("inc-0", T0)),
+            opened(incident("inc-10", T0 + 10)),
+            opened(other),
+            opened(incident("inc-30", T0 + 30)),
+            closed("inc-30", T0 + 31, "cleared"),
+            started("act-0", "inc-0", T0),
+            started("act-10", "inc-10", T0 + 10),
+            started("act-20", "inc-0", T0 + 20),
+            held("inc-0", "cooldown", T0),
+            held("inc-10", "budget", T0 + 10),
+            held("inc-0", "paused", T0 + 20),
+            requested("apr-0", "inc-0", T0),
+            requested("apr-10", "inc-10", T0 + 10),
+            requested("apr-20", "inc-0", T0 + 20),
+        ])
+        .await
+        .unwrap();
+    let window = Query {
+        since_ms: Some(T0 + 10),
+        until_ms: Some(T0 + 30),
+        ..q()
+    };
+    let incidents = f.store.incidents(&window).await.unwrap();
+    assert_eq!(
+        incidents.into_iter().map(|r| r.id).collect::<Vec<_>>(),
+        ["inc-other", "inc-10"],
+        "since inclusive, until exclusive"
+    );
+    let svid_expiring = f
+        .store
+        .incidents(&Query {
+            symptom: Some("svid_expiring".into()),
+            ..q()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        svid_expiring.into_iter().map(|r| r.id).collect::<Vec<_>>(),
+        ["inc-30", "inc-10", "inc-0"]
+    );
+    let open_expiring = f
+        .store
+        .incidents(&Query {
+            symptom: Some("svid_expiring".into()),
+            open_only: true,
+            since_ms: Some(T0 + 5),
+            ..q()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        open_expiring.into_iter().map(|r| r.id).collect::<Vec<_>>(),
+        ["inc-10"]
+    );
+    let actions = f
+        .store
+        .actions(&Query {
+            incident_id: Some("inc-0".into()),
+            until_ms: Some(T0 + 20),
+            ..q()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        actions.into_iter().map(|r| r.id).collect::<Vec<_>>(),
+        ["act-0"]
+    );
+    let holds = f
+        .store
+        .holds(&Query {
+            incident_id: Some("inc-0".into()),
+            since_ms: Some(T0 + 1),
+            ..q()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        holds.iter().map(|h| h.reason.as_str()).collect::<Vec<_>>(),
+        ["paused"]
+    );
+    let approvals = f
+        .store
+        .approvals(&Query {
+            incident_id: Some("inc-0".into()),
+            ..window.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        approvals.into_iter().map(|r| r.id).collect::<Vec<_>>(),
+        ["apr-20"]
+    );
+}
+
+async fn load_knowledge_restores_controls_approvals_and_demotions(f: Fixture) {
+    let record = |change, by: &str, ms| ControlRecord {
+        change,
+        by: by.into(),
+        reason: Some(format!("{by}: {}", ControlChange::as_str(change))),
+        at_ms: ms,
+    };
+    f.store
+        .apply(&[
+            control("c-1", ControlChange::Paused, "uid:1", T0),
+            control("c-2", ControlChange::DryRunOn, "uid:1", T0 + 10),
+        ])
+        .await
+        .unwrap();
+    let k = f.store.load_knowledge(at(0)).await.unwrap();
+    assert_eq!(
+        k.controls,
+        [
+            record(ControlChange::Paused, "uid:1", T0),
+            record(ControlChange::DryRunOn, "uid:1", T0 + 10),
+        ]
+    );
+    f.store
+        .apply(&[
+            control("c-3", ControlChange::Resumed, "uid:2", T0 + 20),
+            control("c-4", ControlChange::Paused, "uid:3", T0 + 30),
+            // The clock stepped back: applied later, so still the last.
+            control("c-5", ControlChange::DryRunOff, "uid:2", T0 + 5),
+        ])
+        .await
+        .unwrap();
+    // An old batch again changes nothing.
+    f.store
+        .apply(&[control("c-2", ControlChange::DryRunOn, "uid:1", T0 + 10)])
+        .await
+        .unwrap();
+
+    // Approvals: only pending and approved come back, oldest first.
+    let mut events = Vec::new();
+    for (n, state) in ApprovalState::ALL.into_iter().enumerate() {
+        let id = format!("apr-{}", state.as_str());
+        let ms = T0 + 100 - i64::try_from(n).unwrap();
+        events.push(requested(&id, "inc-1", ms));
+        if state != ApprovalState::Pending {
+            events.push(decided(&id, state, "uid:1", ms + 50));
+        }
+    }
+    // Demotions: a reset one, a live one, and one demoted again after its
+    // reset (only the new one is live); a second Demoted of a live pair
+    // adds nothing.
+    events.extend([
+        demoted("refetch", 1, 10, T0 + 1),
+        reset("r-1", "refetch", "uid:1", T0 + 2),
+        demoted("restart-agent", 2, 10, T0 + 3),
+        demoted("evict", 0, 5, T0 + 4),
+        reset("r-2", "evict", "uid:1", T0 + 5),
+        demoted("evict", 3, 10, T0 + 6),
+        demoted("evict", 4, 10, T0 + 7),
+    ]);
+    f.store.apply(&events).await.unwrap();
+    // A reset applied again (an old batch) leaves the newer demotion.
+    f.store
+        .apply(&[reset("r-2", "evict", "uid:1", T0 + 5)])
+        .await
+        .unwrap();
+
+    let k = f.store.load_knowledge(at(0)).await.unwrap();
+    assert_eq!(
+        k.controls,
+        [
+            record(ControlChange::Paused, "uid:3", T0 + 30),
+            record(ControlChange::DryRunOff, "uid:2", T0 + 5),
+        ]
+    );
+    let live: Vec<(&str, &str)> = k
+        .approvals
+        .iter()
+        .map(|a| (a.id.as_str(), a.state.as_str()))
+        .collect();
+    assert_eq!(
+        live,
+        [("apr-approved", "approved"), ("apr-pending", "pending")]
+    );
+    assert_eq!(k.approvals[0].decided_by.as_deref(), Some("uid:1"));
+    let demotion = |actuator: &str, verified, runs, ms| DemotionRecord {
+        symptom: "svid_expiring".into(),
+        actuator: actuator.into(),
+        verified,
+        runs,
+        demoted_at_ms: ms,
+    };
+    assert_eq!(
+        k.demotions,
+        [
+            demotion("restart-agent", 2, 10, T0 + 3),
+            demotion("evict", 3, 10, T0 + 6),
+        ]
+    );
+    assert_eq!(f.count("demotions").await, 4);
+
+    // What Controls rebuilds from it.
+    let controls = crate::control::Controls::resume(
+        false,
+        &k.controls,
+        &k.approvals,
+        &k.demotions,
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    assert_eq!(controls.paused().unwrap().by, "uid:3");
+    assert!(!controls.dry_run());
+    assert_eq!(controls.live_approvals().len(), 2);
+    assert_eq!(controls.demoted().len(), 2);
+}
+
+async fn verdict_window_restarts_at_a_reset(f: Fixture) {
+    use Verification::{Failed, Skipped, Verified};
+    let mut events = Vec::new();
+    // restart-agent: judged before the reset (dropped), skipped (never a
+    // verdict), and after it, out of start order.
+    events.extend(judged("a-1", "restart-agent", Verified, T0 + 1));
+    events.extend(judged("a-2", "restart-agent", Failed, T0 + 2));
+    events.push(demoted("restart-agent", 1, 2, T0 + 3));
+    events.extend(judged("a-3", "restart-agent", Failed, T0 + 4));
+    events.push(reset("r-1", "restart-agent", "uid:0", T0 + 5));
+    events.extend(judged("a-4", "restart-agent", Verified, T0 + 5));
+    events.extend(judged("a-5", "restart-agent", Skipped, T0 + 6));
+    events.extend(judged("a-7", "restart-agent", Failed, T0 + 8));
+    events.extend(judged("a-6", "restart-agent", Verified, T0 + 7));
+    // refetch, never reset: more than a window; the last ones come back.
+    let extra = 7;
+    let window = i64::try_from(VERDICT_WINDOW).unwrap();
+    for n in 0..window + extra {
+        let v = if n % 2 == 0 { Verified } else { Failed };
+        events.extend(judged(&format!("r-{n:04}"), "refetch", v, T0 + 1_000 + n));
+    }
+    // Not yet judged: no verdict.
+    events.push(started("a-running", "inc-1", T0 + 9));
+    f.store.apply(&events).await.unwrap();
+
+    let k = f.store.load_knowledge(at(0)).await.unwrap();
+    let refetch: Vec<&VerdictRecord> = k
+        .verdicts
+        .iter()
+        .filter(|v| v.actuator == "refetch")
+        .collect();
+    assert_eq!(refetch.len(), VERDICT_WINDOW);
+    assert_eq!(refetch[0].at_ms, T0 + 1_000 + extra, "the oldest kept");
+    assert_eq!(
+        refetch.last().unwrap().at_ms,
+        T0 + 1_000 + window + extra - 1
+    );
+    assert!(refetch.windows(2).all(|w| w[0].at_ms < w[1].at_ms));
+    assert_eq!(refetch[0].verified, extra % 2 == 0);
+    let restart: Vec<(bool, i64)> = k
+        .verdicts
+        .iter()
+        .filter(|v| v.actuator == "restart-agent")
+        .map(|v| {
+            assert_eq!(v.symptom, "svid_expiring");
+            (v.verified, v.at_ms)
+        })
+        .collect();
+    assert_eq!(
+        restart,
+        [(true, T0 + 5), (true, T0 + 7), (false, T0 + 8)],
+        "since the reset (inclusive), oldest first, skipped left out"
+    );
+    // Grouped by pair.
+    let pairs: Vec<&str> = k.verdicts.iter().map(|v| v.actuator.as_str()).collect();
+    let mut grouped = pairs.clone();
+    grouped.dedup();
+    assert_eq!(grouped, ["refetch", "restart-agent"]);
+
+    // A second reset starts it afresh again.
+    let mut more = vec![demoted("restart-agent", 2, 3, T0 + 20)];
+    more.push(reset("r-2", "restart-agent", "uid:0", T0 + 21));
+    more.extend(judged("a-8", "restart-agent", Failed, T0 + 22));
+    f.store.apply(&more).await.unwrap();
+    let k = f.store.load_knowledge(at(0)).await.unwrap();
+    let restart: Vec<i64> = k
+        .verdicts
+        .iter()
+        .filter(|v| v.actuator == "restart-agent")
+        .map(|v| v.at_ms)
+        .collect();
+    assert_eq!(restart, [T0 + 22]);
+}
+
+async fn incident_by_id(f: Fixture) {
+    f.store
+        .apply(&[
+            opened(incident("inc-1", T0)),
+            opened(incident("inc-2", T0 + 1)),
+            needs_operator("inc-1", "nothing left", T0 + 2),
+        ])
+        .await
+        .unwrap();
+    let one = f.store.incident("inc-1").await.unwrap().unwrap();
+    assert_eq!(one.id, "inc-1");
+    assert_eq!(one.needs_operator.as_deref(), Some("nothing left"));
+    let listed = f.store.incidents(&q()).await.unwrap();
+    assert_eq!(Some(&one), listed.iter().find(|i| i.id == "inc-1"));
+    assert_eq!(f.store.incident("inc-none").await.unwrap(), None);
+}
+
 // === Backend-specific ===
 
 #[test]
@@ -1621,7 +2636,7 @@ fn migrator_upto(list: &[(i64, &'static str, &'static str)], n: usize) -> Migrat
 }
 
 /// Rows as a 0001-era store wrote them; the same SQL on both backends.
-const ROWS_0001: [&str; 4] = [
+const ROWS_0001: [&str; 5] = [
     "INSERT INTO incidents (id, symptom, subject, severity, opened_at_ms, predicted_outage_ms, \
        evidence, next_rung) \
      VALUES ('inc-old', 'agent_unreachable', 'agent:node-a', 'warning', 1700000000123, NULL, \
@@ -1636,6 +2651,9 @@ const ROWS_0001: [&str; 4] = [
        1700000000500)",
     "INSERT INTO subjects (subject, kind, agent, first_seen_ms, last_seen_ms) \
      VALUES ('agent:node-a', 'agent', 'node-a', 1700000000000, 1700000000900)",
+    "INSERT INTO holds (incident_id, actuator, target, reason, at_ms) \
+     VALUES ('inc-old', 'refetch', 'node-a', 'cooldown', 1700000000600), \
+            ('inc-old', 'refetch', 'node-a', 'budget', 1700000000600)",
 ];
 
 /// What a store opened on the upgraded database must show: the old rows
@@ -1674,6 +2692,39 @@ async fn check_upgraded(url: &str) {
         k.open_incidents[0].needs_operator.as_deref(),
         Some("nothing left")
     );
+    // Old holds page by their row ids; the operator controls start empty
+    // and take the new events.
+    let holds = store.holds(&Query { limit: 1, ..q() }).await.unwrap();
+    let next = store
+        .holds(&Query {
+            limit: 1,
+            page: Some(PageKey {
+                at_ms: holds[0].at_ms,
+                id: holds[0].id.clone(),
+            }),
+            ..q()
+        })
+        .await
+        .unwrap();
+    assert_eq!(next.len(), 1);
+    assert_ne!(holds[0].reason, next[0].reason);
+    let audit = store.audit(&q()).await.unwrap();
+    assert_eq!(audit.len(), 1, "the needs-operator verdict just applied");
+    assert!(k.controls.is_empty() && k.approvals.is_empty() && k.demotions.is_empty());
+    store
+        .apply(&[
+            requested("apr-1", "inc-old", T0 + 2_000),
+            control("c-1", ControlChange::Paused, "uid:0", T0 + 2_000),
+            demoted("refetch", 0, 5, T0 + 2_000),
+        ])
+        .await
+        .unwrap();
+    let k = store.load_knowledge(at(0)).await.unwrap();
+    assert_eq!(
+        (k.controls.len(), k.approvals.len(), k.demotions.len()),
+        (1, 1, 1)
+    );
+    assert_eq!(store.audit(&q()).await.unwrap().len(), 4);
     assert_eq!(
         k.agent_identities,
         [identity(
@@ -1719,6 +2770,175 @@ async fn postgres_upgrades_from_0001_in_place() {
     }
     pool.close().await;
     check_upgraded(&db.url).await;
+}
+
+/// Every listing shape and every start-up read is an index search or an
+/// ordered index scan: no full table scan; and no listing sorts (a page is
+/// an index range).
+#[tokio::test]
+async fn sqlite_listings_and_start_up_reads_use_an_index() {
+    use super::list;
+    let f = Fixture::sqlite().await;
+    let Raw::Sqlite(s) = &f.raw else {
+        unreachable!()
+    };
+    let page = || {
+        Some(PageKey {
+            at_ms: T0,
+            id: "7".into(),
+        })
+    };
+    let inc = || Some("inc-1".to_owned());
+    let shapes: Vec<(&str, list::Listing)> = vec![
+        ("incidents", list::incidents(&q()).unwrap()),
+        (
+            "incidents",
+            list::incidents(&Query {
+                open_only: true,
+                page: page(),
+                ..q()
+            })
+            .unwrap(),
+        ),
+        (
+            "incidents",
+            list::incidents(&Query {
+                symptom: Some("svid_expiring".into()),
+                open_only: true,
+                since_ms: Some(T0),
+                page: page(),
+                ..q()
+            })
+            .unwrap(),
+        ),
+        (
+            "incidents",
+            list::incidents(&Query {
+                since_ms: Some(T0),
+                until_ms: Some(T0 + 1),
+                ..q()
+            })
+            .unwrap(),
+        ),
+        (
+            "actions",
+            list::actions(&Query {
+                page: page(),
+                until_ms: Some(T0),
+                ..q()
+            })
+            .unwrap(),
+        ),
+        (
+            "actions",
+            list::actions(&Query {
+                incident_id: inc(),
+                page: page(),
+                ..q()
+            })
+            .unwrap(),
+        ),
+        (
+            "holds",
+            list::holds(&Query {
+                page: page(),
+                ..q()
+            })
+            .unwrap(),
+        ),
+        (
+            "holds",
+            list::holds(&Query {
+                incident_id: inc(),
+                page: page(),
+                since_ms: Some(T0),
+                ..q()
+            })
+            .unwrap(),
+        ),
+        (
+            "approvals",
+            list::approvals(&Query {
+                page: page(),
+                ..q()
+            })
+            .unwrap(),
+        ),
+        (
+            "approvals",
+            list::approvals(&Query {
+                open_only: true,
+                page: page(),
+                ..q()
+            })
+            .unwrap(),
+        ),
+        (
+            "approvals",
+            list::approvals(&Query {
+                incident_id: inc(),
+                ..q()
+            })
+            .unwrap(),
+        ),
+        (
+            "audit",
+            list::audit(&Query {
+                kinds: vec!["held".into(), "acted".into()],
+                page: page(),
+                ..q()
+            })
+            .unwrap(),
+        ),
+        (
+            "audit",
+            list::audit(&Query {
+                incident_id: inc(),
+                since_ms: Some(T0),
+                page: page(),
+                ..q()
+            })
+            .unwrap(),
+        ),
+    ];
+    let mut statements: Vec<(String, bool)> = shapes
+        .into_iter()
+        .map(|(table, l)| (format!("SELECT * FROM {table} {}", l.sql), false))
+        .collect();
+    // Live approvals are few (the loop concludes each): sorting the ones
+    // the index found is fine.
+    statements.push((list::LIVE_APPROVALS.to_owned(), true));
+    statements.extend(
+        [
+            list::LAST_CONTROL_CHANGE,
+            list::FIRST_VERDICT_PAIR,
+            list::NEXT_VERDICT_PAIR,
+            list::VERDICT_WINDOW_OF_PAIR,
+            "SELECT * FROM incidents WHERE id = $1",
+            "SELECT * FROM incidents WHERE closed_at_ms IS NULL ORDER BY opened_at_ms, id",
+            "SELECT * FROM actions WHERE started_at_ms >= $1 ORDER BY started_at_ms, id",
+        ]
+        .map(|sql| (sql.to_owned(), false)),
+    );
+    for (sql, may_sort) in statements {
+        let rows = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+            .fetch_all(s.pool())
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let plan: Vec<String> = rows
+            .iter()
+            .map(|r| sqlx::Row::get::<String, _>(r, "detail"))
+            .collect();
+        let plan = plan.join(" | ");
+        let full_scan = plan
+            .split(" | ")
+            .any(|step| step.starts_with("SCAN") && !step.contains("USING"));
+        assert!(!full_scan, "table scan: {sql}\n{plan}");
+        assert!(
+            may_sort || !plan.contains("TEMP B-TREE"),
+            "sort: {sql}\n{plan}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -15,7 +15,8 @@ use super::*;
 use crate::actuators::{Actuator, ActuatorError, Registry};
 use crate::clock::{Clock, ManualClock, unix_millis};
 use crate::knowledge::{
-    self, ActionRecord, HoldRecord, IncidentRecord, Knowledge, Query, Store, StoreError, SvidRecord,
+    self, ActionRecord, ApprovalRecord, AuditRecord, HoldRecord, IncidentRecord, Knowledge, Query,
+    Store, StoreError, SvidRecord,
 };
 use crate::model::{
     AgentView, Event, Outcome, Reading, Step, StreamStatus, SvidObservation, SymptomKind,
@@ -203,6 +204,18 @@ impl Store for FlakyStore {
     async fn holds(&self, q: &Query) -> Result<Vec<HoldRecord>, StoreError> {
         self.check()?;
         self.inner.holds(q).await
+    }
+    async fn incident(&self, id: &str) -> Result<Option<IncidentRecord>, StoreError> {
+        self.check()?;
+        self.inner.incident(id).await
+    }
+    async fn approvals(&self, q: &Query) -> Result<Vec<ApprovalRecord>, StoreError> {
+        self.check()?;
+        self.inner.approvals(q).await
+    }
+    async fn audit(&self, q: &Query) -> Result<Vec<AuditRecord>, StoreError> {
+        self.check()?;
+        self.inner.audit(q).await
     }
     async fn ping(&self) -> Result<(), StoreError> {
         self.check()?;
