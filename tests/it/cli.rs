@@ -683,7 +683,7 @@ async fn sigterm_past_the_grace_interrupts_the_action_and_kills_its_group() -> R
 
 // === Operator commands over the API ===
 
-mod over_api {
+pub(crate) mod over_api {
     //! The operator commands against a `Supervisor` served in this process
     //! on TCP with mTLS (`serve_tcp`), by a scripted service: the binary
     //! authenticates with PEM files, prints tables and JSON, and turns the
@@ -716,7 +716,7 @@ mod over_api {
     const HOUR: Duration = Duration::from_secs(3600);
 
     /// Answers from a script; `GetStatus` says who called (as `version`).
-    struct Scripted;
+    pub(crate) struct Scripted;
 
     fn caller<T>(req: &Request<T>) -> String {
         req.extensions()
