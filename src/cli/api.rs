@@ -372,7 +372,16 @@ pub async fn connect(args: &ApiArgs) -> Result<SupervisorClient, Failure> {
     };
     SupervisorClient::connect(&addr, tls.as_ref(), CONNECT_TIMEOUT)
         .await
-        .map_err(|e| client_failure(&e))
+        .map_err(|e| {
+            let mut f = client_failure(&e);
+            // Identity problems name the Workload API or the file; say
+            // which API it was for too.
+            let name = addr.to_string();
+            if !f.message.contains(&name) {
+                f.message = format!("{name}: {}", f.message);
+            }
+            f
+        })
 }
 
 // === Running ===

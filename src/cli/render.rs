@@ -104,11 +104,13 @@ fn subject_state(v: i32) -> String {
     )
 }
 
+/// Empty when unspecified (a daemon without leadership says nothing).
 fn leadership(v: i32) -> String {
-    pb::Leadership::try_from(v).map_or_else(
-        |_| format!("unknown({v})"),
-        |s| short(s.as_str_name(), "LEADERSHIP_"),
-    )
+    match pb::Leadership::try_from(v) {
+        Ok(pb::Leadership::Unspecified) => String::new(),
+        Ok(s) => short(s.as_str_name(), "LEADERSHIP_"),
+        Err(_) => format!("unknown({v})"),
+    }
 }
 
 /// Aligned `key  value` lines; rows with an empty value are left out.
@@ -213,7 +215,7 @@ pub fn status_json(s: &pb::GetStatusResponse) -> Value {
         "pause_reason": opt(&s.pause_reason),
         "paused_at": time_json(s.paused_at_unix_ms),
         "dry_run": s.dry_run,
-        "leadership": leadership(s.leadership),
+        "leadership": opt(&leadership(s.leadership)),
         "version": s.version,
         "last_tick": time_json(s.last_tick_unix_ms),
         "store_up": s.store_up,

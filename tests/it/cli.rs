@@ -1181,6 +1181,23 @@ pub(crate) mod over_api {
         assert_eq!(out.status.code(), Some(69));
         assert!(text(&out.stderr).contains("absent.sock"));
 
+        // No Workload API where we were told: 69, naming both addresses.
+        let agent = dir.path().join("agent.sock");
+        let out = cli(
+            vec![
+                "status".into(),
+                "--addr".into(),
+                addr.clone(),
+                "--workload-api".into(),
+                format!("unix://{}", agent.display()),
+            ],
+            vec![],
+        )
+        .await?;
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(69), "{err}");
+        assert!(err.contains(&addr) && err.contains("agent.sock"), "{err}");
+
         // Usage: a TCP address without an identity, a bad address, a bad
         // argument, --page-token with --store.
         let out = cli(vec!["status".into(), "--addr".into(), addr.clone()], vec![]).await?;

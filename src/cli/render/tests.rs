@@ -181,6 +181,14 @@ fn status_says_paused_by_whom_and_lists_subjects_and_demotions() {
     assert!(calm.starts_with("Supervisor         running"), "{calm}");
     assert!(calm.contains("Last tick          none yet"), "{calm}");
     assert!(!calm.contains("SUBJECT"), "{calm}");
+    assert!(
+        !calm.contains("Leadership"),
+        "unspecified is left out: {calm}"
+    );
+    assert_eq!(
+        status_json(&pb::GetStatusResponse::default())["leadership"],
+        Value::Null
+    );
 }
 
 #[test]
