@@ -1,5 +1,10 @@
-//! Command line: `run`, `check-config`, `demo`, and the store readers
-//! `incidents` and `actions`.
+//! Command line: `run`, `check-config`, `demo`, `report`, and the
+//! operator commands over the API (`status`, `incidents`, `incident`,
+//! `actions`, `holds`, `approvals`, `audit`, `watch`, `approve`, `reject`,
+//! `pause`, `resume`, `dry-run`, `reset-demotion`; see [`api`]). With
+//! `--store URL`, `incidents`, `incident`, `actions`, `holds` and `audit`
+//! read the knowledge store instead, for post-mortems with the daemon
+//! down; no API is called then.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -17,6 +22,11 @@ use crate::config::{Config, ConfigError, EXIT_CONFIG, Resolved, process_env};
 use crate::knowledge::{self, Query};
 use crate::telemetry::{LogFormat, Metrics, init_logging};
 use crate::term::{reload_signal, shutdown_signal, table, watch_reload};
+
+pub mod api;
+pub mod render;
+
+use api::{ApiArgs, Call, OnOff, PageArgs};
 
 /// Exit code when a needed service (the database) is unavailable (EX_UNAVAILABLE).
 pub const EXIT_UNAVAILABLE: i32 = 69;
@@ -67,21 +77,152 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         metrics_port: u16,
     },
-    /// List incidents from the knowledge store.
+    /// What the supervisor sees now: subjects at risk, controls, pending
+    /// approvals, demoted steps.
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Incidents, newest first.
     Incidents {
         #[command(flatten)]
-        store: StoreArgs,
+        api: ApiArgs,
+        #[command(flatten)]
+        page: PageArgs,
+        #[command(flatten)]
+        store: StoreFlag,
         /// Only open incidents.
         #[arg(long)]
         open: bool,
+        /// Only this symptom.
+        #[arg(long)]
+        symptom: Option<String>,
     },
-    /// List remediation actions from the knowledge store.
+    /// One incident with its actions, holds, approvals and decisions.
+    Incident {
+        /// The incident's id.
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(flatten)]
+        store: StoreFlag,
+    },
+    /// Remediation actions, newest first.
     Actions {
         #[command(flatten)]
-        store: StoreArgs,
+        api: ApiArgs,
+        #[command(flatten)]
+        page: PageArgs,
+        #[command(flatten)]
+        store: StoreFlag,
         /// Only actions for this incident.
         #[arg(long)]
         incident: Option<String>,
+    },
+    /// "Held back, because" decisions, newest first.
+    Holds {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(flatten)]
+        page: PageArgs,
+        #[command(flatten)]
+        store: StoreFlag,
+        /// Only holds of this incident.
+        #[arg(long)]
+        incident: Option<String>,
+    },
+    /// Steps waiting for (or given) a person's decision.
+    Approvals {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(flatten)]
+        page: PageArgs,
+        /// Only pending approvals.
+        #[arg(long)]
+        pending: bool,
+        /// Only approvals of this incident.
+        #[arg(long)]
+        incident: Option<String>,
+    },
+    /// Every decision and who made it, newest first.
+    Audit {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(flatten)]
+        page: PageArgs,
+        #[command(flatten)]
+        store: StoreFlag,
+        /// Only decisions on this incident.
+        #[arg(long)]
+        incident: Option<String>,
+        /// Only these kinds (repeatable): acted, held, pending, approved, …
+        #[arg(long = "kind")]
+        kinds: Vec<String>,
+    },
+    /// Incident, action, hold, approval and control events as they happen.
+    Watch {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Resume after this event (the `cursor` of an earlier one).
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Approve a pending step.
+    Approve {
+        /// The approval's id.
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Recorded with the approval.
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Reject a pending step (the ladder moves on).
+    Reject {
+        /// The approval's id.
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Why; recorded.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Stop starting actions (observation, analysis and recording go on;
+    /// running actions finish). Survives restarts.
+    Pause {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Why; recorded and shown by `status`.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// End a pause.
+    Resume {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Why; recorded.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Turn dry run on (decisions recorded, nothing executed) or off.
+    DryRun {
+        /// on or off.
+        #[arg(value_enum)]
+        state: OnOff,
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Why; recorded.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Let a demoted (symptom, actuator) step run again.
+    ResetDemotion {
+        /// The symptom, e.g. agent_unreachable.
+        symptom: String,
+        /// The actuator, e.g. restart-agent.
+        actuator: String,
+        #[command(flatten)]
+        api: ApiArgs,
     },
     /// Report handshake outcomes to a running spire-healer over its API
     /// socket (for scripts and sidecars without a gRPC client).
@@ -100,6 +241,15 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         count: u64,
     },
+}
+
+/// `--store URL`: read the knowledge store instead of calling the API.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreFlag {
+    /// Read this knowledge store (database URL) directly instead of
+    /// calling the API: post-mortems with the daemon down.
+    #[arg(long = "store", alias = "database", value_name = "URL")]
+    pub url: Option<String>,
 }
 
 /// Where to read history from.
@@ -140,8 +290,109 @@ pub async fn main(cli: Cli) -> i32 {
             init_logging(cli.log_format, "warn");
             crate::demo::run(duration, metrics_port, &mut std::io::stdout()).await
         }
-        Command::Incidents { store, open } => list(&store, Listing::Incidents { open }).await,
-        Command::Actions { store, incident } => list(&store, Listing::Actions { incident }).await,
+        Command::Status { api } => run_api(&api, Call::Status).await,
+        Command::Incidents {
+            api,
+            page,
+            store,
+            open,
+            symptom,
+        } => match store_args(&api, &page, &store) {
+            Some(Ok(s)) => list(&s, Listing::Incidents { open }).await,
+            Some(Err(code)) => code,
+            None => {
+                run_api(
+                    &api,
+                    Call::Incidents {
+                        open,
+                        symptom,
+                        page,
+                    },
+                )
+                .await
+            }
+        },
+        Command::Incident { id, api, store } => {
+            let page = PageArgs {
+                limit: 1000,
+                page_token: None,
+            };
+            match store_args(&api, &page, &store) {
+                Some(Ok(s)) => list(&s, Listing::Incident { id }).await,
+                Some(Err(code)) => code,
+                None => run_api(&api, Call::Incident { id }).await,
+            }
+        }
+        Command::Actions {
+            api,
+            page,
+            store,
+            incident,
+        } => match store_args(&api, &page, &store) {
+            Some(Ok(s)) => list(&s, Listing::Actions { incident }).await,
+            Some(Err(code)) => code,
+            None => run_api(&api, Call::Actions { incident, page }).await,
+        },
+        Command::Holds {
+            api,
+            page,
+            store,
+            incident,
+        } => match store_args(&api, &page, &store) {
+            Some(Ok(s)) => list(&s, Listing::Holds { incident }).await,
+            Some(Err(code)) => code,
+            None => run_api(&api, Call::Holds { incident, page }).await,
+        },
+        Command::Approvals {
+            api,
+            page,
+            pending,
+            incident,
+        } => {
+            run_api(
+                &api,
+                Call::Approvals {
+                    pending,
+                    incident,
+                    page,
+                },
+            )
+            .await
+        }
+        Command::Audit {
+            api,
+            page,
+            store,
+            incident,
+            kinds,
+        } => match store_args(&api, &page, &store) {
+            Some(Ok(s)) => list(&s, Listing::Audit { incident, kinds }).await,
+            Some(Err(code)) => code,
+            None => {
+                run_api(
+                    &api,
+                    Call::Audit {
+                        incident,
+                        kinds,
+                        page,
+                    },
+                )
+                .await
+            }
+        },
+        Command::Watch { api, cursor } => run_api(&api, Call::Watch { cursor }).await,
+        Command::Approve { id, api, comment } => run_api(&api, Call::Approve { id, comment }).await,
+        Command::Reject { id, api, reason } => run_api(&api, Call::Reject { id, reason }).await,
+        Command::Pause { api, reason } => run_api(&api, Call::Pause { reason }).await,
+        Command::Resume { api, reason } => run_api(&api, Call::Resume { reason }).await,
+        Command::DryRun { state, api, reason } => {
+            run_api(&api, Call::DryRun { state, reason }).await
+        }
+        Command::ResetDemotion {
+            symptom,
+            actuator,
+            api,
+        } => run_api(&api, Call::ResetDemotion { symptom, actuator }).await,
         Command::Report {
             socket,
             target,
@@ -149,6 +400,41 @@ pub async fn main(cli: Cli) -> i32 {
             count,
         } => report(&socket, &target, &reason, count).await,
     }
+}
+
+/// Parses the command line; a usage error exits 64 (help and version 0).
+pub fn parse() -> Cli {
+    Cli::try_parse().unwrap_or_else(|e| {
+        let _ = e.print();
+        std::process::exit(if e.exit_code() == 0 {
+            0
+        } else {
+            api::EXIT_USAGE
+        })
+    })
+}
+
+async fn run_api(args: &ApiArgs, call: Call) -> i32 {
+    api::run(args, call, &mut std::io::stdout()).await
+}
+
+/// The store reader's arguments when `--store` was given (`None`: call the
+/// API); `Err(64)` when an API-only flag was given with it.
+fn store_args(api: &ApiArgs, page: &PageArgs, store: &StoreFlag) -> Option<Result<StoreArgs, i32>> {
+    let url = store.url.clone()?;
+    if page.page_token.is_some() {
+        eprintln!("error: --page-token pages through the API; with --store, use --limit");
+        return Some(Err(api::EXIT_USAGE));
+    }
+    Some(Ok(StoreArgs {
+        config: api
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("spire-healer.toml")),
+        database: Some(url),
+        limit: page.limit,
+        output: api.output,
+    }))
 }
 
 /// `spire-healer report`: one batch with one report. Exit 0 when accepted,
@@ -444,12 +730,41 @@ fn reload(
     }
 }
 
-enum Listing {
-    Incidents { open: bool },
-    Actions { incident: Option<String> },
+/// What [`list`] reads from the store.
+pub enum Listing {
+    /// Incidents.
+    Incidents {
+        /// Only open ones.
+        open: bool,
+    },
+    /// One incident with its actions, holds, approvals and audit.
+    Incident {
+        /// Its id.
+        id: String,
+    },
+    /// Actions.
+    Actions {
+        /// Only this incident's.
+        incident: Option<String>,
+    },
+    /// Holds.
+    Holds {
+        /// Only this incident's.
+        incident: Option<String>,
+    },
+    /// Audit entries.
+    Audit {
+        /// Only this incident's.
+        incident: Option<String>,
+        /// Only these kinds.
+        kinds: Vec<String>,
+    },
 }
 
-async fn list(args: &StoreArgs, what: Listing) -> i32 {
+/// Reads `what` from the store `args` names and prints it; returns the
+/// exit code (64 for an unusable store location or config, 65 for an
+/// unknown incident, 69 when the store does not answer).
+pub async fn list(args: &StoreArgs, what: Listing) -> i32 {
     let url = match &args.database {
         Some(u) => u.clone(),
         None => match std::fs::read_to_string(&args.config)
@@ -500,6 +815,32 @@ async fn list(args: &StoreArgs, what: Listing) -> i32 {
                 Output::Table => actions_table(&rows),
             })
         }
+        Listing::Holds { incident } => {
+            q.incident_id = incident;
+            store.holds(&q).await.map(|rows| match args.output {
+                Output::Json => serde_json::to_string_pretty(&rows).unwrap_or_default(),
+                Output::Table => holds_table(&rows),
+            })
+        }
+        Listing::Audit { incident, kinds } => {
+            q.incident_id = incident;
+            q.kinds = kinds;
+            store.audit(&q).await.map(|rows| match args.output {
+                Output::Json => serde_json::to_string_pretty(&rows).unwrap_or_default(),
+                Output::Table => audit_table(&rows),
+            })
+        }
+        Listing::Incident { id } => match incident_from_store(&*store, &id, q).await {
+            Ok(Some(records)) => Ok(match args.output {
+                Output::Json => serde_json::to_string_pretty(&records).unwrap_or_default(),
+                Output::Table => incident_store_text(&records),
+            }),
+            Ok(None) => {
+                eprintln!("error: no incident {id:?} in the store");
+                return api::EXIT_DATA;
+            }
+            Err(e) => Err(e),
+        },
     };
     match res {
         Ok(text) => {
@@ -511,6 +852,129 @@ async fn list(args: &StoreArgs, what: Listing) -> i32 {
             EXIT_UNAVAILABLE
         }
     }
+}
+
+/// One incident and everything recorded about it, from the store.
+#[derive(Debug, serde::Serialize)]
+struct IncidentRecords {
+    incident: knowledge::IncidentRecord,
+    actions: Vec<knowledge::ActionRecord>,
+    holds: Vec<knowledge::HoldRecord>,
+    approvals: Vec<knowledge::ApprovalRecord>,
+    timeline: Vec<knowledge::AuditRecord>,
+}
+
+async fn incident_from_store(
+    store: &dyn knowledge::Store,
+    id: &str,
+    mut q: Query,
+) -> Result<Option<IncidentRecords>, knowledge::StoreError> {
+    let Some(incident) = store.incident(id).await? else {
+        return Ok(None);
+    };
+    q.incident_id = Some(id.to_string());
+    // Oldest first, as the API gives them.
+    let mut actions = store.actions(&q).await?;
+    actions.reverse();
+    let mut holds = store.holds(&q).await?;
+    holds.reverse();
+    let mut approvals = store.approvals(&q).await?;
+    approvals.reverse();
+    let mut timeline = store.audit(&q).await?;
+    timeline.reverse();
+    Ok(Some(IncidentRecords {
+        incident,
+        actions,
+        holds,
+        approvals,
+        timeline,
+    }))
+}
+
+fn incident_store_text(r: &IncidentRecords) -> String {
+    let mut out = incidents_table(std::slice::from_ref(&r.incident));
+    if !r.actions.is_empty() {
+        out.push_str("\n\nACTIONS\n");
+        out.push_str(&actions_table(&r.actions));
+    }
+    if !r.holds.is_empty() {
+        out.push_str("\n\nHOLDS\n");
+        out.push_str(&holds_table(&r.holds));
+    }
+    if !r.approvals.is_empty() {
+        let rows: Vec<Vec<String>> = r
+            .approvals
+            .iter()
+            .map(|a| {
+                vec![
+                    a.id.clone(),
+                    a.state.clone(),
+                    a.actuator.clone(),
+                    a.target.clone(),
+                    ts(a.requested_at_ms),
+                    a.decided_by.clone().unwrap_or_default(),
+                    a.reason.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        out.push_str("\n\nAPPROVALS\n");
+        out.push_str(&table(
+            &[
+                "ID",
+                "STATE",
+                "ACTUATOR",
+                "TARGET",
+                "REQUESTED",
+                "DECIDED BY",
+                "REASON",
+            ],
+            &rows,
+        ));
+    }
+    if !r.timeline.is_empty() {
+        out.push_str("\n\nTIMELINE\n");
+        out.push_str(&audit_table(&r.timeline));
+    }
+    out
+}
+
+fn holds_table(rows: &[knowledge::HoldRecord]) -> String {
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                ts(r.at_ms),
+                r.incident_id.clone(),
+                r.actuator.clone(),
+                r.target.clone(),
+                r.reason.clone(),
+            ]
+        })
+        .collect();
+    table(&["AT", "INCIDENT", "ACTUATOR", "TARGET", "REASON"], &body)
+}
+
+fn audit_table(rows: &[knowledge::AuditRecord]) -> String {
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                ts(r.at_ms),
+                r.kind.clone(),
+                r.actor.clone(),
+                r.incident_id.clone().unwrap_or_default(),
+                r.actuator.clone().unwrap_or_default(),
+                r.target.clone().unwrap_or_default(),
+                r.reason.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "AT", "KIND", "ACTOR", "INCIDENT", "ACTUATOR", "TARGET", "REASON",
+        ],
+        &body,
+    )
 }
 
 /// Formats a unix-ms timestamp as RFC 3339 UTC.

@@ -3,11 +3,9 @@
 
 #![forbid(unsafe_code)]
 
-use clap::Parser;
-
 #[tokio::main]
 async fn main() {
-    let cli = spire_healer::cli::Cli::parse();
+    let cli = spire_healer::cli::parse();
     let code = spire_healer::cli::main(cli).await;
     std::process::exit(code);
 }

@@ -197,6 +197,9 @@ pub struct Metrics {
     /// Calls to our gRPC API, by method and outcome (`ok`, `unauthenticated`,
     /// `invalid`, `resource_exhausted`, `error`).
     pub api_requests_total: IntCounterVec,
+    /// Failed mTLS handshakes on the API's TCP listener, by closed-set
+    /// reason (`api::tcp::HandshakeFailure`).
+    pub api_tls_handshake_failures_total: IntCounterVec,
     /// notAfter of the leaf in a watched certificate file, by file.
     pub cert_file_expiration_timestamp_seconds: GaugeVec,
     /// 1: the version of this build.
@@ -523,6 +526,11 @@ impl Metrics {
                 "spire_healer_api_requests_total",
                 "Calls to the spire_healer.v1 API, by method and outcome.",
                 &["method", "outcome"]
+            )),
+            api_tls_handshake_failures_total: reg!(c(
+                "spire_healer_api_tls_handshake_failures_total",
+                "Failed mTLS handshakes on the API's TCP listener, by reason.",
+                &["reason"]
             )),
             cert_file_expiration_timestamp_seconds: reg!(GaugeVec::new(
                 Opts::new(

@@ -680,3 +680,555 @@ async fn sigterm_past_the_grace_interrupts_the_action_and_kills_its_group() -> R
     assert_eq!(detail["started"], true, "{restart:?}");
     Ok(())
 }
+
+// === Operator commands over the API ===
+
+pub(crate) mod over_api {
+    //! The operator commands against a `Supervisor` served in this process
+    //! on TCP with mTLS (`serve_tcp`), by a scripted service: the binary
+    //! authenticates with PEM files, prints tables and JSON, and turns the
+    //! statuses into exit codes.
+
+    use std::net::SocketAddr;
+    use std::path::{Path, PathBuf};
+    use std::process::Output;
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use anyhow::Result;
+    use spire_healer::api::tcp::{TcpConfig, TcpConnectInfo, serve_tcp};
+    use spire_healer::clock::{Clock, SystemClock};
+    use spire_healer::proto::healer::supervisor_server::{Supervisor, SupervisorServer};
+    use spire_healer::proto::healer::{self as pb};
+    use spire_healer::simulated::issuer::{Flavor, TestCa};
+    use spire_healer::spire_api::tls::StaticIdentity;
+    use spire_healer::svid::pem::encode;
+    use spire_healer::telemetry::Metrics;
+    use tokio_util::sync::CancellationToken;
+    use tonic::service::Routes;
+    use tonic::{Request, Response, Status, Streaming};
+
+    use super::bin;
+
+    const TD: &str = "td.test";
+    const SERVER_ID: &str = "spiffe://td.test/healer";
+    const OPERATOR_ID: &str = "spiffe://td.test/operator";
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// Answers from a script; `GetStatus` says who called (as `version`).
+    pub(crate) struct Scripted;
+
+    fn caller<T>(req: &Request<T>) -> String {
+        req.extensions()
+            .get::<TcpConnectInfo>()
+            .and_then(|i| i.peer_spiffe_id.clone())
+            .unwrap_or_default()
+    }
+
+    fn ms(t: SystemTime) -> i64 {
+        spire_healer::clock::unix_millis(t)
+    }
+
+    #[tonic::async_trait]
+    impl Supervisor for Scripted {
+        async fn report_handshakes(
+            &self,
+            _: Request<Streaming<pb::ReportHandshakesRequest>>,
+        ) -> Result<Response<pb::ReportHandshakesResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+        async fn get_status(
+            &self,
+            req: Request<pb::GetStatusRequest>,
+        ) -> Result<Response<pb::GetStatusResponse>, Status> {
+            Ok(Response::new(pb::GetStatusResponse {
+                version: caller(&req),
+                paused: true,
+                paused_by: "uid:0".into(),
+                pause_reason: "db migration".into(),
+                last_tick_unix_ms: ms(SystemClock.now()),
+                store_up: true,
+                ..Default::default()
+            }))
+        }
+        async fn list_incidents(
+            &self,
+            req: Request<pb::ListIncidentsRequest>,
+        ) -> Result<Response<pb::ListIncidentsResponse>, Status> {
+            let r = req.into_inner();
+            if r.page_token == "garbage" {
+                return Err(Status::invalid_argument("malformed page token"));
+            }
+            Ok(Response::new(pb::ListIncidentsResponse {
+                incidents: vec![pb::Incident {
+                    id: format!("inc-{}", r.page_size),
+                    symptom: "agent_unreachable".into(),
+                    subject: "agent:node-a".into(),
+                    severity: "critical".into(),
+                    opened_at_unix_ms: ms(SystemClock.now()) - 90_000,
+                    evidence_json: "{\"stream\":\"down\"}".into(),
+                    ..Default::default()
+                }],
+                next_page_token: "next-1".into(),
+            }))
+        }
+        async fn get_incident(
+            &self,
+            req: Request<pb::GetIncidentRequest>,
+        ) -> Result<Response<pb::GetIncidentResponse>, Status> {
+            Err(Status::not_found(format!(
+                "no incident {:?}",
+                req.into_inner().id
+            )))
+        }
+        async fn list_actions(
+            &self,
+            _: Request<pb::ListActionsRequest>,
+        ) -> Result<Response<pb::ListActionsResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+        async fn list_holds(
+            &self,
+            _: Request<pb::ListHoldsRequest>,
+        ) -> Result<Response<pb::ListHoldsResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+        async fn list_approvals(
+            &self,
+            _: Request<pb::ListApprovalsRequest>,
+        ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+        async fn list_audit(
+            &self,
+            _: Request<pb::ListAuditRequest>,
+        ) -> Result<Response<pb::ListAuditResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+        async fn approve(
+            &self,
+            req: Request<pb::ApproveRequest>,
+        ) -> Result<Response<pb::Approval>, Status> {
+            let by = caller(&req);
+            let r = req.into_inner();
+            match r.approval_id.as_str() {
+                "apr-1" => Ok(Response::new(pb::Approval {
+                    id: r.approval_id,
+                    state: pb::ApprovalState::Approved as i32,
+                    actuator: "restart-agent".into(),
+                    decided_by: by,
+                    reason: r.comment,
+                    ..Default::default()
+                })),
+                "apr-done" => Err(Status::failed_precondition(
+                    "apr-done was rejected by uid:0 at 2026-01-01T00:00:00Z",
+                )),
+                other => Err(Status::not_found(format!("no approval {other:?}"))),
+            }
+        }
+        async fn reject(
+            &self,
+            _: Request<pb::RejectRequest>,
+        ) -> Result<Response<pb::Approval>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+        async fn pause(
+            &self,
+            req: Request<pb::PauseRequest>,
+        ) -> Result<Response<pb::ControlResponse>, Status> {
+            Ok(Response::new(pb::ControlResponse {
+                paused: true,
+                dry_run: false,
+                changed: true,
+                by: caller(&req),
+            }))
+        }
+        async fn resume(
+            &self,
+            _: Request<pb::ResumeRequest>,
+        ) -> Result<Response<pb::ControlResponse>, Status> {
+            Err(Status::permission_denied(format!(
+                "{OPERATOR_ID} may not call resume"
+            )))
+        }
+        async fn set_dry_run(
+            &self,
+            _: Request<pb::SetDryRunRequest>,
+        ) -> Result<Response<pb::ControlResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+        async fn reset_demotion(
+            &self,
+            _: Request<pb::ResetDemotionRequest>,
+        ) -> Result<Response<pb::ResetDemotionResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+        type WatchStream = futures::stream::BoxStream<'static, Result<pb::WatchEvent, Status>>;
+        async fn watch(
+            &self,
+            req: Request<pb::WatchRequest>,
+        ) -> Result<Response<Self::WatchStream>, Status> {
+            if req.get_ref().cursor == "old" {
+                return Err(Status::out_of_range("cursor old is gone"));
+            }
+            let at = ms(SystemClock.now());
+            let event = |seq: u32, kind: &str| pb::WatchEvent {
+                cursor: format!("run-1:{seq}"),
+                at_unix_ms: at,
+                kind: kind.into(),
+                incident_id: "inc-1".into(),
+                reason: "paused".into(),
+                ..Default::default()
+            };
+            let events = vec![Ok(event(1, "incident_opened")), Ok(event(2, "held"))];
+            Ok(Response::new(Box::pin(futures::stream::iter(events))))
+        }
+    }
+
+    /// PEM files of an SVID: (svid, key, bundle).
+    fn write_identity(
+        dir: &Path,
+        name: &str,
+        ca: &TestCa,
+        id: &str,
+        bundle: &TestCa,
+    ) -> Result<(PathBuf, PathBuf, PathBuf)> {
+        let now = SystemClock.now();
+        let (leaf, key, _) = ca.issue(id, now - HOUR, now + HOUR, Flavor::Valid)?;
+        let paths = (
+            dir.join(format!("{name}.svid.pem")),
+            dir.join(format!("{name}.key.pem")),
+            dir.join(format!("{name}.bundle.pem")),
+        );
+        std::fs::write(&paths.0, encode("CERTIFICATE", &leaf))?;
+        std::fs::write(&paths.1, encode("PRIVATE KEY", &key))?;
+        std::fs::write(&paths.2, encode("CERTIFICATE", bundle.der()))?;
+        Ok(paths)
+    }
+
+    struct Server {
+        addr: SocketAddr,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            self.shutdown.cancel();
+        }
+    }
+
+    fn serve(ca: &TestCa) -> Result<Server> {
+        let now = SystemClock.now();
+        let (leaf, key, _) = ca.issue(SERVER_ID, now - HOUR, now + HOUR, Flavor::Valid)?;
+        let identity = Arc::new(StaticIdentity(Some((
+            vec![leaf],
+            key,
+            vec![ca.der().to_vec()],
+        ))));
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = CancellationToken::new();
+        let (addr, fut) = serve_tcp(
+            &TcpConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), "unix:///unused"),
+            identity,
+            Routes::new(SupervisorServer::new(Scripted)),
+            metrics.clone(),
+            shutdown.clone(),
+        )?;
+        tokio::spawn(fut);
+        Ok(Server {
+            addr,
+            metrics,
+            shutdown,
+        })
+    }
+
+    /// Runs the binary with `args` and the identity files, off the runtime.
+    async fn cli(args: Vec<String>, env: Vec<(&'static str, String)>) -> Result<Output> {
+        Ok(tokio::task::spawn_blocking(move || {
+            let mut cmd = bin();
+            cmd.args(&args).env_remove("SPIRE_HEALER_ADDR");
+            cmd.env_remove("SPIFFE_ENDPOINT_SOCKET");
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            cmd.output()
+        })
+        .await??)
+    }
+
+    fn text(b: &[u8]) -> String {
+        String::from_utf8_lossy(b).into_owned()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn operator_commands_over_mtls_print_and_exit_by_status() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let ca = TestCa::new(TD, SystemClock.now() - HOUR, SystemClock.now() + 24 * HOUR)?;
+        let server = serve(&ca)?;
+        let (svid, key, bundle) = write_identity(dir.path(), "op", &ca, OPERATOR_ID, &ca)?;
+        let addr = format!("tcp://{}", server.addr);
+        let with = |extra: &[&str]| -> Vec<String> {
+            let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+            v.extend(
+                [
+                    "--svid".into(),
+                    svid.display().to_string(),
+                    "--svid-key".into(),
+                    key.display().to_string(),
+                    "--bundle".into(),
+                    bundle.display().to_string(),
+                ]
+                .into_iter(),
+            );
+            v
+        };
+
+        // status: a table naming us as the server saw us; the address from
+        // the environment.
+        let out = cli(with(&["status"]), vec![("SPIRE_HEALER_ADDR", addr.clone())]).await?;
+        let stdout = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert!(
+            stdout.contains("PAUSED by uid:0") && stdout.contains("db migration"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains(&format!("Version            {OPERATOR_ID}")),
+            "{stdout}"
+        );
+        assert!(stdout.contains("s ago)"), "{stdout}");
+
+        // incidents -o json: one document, the page size passed, the next token.
+        let out = cli(
+            with(&["incidents", "--addr", &addr, "--limit", "7", "-o", "json"]),
+            vec![],
+        )
+        .await?;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        assert_eq!(v["incidents"][0]["id"], "inc-7");
+        assert_eq!(v["incidents"][0]["evidence"]["stream"], "down");
+        assert_eq!(v["next_page_token"], "next-1");
+        // As a table, the next page's token goes to stderr.
+        let out = cli(with(&["incidents", "--addr", &addr]), vec![]).await?;
+        assert_eq!(out.status.code(), Some(0));
+        assert!(
+            text(&out.stdout).starts_with("ID "),
+            "{}",
+            text(&out.stdout)
+        );
+        assert!(text(&out.stderr).contains("--page-token next-1"));
+        let out = cli(
+            with(&["incidents", "--addr", &addr, "--page-token", "garbage"]),
+            vec![],
+        )
+        .await?;
+        assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
+
+        // approve: ok, not found (65), already decided (65).
+        let out = cli(
+            with(&[
+                "approve",
+                "apr-1",
+                "--comment",
+                "go",
+                "--addr",
+                &addr,
+                "-o",
+                "json",
+            ]),
+            vec![],
+        )
+        .await?;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        assert_eq!(v["state"], "approved");
+        assert_eq!(v["decided_by"], OPERATOR_ID);
+        assert_eq!(v["reason"], "go");
+        let out = cli(with(&["approve", "apr-404", "--addr", &addr]), vec![]).await?;
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(65), "{err}");
+        assert!(
+            err.contains(&addr) && err.contains("NotFound") && err.contains("apr-404"),
+            "{err}"
+        );
+        let out = cli(with(&["approve", "apr-done", "--addr", &addr]), vec![]).await?;
+        assert_eq!(out.status.code(), Some(65), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("FailedPrecondition"));
+        let out = cli(with(&["incident", "inc-9", "--addr", &addr]), vec![]).await?;
+        assert_eq!(out.status.code(), Some(65), "{}", text(&out.stderr));
+
+        // pause: recorded as our SPIFFE ID; resume: refused (77).
+        let out = cli(with(&["pause", "--reason", "x", "--addr", &addr]), vec![]).await?;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stdout).contains(&format!("paused (recorded as {OPERATOR_ID})")),
+            "{}",
+            text(&out.stdout)
+        );
+        let out = cli(with(&["resume", "--addr", &addr]), vec![]).await?;
+        assert_eq!(out.status.code(), Some(77), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("may not call resume"));
+
+        // watch -o json: one object per line, until the stream ends.
+        let out = cli(with(&["watch", "--addr", &addr, "-o", "json"]), vec![]).await?;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let lines: Vec<serde_json::Value> = text(&out.stdout)
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[1]["cursor"], "run-1:2");
+        assert_eq!(lines[1]["kind"], "held");
+        let out = cli(with(&["watch", "--addr", &addr, "--cursor", "old"]), vec![]).await?;
+        assert_eq!(out.status.code(), Some(65), "{}", text(&out.stderr));
+
+        // An unscripted call is UNIMPLEMENTED: unreachable (69), said so.
+        let out = cli(with(&["holds", "--addr", &addr]), vec![]).await?;
+        assert_eq!(out.status.code(), Some(69));
+        assert!(text(&out.stderr).contains("Unimplemented"));
+        assert_eq!(handshake_failures(&server), 0);
+        Ok(())
+    }
+
+    fn handshake_failures(server: &Server) -> u64 {
+        server
+            .metrics
+            .api_tls_handshake_failures_total
+            .with_label_values(&["unknown_ca"])
+            .get()
+            + server
+                .metrics
+                .api_tls_handshake_failures_total
+                .with_label_values(&["client_refused"])
+                .get()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refusals_and_unreachable_addresses_exit_77_69_and_64() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let now = SystemClock.now();
+        let ca = TestCa::new(TD, now - HOUR, now + 24 * HOUR)?;
+        let foreign = TestCa::new("other.test", now - HOUR, now + 24 * HOUR)?;
+        let server = serve(&ca)?;
+        let addr = format!("tcp://{}", server.addr);
+        let files = |(s, k, b): &(PathBuf, PathBuf, PathBuf)| {
+            vec![
+                "--svid".to_string(),
+                s.display().to_string(),
+                "--svid-key".into(),
+                k.display().to_string(),
+                "--bundle".into(),
+                b.display().to_string(),
+            ]
+        };
+        // An SVID of a foreign CA: the server refuses it.
+        let stranger = write_identity(
+            dir.path(),
+            "stranger",
+            &foreign,
+            "spiffe://other.test/x",
+            &ca,
+        )?;
+        let mut args = vec!["status".to_string(), "--addr".into(), addr.clone()];
+        args.extend(files(&stranger));
+        args.extend(["--server-id".to_string(), SERVER_ID.to_string()]);
+        let out = cli(args, vec![]).await?;
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(77), "{err}");
+        assert!(
+            err.contains("refused our X509-SVID") && err.contains(&addr),
+            "{err}"
+        );
+
+        // A server that is not the one expected: we refuse it.
+        let op = write_identity(dir.path(), "op", &ca, OPERATOR_ID, &ca)?;
+        let mut args = vec!["status".to_string(), "--addr".into(), addr.clone()];
+        args.extend(files(&op));
+        args.extend(["--server-id".into(), "spiffe://td.test/not-it".into()]);
+        let out = cli(args, vec![]).await?;
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(77), "{err}");
+        assert!(
+            err.contains("is not trusted") && err.contains(SERVER_ID),
+            "{err}"
+        );
+        assert_eq!(handshake_failures(&server), 2);
+
+        // Nothing listens: 69, naming the address.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let mut args = vec![
+            "status".to_string(),
+            "--addr".into(),
+            format!("tcp://{closed}"),
+        ];
+        args.extend(files(&op));
+        let out = cli(args, vec![]).await?;
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(69), "{err}");
+        assert!(err.contains(&closed.to_string()), "{err}");
+        let sock = dir.path().join("absent.sock");
+        let out = cli(
+            vec![
+                "approvals".into(),
+                "--addr".into(),
+                format!("unix://{}", sock.display()),
+            ],
+            vec![],
+        )
+        .await?;
+        assert_eq!(out.status.code(), Some(69));
+        assert!(text(&out.stderr).contains("absent.sock"));
+
+        // No Workload API where we were told: 69, naming both addresses.
+        let agent = dir.path().join("agent.sock");
+        let out = cli(
+            vec![
+                "status".into(),
+                "--addr".into(),
+                addr.clone(),
+                "--workload-api".into(),
+                format!("unix://{}", agent.display()),
+            ],
+            vec![],
+        )
+        .await?;
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(69), "{err}");
+        assert!(err.contains(&addr) && err.contains("agent.sock"), "{err}");
+
+        // Usage: a TCP address without an identity, a bad address, a bad
+        // argument, --page-token with --store.
+        let out = cli(vec!["status".into(), "--addr".into(), addr.clone()], vec![]).await?;
+        assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("needs an identity"));
+        let out = cli(
+            vec!["pause".into(), "--addr".into(), "http://x".into()],
+            vec![],
+        )
+        .await?;
+        assert_eq!(out.status.code(), Some(64));
+        assert!(text(&out.stderr).contains("http://x"));
+        let out = cli(vec!["dry-run".into(), "maybe".into()], vec![]).await?;
+        assert_eq!(out.status.code(), Some(64));
+        let out = cli(
+            vec![
+                "holds".into(),
+                "--store".into(),
+                "sqlite:///nonexistent/x.db".into(),
+                "--page-token".into(),
+                "t".into(),
+            ],
+            vec![],
+        )
+        .await?;
+        assert_eq!(out.status.code(), Some(64));
+        assert!(text(&out.stderr).contains("--page-token"));
+        // Help is not an error.
+        let out = cli(vec!["status".into(), "--help".into()], vec![]).await?;
+        assert_eq!(out.status.code(), Some(0));
+        assert!(text(&out.stdout).contains("--addr"));
+        Ok(())
+    }
+}

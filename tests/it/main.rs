@@ -4,6 +4,7 @@
 
 mod agent_ttl;
 mod alert_rules;
+mod api_tcp;
 mod ca_rotation;
 mod cli;
 mod cluster;

@@ -52,6 +52,10 @@ const NOTES: &[(&str, &str)] = &[
         "+1 per call to the gRPC API.",
     ),
     (
+        "spire_healer_api_tls_handshake_failures_total",
+        "+1 per connection to `[api.tcp]` whose TLS handshake fails or times out; the caller never reaches a handler.",
+    ),
+    (
         "spire_healer_build_info",
         "Set once at start; join on it to show the version.",
     ),
@@ -251,6 +255,9 @@ fn label_values(metric: &str, label: &str) -> Option<String> {
             "error",
         ]),
         ("spire_healer_api_requests_total", "method") => codes(["report_handshakes"]),
+        ("spire_healer_api_tls_handshake_failures_total", "reason") => {
+            codes(crate::api::tcp::HandshakeFailure::ALL.map(|r| r.as_str()))
+        }
         ("spire_healer_trace_spans_dropped_total", "reason") => {
             codes(["queue_full", "export_failed"])
         }
