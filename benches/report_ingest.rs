@@ -83,8 +83,32 @@ fn main() {
         let counter = Counter::default();
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
-        let (_, server) = serve(&cfg, counter.clone(), metrics.clone(), shutdown.clone())
-            .expect("bind the API socket");
+        let store = spire_healer::knowledge::open(
+            dir.path().join("store.db").to_str().expect("utf-8 temp path"),
+        )
+        .await
+        .expect("open a store");
+        let backend = spire_healer::api::Backend {
+            store,
+            controls: spire_healer::control::Controls::resume(
+                false,
+                &[],
+                &[],
+                &[],
+                Arc::new(tokio::sync::Notify::new()),
+            ),
+            hub: spire_healer::control::Hub::new(16),
+            status: tokio::sync::watch::channel(spire_healer::control::Status::default()).1,
+            clock: Arc::new(spire_healer::clock::SystemClock),
+        };
+        let (_, server) = serve(
+            &cfg,
+            counter.clone(),
+            backend,
+            metrics.clone(),
+            shutdown.clone(),
+        )
+        .expect("bind the API socket");
         let server = tokio::spawn(server);
         // What the supervisor's tick does with the counter.
         let drainer = tokio::spawn({

@@ -215,9 +215,25 @@ pub async fn start(
     actuator_names.sort();
     metrics.init_series(&actuator_names, &agents);
     if let Some(api_cfg) = &cfg.api {
+        // SKELETON: the loop does not share these controls, hub and status
+        // yet; the loop wiring connects them.
+        let backend = crate::api::Backend {
+            store: store.clone(),
+            controls: crate::control::Controls::resume(
+                cfg.supervisor.dry_run,
+                &knowledge.controls,
+                &knowledge.approvals,
+                &knowledge.demotions,
+                wake.clone(),
+            ),
+            hub: crate::control::Hub::new(4096),
+            status: tokio::sync::watch::channel(crate::control::Status::default()).1,
+            clock: clock.clone(),
+        };
         let (bound, fut) = crate::api::serve(
             api_cfg,
             handshakes.clone(),
+            backend,
             metrics.clone(),
             shutdown.child_token(),
         )?;

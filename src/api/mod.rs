@@ -1,18 +1,21 @@
-//! Our gRPC API (`spire_healer.v1.Supervisor`), served on a Unix socket.
+//! Our gRPC API (`spire_healer.v1.Supervisor`), served on a Unix socket
+//! and, optionally, on TCP with mTLS ([`tcp`]).
 //!
-//! Callers are identified by the kernel's peer credentials (`SO_PEERCRED`
-//! through tonic's [`UdsConnectInfo`]), never by anything they send. Each
-//! RPC checks its own set of allowed uids before it reads the request, so
-//! later RPCs (status, incidents, watch, approve) can allow other callers.
-//!
-//! This module only maps between the protobuf messages and the domain:
-//! [`reports`] folds `ReportHandshakes` batches into the shared
+//! Callers are identified by their transport, never by anything they
+//! send: the kernel's peer credentials on the socket, the verified SPIFFE
+//! ID on TCP. [`authz`] admits each call by role before tonic reads its
+//! body; [`rpc`] holds the RPC bodies over a [`Backend`] (store, controls,
+//! watch hub, the loop's status); [`convert`] maps between protobuf and
+//! the domain; `watch` bounds each `Watch` subscriber; [`reports`] folds
+//! `ReportHandshakes` batches into the shared
 //! [`handshake::Counter`](crate::handshake::Counter).
 //!
-//! The socket file is ours: [`serve`] refuses a path that exists and is not
-//! a socket (a regular file is never deleted) or that a live server
-//! answers on, replaces a stale socket, sets the configured mode (0600 by
-//! default) and removes the socket when serving stops.
+//! [`service`] builds the service both transports serve; [`serve`] serves
+//! it on the socket. The socket file is ours: [`serve`] refuses a path
+//! that exists and is not a socket (a regular file is never deleted) or
+//! that a live server answers on, replaces a stale socket, sets the
+//! configured mode (0600 by default) and removes the socket when serving
+//! stops.
 
 use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -25,18 +28,20 @@ use serde::Deserialize;
 use tokio::sync::Semaphore;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::UdsConnectInfo;
-use tonic::{Code, Request, Response, Status, Streaming};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tonic::Code;
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::handshake::Counter;
-use crate::proto::healer::supervisor_server::{Supervisor, SupervisorServer};
-use crate::proto::healer::{self as pb, ReportHandshakesRequest, ReportHandshakesResponse};
+use crate::proto::healer::supervisor_server::SupervisorServer;
 use crate::telemetry::metrics::Metrics;
 
+pub mod authz;
 mod client;
+pub mod convert;
 pub mod reports;
+pub mod rpc;
 pub mod tcp;
+mod watch;
 
 pub use client::ReportClient;
 
@@ -52,7 +57,8 @@ pub struct ApiConfig {
     pub socket: PathBuf,
     /// Permission bits of the socket file (TOML: `0o600`). Connecting needs
     /// write permission; widen it (e.g. `0o666`) only to let other uids
-    /// listed in `report_uids` connect: the uid check is what admits them.
+    /// listed in `report_uids`, `read_uids` or `operator_uids` connect: the
+    /// uid check is what admits them.
     #[serde(default = "default_socket_mode")]
     pub socket_mode: u32,
     /// Uids allowed to call `ReportHandshakes`. Default: only the uid
@@ -96,10 +102,20 @@ pub struct ApiConfig {
     /// Workload API.
     #[serde(default)]
     pub tcp: Option<tcp::TcpConfig>,
+    /// Events queued per `Watch` subscriber. A subscriber whose queue is
+    /// full waits in the event hub's ring; once the ring moves past it,
+    /// it is dropped with `RESOURCE_EXHAUSTED`.
+    #[serde(default = "default_watch_buffer")]
+    pub watch_buffer: usize,
+    /// Most `Watch` streams open at once, over all transports; one more is
+    /// refused with `RESOURCE_EXHAUSTED`.
+    #[serde(default = "default_max_watchers")]
+    pub max_watchers: u32,
 }
 
 /// `[api.authz]`: roles by SPIFFE ID, for callers over TCP with mTLS.
-/// An ID must be in our trust domain; anyone else is refused.
+/// Every ID listed must be of one trust domain; a caller of another trust
+/// domain, or not listed, is refused.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthzConfig {
@@ -112,6 +128,49 @@ pub struct AuthzConfig {
     /// May call `ReportHandshakes`.
     #[serde(default)]
     pub reporters: Vec<String>,
+}
+
+impl AuthzConfig {
+    /// Entries that are not SPIFFE IDs a caller's SVID could carry, and a
+    /// second trust domain.
+    fn problems(&self, out: &mut Vec<(&'static str, String)>) {
+        let mut first: Option<crate::spiffe_id::SpiffeId> = None;
+        for (field, list) in [
+            ("authz.operators", &self.operators),
+            ("authz.readers", &self.readers),
+            ("authz.reporters", &self.reporters),
+        ] {
+            for entry in list {
+                let id = match crate::spiffe_id::SpiffeId::parse(entry) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        out.push((field, format!("{entry:?} is not a SPIFFE ID: {e}")));
+                        continue;
+                    }
+                };
+                if id.is_root() {
+                    out.push((
+                        field,
+                        format!("{entry:?} names a trust domain, not a workload"),
+                    ));
+                    continue;
+                }
+                match &first {
+                    None => first = Some(id),
+                    Some(f) if f.trust_domain() != id.trust_domain() => out.push((
+                        field,
+                        format!(
+                            "{entry:?} is in trust domain {}, but {} is in {}: every ID must be of one trust domain",
+                            id.trust_domain(),
+                            f,
+                            f.trust_domain()
+                        ),
+                    )),
+                    Some(_) => {}
+                }
+            }
+        }
+    }
 }
 
 /// What the API reads and changes.
@@ -165,6 +224,14 @@ fn default_stream_idle_timeout() -> Duration {
     Duration::from_secs(300)
 }
 
+fn default_watch_buffer() -> usize {
+    256
+}
+
+fn default_max_watchers() -> u32 {
+    64
+}
+
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
@@ -181,6 +248,8 @@ impl Default for ApiConfig {
             operator_uids: default_report_uids(),
             authz: AuthzConfig::default(),
             tcp: None,
+            watch_buffer: default_watch_buffer(),
+            max_watchers: default_max_watchers(),
         }
     }
 }
@@ -190,6 +259,12 @@ const MAX_SOCKET_PATH: usize = 107;
 
 /// Smallest and largest accepted `max_message_bytes`.
 const MESSAGE_BYTES_RANGE: (usize, usize) = (1024, 64 * 1024 * 1024);
+
+/// Largest accepted `watch_buffer`.
+const MAX_WATCH_BUFFER: usize = 65_536;
+
+/// Largest accepted `max_watchers`.
+const MAX_WATCHERS: u32 = 10_000;
 
 impl ApiConfig {
     /// Every problem, as (field, problem) pairs.
@@ -260,6 +335,19 @@ impl ApiConfig {
                 "must be greater than zero".to_string(),
             ));
         }
+        if !(1..=MAX_WATCH_BUFFER).contains(&self.watch_buffer) {
+            out.push((
+                "watch_buffer",
+                format!("must be between 1 and {MAX_WATCH_BUFFER}"),
+            ));
+        }
+        if !(1..=MAX_WATCHERS).contains(&self.max_watchers) {
+            out.push((
+                "max_watchers",
+                format!("must be between 1 and {MAX_WATCHERS}"),
+            ));
+        }
+        self.authz.problems(&mut out);
         out
     }
 
@@ -344,44 +432,169 @@ impl ApiError {
 // === Methods and outcomes ===
 
 /// An RPC of the `Supervisor` service (the `method` metric label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Method {
-    /// `ReportHandshakes`.
     ReportHandshakes,
+    GetStatus,
+    ListIncidents,
+    GetIncident,
+    ListActions,
+    ListHolds,
+    ListApprovals,
+    ListAudit,
+    Watch,
+    Approve,
+    Reject,
+    Pause,
+    Resume,
+    SetDryRun,
+    ResetDemotion,
 }
 
 impl Method {
-    /// Snake-case name.
+    /// Every RPC, in the proto's order.
+    pub const ALL: [Method; 15] = [
+        Method::ReportHandshakes,
+        Method::GetStatus,
+        Method::ListIncidents,
+        Method::GetIncident,
+        Method::ListActions,
+        Method::ListHolds,
+        Method::ListApprovals,
+        Method::ListAudit,
+        Method::Watch,
+        Method::Approve,
+        Method::Reject,
+        Method::Pause,
+        Method::Resume,
+        Method::SetDryRun,
+        Method::ResetDemotion,
+    ];
+
+    /// Snake-case name (metric label).
     pub fn as_str(self) -> &'static str {
         match self {
             Method::ReportHandshakes => "report_handshakes",
+            Method::GetStatus => "get_status",
+            Method::ListIncidents => "list_incidents",
+            Method::GetIncident => "get_incident",
+            Method::ListActions => "list_actions",
+            Method::ListHolds => "list_holds",
+            Method::ListApprovals => "list_approvals",
+            Method::ListAudit => "list_audit",
+            Method::Watch => "watch",
+            Method::Approve => "approve",
+            Method::Reject => "reject",
+            Method::Pause => "pause",
+            Method::Resume => "resume",
+            Method::SetDryRun => "set_dry_run",
+            Method::ResetDemotion => "reset_demotion",
         }
+    }
+
+    /// The RPC's name in the proto (`GetStatus`).
+    pub fn rpc_name(self) -> &'static str {
+        match self {
+            Method::ReportHandshakes => "ReportHandshakes",
+            Method::GetStatus => "GetStatus",
+            Method::ListIncidents => "ListIncidents",
+            Method::GetIncident => "GetIncident",
+            Method::ListActions => "ListActions",
+            Method::ListHolds => "ListHolds",
+            Method::ListApprovals => "ListApprovals",
+            Method::ListAudit => "ListAudit",
+            Method::Watch => "Watch",
+            Method::Approve => "Approve",
+            Method::Reject => "Reject",
+            Method::Pause => "Pause",
+            Method::Resume => "Resume",
+            Method::SetDryRun => "SetDryRun",
+            Method::ResetDemotion => "ResetDemotion",
+        }
+    }
+
+    /// The RPC an HTTP/2 path names (`/spire_healer.v1.Supervisor/GetStatus`).
+    pub fn from_path(path: &str) -> Option<Self> {
+        let name = path
+            .strip_prefix('/')?
+            .strip_prefix(crate::proto::healer::supervisor_server::SERVICE_NAME)?
+            .strip_prefix('/')?;
+        Self::ALL.into_iter().find(|m| m.rpc_name() == name)
+    }
+
+    /// The role a caller needs.
+    pub fn role(self) -> authz::Role {
+        use authz::Role;
+        match self {
+            Method::ReportHandshakes => Role::Reporter,
+            Method::GetStatus
+            | Method::ListIncidents
+            | Method::GetIncident
+            | Method::ListActions
+            | Method::ListHolds
+            | Method::ListApprovals
+            | Method::ListAudit
+            | Method::Watch => Role::Reader,
+            Method::Approve
+            | Method::Reject
+            | Method::Pause
+            | Method::Resume
+            | Method::SetDryRun
+            | Method::ResetDemotion => Role::Operator,
+        }
+    }
+
+    /// Whether the call changes something (and records who).
+    pub fn mutates(self) -> bool {
+        self.role() == authz::Role::Operator
     }
 }
 
 /// How a call ended (the `outcome` metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// Answered.
+    /// Answered (for `Watch`: the stream started).
     Ok,
-    /// Caller unknown or not allowed.
+    /// Caller unknown or not allowed (`UNAUTHENTICATED`,
+    /// `PERMISSION_DENIED`).
     Unauthenticated,
-    /// The request was malformed.
+    /// The request was malformed (`INVALID_ARGUMENT`, `OUT_OF_RANGE`).
     Invalid,
+    /// What it names does not exist.
+    NotFound,
+    /// It cannot be done in the current state (already decided, expired).
+    FailedPrecondition,
     /// A bound was hit (batch, stream, message size, open streams).
     ResourceExhausted,
-    /// Anything else (client went away, idle timeout, shutdown).
+    /// The store did not answer, or the server shut down.
+    Unavailable,
+    /// Anything else (client went away, idle timeout).
     Error,
 }
 
 impl Outcome {
+    /// Every outcome.
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Ok,
+        Outcome::Unauthenticated,
+        Outcome::Invalid,
+        Outcome::NotFound,
+        Outcome::FailedPrecondition,
+        Outcome::ResourceExhausted,
+        Outcome::Unavailable,
+        Outcome::Error,
+    ];
+
     /// Snake-case name.
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
             Outcome::Unauthenticated => "unauthenticated",
             Outcome::Invalid => "invalid",
+            Outcome::NotFound => "not_found",
+            Outcome::FailedPrecondition => "failed_precondition",
             Outcome::ResourceExhausted => "resource_exhausted",
+            Outcome::Unavailable => "unavailable",
             Outcome::Error => "error",
         }
     }
@@ -391,192 +604,59 @@ impl Outcome {
         match code {
             Code::Ok => Outcome::Ok,
             Code::Unauthenticated | Code::PermissionDenied => Outcome::Unauthenticated,
-            Code::InvalidArgument => Outcome::Invalid,
+            Code::InvalidArgument | Code::OutOfRange => Outcome::Invalid,
+            Code::NotFound => Outcome::NotFound,
+            Code::FailedPrecondition => Outcome::FailedPrecondition,
             Code::ResourceExhausted => Outcome::ResourceExhausted,
+            Code::Unavailable => Outcome::Unavailable,
             _ => Outcome::Error,
         }
     }
 }
 
-/// The caller's uid, from the connection's peer credentials.
-///
-/// # Errors
-/// `UNAUTHENTICATED` when the connection carries no credentials (not a
-/// Unix socket, or the kernel did not tell).
-fn caller_uid<T>(req: &Request<T>) -> Result<u32, Status> {
-    req.extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|info| info.peer_cred)
-        .map(|cred| cred.uid())
-        .ok_or_else(|| Status::unauthenticated("caller credentials unknown"))
-}
-
-/// Admits callers whose uid is in `allowed`.
-///
-/// # Errors
-/// `UNAUTHENTICATED` without credentials, `PERMISSION_DENIED` for another uid.
-fn authorize<T>(req: &Request<T>, method: Method, allowed: &[u32]) -> Result<u32, Status> {
-    let uid = caller_uid(req)?;
-    if allowed.contains(&uid) {
-        Ok(uid)
-    } else {
-        // Debug, not warn: any local process can trigger this at will.
-        debug!(uid, method = method.as_str(), "API caller not allowed.");
-        Err(Status::permission_denied(format!(
-            "uid {uid} may not call {}",
-            method.as_str()
-        )))
-    }
-}
-
 // === Service ===
 
-#[derive(Clone)]
-struct Api {
-    ingest: Arc<reports::Ingest>,
-    report_uids: Arc<[u32]>,
-    report_slots: Arc<Semaphore>,
+/// The service both transports serve: [`rpc::Api`] behind
+/// [`authz::Authorized`], with `max_message_bytes` as its decoding bound.
+pub type Service = authz::Authorized<SupervisorServer<rpc::Api>>;
+
+/// Builds the service. Serve clones of one service on every transport
+/// (Unix socket: [`serve_service`]; TCP: `tcp`'s acceptor with
+/// `tonic::transport::Server::builder().add_service(svc)`) so they share
+/// the bounds on report streams and watchers. Its `Watch` streams end
+/// with `UNAVAILABLE` when `shutdown` is cancelled.
+pub fn service(
+    cfg: &ApiConfig,
+    counter: Counter,
+    backend: Backend,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+) -> Service {
+    let api = api(cfg, counter, backend, metrics.clone(), shutdown);
+    wrap(cfg, api, metrics)
 }
 
-impl Api {
-    fn count<T>(&self, method: Method, result: &Result<T, Status>) {
-        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
-        self.metrics
-            .api_requests_total
-            .with_label_values(&[method.as_str(), Outcome::of(code).as_str()])
-            .inc();
-    }
-
-    async fn report_handshakes(
-        &self,
-        req: Request<Streaming<ReportHandshakesRequest>>,
-    ) -> Result<ReportHandshakesResponse, Status> {
-        authorize(&req, Method::ReportHandshakes, &self.report_uids)?;
-        let _slot = self
-            .report_slots
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Status::resource_exhausted("too many report streams open"))?;
-        let totals = self.ingest.run(req.into_inner(), &self.shutdown).await?;
-        Ok(ReportHandshakesResponse {
-            accepted: totals.accepted,
-            rejected: totals.rejected,
-        })
+fn api(
+    cfg: &ApiConfig,
+    counter: Counter,
+    backend: Backend,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> rpc::Api {
+    rpc::Api {
+        ingest: reports::Ingest::new(counter, cfg.limits(), &metrics),
+        report_slots: Arc::new(Semaphore::new(cfg.max_concurrent_streams as usize)),
+        backend,
+        watchers: Arc::new(watch::Watchers::new(cfg.max_watchers, cfg.watch_buffer)),
+        metrics,
+        shutdown,
     }
 }
 
-#[tonic::async_trait]
-impl Supervisor for Api {
-    async fn report_handshakes(
-        &self,
-        req: Request<Streaming<ReportHandshakesRequest>>,
-    ) -> Result<Response<ReportHandshakesResponse>, Status> {
-        let result = Api::report_handshakes(self, req).await;
-        self.count(Method::ReportHandshakes, &result);
-        result.map(Response::new)
-    }
-
-    async fn get_status(
-        &self,
-        _req: Request<pb::GetStatusRequest>,
-    ) -> Result<Response<pb::GetStatusResponse>, Status> {
-        Err(Status::unimplemented("SKELETON"))
-    }
-
-    async fn list_incidents(
-        &self,
-        _req: Request<pb::ListIncidentsRequest>,
-    ) -> Result<Response<pb::ListIncidentsResponse>, Status> {
-        Err(Status::unimplemented("SKELETON"))
-    }
-
-    async fn get_incident(
-        &self,
-        _req: Request<pb::GetIncidentRequest>,
-    ) -> Result<Response<pb::GetIncidentResponse>, Status> {
-        Err(Status::unimplemented("SKELETON"))
-    }
-
-    async fn list_actions(
-        &self,
-        _req: Request<pb::ListActionsRequest>,
-    ) -> Result<Response<pb::ListActionsResponse>, Status> {
-        Err(Status::unimplemented("SKELETON"))
-    }
-
-    async fn list_holds(
-        &self,
-        _req: Request<pb::ListHoldsRequest>,
-    ) -> Result<Response<pb::ListHoldsResponse>, Status> {
-        Err(Status::unimplemented("SKELETON"))
-    }
-
-    async fn list_approvals(
-        &self,
-        _req: Request<pb::ListApprovalsRequest>,
-    ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
-        Err(Status::unimplemented("SKELETON"))
-    }
-
-    async fn list_audit(
-        &self,
-        _req: Request<pb::ListAuditRequest>,
-    ) -> Result<Response<pb::ListAuditResponse>, Status> {
-        Err(Status::unimplemented("SKELETON"))
-    }
-
-    async fn approve(
-        &self,
-        _req: Request<pb::ApproveRequest>,
-    ) -> Result<Response<pb::Approval>, Status> {
-        Err(Status::unimplemented("SKELETON"))
-    }
-
-    async fn reject(
-        &self,
-        _req: Request<pb::RejectRequest>,
-    ) -> Result<Response<pb::Approval>, Status> {
-        Err(Status::unimplemented("SKELETON"))
-    }
-
-    async fn pause(
-        &self,
-        _req: Request<pb::PauseRequest>,
-    ) -> Result<Response<pb::ControlResponse>, Status> {
-        Err(Status::unimplemented("SKELETON"))
-    }
-
-    async fn resume(
-        &self,
-        _req: Request<pb::ResumeRequest>,
-    ) -> Result<Response<pb::ControlResponse>, Status> {
-        Err(Status::unimplemented("SKELETON"))
-    }
-
-    async fn set_dry_run(
-        &self,
-        _req: Request<pb::SetDryRunRequest>,
-    ) -> Result<Response<pb::ControlResponse>, Status> {
-        Err(Status::unimplemented("SKELETON"))
-    }
-
-    async fn reset_demotion(
-        &self,
-        _req: Request<pb::ResetDemotionRequest>,
-    ) -> Result<Response<pb::ResetDemotionResponse>, Status> {
-        Err(Status::unimplemented("SKELETON"))
-    }
-
-    type WatchStream = futures::stream::BoxStream<'static, Result<pb::WatchEvent, Status>>;
-
-    async fn watch(
-        &self,
-        _req: Request<pb::WatchRequest>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
-        Err(Status::unimplemented("SKELETON"))
-    }
+fn wrap(cfg: &ApiConfig, api: rpc::Api, metrics: Arc<Metrics>) -> Service {
+    let watchers = api.watchers.clone();
+    let server = SupervisorServer::new(api).max_decoding_message_size(cfg.max_message_bytes);
+    authz::Authorized::new(server, Arc::new(authz::Policy::new(cfg)), metrics, watchers)
 }
 
 // === Serving ===
@@ -588,14 +668,16 @@ pub struct Bound {
     pub socket: PathBuf,
 }
 
-/// Binds the socket now and returns the future that serves on it.
+/// Builds the [`service`], binds the socket now and returns the future
+/// that serves on it.
 ///
 /// Binding happens before this returns, so a bad path fails startup. The
 /// future serves until `shutdown` is cancelled: it then stops accepting,
-/// ends open report streams with `UNAVAILABLE` (their earlier batches stay
-/// counted), waits for connections to close and removes the socket file.
-/// If the future is dropped instead, the socket file is removed too. It is
-/// removed only while it is still the socket bound here.
+/// ends open report and watch streams with `UNAVAILABLE` (report batches
+/// received stay counted), waits for connections to close and removes the
+/// socket file. If the future is dropped instead, the socket file is
+/// removed too. It is removed only while it is still the socket bound
+/// here.
 ///
 /// # Errors
 /// [`ApiError::NoSocketDir`], [`ApiError::NotASocket`], [`ApiError::InUse`]
@@ -607,7 +689,31 @@ pub struct Bound {
 pub fn serve(
     cfg: &ApiConfig,
     counter: Counter,
+    backend: Backend,
     metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<
+    (
+        Bound,
+        impl Future<Output = Result<(), ApiError>> + Send + 'static + use<>,
+    ),
+    ApiError,
+> {
+    let svc = service(cfg, counter, backend, metrics, shutdown.clone());
+    serve_service(cfg, svc, shutdown)
+}
+
+/// Serves `svc` (a clone of the one [`service`] the TCP side serves too)
+/// on the configured Unix socket; otherwise as [`serve`].
+///
+/// # Errors
+/// As [`serve`].
+///
+/// # Panics
+/// The future panics when polled outside a tokio runtime.
+pub fn serve_service(
+    cfg: &ApiConfig,
+    svc: Service,
     shutdown: CancellationToken,
 ) -> Result<
     (
@@ -618,14 +724,6 @@ pub fn serve(
 > {
     let socket = cfg.socket.clone();
     let (listener, guard) = bind(&socket, cfg.socket_mode)?;
-    let api = Api {
-        ingest: reports::Ingest::new(counter, cfg.limits(), &metrics),
-        report_uids: cfg.report_uids.clone().into(),
-        report_slots: Arc::new(Semaphore::new(cfg.max_concurrent_streams as usize)),
-        metrics,
-        shutdown: shutdown.clone(),
-    };
-    let svc = SupervisorServer::new(api).max_decoding_message_size(cfg.max_message_bytes);
     let max_streams = cfg.max_concurrent_streams;
     let path = socket.clone();
     let fut = async move {
@@ -649,10 +747,11 @@ pub fn serve(
         });
         let result = tonic::transport::Server::builder()
             .max_concurrent_streams(max_streams)
-            .add_service(svc)
+            .add_service(svc.clone())
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await
             .map_err(ApiError::Serve);
+        svc.drained().await;
         info!("API stopped.");
         result
     }

@@ -1,54 +1,145 @@
+//! The API's tests: reporting, the socket, config (here); the
+//! authorization matrix ([`matrix`]); RPC bodies and bad input ([`rpcs`]);
+//! `Watch` ([`watching`]). Every server runs on a temporary Unix socket
+//! with a real tonic client, over a SQLite store in a temporary file.
+
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 
 use prost::Message;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
 
 use super::reports::report;
 use super::*;
+use crate::clock::{Clock as _, ManualClock};
+use crate::control::{Controls, Hub};
 use crate::handshake::{Counts, Reason};
-use crate::proto::healer::HandshakeReport;
+use crate::proto::healer::supervisor_client::SupervisorClient;
+use crate::proto::healer::{HandshakeReport, ReportHandshakesRequest, ReportHandshakesResponse};
 use crate::telemetry::metrics::sample;
+
+mod interim;
+mod matrix;
+mod rpcs;
+mod watching;
 
 fn our_uid() -> u32 {
     nix::unistd::getuid().as_raw()
 }
 
+/// 2023-11-14T22:13:20Z: where every test clock starts.
+const T0: u64 = 1_700_000_000;
+
+/// A served API and handles on everything behind it.
 struct TestApi {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     socket: PathBuf,
     counter: Counter,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), ApiError>>,
+    /// The service, for calls with hand-made connect info.
+    svc: Service,
+    /// The same service's state (watchers).
+    api: rpc::Api,
+    backend: Backend,
+    clock: Arc<ManualClock>,
+    status: tokio::sync::watch::Sender<crate::control::Status>,
+}
+
+/// How [`TestApi::start_with`] builds the backend.
+struct Setup {
+    /// Events in the hub's ring.
+    hub_capacity: usize,
+    /// Instead of SQLite.
+    store: Option<Arc<dyn crate::knowledge::Store>>,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            hub_capacity: 4096,
+            store: None,
+        }
+    }
 }
 
 impl TestApi {
     async fn start(tweak: impl FnOnce(&mut ApiConfig)) -> Self {
+        Self::start_with(Setup::default(), tweak).await
+    }
+
+    async fn start_with(setup: Setup, tweak: impl FnOnce(&mut ApiConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        // Others may traverse (not write): the other-uid test dials from
+        // uid 65534.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let mut cfg = ApiConfig {
             socket: dir.path().join("api.sock"),
             ..ApiConfig::default()
         };
         tweak(&mut cfg);
+        let store: Arc<dyn crate::knowledge::Store> = match setup.store {
+            Some(store) => store,
+            None => Arc::new(interim::Interim::new(
+                crate::knowledge::open(dir.path().join("store.db").to_str().unwrap())
+                    .await
+                    .unwrap(),
+            )),
+        };
+        let clock = Arc::new(ManualClock::at_unix(T0));
+        let (status, status_rx) = tokio::sync::watch::channel(crate::control::Status::default());
+        let backend = Backend {
+            store,
+            controls: Controls::resume(false, &[], &[], &[], Arc::new(tokio::sync::Notify::new())),
+            hub: Hub::new(setup.hub_capacity),
+            status: status_rx,
+            clock: clock.clone(),
+        };
         let counter = Counter::default();
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
-        let (bound, fut) = serve(&cfg, counter.clone(), metrics.clone(), shutdown.clone()).unwrap();
+        let api = api(
+            &cfg,
+            counter.clone(),
+            backend.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        let svc = wrap(&cfg, api.clone(), metrics.clone());
+        let (bound, fut) = serve_service(&cfg, svc.clone(), shutdown.clone()).unwrap();
         assert_eq!(bound.socket, cfg.socket);
         Self {
             socket: cfg.socket,
-            _dir: dir,
+            dir,
             counter,
             metrics,
             shutdown,
             task: tokio::spawn(fut),
+            svc,
+            api,
+            backend,
+            clock,
+            status,
         }
     }
 
     fn client(&self) -> ReportClient {
         ReportClient::connect_unix(&self.socket).unwrap()
+    }
+
+    /// A `Supervisor` client on the socket.
+    fn grpc(&self) -> SupervisorClient<Channel> {
+        grpc_at(&self.socket)
+    }
+
+    /// A client calling the service in-process, without a transport: its
+    /// requests carry only the extensions a test puts in them.
+    fn direct(&self) -> SupervisorClient<Service> {
+        SupervisorClient::new(self.svc.clone())
     }
 
     /// (target, reason) → count, drained from the counter.
@@ -64,16 +155,30 @@ impl TestApi {
         out
     }
 
+    fn metric(&self, series: &str) -> f64 {
+        sample(&self.metrics.render(), series).unwrap_or(0.0)
+    }
+
     fn requests(&self, outcome: &str) -> f64 {
-        let series = format!(
-            r#"spire_healer_api_requests_total{{method="report_handshakes",outcome="{outcome}"}}"#
-        );
-        sample(&self.metrics.render(), &series).unwrap_or(0.0)
+        self.calls("report_handshakes", outcome)
+    }
+
+    fn calls(&self, method: &str, outcome: &str) -> f64 {
+        self.metric(&format!(
+            r#"spire_healer_api_requests_total{{method="{method}",outcome="{outcome}"}}"#
+        ))
+    }
+
+    fn denied(&self, method: &str, reason: &str) -> f64 {
+        self.metric(&format!(
+            r#"spire_healer_api_denied_total{{method="{method}",reason="{reason}"}}"#
+        ))
     }
 
     fn rejected(&self, kind: &str) -> f64 {
-        let series = format!(r#"spire_healer_handshake_reports_rejected_total{{kind="{kind}"}}"#);
-        sample(&self.metrics.render(), &series).unwrap_or(0.0)
+        self.metric(&format!(
+            r#"spire_healer_handshake_reports_rejected_total{{kind="{kind}"}}"#
+        ))
     }
 
     async fn stop(self) {
@@ -83,7 +188,26 @@ impl TestApi {
             std::fs::symlink_metadata(&self.socket).is_err(),
             "socket removed on stop"
         );
+        drop(self.dir);
     }
+}
+
+fn grpc_at(socket: &Path) -> SupervisorClient<Channel> {
+    let channel = crate::endpoint::Endpoint::Unix(socket.to_path_buf())
+        .channel(Duration::from_secs(5))
+        .unwrap();
+    SupervisorClient::new(channel)
+}
+
+/// Polls `check` until it holds, for at most 20 s.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !check() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
 }
 
 fn batch(reports: Vec<HandshakeReport>) -> ReportHandshakesRequest {
@@ -228,7 +352,11 @@ async fn counts_carry_the_report_source() {
 
 #[tokio::test]
 async fn other_uid_is_refused_and_nothing_is_counted() {
-    let api = TestApi::start(|c| c.report_uids = vec![our_uid().wrapping_add(1)]).await;
+    let api = TestApi::start(|c| {
+        c.report_uids = vec![our_uid().wrapping_add(1)];
+        c.operator_uids = vec![];
+    })
+    .await;
     let err = api
         .client()
         .report(stream(vec![batch(vec![report("db", Reason::Ok, 1)])]))
@@ -503,6 +631,7 @@ fn serve_at(
     serve(
         &cfg,
         Counter::default(),
+        interim::empty_backend(),
         Arc::new(Metrics::new()),
         CancellationToken::new(),
     )
@@ -565,6 +694,7 @@ async fn stale_socket_is_replaced_and_live_one_refused() {
     let (_, fut) = serve(
         &cfg,
         Counter::default(),
+        interim::empty_backend(),
         Arc::new(Metrics::new()),
         shutdown.clone(),
     )
@@ -661,5 +791,88 @@ fn outcomes_map_status_codes() {
         Outcome::of(Code::ResourceExhausted),
         Outcome::ResourceExhausted
     );
-    assert_eq!(Outcome::of(Code::Unavailable), Outcome::Error);
+    assert_eq!(Outcome::of(Code::Unavailable), Outcome::Unavailable);
+    assert_eq!(Outcome::of(Code::OutOfRange), Outcome::Invalid);
+    assert_eq!(Outcome::of(Code::NotFound), Outcome::NotFound);
+    assert_eq!(
+        Outcome::of(Code::FailedPrecondition),
+        Outcome::FailedPrecondition
+    );
+    assert_eq!(Outcome::of(Code::Cancelled), Outcome::Error);
+}
+
+#[test]
+fn watch_bounds_default_and_are_checked() {
+    let cfg: ApiConfig = toml::from_str("").unwrap();
+    assert_eq!((cfg.watch_buffer, cfg.max_watchers), (256, 64));
+    let cfg = ApiConfig {
+        watch_buffer: 0,
+        max_watchers: 0,
+        ..ApiConfig::default()
+    };
+    let fields: Vec<_> = cfg.problems().into_iter().map(|(f, _)| f).collect();
+    assert_eq!(fields, vec!["watch_buffer", "max_watchers"]);
+    let cfg = ApiConfig {
+        watch_buffer: 1_000_000,
+        max_watchers: 1_000_000,
+        ..ApiConfig::default()
+    };
+    assert_eq!(cfg.problems().len(), 2, "{:?}", cfg.problems());
+}
+
+#[test]
+fn authz_ids_must_parse_name_workloads_and_share_one_trust_domain() {
+    let cfg: ApiConfig = toml::from_str(
+        "[authz]\noperators = [\"spiffe://td.test/ops\"]\nreaders = [\"spiffe://td.test/ro\"]\nreporters = [\"spiffe://td.test/sidecar\"]",
+    )
+    .unwrap();
+    assert!(cfg.problems().is_empty(), "{:?}", cfg.problems());
+    let cfg = ApiConfig {
+        authz: AuthzConfig {
+            operators: vec!["spiffe://td.test/ops".into(), "ops".into()],
+            readers: vec!["spiffe://other.test/ro".into(), "spiffe://td.test".into()],
+            reporters: vec!["spiffe://td.test/a/../b".into()],
+        },
+        ..ApiConfig::default()
+    };
+    let problems = cfg.problems();
+    let fields: Vec<_> = problems.iter().map(|(f, _)| *f).collect();
+    assert_eq!(
+        fields,
+        vec![
+            "authz.operators",
+            "authz.readers",
+            "authz.readers",
+            "authz.reporters"
+        ]
+    );
+    assert!(problems[0].1.contains("not a SPIFFE ID"), "{problems:?}");
+    assert!(
+        problems[1].1.contains("other.test") && problems[1].1.contains("one trust domain"),
+        "{problems:?}"
+    );
+    assert!(problems[2].1.contains("not a workload"), "{problems:?}");
+}
+
+#[test]
+fn every_rpc_has_a_method_label_a_role_and_a_path() {
+    use crate::proto::healer::supervisor_server::SERVICE_NAME;
+    for m in Method::ALL {
+        let path = format!("/{SERVICE_NAME}/{}", m.rpc_name());
+        assert_eq!(Method::from_path(&path), Some(m), "{path}");
+    }
+    assert_eq!(Method::from_path("/other.Service/GetStatus"), None);
+    assert_eq!(Method::from_path("/spire_healer.v1.Supervisor/Nope"), None);
+    let mutating: Vec<_> = Method::ALL.into_iter().filter(|m| m.mutates()).collect();
+    assert_eq!(
+        mutating,
+        vec![
+            Method::Approve,
+            Method::Reject,
+            Method::Pause,
+            Method::Resume,
+            Method::SetDryRun,
+            Method::ResetDemotion
+        ]
+    );
 }

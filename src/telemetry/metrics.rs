@@ -194,12 +194,16 @@ pub struct Metrics {
     pub handshake_peer_expiration_timestamp_seconds: GaugeVec,
     /// Handshake outcomes or reports refused, by closed-set kind.
     pub handshake_reports_rejected_total: IntCounterVec,
-    /// Calls to our gRPC API, by method and outcome (`ok`, `unauthenticated`,
-    /// `invalid`, `resource_exhausted`, `error`).
+    /// Calls to our gRPC API, by method and outcome (`api::Outcome`).
     pub api_requests_total: IntCounterVec,
     /// Failed mTLS handshakes on the API's TCP listener, by closed-set
     /// reason (`api::tcp::HandshakeFailure`).
     pub api_tls_handshake_failures_total: IntCounterVec,
+    /// API calls refused by authorization, by method and reason
+    /// (`api::authz::Denial`).
+    pub api_denied_total: IntCounterVec,
+    /// `Watch` streams ended because the client did not keep up.
+    pub api_watch_dropped_total: prometheus::IntCounter,
     /// notAfter of the leaf in a watched certificate file, by file.
     pub cert_file_expiration_timestamp_seconds: GaugeVec,
     /// 1: the version of this build.
@@ -531,6 +535,15 @@ impl Metrics {
                 "spire_healer_api_tls_handshake_failures_total",
                 "Failed mTLS handshakes on the API's TCP listener, by reason.",
                 &["reason"]
+            )),
+            api_denied_total: reg!(c(
+                "spire_healer_api_denied_total",
+                "Calls to the spire_healer.v1 API refused by authorization, by method and reason.",
+                &["method", "reason"]
+            )),
+            api_watch_dropped_total: reg!(prometheus::IntCounter::new(
+                "spire_healer_api_watch_dropped_total",
+                "Watch streams ended because the client fell behind the server's event ring."
             )),
             cert_file_expiration_timestamp_seconds: reg!(GaugeVec::new(
                 Opts::new(

@@ -48,8 +48,16 @@ const NOTES: &[(&str, &str)] = &[
     ),
     ("spire_healer_agents_at_risk", "Set every tick."),
     (
+        "spire_healer_api_denied_total",
+        "+1 per call refused before its body is read: `no_credentials` answers UNAUTHENTICATED, every other reason PERMISSION_DENIED (counted under `outcome=\"unauthenticated\"` in `spire_healer_api_requests_total` too).",
+    ),
+    (
         "spire_healer_api_requests_total",
-        "+1 per call to the gRPC API.",
+        "+1 per call to the gRPC API, when it is answered; a `Watch` counts when its stream starts.",
+    ),
+    (
+        "spire_healer_api_watch_dropped_total",
+        "+1 when a Watch subscriber misses events (its queue of `watch_buffer` was full while the event ring moved past it); its stream ends with RESOURCE_EXHAUSTED.",
     ),
     (
         "spire_healer_api_tls_handshake_failures_total",
@@ -247,14 +255,15 @@ fn label_values(metric: &str, label: &str) -> Option<String> {
         ),
         (_, "target") => "a configured probe target name".into(),
         ("spire_healer_actions_total", "outcome") => codes(OutcomeKind::ALL.map(OutcomeKind::as_str)),
-        ("spire_healer_api_requests_total", "outcome") => codes([
-            "ok",
-            "unauthenticated",
-            "invalid",
-            "resource_exhausted",
-            "error",
-        ]),
-        ("spire_healer_api_requests_total", "method") => codes(["report_handshakes"]),
+        ("spire_healer_api_requests_total", "outcome") => {
+            codes(crate::api::Outcome::ALL.map(crate::api::Outcome::as_str))
+        }
+        ("spire_healer_api_requests_total" | "spire_healer_api_denied_total", "method") => {
+            codes(crate::api::Method::ALL.map(crate::api::Method::as_str))
+        }
+        ("spire_healer_api_denied_total", "reason") => {
+            codes(crate::api::authz::Denial::ALL.map(crate::api::authz::Denial::as_str))
+        }
         ("spire_healer_api_tls_handshake_failures_total", "reason") => {
             codes(crate::api::tcp::HandshakeFailure::ALL.map(|r| r.as_str()))
         }
