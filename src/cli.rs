@@ -100,6 +100,9 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         count: u64,
     },
+    /// Replay recorded history under another policy: what was done, and
+    /// what that policy would have done, side by side.
+    Replay(crate::replay::ReplayArgs),
 }
 
 /// Where to read history from.
@@ -148,6 +151,7 @@ pub async fn main(cli: Cli) -> i32 {
             reason,
             count,
         } => report(&socket, &target, &reason, count).await,
+        Command::Replay(args) => crate::replay::run(args).await,
     }
 }
 

@@ -7,6 +7,7 @@
 //! a restart.
 
 mod buffer;
+pub mod frames;
 mod postgres;
 mod run;
 pub mod scope_lock;

@@ -39,6 +39,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "needs_operator_and_agent_identities",
         include_str!("../../migrations/sqlite/0002_needs_operator_and_agent_identities.sql"),
     ),
+    (
+        4,
+        "replay_frames",
+        include_str!("../../migrations/sqlite/0004_replay_frames.sql"),
+    ),
 ];
 
 /// How long a writer waits for another writer's lock before failing.
@@ -207,8 +212,8 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 
-    /// The underlying pool, for tests that inspect or corrupt rows directly.
-    #[cfg(test)]
+    /// The underlying pool: for the replay frames (`knowledge::frames`),
+    /// and for tests that inspect or corrupt rows directly.
     pub(super) fn pool(&self) -> &SqlitePool {
         &self.pool
     }
