@@ -241,6 +241,9 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         count: u64,
     },
+    /// Replay recorded history under another policy: what was done, and
+    /// what that policy would have done, side by side.
+    Replay(crate::replay::ReplayArgs),
 }
 
 /// `--store URL`: read the knowledge store instead of calling the API.
@@ -399,6 +402,7 @@ pub async fn main(cli: Cli) -> i32 {
             reason,
             count,
         } => report(&socket, &target, &reason, count).await,
+        Command::Replay(args) => crate::replay::run(args).await,
     }
 }
 

@@ -139,6 +139,9 @@ pub struct Config {
     /// Trace export (`[telemetry.otlp]`); off when unset.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// Observation frames recorded for `spire-healer replay` (`[replay]`).
+    #[serde(default)]
+    pub replay: crate::replay::ReplayConfig,
 }
 
 /// One Envoy whose Prometheus stats (`/stats/prometheus`) are scraped for
@@ -616,6 +619,7 @@ impl Config {
             ("envoys", d(&self.envoys, &other.envoys)),
             ("api", d(&self.api, &other.api)),
             ("telemetry", d(&self.telemetry, &other.telemetry)),
+            ("replay", d(&self.replay, &other.replay)),
         ] {
             if differs {
                 out.push(name);

@@ -16,6 +16,9 @@
 //!   latest observations; idempotent, cancel-safe.
 //! - [`knowledge`] (Knowledge): SQLite or PostgreSQL; incidents, actions,
 //!   holds, SVID lifecycles; batched, buffered while the database is away.
+//! - [`replay`]: observation frames recorded around incidents, and
+//!   `spire-healer replay`, which runs analyze and plan over them again
+//!   under another policy and sets what it would do beside what was done.
 //! - [`supervisor`]: `tick(now)` wires the stages; `run(shutdown)` loops.
 //!   The loop's memory is one type per concern under `supervisor/`
 //!   (incidents, guards, executor, changes, handshakes, sensing, recorder);
@@ -54,6 +57,7 @@ pub mod knowledge;
 pub mod model;
 pub mod plan;
 pub mod policy;
+pub mod replay;
 pub mod sensors;
 pub mod simulated;
 pub mod spiffe_id;

@@ -515,7 +515,15 @@ pub struct Sample {
     pub name: String,
     /// Labels, sorted by name.
     pub labels: Vec<(String, String)>,
+    /// Prometheus values may be NaN or infinite, which JSON writes as
+    /// `null`: read back as NaN.
+    #[serde(deserialize_with = "null_as_nan")]
     pub value: f64,
+}
+
+/// An `f64` that JSON may hold as `null` (how it writes NaN and infinities).
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// A scrape of one SPIRE (or Envoy) metrics endpoint, reduced to the
@@ -683,30 +691,89 @@ impl Reading {
     }
 }
 
-/// Everything sensed in one tick, by kind.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Everything sensed in one tick, by kind. Serializable: the replay
+/// frames (`crate::replay`) record it as is, so field names are part of
+/// the stored format; a field added later must read as empty from frames
+/// recorded before it (`#[serde(default)]`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Observations {
     /// Workload API views, one per agent (`workload_api` sensor).
+    #[serde(with = "shared")]
     pub agents: Vec<Arc<AgentView>>,
     /// Server admin API views, one per server (`server_api` sensor).
+    #[serde(with = "shared")]
     pub servers: Vec<Arc<ServerView>>,
     /// Agent admin (Debug) API views (`agent_debug` sensor).
+    #[serde(with = "shared")]
     pub agent_debug: Vec<Arc<AgentDebugView>>,
     /// HTTP health probes (`health` sensor).
+    #[serde(with = "shared")]
     pub health: Vec<Arc<HealthView>>,
     /// Metrics scrapes (`metrics_scrape` sensor).
+    #[serde(with = "shared")]
     pub metrics: Vec<Arc<MetricsView>>,
     /// mTLS probes (`handshake_probe` sensor).
+    #[serde(with = "shared")]
     pub probes: Vec<Arc<ProbeView>>,
     /// Certificate files (`cert_files` sensor).
+    #[serde(with = "shared")]
     pub cert_files: Vec<Arc<CertFileView>>,
     /// Agents' bootstrap bundle files (`bootstrap_bundle` sensor).
+    #[serde(with = "shared")]
     pub bootstrap_bundles: Vec<Arc<BootstrapBundleView>>,
     /// Agent SPIFFE ID → configured agent name: not a reading but what the
     /// loop has learned and remembers across restarts (the Debug API, the
     /// servers' node-alias entries), so an agent that no longer answers is
     /// still known by name where a server lists it.
+    #[serde(with = "shared_map")]
     pub agent_ids: Arc<HashMap<String, String>>,
+}
+
+/// Serde for the shared views of [`Observations`]: a list of the views
+/// themselves (serde's own `Arc` support needs its `rc` feature, which
+/// would rebuild every dependency for two small functions).
+mod shared {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<T: Serialize, S: Serializer>(
+        views: &[Arc<T>],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(views.iter().map(|v| &**v))
+    }
+
+    pub(super) fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<Arc<T>>, D::Error> {
+        Ok(Vec::<T>::deserialize(d)?
+            .into_iter()
+            .map(Arc::new)
+            .collect())
+    }
+}
+
+/// Serde for [`Observations::agent_ids`]: the map itself.
+mod shared_map {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        map: &Arc<HashMap<String, String>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        map.as_ref().serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Arc<HashMap<String, String>>, D::Error> {
+        HashMap::deserialize(d).map(Arc::new)
+    }
 }
 
 impl Observations {

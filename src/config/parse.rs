@@ -20,7 +20,7 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use super::{Config, ConfigError, Location};
 
 /// The top-level keys of [`Config`], in file order of the docs.
-pub(super) const SECTIONS: [&str; 12] = [
+pub(super) const SECTIONS: [&str; 13] = [
     "supervisor",
     "database",
     "http",
@@ -33,6 +33,7 @@ pub(super) const SECTIONS: [&str; 12] = [
     "envoys",
     "api",
     "telemetry",
+    "replay",
 ];
 
 /// The text of a configuration file and the name it is reported under.
@@ -181,6 +182,9 @@ pub(super) fn sections(src: Source<'_>, root: &DeTable<'_>) -> Sections {
         envoys,
         api: get("api").and_then(|v| p.value("api", v)),
         telemetry: p.telemetry(get("telemetry")),
+        replay: get("replay")
+            .and_then(|v| p.value("replay", v))
+            .unwrap_or_default(),
     };
     Sections {
         config,

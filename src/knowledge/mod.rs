@@ -7,6 +7,7 @@
 //! a restart.
 
 mod buffer;
+pub mod frames;
 mod list;
 mod postgres;
 mod run;

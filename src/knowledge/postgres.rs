@@ -50,6 +50,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "operator_controls",
         include_str!("../../migrations/postgres/0003_operator_controls.sql"),
     ),
+    (
+        4,
+        "replay_frames",
+        include_str!("../../migrations/postgres/0004_replay_frames.sql"),
+    ),
 ];
 
 /// Longest wait for a pooled connection (including connecting).
@@ -229,7 +234,7 @@ impl PostgresStore {
 
     /// Runs `op` within [`OP_TIMEOUT`] and names the server in
     /// unavailability errors.
-    async fn bounded<T>(
+    pub(super) async fn bounded<T>(
         &self,
         op: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
@@ -247,8 +252,8 @@ impl PostgresStore {
         }
     }
 
-    /// The underlying pool, for tests that inspect or corrupt rows directly.
-    #[cfg(test)]
+    /// The underlying pool: for the replay frames (`knowledge::frames`),
+    /// and for tests that inspect or corrupt rows directly.
     pub(super) fn pool(&self) -> &PgPool {
         &self.pool
     }
@@ -521,7 +526,7 @@ async fn verdicts(conn: &mut PgConnection) -> Result<Vec<VerdictRecord>, StoreEr
 /// database is going away" rather than "this query is wrong": class 08
 /// (connection exception), 53300 (too many connections) and 57P01–57P03
 /// (shutdown, crash, starting up).
-fn pg_error(e: sqlx::Error) -> StoreError {
+pub(super) fn pg_error(e: sqlx::Error) -> StoreError {
     let gone = e
         .as_database_error()
         .and_then(|d| d.code())

@@ -46,6 +46,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "operator_controls",
         include_str!("../../migrations/sqlite/0003_operator_controls.sql"),
     ),
+    (
+        4,
+        "replay_frames",
+        include_str!("../../migrations/sqlite/0004_replay_frames.sql"),
+    ),
 ];
 
 /// How long a writer waits for another writer's lock before failing.
@@ -223,8 +228,8 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 
-    /// The underlying pool, for tests that inspect or corrupt rows directly.
-    #[cfg(test)]
+    /// The underlying pool: for the replay frames (`knowledge::frames`),
+    /// and for tests that inspect or corrupt rows directly.
     pub(super) fn pool(&self) -> &SqlitePool {
         &self.pool
     }

@@ -184,14 +184,15 @@ impl Fixture {
 }
 
 /// A uniquely named database, dropped (even after a panic) with the value.
-struct PgDatabase {
+/// Also used by the replay frames' tests (`knowledge::frames`).
+pub(super) struct PgDatabase {
     admin_url: String,
     name: String,
-    url: String,
+    pub(super) url: String,
 }
 
 impl PgDatabase {
-    async fn create() -> Option<Self> {
+    pub(super) async fn create() -> Option<Self> {
         let admin_url = pg_admin_url()?;
         let name = format!("spire_healer_test_{}", new_id().replace('-', ""));
         let mut conn = PgConnection::connect(&admin_url)

@@ -7,13 +7,17 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::handshake::{Counter, History, Window};
+use crate::handshake::{Counter, Counts, History, Window};
 use crate::policy::Thresholds;
 
 /// Counter and history together.
 pub(super) struct Handshakes {
     counter: Counter,
     history: History,
+    /// What the last [`windows`](Self::windows) drained: the replay frame's
+    /// handshake input (a replay feeds it back through a counter, so its
+    /// own history and windows follow the replayed policy's thresholds).
+    drained: HashMap<Arc<str>, Counts>,
 }
 
 impl Handshakes {
@@ -22,6 +26,7 @@ impl Handshakes {
         Self {
             counter,
             history: History::new(keep),
+            drained: HashMap::new(),
         }
     }
 
@@ -32,9 +37,25 @@ impl Handshakes {
         now: SystemTime,
         th: &Thresholds,
     ) -> HashMap<Arc<str>, Window> {
-        self.history.drain_from(&self.counter, now);
+        let bucket = self.counter.drain();
+        // Names are `Arc`s: a copy of a tick's few targets, none when quiet.
+        self.drained.clone_from(&bucket);
+        self.history.push(now, bucket);
         self.history
             .windows(now, th.burst_window, th.burst_baseline)
+    }
+
+    /// The outcomes the last [`windows`](Self::windows) drained (what
+    /// arrived during the tick before it), for the replay frame recorder.
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "the loop hands it to the replay frame recorder; drop this once wired"
+        )
+    )]
+    pub(super) fn drained(&self) -> &HashMap<Arc<str>, Counts> {
+        &self.drained
     }
 }
 
@@ -59,12 +80,15 @@ mod tests {
             .unwrap();
         let w = h.windows(t(0), &th);
         assert_eq!(w["web"].recent.get(Reason::UnknownCa), 3);
+        assert_eq!(h.drained()["web"].get(Reason::UnknownCa), 3);
         // Drained: the next tick sees them in history, not twice.
         counter
             .add("web", Reason::UnknownCa, 1, Source::Probe)
             .unwrap();
         let w = h.windows(t(1), &th);
         assert_eq!(w["web"].recent.get(Reason::UnknownCa), 4);
+        // The frame recorder sees only what this tick drained.
+        assert_eq!(h.drained()["web"].get(Reason::UnknownCa), 1);
         // Past the window and its baseline: gone.
         let later = t(1) + th.burst_window + th.burst_baseline + Duration::from_secs(1);
         assert!(h.windows(later, &th).is_empty());

@@ -130,6 +130,9 @@ pub struct Metrics {
     pub errors_total: IntCounterVec,
     /// Finished spans never sent, by reason (`queue_full`, `export_failed`).
     pub trace_spans_dropped_total: IntCounterVec,
+    /// Replay frames by what became of them
+    /// ([`FrameOutcome`](crate::replay::frames::FrameOutcome)).
+    pub replay_frames_total: IntCounterVec,
     /// Symptoms currently present, by symptom and severity.
     pub symptoms: IntGaugeVec,
     /// Incidents currently open, by symptom.
@@ -365,6 +368,11 @@ impl Metrics {
                 "spire_healer_trace_spans_dropped_total",
                 "Finished spans never sent to the OTLP collector, by reason.",
                 &["reason"]
+            )),
+            replay_frames_total: reg!(c(
+                "spire_healer_replay_frames_total",
+                "Observation frames for replay, by what became of them.",
+                &["outcome"]
             )),
             symptoms: reg!(g(
                 "spire_healer_symptoms",

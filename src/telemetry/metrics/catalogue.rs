@@ -188,6 +188,10 @@ const NOTES: &[(&str, &str)] = &[
         "spire_healer_symptoms",
         "Set every tick; symptoms not present have no series.",
     ),
+    (
+        "spire_healer_replay_frames_total",
+        "+1 per frame the loop handed to the recorder and what became of it: `written` to the store; dropped because the recorder's queue was full (`queue_full`: the loop never waits for it), its JSON exceeded `[replay] max_frame_bytes` (`oversize`), the hour's `max_bytes_per_hour` was spent (`over_budget`) or the store refused it (`write_failed`); and +1 per frame deleted for being older than `retention` (`pruned`). Created at 0 per outcome when recording is on.",
+    ),
     ("spire_healer_tick_duration_seconds", "Observed per tick."),
     (
         "spire_healer_trace_spans_dropped_total",
@@ -269,6 +273,9 @@ fn label_values(metric: &str, label: &str) -> Option<String> {
         }
         ("spire_healer_trace_spans_dropped_total", "reason") => {
             codes(["queue_full", "export_failed"])
+        }
+        ("spire_healer_replay_frames_total", "outcome") => {
+            codes(crate::replay::frames::FrameOutcome::ALL.map(|o| o.as_str()))
         }
         ("spire_healer_verifications_total", "result") => codes(
             [
