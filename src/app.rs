@@ -32,6 +32,8 @@ pub struct Running {
     pub health: Arc<Health>,
     /// Bound HTTP address, when HTTP is enabled.
     pub http_addr: Option<SocketAddr>,
+    /// Bound address of the API's mTLS listener, when `[api.tcp]` is set.
+    pub api_tcp_addr: Option<SocketAddr>,
     /// The scope this instance acts on, held until the last clone drops
     /// (the watch task lets go of its clone at shutdown).
     pub lock: Arc<tokio::sync::Mutex<ScopeLock>>,
@@ -63,6 +65,9 @@ pub enum StartError {
     /// The API socket could not be set up.
     #[error("cannot serve the API: {0}")]
     Api(#[from] crate::api::ApiError),
+    /// The API's mTLS listener could not start.
+    #[error("API over TCP")]
+    ApiTcp(#[from] crate::api::tcp::TcpError),
     /// The local spool could not be opened or emptied.
     #[error("cannot use the spool: {0}")]
     Spool(#[from] knowledge::SpoolError),
@@ -129,7 +134,7 @@ pub async fn start(
 ) -> Result<Running, StartError> {
     let cfg = &resolved.config;
     let url = resolved.database_url.expose_secret();
-    let store = knowledge::open(url).await?;
+    let (store, frames) = knowledge::frames::open(url).await?;
     info!(backend = store.backend(), "Knowledge store open.");
     // One actor per scope: refuse to start when another instance acts on
     // this store (SQLite) or on one of our agents (PostgreSQL).
@@ -214,35 +219,42 @@ pub async fn start(
     let mut actuator_names: Vec<String> = registry.keys().cloned().collect();
     actuator_names.sort();
     metrics.init_series(&actuator_names, &agents);
+    let mut api_tcp_addr = None;
     if let Some(api_cfg) = &cfg.api {
-        // SKELETON: the loop does not share these controls, hub and status
-        // yet; the loop wiring connects them.
+        // The API reads and changes what the loop uses: one set of
+        // controls, one event hub, one status.
         let backend = crate::api::Backend {
             store: store.clone(),
-            controls: crate::control::Controls::resume(
-                cfg.supervisor.dry_run,
-                &knowledge.controls,
-                &knowledge.approvals,
-                &knowledge.demotions,
-                wake.clone(),
-            ),
-            hub: crate::control::Hub::new(4096),
-            status: tokio::sync::watch::channel(crate::control::Status::default()).1,
+            controls: operator.controls.clone(),
+            hub: operator.hub.clone(),
+            status: operator.status.subscribe(),
             clock: clock.clone(),
         };
-        let (bound, fut) = crate::api::serve(
+        let svc = crate::api::service(
             api_cfg,
             handshakes.clone(),
             backend,
             metrics.clone(),
             shutdown.child_token(),
-        )?;
+        );
+        let (bound, fut) = crate::api::serve_service(api_cfg, svc.clone(), shutdown.child_token())?;
         info!(socket = %bound.socket.display(), "Serving the spire_healer.v1 API.");
         tasks.spawn(async move {
             if let Err(e) = fut.await {
                 error!(error = %e, "API server failed.");
             }
         });
+        if let Some(tcp) = &api_cfg.tcp {
+            let addr = crate::api::tcp::start(
+                tcp,
+                tonic::service::Routes::new(svc),
+                metrics.clone(),
+                shutdown.child_token(),
+                tasks,
+            )?;
+            info!(%addr, "Serving the spire_healer.v1 API over mTLS.");
+            api_tcp_addr = Some(addr);
+        }
     }
 
     let http_addr = match cfg.http.enabled.then_some(cfg.http.listen) {
@@ -267,6 +279,29 @@ pub async fn start(
 
     let (policy_tx, policy_rx) = tokio::sync::watch::channel(resolved.policy.clone());
     let interrupted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Replay: observation frames around incidents, written off the loop,
+    // pruned by retention (also when recording is off).
+    tasks.spawn(
+        crate::replay::frames::prune(
+            frames.clone(),
+            cfg.replay.retention,
+            crate::replay::frames::PRUNE_EVERY,
+            clock.clone(),
+            metrics.clone(),
+            shutdown.child_token(),
+        )
+        .instrument(info_span!("replay_prune")),
+    );
+    let recorder = cfg.replay.enabled.then(|| {
+        let (recorder, writer) =
+            crate::replay::FrameRecorder::new(&cfg.replay, &operator.hub.run_id, metrics.clone());
+        tasks.spawn(
+            writer
+                .run(frames.clone(), shutdown.child_token())
+                .instrument(info_span!("replay_frames")),
+        );
+        recorder
+    });
     let supervisor = Supervisor::new(
         Parts {
             clock,
@@ -308,6 +343,10 @@ pub async fn start(
         grace: cfg.supervisor.shutdown_grace * 3 / 4,
         interrupted: interrupted.clone(),
     });
+    let supervisor = match recorder {
+        Some(r) => supervisor.with_frame_recorder(r),
+        None => supervisor,
+    };
     // The store is probed even when nothing needs writing.
     tasks.spawn(
         crate::supervisor::store_heartbeat(
@@ -358,6 +397,7 @@ pub async fn start(
         metrics,
         health,
         http_addr,
+        api_tcp_addr,
         lock,
         policy: policy_tx,
         interrupted,

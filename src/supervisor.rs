@@ -132,6 +132,8 @@ pub struct Supervisor {
     guards: Guards,
     executor: Executor,
     store: Recorder,
+    /// Records observation frames for `replay`, when enabled.
+    frames: Option<crate::replay::FrameRecorder>,
     /// A new policy, from a reload (SIGHUP); applied between ticks.
     reload: Option<tokio::sync::watch::Receiver<Policy>>,
     /// At shutdown: how long running actions may take, and how many had to
@@ -209,8 +211,16 @@ impl Supervisor {
             metrics: parts.metrics,
             store,
             reload: None,
+            frames: None,
             shutdown: ShutdownGrace::default(),
         }
+    }
+
+    /// Records observation frames around incidents for `replay`.
+    #[must_use]
+    pub fn with_frame_recorder(mut self, frames: crate::replay::FrameRecorder) -> Self {
+        self.frames = Some(frames);
+        self
     }
 
     /// Running actions get `grace.grace` at shutdown; the rest are
@@ -252,6 +262,9 @@ impl Supervisor {
         self.changes.observe(&obs, now, &mut tick);
         // Analyze.
         let symptoms = self.analyze(&obs, now);
+        if let Some(f) = &self.frames {
+            f.observe(&obs, self.handshakes.drained(), !symptoms.is_empty(), now);
+        }
         // Reconcile incidents: an agent's stream lost to our own restart
         // waits for that action's verdict.
         let (executor, changes) = (&self.executor, &self.changes);

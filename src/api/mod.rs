@@ -43,7 +43,9 @@ pub mod rpc;
 pub mod tcp;
 mod watch;
 
-pub use client::ReportClient;
+pub use client::{
+    ApiAddr, ClientError, ClientIdentity, ReportClient, SupervisorClient, TlsSettings,
+};
 
 // === Config ===
 
@@ -263,6 +265,19 @@ const MESSAGE_BYTES_RANGE: (usize, usize) = (1024, 64 * 1024 * 1024);
 /// Largest accepted `watch_buffer`.
 const MAX_WATCH_BUFFER: usize = 65_536;
 
+/// The key of an `[api.tcp]` field, as `check-config` names it.
+fn tcp_key(field: &str) -> &'static str {
+    match field {
+        "listen" => "tcp.listen",
+        "workload_api" => "tcp.workload_api",
+        "spiffe_id" => "tcp.spiffe_id",
+        "trust_domain" => "tcp.trust_domain",
+        "handshake_timeout" => "tcp.handshake_timeout",
+        "max_connections" => "tcp.max_connections",
+        _ => "tcp",
+    }
+}
+
 /// Largest accepted `max_watchers`.
 const MAX_WATCHERS: u32 = 10_000;
 
@@ -348,6 +363,9 @@ impl ApiConfig {
             ));
         }
         self.authz.problems(&mut out);
+        if let Some(tcp) = &self.tcp {
+            out.extend(tcp.problems().into_iter().map(|(f, p)| (tcp_key(f), p)));
+        }
         out
     }
 

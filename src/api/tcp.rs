@@ -64,7 +64,6 @@ mod identity;
 pub use identity::{IdentityError, PickError, WorkloadIdentity, fetch_once, pick_svid};
 // The client lives in `api::client`, which `api` does not export (yet):
 // reachable from here, for the CLI.
-pub use super::client::{ApiAddr, ClientError, ClientIdentity, SupervisorClient, TlsSettings};
 
 // === Config ===
 

@@ -17,7 +17,7 @@ use tonic::{Code, Request, Status};
 
 use super::Output;
 use super::render;
-use crate::api::tcp::{ApiAddr, ClientError, ClientIdentity, SupervisorClient, TlsSettings};
+use crate::api::{ApiAddr, ClientError, ClientIdentity, SupervisorClient, TlsSettings};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, EXIT_CONFIG};
 use crate::endpoint::Endpoint;

@@ -47,13 +47,6 @@ impl Handshakes {
 
     /// The outcomes the last [`windows`](Self::windows) drained (what
     /// arrived during the tick before it), for the replay frame recorder.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "the loop hands it to the replay frame recorder; drop this once wired"
-        )
-    )]
     pub(super) fn drained(&self) -> &HashMap<Arc<str>, Counts> {
         &self.drained
     }

@@ -12,9 +12,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use rustls_pki_types::ServerName;
-use spire_healer::api::tcp::{
-    ApiAddr, ClientIdentity, SupervisorClient, TcpConfig, TlsSettings, WorkloadIdentity, serve_tcp,
-};
+use spire_healer::api::tcp::{TcpConfig, WorkloadIdentity, serve_tcp};
+use spire_healer::api::{ApiAddr, ClientIdentity, SupervisorClient, TlsSettings};
 use spire_healer::clock::{Clock, SystemClock};
 use spire_healer::endpoint::Endpoint;
 use spire_healer::proto::healer::GetStatusRequest;
