@@ -21,6 +21,8 @@ pub struct Healer {
     pub clock: Arc<dyn Clock>,
     /// Where `/metrics` is served, when `[http]` is enabled.
     pub http_addr: Option<SocketAddr>,
+    /// Where the API's mTLS listener is, when `[api.tcp]` is set.
+    pub api_tcp_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     _dir: tempfile::TempDir,
@@ -108,6 +110,7 @@ timeout = "20s"
             metrics,
             clock,
             http_addr: running.http_addr,
+            api_tcp_addr: running.api_tcp_addr,
             shutdown,
             tasks,
             _dir: dir,

@@ -20,6 +20,7 @@ mod idle;
 mod lab_peer;
 mod lab_smoke;
 mod metrics_lint;
+mod operate;
 mod prom_server;
 mod prometheus;
 mod spire_api;
