@@ -23,6 +23,9 @@ pub struct Healer {
     pub http_addr: Option<SocketAddr>,
     /// Where the API's mTLS listener is, when `[api.tcp]` is set.
     pub api_tcp_addr: Option<SocketAddr>,
+    /// The configuration it runs with, as a file (for CLI commands that
+    /// read it, such as `replay`).
+    pub config: std::path::PathBuf,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     _dir: tempfile::TempDir,
@@ -88,6 +91,8 @@ timeout = "20s"
     /// Starts spire-healer with the config `text`; `dir` holds its files
     /// and lives as long as the healer.
     pub async fn launch(text: &str, dir: tempfile::TempDir) -> Result<Healer> {
+        let config = dir.path().join("healer.toml");
+        std::fs::write(&config, text)?;
         let resolved = Config::from_toml(text, "test.toml")
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .validate(&|_| None)
@@ -111,6 +116,7 @@ timeout = "20s"
             clock,
             http_addr: running.http_addr,
             api_tcp_addr: running.api_tcp_addr,
+            config,
             shutdown,
             tasks,
             _dir: dir,
@@ -119,9 +125,16 @@ timeout = "20s"
 
     /// Stops the loop and waits (bounded) for its tasks.
     pub async fn stop(self) {
+        self.stop_keeping_files().await;
+    }
+
+    /// Stops as [`stop`](Self::stop) does and hands over its directory
+    /// (store, config), which lives as long as the returned value.
+    pub async fn stop_keeping_files(self) -> tempfile::TempDir {
         self.shutdown.cancel();
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.tasks.wait()).await;
+        self._dir
     }
 
     pub async fn incidents(&self) -> Vec<IncidentRecord> {

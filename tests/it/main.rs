@@ -23,6 +23,7 @@ mod metrics_lint;
 mod operate;
 mod prom_server;
 mod prometheus;
+mod replay;
 mod spire_api;
 mod spire_api_tls;
 mod spire_lab;
