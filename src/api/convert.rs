@@ -258,11 +258,10 @@ pub fn action_key(r: &ActionRecord) -> PageKey {
 /// falls back to the time alone, and rows on the same millisecond as a
 /// page's last are skipped.
 pub fn hold_key(r: &HoldRecord) -> PageKey {
-    let id = serde_json::to_value(r)
-        .ok()
-        .and_then(|v| v.get("id").and_then(|id| id.as_str().map(str::to_string)))
-        .unwrap_or_default();
-    PageKey { at_ms: r.at_ms, id }
+    PageKey {
+        at_ms: r.at_ms,
+        id: r.id.clone(),
+    }
 }
 
 /// Where the page after an approval starts.

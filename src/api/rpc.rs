@@ -26,10 +26,6 @@ use crate::proto::healer::supervisor_server::Supervisor;
 use crate::proto::healer::{self as pb, ReportHandshakesRequest, ReportHandshakesResponse};
 use crate::telemetry::metrics::Metrics;
 
-/// Most approvals read from the store when looking one up by id that the
-/// controls no longer hold (pages of [`convert::MAX_PAGE_SIZE`]).
-const APPROVAL_LOOKUP_ROWS: u32 = 20_000;
-
 /// Most rows of each kind `GetIncident` returns (the newest ones).
 const INCIDENT_DETAIL_ROWS: u32 = 1000;
 
@@ -458,36 +454,20 @@ impl Api {
         control_status(&e)
     }
 
-    /// Looks an approval up by id in the store, newest first, over at most
-    /// [`APPROVAL_LOOKUP_ROWS`] rows. The controls hold every live
-    /// approval and the last final ones, so this runs only for an id that
-    /// is old, unknown, or from before a restart.
+    /// Looks an approval up by id in the store. The controls hold every
+    /// live approval and the last final ones, so this runs only for an id
+    /// that is old, unknown, or from before a restart.
     async fn find_approval(&self, id: &str) -> Result<Option<ApprovalRecord>, StoreError> {
-        let mut page = None;
-        let mut seen = 0u32;
-        while seen < APPROVAL_LOOKUP_ROWS {
-            let rows = self
-                .backend
-                .store
-                .approvals(&Query {
-                    limit: convert::MAX_PAGE_SIZE,
-                    page: page.take(),
-                    ..Query::default()
-                })
-                .await?;
-            if let Some(found) = rows.iter().find(|r| r.id == id) {
-                return Ok(Some(found.clone()));
-            }
-            let Some(last) = rows.last() else {
-                break;
-            };
-            if rows.len() < convert::MAX_PAGE_SIZE as usize {
-                break;
-            }
-            seen += convert::MAX_PAGE_SIZE;
-            page = Some(convert::approval_key(last));
-        }
-        Ok(None)
+        let rows = self
+            .backend
+            .store
+            .approvals(&Query {
+                id: Some(id.to_string()),
+                limit: 1,
+                ..Query::default()
+            })
+            .await?;
+        Ok(rows.into_iter().next())
     }
 
     fn control_response(&self, by: &Principal, changed: bool) -> pb::ControlResponse {

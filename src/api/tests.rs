@@ -21,9 +21,9 @@ use crate::proto::healer::supervisor_client::SupervisorClient;
 use crate::proto::healer::{HandshakeReport, ReportHandshakesRequest, ReportHandshakesResponse};
 use crate::telemetry::metrics::sample;
 
-mod interim;
 mod matrix;
 mod rpcs;
+mod stores;
 mod watching;
 
 fn our_uid() -> u32 {
@@ -84,11 +84,9 @@ impl TestApi {
         tweak(&mut cfg);
         let store: Arc<dyn crate::knowledge::Store> = match setup.store {
             Some(store) => store,
-            None => Arc::new(interim::Interim::new(
-                crate::knowledge::open(dir.path().join("store.db").to_str().unwrap())
-                    .await
-                    .unwrap(),
-            )),
+            None => crate::knowledge::open(dir.path().join("store.db").to_str().unwrap())
+                .await
+                .unwrap(),
         };
         let clock = Arc::new(ManualClock::at_unix(T0));
         let (status, status_rx) = tokio::sync::watch::channel(crate::control::Status::default());
@@ -631,7 +629,7 @@ fn serve_at(
     serve(
         &cfg,
         Counter::default(),
-        interim::empty_backend(),
+        stores::empty_backend(),
         Arc::new(Metrics::new()),
         CancellationToken::new(),
     )
@@ -694,7 +692,7 @@ async fn stale_socket_is_replaced_and_live_one_refused() {
     let (_, fut) = serve(
         &cfg,
         Counter::default(),
-        interim::empty_backend(),
+        stores::empty_backend(),
         Arc::new(Metrics::new()),
         shutdown.clone(),
     )

@@ -56,7 +56,7 @@ pub(super) fn holds(q: &Query) -> Result<Listing, StoreError> {
     w.finish(q, "at_ms", Id::Int)
 }
 
-/// Approvals: `open_only` (pending), `incident_id`.
+/// Approvals: `open_only` (pending), `incident_id`, `id`.
 pub(super) fn approvals(q: &Query) -> Result<Listing, StoreError> {
     let mut w = Where::default();
     if q.open_only {
@@ -64,6 +64,9 @@ pub(super) fn approvals(q: &Query) -> Result<Listing, StoreError> {
     }
     if let Some(id) = &q.incident_id {
         w.eq("incident_id", id);
+    }
+    if let Some(id) = &q.id {
+        w.eq("id", id);
     }
     w.finish(q, "requested_at_ms", Id::Text)
 }

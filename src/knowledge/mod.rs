@@ -330,6 +330,8 @@ pub struct Query {
     pub symptom: Option<String>,
     /// Only these kinds (audit); empty: all.
     pub kinds: Vec<String>,
+    /// Only the row with this id (approvals).
+    pub id: Option<String>,
 }
 
 /// The knowledge store.

@@ -1949,6 +1949,26 @@ async fn approvals_round_trip_and_only_move_forward(f: Fixture) {
         .unwrap();
     let ids: Vec<&str> = open.iter().map(|a| a.id.as_str()).collect();
     assert_eq!(ids, ["apr-s0"]);
+    // One approval by id, whatever its state.
+    let one = f
+        .store
+        .approvals(&Query {
+            id: Some("apr-s3".into()),
+            ..q()
+        })
+        .await
+        .unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].state, ApprovalState::ALL[3].as_str());
+    let none = f
+        .store
+        .approvals(&Query {
+            id: Some("no-such".into()),
+            ..q()
+        })
+        .await
+        .unwrap();
+    assert!(none.is_empty());
 }
 
 async fn audit_has_a_row_per_decision(f: Fixture) {

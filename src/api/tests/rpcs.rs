@@ -505,7 +505,7 @@ async fn a_request_that_does_not_decode_is_invalid() {
 async fn store_failures_are_unavailable_with_a_clear_message() {
     let api = TestApi::start_with(
         Setup {
-            store: Some(Arc::new(super::interim::Failing)),
+            store: Some(Arc::new(super::stores::Failing)),
             ..Setup::default()
         },
         |_| {},
