@@ -294,6 +294,8 @@ impl Supervisor {
         let steps = self.execute(decisions, &obs, &symptoms, now, &mut tick);
         tick.summary.gauges = Some(self.gauges(&obs, &symptoms, now));
         self.metrics.record_tick(now, &tick.summary);
+        self.operations
+            .gauges(&self.metrics, self.demotions.demoted());
         self.operations.publish_events(&tick.events);
         self.store.push(tick.events);
         if !steps.is_empty() {

@@ -201,6 +201,33 @@ impl Operations {
             .conclude(id, ApprovalState::Used, Some(step.action_id.clone()), now)
     }
 
+    /// The controls' gauges: paused, dry run, approvals waiting, demoted
+    /// steps.
+    pub(super) fn gauges(
+        &self,
+        metrics: &crate::telemetry::Metrics,
+        demoted: impl Iterator<Item = (crate::model::SymptomKind, impl AsRef<str>)>,
+    ) {
+        let c = &self.link.controls;
+        metrics.paused.set(i64::from(c.paused().is_some()));
+        metrics.dry_run.set(i64::from(c.dry_run()));
+        let pending = self
+            .live
+            .iter()
+            .filter(|a| a.state == ApprovalState::Pending)
+            .count();
+        metrics
+            .approvals_pending
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+        metrics.demoted_steps.reset();
+        for (symptom, actuator) in demoted {
+            metrics
+                .demoted_steps
+                .with_label_values(&[symptom.as_str(), actuator.as_ref()])
+                .set(1);
+        }
+    }
+
     /// Publishes the tick's recorded events for `Watch`.
     pub(super) fn publish_events(&self, events: &[Event]) {
         self.link.hub.publish(events);

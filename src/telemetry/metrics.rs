@@ -227,6 +227,14 @@ pub struct Metrics {
     pub bundle_authority_expiration_timestamp_seconds: GaugeVec,
     /// Open incidents whose latest decision was a hold, by reason.
     pub incidents_held: IntGaugeVec,
+    /// 1 while an operator has paused the supervisor.
+    pub paused: IntGauge,
+    /// 1 while dry run is on (configured or switched by an operator).
+    pub dry_run: IntGauge,
+    /// Approvals waiting for an operator.
+    pub approvals_pending: IntGauge,
+    /// 1 per demoted (symptom, actuator) step; removed when reset.
+    pub demoted_steps: IntGaugeVec,
     /// Per-agent set of labelled SVID series currently exported, so stale
     /// ones can be removed.
     exported_svids: std::sync::Mutex<Vec<(String, String)>>,
@@ -612,6 +620,23 @@ impl Metrics {
                 "spire_healer_incidents_held",
                 "Open incidents whose latest decision was to hold back, by reason.",
                 &["reason"]
+            )),
+            paused: reg!(IntGauge::new(
+                "spire_healer_paused",
+                "1 while an operator has paused the supervisor: no action starts."
+            )),
+            dry_run: reg!(IntGauge::new(
+                "spire_healer_dry_run",
+                "1 while dry run is on: decisions are recorded, nothing is executed."
+            )),
+            approvals_pending: reg!(IntGauge::new(
+                "spire_healer_approvals_pending",
+                "Steps waiting for an operator's approval."
+            )),
+            demoted_steps: reg!(g(
+                "spire_healer_demoted_steps",
+                "1 per (symptom, actuator) step demoted for verifying too rarely; skipped until an operator resets it.",
+                &["symptom", "actuator"]
             )),
             exported_svids: std::sync::Mutex::new(Vec::new()),
             exported_incidents: std::sync::Mutex::new(Vec::new()),

@@ -77,6 +77,7 @@ async fn pause_holds_every_step_lets_running_actions_finish_and_survives_a_resta
     assert!(r.started.is_empty());
     assert!(h.holds().await.iter().any(|x| x.reason == "paused"));
     assert_eq!(h.restart.calls().len(), 0);
+    assert_eq!(h.metric("spire_healer_paused"), Some(1.0));
 
     // A restart keeps the pause.
     drop(sup);
@@ -125,6 +126,7 @@ async fn a_step_needing_approval_waits_runs_once_approved_and_records_who() {
     // Still waiting: no second request, nothing runs.
     assert!(h.tick(&mut sup, 76).await.started.is_empty());
     assert_eq!(op.controls.live_approvals().len(), 1);
+    assert_eq!(h.metric("spire_healer_approvals_pending"), Some(1.0));
 
     op.controls
         .decide(&id, true, "spiffe://example.org/ops/alice", None, t(77))
@@ -260,6 +262,12 @@ async fn a_step_that_keeps_failing_is_demoted_remembered_across_a_restart_and_re
     assert_eq!(demoted.len(), 1, "{demoted:?}");
     assert_eq!(demoted[0].actuator, "refetch");
     assert_eq!((demoted[0].verified, demoted[0].runs), (0, 2));
+    assert_eq!(
+        h.metric(
+            r#"spire_healer_demoted_steps{actuator="refetch",symptom="svid_rotation_overdue"}"#
+        ),
+        Some(1.0)
+    );
 
     // A restart remembers it.
     drop(sup);

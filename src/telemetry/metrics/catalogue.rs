@@ -15,6 +15,10 @@ use crate::model::{OutcomeKind, Severity, SymptomKind, Verification};
 /// When each metric moves (and anything its help text leaves out).
 const NOTES: &[(&str, &str)] = &[
     (
+        "spire_healer_paused",
+        "Set every tick: 1 from the tick after `Pause` until the tick after `Resume`; a pause outlives a restart.",
+    ),
+    (
         "spiffe_certificate_rotation_total",
         "+1 when an agent serves a new serial for a SPIFFE ID it already served. Created at 0 per configured agent.",
     ),
@@ -47,6 +51,10 @@ const NOTES: &[(&str, &str)] = &[
         "Set every tick per configured server once the TTL is known (learned from the agent listing, or set by the policy).",
     ),
     ("spire_healer_agents_at_risk", "Set every tick."),
+    (
+        "spire_healer_approvals_pending",
+        "Set every tick: approvals asked for and not yet approved, rejected or expired.",
+    ),
     (
         "spire_healer_api_denied_total",
         "+1 per call refused before its body is read: `no_credentials` answers UNAUTHENTICATED, every other reason PERMISSION_DENIED (counted under `outcome=\"unauthenticated\"` in `spire_healer_api_requests_total` too).",
@@ -102,6 +110,14 @@ const NOTES: &[(&str, &str)] = &[
     (
         "spire_healer_incident_duration_seconds",
         "Observed when an incident closes as cleared (a superseded incident is not a recovery). Created empty per symptom.",
+    ),
+    (
+        "spire_healer_demoted_steps",
+        "Set every tick: one series at 1 per demoted step, removed when an operator resets it.",
+    ),
+    (
+        "spire_healer_dry_run",
+        "Set every tick: the config's `dry_run`, or the last `SetDryRun`.",
     ),
     (
         "spire_healer_incidents_held",
