@@ -294,8 +294,11 @@ impl Supervisor {
         let steps = self.execute(decisions, &obs, &symptoms, now, &mut tick);
         tick.summary.gauges = Some(self.gauges(&obs, &symptoms, now));
         self.metrics.record_tick(now, &tick.summary);
+        let demotions = &self.demotions;
         self.operations
-            .gauges(&self.metrics, self.demotions.demoted());
+            .gauges(&self.metrics, &self.policy, &|s, a| {
+                demotions.is_demoted(s, a)
+            });
         self.operations.publish_events(&tick.events);
         self.store.push(tick.events);
         if !steps.is_empty() {

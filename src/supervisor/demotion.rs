@@ -100,7 +100,6 @@ impl Demotions {
         self.demoted.iter().map(|(s, a)| (*s, a.as_str()))
     }
 
-    #[cfg(test)]
     /// Whether the step is demoted.
     pub(super) fn is_demoted(&self, symptom: SymptomKind, actuator: &str) -> bool {
         self.demoted.contains(&(symptom, actuator.to_string()))

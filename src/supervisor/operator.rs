@@ -201,12 +201,14 @@ impl Operations {
             .conclude(id, ApprovalState::Used, Some(step.action_id.clone()), now)
     }
 
-    /// The controls' gauges: paused, dry run, approvals waiting, demoted
-    /// steps.
+    /// The controls' gauges: paused, dry run, approvals waiting, and per
+    /// (symptom, actuator) step of the policy's ladders whether it is
+    /// demoted (0 or 1, so every step has a series).
     pub(super) fn gauges(
         &self,
         metrics: &crate::telemetry::Metrics,
-        demoted: impl Iterator<Item = (crate::model::SymptomKind, impl AsRef<str>)>,
+        policy: &crate::policy::Policy,
+        demoted: &dyn Fn(crate::model::SymptomKind, &str) -> bool,
     ) {
         let c = &self.link.controls;
         metrics.paused.set(i64::from(c.paused().is_some()));
@@ -219,12 +221,16 @@ impl Operations {
         metrics
             .approvals_pending
             .set(i64::try_from(pending).unwrap_or(i64::MAX));
-        metrics.demoted_steps.reset();
-        for (symptom, actuator) in demoted {
-            metrics
-                .demoted_steps
-                .with_label_values(&[symptom.as_str(), actuator.as_ref()])
-                .set(1);
+        for (name, rungs) in &policy.ladders {
+            let Some(symptom) = crate::model::SymptomKind::parse(name) else {
+                continue;
+            };
+            for rung in rungs {
+                metrics
+                    .demoted_steps
+                    .with_label_values(&[name.as_str(), rung.actuator.as_str()])
+                    .set(i64::from(demoted(symptom, &rung.actuator)));
+            }
         }
     }
 

@@ -233,7 +233,7 @@ pub struct Metrics {
     pub dry_run: IntGauge,
     /// Approvals waiting for an operator.
     pub approvals_pending: IntGauge,
-    /// 1 per demoted (symptom, actuator) step; removed when reset.
+    /// Per (symptom, actuator) step of the ladders: 1 while demoted.
     pub demoted_steps: IntGaugeVec,
     /// Per-agent set of labelled SVID series currently exported, so stale
     /// ones can be removed.
@@ -635,7 +635,7 @@ impl Metrics {
             )),
             demoted_steps: reg!(g(
                 "spire_healer_demoted_steps",
-                "1 per (symptom, actuator) step demoted for verifying too rarely; skipped until an operator resets it.",
+                "1 while the (symptom, actuator) ladder step is demoted for verifying too rarely (skipped until an operator resets it), else 0.",
                 &["symptom", "actuator"]
             )),
             exported_svids: std::sync::Mutex::new(Vec::new()),

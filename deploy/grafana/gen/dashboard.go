@@ -361,6 +361,31 @@ func build() *dashboard.DashboardBuilder {
 			"none", 12,
 			q("A", `sum by (reason) (spire_healer_incidents_held)`, "{{reason}}")))
 
+	// === Operator controls ===
+	b.WithRow(row(n, "Operator controls")).
+		WithPanel(st(n, "Paused",
+			"Whether an operator paused spire-healer: it observes and records, but no remediation starts (spire-healer status, resume).",
+			"none", 6,
+			qi("A", `max(spire_healer_paused)`, "paused")).
+			Mappings(upDown("paused", "acting")).
+			Thresholds(thresholds(1, 1))).
+		WithPanel(st(n, "Dry run",
+			"Whether dry run is on: decisions are recorded, nothing is executed.",
+			"none", 6,
+			qi("A", `max(spire_healer_dry_run)`, "dry run")).
+			Mappings(upDown("dry run", "acting")).
+			Thresholds(thresholds(1, 1))).
+		WithPanel(st(n, "Approvals pending",
+			"Steps waiting for an operator's approval (spire-healer approvals --pending).",
+			"none", 6,
+			qi("A", `sum(spire_healer_approvals_pending)`, "pending")).
+			Thresholds(thresholds(1, 1))).
+		WithPanel(st(n, "Demoted steps",
+			"(symptom, actuator) steps skipped for verifying too rarely, until an operator resets them.",
+			"none", 6,
+			qi("A", `sum(spire_healer_demoted_steps) or vector(0)`, "demoted")).
+			Thresholds(thresholds(1, 1)))
+
 	// === Handshakes ===
 	b.WithRow(row(n, "Handshakes")).
 		WithPanel(ts(n, "Handshake failures by reason",

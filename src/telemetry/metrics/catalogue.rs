@@ -113,7 +113,7 @@ const NOTES: &[(&str, &str)] = &[
     ),
     (
         "spire_healer_demoted_steps",
-        "Set every tick: one series at 1 per demoted step, removed when an operator resets it.",
+        "Set every tick for every (symptom, actuator) step of the policy's ladders: 1 while demoted, 0 otherwise (an operator's reset sets it back to 0).",
     ),
     (
         "spire_healer_dry_run",
