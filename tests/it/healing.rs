@@ -74,30 +74,9 @@ async fn observes_real_rotations() -> Result<()> {
 async fn heals_a_killed_agent() -> Result<()> {
     let lab = lab_with_entry(300).await?;
     let healer = Healer::start(&lab, None).await?;
-    healer
-        .wait_for("stream up", Duration::from_secs(20), || async {
-            (healer.metric(&format!(
-                r#"spire_healer_workload_api_stream_up{{agent="{AGENT}"}}"#
-            )) == 1.0)
-                .then_some(())
-        })
-        .await?;
     let old_pid = lab.agent_pid();
-    let killed_at = healer.now_ms();
-    lab.kill_agent().await?;
-
-    let incident = healer
-        .wait_for(
-            "agent_unreachable opened",
-            Duration::from_secs(10),
-            || async {
-                healer
-                    .incidents()
-                    .await
-                    .into_iter()
-                    .find(|i| i.symptom == "agent_unreachable" && i.opened_at_ms >= killed_at)
-            },
-        )
+    let (incident, killed_at) = healer
+        .kill_agent_and_wait_open(&lab, Duration::from_secs(10))
         .await?;
     let detect = secs(killed_at, incident.opened_at_ms);
     let closed = healer
@@ -247,12 +226,7 @@ async fn a_deleted_entry_is_reported_not_restarted() -> Result<()> {
         lab.server_socket().display()
     );
     let healer = Healer::start_with(&lab, None, "", &server).await?;
-    let stream_up = format!(r#"spire_healer_workload_api_stream_up{{agent="{AGENT}"}}"#);
-    healer
-        .wait_for("stream up", Duration::from_secs(20), || async {
-            (healer.metric(&stream_up) == 1.0).then_some(())
-        })
-        .await?;
+    healer.wait_stream_up().await?;
     let deleted_at = healer.now_ms();
     lab.server_cli(&["entry", "delete", "-entryID", &entry])
         .await?;
