@@ -1,15 +1,18 @@
 //! Between the wire and the domain: request checks (sizes, paging, time
-//! ranges), page tokens, and store records and events as protobuf
-//! messages. Pure functions; the handlers in [`super::rpc`] call them.
+//! ranges), page tokens, the record kinds a listing pages through
+//! ([`Paged`]), and store records and events as protobuf messages. Pure
+//! functions; the handlers in [`super::rpc`] call them.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use futures::future::BoxFuture;
 use tonic::Status;
 
 use crate::clock::unix_millis;
 use crate::control::{ApprovalEntry, DemotedStep, SubjectState};
 use crate::knowledge::{
-    ActionRecord, ApprovalRecord, AuditRecord, HoldRecord, IncidentRecord, PageKey, Query,
+    ActionRecord, ApprovalRecord, AuditRecord, HoldRecord, IncidentRecord, PageKey, Query, Store,
+    StoreError,
 };
 use crate::model::{ApprovalState, Event, LOOP_ACTOR, SymptomKind};
 use crate::proto::healer as pb;
@@ -235,50 +238,48 @@ pub fn cut<T>(
 
 // === Page keys ===
 
-/// Where the page after an incident starts.
-pub fn incident_key(r: &IncidentRecord) -> PageKey {
-    PageKey {
-        at_ms: r.opened_at_ms,
-        id: r.id.clone(),
-    }
+/// A stored record kind a list RPC pages through: its listing, where the
+/// page after a record starts, and the store's listing of the kind.
+pub trait Paged: Sized {
+    /// The listing its page tokens belong to.
+    const LISTING: Listing;
+    /// What the store lists (`incidents`, …), for errors.
+    const WHAT: &'static str;
+    /// Where the page after this record starts: its time and its id.
+    fn key(&self) -> PageKey;
+    /// The store's listing of this kind for `q`.
+    fn list<'a>(store: &'a dyn Store, q: &'a Query)
+    -> BoxFuture<'a, Result<Vec<Self>, StoreError>>;
 }
 
-/// Where the page after an action starts.
-pub fn action_key(r: &ActionRecord) -> PageKey {
-    PageKey {
-        at_ms: r.started_at_ms,
-        id: r.id.clone(),
-    }
+/// Implements [`Paged`] for a record kind: its listing, the store method
+/// that lists it, and the field its page key's time is.
+macro_rules! paged {
+    ($record:ty, $listing:ident, $list:ident, $at:ident) => {
+        impl Paged for $record {
+            const LISTING: Listing = Listing::$listing;
+            const WHAT: &'static str = stringify!($list);
+            fn key(&self) -> PageKey {
+                PageKey {
+                    at_ms: self.$at,
+                    id: self.id.clone(),
+                }
+            }
+            fn list<'a>(
+                store: &'a dyn Store,
+                q: &'a Query,
+            ) -> BoxFuture<'a, Result<Vec<Self>, StoreError>> {
+                store.$list(q)
+            }
+        }
+    };
 }
 
-/// Where the page after a hold starts: its time and its row id.
-///
-/// The row id is read through the record's serialized form, where the
-/// store's listing work adds it (`HoldRecord::id`); without it the key
-/// falls back to the time alone, and rows on the same millisecond as a
-/// page's last are skipped.
-pub fn hold_key(r: &HoldRecord) -> PageKey {
-    PageKey {
-        at_ms: r.at_ms,
-        id: r.id.clone(),
-    }
-}
-
-/// Where the page after an approval starts.
-pub fn approval_key(r: &ApprovalRecord) -> PageKey {
-    PageKey {
-        at_ms: r.requested_at_ms,
-        id: r.id.clone(),
-    }
-}
-
-/// Where the page after an audit entry starts.
-pub fn audit_key(r: &AuditRecord) -> PageKey {
-    PageKey {
-        at_ms: r.at_ms,
-        id: r.id.clone(),
-    }
-}
+paged!(IncidentRecord, Incidents, incidents, opened_at_ms);
+paged!(ActionRecord, Actions, actions, started_at_ms);
+paged!(HoldRecord, Holds, holds, at_ms);
+paged!(ApprovalRecord, Approvals, approvals, requested_at_ms);
+paged!(AuditRecord, Audit, audit, at_ms);
 
 // === Records ===
 
