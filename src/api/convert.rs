@@ -3,6 +3,8 @@
 //! ([`Paged`]), and store records and events as protobuf messages. Pure
 //! functions; the handlers in [`super::rpc`] call them.
 
+use std::time::SystemTime;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures::future::BoxFuture;
@@ -442,95 +444,86 @@ pub fn subject_state(s: SubjectState) -> pb::SubjectState {
 
 // === Events ===
 
+/// A watch event of `kind` at `at`, by the loop: what every event carries.
+fn event(kind: &str, at: SystemTime) -> pb::WatchEvent {
+    pb::WatchEvent {
+        at_unix_ms: unix_millis(at),
+        kind: kind.to_string(),
+        actor: LOOP_ACTOR.to_string(),
+        ..Default::default()
+    }
+}
+
 /// A recorded event as `Watch` streams it (without its cursor); `None` for
 /// the sightings `Watch` leaves out.
 pub fn watch_event(e: &Event) -> Option<pb::WatchEvent> {
-    let loop_actor = || LOOP_ACTOR.to_string();
     let ev = match e {
         Event::SubjectSeen { .. }
         | Event::SvidSeen { .. }
         | Event::SvidReplaced { .. }
         | Event::AgentIdentified(_) => return None,
         Event::IncidentOpened { incident: i } => pb::WatchEvent {
-            at_unix_ms: unix_millis(i.opened_at),
-            kind: "incident_opened".into(),
             incident_id: i.id.clone(),
             symptom: i.kind.as_str().into(),
             subject: i.subject.to_string(),
             reason: i.severity.as_str().into(),
-            actor: loop_actor(),
             detail_json: serde_json::json!({
                 "severity": i.severity.as_str(),
                 "predicted_outage_unix_ms": crate::control::ms(i.predicted_outage),
                 "evidence": i.evidence,
             })
             .to_string(),
-            ..Default::default()
+            ..event("incident_opened", i.opened_at)
         },
         Event::IncidentClosed { id, at, resolution } => pb::WatchEvent {
-            at_unix_ms: unix_millis(*at),
-            kind: "incident_closed".into(),
             incident_id: id.clone(),
             reason: resolution.clone(),
-            actor: loop_actor(),
-            ..Default::default()
+            ..event("incident_closed", *at)
         },
         Event::IncidentEscalated { id, next_rung } => pb::WatchEvent {
             kind: "incident_escalated".into(),
             incident_id: id.clone(),
-            actor: loop_actor(),
+            actor: LOOP_ACTOR.to_string(),
             detail_json: serde_json::json!({ "next_rung": next_rung }).to_string(),
             ..Default::default()
         },
         Event::IncidentNeedsOperator { id, reason, at } => pb::WatchEvent {
-            at_unix_ms: unix_millis(*at),
-            kind: "needs_operator".into(),
             incident_id: id.clone(),
             reason: reason.clone(),
-            actor: loop_actor(),
-            ..Default::default()
+            ..event("needs_operator", *at)
         },
         Event::ActionStarted { step, at } => pb::WatchEvent {
-            at_unix_ms: unix_millis(*at),
-            kind: "action_started".into(),
             incident_id: step.incident_id.clone(),
             action_id: step.action_id.clone(),
             symptom: step.symptom.as_str().into(),
             actuator: step.actuator.clone(),
             target: step.target.clone(),
-            actor: loop_actor(),
             detail_json: serde_json::json!({
                 "rung": step.rung,
                 "params": step.params,
                 "dry_run": step.dry_run,
             })
             .to_string(),
-            ..Default::default()
+            ..event("action_started", *at)
         },
         Event::ActionFinished { id, outcome, at } => pb::WatchEvent {
-            at_unix_ms: unix_millis(*at),
-            kind: "action_finished".into(),
             action_id: id.clone(),
             reason: outcome.kind.as_str().into(),
-            actor: loop_actor(),
             detail_json: serde_json::json!({
                 "detail": outcome.detail,
                 "error": outcome.error,
             })
             .to_string(),
-            ..Default::default()
+            ..event("action_finished", *at)
         },
         Event::ActionVerified {
             id,
             verification,
             at,
         } => pb::WatchEvent {
-            at_unix_ms: unix_millis(*at),
-            kind: "action_verified".into(),
             action_id: id.clone(),
             reason: verification.as_str().into(),
-            actor: loop_actor(),
-            ..Default::default()
+            ..event("action_verified", *at)
         },
         Event::Held {
             incident_id,
@@ -539,30 +532,24 @@ pub fn watch_event(e: &Event) -> Option<pb::WatchEvent> {
             reason,
             at,
         } => pb::WatchEvent {
-            at_unix_ms: unix_millis(*at),
-            kind: "held".into(),
             incident_id: incident_id.clone(),
             actuator: actuator.clone(),
             target: target.clone(),
             reason: reason.clone(),
-            actor: loop_actor(),
-            ..Default::default()
+            ..event("held", *at)
         },
         Event::ApprovalRequested { approval: a } => pb::WatchEvent {
-            at_unix_ms: unix_millis(a.requested_at),
-            kind: ApprovalState::Pending.as_str().into(),
             incident_id: a.incident_id.clone(),
             approval_id: a.id.clone(),
             symptom: a.symptom.as_str().into(),
             actuator: a.actuator.clone(),
             target: a.target.clone(),
-            actor: loop_actor(),
             detail_json: serde_json::json!({
                 "rung": a.rung,
                 "expires_at_unix_ms": unix_millis(a.expires_at),
             })
             .to_string(),
-            ..Default::default()
+            ..event(ApprovalState::Pending.as_str(), a.requested_at)
         },
         Event::ApprovalDecided {
             id,
@@ -572,13 +559,11 @@ pub fn watch_event(e: &Event) -> Option<pb::WatchEvent> {
             action_id,
             at,
         } => pb::WatchEvent {
-            at_unix_ms: unix_millis(*at),
-            kind: state.as_str().into(),
             approval_id: id.clone(),
             action_id: text(action_id.as_deref()),
             reason: text(reason.as_deref()),
-            actor: by.clone().unwrap_or_else(loop_actor),
-            ..Default::default()
+            actor: by.clone().unwrap_or_else(|| LOOP_ACTOR.to_string()),
+            ..event(state.as_str(), *at)
         },
         Event::ControlChanged {
             change,
@@ -587,11 +572,9 @@ pub fn watch_event(e: &Event) -> Option<pb::WatchEvent> {
             at,
             ..
         } => pb::WatchEvent {
-            at_unix_ms: unix_millis(*at),
-            kind: change.as_str().into(),
             reason: text(reason.as_deref()),
             actor: by.clone(),
-            ..Default::default()
+            ..event(change.as_str(), *at)
         },
         Event::Demoted {
             symptom,
@@ -600,13 +583,10 @@ pub fn watch_event(e: &Event) -> Option<pb::WatchEvent> {
             runs,
             at,
         } => pb::WatchEvent {
-            at_unix_ms: unix_millis(*at),
-            kind: "demoted".into(),
             symptom: symptom.as_str().into(),
             actuator: actuator.clone(),
-            actor: loop_actor(),
             detail_json: serde_json::json!({ "verified": verified, "runs": runs }).to_string(),
-            ..Default::default()
+            ..event("demoted", *at)
         },
         Event::DemotionReset {
             symptom,
@@ -615,12 +595,10 @@ pub fn watch_event(e: &Event) -> Option<pb::WatchEvent> {
             at,
             ..
         } => pb::WatchEvent {
-            at_unix_ms: unix_millis(*at),
-            kind: "demotion_reset".into(),
             symptom: symptom.as_str().into(),
             actuator: actuator.clone(),
             actor: by.clone(),
-            ..Default::default()
+            ..event("demotion_reset", *at)
         },
     };
     Some(ev)
