@@ -83,15 +83,7 @@ async fn heals_a_killed_agent() -> Result<()> {
         .wait_closed(&incident.id, Duration::from_secs(60))
         .await?;
     let actions = healer
-        .wait_for("actions verified", Duration::from_secs(30), || async {
-            let a: Vec<_> = healer
-                .actions()
-                .await
-                .into_iter()
-                .filter(|a| a.incident_id == incident.id)
-                .collect();
-            a.iter().all(|a| a.verification.is_some()).then_some(a)
-        })
+        .wait_actions_verified(&incident.id, Duration::from_secs(30))
         .await?;
     let restart = actions
         .iter()

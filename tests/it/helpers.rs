@@ -251,6 +251,25 @@ timeout = "20s"
         Ok((incident, killed_at))
     }
 
+    /// Waits until incident `id` has actions and every one is verified
+    /// (or found not to have helped), and returns them.
+    pub async fn wait_actions_verified(
+        &self,
+        id: &str,
+        limit: Duration,
+    ) -> Result<Vec<ActionRecord>> {
+        self.wait_for("actions verified", limit, || async {
+            let a: Vec<_> = self
+                .actions()
+                .await
+                .into_iter()
+                .filter(|a| a.incident_id == id)
+                .collect();
+            (!a.is_empty() && a.iter().all(|a| a.verification.is_some())).then_some(a)
+        })
+        .await
+    }
+
     pub fn now_ms(&self) -> i64 {
         unix_millis(self.clock.now())
     }

@@ -27,15 +27,7 @@ async fn replay_shows_what_another_policy_would_have_done_with_a_recorded_fault(
         .wait_closed(&incident.id, Duration::from_secs(60))
         .await?;
     healer
-        .wait_for("actions verified", Duration::from_secs(30), || async {
-            let a: Vec<_> = healer
-                .actions()
-                .await
-                .into_iter()
-                .filter(|a| a.incident_id == incident.id)
-                .collect();
-            (!a.is_empty() && a.iter().all(|a| a.verification.is_some())).then_some(())
-        })
+        .wait_actions_verified(&incident.id, Duration::from_secs(30))
         .await?;
     let store = format!(
         "sqlite://{}",
