@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::clock::{Clock, SystemClock, from_unix_millis};
+use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ConfigError, EXIT_CONFIG, Resolved, process_env};
 use crate::knowledge::{self, Query};
 use crate::telemetry::{LogFormat, Metrics, init_logging};
@@ -25,6 +25,8 @@ use crate::term::{reload_signal, shutdown_signal, table, watch_reload};
 
 pub mod api;
 pub mod render;
+
+use render::rfc3339_millis;
 
 use api::{ApiArgs, Call, OnOff, PageArgs};
 
@@ -300,52 +302,52 @@ pub async fn main(cli: Cli) -> i32 {
             store,
             open,
             symptom,
-        } => match store_args(&api, &page, &store) {
-            Some(Ok(s)) => list(&s, Listing::Incidents { open }).await,
-            Some(Err(code)) => code,
-            None => {
-                run_api(
-                    &api,
-                    Call::Incidents {
-                        open,
-                        symptom,
-                        page,
-                    },
-                )
-                .await
-            }
-        },
+        } => {
+            let call = |page| Call::Incidents {
+                open,
+                symptom,
+                page,
+            };
+            store_or_api(&api, page, &store, Listing::Incidents { open }, call).await
+        }
         Command::Incident { id, api, store } => {
             let page = PageArgs {
                 limit: 1000,
                 page_token: None,
             };
-            match store_args(&api, &page, &store) {
-                Some(Ok(s)) => list(&s, Listing::Incident { id }).await,
-                Some(Err(code)) => code,
-                None => run_api(&api, Call::Incident { id }).await,
-            }
+            let listing = Listing::Incident { id: id.clone() };
+            store_or_api(&api, page, &store, listing, |_| Call::Incident { id }).await
         }
         Command::Actions {
             api,
             page,
             store,
             incident,
-        } => match store_args(&api, &page, &store) {
-            Some(Ok(s)) => list(&s, Listing::Actions { incident }).await,
-            Some(Err(code)) => code,
-            None => run_api(&api, Call::Actions { incident, page }).await,
-        },
+        } => {
+            let listing = Listing::Actions {
+                incident: incident.clone(),
+            };
+            store_or_api(&api, page, &store, listing, |page| Call::Actions {
+                incident,
+                page,
+            })
+            .await
+        }
         Command::Holds {
             api,
             page,
             store,
             incident,
-        } => match store_args(&api, &page, &store) {
-            Some(Ok(s)) => list(&s, Listing::Holds { incident }).await,
-            Some(Err(code)) => code,
-            None => run_api(&api, Call::Holds { incident, page }).await,
-        },
+        } => {
+            let listing = Listing::Holds {
+                incident: incident.clone(),
+            };
+            store_or_api(&api, page, &store, listing, |page| Call::Holds {
+                incident,
+                page,
+            })
+            .await
+        }
         Command::Approvals {
             api,
             page,
@@ -368,21 +370,18 @@ pub async fn main(cli: Cli) -> i32 {
             store,
             incident,
             kinds,
-        } => match store_args(&api, &page, &store) {
-            Some(Ok(s)) => list(&s, Listing::Audit { incident, kinds }).await,
-            Some(Err(code)) => code,
-            None => {
-                run_api(
-                    &api,
-                    Call::Audit {
-                        incident,
-                        kinds,
-                        page,
-                    },
-                )
-                .await
-            }
-        },
+        } => {
+            let listing = Listing::Audit {
+                incident: incident.clone(),
+                kinds: kinds.clone(),
+            };
+            let call = |page| Call::Audit {
+                incident,
+                kinds,
+                page,
+            };
+            store_or_api(&api, page, &store, listing, call).await
+        }
         Command::Watch { api, cursor } => run_api(&api, Call::Watch { cursor }).await,
         Command::Approve { id, api, comment } => run_api(&api, Call::Approve { id, comment }).await,
         Command::Reject { id, api, reason } => run_api(&api, Call::Reject { id, reason }).await,
@@ -420,6 +419,22 @@ pub fn parse() -> Cli {
 
 async fn run_api(args: &ApiArgs, call: Call) -> i32 {
     api::run(args, call, &mut std::io::stdout()).await
+}
+
+/// Lists from the store when `--store` was given, else calls the API with
+/// the call `call` makes of the paging flags.
+async fn store_or_api(
+    api: &ApiArgs,
+    page: PageArgs,
+    store: &StoreFlag,
+    listing: Listing,
+    call: impl FnOnce(PageArgs) -> Call,
+) -> i32 {
+    match store_args(api, &page, store) {
+        Some(Ok(s)) => list(&s, listing).await,
+        Some(Err(code)) => code,
+        None => run_api(api, call(page)).await,
+    }
 }
 
 /// The store reader's arguments when `--store` was given (`None`: call the
@@ -915,7 +930,7 @@ fn incident_store_text(r: &IncidentRecords) -> String {
                     a.state.clone(),
                     a.actuator.clone(),
                     a.target.clone(),
-                    ts(a.requested_at_ms),
+                    rfc3339_millis(a.requested_at_ms),
                     a.decided_by.clone().unwrap_or_default(),
                     a.reason.clone().unwrap_or_default(),
                 ]
@@ -947,7 +962,7 @@ fn holds_table(rows: &[knowledge::HoldRecord]) -> String {
         .iter()
         .map(|r| {
             vec![
-                ts(r.at_ms),
+                rfc3339_millis(r.at_ms),
                 r.incident_id.clone(),
                 r.actuator.clone(),
                 r.target.clone(),
@@ -963,7 +978,7 @@ fn audit_table(rows: &[knowledge::AuditRecord]) -> String {
         .iter()
         .map(|r| {
             vec![
-                ts(r.at_ms),
+                rfc3339_millis(r.at_ms),
                 r.kind.clone(),
                 r.actor.clone(),
                 r.incident_id.clone().unwrap_or_default(),
@@ -981,11 +996,6 @@ fn audit_table(rows: &[knowledge::AuditRecord]) -> String {
     )
 }
 
-/// Formats a unix-ms timestamp as RFC 3339 UTC.
-pub fn ts(ms: i64) -> String {
-    humantime::format_rfc3339_millis(from_unix_millis(ms)).to_string()
-}
-
 fn incidents_table(rows: &[knowledge::IncidentRecord]) -> String {
     let body: Vec<Vec<String>> = rows
         .iter()
@@ -995,8 +1005,8 @@ fn incidents_table(rows: &[knowledge::IncidentRecord]) -> String {
                 r.symptom.clone(),
                 r.subject.clone(),
                 r.severity.clone(),
-                ts(r.opened_at_ms),
-                r.closed_at_ms.map_or_else(|| "open".into(), ts),
+                rfc3339_millis(r.opened_at_ms),
+                r.closed_at_ms.map_or_else(|| "open".into(), rfc3339_millis),
                 r.closed_at_ms.map_or_else(String::new, |c| {
                     format!("{:.1}s", (c - r.opened_at_ms) as f64 / 1000.0)
                 }),
@@ -1030,7 +1040,7 @@ fn actions_table(rows: &[knowledge::ActionRecord]) -> String {
                 r.rung.to_string(),
                 r.actuator.clone(),
                 r.target.clone(),
-                ts(r.started_at_ms),
+                rfc3339_millis(r.started_at_ms),
                 r.outcome.clone().unwrap_or_else(|| "running".into()),
                 r.verification.clone().unwrap_or_default(),
                 r.error.clone().unwrap_or_default(),

@@ -125,17 +125,57 @@ impl Denial {
     }
 }
 
+/// The callers of one kind (uids or SPIFFE IDs) each role admits.
+#[derive(Debug, Clone)]
+struct Grants<T> {
+    reporters: HashSet<T>,
+    readers: HashSet<T>,
+    operators: HashSet<T>,
+}
+
+impl<T> Default for Grants<T> {
+    fn default() -> Self {
+        Self {
+            reporters: HashSet::new(),
+            readers: HashSet::new(),
+            operators: HashSet::new(),
+        }
+    }
+}
+
+impl<T: Eq + std::hash::Hash> Grants<T> {
+    /// Admits `who` to `role` (operators to every role), or says why not:
+    /// [`Denial::Role`] for a caller listed in another role, `unlisted`
+    /// for one listed nowhere.
+    fn check(&self, who: &T, role: Role, unlisted: Denial) -> Result<(), Denial> {
+        let (op, read, report) = (
+            self.operators.contains(who),
+            self.readers.contains(who),
+            self.reporters.contains(who),
+        );
+        let allowed = op
+            || match role {
+                Role::Reporter => report,
+                Role::Reader => read,
+                Role::Operator => false,
+            };
+        if allowed {
+            Ok(())
+        } else if read || report {
+            Err(Denial::Role)
+        } else {
+            Err(unlisted)
+        }
+    }
+}
+
 /// The callers each role admits, from [`ApiConfig`].
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
-    report_uids: HashSet<u32>,
-    read_uids: HashSet<u32>,
-    operator_uids: HashSet<u32>,
+    uids: Grants<u32>,
     /// The trust domain `[api.authz]` names (`None` when it lists nobody).
     trust_domain: Option<TrustDomain>,
-    reporters: HashSet<SpiffeId>,
-    readers: HashSet<SpiffeId>,
-    operators: HashSet<SpiffeId>,
+    ids: Grants<SpiffeId>,
 }
 
 impl Policy {
@@ -159,12 +199,16 @@ impl Policy {
                 .collect()
         };
         Self {
-            report_uids: cfg.report_uids.iter().copied().collect(),
-            read_uids: cfg.read_uids.iter().copied().collect(),
-            operator_uids: cfg.operator_uids.iter().copied().collect(),
-            reporters: ids(&a.reporters),
-            readers: ids(&a.readers),
-            operators: ids(&a.operators),
+            uids: Grants {
+                reporters: cfg.report_uids.iter().copied().collect(),
+                readers: cfg.read_uids.iter().copied().collect(),
+                operators: cfg.operator_uids.iter().copied().collect(),
+            },
+            ids: Grants {
+                reporters: ids(&a.reporters),
+                readers: ids(&a.readers),
+                operators: ids(&a.operators),
+            },
             trust_domain,
         }
     }
@@ -175,50 +219,14 @@ impl Policy {
     /// The [`Denial`] reason.
     pub fn check(&self, principal: &Principal, role: Role) -> Result<(), Denial> {
         match principal {
-            Principal::Uid(uid) => {
-                let (op, read, report) = (
-                    self.operator_uids.contains(uid),
-                    self.read_uids.contains(uid),
-                    self.report_uids.contains(uid),
-                );
-                let allowed = op
-                    || match role {
-                        Role::Reporter => report,
-                        Role::Reader => read,
-                        Role::Operator => false,
-                    };
-                if allowed {
-                    Ok(())
-                } else if read || report {
-                    Err(Denial::Role)
-                } else {
-                    Err(Denial::Uid)
-                }
-            }
+            Principal::Uid(uid) => self.uids.check(uid, role, Denial::Uid),
             Principal::Spiffe(id) => {
                 match &self.trust_domain {
                     Some(td) if td == id.trust_domain() => {}
                     Some(_) => return Err(Denial::ForeignTrustDomain),
                     None => return Err(Denial::UnknownId),
                 }
-                let (op, read, report) = (
-                    self.operators.contains(id),
-                    self.readers.contains(id),
-                    self.reporters.contains(id),
-                );
-                let allowed = op
-                    || match role {
-                        Role::Reporter => report,
-                        Role::Reader => read,
-                        Role::Operator => false,
-                    };
-                if allowed {
-                    Ok(())
-                } else if read || report {
-                    Err(Denial::Role)
-                } else {
-                    Err(Denial::UnknownId)
-                }
+                self.ids.check(id, role, Denial::UnknownId)
             }
         }
     }

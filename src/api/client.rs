@@ -37,7 +37,7 @@ use crate::proto::healer::{ReportHandshakesRequest, ReportHandshakesResponse};
 use crate::spiffe_id::SpiffeId;
 use crate::spire_api::tls::{
     Authorize, IdentitySource, RawIdentity, SpiffeServerVerifier, client_config_with,
-    is_wrong_peer_id, uri_sans,
+    is_wrong_peer_id,
 };
 
 /// How long one dial of the socket may take.
@@ -556,16 +556,12 @@ async fn tls_config(tls: &TlsSettings, timeout: Duration) -> Result<ClientConfig
     let (chain, key, bundle) = tls.identity.load(timeout).await?;
     let expected = match &tls.server_id {
         Some(id) => Authorize::Exact(id.clone()),
-        None => {
-            let ours = chain
-                .first()
-                .and_then(|leaf| uri_sans(leaf))
-                .and_then(|sans| sans.first().and_then(|s| SpiffeId::parse(s).ok()))
-                .ok_or_else(|| ClientError::BadIdentity {
-                    reason: "our X509-SVID carries no SPIFFE ID".into(),
-                })?;
-            Authorize::TrustDomain(ours.trust_domain().clone())
-        }
+        None => chain
+            .first()
+            .and_then(|leaf| Authorize::trust_domain_of(leaf))
+            .ok_or_else(|| ClientError::BadIdentity {
+                reason: "our X509-SVID carries no SPIFFE ID".into(),
+            })?,
     };
     let verifier = SpiffeServerVerifier::authorizing(&bundle, expected).map_err(|e| {
         ClientError::BadIdentity {

@@ -1,15 +1,20 @@
 //! Between the wire and the domain: request checks (sizes, paging, time
-//! ranges), page tokens, and store records and events as protobuf
-//! messages. Pure functions; the handlers in [`super::rpc`] call them.
+//! ranges), page tokens, the record kinds a listing pages through
+//! ([`Paged`]), and store records and events as protobuf messages. Pure
+//! functions; the handlers in [`super::rpc`] call them.
+
+use std::time::SystemTime;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use futures::future::BoxFuture;
 use tonic::Status;
 
 use crate::clock::unix_millis;
 use crate::control::{ApprovalEntry, DemotedStep, SubjectState};
 use crate::knowledge::{
-    ActionRecord, ApprovalRecord, AuditRecord, HoldRecord, IncidentRecord, PageKey, Query,
+    ActionRecord, ApprovalRecord, AuditRecord, HoldRecord, IncidentRecord, PageKey, Query, Store,
+    StoreError,
 };
 use crate::model::{ApprovalState, Event, LOOP_ACTOR, SymptomKind};
 use crate::proto::healer as pb;
@@ -235,50 +240,48 @@ pub fn cut<T>(
 
 // === Page keys ===
 
-/// Where the page after an incident starts.
-pub fn incident_key(r: &IncidentRecord) -> PageKey {
-    PageKey {
-        at_ms: r.opened_at_ms,
-        id: r.id.clone(),
-    }
+/// A stored record kind a list RPC pages through: its listing, where the
+/// page after a record starts, and the store's listing of the kind.
+pub trait Paged: Sized {
+    /// The listing its page tokens belong to.
+    const LISTING: Listing;
+    /// What the store lists (`incidents`, …), for errors.
+    const WHAT: &'static str;
+    /// Where the page after this record starts: its time and its id.
+    fn key(&self) -> PageKey;
+    /// The store's listing of this kind for `q`.
+    fn list<'a>(store: &'a dyn Store, q: &'a Query)
+    -> BoxFuture<'a, Result<Vec<Self>, StoreError>>;
 }
 
-/// Where the page after an action starts.
-pub fn action_key(r: &ActionRecord) -> PageKey {
-    PageKey {
-        at_ms: r.started_at_ms,
-        id: r.id.clone(),
-    }
+/// Implements [`Paged`] for a record kind: its listing, the store method
+/// that lists it, and the field its page key's time is.
+macro_rules! paged {
+    ($record:ty, $listing:ident, $list:ident, $at:ident) => {
+        impl Paged for $record {
+            const LISTING: Listing = Listing::$listing;
+            const WHAT: &'static str = stringify!($list);
+            fn key(&self) -> PageKey {
+                PageKey {
+                    at_ms: self.$at,
+                    id: self.id.clone(),
+                }
+            }
+            fn list<'a>(
+                store: &'a dyn Store,
+                q: &'a Query,
+            ) -> BoxFuture<'a, Result<Vec<Self>, StoreError>> {
+                store.$list(q)
+            }
+        }
+    };
 }
 
-/// Where the page after a hold starts: its time and its row id.
-///
-/// The row id is read through the record's serialized form, where the
-/// store's listing work adds it (`HoldRecord::id`); without it the key
-/// falls back to the time alone, and rows on the same millisecond as a
-/// page's last are skipped.
-pub fn hold_key(r: &HoldRecord) -> PageKey {
-    PageKey {
-        at_ms: r.at_ms,
-        id: r.id.clone(),
-    }
-}
-
-/// Where the page after an approval starts.
-pub fn approval_key(r: &ApprovalRecord) -> PageKey {
-    PageKey {
-        at_ms: r.requested_at_ms,
-        id: r.id.clone(),
-    }
-}
-
-/// Where the page after an audit entry starts.
-pub fn audit_key(r: &AuditRecord) -> PageKey {
-    PageKey {
-        at_ms: r.at_ms,
-        id: r.id.clone(),
-    }
-}
+paged!(IncidentRecord, Incidents, incidents, opened_at_ms);
+paged!(ActionRecord, Actions, actions, started_at_ms);
+paged!(HoldRecord, Holds, holds, at_ms);
+paged!(ApprovalRecord, Approvals, approvals, requested_at_ms);
+paged!(AuditRecord, Audit, audit, at_ms);
 
 // === Records ===
 
@@ -441,95 +444,86 @@ pub fn subject_state(s: SubjectState) -> pb::SubjectState {
 
 // === Events ===
 
+/// A watch event of `kind` at `at`, by the loop: what every event carries.
+fn event(kind: &str, at: SystemTime) -> pb::WatchEvent {
+    pb::WatchEvent {
+        at_unix_ms: unix_millis(at),
+        kind: kind.to_string(),
+        actor: LOOP_ACTOR.to_string(),
+        ..Default::default()
+    }
+}
+
 /// A recorded event as `Watch` streams it (without its cursor); `None` for
 /// the sightings `Watch` leaves out.
 pub fn watch_event(e: &Event) -> Option<pb::WatchEvent> {
-    let loop_actor = || LOOP_ACTOR.to_string();
     let ev = match e {
         Event::SubjectSeen { .. }
         | Event::SvidSeen { .. }
         | Event::SvidReplaced { .. }
         | Event::AgentIdentified(_) => return None,
         Event::IncidentOpened { incident: i } => pb::WatchEvent {
-            at_unix_ms: unix_millis(i.opened_at),
-            kind: "incident_opened".into(),
             incident_id: i.id.clone(),
             symptom: i.kind.as_str().into(),
             subject: i.subject.to_string(),
             reason: i.severity.as_str().into(),
-            actor: loop_actor(),
             detail_json: serde_json::json!({
                 "severity": i.severity.as_str(),
                 "predicted_outage_unix_ms": crate::control::ms(i.predicted_outage),
                 "evidence": i.evidence,
             })
             .to_string(),
-            ..Default::default()
+            ..event("incident_opened", i.opened_at)
         },
         Event::IncidentClosed { id, at, resolution } => pb::WatchEvent {
-            at_unix_ms: unix_millis(*at),
-            kind: "incident_closed".into(),
             incident_id: id.clone(),
             reason: resolution.clone(),
-            actor: loop_actor(),
-            ..Default::default()
+            ..event("incident_closed", *at)
         },
         Event::IncidentEscalated { id, next_rung } => pb::WatchEvent {
             kind: "incident_escalated".into(),
             incident_id: id.clone(),
-            actor: loop_actor(),
+            actor: LOOP_ACTOR.to_string(),
             detail_json: serde_json::json!({ "next_rung": next_rung }).to_string(),
             ..Default::default()
         },
         Event::IncidentNeedsOperator { id, reason, at } => pb::WatchEvent {
-            at_unix_ms: unix_millis(*at),
-            kind: "needs_operator".into(),
             incident_id: id.clone(),
             reason: reason.clone(),
-            actor: loop_actor(),
-            ..Default::default()
+            ..event("needs_operator", *at)
         },
         Event::ActionStarted { step, at } => pb::WatchEvent {
-            at_unix_ms: unix_millis(*at),
-            kind: "action_started".into(),
             incident_id: step.incident_id.clone(),
             action_id: step.action_id.clone(),
             symptom: step.symptom.as_str().into(),
             actuator: step.actuator.clone(),
             target: step.target.clone(),
-            actor: loop_actor(),
             detail_json: serde_json::json!({
                 "rung": step.rung,
                 "params": step.params,
                 "dry_run": step.dry_run,
             })
             .to_string(),
-            ..Default::default()
+            ..event("action_started", *at)
         },
         Event::ActionFinished { id, outcome, at } => pb::WatchEvent {
-            at_unix_ms: unix_millis(*at),
-            kind: "action_finished".into(),
             action_id: id.clone(),
             reason: outcome.kind.as_str().into(),
-            actor: loop_actor(),
             detail_json: serde_json::json!({
                 "detail": outcome.detail,
                 "error": outcome.error,
             })
             .to_string(),
-            ..Default::default()
+            ..event("action_finished", *at)
         },
         Event::ActionVerified {
             id,
             verification,
             at,
         } => pb::WatchEvent {
-            at_unix_ms: unix_millis(*at),
-            kind: "action_verified".into(),
             action_id: id.clone(),
             reason: verification.as_str().into(),
-            actor: loop_actor(),
-            ..Default::default()
+            ..event("action_verified", *at)
         },
         Event::Held {
             incident_id,
@@ -538,30 +532,24 @@ pub fn watch_event(e: &Event) -> Option<pb::WatchEvent> {
             reason,
             at,
         } => pb::WatchEvent {
-            at_unix_ms: unix_millis(*at),
-            kind: "held".into(),
             incident_id: incident_id.clone(),
             actuator: actuator.clone(),
             target: target.clone(),
             reason: reason.clone(),
-            actor: loop_actor(),
-            ..Default::default()
+            ..event("held", *at)
         },
         Event::ApprovalRequested { approval: a } => pb::WatchEvent {
-            at_unix_ms: unix_millis(a.requested_at),
-            kind: ApprovalState::Pending.as_str().into(),
             incident_id: a.incident_id.clone(),
             approval_id: a.id.clone(),
             symptom: a.symptom.as_str().into(),
             actuator: a.actuator.clone(),
             target: a.target.clone(),
-            actor: loop_actor(),
             detail_json: serde_json::json!({
                 "rung": a.rung,
                 "expires_at_unix_ms": unix_millis(a.expires_at),
             })
             .to_string(),
-            ..Default::default()
+            ..event(ApprovalState::Pending.as_str(), a.requested_at)
         },
         Event::ApprovalDecided {
             id,
@@ -571,13 +559,11 @@ pub fn watch_event(e: &Event) -> Option<pb::WatchEvent> {
             action_id,
             at,
         } => pb::WatchEvent {
-            at_unix_ms: unix_millis(*at),
-            kind: state.as_str().into(),
             approval_id: id.clone(),
             action_id: text(action_id.as_deref()),
             reason: text(reason.as_deref()),
-            actor: by.clone().unwrap_or_else(loop_actor),
-            ..Default::default()
+            actor: by.clone().unwrap_or_else(|| LOOP_ACTOR.to_string()),
+            ..event(state.as_str(), *at)
         },
         Event::ControlChanged {
             change,
@@ -586,11 +572,9 @@ pub fn watch_event(e: &Event) -> Option<pb::WatchEvent> {
             at,
             ..
         } => pb::WatchEvent {
-            at_unix_ms: unix_millis(*at),
-            kind: change.as_str().into(),
             reason: text(reason.as_deref()),
             actor: by.clone(),
-            ..Default::default()
+            ..event(change.as_str(), *at)
         },
         Event::Demoted {
             symptom,
@@ -599,13 +583,10 @@ pub fn watch_event(e: &Event) -> Option<pb::WatchEvent> {
             runs,
             at,
         } => pb::WatchEvent {
-            at_unix_ms: unix_millis(*at),
-            kind: "demoted".into(),
             symptom: symptom.as_str().into(),
             actuator: actuator.clone(),
-            actor: loop_actor(),
             detail_json: serde_json::json!({ "verified": verified, "runs": runs }).to_string(),
-            ..Default::default()
+            ..event("demoted", *at)
         },
         Event::DemotionReset {
             symptom,
@@ -614,12 +595,10 @@ pub fn watch_event(e: &Event) -> Option<pb::WatchEvent> {
             at,
             ..
         } => pb::WatchEvent {
-            at_unix_ms: unix_millis(*at),
-            kind: "demotion_reset".into(),
             symptom: symptom.as_str().into(),
             actuator: actuator.clone(),
             actor: by.clone(),
-            ..Default::default()
+            ..event("demotion_reset", *at)
         },
     };
     Some(ev)

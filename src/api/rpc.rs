@@ -16,11 +16,13 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use super::authz::Principal;
-use super::convert::{self, Listing};
+use super::convert::{self, Listing, Paged, Paging};
 use super::watch::Watchers;
 use super::{Backend, reports};
 use crate::control::{ControlError, Resume};
-use crate::knowledge::{ApprovalRecord, Query, StoreError};
+use crate::knowledge::{
+    ActionRecord, ApprovalRecord, AuditRecord, HoldRecord, IncidentRecord, Query, StoreError,
+};
 use crate::model::ApprovalState;
 use crate::proto::healer::supervisor_server::Supervisor;
 use crate::proto::healer::{self as pb, ReportHandshakesRequest, ReportHandshakesResponse};
@@ -146,6 +148,22 @@ impl Api {
         }
     }
 
+    /// One page of `T`: `filter` narrowed to `paging`, read from the
+    /// store, the extra row cut off. Returns the rows and the next page's
+    /// token (empty on the last page).
+    async fn page<T: Paged>(
+        &self,
+        paging: &Paging,
+        filter: Query,
+    ) -> Result<(Vec<T>, String), Status> {
+        let q = convert::page_query(paging, filter);
+        let mut rows = T::list(self.backend.store.as_ref(), &q)
+            .await
+            .map_err(|e| store_status(T::WHAT, &e))?;
+        let next_page_token = convert::cut(T::LISTING, paging, &mut rows, T::key);
+        Ok((rows, next_page_token))
+    }
+
     async fn list_incidents(
         &self,
         r: pb::ListIncidentsRequest,
@@ -161,28 +179,18 @@ impl Api {
                     .to_string(),
             )
         };
-        let q = convert::page_query(
-            &paging,
-            Query {
-                open_only: r.open_only,
-                symptom,
-                since_ms,
-                until_ms,
-                ..Query::default()
-            },
-        );
-        let mut rows = self
-            .backend
-            .store
-            .incidents(&q)
-            .await
-            .map_err(|e| store_status("incidents", &e))?;
-        let next_page_token = convert::cut(
-            Listing::Incidents,
-            &paging,
-            &mut rows,
-            convert::incident_key,
-        );
+        let (rows, next_page_token) = self
+            .page::<IncidentRecord>(
+                &paging,
+                Query {
+                    open_only: r.open_only,
+                    symptom,
+                    since_ms,
+                    until_ms,
+                    ..Query::default()
+                },
+            )
+            .await?;
         Ok(pb::ListIncidentsResponse {
             incidents: rows.into_iter().map(convert::incident).collect(),
             next_page_token,
@@ -247,23 +255,17 @@ impl Api {
     ) -> Result<pb::ListActionsResponse, Status> {
         let paging = convert::paging(Listing::Actions, r.page_size, &r.page_token)?;
         let (since_ms, until_ms) = convert::range(r.since_unix_ms, r.until_unix_ms)?;
-        let q = convert::page_query(
-            &paging,
-            Query {
-                incident_id: convert::optional_id("incident_id", &r.incident_id)?,
-                since_ms,
-                until_ms,
-                ..Query::default()
-            },
-        );
-        let mut rows = self
-            .backend
-            .store
-            .actions(&q)
-            .await
-            .map_err(|e| store_status("actions", &e))?;
-        let next_page_token =
-            convert::cut(Listing::Actions, &paging, &mut rows, convert::action_key);
+        let (rows, next_page_token) = self
+            .page::<ActionRecord>(
+                &paging,
+                Query {
+                    incident_id: convert::optional_id("incident_id", &r.incident_id)?,
+                    since_ms,
+                    until_ms,
+                    ..Query::default()
+                },
+            )
+            .await?;
         Ok(pb::ListActionsResponse {
             actions: rows.into_iter().map(convert::action).collect(),
             next_page_token,
@@ -273,22 +275,17 @@ impl Api {
     async fn list_holds(&self, r: pb::ListHoldsRequest) -> Result<pb::ListHoldsResponse, Status> {
         let paging = convert::paging(Listing::Holds, r.page_size, &r.page_token)?;
         let (since_ms, until_ms) = convert::range(r.since_unix_ms, r.until_unix_ms)?;
-        let q = convert::page_query(
-            &paging,
-            Query {
-                incident_id: convert::optional_id("incident_id", &r.incident_id)?,
-                since_ms,
-                until_ms,
-                ..Query::default()
-            },
-        );
-        let mut rows = self
-            .backend
-            .store
-            .holds(&q)
-            .await
-            .map_err(|e| store_status("holds", &e))?;
-        let next_page_token = convert::cut(Listing::Holds, &paging, &mut rows, convert::hold_key);
+        let (rows, next_page_token) = self
+            .page::<HoldRecord>(
+                &paging,
+                Query {
+                    incident_id: convert::optional_id("incident_id", &r.incident_id)?,
+                    since_ms,
+                    until_ms,
+                    ..Query::default()
+                },
+            )
+            .await?;
         Ok(pb::ListHoldsResponse {
             holds: rows.into_iter().map(convert::hold).collect(),
             next_page_token,
@@ -300,26 +297,16 @@ impl Api {
         r: pb::ListApprovalsRequest,
     ) -> Result<pb::ListApprovalsResponse, Status> {
         let paging = convert::paging(Listing::Approvals, r.page_size, &r.page_token)?;
-        let q = convert::page_query(
-            &paging,
-            Query {
-                open_only: r.pending_only,
-                incident_id: convert::optional_id("incident_id", &r.incident_id)?,
-                ..Query::default()
-            },
-        );
-        let mut rows = self
-            .backend
-            .store
-            .approvals(&q)
-            .await
-            .map_err(|e| store_status("approvals", &e))?;
-        let next_page_token = convert::cut(
-            Listing::Approvals,
-            &paging,
-            &mut rows,
-            convert::approval_key,
-        );
+        let (rows, next_page_token) = self
+            .page::<ApprovalRecord>(
+                &paging,
+                Query {
+                    open_only: r.pending_only,
+                    incident_id: convert::optional_id("incident_id", &r.incident_id)?,
+                    ..Query::default()
+                },
+            )
+            .await?;
         let mut approvals: Vec<pb::Approval> = rows.into_iter().map(|a| self.approval(a)).collect();
         if r.pending_only {
             // Decided since the loop last recorded: no longer pending.
@@ -352,23 +339,18 @@ impl Api {
                 convert::AUDIT_KINDS.join(", ")
             )));
         }
-        let q = convert::page_query(
-            &paging,
-            Query {
-                incident_id: convert::optional_id("incident_id", &r.incident_id)?,
-                kinds: r.kinds,
-                since_ms,
-                until_ms,
-                ..Query::default()
-            },
-        );
-        let mut rows = self
-            .backend
-            .store
-            .audit(&q)
-            .await
-            .map_err(|e| store_status("audit", &e))?;
-        let next_page_token = convert::cut(Listing::Audit, &paging, &mut rows, convert::audit_key);
+        let (rows, next_page_token) = self
+            .page::<AuditRecord>(
+                &paging,
+                Query {
+                    incident_id: convert::optional_id("incident_id", &r.incident_id)?,
+                    kinds: r.kinds,
+                    since_ms,
+                    until_ms,
+                    ..Query::default()
+                },
+            )
+            .await?;
         Ok(pb::ListAuditResponse {
             entries: rows.into_iter().map(convert::audit).collect(),
             next_page_token,

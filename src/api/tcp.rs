@@ -37,8 +37,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
-    ServerConfig, SignatureScheme,
+    CertificateError, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use serde::Deserialize;
@@ -56,7 +55,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::endpoint::{Endpoint, EndpointError};
 use crate::spiffe_id::{SpiffeId, TrustDomain};
-use crate::spire_api::tls::{Authorize, IdentitySource, provider, uri_sans};
+use crate::spire_api::tls::{
+    Authorize, IdentitySource, WrongPeerId, bundle_roots, check_peer_id, provider, uri_sans,
+};
 use crate::telemetry::metrics::Metrics;
 
 mod identity;
@@ -292,7 +293,7 @@ impl HandshakeFailure {
                 Self::NotYetValid
             }
             rustls::Error::InvalidCertificate(C::Other(o))
-                if o.0.downcast_ref::<WrongClientId>().is_some() =>
+                if o.0.downcast_ref::<WrongPeerId>().is_some() =>
             {
                 Self::BadSpiffeId
             }
@@ -370,17 +371,6 @@ impl ResolvesServerCert for SvidResolver {
 
 // === impl SpiffeClientVerifier ===
 
-/// The verifier's error for a caller whose chain verified but whose leaf
-/// does not name exactly one SPIFFE ID of the trust domain.
-#[derive(Debug, thiserror::Error)]
-#[error("the client certificate names {found:?}, expected {expected}")]
-pub struct WrongClientId {
-    /// What was required.
-    pub expected: String,
-    /// The URI SANs the leaf carries.
-    pub found: Vec<String>,
-}
-
 /// A trust bundle (DER certificates) and the webpki verifier built on it.
 type BundleVerifier = (Vec<Vec<u8>>, Arc<dyn ClientCertVerifier>);
 
@@ -426,17 +416,8 @@ impl SpiffeClientVerifier {
         {
             return Ok(v.clone());
         }
-        let mut roots = RootCertStore::empty();
-        let (added, _) = roots.add_parsable_certificates(
-            bundle
-                .iter()
-                .map(|der| CertificateDer::from(der.as_slice()).into_owned()),
-        );
-        if added == 0 {
-            return Err(rustls::Error::General(
-                "our trust bundle has no usable CA".into(),
-            ));
-        }
+        let roots = bundle_roots(&bundle)
+            .ok_or_else(|| rustls::Error::General("our trust bundle has no usable CA".into()))?;
         let verifier =
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::new(provider()))
                 .build()
@@ -451,9 +432,7 @@ impl SpiffeClientVerifier {
             return Ok(Authorize::TrustDomain(td.clone()));
         }
         our_leaf
-            .and_then(|leaf| uri_sans(leaf))
-            .and_then(|sans| sans.first().and_then(|s| SpiffeId::parse(s).ok()))
-            .map(|id| Authorize::TrustDomain(id.trust_domain().clone()))
+            .and_then(|leaf| Authorize::trust_domain_of(leaf))
             .ok_or_else(|| rustls::Error::General("our X509-SVID names no trust domain".into()))
     }
 }
@@ -486,18 +465,8 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         let expected = self.authorize(chain.first())?;
         self.chain_verifier(bundle)?
             .verify_client_cert(end_entity, intermediates, now)?;
-        let found = uri_sans(end_entity).ok_or(rustls::Error::InvalidCertificate(
-            CertificateError::BadEncoding,
-        ))?;
-        if expected.admits(&found) {
-            return Ok(ClientCertVerified::assertion());
-        }
-        Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-            OtherError(Arc::new(WrongClientId {
-                expected: expected.to_string(),
-                found,
-            })),
-        )))
+        check_peer_id(end_entity, &expected, "client")?;
+        Ok(ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(

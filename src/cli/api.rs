@@ -431,6 +431,39 @@ fn print_page(out: &mut dyn Write, text: &str, next: &str) -> Result<(), Failure
     Ok(())
 }
 
+/// One answer: as JSON, or as text.
+fn print_one<T>(
+    out: &mut dyn Write,
+    json: bool,
+    r: &T,
+    to_json: impl FnOnce(&T) -> Value,
+    text: impl FnOnce(&T) -> String,
+) -> Result<(), Failure> {
+    if json {
+        print_json(out, &to_json(r))
+    } else {
+        print(out, &text(r))
+    }
+}
+
+/// A page of a listing (`(key, rows, next page token)`): as JSON, the rows
+/// under `key` beside the token, or as a table then where the next page
+/// starts.
+fn print_listing<T>(
+    out: &mut dyn Write,
+    json: bool,
+    (key, rows, next): (&str, &[T], &str),
+    to_json: impl FnMut(&T) -> Value,
+    table: impl FnOnce(&[T]) -> String,
+) -> Result<(), Failure> {
+    if json {
+        let items = rows.iter().map(to_json).collect();
+        print_json(out, &render::page_json(key, items, next))
+    } else {
+        print_page(out, &table(rows), next)
+    }
+}
+
 async fn execute(
     client: &SupervisorClient,
     args: &ApiArgs,
@@ -451,11 +484,9 @@ async fn execute(
                 .await
                 .map_err(fail)?
                 .into_inner();
-            if json {
-                print_json(out, &render::status_json(&r))
-            } else {
-                print(out, &render::status_text(&r, now()))
-            }
+            print_one(out, json, &r, render::status_json, |r| {
+                render::status_text(r, now())
+            })
         }
         Call::Incidents {
             open,
@@ -476,19 +507,13 @@ async fn execute(
                 .await
                 .map_err(fail)?
                 .into_inner();
-            if json {
-                let items = r.incidents.iter().map(render::incident_json).collect();
-                print_json(
-                    out,
-                    &render::page_json("incidents", items, &r.next_page_token),
-                )
-            } else {
-                print_page(
-                    out,
-                    &render::incidents_table(&r.incidents, now()),
-                    &r.next_page_token,
-                )
-            }
+            print_listing(
+                out,
+                json,
+                ("incidents", &r.incidents, &r.next_page_token),
+                render::incident_json,
+                |rows| render::incidents_table(rows, now()),
+            )
         }
         Call::Incident { id } => {
             let r = rpc
@@ -496,11 +521,9 @@ async fn execute(
                 .await
                 .map_err(fail)?
                 .into_inner();
-            if json {
-                print_json(out, &render::incident_detail_json(&r))
-            } else {
-                print(out, &render::incident_text(&r, now()))
-            }
+            print_one(out, json, &r, render::incident_detail_json, |r| {
+                render::incident_text(r, now())
+            })
         }
         Call::Actions { incident, page } => {
             let r = rpc
@@ -516,19 +539,13 @@ async fn execute(
                 .await
                 .map_err(fail)?
                 .into_inner();
-            if json {
-                let items = r.actions.iter().map(render::action_json).collect();
-                print_json(
-                    out,
-                    &render::page_json("actions", items, &r.next_page_token),
-                )
-            } else {
-                print_page(
-                    out,
-                    &render::actions_table(&r.actions, now()),
-                    &r.next_page_token,
-                )
-            }
+            print_listing(
+                out,
+                json,
+                ("actions", &r.actions, &r.next_page_token),
+                render::action_json,
+                |rows| render::actions_table(rows, now()),
+            )
         }
         Call::Holds { incident, page } => {
             let r = rpc
@@ -544,16 +561,13 @@ async fn execute(
                 .await
                 .map_err(fail)?
                 .into_inner();
-            if json {
-                let items = r.holds.iter().map(render::hold_json).collect();
-                print_json(out, &render::page_json("holds", items, &r.next_page_token))
-            } else {
-                print_page(
-                    out,
-                    &render::holds_table(&r.holds, now()),
-                    &r.next_page_token,
-                )
-            }
+            print_listing(
+                out,
+                json,
+                ("holds", &r.holds, &r.next_page_token),
+                render::hold_json,
+                |rows| render::holds_table(rows, now()),
+            )
         }
         Call::Approvals {
             pending,
@@ -573,19 +587,13 @@ async fn execute(
                 .await
                 .map_err(fail)?
                 .into_inner();
-            if json {
-                let items = r.approvals.iter().map(render::approval_json).collect();
-                print_json(
-                    out,
-                    &render::page_json("approvals", items, &r.next_page_token),
-                )
-            } else {
-                print_page(
-                    out,
-                    &render::approvals_table(&r.approvals, now()),
-                    &r.next_page_token,
-                )
-            }
+            print_listing(
+                out,
+                json,
+                ("approvals", &r.approvals, &r.next_page_token),
+                render::approval_json,
+                |rows| render::approvals_table(rows, now()),
+            )
         }
         Call::Audit {
             incident,
@@ -606,19 +614,13 @@ async fn execute(
                 .await
                 .map_err(fail)?
                 .into_inner();
-            if json {
-                let items = r.entries.iter().map(render::audit_json).collect();
-                print_json(
-                    out,
-                    &render::page_json("entries", items, &r.next_page_token),
-                )
-            } else {
-                print_page(
-                    out,
-                    &render::audit_table(&r.entries, now()),
-                    &r.next_page_token,
-                )
-            }
+            print_listing(
+                out,
+                json,
+                ("entries", &r.entries, &r.next_page_token),
+                render::audit_json,
+                |rows| render::audit_table(rows, now()),
+            )
         }
         Call::Watch { cursor } => watch(client, cursor, json, out).await,
         Call::Approve { id, comment } => {
@@ -633,11 +635,9 @@ async fn execute(
                 .await
                 .map_err(fail)?
                 .into_inner();
-            if json {
-                print_json(out, &render::approval_json(&r))
-            } else {
-                print(out, &render::approval_text(&r, now()))
-            }
+            print_one(out, json, &r, render::approval_json, |r| {
+                render::approval_text(r, now())
+            })
         }
         Call::Reject { id, reason } => {
             let r = rpc
@@ -651,11 +651,9 @@ async fn execute(
                 .await
                 .map_err(fail)?
                 .into_inner();
-            if json {
-                print_json(out, &render::approval_json(&r))
-            } else {
-                print(out, &render::approval_text(&r, now()))
-            }
+            print_one(out, json, &r, render::approval_json, |r| {
+                render::approval_text(r, now())
+            })
         }
         Call::Pause { reason } => {
             let r = rpc

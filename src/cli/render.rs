@@ -53,12 +53,17 @@ pub fn when(ms: i64, now: SystemTime) -> String {
     format!("{} ({rel})", rfc3339(ms))
 }
 
+/// RFC 3339 UTC, with milliseconds.
+pub fn rfc3339_millis(ms: i64) -> String {
+    humantime::format_rfc3339_millis(from_unix_millis(ms)).to_string()
+}
+
 /// RFC 3339 with milliseconds, or `null` for 0.
 pub fn time_json(ms: i64) -> Value {
     if ms == 0 {
         Value::Null
     } else {
-        Value::String(humantime::format_rfc3339_millis(from_unix_millis(ms)).to_string())
+        Value::String(rfc3339_millis(ms))
     }
 }
 

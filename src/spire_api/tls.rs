@@ -127,26 +127,71 @@ impl TlsError {
     }
 }
 
-/// The verifier's error for a wrong server ID, carried through rustls.
+/// A verifier's error for a peer whose chain verified but whose leaf does
+/// not name exactly one SPIFFE ID it allows, carried through rustls.
 #[derive(Debug, thiserror::Error)]
-#[error("the server certificate names {found:?}, expected {expected}")]
-struct WrongServerId {
-    expected: String,
-    found: Vec<String>,
+#[error("the {side} certificate names {found:?}, expected {expected}")]
+pub struct WrongPeerId {
+    /// Which peer was refused: `client` or `server`.
+    pub side: &'static str,
+    /// What was required.
+    pub expected: String,
+    /// The URI SANs the leaf carries.
+    pub found: Vec<String>,
 }
 
-/// The wrong-ID error a [`SpiffeServerVerifier`] returned, if `e` is one.
-fn wrong_server_id(e: &rustls::Error) -> Option<&WrongServerId> {
+/// The wrong-ID error a verifier returned, if `e` is one.
+pub fn wrong_peer_id(e: &rustls::Error) -> Option<&WrongPeerId> {
     match e {
         rustls::Error::InvalidCertificate(CertificateError::Other(o)) => o.0.downcast_ref(),
         _ => None,
     }
 }
 
-/// Whether `e` is a [`SpiffeServerVerifier`] refusing a chain that verified
-/// but names the wrong SPIFFE ID (or none, or several).
+/// Whether `e` is a verifier refusing a chain that verified but names the
+/// wrong SPIFFE ID (or none, or several).
 pub fn is_wrong_peer_id(e: &rustls::Error) -> bool {
-    wrong_server_id(e).is_some()
+    wrong_peer_id(e).is_some()
+}
+
+/// The roots of a trust bundle (DER certificates); `None` when no
+/// certificate of it is a usable CA.
+pub fn bundle_roots(bundle: &[Vec<u8>]) -> Option<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(
+        bundle
+            .iter()
+            .map(|der| CertificateDer::from(der.as_slice()).into_owned()),
+    );
+    (added > 0).then_some(roots)
+}
+
+/// Checks that a leaf whose chain verified names exactly one SPIFFE ID
+/// `expected` allows; `side` (`client` or `server`) names the peer in the
+/// error.
+///
+/// # Errors
+/// `BadEncoding` when the leaf or its SAN extension does not parse;
+/// a [`WrongPeerId`] (see [`wrong_peer_id`]) when it names another ID, none
+/// or several.
+pub fn check_peer_id(
+    end_entity: &CertificateDer<'_>,
+    expected: &Authorize,
+    side: &'static str,
+) -> Result<(), rustls::Error> {
+    let found = uri_sans(end_entity).ok_or(rustls::Error::InvalidCertificate(
+        CertificateError::BadEncoding,
+    ))?;
+    if expected.admits(&found) {
+        return Ok(());
+    }
+    Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+        OtherError(Arc::new(WrongPeerId {
+            side,
+            expected: expected.to_string(),
+            found,
+        })),
+    )))
 }
 
 // === impl Authorize ===
@@ -173,6 +218,15 @@ impl Authorize {
     /// allows, as X509-SVIDs must carry.
     pub fn admits(&self, found: &[String]) -> bool {
         matches!(found, [only] if SpiffeId::parse(only).is_ok_and(|id| self.allows(&id)))
+    }
+
+    /// Any ID in the trust domain of the SPIFFE ID `leaf` (our own SVID's
+    /// leaf, DER) names first; `None` when it does not parse or names none.
+    pub fn trust_domain_of(leaf: &[u8]) -> Option<Self> {
+        uri_sans(leaf)?
+            .first()
+            .and_then(|s| SpiffeId::parse(s).ok())
+            .map(|id| Self::TrustDomain(id.trust_domain().clone()))
     }
 }
 
@@ -222,15 +276,8 @@ impl SpiffeServerVerifier {
     /// [`TlsError::NoIdentity`] when no bundle certificate is a usable
     /// trust anchor.
     pub fn authorizing(bundle: &[Vec<u8>], expected: Authorize) -> Result<Self, TlsError> {
-        let mut roots = RootCertStore::empty();
-        let (added, _) = roots.add_parsable_certificates(
-            bundle
-                .iter()
-                .map(|der| CertificateDer::from(der.as_slice()).into_owned()),
-        );
-        if added == 0 {
-            return Err(TlsError::NoIdentity("the trust bundle has no usable CA"));
-        }
+        let roots = bundle_roots(bundle)
+            .ok_or(TlsError::NoIdentity("the trust bundle has no usable CA"))?;
         Ok(Self {
             roots,
             expected,
@@ -264,18 +311,8 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             self.algs.all,
         )?;
-        let found = uri_sans(end_entity).ok_or(rustls::Error::InvalidCertificate(
-            CertificateError::BadEncoding,
-        ))?;
-        if self.expected.admits(&found) {
-            return Ok(ServerCertVerified::assertion());
-        }
-        Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-            OtherError(Arc::new(WrongServerId {
-                expected: self.expected.to_string(),
-                found,
-            })),
-        )))
+        check_peer_id(end_entity, &self.expected, "server")?;
+        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -442,7 +479,7 @@ fn handshake_error(addr: SocketAddr, e: io::Error) -> TlsError {
     let wrong = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        .and_then(wrong_server_id);
+        .and_then(wrong_peer_id);
     match wrong {
         Some(w) => TlsError::BadServerId {
             addr,

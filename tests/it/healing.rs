@@ -74,45 +74,16 @@ async fn observes_real_rotations() -> Result<()> {
 async fn heals_a_killed_agent() -> Result<()> {
     let lab = lab_with_entry(300).await?;
     let healer = Healer::start(&lab, None).await?;
-    healer
-        .wait_for("stream up", Duration::from_secs(20), || async {
-            (healer.metric(&format!(
-                r#"spire_healer_workload_api_stream_up{{agent="{AGENT}"}}"#
-            )) == 1.0)
-                .then_some(())
-        })
-        .await?;
     let old_pid = lab.agent_pid();
-    let killed_at = healer.now_ms();
-    lab.kill_agent().await?;
-
-    let incident = healer
-        .wait_for(
-            "agent_unreachable opened",
-            Duration::from_secs(10),
-            || async {
-                healer
-                    .incidents()
-                    .await
-                    .into_iter()
-                    .find(|i| i.symptom == "agent_unreachable" && i.opened_at_ms >= killed_at)
-            },
-        )
+    let (incident, killed_at) = healer
+        .kill_agent_and_wait_open(&lab, Duration::from_secs(10))
         .await?;
     let detect = secs(killed_at, incident.opened_at_ms);
     let closed = healer
         .wait_closed(&incident.id, Duration::from_secs(60))
         .await?;
     let actions = healer
-        .wait_for("actions verified", Duration::from_secs(30), || async {
-            let a: Vec<_> = healer
-                .actions()
-                .await
-                .into_iter()
-                .filter(|a| a.incident_id == incident.id)
-                .collect();
-            a.iter().all(|a| a.verification.is_some()).then_some(a)
-        })
+        .wait_actions_verified(&incident.id, Duration::from_secs(30))
         .await?;
     let restart = actions
         .iter()
@@ -247,12 +218,7 @@ async fn a_deleted_entry_is_reported_not_restarted() -> Result<()> {
         lab.server_socket().display()
     );
     let healer = Healer::start_with(&lab, None, "", &server).await?;
-    let stream_up = format!(r#"spire_healer_workload_api_stream_up{{agent="{AGENT}"}}"#);
-    healer
-        .wait_for("stream up", Duration::from_secs(20), || async {
-            (healer.metric(&stream_up) == 1.0).then_some(())
-        })
-        .await?;
+    healer.wait_stream_up().await?;
     let deleted_at = healer.now_ms();
     lab.server_cli(&["entry", "delete", "-entryID", &entry])
         .await?;

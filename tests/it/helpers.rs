@@ -220,6 +220,56 @@ timeout = "20s"
         .await
     }
 
+    /// Waits until the Workload API stream of the lab's agent is up.
+    pub async fn wait_stream_up(&self) -> Result<()> {
+        let series = format!(r#"spire_healer_workload_api_stream_up{{agent="{AGENT}"}}"#);
+        self.wait_for("stream up", Duration::from_secs(20), || async {
+            (self.metric(&series) == 1.0).then_some(())
+        })
+        .await
+    }
+
+    /// Waits for the agent's stream, kills the agent, and waits up to
+    /// `limit` for the `agent_unreachable` incident opened since. Returns
+    /// the incident and when the agent was killed (unix ms).
+    pub async fn kill_agent_and_wait_open(
+        &self,
+        lab: &SpireLab,
+        limit: Duration,
+    ) -> Result<(IncidentRecord, i64)> {
+        self.wait_stream_up().await?;
+        let killed_at = self.now_ms();
+        lab.kill_agent().await?;
+        let incident = self
+            .wait_for("agent_unreachable opened", limit, || async {
+                self.incidents()
+                    .await
+                    .into_iter()
+                    .find(|i| i.symptom == "agent_unreachable" && i.opened_at_ms >= killed_at)
+            })
+            .await?;
+        Ok((incident, killed_at))
+    }
+
+    /// Waits until incident `id` has actions and every one is verified
+    /// (or found not to have helped), and returns them.
+    pub async fn wait_actions_verified(
+        &self,
+        id: &str,
+        limit: Duration,
+    ) -> Result<Vec<ActionRecord>> {
+        self.wait_for("actions verified", limit, || async {
+            let a: Vec<_> = self
+                .actions()
+                .await
+                .into_iter()
+                .filter(|a| a.incident_id == id)
+                .collect();
+            (!a.is_empty() && a.iter().all(|a| a.verification.is_some())).then_some(a)
+        })
+        .await
+    }
+
     pub fn now_ms(&self) -> i64 {
         unix_millis(self.clock.now())
     }

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use spire_healer::policy::DEFAULT_POLICY;
 
-use crate::helpers::{AGENT, Healer};
+use crate::helpers::Healer;
 use crate::spire_lab::{LabOptions, SpireLab};
 
 /// Uids the operator's and the reader's SVIDs are issued to (`unix:uid`
@@ -138,37 +138,6 @@ async fn cli_as(who: &[String], cmd: &[&str]) -> Result<Output> {
     cli(&args).await
 }
 
-/// Waits for the agent's stream, kills the agent, returns the
-/// `agent_unreachable` incident.
-async fn kill_and_open(
-    healer: &Healer,
-    lab: &SpireLab,
-) -> Result<spire_healer::knowledge::IncidentRecord> {
-    healer
-        .wait_for("stream up", Duration::from_secs(20), || async {
-            (healer.metric(&format!(
-                r#"spire_healer_workload_api_stream_up{{agent="{AGENT}"}}"#
-            )) == 1.0)
-                .then_some(())
-        })
-        .await?;
-    let killed_at = healer.now_ms();
-    lab.kill_agent().await?;
-    healer
-        .wait_for(
-            "agent_unreachable opened",
-            Duration::from_secs(15),
-            || async {
-                healer
-                    .incidents()
-                    .await
-                    .into_iter()
-                    .find(|i| i.symptom == "agent_unreachable" && i.opened_at_ms >= killed_at)
-            },
-        )
-        .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_approval_waits_is_refused_to_a_reader_and_granted_over_mtls_by_an_operator()
 -> Result<()> {
@@ -211,7 +180,9 @@ readers = ["{ro}"]
     let as_operator = over_tls(&addr, &operator);
     let as_reader = over_tls(&addr, &reader);
 
-    let incident = kill_and_open(&healer, &lab).await?;
+    let (incident, _) = healer
+        .kill_agent_and_wait_open(&lab, Duration::from_secs(15))
+        .await?;
     // refetch runs (gentle) and fails; the restart waits for a person.
     let approval = healer
         .wait_for("a pending approval", Duration::from_secs(30), || async {
@@ -311,7 +282,9 @@ async fn a_pause_during_a_fault_holds_every_action_and_resume_heals_it() -> Resu
 
     let paused = cli(&["pause", "--reason", "change freeze", "--addr", &addr]).await?;
     assert_eq!(paused.status.code(), Some(0), "{}", text(&paused));
-    let incident = kill_and_open(&healer, &lab).await?;
+    let (incident, _) = healer
+        .kill_agent_and_wait_open(&lab, Duration::from_secs(15))
+        .await?;
     healer
         .wait_for("a paused hold", Duration::from_secs(10), || async {
             let holds = healer
@@ -381,7 +354,9 @@ async fn a_step_that_keeps_failing_verification_is_demoted_and_the_ladder_moves_
     let healer = Healer::start_with(&lab, None, &top, &extra).await?;
 
     for round in 1..=2 {
-        let incident = kill_and_open(&healer, &lab).await?;
+        let (incident, _) = healer
+            .kill_agent_and_wait_open(&lab, Duration::from_secs(15))
+            .await?;
         healer
             .wait_closed(&incident.id, Duration::from_secs(60))
             .await
@@ -408,7 +383,9 @@ async fn a_step_that_keeps_failing_verification_is_demoted_and_the_ladder_moves_
     assert_eq!(demoted["symptom"], "agent_unreachable");
 
     // Third fault: the demoted step is passed over, the restart heals.
-    let incident = kill_and_open(&healer, &lab).await?;
+    let (incident, _) = healer
+        .kill_agent_and_wait_open(&lab, Duration::from_secs(15))
+        .await?;
     healer
         .wait_closed(&incident.id, Duration::from_secs(60))
         .await?;

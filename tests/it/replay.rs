@@ -10,7 +10,7 @@ use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use spire_healer::policy::DEFAULT_POLICY;
 
-use crate::helpers::{AGENT, Healer};
+use crate::helpers::Healer;
 use crate::spire_lab::{LabOptions, SpireLab};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -20,42 +20,14 @@ async fn replay_shows_what_another_policy_would_have_done_with_a_recorded_fault(
         .await?;
     lab.wait_for_entry_synced("/healer").await?;
     let healer = Healer::start(&lab, None).await?;
-    healer
-        .wait_for("stream up", Duration::from_secs(20), || async {
-            (healer.metric(&format!(
-                r#"spire_healer_workload_api_stream_up{{agent="{AGENT}"}}"#
-            )) == 1.0)
-                .then_some(())
-        })
-        .await?;
-    let killed_at = healer.now_ms();
-    lab.kill_agent().await?;
-    let incident = healer
-        .wait_for(
-            "agent_unreachable opened",
-            Duration::from_secs(15),
-            || async {
-                healer
-                    .incidents()
-                    .await
-                    .into_iter()
-                    .find(|i| i.symptom == "agent_unreachable" && i.opened_at_ms >= killed_at)
-            },
-        )
+    let (incident, _) = healer
+        .kill_agent_and_wait_open(&lab, Duration::from_secs(15))
         .await?;
     healer
         .wait_closed(&incident.id, Duration::from_secs(60))
         .await?;
     healer
-        .wait_for("actions verified", Duration::from_secs(30), || async {
-            let a: Vec<_> = healer
-                .actions()
-                .await
-                .into_iter()
-                .filter(|a| a.incident_id == incident.id)
-                .collect();
-            (!a.is_empty() && a.iter().all(|a| a.verification.is_some())).then_some(())
-        })
+        .wait_actions_verified(&incident.id, Duration::from_secs(30))
         .await?;
     let store = format!(
         "sqlite://{}",

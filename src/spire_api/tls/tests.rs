@@ -75,7 +75,8 @@ fn verifier_rejects_another_spiffe_id() {
     let err = verify(&ca, &leaf, SERVER_ID, now()).expect_err("rejected");
     match err {
         rustls::Error::InvalidCertificate(CertificateError::Other(o)) => {
-            let w = o.0.downcast_ref::<WrongServerId>().expect("WrongServerId");
+            let w = o.0.downcast_ref::<WrongPeerId>().expect("WrongPeerId");
+            assert_eq!(w.side, "server");
             assert_eq!(w.found, vec!["spiffe://td/not-the-server".to_string()]);
             assert_eq!(w.expected, SERVER_ID);
         }
