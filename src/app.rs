@@ -279,19 +279,22 @@ pub async fn start(
 
     let (policy_tx, policy_rx) = tokio::sync::watch::channel(resolved.policy.clone());
     let interrupted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    // Replay: observation frames around incidents, written off the loop,
-    // pruned by retention (also when recording is off).
+    // Old rows (`[database.retention]`) and replay frames (`[replay]
+    // retention`) are pruned in batches by one task, also when recording
+    // is off.
     tasks.spawn(
-        crate::replay::frames::prune(
-            frames.clone(),
-            cfg.replay.retention,
-            crate::replay::frames::PRUNE_EVERY,
-            clock.clone(),
-            metrics.clone(),
-            shutdown.child_token(),
-        )
-        .instrument(info_span!("replay_prune")),
+        knowledge::retention::Pruner::new(&frames)
+            .run(
+                cfg.database.retention.clone(),
+                cfg.replay.retention,
+                knowledge::retention::PRUNE_EVERY,
+                clock.clone(),
+                metrics.clone(),
+                shutdown.child_token(),
+            )
+            .instrument(info_span!("retention")),
     );
+    // Replay: observation frames around incidents, written off the loop.
     let recorder = cfg.replay.enabled.then(|| {
         let (recorder, writer) =
             crate::replay::FrameRecorder::new(&cfg.replay, &operator.hub.run_id, metrics.clone());

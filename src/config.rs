@@ -225,6 +225,10 @@ pub struct DatabaseConfig {
     /// (counted as `spire_healer_errors_total{stage="spool",kind="full"}`).
     #[serde(default = "default_spool_max")]
     pub spool_max_bytes: u64,
+    /// How long old rows are kept (`[database.retention]`); pruned in
+    /// batches by a background task.
+    #[serde(default)]
+    pub retention: crate::knowledge::retention::RetentionConfig,
 }
 
 fn default_db_url() -> secrecy::SecretString {
@@ -244,6 +248,7 @@ impl Default for DatabaseConfig {
             buffer_capacity: default_buffer(),
             spool: None,
             spool_max_bytes: default_spool_max(),
+            retention: Default::default(),
         }
     }
 }

@@ -167,9 +167,7 @@ pub(super) fn sections(src: Source<'_>, root: &DeTable<'_>) -> Sections {
         supervisor: get("supervisor")
             .and_then(|v| p.value("supervisor", v))
             .unwrap_or_default(),
-        database: get("database")
-            .and_then(|v| p.value("database", v))
-            .unwrap_or_default(),
+        database: p.database(get("database")),
         http: get("http")
             .and_then(|v| p.value("http", v))
             .unwrap_or_default(),
@@ -293,6 +291,35 @@ impl<'i> Reader<'i> {
             }),
         }
         (items, indexes)
+    }
+
+    /// `[database]`, with `[database.retention]` read on its own, so that a
+    /// bad key of the sub-table is reported under its own dotted key and
+    /// position and hides no other.
+    fn database(&mut self, value: Option<&Spanned<DeValue<'i>>>) -> super::DatabaseConfig {
+        let Some(value) = value else {
+            return super::DatabaseConfig::default();
+        };
+        let mut rest = value.clone();
+        let mut retention = None;
+        if let DeValue::Table(table) = rest.get_mut() {
+            *table = std::mem::take(table)
+                .into_iter()
+                .filter_map(|(k, v)| {
+                    if k.get_ref().as_ref() == "retention" {
+                        retention = Some(v);
+                        None
+                    } else {
+                        Some((k, v))
+                    }
+                })
+                .collect();
+        }
+        let mut database: super::DatabaseConfig = self.value("database", &rest).unwrap_or_default();
+        if let Some(r) = retention.and_then(|v| self.value("database.retention", &v)) {
+            database.retention = r;
+        }
+        database
     }
 
     /// `[telemetry]`: each sub-table on its own, so that a bad key of

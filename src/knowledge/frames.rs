@@ -57,7 +57,7 @@ pub struct FrameStore {
 }
 
 #[derive(Debug, Clone)]
-enum Backend {
+pub(super) enum Backend {
     Sqlite(SqliteStore),
     Postgres(PostgresStore),
 }
@@ -89,6 +89,11 @@ impl FrameStore {
         Self {
             backend: Backend::Postgres(store.clone()),
         }
+    }
+
+    /// The store the frames are in (the retention pruner shares its pool).
+    pub(super) fn backend(&self) -> &Backend {
+        &self.backend
     }
 
     /// Inserts `frames` in one transaction. A frame already stored (same run

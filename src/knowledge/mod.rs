@@ -10,6 +10,7 @@ mod buffer;
 pub mod frames;
 mod list;
 mod postgres;
+pub mod retention;
 mod run;
 pub mod scope_lock;
 mod spool;

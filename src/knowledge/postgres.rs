@@ -55,6 +55,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "replay_frames",
         include_str!("../../migrations/postgres/0004_replay_frames.sql"),
     ),
+    (
+        5,
+        "retention_and_svid_names",
+        include_str!("../../migrations/postgres/0005_retention_and_svid_names.sql"),
+    ),
 ];
 
 /// Longest wait for a pooled connection (including connecting).
@@ -101,8 +106,9 @@ macro_rules! action_select {
 macro_rules! svid_select {
     ($rest:literal) => {
         concat!(
-            "SELECT agent, spiffe_id, serial, not_before_ms, not_after_ms, first_seen_ms, \
-             replaced_at_ms FROM svid_lifecycles ",
+            "SELECT n.agent, n.spiffe_id, s.serial, s.not_before_ms, s.not_after_ms, \
+             s.first_seen_ms, s.replaced_at_ms \
+             FROM svid_lifecycles s JOIN svid_names n ON n.id = s.name_id ",
             $rest
         )
     };
@@ -421,12 +427,14 @@ impl Store for PostgresStore {
     async fn svids(&self, q: &Query) -> Result<Vec<SvidRecord>, StoreError> {
         let query = if q.open_only {
             sqlx::query(svid_select!(
-                "WHERE replaced_at_ms IS NULL \
-                 ORDER BY first_seen_ms DESC, agent DESC, spiffe_id DESC, serial DESC LIMIT $1"
+                "WHERE s.replaced_at_ms IS NULL \
+                 ORDER BY s.first_seen_ms DESC, n.agent DESC, n.spiffe_id DESC, s.serial DESC \
+                 LIMIT $1"
             ))
         } else {
             sqlx::query(svid_select!(
-                "ORDER BY first_seen_ms DESC, agent DESC, spiffe_id DESC, serial DESC LIMIT $1"
+                "ORDER BY s.first_seen_ms DESC, n.agent DESC, n.spiffe_id DESC, s.serial DESC \
+                 LIMIT $1"
             ))
         };
         let rows = self
@@ -618,7 +626,7 @@ impl std::error::Error for AtAddress {
 async fn apply_run(conn: &mut PgConnection, run: Run<'_>) -> Result<(), StoreError> {
     let query = match run {
         Run::SubjectSeen(rows) => subjects_seen(&rows),
-        Run::SvidSeen(rows) => svids_seen(&rows),
+        Run::SvidSeen(rows) => return svids_seen(conn, &rows).await,
         Run::SvidReplaced(rows) => svids_replaced(&rows),
         Run::IncidentOpened(rows) => incidents_opened(&rows),
         Run::IncidentClosed(rows) => incidents_closed(&rows),
@@ -676,12 +684,42 @@ fn subjects_seen(rows: &[run::SubjectSeen<'_>]) -> PgQuery {
     .bind(column(rows, |r| r.at_ms))
 }
 
-fn svids_seen(rows: &[run::SvidSeen<'_>]) -> PgQuery {
+/// The pairs first (`svid_names`, each once), then the lifecycles naming
+/// them, in batch order: of two deliveries of one serial in a batch the
+/// first is kept. The shared transaction lock keeps the pruner from
+/// deleting a pair this transaction found but has not yet named in a
+/// lifecycle (see `retention`).
+async fn svids_seen(conn: &mut PgConnection, rows: &[run::SvidSeen<'_>]) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+        .bind(super::retention::SVID_NAMES_LOCK)
+        .execute(&mut *conn)
+        .await
+        .map_err(pg_error)?;
+    let names = run::distinct_pairs(rows.iter().map(|r| (r.agent, r.spiffe_id)));
+    // NOT EXISTS first: a conflict would still draw an identity value.
+    sqlx::query(
+        "INSERT INTO svid_names (agent, spiffe_id) \
+         SELECT u.agent, u.spiffe_id \
+         FROM UNNEST($1::text[], $2::text[]) WITH ORDINALITY AS u(agent, spiffe_id, ord) \
+         WHERE NOT EXISTS (SELECT 1 FROM svid_names n \
+                           WHERE n.agent = u.agent AND n.spiffe_id = u.spiffe_id) \
+         ORDER BY u.ord \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(column(&names, |(agent, _)| text(agent)))
+    .bind(column(&names, |(_, spiffe_id)| text(spiffe_id)))
+    .execute(&mut *conn)
+    .await
+    .map_err(pg_error)?;
     sqlx::query(
         "INSERT INTO svid_lifecycles \
-           (agent, spiffe_id, serial, not_before_ms, not_after_ms, first_seen_ms) \
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], \
-                              $4::int8[], $5::int8[], $6::int8[]) \
+           (name_id, serial, not_before_ms, not_after_ms, first_seen_ms) \
+         SELECT (SELECT n.id FROM svid_names n \
+                 WHERE n.agent = u.agent AND n.spiffe_id = u.spiffe_id), \
+           u.serial, u.not_before_ms, u.not_after_ms, u.at_ms \
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[]) \
+           WITH ORDINALITY AS u(agent, spiffe_id, serial, not_before_ms, not_after_ms, at_ms, ord) \
+         ORDER BY u.ord \
          ON CONFLICT DO NOTHING",
     )
     .bind(column(rows, |r| text(r.agent)))
@@ -690,6 +728,10 @@ fn svids_seen(rows: &[run::SvidSeen<'_>]) -> PgQuery {
     .bind(column(rows, |r| r.not_before_ms))
     .bind(column(rows, |r| r.not_after_ms))
     .bind(column(rows, |r| r.at_ms))
+    .execute(&mut *conn)
+    .await
+    .map(drop)
+    .map_err(pg_error)
 }
 
 fn svids_replaced(rows: &[run::SvidReplaced<'_>]) -> PgQuery {
@@ -700,8 +742,8 @@ fn svids_replaced(rows: &[run::SvidReplaced<'_>]) -> PgQuery {
                FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[]) \
                  WITH ORDINALITY AS u(agent, spiffe_id, serial, at_ms, ord) \
                ORDER BY agent, spiffe_id, serial, ord) AS u \
-         WHERE s.agent = u.agent AND s.spiffe_id = u.spiffe_id AND s.serial = u.serial \
-           AND s.replaced_at_ms IS NULL",
+         JOIN svid_names n ON n.agent = u.agent AND n.spiffe_id = u.spiffe_id \
+         WHERE s.name_id = n.id AND s.serial = u.serial AND s.replaced_at_ms IS NULL",
     )
     .bind(column(rows, |r| text(r.agent)))
     .bind(column(rows, |r| text(r.spiffe_id)))

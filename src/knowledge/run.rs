@@ -154,6 +154,15 @@ impl<'a> SvidSeen<'a> {
     }
 }
 
+/// The distinct `(agent, SPIFFE ID)` pairs of `pairs`, in first-seen order:
+/// the `svid_names` rows a run of [`SvidSeen`] needs.
+pub(super) fn distinct_pairs<'a>(
+    pairs: impl Iterator<Item = (&'a str, &'a str)>,
+) -> Vec<(&'a str, &'a str)> {
+    let mut seen = std::collections::HashSet::new();
+    pairs.filter(|p| seen.insert(*p)).collect()
+}
+
 /// `svid_lifecycles.replaced_at_ms`: the first replacement wins.
 pub(super) struct SvidReplaced<'a> {
     pub agent: &'a str,

@@ -148,6 +148,7 @@ impl Fixture {
             [
                 "subjects",
                 "svid_lifecycles",
+                "svid_names",
                 "incidents",
                 "actions",
                 "holds",
@@ -328,11 +329,11 @@ fn at(ms: i64) -> SystemTime {
     from_unix_millis(ms)
 }
 
-fn q() -> Query {
+pub(super) fn q() -> Query {
     Query::default()
 }
 
-fn incident(id: &str, opened_ms: i64) -> Incident {
+pub(super) fn incident(id: &str, opened_ms: i64) -> Incident {
     Incident {
         id: id.into(),
         kind: SymptomKind::SvidExpiring,
@@ -361,11 +362,11 @@ fn step(action_id: &str, incident_id: &str, rung: usize) -> Step {
     }
 }
 
-fn opened(i: Incident) -> Event {
+pub(super) fn opened(i: Incident) -> Event {
     Event::IncidentOpened { incident: i }
 }
 
-fn started(action_id: &str, incident_id: &str, ms: i64) -> Event {
+pub(super) fn started(action_id: &str, incident_id: &str, ms: i64) -> Event {
     Event::ActionStarted {
         step: step(action_id, incident_id, 0),
         at: at(ms),
@@ -392,7 +393,7 @@ fn verified(id: &str, verification: Verification, ms: i64) -> Event {
     }
 }
 
-fn closed(id: &str, ms: i64, resolution: &str) -> Event {
+pub(super) fn closed(id: &str, ms: i64, resolution: &str) -> Event {
     Event::IncidentClosed {
         id: id.into(),
         at: at(ms),
@@ -400,7 +401,7 @@ fn closed(id: &str, ms: i64, resolution: &str) -> Event {
     }
 }
 
-fn svid_seen(agent: &str, spiffe_id: &str, serial: &str, ms: i64) -> Event {
+pub(super) fn svid_seen(agent: &str, spiffe_id: &str, serial: &str, ms: i64) -> Event {
     Event::SvidSeen {
         agent: agent.into(),
         spiffe_id: spiffe_id.into(),
@@ -411,7 +412,7 @@ fn svid_seen(agent: &str, spiffe_id: &str, serial: &str, ms: i64) -> Event {
     }
 }
 
-fn svid_replaced(agent: &str, spiffe_id: &str, serial: &str, ms: i64) -> Event {
+pub(super) fn svid_replaced(agent: &str, spiffe_id: &str, serial: &str, ms: i64) -> Event {
     Event::SvidReplaced {
         agent: agent.into(),
         spiffe_id: spiffe_id.into(),
@@ -420,7 +421,7 @@ fn svid_replaced(agent: &str, spiffe_id: &str, serial: &str, ms: i64) -> Event {
     }
 }
 
-fn held(incident_id: &str, reason: &str, ms: i64) -> Event {
+pub(super) fn held(incident_id: &str, reason: &str, ms: i64) -> Event {
     Event::Held {
         incident_id: incident_id.into(),
         actuator: "restart-agent".into(),
@@ -471,7 +472,7 @@ fn approval(id: &str, incident_id: &str, ms: i64) -> Approval {
     }
 }
 
-fn requested(id: &str, incident_id: &str, ms: i64) -> Event {
+pub(super) fn requested(id: &str, incident_id: &str, ms: i64) -> Event {
     Event::ApprovalRequested {
         approval: approval(id, incident_id, ms),
     }
@@ -2791,6 +2792,125 @@ async fn postgres_upgrades_from_0001_in_place() {
     }
     pool.close().await;
     check_upgraded(&db.url).await;
+}
+
+/// SVID lifecycles as a 0004-era store keyed them (agent, SPIFFE ID,
+/// serial); the same SQL on both backends.
+const SVIDS_0004: &str = "INSERT INTO svid_lifecycles \
+       (agent, spiffe_id, serial, not_before_ms, not_after_ms, first_seen_ms, replaced_at_ms) \
+     VALUES ('node-a', 'spiffe://example.org/web', '01', 1, 2, 1700000000000, 1700000001000), \
+            ('node-a', 'spiffe://example.org/web', '02', 3, 4, 1700000001000, NULL), \
+            ('node-b', 'spiffe://example.org/web', '01', 5, 6, 1700000000500, NULL), \
+            ('node-a', 'spiffe://example.org/db', '', 7, 8, 1700000000200, NULL)";
+
+/// Migration 0005 carried the lifecycles over to `svid_names` and the
+/// compact key: every row reads back as it was, a re-delivered serial is
+/// still a no-op, and replacing and new serials work on the moved rows.
+async fn check_svids_upgraded(url: &str) {
+    let store = open(url).await.unwrap();
+    let web = "spiffe://example.org/web";
+    let key = |s: &SvidRecord| {
+        (
+            s.agent.clone(),
+            s.spiffe_id.clone(),
+            s.serial.clone(),
+            s.not_before_ms,
+            s.not_after_ms,
+            s.first_seen_ms,
+            s.replaced_at_ms,
+        )
+    };
+    let before: Vec<_> = store.svids(&q()).await.unwrap().iter().map(key).collect();
+    let row = |agent: &str, id: &str, serial: &str, nb, na, seen, replaced| {
+        (
+            agent.to_string(),
+            id.to_string(),
+            serial.to_string(),
+            nb,
+            na,
+            seen,
+            replaced,
+        )
+    };
+    assert_eq!(
+        before,
+        [
+            row("node-a", web, "02", 3, 4, 1_700_000_001_000, None),
+            row("node-b", web, "01", 5, 6, 1_700_000_000_500, None),
+            row(
+                "node-a",
+                "spiffe://example.org/db",
+                "",
+                7,
+                8,
+                1_700_000_000_200,
+                None
+            ),
+            row(
+                "node-a",
+                web,
+                "01",
+                1,
+                2,
+                1_700_000_000_000,
+                Some(1_700_000_001_000)
+            ),
+        ]
+    );
+    let now = 1_700_000_002_000;
+    store
+        .apply(&[
+            svid_seen("node-b", web, "01", now),
+            svid_replaced("node-b", web, "01", now),
+            svid_seen("node-b", web, "03", now),
+        ])
+        .await
+        .unwrap();
+    let after = store.svids(&q()).await.unwrap();
+    assert_eq!(after.len(), 5);
+    assert_eq!(
+        (after[0].agent.as_str(), after[0].serial.as_str()),
+        ("node-b", "03")
+    );
+    let old = after
+        .iter()
+        .find(|s| s.agent == "node-b" && s.serial == "01");
+    assert_eq!(
+        old.map(|s| (s.first_seen_ms, s.replaced_at_ms)),
+        Some((1_700_000_000_500, Some(now)))
+    );
+}
+
+#[tokio::test]
+async fn sqlite_upgrades_svid_lifecycles_from_0004() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("knowledge.db");
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    migrator_upto(super::sqlite::MIGRATIONS, 4)
+        .run(&pool)
+        .await
+        .unwrap();
+    sqlx::query(SVIDS_0004).execute(&pool).await.unwrap();
+    pool.close().await;
+    check_svids_upgraded(&format!("sqlite://{}", path.display())).await;
+}
+
+#[tokio::test]
+async fn postgres_upgrades_svid_lifecycles_from_0004() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    migrator_upto(super::postgres::MIGRATIONS, 4)
+        .run(&pool)
+        .await
+        .unwrap();
+    sqlx::query(SVIDS_0004).execute(&pool).await.unwrap();
+    pool.close().await;
+    check_svids_upgraded(&db.url).await;
 }
 
 /// Every listing shape and every start-up read is an index search or an

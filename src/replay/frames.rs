@@ -17,7 +17,9 @@
 //!   bounded queue: when the queue is full the frame is dropped and
 //!   counted, the tick never waits. Frames over `max_frame_bytes`, and
 //!   past `max_bytes_per_hour` within an hour, are dropped and counted.
-//! - [`prune`] deletes frames older than `retention`, in batches.
+//! - frames older than `retention` are deleted in batches by the store's
+//!   retention pruner ([`crate::knowledge::retention`]), with the rest of
+//!   the store's old rows.
 //!
 //! Every frame carries its run id and the run's tick number (`seq`), so a
 //! replay sees where frames are missing (not recorded, dropped) and starts
@@ -33,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::ReplayConfig;
-use crate::clock::{Clock, unix_millis};
+use crate::clock::unix_millis;
 use crate::handshake::{Counts, Reason, Source};
 use crate::knowledge::frames::{FrameStore, StoredFrame};
 use crate::model::Observations;
@@ -52,9 +54,6 @@ pub const MAX_PRE_ROLL_FRAMES: usize = 1024;
 
 /// Frames written per store call.
 const WRITE_BATCH: usize = 64;
-
-/// How often old frames are pruned.
-pub const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
 /// What one tick sensed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -386,45 +385,6 @@ impl FrameWriter {
                 self.metrics.error("store", e.kind());
                 warn!(error = %e, frames = n, "Cannot store replay frames; they are dropped.");
             }
-        }
-    }
-}
-
-// === Pruning ===
-
-/// Deletes frames older than `retention` now and every `every` after,
-/// until `shutdown` (each pass in batches; see [`FrameStore::prune`]).
-/// Deleted frames are counted as `pruned`; a failed pass is logged,
-/// counted as a store error and tried again at the next.
-pub async fn prune(
-    store: FrameStore,
-    retention: Duration,
-    every: Duration,
-    clock: Arc<dyn Clock>,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let cut = clock
-            .now()
-            .checked_sub(retention)
-            .unwrap_or(SystemTime::UNIX_EPOCH);
-        let pass = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => return,
-            r = store.prune(unix_millis(cut)) => r,
-        };
-        match pass {
-            Ok(n) => count(&metrics, FrameOutcome::Pruned, n),
-            Err(e) => {
-                metrics.error("store", e.kind());
-                warn!(error = %e, "Cannot prune replay frames; trying again later.");
-            }
-        }
-        tokio::select! {
-            biased;
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
         }
     }
 }

@@ -165,6 +165,11 @@ pub struct Metrics {
     pub store_spooled_events_total: prometheus::IntCounter,
     /// Events replayed from the spool into the database at start.
     pub store_replayed_events_total: prometheus::IntCounter,
+    /// Rows deleted by retention, by table
+    /// ([`Table`](crate::knowledge::retention::Table)).
+    pub store_pruned_rows_total: IntCounterVec,
+    /// Duration of one retention pass over every table.
+    pub store_prune_duration_seconds: Histogram,
     /// Workload API stream state per agent (1 = up).
     pub workload_api_stream_up: IntGaugeVec,
     /// SVID notAfter, top-k soonest.
@@ -459,6 +464,18 @@ impl Metrics {
             store_replayed_events_total: reg!(prometheus::IntCounter::new(
                 "spire_healer_store_replayed_events_total",
                 "Events replayed from the local spool into the knowledge store at start."
+            )),
+            store_pruned_rows_total: reg!(c(
+                "spire_healer_store_pruned_rows_total",
+                "Rows deleted from the knowledge store for being older than their retention, by table.",
+                &["table"]
+            )),
+            store_prune_duration_seconds: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "spire_healer_store_prune_duration_seconds",
+                    "Duration of one retention pass over the knowledge store (pauses between batches included)."
+                )
+                .buckets(ACTION_BUCKETS.to_vec())
             )),
             workload_api_stream_up: reg!(g(
                 "spire_healer_workload_api_stream_up",

@@ -425,9 +425,17 @@ async fn pruning_deletes_what_is_older_than_the_retention() {
     let metrics = Arc::new(Metrics::new());
     let clock = Arc::new(crate::clock::ManualClock::new(t(9 * 3600)));
     let shutdown = CancellationToken::new();
-    // Keep 4 h: the frames at 5 h .. 9 h stay.
-    let task = tokio::spawn(prune(
-        store.clone(),
+    // Keep 4 h: the frames at 5 h .. 9 h stay. The store's pruner does it
+    // (every other kind of row kept here).
+    let keep = crate::knowledge::retention::RetentionConfig {
+        svids: Duration::ZERO,
+        holds: Duration::ZERO,
+        incidents: Duration::ZERO,
+        audit: Duration::ZERO,
+    };
+    let pruner = crate::knowledge::retention::Pruner::new(&store);
+    let task = tokio::spawn(pruner.run(
+        keep,
         Duration::from_secs(4 * 3600),
         Duration::from_secs(3600),
         clock,

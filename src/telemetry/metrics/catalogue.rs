@@ -177,6 +177,14 @@ const NOTES: &[(&str, &str)] = &[
         "Observed per flush.",
     ),
     (
+        "spire_healer_store_prune_duration_seconds",
+        "Observed per retention pass (every 10 min), failed passes included.",
+    ),
+    (
+        "spire_healer_store_pruned_rows_total",
+        "+n after each retention pass, per table it deleted from (also for a pass cut short by an error). Created at 0 per table.",
+    ),
+    (
         "spire_healer_store_replayed_events_total",
         "+n at start, when the spool is replayed.",
     ),
@@ -289,6 +297,9 @@ fn label_values(metric: &str, label: &str) -> Option<String> {
         }
         ("spire_healer_trace_spans_dropped_total", "reason") => {
             codes(["queue_full", "export_failed"])
+        }
+        ("spire_healer_store_pruned_rows_total", "table") => {
+            codes(crate::knowledge::retention::Table::ALL.map(|t| t.as_str()))
         }
         ("spire_healer_replay_frames_total", "outcome") => {
             codes(crate::replay::frames::FrameOutcome::ALL.map(|o| o.as_str()))
