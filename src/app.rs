@@ -287,6 +287,7 @@ pub async fn start(
             hub: operator.hub.clone(),
             status: operator.status.subscribe(),
             clock: clock.clone(),
+            leader_epoch: leader.as_ref().map(|l| l.fence.epoch),
         };
         let svc = crate::api::service(
             api_cfg,
