@@ -1184,7 +1184,7 @@ impl Config {
             None => Policy::builtin(),
             Some(p) => Policy::load(p),
         };
-        let policy = match loaded {
+        let mut policy = match loaded {
             Ok(policy) => policy,
             Err(e) => {
                 errors.push(e);
@@ -1193,6 +1193,24 @@ impl Config {
         };
         for problem in policy.problems() {
             errors.push(ConfigError::invalid("policy", problem));
+        }
+        // A node instance leaves what is between an agent and its servers
+        // to the cluster instance: without those ladders it records the
+        // incidents and holds them (`no_ladder`).
+        let role = self.role;
+        let mut left = Vec::new();
+        policy.ladders.retain(|symptom, _| {
+            let acts = crate::model::SymptomKind::parse(symptom).is_none_or(|k| role.acts_on(k));
+            if !acts {
+                left.push(symptom.clone());
+            }
+            acts
+        });
+        if !left.is_empty() {
+            warnings.push(format!(
+                "role = \"node\": the ladders of {} are the cluster instance's; this instance records those incidents and acts on nothing for them",
+                left.join(", ")
+            ));
         }
         let th = &policy.thresholds;
         for p in &self.probes {

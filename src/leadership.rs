@@ -4,6 +4,9 @@
 //! workloads and act on them; `role = "cluster"` watches the servers and
 //! the fleet and acts on pods and failover; `role = "all"` (the default)
 //! does both on one host. Node and cluster instances share one PostgreSQL.
+//! What is between an agent and its servers ([`CLUSTER_SYMPTOMS`]) is the
+//! cluster instance's to act on, even where a node instance sees it: a
+//! node instance records those incidents and acts on nothing for them.
 //!
 //! The cluster role runs active/standby. Liveness comes from one of two
 //! backends:
@@ -41,6 +44,7 @@ use tracing::{info, warn};
 use crate::knowledge::leadership::{self as fence, Fence};
 use crate::knowledge::scope_lock::Holder;
 use crate::knowledge::{Store, StoreError};
+use crate::model::SymptomKind;
 
 /// What an instance watches and acts on.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -64,7 +68,27 @@ impl Role {
             Role::All => "all",
         }
     }
+
+    /// Whether an instance of this role acts on `kind`: every role but
+    /// `node` acts on everything; a node instance leaves
+    /// [`CLUSTER_SYMPTOMS`] to the cluster instance (it records their
+    /// incidents and holds them as `no_ladder`).
+    pub fn acts_on(self, kind: SymptomKind) -> bool {
+        self != Role::Node || !CLUSTER_SYMPTOMS.contains(&kind)
+    }
 }
+
+/// The symptoms between an agent and its servers (its sync, its renewal,
+/// its ban), whose remedies are the cluster instance's: failover first,
+/// then what it has configured. A node instance sees some of them too (an
+/// agent's sync goes stale on its Debug API); if it acted on them with
+/// what it has, it would restart the agent while the cluster instance
+/// fails the same agent over. So it only records them.
+pub const CLUSTER_SYMPTOMS: [SymptomKind; 3] = [
+    SymptomKind::AgentSyncStale,
+    SymptomKind::AgentNotRenewing,
+    SymptomKind::AgentBanned,
+];
 
 /// Where liveness comes from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -15,6 +15,95 @@ pub(crate) enum Datastore {
     Postgres(String),
 }
 
+/// The servers' `NodeAttestor`.
+pub(crate) enum ServerAttestor<'a> {
+    /// `join_token`.
+    JoinToken,
+    /// `k8s_psat` for one cluster, outside Kubernetes (through
+    /// `kube_config_file`).
+    K8sPsat {
+        /// The key of `clusters`.
+        cluster: &'a str,
+        /// `service_account_allow_list` (`namespace:name`).
+        service_account_allow_list: &'a [String],
+        /// `kube_config_file`.
+        kube_config_file: &'a Path,
+    },
+}
+
+impl ServerAttestor<'_> {
+    fn render(&self) -> String {
+        match self {
+            ServerAttestor::JoinToken => r#"NodeAttestor "join_token" {
+        plugin_data {}
+    }"#
+            .to_owned(),
+            ServerAttestor::K8sPsat {
+                cluster,
+                service_account_allow_list,
+                kube_config_file,
+            } => {
+                let allowed: Vec<String> = service_account_allow_list
+                    .iter()
+                    .map(|s| hcl_str(s))
+                    .collect();
+                format!(
+                    r#"NodeAttestor "k8s_psat" {{
+        plugin_data {{
+            clusters = {{
+                {cluster} = {{
+                    service_account_allow_list = [{allowed}]
+                    kube_config_file = {kubeconfig}
+                }}
+            }}
+        }}
+    }}"#,
+                    cluster = hcl_str(cluster),
+                    allowed = allowed.join(", "),
+                    kubeconfig = hcl_str(&kube_config_file.display().to_string()),
+                )
+            }
+        }
+    }
+}
+
+/// The agents' `NodeAttestor`.
+pub(crate) enum AgentAttestor<'a> {
+    /// `join_token` (the token is passed with `-joinToken`).
+    JoinToken,
+    /// `k8s_psat`: the projected-style token in `token_path`.
+    K8sPsat {
+        /// `cluster` (a key of the servers' `clusters`).
+        cluster: &'a str,
+        /// `token_path`.
+        token_path: &'a Path,
+    },
+}
+
+impl AgentAttestor<'_> {
+    fn render(&self) -> String {
+        match self {
+            AgentAttestor::JoinToken => r#"NodeAttestor "join_token" {
+        plugin_data {}
+    }"#
+            .to_owned(),
+            AgentAttestor::K8sPsat {
+                cluster,
+                token_path,
+            } => format!(
+                r#"NodeAttestor "k8s_psat" {{
+        plugin_data {{
+            cluster = {cluster}
+            token_path = {token}
+        }}
+    }}"#,
+                cluster = hcl_str(cluster),
+                token = hcl_str(&token_path.display().to_string()),
+            ),
+        }
+    }
+}
+
 /// One `server.conf`.
 pub(crate) struct ServerConf<'a> {
     pub bind_port: u16,
@@ -28,6 +117,7 @@ pub(crate) struct ServerConf<'a> {
     pub datastore: Datastore,
     pub health_port: u16,
     pub telemetry_port: Option<u16>,
+    pub node_attestor: ServerAttestor<'a>,
 }
 
 impl ServerConf<'_> {
@@ -75,9 +165,7 @@ plugins {{
             keys_path = {keys}
         }}
     }}
-    NodeAttestor "join_token" {{
-        plugin_data {{}}
-    }}
+    {attestor}
 }}
 
 {health}{telemetry}"#,
@@ -90,6 +178,7 @@ plugins {{
             agent_ttl = hcl_str(self.agent_ttl),
             conn = hcl_str(&conn),
             keys = hcl_str(&self.keys_path.display().to_string()),
+            attestor = self.node_attestor.render(),
             health = health_block(self.health_port),
             telemetry = telemetry_block(self.telemetry_port),
         )
@@ -108,6 +197,7 @@ pub(crate) struct AgentConf<'a> {
     pub keys_dir: &'a Path,
     pub health_port: u16,
     pub telemetry_port: Option<u16>,
+    pub node_attestor: AgentAttestor<'a>,
 }
 
 impl AgentConf<'_> {
@@ -128,9 +218,7 @@ impl AgentConf<'_> {
 }}
 
 plugins {{
-    NodeAttestor "join_token" {{
-        plugin_data {{}}
-    }}
+    {attestor}
     KeyManager "disk" {{
         plugin_data {{
             directory = {keys}
@@ -150,6 +238,7 @@ plugins {{
             td = hcl_str(self.trust_domain),
             sync = hcl_str(self.sync_interval),
             keys = hcl_str(&self.keys_dir.display().to_string()),
+            attestor = self.node_attestor.render(),
             health = health_block(self.health_port),
             telemetry = telemetry_block(self.telemetry_port),
         )
@@ -293,6 +382,7 @@ mod tests {
             datastore: Datastore::Postgres("postgres://u:p@h:1/d?sslmode=disable".into()),
             health_port: 2,
             telemetry_port: Some(3),
+            node_attestor: ServerAttestor::JoinToken,
         }
         .render();
         assert!(text.contains(r#"database_type = "postgres""#), "{text}");
@@ -303,6 +393,69 @@ mod tests {
         assert!(text.contains("port = 3"), "{text}");
         assert!(text.contains(r#"bind_port = "2""#), "{text}");
         assert!(!text.contains("admin_ids"), "{text}");
+        assert!(text.contains(r#"NodeAttestor "join_token""#), "{text}");
+    }
+
+    #[test]
+    fn k8s_psat_attestors() {
+        let p = Path::new("/l/s");
+        let allowed = ["spire-system:spire-agent".to_owned()];
+        let server = ServerConf {
+            bind_port: 1,
+            socket: p,
+            data_dir: p,
+            keys_path: p,
+            trust_domain: "td",
+            ca_ttl: "24h",
+            default_x509_svid_ttl: "1h",
+            agent_ttl: "1h",
+            datastore: Datastore::Sqlite(p.into()),
+            health_port: 2,
+            telemetry_port: None,
+            node_attestor: ServerAttestor::K8sPsat {
+                cluster: "kwok",
+                service_account_allow_list: &allowed,
+                kube_config_file: Path::new("/l/server.kubeconfig"),
+            },
+        }
+        .render();
+        let want = r#"    NodeAttestor "k8s_psat" {
+        plugin_data {
+            clusters = {
+                "kwok" = {
+                    service_account_allow_list = ["spire-system:spire-agent"]
+                    kube_config_file = "/l/server.kubeconfig"
+                }
+            }
+        }
+    }"#;
+        assert!(server.contains(want), "{server}");
+        assert!(!server.contains("join_token"), "{server}");
+        let agent = AgentConf {
+            data_dir: p,
+            server_port: 1,
+            socket: p,
+            admin_socket: p,
+            trust_bundle: p,
+            trust_domain: "td",
+            sync_interval: "1s",
+            keys_dir: p,
+            health_port: 2,
+            telemetry_port: None,
+            node_attestor: AgentAttestor::K8sPsat {
+                cluster: "kwok",
+                token_path: Path::new("/l/agent-0.token"),
+            },
+        }
+        .render();
+        let want = r#"    NodeAttestor "k8s_psat" {
+        plugin_data {
+            cluster = "kwok"
+            token_path = "/l/agent-0.token"
+        }
+    }"#;
+        assert!(agent.contains(want), "{agent}");
+        assert!(!agent.contains("join_token"), "{agent}");
     }
 
     #[test]
@@ -320,6 +473,7 @@ mod tests {
             datastore: Datastore::Sqlite(p.into()),
             health_port: 2,
             telemetry_port: None,
+            node_attestor: ServerAttestor::JoinToken,
         }
         .render_with_admin_ids(&["spiffe://td/a".into(), "spiffe://td/b".into()]);
         assert!(

@@ -3,6 +3,13 @@
 //! token under the node alias `spiffe://<td>/node/<j>` and pointed at one
 //! server.
 //!
+//! With [`NodeAttestation::K8sPsat`] ([`HaOptions::node_attestation`]) the
+//! servers run the `k8s_psat` node attestor against a lab control plane
+//! instead of `join_token`, and agent `j` attests with the token bound to
+//! its own kwok pod ([`super::psat`]); its node alias is then an entry
+//! matching its cluster and node UID, so entries parented to
+//! `spiffe://<td>/node/<j>` work the same.
+//!
 //! Layout of the lab directory:
 //!
 //! ```text
@@ -27,10 +34,12 @@ use std::time::Duration;
 use tempfile::TempDir;
 use tokio::time::{Instant, sleep};
 
+use super::conf::{AgentAttestor, ServerAttestor};
 use super::conf::{AgentConf, Datastore, ServerConf};
 use super::database::LabDatabase;
 use super::manifest::{AgentManifest, DatabaseManifest, LabManifest, ServerManifest};
 use super::process::{AgentPaths, AgentProc, ServerProc};
+use super::psat::{K8sPsat, NodeAttestation};
 use super::single::{create_entry, generate_token, write_restart_script};
 use super::{
     DEFAULT_TRUST_DOMAIN, LabError, POLL, WAIT_LIMIT, adopt_orphans, check_binaries,
@@ -72,6 +81,9 @@ pub struct HaOptions {
     /// A given directory is kept, but its `server-*`, `agent-*` and
     /// `bundle.pem` are replaced.
     pub dir: Option<PathBuf>,
+    /// How agents attest: join tokens (the default) or `k8s_psat`, with one
+    /// provisioned node per agent.
+    pub node_attestation: NodeAttestation,
 }
 
 impl Default for HaOptions {
@@ -88,6 +100,7 @@ impl Default for HaOptions {
             bin_dir: default_bin_dir(),
             agent_server: Vec::new(),
             dir: None,
+            node_attestation: NodeAttestation::JoinToken,
         }
     }
 }
@@ -114,7 +127,23 @@ impl HaOptions {
                 self.servers
             ));
         }
+        if let Some(p) = self.psat()
+            && p.nodes.len() != self.agents
+        {
+            return bad(format!(
+                "k8s_psat attestation has {} nodes for {} agents (one node per agent)",
+                p.nodes.len(),
+                self.agents
+            ));
+        }
         Ok(())
+    }
+
+    fn psat(&self) -> Option<&K8sPsat> {
+        match &self.node_attestation {
+            NodeAttestation::K8sPsat(p) => Some(p),
+            NodeAttestation::JoinToken => None,
+        }
     }
 
     fn server_of(&self, j: usize) -> usize {
@@ -128,7 +157,8 @@ impl HaOptions {
 /// One agent as `spire-server agent list` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListedAgent {
-    /// `spiffe://<td>/spire/agent/join_token/<token>`.
+    /// `spiffe://<td>/spire/agent/join_token/<token>` (or
+    /// `…/k8s_psat/<cluster>/<node UID>`).
     pub spiffe_id: String,
     /// Banned agents stay listed until evicted.
     pub banned: bool,
@@ -227,6 +257,8 @@ pub struct HaAgent {
     token: Mutex<String>,
     /// A token issued by [`HaLab::new_join_token_for`], not yet consumed.
     pending_token: Mutex<Option<String>>,
+    /// The agent's SPIFFE ID under `k8s_psat` (fixed by its node).
+    psat_id: Option<String>,
     proc_: AgentProc,
 }
 
@@ -307,7 +339,12 @@ impl HaAgent {
     /// The agent's own SPIFFE ID, `spiffe://<td>/spire/agent/join_token/<token>`,
     /// for the token it attested with. A token from
     /// [`HaLab::new_join_token_for`] counts once a start has consumed it.
+    /// Under `k8s_psat`:
+    /// `spiffe://<td>/spire/agent/k8s_psat/<cluster>/<node UID>`.
     pub fn spiffe_id(&self) -> String {
+        if let Some(id) = &self.psat_id {
+            return id.clone();
+        }
         let token = self.promote_token();
         format!(
             "spiffe://{}/spire/agent/join_token/{token}",
@@ -447,6 +484,7 @@ impl HaLab {
                 server: AtomicUsize::new(opts.server_of(j)),
                 token: Mutex::new(String::new()),
                 pending_token: Mutex::new(None),
+                psat_id: opts.psat().map(|p| p.agent_id(&opts.trust_domain, j)),
                 proc_: AgentProc::new(AgentPaths {
                     bin: agent_bin.clone(),
                     cwd: dir.clone(),
@@ -485,9 +523,13 @@ impl HaLab {
         self.write_bundle().await?;
         for j in 0..self.agents.len() {
             let a = &self.agents[j];
-            let token = generate_token(self.cli_server()?, &a.node_alias).await?;
-            write_file(&a.proc_.token_file, token.as_bytes())?;
-            *a.token.lock().unwrap_or_else(PoisonError::into_inner) = token;
+            if let Some(p) = self.opts.psat() {
+                create_node_alias(self.cli_server()?, &a.node_alias, &p.alias_selectors(j)).await?;
+            } else {
+                let token = generate_token(self.cli_server()?, &a.node_alias).await?;
+                write_file(&a.proc_.token_file, token.as_bytes())?;
+                *a.token.lock().unwrap_or_else(PoisonError::into_inner) = token;
+            }
             self.write_agent_conf(j)?;
             write_restart_script(&a.proc_)?;
         }
@@ -550,6 +592,11 @@ impl HaLab {
     /// The bootstrap bundle given to the agents.
     pub fn bundle_path(&self) -> PathBuf {
         self.root.join("bundle.pem")
+    }
+    /// The `k8s_psat` settings the agents attest with; `None` for join
+    /// tokens.
+    pub fn psat(&self) -> Option<&K8sPsat> {
+        self.opts.psat()
     }
     /// The lab's PostgreSQL database.
     pub fn database_name(&self) -> &str {
@@ -911,8 +958,14 @@ impl HaLab {
     /// consumed the file.
     ///
     /// # Errors
-    /// No server is available, or the CLI fails.
+    /// The agents attest with `k8s_psat` (they attest again by themselves),
+    /// no server is available, or the CLI fails.
     pub async fn new_join_token_for(&self, j: usize) -> Result<String, LabError> {
+        if self.opts.psat().is_some() {
+            return Err(LabError::Options(
+                "the agents attest with k8s_psat: there is no join token to issue (a k8s_psat agent attests again by itself)".into(),
+            ));
+        }
         let a = &self.agents[j];
         let token = generate_token(self.cli_server()?, &a.node_alias).await?;
         write_file(&a.proc_.token_file, token.as_bytes())?;
@@ -1075,6 +1128,14 @@ impl HaLab {
             datastore: Datastore::Postgres(self.db.spire_url.clone()),
             health_port: s.health_port,
             telemetry_port: Some(s.metrics_port),
+            node_attestor: match o.psat() {
+                None => ServerAttestor::JoinToken,
+                Some(p) => ServerAttestor::K8sPsat {
+                    cluster: &p.cluster,
+                    service_account_allow_list: &p.service_account_allow_list,
+                    kube_config_file: &p.kube_config_file,
+                },
+            },
         }
         .render();
         write_file(s.conf(), conf.as_bytes())
@@ -1094,6 +1155,13 @@ impl HaLab {
             keys_dir: &a.dir.join("keys"),
             health_port: a.health_port,
             telemetry_port: Some(a.metrics_port),
+            node_attestor: match o.psat() {
+                None => AgentAttestor::JoinToken,
+                Some(p) => AgentAttestor::K8sPsat {
+                    cluster: &p.cluster,
+                    token_path: &p.nodes[j].token_path,
+                },
+            },
         }
         .render();
         write_file(a.conf(), conf.as_bytes())
@@ -1112,6 +1180,33 @@ impl Drop for HaLab {
             self.db.drop_blocking();
         }
     }
+}
+
+/// `entry create -node` of `alias` for agents with every one of
+/// `selectors` (a node alias).
+async fn create_node_alias(
+    server: &ServerProc,
+    alias: &str,
+    selectors: &[String],
+) -> Result<(), LabError> {
+    let mut args = vec!["entry", "create", "-node", "-spiffeID", alias];
+    for s in selectors {
+        args.extend(["-selector", s.as_str()]);
+    }
+    args.extend(["-output", "json"]);
+    let out = server.cli(&args).await?;
+    let command = "spire-server entry create -node";
+    let v = parse_json(command, &out)?;
+    // The CLI exits 0 on failure with -output json: check the status.
+    let status = &v["results"][0]["status"];
+    if status["code"].as_i64().unwrap_or(0) != 0 {
+        return Err(LabError::Command {
+            command: format!("{command} -spiffeID {alias}"),
+            status: status["code"].to_string(),
+            output: status["message"].as_str().unwrap_or_default().to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// `server-a`, `server-b`, …
@@ -1192,6 +1287,15 @@ mod tests {
             },
             HaOptions {
                 agent_server: vec![0, 2],
+                ..ok.clone()
+            },
+            HaOptions {
+                node_attestation: NodeAttestation::K8sPsat(K8sPsat {
+                    cluster: "c".into(),
+                    kube_config_file: "/k".into(),
+                    service_account_allow_list: vec!["ns:sa".into()],
+                    nodes: Vec::new(),
+                }),
                 ..ok.clone()
             },
         ] {

@@ -1009,7 +1009,7 @@ fn make_private_dir(path: &Path) -> Result<(), LabError> {
 }
 
 /// Writes a file readable by its owner only (tokens, keys).
-fn write_private(path: &Path, contents: &[u8]) -> Result<(), LabError> {
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), LabError> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let what = || format!("writing {}", path.display());

@@ -8,7 +8,9 @@
 //! - [`HaLab`]: an HA pair (or more) of `spire-server`s sharing one
 //!   PostgreSQL database created for the lab, and several `spire-agent`s,
 //!   each attested with its own join token under a node alias
-//!   `spiffe://<td>/node/<j>`.
+//!   `spiffe://<td>/node/<j>`, or with `k8s_psat` against a
+//!   [`ControlPlane`] ([`psat`]: [`K8sPsat`], one kwok node, pod and bound
+//!   token per agent) with the same node aliases.
 //! - [`ControlPlane`] ([`k8s`]): a real, kubelet-less Kubernetes control
 //!   plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
 //!   kwok) on 127.0.0.1, from the binaries `scripts/install-k8s.sh` builds
@@ -73,6 +75,7 @@ pub mod k8s;
 mod manifest;
 pub mod peer;
 mod process;
+pub mod psat;
 mod single;
 pub mod svid_files;
 
@@ -80,6 +83,7 @@ pub use database::{ScratchDatabase, database_exists};
 pub use ha::{HaAgent, HaLab, HaOptions, HaServer, ListedAgent};
 pub use k8s::ControlPlane;
 pub use manifest::{AgentManifest, DatabaseManifest, LabManifest, ServerManifest, healer_config};
+pub use psat::{K8sPsat, NodeAttestation, PsatNode};
 pub use single::{LabOptions, SpireLab};
 
 /// How long any single readiness or sync wait may take.

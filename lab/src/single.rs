@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use super::conf::{AgentConf, Datastore, RestartScript, ServerConf};
+use super::conf::{AgentAttestor, AgentConf, Datastore, RestartScript, ServerAttestor, ServerConf};
 use super::process::{AgentPaths, AgentProc, ServerProc};
 use super::{
     DEFAULT_TRUST_DOMAIN, LabError, WAIT_LIMIT, adopt_orphans, check_binaries, default_bin_dir,
@@ -413,6 +413,7 @@ impl SpireLab {
             datastore: Datastore::Sqlite(d.join("server/data/datastore.sqlite3")),
             health_port: self.server_health_port,
             telemetry_port: None,
+            node_attestor: ServerAttestor::JoinToken,
         }
         .render_with_admin_ids(&o.admin_ids);
         write_file(&self.server.conf, conf.as_bytes())
@@ -432,6 +433,7 @@ impl SpireLab {
             keys_dir: &d.join("agent/keys"),
             health_port: self.agent_health_port,
             telemetry_port: None,
+            node_attestor: AgentAttestor::JoinToken,
         }
         .render();
         write_file(&self.agent.conf, conf.as_bytes())

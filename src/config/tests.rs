@@ -705,3 +705,41 @@ fn roles_and_leadership_validate() {
     let err = Config::from_toml(&format!("role = \"edge\"\n{GOOD}"), "t.toml").unwrap_err();
     assert!(err.to_string().contains("unknown variant `edge`"), "{err}");
 }
+
+#[test]
+fn a_node_instance_leaves_the_agent_server_symptoms_to_the_cluster() {
+    use crate::model::SymptomKind;
+    let resolve = |top: &str| {
+        Config::from_toml(&format!("{top}\n{GOOD}"), "t.toml")
+            .unwrap()
+            .validate(&no_env)
+            .unwrap()
+    };
+    let node = resolve("role = \"node\"");
+    for kind in crate::leadership::CLUSTER_SYMPTOMS {
+        assert!(node.policy.ladder(kind).is_empty(), "{kind}");
+    }
+    // What it sees of its agent and workloads keeps its ladder.
+    assert!(!node.policy.ladder(SymptomKind::AgentUnreachable).is_empty());
+    assert!(!node.policy.ladder(SymptomKind::SvidExpiring).is_empty());
+    assert!(
+        node.warnings
+            .iter()
+            .any(|w| w.contains("agent_sync_stale") && w.contains("cluster instance's")),
+        "{:?}",
+        node.warnings
+    );
+    // No warning about a failover it could never run.
+    assert!(
+        node.warnings.iter().all(|w| !w.contains("\"failover\"")),
+        "{:?}",
+        node.warnings
+    );
+    for top in ["", "role = \"cluster\"", "role = \"all\""] {
+        let r = resolve(top);
+        for kind in crate::leadership::CLUSTER_SYMPTOMS {
+            assert!(!r.policy.ladder(kind).is_empty(), "{top}: {kind}");
+        }
+        assert!(r.warnings.iter().all(|w| !w.contains("cluster instance's")));
+    }
+}
