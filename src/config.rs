@@ -1195,23 +1195,12 @@ impl Config {
             errors.push(ConfigError::invalid("policy", problem));
         }
         // A node instance leaves what is between an agent and its servers
-        // to the cluster instance: without those ladders it records the
-        // incidents and holds them (`no_ladder`).
-        let role = self.role;
-        let mut left = Vec::new();
-        policy.ladders.retain(|symptom, _| {
-            let acts = crate::model::SymptomKind::parse(symptom).is_none_or(|k| role.acts_on(k));
-            if !acts {
-                left.push(symptom.clone());
-            }
-            acts
-        });
-        if !left.is_empty() {
-            warnings.push(format!(
-                "role = \"node\": the ladders of {} are the cluster instance's; this instance records those incidents and acts on nothing for them",
-                left.join(", ")
-            ));
-        }
+        // to the cluster instance: it records those incidents and holds them
+        // (`left_to_cluster`).
+        policy.left_to_cluster = crate::leadership::CLUSTER_SYMPTOMS
+            .into_iter()
+            .filter(|k| !self.role.acts_on(*k))
+            .collect();
         let th = &policy.thresholds;
         for p in &self.probes {
             let per_window = th.burst_window.as_secs_f64() / p.interval.as_secs_f64().max(1e-3);
@@ -1226,7 +1215,12 @@ impl Config {
             }
         }
         for (symptom, rung, actuator) in policy.actuators_used() {
-            if actuator != crate::actuators::REFETCH && !self.actuators.contains_key(actuator) {
+            let left = crate::model::SymptomKind::parse(symptom)
+                .is_some_and(|k| policy.left_to_cluster.contains(&k));
+            if !left
+                && actuator != crate::actuators::REFETCH
+                && !self.actuators.contains_key(actuator)
+            {
                 warnings.push(format!(
                     "policy ladder {symptom}[{rung}] uses actuator {actuator:?}, which is not configured; that rung is skipped"
                 ));

@@ -72,7 +72,7 @@ impl Role {
     /// Whether an instance of this role acts on `kind`: every role but
     /// `node` acts on everything; a node instance leaves
     /// [`CLUSTER_SYMPTOMS`] to the cluster instance (it records their
-    /// incidents and holds them as `no_ladder`).
+    /// incidents and holds them as `left_to_cluster`).
     pub fn acts_on(self, kind: SymptomKind) -> bool {
         self != Role::Node || !CLUSTER_SYMPTOMS.contains(&kind)
     }
@@ -83,7 +83,9 @@ impl Role {
 /// then what it has configured. A node instance sees some of them too (an
 /// agent's sync goes stale on its Debug API); if it acted on them with
 /// what it has, it would restart the agent while the cluster instance
-/// fails the same agent over. So it only records them.
+/// fails the same agent over. So it only records them, and while one is
+/// open it keeps the agent's slot: the agent's stream dropping while the
+/// cluster instance restarts it is explained by it, not acted on.
 pub const CLUSTER_SYMPTOMS: [SymptomKind; 3] = [
     SymptomKind::AgentSyncStale,
     SymptomKind::AgentNotRenewing,

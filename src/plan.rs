@@ -85,11 +85,17 @@ pub enum HoldReason {
     MaxConcurrent,
     /// A maintenance window holds this actuator class now.
     MaintenanceWindow,
+    /// This instance (`role = "node"`) leaves the symptom to the cluster
+    /// instance ([`crate::leadership::CLUSTER_SYMPTOMS`]), which may be
+    /// failing the agent over right now: recorded, not acted on here. It
+    /// keeps the agent's slot, so what follows on the agent (its stream
+    /// dropping during that restart) is explained, not acted on twice.
+    LeftToCluster,
 }
 
 impl HoldReason {
     /// Every reason.
-    pub const ALL: [HoldReason; 22] = [
+    pub const ALL: [HoldReason; 23] = [
         HoldReason::TargetBusy,
         HoldReason::Blind,
         HoldReason::Cooldown,
@@ -112,6 +118,7 @@ impl HoldReason {
         HoldReason::BlastRadius,
         HoldReason::MaxConcurrent,
         HoldReason::MaintenanceWindow,
+        HoldReason::LeftToCluster,
     ];
 
     /// Snake-case name: metric label and store value.
@@ -139,13 +146,16 @@ impl HoldReason {
             HoldReason::BlastRadius => "blast_radius",
             HoldReason::MaxConcurrent => "max_concurrent",
             HoldReason::MaintenanceWindow => "maintenance_window",
+            HoldReason::LeftToCluster => "left_to_cluster",
         }
     }
 
     /// Whether an incident held for this reason keeps its target's slot:
     /// it is the right step, only not now. A diagnosis with nothing to do
     /// (no ladder, nothing configured or left to try, a target we may not
-    /// act on) leaves the slot to the next incident on the target.
+    /// act on) leaves the slot to the next incident on the target; one left
+    /// to the cluster instance keeps it (that instance may be acting on the
+    /// agent).
     fn keeps_slot(self) -> bool {
         matches!(
             self,
@@ -162,6 +172,7 @@ impl HoldReason {
                 | HoldReason::BlastRadius
                 | HoldReason::MaxConcurrent
                 | HoldReason::MaintenanceWindow
+                | HoldReason::LeftToCluster
         )
     }
 }
@@ -410,6 +421,9 @@ impl Planner<'_, '_> {
     fn decide(&mut self, inc: &Incident) -> Decision {
         let input = self.input;
         let target = inc.subject.agent_name().to_string();
+        if input.policy.left_to_cluster.contains(&inc.kind) {
+            return hold(inc, "", HoldReason::LeftToCluster);
+        }
         let ladder = input.policy.ladder(inc.kind);
         if ladder.is_empty() {
             return hold(inc, "", HoldReason::NoLadder);

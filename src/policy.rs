@@ -69,6 +69,12 @@ pub struct Policy {
     /// classes and actuators it lists hold with `maintenance_window`.
     #[serde(default)]
     pub maintenance: Vec<MaintenanceWindow>,
+    /// Symptoms this instance records but leaves to the cluster instance
+    /// (held as `left_to_cluster`): set from the config's `role` (a node
+    /// instance's are [`crate::leadership::CLUSTER_SYMPTOMS`]), never read
+    /// from the policy file.
+    #[serde(skip)]
+    pub left_to_cluster: Vec<SymptomKind>,
 }
 
 /// Open and close conditions of the symptoms.

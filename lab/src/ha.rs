@@ -694,7 +694,7 @@ impl HaLab {
                             a["id"]["path"].as_str().unwrap_or_default()
                         ),
                         banned: a["banned"].as_bool().unwrap_or(false),
-                        can_re_attest: a["can_re_attest"].as_bool().unwrap_or(false),
+                        can_re_attest: a["can_reattest"].as_bool().unwrap_or(false),
                     })
                     .collect()
             })

@@ -244,6 +244,32 @@ fn table() {
             vec!["hold a not_configured"],
         ),
         (
+            "a node instance leaves a stale sync to the cluster instance, which explains the stream loss",
+            Case {
+                incidents: vec![
+                    incident("i1", SymptomKind::AgentSyncStale, "a", 0),
+                    incident("i2", SymptomKind::AgentUnreachable, "a", 0),
+                ],
+                configured: &["refetch", "restart-agent"],
+                policy: |p| p.left_to_cluster = crate::leadership::CLUSTER_SYMPTOMS.to_vec(),
+                ..Case::default()
+            },
+            10,
+            vec!["hold a left_to_cluster", "hold a explained"],
+        ),
+        (
+            "the cluster instance acts on a stale sync",
+            Case {
+                incidents: vec![
+                    incident("i1", SymptomKind::AgentSyncStale, "a", 0),
+                    incident("i2", SymptomKind::AgentUnreachable, "a", 0),
+                ],
+                ..Case::default()
+            },
+            10,
+            vec!["act a failover rung0 next1", "hold a explained"],
+        ),
+        (
             "a burst nothing local explains is only reported",
             Case {
                 incidents: vec![Incident {
