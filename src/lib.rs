@@ -54,6 +54,7 @@ pub mod endpoint;
 pub mod handshake;
 pub mod http_client;
 pub mod knowledge;
+pub mod leadership;
 pub mod model;
 pub mod plan;
 pub mod policy;
