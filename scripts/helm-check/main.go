@@ -14,7 +14,7 @@
 //     names its role, listens on the container port and holds no database URL;
 //   - RBAC is namespaced and exactly what the configuration implies: the
 //     cluster role's pod rules in each namespace of `[kubernetes] namespaces`
-//     and nowhere else, the Lease rule in the release namespace for the lease
+//     and nowhere else, the Lease rule (create, and get and update of that one Lease) in the release namespace for the lease
 //     backend only, the node role bound to nothing unless its configuration
 //     has `[kubernetes]`; no wildcard, no other resource;
 //   - references resolve: service accounts, ConfigMap keys, Roles, and the
@@ -659,7 +659,7 @@ func hasAll(caps []corev1.Capability) bool {
 var allowed = map[string]map[string][]string{
 	"":                    {"pods": {"get", "list", "watch", "delete"}, "pods/eviction": {"create"}},
 	"apps":                {"deployments": {"get", "patch"}, "daemonsets": {"get", "patch"}, "statefulsets": {"get", "patch"}, "replicasets": {"get"}},
-	"coordination.k8s.io": {"leases": {"get", "create", "update", "patch"}},
+	"coordination.k8s.io": {"leases": {"get", "create", "update"}},
 }
 
 func (c *checker) checkRBAC(r *render, ns string, configs map[string]*roleConfig) {
@@ -764,7 +764,7 @@ func (c *checker) checkRBAC(r *render, ns string, configs map[string]*roleConfig
 			}
 			want[l.Namespace+"|leases"] = true
 			if !leases[sa][l.Namespace+"|"+l.Name] {
-				c.errorf("%s: no Role grants get/update/patch on its Lease %s/%s by name", where, l.Namespace, l.Name)
+				c.errorf("%s: no Role grants get and update on its Lease %s/%s by name", where, l.Namespace, l.Name)
 			}
 		}
 		for k := range want {

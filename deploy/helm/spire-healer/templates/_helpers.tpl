@@ -120,7 +120,7 @@ then the keys the chart owns. (dict "root" $ "role" "node"|"cluster")
 {{- $_ := set $owned "kubernetes" (dict "namespaces" $v.kubernetes.namespaces) }}
 {{- end }}
 {{- if eq .role "cluster" }}
-{{- $l := dict "backend" $v.leadership.backend "name" (include "spire-healer.leaseName" $root) "lease_duration" $v.leadership.leaseDuration "renew_every" $v.leadership.renewEvery }}
+{{- $l := dict "backend" $v.leadership.backend "name" (include "spire-healer.leaseName" $root) "lease_duration" $v.leadership.leaseDuration "renew_every" $v.leadership.renewEvery "retry_every" $v.leadership.retryEvery }}
 {{- if eq $v.leadership.backend "lease" }}
 {{- $_ := set $l "namespace" $root.Release.Namespace }}
 {{- end }}
