@@ -56,6 +56,9 @@ pub enum Role {
 }
 
 impl Role {
+    /// Every role.
+    pub const ALL: [Role; 3] = [Role::Node, Role::Cluster, Role::All];
+
     /// Config name.
     pub fn as_str(self) -> &'static str {
         match self {
