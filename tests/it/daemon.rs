@@ -21,9 +21,15 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(config: &Path) -> Result<Daemon> {
+        Self::spawn_with_env(config, &[])
+    }
+
+    /// [`spawn`](Self::spawn) with extra environment variables.
+    pub fn spawn_with_env(config: &Path, env: &[(&str, &Path)]) -> Result<Daemon> {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_spire-healer"))
             .args(["--log-format", "json", "run", "--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stderr(std::process::Stdio::piped())
             .process_group(0)
