@@ -33,11 +33,19 @@
 //! # Facts (measured with this lab and SPIRE v1.15.3)
 //! - The plugin takes the pod name and UID from the TokenReview's `extra`
 //!   fields, which the API server fills only for a token bound to a pod:
-//!   an unbound token is refused ("missing pod name").
-//! - A token bound to a pod is valid while that pod exists (same UID);
-//!   deleting the pod revokes it.
-//! - A k8s_psat agent may attest again by itself (`can_re_attest`): after
-//!   an eviction it comes back with the same SPIFFE ID, no token to issue.
+//!   an unbound token is refused ("fail to get pod name from token review
+//!   status …: missing pod name").
+//! - Each of the three grants is needed: without `pods` get attestation
+//!   fails with "fail to get pod from k8s API server", without `nodes` get
+//!   with "fail to get node", without `tokenreviews` create with "unable to
+//!   validate token with TokenReview API" (each a 403 quoted in the agent's
+//!   log).
+//! - Agents attest with `can_reattest` true: unlike a join-token agent, an
+//!   evicted k8s_psat agent may attest again by itself, so
+//!   [`HaLab::new_join_token_for`](super::HaLab::new_join_token_for) is
+//!   refused under `k8s_psat`.
+//! - A bound token is valid only while its pod exists (Kubernetes
+//!   invalidates it with the pod); the lab never deletes the pods.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
