@@ -17,7 +17,7 @@ pub mod scope_lock;
 mod spool;
 mod sqlite;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

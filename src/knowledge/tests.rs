@@ -185,15 +185,16 @@ impl Fixture {
 }
 
 /// A uniquely named database, dropped (even after a panic) with the value.
-/// Also used by the replay frames' tests (`knowledge::frames`).
-pub(super) struct PgDatabase {
+/// Also used by the replay frames' tests (`knowledge::frames`) and the
+/// leadership tests.
+pub(crate) struct PgDatabase {
     admin_url: String,
     name: String,
-    pub(super) url: String,
+    pub(crate) url: String,
 }
 
 impl PgDatabase {
-    pub(super) async fn create() -> Option<Self> {
+    pub(crate) async fn create() -> Option<Self> {
         let admin_url = pg_admin_url()?;
         let name = format!("spire_healer_test_{}", new_id().replace('-', ""));
         let mut conn = PgConnection::connect(&admin_url)

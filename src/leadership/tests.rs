@@ -10,25 +10,27 @@ use sqlx::Connection;
 use super::*;
 use crate::knowledge::Store;
 
-/// The test database and a leadership name of its own; `None` (skipped)
-/// without `SPIRE_HEALER_TEST_PG_URL` when `SPIRE_HEALER_SKIP_PG=1`.
-async fn setup(lease: Duration) -> Option<(String, Arc<dyn Store>, LeadershipConfig)> {
-    let Ok(url) = std::env::var("SPIRE_HEALER_TEST_PG_URL") else {
-        assert!(
-            std::env::var("SPIRE_HEALER_SKIP_PG").is_ok_and(|v| v == "1"),
-            "SPIRE_HEALER_TEST_PG_URL is unset (SPIRE_HEALER_SKIP_PG=1 skips)"
-        );
-        return None;
-    };
+/// A fresh database and a leadership config for it; `None` (skipped)
+/// when the PostgreSQL half is skipped (`SPIRE_HEALER_SKIP_PG=1`).
+async fn setup(
+    lease: Duration,
+) -> Option<(
+    crate::knowledge::tests::PgDatabase,
+    String,
+    Arc<dyn Store>,
+    LeadershipConfig,
+)> {
+    let db = crate::knowledge::tests::PgDatabase::create().await?;
+    let url = db.url.clone();
     let store = crate::knowledge::open(&url).await.unwrap();
     let cfg = LeadershipConfig {
-        name: format!("test-{}", uuid::Uuid::now_v7().simple()),
+        name: "test-leadership".into(),
         lease_duration: lease,
         renew_every: lease / 3,
         retry_every: Duration::from_millis(200),
         ..LeadershipConfig::default()
     };
-    Some((url, store, cfg))
+    Some((db, url, store, cfg))
 }
 
 fn label(n: u32) -> String {
@@ -54,7 +56,7 @@ async fn terminate_holder(url: &str, cfg: &LeadershipConfig) -> u64 {
 
 #[tokio::test]
 async fn one_leader_at_a_time_and_a_takeover_bumps_the_epoch() {
-    let Some((url, store, cfg)) = setup(Duration::from_secs(15)).await else {
+    let Some((_db, url, store, cfg)) = setup(Duration::from_secs(15)).await else {
         return;
     };
     let mut a = try_postgres(&cfg, &url, &label(1)).await.unwrap().unwrap();
@@ -85,7 +87,7 @@ async fn one_leader_at_a_time_and_a_takeover_bumps_the_epoch() {
 #[tokio::test]
 async fn the_database_ends_a_paused_leaders_session() {
     let lease = Duration::from_secs(2);
-    let Some((url, _store, cfg)) = setup(lease).await else {
+    let Some((_db, url, _store, cfg)) = setup(lease).await else {
         return;
     };
     // A leader that stops renewing (paused): the database's
@@ -115,7 +117,7 @@ fn holder(pid: u32) -> Holder {
 
 #[tokio::test]
 async fn a_standby_stops_campaigning_when_told() {
-    let Some((url, store, cfg)) = setup(Duration::from_secs(15)).await else {
+    let Some((_db, url, store, cfg)) = setup(Duration::from_secs(15)).await else {
         return;
     };
     let _a = try_postgres(&cfg, &url, &label(1)).await.unwrap().unwrap();
