@@ -60,6 +60,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "retention_and_svid_names",
         include_str!("../../migrations/postgres/0005_retention_and_svid_names.sql"),
     ),
+    (
+        6,
+        "held_outcome",
+        include_str!("../../migrations/postgres/0006_held_outcome.sql"),
+    ),
 ];
 
 /// Longest wait for a pooled connection (including connecting).

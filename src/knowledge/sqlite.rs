@@ -56,6 +56,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "retention_and_svid_names",
         include_str!("../../migrations/sqlite/0005_retention_and_svid_names.sql"),
     ),
+    (
+        6,
+        "held_outcome",
+        include_str!("../../migrations/sqlite/0006_held_outcome.sql"),
+    ),
 ];
 
 /// How long a writer waits for another writer's lock before failing.
