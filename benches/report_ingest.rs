@@ -100,6 +100,7 @@ fn main() {
             hub: spire_healer::control::Hub::new(16),
             status: tokio::sync::watch::channel(spire_healer::control::Status::default()).1,
             clock: Arc::new(spire_healer::clock::SystemClock),
+            leader_epoch: None,
         };
         let (_, server) = serve(
             &cfg,

@@ -25,6 +25,12 @@
 #     directory, then cached). To use another binary, set
 #     SPIRE_HEALER_OTELCOL_BIN to its path; it is then used as is (it needs
 #     the otlp receiver and this project's jsonfile exporter).
+#   - Go >= 1.26.6, to build the kubelet-less Kubernetes control plane the
+#     Kubernetes tests start (kube-apiserver, kube-controller-manager,
+#     kube-scheduler, etcd, kwok; scripts/install-k8s.sh; about 10
+#     CPU-minutes once, then cached in the user's cache directory), and
+#     kubectl. To use other binaries, set SPIRE_HEALER_K8S_BIN to a folder
+#     holding them; it is then used as is.
 #   - A Rust toolchain with rustfmt and clippy.
 set -euo pipefail
 
@@ -72,6 +78,15 @@ if [[ -z "${SPIRE_HEALER_OTELCOL_BIN:-}" ]]; then
     || die "scripts/install-otelcol.sh failed"
   export SPIRE_HEALER_OTELCOL_BIN="$otelcol_bin"
 fi
+
+# --- Kubernetes control plane -----------------------------------------------
+if [[ -z "${SPIRE_HEALER_K8S_BIN:-}" ]]; then
+  say "installing the Kubernetes control plane (scripts/install-k8s.sh)"
+  k8s_bin="$("$root/scripts/install-k8s.sh" | tail -n 1)" \
+    || die "scripts/install-k8s.sh failed"
+  export SPIRE_HEALER_K8S_BIN="$k8s_bin"
+fi
+command -v kubectl >/dev/null || die "kubectl is not installed; the Kubernetes tests apply manifests with it"
 
 # --- Grafana dashboard --------------------------------------------------------
 say "checking the Grafana dashboard (scripts/check-dashboard.sh)"

@@ -71,6 +71,9 @@ pub enum StartError {
     /// The local spool could not be opened or emptied.
     #[error("cannot use the spool: {0}")]
     Spool(#[from] knowledge::SpoolError),
+    /// Campaigning for the cluster role's leadership cannot work.
+    #[error("cannot campaign for leadership: {0}")]
+    Leadership(#[from] crate::leadership::LeadershipError),
 }
 
 /// Opens the spool at `path` (locked: one process at a time) and lands
@@ -114,6 +117,13 @@ async fn replay_spool(
 
 /// How often the store is probed when nothing needs writing.
 const STORE_HEARTBEAT: Duration = Duration::from_secs(5);
+/// How often a leader renews its leadership.
+fn leadership_renew(cfg: &crate::config::Config) -> Duration {
+    cfg.leadership
+        .as_ref()
+        .map_or(Duration::from_secs(5), |l| l.renew_every)
+}
+
 /// How often the scope lock's database session is checked.
 const LOCK_CHECK: Duration = Duration::from_secs(10);
 
@@ -139,16 +149,67 @@ pub async fn start(
     // One actor per scope: refuse to start when another instance acts on
     // this store (SQLite) or on one of our agents (PostgreSQL).
     let agents: Vec<String> = cfg.agents.iter().map(|a| a.name.clone()).collect();
+    let health = Arc::new(Health::new(
+        cfg.supervisor.tick_interval * 5 + Duration::from_secs(5),
+    ));
+    // HTTP first: a cluster instance standing by is live, ready and
+    // scraped (`spire_healer_leader` 0) while it waits.
+    let leadership = crate::leadership::of(cfg, url);
+    health.set_standby(leadership.is_some());
+    let http_addr = match cfg.http.enabled.then_some(cfg.http.listen) {
+        Some(addr) => {
+            let router = telemetry::router(metrics.clone(), health.clone(), clock.clone());
+            let (bound, fut) = telemetry::serve_http(addr, router, shutdown.child_token())
+                .await
+                .map_err(|source| StartError::Http { addr, source })?;
+            tasks.spawn(
+                async move {
+                    if let Err(e) = fut.await {
+                        error!(error = %e, "HTTP server failed.");
+                    }
+                }
+                .instrument(info_span!("http")),
+            );
+            info!(addr = %bound, "Serving /metrics, /healthz, /readyz.");
+            Some(bound)
+        }
+        None => None,
+    };
+
     let holder = scope_lock::Holder::this_process(clock.now());
-    let lock = scope_lock::acquire(url, &agents, &holder).await?;
+    // One actor per scope: refuse to start when another instance acts on
+    // this store (SQLite) or on one of our agents (PostgreSQL); the
+    // cluster role campaigns instead, and every write of its leader is
+    // fenced by its epoch.
+    let (lock, leader) = match &leadership {
+        Some(lcfg) => {
+            metrics.leader.set(0);
+            let kube = match lcfg.backend {
+                crate::leadership::Backend::Lease => Some(crate::leadership::kube_client().await?),
+                crate::leadership::Backend::Postgres => None,
+            };
+            let leader =
+                crate::leadership::campaign(lcfg, url, store.clone(), kube, &holder, &shutdown)
+                    .await?;
+            store.set_fence(Some(leader.fence.clone()));
+            metrics.leader_epoch.set(leader.fence.epoch);
+            health.set_standby(false);
+            (ScopeLock::nothing(), Some(leader))
+        }
+        None => (scope_lock::acquire(url, &agents, &holder).await?, None),
+    };
+    metrics.leader.set(1);
     let lock = Arc::new(tokio::sync::Mutex::new(lock));
     // What a previous run could not write lands first, so the loop's
     // memory (cooldowns, budget, open incidents) is read from all of it.
-    let spool = match &resolved.spool {
-        Some(path) => {
+    // A leader keeps no spool: it acts only on what the store took under
+    // its epoch, so nothing of its could be replayed later by a
+    // former leader.
+    let spool = match (&resolved.spool, &leader) {
+        (Some(path), None) => {
             Some(replay_spool(path, cfg.database.spool_max_bytes, &*store, &metrics).await?)
         }
-        None => None,
+        _ => None,
     };
     let since = clock
         .now()
@@ -156,9 +217,6 @@ pub async fn start(
         .unwrap_or(clock.now());
     let knowledge = store.load_knowledge(since).await?;
 
-    let health = Arc::new(Health::new(
-        cfg.supervisor.tick_interval * 5 + Duration::from_secs(5),
-    ));
     let wake = Arc::new(Notify::new());
     // Pause and dry run as last recorded (an operator's change outlives a
     // restart), live approvals and demotions.
@@ -233,6 +291,7 @@ pub async fn start(
             hub: operator.hub.clone(),
             status: operator.status.subscribe(),
             clock: clock.clone(),
+            leader_epoch: leader.as_ref().map(|l| l.fence.epoch),
         };
         let svc = crate::api::service(
             api_cfg,
@@ -260,26 +319,6 @@ pub async fn start(
             api_tcp_addr = Some(addr);
         }
     }
-
-    let http_addr = match cfg.http.enabled.then_some(cfg.http.listen) {
-        Some(addr) => {
-            let router = telemetry::router(metrics.clone(), health.clone(), clock.clone());
-            let (bound, fut) = telemetry::serve_http(addr, router, shutdown.child_token())
-                .await
-                .map_err(|source| StartError::Http { addr, source })?;
-            tasks.spawn(
-                async move {
-                    if let Err(e) = fut.await {
-                        error!(error = %e, "HTTP server failed.");
-                    }
-                }
-                .instrument(info_span!("http")),
-            );
-            info!(addr = %bound, "Serving /metrics, /healthz, /readyz.");
-            Some(bound)
-        }
-        None => None,
-    };
 
     let (policy_tx, policy_rx) = tokio::sync::watch::channel(resolved.policy.clone());
     let interrupted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -362,6 +401,13 @@ pub async fn start(
         Some(r) => supervisor.with_frame_recorder(r),
         None => supervisor,
     };
+    // A leader launches a step only once the store took its ActionStarted
+    // under the leader's epoch.
+    let supervisor = if leader.is_some() {
+        supervisor.fenced()
+    } else {
+        supervisor
+    };
     // The store is probed even when nothing needs writing.
     tasks.spawn(
         crate::supervisor::store_heartbeat(
@@ -407,6 +453,40 @@ pub async fn start(
             }
         }
     });
+    if let Some(mut leader) = leader {
+        let (stop, lost, every) = (shutdown.clone(), lock_lost.clone(), leadership_renew(cfg));
+        let (store, metrics) = (store.clone(), metrics.clone());
+        tasks.spawn(
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => {
+                            crate::leadership::release(leader).await;
+                            return;
+                        }
+                        _ = tokio::time::sleep(every) => {}
+                    }
+                    if !leader.renew().await {
+                        // Stop acting at once: nothing the loop still
+                        // records passes the fence, and the daemon exits.
+                        error!(
+                            epoch = leader.fence.epoch,
+                            "Leadership lost: another instance may lead now; stopping."
+                        );
+                        metrics.leader.set(0);
+                        store.set_fence(Some(crate::knowledge::leadership::Fence {
+                            name: leader.fence.name.clone(),
+                            epoch: -1,
+                        }));
+                        lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                        stop.cancel();
+                        return;
+                    }
+                }
+            }
+            .instrument(info_span!("leadership")),
+        );
+    }
     Ok(Running {
         store,
         metrics,

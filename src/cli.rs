@@ -621,14 +621,22 @@ async fn serve(
     tokio::pin!(stop);
     let mut waiting = false;
     let running = loop {
-        let started = crate::app::start(
-            resolved,
-            clock.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-            &tasks,
-        )
-        .await;
+        // A cluster instance stands by inside `start` until it leads: a
+        // signal meanwhile ends it cleanly.
+        let started = tokio::select! {
+            r = crate::app::start(
+                resolved,
+                clock.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+                &tasks,
+            ) => r,
+            _ = &mut stop => {
+                info!("Received shutdown signal while starting or standing by.");
+                shutdown.cancel();
+                return 0;
+            }
+        };
         match started {
             Ok(r) => break r,
             Err(crate::app::StartError::Store(crate::knowledge::StoreError::InUse(holder)))

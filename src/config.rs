@@ -106,6 +106,13 @@ pub struct Config {
     /// Knowledge store.
     #[serde(default)]
     pub database: DatabaseConfig,
+    /// What this instance watches and acts on (`node`, `cluster`, `all`).
+    #[serde(default)]
+    pub role: crate::leadership::Role,
+    /// Active/standby for the cluster role (`[leadership]`); a cluster
+    /// instance on PostgreSQL leads by the `postgres` backend when unset.
+    #[serde(default)]
+    pub leadership: Option<crate::leadership::LeadershipConfig>,
     /// HTTP endpoints.
     #[serde(default)]
     pub http: HttpConfig,
@@ -805,6 +812,7 @@ impl Config {
         self.validate_supervisor(&mut errors);
         let database_url = self.validate_database(env, &mut errors, &mut warnings);
         let spool = self.spool_path(&database_url, &mut errors);
+        self.validate_role(&database_url, &mut errors);
         let (endpoints, agents) = self.validate_agents(env, &mut errors);
         self.validate_servers(&agents, &mut errors);
         self.validate_agent_sources(&mut errors);
@@ -886,6 +894,51 @@ impl Config {
             ));
         }
         database_url
+    }
+
+    /// `role` and `[leadership]`: a node instance acts on local agents
+    /// only (no servers, no failover); leadership needs PostgreSQL (one
+    /// SQLite file is one host: its lock file already makes one actor), and
+    /// only the cluster role campaigns.
+    fn validate_role(&self, url: &secrecy::SecretString, errors: &mut Vec<ConfigError>) {
+        use crate::leadership::Role;
+        let url = secrecy::ExposeSecret::expose_secret(url);
+        let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
+        if let Some(l) = &self.leadership {
+            for (field, reason) in l.problems() {
+                errors.push(ConfigError::invalid(format!("leadership.{field}"), reason));
+            }
+            if self.role != Role::Cluster {
+                errors.push(ConfigError::invalid(
+                    "leadership",
+                    format!(
+                        "only role = \"cluster\" runs active/standby (role is {:?})",
+                        self.role.as_str()
+                    ),
+                ));
+            } else if !postgres {
+                errors.push(ConfigError::invalid(
+                    "leadership",
+                    "leadership with fencing needs a PostgreSQL database.url shared by every cluster instance",
+                ));
+            }
+        }
+        if self.role == Role::Node {
+            if !self.servers.is_empty() {
+                errors.push(ConfigError::invalid(
+                    "servers",
+                    "role = \"node\" watches local agents only: the cluster instance watches the servers",
+                ));
+            }
+            for (name, act) in &self.actuators {
+                if matches!(act, crate::actuators::ActuatorConfig::ServerFailover(_)) {
+                    errors.push(ConfigError::invalid(
+                        format!("actuators.{name}"),
+                        "role = \"node\" acts locally: failover belongs to the cluster instance",
+                    ));
+                }
+            }
+        }
     }
 
     /// The spool file: `database.spool`, else beside the SQLite file, else

@@ -58,6 +58,7 @@ pub mod handshake;
 pub mod http_client;
 pub mod k8s;
 pub mod knowledge;
+pub mod leadership;
 pub mod model;
 pub mod plan;
 pub mod policy;

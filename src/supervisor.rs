@@ -134,6 +134,8 @@ pub struct Supervisor {
     store: Recorder,
     /// Records observation frames for `replay`, when enabled.
     frames: Option<crate::replay::FrameRecorder>,
+    /// A leader: acts only on what its store recorded under its epoch.
+    fenced: bool,
     /// A new policy, from a reload (SIGHUP); applied between ticks.
     reload: Option<tokio::sync::watch::Receiver<Policy>>,
     /// At shutdown: how long running actions may take, and how many had to
@@ -212,8 +214,18 @@ impl Supervisor {
             store,
             reload: None,
             frames: None,
+            fenced: false,
             shutdown: ShutdownGrace::default(),
         }
+    }
+
+    /// Fenced (the cluster role's leader): a step starts only once the
+    /// store has recorded its `ActionStarted` under the leader's epoch;
+    /// otherwise it is returned failed, unexecuted.
+    #[must_use]
+    pub fn fenced(mut self) -> Self {
+        self.fenced = true;
+        self
     }
 
     /// Records observation frames around incidents for `replay`.
@@ -304,11 +316,23 @@ impl Supervisor {
         if !steps.is_empty() {
             // "Recorded before acting": try to land ActionStarted first. If
             // the store is away the events stay buffered and we act anyway;
-            // the loop must not stall on the database.
+            // the loop must not stall on the database. A fenced leader acts
+            // only on what the store took under its epoch.
             self.store.flush(now).await;
         }
+        let unrecorded = self.fenced && self.store.len() > 0;
         for step in steps {
-            self.executor.launch(step, now);
+            if unrecorded {
+                let why = if self.store.fenced_out() {
+                    "another instance leads now (fenced out)"
+                } else {
+                    "the store has not recorded it under this leader's epoch"
+                };
+                warn!(action = %step.action_id, actuator = %step.actuator, target = %step.target, reason = why, "Not starting an action.");
+                self.executor.refuse(&step, why, now);
+            } else {
+                self.executor.launch(step, now);
+            }
         }
         // Knowledge.
         self.store.flush(now).await;

@@ -1,5 +1,6 @@
 //! The `spire-lab` command line. `up|down|status`: an [`HaLab`] for
-//! operators; `svid-files` and `peer` are test workloads (see
+//! operators; `k8s`: a Kubernetes control plane ([`ControlPlane`]) in the
+//! foreground; `svid-files` and `peer` are test workloads (see
 //! [`super::svid_files`], [`super::peer`]).
 //!
 //! `up` starts the lab in a directory the operator keeps (configs, logs,
@@ -24,8 +25,8 @@ use tokio::time::{Instant, sleep};
 use super::database::{drop_database, redact};
 use super::manifest::healer_config;
 use super::{
-    DEFAULT_TRUST_DOMAIN, HaLab, HaOptions, LabError, LabManifest, default_bin_dir, free_port,
-    pids_with_arg, process_alive, process_has_arg,
+    ControlPlane, DEFAULT_TRUST_DOMAIN, HaLab, HaOptions, LabError, LabManifest, default_bin_dir,
+    free_port, pids_with_arg, process_alive, process_has_arg,
 };
 
 /// Exit code for bad arguments (EX_USAGE).
@@ -68,6 +69,25 @@ pub enum LabCommand {
     /// An mTLS server that loads its SVID files once and answers each
     /// connection with its serving serial (a workload that never reloads).
     Peer(super::peer::PeerArgs),
+    /// Start a kubelet-less Kubernetes control plane (etcd, kube-apiserver,
+    /// kube-controller-manager, kube-scheduler, kwok) on 127.0.0.1 in DIR;
+    /// print its admin kubeconfig and URL; stay in the foreground until
+    /// SIGINT/SIGTERM.
+    K8s(K8sArgs),
+}
+
+/// `spire-lab k8s`.
+#[derive(Debug, Args)]
+pub struct K8sArgs {
+    /// Folder for the plane's files and logs (kept; a previous plane's
+    /// state there is wiped at start).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Folder holding kube-apiserver, kube-controller-manager,
+    /// kube-scheduler, etcd and kwok (the last line `scripts/install-k8s.sh`
+    /// prints).
+    #[arg(long, env = super::k8s::K8S_BIN_ENV)]
+    pub bin_dir: PathBuf,
 }
 
 /// `spire-lab up`.
@@ -122,6 +142,7 @@ pub async fn run(cmd: LabCommand) -> i32 {
         },
         LabCommand::SvidFiles(args) => super::svid_files::main(args, &mut out).await,
         LabCommand::Peer(args) => super::peer::main(args, &mut out).await,
+        LabCommand::K8s(args) => k8s(args, &mut out).await,
         LabCommand::Status(args) => match status(&args.dir, &mut out) {
             Ok(true) => 0,
             // Like `systemctl status`: 3 when not (fully) running.
@@ -319,6 +340,70 @@ async fn up(args: UpArgs, out: &mut dyn Write) -> i32 {
             1
         }
     }
+}
+
+/// `spire-lab k8s`: starts a [`ControlPlane`] in `args.dir`, prints how to
+/// reach it and keeps it until SIGINT/SIGTERM.
+async fn k8s(args: K8sArgs, out: &mut dyn Write) -> i32 {
+    let dir = match absolute(&args.dir) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let _ = writeln!(
+        out,
+        "Starting a Kubernetes control plane in {} (binaries from {}).",
+        dir.display(),
+        args.bin_dir.display()
+    );
+    let _ = out.flush();
+    let plane = tokio::select! {
+        plane = ControlPlane::start_with(&args.bin_dir, &dir) => plane,
+        _ = spire_healer::term::shutdown_signal() => {
+            eprintln!("Interrupted while starting; stopped.");
+            return 130;
+        }
+    };
+    let plane = match plane {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: cannot start the control plane: {e}");
+            return EXIT_UNAVAILABLE;
+        }
+    };
+    let _ = write!(out, "{}", k8s_summary(&plane));
+    let _ = out.flush();
+    spire_healer::term::shutdown_signal().await;
+    let _ = writeln!(out, "Stopping the control plane.");
+    drop(plane);
+    let _ = writeln!(out, "Stopped.");
+    0
+}
+
+fn k8s_summary(plane: &ControlPlane) -> String {
+    let admin = plane.admin_kubeconfig().display().to_string();
+    let mut s = format!(
+        "\nKubernetes control plane up in {:.1} s (nodes are simulated by kwok; containers never run).\n\n",
+        plane.started_in().as_secs_f64()
+    );
+    s += &format!("  server      {}\n", plane.server_url());
+    s += &format!("  kubeconfig  {admin}  (system:masters)\n");
+    s += &format!("  CA          {}\n", plane.ca_pem().display());
+    for user in super::k8s::USERS {
+        s += &format!(
+            "  user        {user}: {}  (no rights until RBAC grants some)\n",
+            plane.user_kubeconfig(user).display()
+        );
+    }
+    for (name, log) in plane.logs() {
+        s += &format!("  log         {name}: {}\n", log.display());
+    }
+    s += &format!(
+        "\nTry:\n  export KUBECONFIG={admin}\n  kubectl get nodes\n\nCtrl-C stops it (every process is killed).\n"
+    );
+    s
 }
 
 /// Registers `spiffe://<td>/healer/<agent>` for this process's euid under

@@ -9,6 +9,10 @@
 //!   PostgreSQL database created for the lab, and several `spire-agent`s,
 //!   each attested with its own join token under a node alias
 //!   `spiffe://<td>/node/<j>`.
+//! - [`ControlPlane`] ([`k8s`]): a real, kubelet-less Kubernetes control
+//!   plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
+//!   kwok) on 127.0.0.1, from the binaries `scripts/install-k8s.sh` builds
+//!   (`SPIRE_HEALER_K8S_BIN`); `spire-lab k8s` runs one for operators.
 //! - [`cmd`]: the `spire-lab` binary. `up|down|status` runs an [`HaLab`] in
 //!   a directory the operator keeps, describes it in `lab.json`
 //!   ([`LabManifest`]) and writes a ready `spire-healer.toml` for it
@@ -65,6 +69,7 @@ pub mod cmd;
 mod conf;
 mod database;
 mod ha;
+pub mod k8s;
 mod manifest;
 pub mod peer;
 mod process;
@@ -73,6 +78,7 @@ pub mod svid_files;
 
 pub use database::{ScratchDatabase, database_exists};
 pub use ha::{HaAgent, HaLab, HaOptions, HaServer, ListedAgent};
+pub use k8s::ControlPlane;
 pub use manifest::{AgentManifest, DatabaseManifest, LabManifest, ServerManifest, healer_config};
 pub use single::{LabOptions, SpireLab};
 
@@ -194,6 +200,37 @@ pub enum LabError {
         #[source]
         source: serde_json::Error,
     },
+    /// `SPIRE_HEALER_K8S_BIN` is not set: the Kubernetes tests skip.
+    #[error(
+        "SPIRE_HEALER_K8S_BIN is not set; run scripts/install-k8s.sh and set it to the folder it prints last (scripts/test.sh does both)"
+    )]
+    K8sBinDirUnset,
+    /// A Kubernetes control-plane binary is missing.
+    #[error(
+        "{} not found; run scripts/install-k8s.sh and set SPIRE_HEALER_K8S_BIN to the folder it prints last",
+        path.display()
+    )]
+    MissingK8sBinary {
+        /// The expected binary.
+        path: PathBuf,
+    },
+    /// A kubeconfig is unreadable or cannot make a client.
+    #[error("kubeconfig {}: {reason}", path.display())]
+    Kubeconfig {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A Kubernetes API call failed.
+    #[error("{what}: {source}")]
+    Kube {
+        /// The call.
+        what: String,
+        /// The client's error (`kube::Error::Api` carries the HTTP status).
+        #[source]
+        source: Box<kube::Error>,
+    },
 }
 
 impl LabError {
@@ -212,12 +249,35 @@ impl LabError {
             LabError::Signal { .. } => "signal",
             LabError::State(_) => "state",
             LabError::Manifest { .. } => "manifest",
+            LabError::K8sBinDirUnset => "k8s_bin_dir_unset",
+            LabError::MissingK8sBinary { .. } => "missing_k8s_binary",
+            LabError::Kubeconfig { .. } => "kubeconfig",
+            LabError::Kube { .. } => "kube",
         }
     }
 
     pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LabError {
         let what = what.into();
         move |source| LabError::Io { what, source }
+    }
+
+    pub(crate) fn kube(what: impl Into<String>) -> impl FnOnce(kube::Error) -> LabError {
+        let what = what.into();
+        move |source| LabError::Kube {
+            what,
+            source: Box::new(source),
+        }
+    }
+
+    /// The HTTP status of a refused Kubernetes API call (403, 404, 429, …).
+    pub fn http_status(&self) -> Option<u16> {
+        match self {
+            LabError::Kube { source, .. } => match source.as_ref() {
+                kube::Error::Api(status) => Some(status.code),
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
     pub(crate) fn not_ready(what: impl Into<String>, limit: Duration, log: &Path) -> LabError {

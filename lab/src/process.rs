@@ -50,7 +50,7 @@ fn current_run(log: &Path, marker: &str) -> String {
 }
 
 /// Kills a child we own and waits (blocking, bounded) until it is reaped.
-fn kill_child_blocking(child: &mut Child) {
+pub(crate) fn kill_child_blocking(child: &mut Child) {
     let _ = child.start_kill();
     for _ in 0..500 {
         if !matches!(child.try_wait(), Ok(None)) {

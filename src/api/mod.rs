@@ -188,6 +188,9 @@ pub struct Backend {
     pub status: tokio::sync::watch::Receiver<crate::control::Status>,
     /// The clock mutating calls are stamped with.
     pub clock: Arc<dyn crate::clock::Clock>,
+    /// The epoch a cluster leader acts under; `None` for the sole actor
+    /// (role `all` or `node`). A standby serves no API.
+    pub leader_epoch: Option<i64>,
 }
 
 fn default_socket() -> PathBuf {

@@ -133,7 +133,12 @@ impl Api {
                 .unwrap_or_default(),
             paused_at_unix_ms: crate::control::ms(pause.map(|p| p.at)),
             dry_run: controls.dry_run(),
-            leadership: pb::Leadership::Sole.into(),
+            leadership: match self.backend.leader_epoch {
+                Some(_) => pb::Leadership::Leader,
+                None => pb::Leadership::Sole,
+            }
+            .into(),
+            leader_epoch: self.backend.leader_epoch.unwrap_or(0),
             pending_approvals: u32::try_from(pending).unwrap_or(u32::MAX),
             demoted: controls
                 .demoted()

@@ -96,6 +96,7 @@ impl TestApi {
             hub: Hub::new(setup.hub_capacity),
             status: status_rx,
             clock: clock.clone(),
+            leader_epoch: None,
         };
         let counter = Counter::default();
         let metrics = Arc::new(Metrics::new());

@@ -154,7 +154,13 @@ pub fn status_text(s: &pb::GetStatusResponse, now: SystemTime) -> String {
     let mut out = pairs(&[
         ("Supervisor", supervisor),
         ("Dry run", on_off(s.dry_run)),
-        ("Leadership", leadership(s.leadership)),
+        (
+            "Leadership",
+            match (leadership(s.leadership), s.leader_epoch) {
+                (l, 0) => l,
+                (l, epoch) => format!("{l} (epoch {epoch})"),
+            },
+        ),
         ("Version", s.version.clone()),
         (
             "Last tick",
@@ -221,6 +227,7 @@ pub fn status_json(s: &pb::GetStatusResponse) -> Value {
         "paused_at": time_json(s.paused_at_unix_ms),
         "dry_run": s.dry_run,
         "leadership": opt(&leadership(s.leadership)),
+        "leader_epoch": (s.leader_epoch != 0).then_some(s.leader_epoch),
         "version": s.version,
         "last_tick": time_json(s.last_tick_unix_ms),
         "store_up": s.store_up,

@@ -20,9 +20,11 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use super::{Config, ConfigError, Location};
 
 /// The top-level keys of [`Config`], in file order of the docs.
-pub(super) const SECTIONS: [&str; 14] = [
+pub(super) const SECTIONS: [&str; 16] = [
     "supervisor",
     "database",
+    "role",
+    "leadership",
     "http",
     "agents",
     "servers",
@@ -169,6 +171,10 @@ pub(super) fn sections(src: Source<'_>, root: &DeTable<'_>) -> Sections {
             .and_then(|v| p.value("supervisor", v))
             .unwrap_or_default(),
         database: p.database(get("database")),
+        role: get("role")
+            .and_then(|v| p.value("role", v))
+            .unwrap_or_default(),
+        leadership: get("leadership").and_then(|v| p.value("leadership", v)),
         http: get("http")
             .and_then(|v| p.value("http", v))
             .unwrap_or_default(),

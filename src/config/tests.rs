@@ -645,3 +645,63 @@ fn actuator_errors_are_placed_though_tagged_enums_lose_positions() {
         "supervisor (line 1, column 14): invalid type: integer `5`, expected a table"
     );
 }
+
+/// [`problem_keys`] of the valid configuration with `top` (top-level keys)
+/// before it, its database URL replaced by `url`, and `extra` after it.
+fn role_keys(top: &str, url: &str, extra: &str) -> Vec<String> {
+    let good = GOOD.replace("sqlite://healer.db", url);
+    problem_keys(&format!("{top}\n{good}{extra}"))
+}
+
+#[test]
+fn roles_and_leadership_validate() {
+    const PG: &str = "postgres://u:p@127.0.0.1/db";
+    let c = Config::from_toml(GOOD, "t.toml").unwrap();
+    assert_eq!(c.role, crate::leadership::Role::All);
+    assert!(crate::leadership::of(&c, "sqlite://x").is_none());
+    // A cluster instance on PostgreSQL leads by the postgres backend by
+    // default; on SQLite it is the only actor (its lock file).
+    let cluster = Config::from_toml(&format!("role = \"cluster\"\n{GOOD}"), "t.toml").unwrap();
+    let l = crate::leadership::of(&cluster, PG).unwrap();
+    assert_eq!(l.backend, crate::leadership::Backend::Postgres);
+    assert_eq!(l.name, "spire-healer-cluster");
+    assert!(crate::leadership::of(&cluster, "sqlite://x").is_none());
+    assert!(role_keys("role = \"cluster\"", PG, "").is_empty());
+    assert!(
+        role_keys(
+            "role = \"cluster\"",
+            PG,
+            "[leadership]\nbackend = \"lease\"\nnamespace = \"spire-system\"\nlease_duration = \"10s\"\n"
+        )
+        .is_empty()
+    );
+    // Leadership needs the cluster role and PostgreSQL; its fields are
+    // checked.
+    assert_eq!(
+        role_keys("", PG, "[leadership]\nname = \"x\"\n"),
+        ["leadership"]
+    );
+    assert_eq!(
+        role_keys("role = \"cluster\"", "sqlite://healer.db", "[leadership]\n"),
+        ["leadership"]
+    );
+    assert_eq!(
+        role_keys(
+            "role = \"cluster\"",
+            PG,
+            "[leadership]\nbackend = \"lease\"\nrenew_every = \"30s\"\n"
+        ),
+        ["leadership.renew_every", "leadership.namespace"]
+    );
+    // A node instance watches no servers and moves no agents.
+    assert_eq!(
+        role_keys(
+            "role = \"node\"",
+            PG,
+            "[[servers]]\nname = \"s1\"\nadmin_socket = \"/run/spire/server/api.sock\"\n"
+        ),
+        ["servers"]
+    );
+    let err = Config::from_toml(&format!("role = \"edge\"\n{GOOD}"), "t.toml").unwrap_err();
+    assert!(err.to_string().contains("unknown variant `edge`"), "{err}");
+}

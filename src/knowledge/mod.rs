@@ -8,6 +8,7 @@
 
 mod buffer;
 pub mod frames;
+pub mod leadership;
 mod list;
 mod postgres;
 pub mod retention;
@@ -19,7 +20,7 @@ mod sqlite;
 mod tests;
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -58,6 +59,20 @@ pub enum StoreError {
     /// that listing could have given). The message says which.
     #[error("invalid query: {0}")]
     InvalidQuery(String),
+    /// A fenced write found another leader's epoch: this instance lost its
+    /// leadership and must not record (or start) anything.
+    #[error(
+        "leadership {name:?} moved on: this instance led under epoch {ours}, the store now holds {}",
+        current.map_or_else(|| "no epoch".to_string(), |c| format!("epoch {c}"))
+    )]
+    Fenced {
+        /// Leadership name.
+        name: String,
+        /// Our epoch.
+        ours: i64,
+        /// The stored epoch (none: the row is gone).
+        current: Option<i64>,
+    },
 }
 
 impl StoreError {
@@ -71,6 +86,7 @@ impl StoreError {
             StoreError::Config(_) => "config",
             StoreError::InUse(_) => "in_use",
             StoreError::InvalidQuery(_) => "invalid_query",
+            StoreError::Fenced { .. } => "fenced",
         }
     }
 
@@ -335,6 +351,11 @@ pub struct Query {
     pub id: Option<String>,
 }
 
+/// What a store without a leadership table answers.
+fn no_leadership(backend: &str) -> StoreError {
+    StoreError::Config(format!("the {backend} store keeps no leadership"))
+}
+
 /// The knowledge store.
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -375,6 +396,37 @@ pub trait Store: Send + Sync {
     async fn audit(&self, q: &Query) -> Result<Vec<AuditRecord>, StoreError>;
     /// Cheap liveness check.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Fences every later [`Store::apply`] (see [`leadership`]): each checks,
+    /// in its own transaction, that the leadership row still holds this
+    /// epoch, and stamps the actions it starts with it. `None` unfences.
+    fn set_fence(&self, _fence: Option<leadership::Fence>) {}
+    /// Takes the leadership `name` for `holder` over a pooled connection:
+    /// bumps its epoch and sets its expiry `lease` ahead. Returns the new
+    /// epoch (see [`leadership::pg_take`]).
+    async fn take_leadership(
+        &self,
+        _name: &str,
+        _holder: &str,
+        _lease: Duration,
+    ) -> Result<i64, StoreError> {
+        Err(no_leadership(self.backend()))
+    }
+    /// Renews `fence`'s expiry `lease` ahead; `false` when another leader
+    /// took over since.
+    async fn renew_leadership(
+        &self,
+        _fence: &leadership::Fence,
+        _lease: Duration,
+    ) -> Result<bool, StoreError> {
+        Err(no_leadership(self.backend()))
+    }
+    /// The leadership row `name`, if any.
+    async fn leadership(
+        &self,
+        _name: &str,
+    ) -> Result<Option<leadership::LeadershipRecord>, StoreError> {
+        Err(no_leadership(self.backend()))
+    }
 }
 
 /// Opens an existing store for reading (`incidents`, `actions`): never

@@ -23,7 +23,7 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPool
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Postgres, Row, SqlSafeStr};
 
 use super::list::{self, Arg, Listing, limit};
-use super::run::{self, Run, runs};
+use super::run::{self, Run, runs, started_ids};
 use super::sqlite::{control_from_columns, count, identity_from_columns, incident_from_record};
 use super::{
     ActionRecord, ApprovalRecord, AuditRecord, DemotionRecord, HoldRecord, IncidentRecord,
@@ -62,8 +62,13 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
     (
         6,
+        "leadership",
+        include_str!("../../migrations/postgres/0006_leadership.sql"),
+    ),
+    (
+        7,
         "held_outcome",
-        include_str!("../../migrations/postgres/0006_held_outcome.sql"),
+        include_str!("../../migrations/postgres/0007_held_outcome.sql"),
     ),
 ];
 
@@ -79,6 +84,9 @@ const MAX_CONNECTIONS: u32 = 4;
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// Set by a leader: every write checks its epoch (see
+    /// [`super::leadership`]).
+    fence: std::sync::Arc<std::sync::RwLock<Option<super::leadership::Fence>>>,
     /// `host:port`, for error messages.
     addr: String,
 }
@@ -185,7 +193,11 @@ impl PostgresStore {
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy_with(options);
-        let store = Self { pool, addr };
+        let store = Self {
+            pool,
+            addr,
+            fence: std::sync::Arc::default(),
+        };
         store
             .bounded(async {
                 migrator()
@@ -214,7 +226,11 @@ impl PostgresStore {
             .max_connections(1)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy_with(options);
-        let store = Self { pool, addr };
+        let store = Self {
+            pool,
+            addr,
+            fence: std::sync::Arc::default(),
+        };
         let version: Option<i64> = store
             .bounded(async {
                 let exists: bool =
@@ -297,8 +313,12 @@ impl Store for PostgresStore {
         if events.is_empty() {
             return Ok(());
         }
+        let fence = self.fence.read().map(|f| f.clone()).unwrap_or(None);
         self.bounded(async {
             let mut tx = self.pool.begin().await.map_err(pg_error)?;
+            if let Some(fence) = &fence {
+                super::leadership::pg_check(&mut tx, fence).await?;
+            }
             for rows in runs(events) {
                 apply_run(&mut tx, rows.run).await?;
                 if !rows.audit.is_empty() {
@@ -307,6 +327,9 @@ impl Store for PostgresStore {
                         .await
                         .map_err(pg_error)?;
                 }
+            }
+            if let Some(fence) = &fence {
+                super::leadership::pg_stamp(&mut tx, fence, &started_ids(events)).await?;
             }
             tx.commit().await.map_err(pg_error)
         })
@@ -478,6 +501,48 @@ impl Store for PostgresStore {
                 .await
                 .map(drop)
                 .map_err(pg_error)
+        })
+        .await
+    }
+
+    fn set_fence(&self, fence: Option<super::leadership::Fence>) {
+        if let Ok(mut f) = self.fence.write() {
+            *f = fence;
+        }
+    }
+
+    async fn take_leadership(
+        &self,
+        name: &str,
+        holder: &str,
+        lease: Duration,
+    ) -> Result<i64, StoreError> {
+        self.bounded(async {
+            let mut conn = self.pool.acquire().await.map_err(pg_error)?;
+            super::leadership::pg_take(&mut conn, name, holder, lease).await
+        })
+        .await
+    }
+
+    async fn renew_leadership(
+        &self,
+        fence: &super::leadership::Fence,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        self.bounded(async {
+            let mut conn = self.pool.acquire().await.map_err(pg_error)?;
+            super::leadership::pg_renew(&mut conn, fence, lease).await
+        })
+        .await
+    }
+
+    async fn leadership(
+        &self,
+        name: &str,
+    ) -> Result<Option<super::leadership::LeadershipRecord>, StoreError> {
+        self.bounded(async {
+            let mut conn = self.pool.acquire().await.map_err(pg_error)?;
+            super::leadership::pg_read(&mut conn, name).await
         })
         .await
     }

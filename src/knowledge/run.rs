@@ -820,3 +820,15 @@ fn digest(parts: &[&str]) -> String {
 pub(super) fn to_i64(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
+
+/// The ids of the actions `events` start: what a fenced write stamps with
+/// its epoch.
+pub(super) fn started_ids(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::ActionStarted { step, .. } => Some(step.action_id.clone()),
+            _ => None,
+        })
+        .collect()
+}

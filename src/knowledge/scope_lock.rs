@@ -53,7 +53,7 @@ impl Holder {
     }
 
     /// `host=… pid=… since_ms=…`: how a holder names itself.
-    fn label(&self) -> String {
+    pub fn label(&self) -> String {
         format!(
             "spire-healer host={} pid={} since_ms={}",
             self.host,
@@ -104,6 +104,14 @@ enum Held {
 }
 
 impl ScopeLock {
+    /// Holds nothing: the instance's scope is fenced another way (a
+    /// cluster leader's epoch, see [`crate::leadership`]).
+    pub fn nothing() -> Self {
+        Self {
+            held: Held::Nothing,
+        }
+    }
+
     /// What this lock holds, for logs.
     pub fn kind(&self) -> &'static str {
         match self.held {

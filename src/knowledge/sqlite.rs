@@ -18,7 +18,7 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, Row, SqlSafeStr, Sqlite};
 
 use super::list::{self, Arg, Listing, limit};
-use super::run::{self, Run, runs};
+use super::run::{self, Run, runs, started_ids};
 use super::{
     ActionRecord, ApprovalRecord, AuditRecord, ControlRecord, DemotionRecord, HoldRecord,
     IncidentRecord, Knowledge, Query, Store, StoreError, SvidRecord, VERDICT_WINDOW, VerdictRecord,
@@ -58,8 +58,13 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
     (
         6,
+        "leadership",
+        include_str!("../../migrations/sqlite/0006_leadership.sql"),
+    ),
+    (
+        7,
         "held_outcome",
-        include_str!("../../migrations/sqlite/0006_held_outcome.sql"),
+        include_str!("../../migrations/sqlite/0007_held_outcome.sql"),
     ),
 ];
 
@@ -79,6 +84,9 @@ type SqliteQuery = sqlx::query::Query<'static, Sqlite, SqliteArguments>;
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Set by a leader: every write checks its epoch (see
+    /// [`super::leadership`]).
+    fence: std::sync::Arc<std::sync::RwLock<Option<super::leadership::Fence>>>,
 }
 
 // SELECT lists shared by the listing and loading queries; `concat!` keeps
@@ -193,7 +201,10 @@ impl SqliteStore {
             ))
         })?;
         migrator().run(&pool).await.map_err(StoreError::Migrate)?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            fence: std::sync::Arc::default(),
+        })
     }
 
     /// Opens an existing database file for reading: never creates it, never
@@ -238,7 +249,10 @@ impl SqliteStore {
                 version.map_or("none".to_string(), |v| v.to_string())
             )));
         }
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            fence: std::sync::Arc::default(),
+        })
     }
 
     /// The underlying pool: for the replay frames (`knowledge::frames`),
@@ -316,11 +330,18 @@ impl Store for SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(StoreError::from_sqlx)?;
+        let fence = self.fence.read().map(|f| f.clone()).unwrap_or(None);
+        if let Some(fence) = &fence {
+            super::leadership::sqlite_check(&mut tx, fence).await?;
+        }
         for rows in runs(events) {
             apply_run(&mut tx, rows.run).await?;
             if !rows.audit.is_empty() {
                 audit_rows(&mut tx, &rows.audit).await?;
             }
+        }
+        if let Some(fence) = &fence {
+            super::leadership::sqlite_stamp(&mut tx, fence, &started_ids(events)).await?;
         }
         tx.commit().await.map_err(StoreError::from_sqlx)
     }
@@ -474,6 +495,51 @@ impl Store for SqliteStore {
             .map(drop)
             .map_err(StoreError::from_sqlx)
     }
+
+    fn set_fence(&self, fence: Option<super::leadership::Fence>) {
+        if let Ok(mut f) = self.fence.write() {
+            *f = fence;
+        }
+    }
+
+    async fn take_leadership(
+        &self,
+        name: &str,
+        holder: &str,
+        lease: Duration,
+    ) -> Result<i64, StoreError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(StoreError::from_sqlx)?;
+        let epoch = super::leadership::sqlite_take(&mut tx, name, holder, lease, now_ms()).await?;
+        tx.commit().await.map_err(StoreError::from_sqlx)?;
+        Ok(epoch)
+    }
+
+    async fn renew_leadership(
+        &self,
+        fence: &super::leadership::Fence,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(StoreError::from_sqlx)?;
+        super::leadership::sqlite_renew(&mut conn, fence, lease, now_ms()).await
+    }
+
+    async fn leadership(
+        &self,
+        name: &str,
+    ) -> Result<Option<super::leadership::LeadershipRecord>, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(StoreError::from_sqlx)?;
+        super::leadership::sqlite_read(&mut conn, name, now_ms()).await
+    }
+}
+
+/// Unix milliseconds now: SQLite's leadership expiry (one host, one clock).
+#[allow(clippy::disallowed_methods)]
+fn now_ms() -> i64 {
+    crate::clock::unix_millis(std::time::SystemTime::now())
 }
 
 impl SqliteStore {

@@ -678,8 +678,126 @@ contract!(
     load_knowledge_restores_controls_approvals_and_demotions,
     verdict_window_restarts_at_a_reset,
     incident_by_id,
+    fenced_writes_check_the_epoch,
     a_held_action_round_trips,
 );
+
+/// The epoch an action row was stamped with.
+async fn action_epoch(f: &Fixture, id: &str) -> Option<i64> {
+    const SQL: &str = "SELECT epoch FROM actions WHERE id = $1";
+    match &f.raw {
+        Raw::Sqlite(s) => sqlx::query_scalar(SQL)
+            .bind(id.to_owned())
+            .fetch_one(s.pool())
+            .await
+            .unwrap(),
+        Raw::Postgres(s) => sqlx::query_scalar(SQL)
+            .bind(id.to_owned())
+            .fetch_one(s.pool())
+            .await
+            .unwrap(),
+    }
+}
+
+async fn fenced_writes_check_the_epoch(f: Fixture) {
+    let lease = Duration::from_secs(15);
+    // Unfenced writes carry no epoch.
+    f.store
+        .apply(&[opened(incident("inc-1", T0)), started("act-0", "inc-1", T0)])
+        .await
+        .unwrap();
+    assert_eq!(action_epoch(&f, "act-0").await, None);
+    assert_eq!(f.store.leadership("cluster").await.unwrap(), None);
+    // A first leader: epoch 1; its actions are stamped with it.
+    let first = f
+        .store
+        .take_leadership("cluster", "a", lease)
+        .await
+        .unwrap();
+    assert_eq!(first, 1);
+    let fence_a = leadership::Fence {
+        name: "cluster".into(),
+        epoch: first,
+    };
+    f.store.set_fence(Some(fence_a.clone()));
+    f.store
+        .apply(&[started("act-1", "inc-1", T0 + 1)])
+        .await
+        .unwrap();
+    assert_eq!(action_epoch(&f, "act-1").await, Some(1));
+    assert!(f.store.renew_leadership(&fence_a, lease).await.unwrap());
+    // Another instance takes over: epoch 2. The former leader's renewal
+    // and every write of its (the whole batch) are refused.
+    let second = f
+        .store
+        .take_leadership("cluster", "b", lease)
+        .await
+        .unwrap();
+    assert_eq!(second, 2);
+    assert!(!f.store.renew_leadership(&fence_a, lease).await.unwrap());
+    let err = f
+        .store
+        .apply(&[
+            finished("act-1", OutcomeKind::Ok, T0 + 2),
+            started("act-2", "inc-1", T0 + 3),
+        ])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Fenced {
+                ours: 1,
+                current: Some(2),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(err.kind(), "fenced");
+    let actions = f.store.actions(&q()).await.unwrap();
+    assert!(actions.iter().all(|a| a.id != "act-2"), "{actions:?}");
+    assert!(
+        actions
+            .iter()
+            .find(|a| a.id == "act-1")
+            .is_some_and(|a| a.finished_at_ms.is_none())
+    );
+    let row = f.store.leadership("cluster").await.unwrap().unwrap();
+    assert_eq!(
+        (row.epoch, row.holder.as_str(), row.expired),
+        (2, "b", false)
+    );
+    // The new leader writes under its epoch; unfenced writes pass again.
+    f.store.set_fence(Some(leadership::Fence {
+        name: "cluster".into(),
+        epoch: second,
+    }));
+    f.store
+        .apply(&[started("act-2", "inc-1", T0 + 3)])
+        .await
+        .unwrap();
+    assert_eq!(action_epoch(&f, "act-2").await, Some(2));
+    f.store.set_fence(None);
+    f.store
+        .apply(&[finished("act-2", OutcomeKind::Ok, T0 + 4)])
+        .await
+        .unwrap();
+    // A fence on a name nobody took is refused too.
+    f.store.set_fence(Some(leadership::Fence {
+        name: "other".into(),
+        epoch: 1,
+    }));
+    let err = f
+        .store
+        .apply(&[seen(Subject::agent("x"), T0)])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Fenced { current: None, .. }),
+        "{err}"
+    );
+}
 
 async fn migrations_are_idempotent(f: Fixture) {
     f.store

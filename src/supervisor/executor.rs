@@ -454,6 +454,18 @@ impl Executor {
     }
 
     /// Runs the step as a tracked task (a dry run only reports back).
+    /// Returns `step` as failed without running it: a fenced leader whose
+    /// store did not take the step's `ActionStarted` under its epoch (the
+    /// store is away, or another leader took over) may not act on it.
+    pub(super) fn refuse(&mut self, step: &Step, why: &str, now: SystemTime) {
+        let error = format!("not executed: {why}");
+        let _ = self.results_tx.send((
+            step.action_id.clone(),
+            outcome(OutcomeKind::Error, Some(error)),
+            now,
+        ));
+    }
+
     pub(super) fn launch(&mut self, step: Step, now: SystemTime) {
         let tx = self.results_tx.clone();
         if step.dry_run {

@@ -101,6 +101,9 @@ pub(super) struct Recorder {
     /// The last spool error was logged; cleared when spooling works again,
     /// so a full disk logs once, not every tick.
     spool_warned: bool,
+    /// A fenced write found another leader's epoch: nothing more of ours
+    /// will ever be recorded.
+    fenced_out: bool,
 }
 
 impl Recorder {
@@ -111,6 +114,7 @@ impl Recorder {
             health: Arc::default(),
             failed_at: None,
             spool_warned: false,
+            fenced_out: false,
         }
     }
 
@@ -121,6 +125,11 @@ impl Recorder {
 
     pub(super) fn push(&mut self, events: Vec<Event>) {
         self.buffer.push(events);
+    }
+
+    /// Whether a fenced write found another leader's epoch.
+    pub(super) fn fenced_out(&self) -> bool {
+        self.fenced_out
     }
 
     /// Events still waiting for the store.
@@ -188,6 +197,10 @@ impl Recorder {
             Err(_) => Some("timeout".to_string()),
             Ok(Err(e)) => {
                 m.error("store", e.kind());
+                if matches!(e, crate::knowledge::StoreError::Fenced { .. }) && !self.fenced_out {
+                    tracing::error!(error = %e, "Fenced out: another instance leads; nothing more is recorded or started here.");
+                    self.fenced_out = true;
+                }
                 Some(e.to_string())
             }
         };

@@ -237,6 +237,10 @@ pub struct Metrics {
     pub incidents_held: IntGaugeVec,
     /// 1 while an operator has paused the supervisor.
     pub paused: IntGauge,
+    /// 1 while this instance leads (acts); 0 while it stands by.
+    pub leader: IntGauge,
+    /// The fencing epoch this instance leads under (0 while standing by).
+    pub leader_epoch: IntGauge,
     /// 1 while dry run is on (configured or switched by an operator).
     pub dry_run: IntGauge,
     /// Approvals waiting for an operator.
@@ -650,6 +654,14 @@ impl Metrics {
             paused: reg!(IntGauge::new(
                 "spire_healer_paused",
                 "1 while an operator has paused the supervisor: no action starts."
+            )),
+            leader: reg!(IntGauge::new(
+                "spire_healer_leader",
+                "1 while this instance acts: the sole instance, or the cluster role's leader; 0 while it stands by."
+            )),
+            leader_epoch: reg!(IntGauge::new(
+                "spire_healer_leader_epoch",
+                "The fencing epoch this cluster instance leads under (0 while standing by or unfenced)."
             )),
             dry_run: reg!(IntGauge::new(
                 "spire_healer_dry_run",

@@ -42,6 +42,8 @@ pub fn init_logging(format: LogFormat, default_level: &str) {
 pub struct Health {
     last_tick_ms: AtomicI64,
     ready: AtomicBool,
+    /// A cluster instance standing by: live and ready without ticking.
+    standby: AtomicBool,
     /// A tick older than this means the loop is stuck.
     stale_after: Duration,
 }
@@ -52,6 +54,7 @@ impl Health {
         Self {
             last_tick_ms: AtomicI64::new(0),
             ready: AtomicBool::new(false),
+            standby: AtomicBool::new(false),
             stale_after,
         }
     }
@@ -66,8 +69,21 @@ impl Health {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
-    /// The loop has ticked within `stale_after` of `now`.
+    /// Standing by (campaigning for leadership): live and ready, no loop.
+    pub fn set_standby(&self, standby: bool) {
+        self.standby.store(standby, Ordering::Relaxed);
+    }
+
+    /// Whether it stands by.
+    pub fn is_standby(&self) -> bool {
+        self.standby.load(Ordering::Relaxed)
+    }
+
+    /// The loop has ticked within `stale_after` of `now` (or it stands by).
     pub fn is_live(&self, now: SystemTime) -> bool {
+        if self.is_standby() {
+            return true;
+        }
         let ms = self.last_tick_ms.load(Ordering::Relaxed);
         ms > 0 && saturating_since(now, from_unix_millis(ms)) <= self.stale_after
     }
@@ -117,7 +133,9 @@ async fn healthz(State(s): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
-    if s.health.is_ready(s.clock.now()) {
+    if s.health.is_standby() {
+        (StatusCode::OK, "standby\n")
+    } else if s.health.is_ready(s.clock.now()) {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")

@@ -287,7 +287,8 @@ pub fn lint(d: &Value, known: &dyn Fn(&str) -> bool) -> Findings {
             ));
         }
         for (other, (ox, oy, ow, oh)) in &rects {
-            if x < ox + ow && *ox < x + w && y < oy + oh && *oy < y + h {
+            let (ox, oy, ow, oh): (i64, i64, i64, i64) = (*ox, *oy, *ow, *oh);
+            if x < ox + ow && ox < x + w && y < oy + oh && oy < y + h {
                 f.problems
                     .push(format!("panel {title} overlaps panel {other}"));
             }

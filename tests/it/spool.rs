@@ -6,22 +6,19 @@
 //! of the outage is then in the database, and the verification the kill
 //! cut short is resumed.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
+use anyhow::{Context, Result};
+use nix::sys::signal::Signal;
 use spire_healer::knowledge::{self, Query};
 use spire_healer::simulated::agent::FakeAgent;
-use tokio::io::AsyncBufReadExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::timeout;
 
+use crate::daemon::{Daemon, wait_until};
 use crate::spire_lab::test_pg_url;
 
 const AGENT: &str = "spool-agent";
@@ -77,89 +74,6 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.accept.abort();
         self.links.lock().unwrap().abort_all();
-    }
-}
-
-/// The `spire-healer run` binary in its own process group, its JSON log
-/// lines sent on a channel.
-struct Daemon {
-    child: tokio::process::Child,
-    lines: mpsc::UnboundedReceiver<String>,
-}
-
-impl Daemon {
-    fn spawn(config: &Path) -> Result<Daemon> {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_spire-healer"))
-            .args(["--log-format", "json", "run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stderr(std::process::Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()?;
-        let stderr = child.stderr.take().context("stderr")?;
-        let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut reader = tokio::io::BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Daemon { child, lines })
-    }
-
-    /// The first log line (from now on) containing `needle`.
-    async fn wait_line(&mut self, needle: &str, limit: Duration) -> Result<String> {
-        let found = timeout(limit, async {
-            while let Some(line) = self.lines.recv().await {
-                if line.contains(needle) {
-                    return Some(line);
-                }
-            }
-            None
-        })
-        .await;
-        match found {
-            Ok(Some(line)) => Ok(line),
-            Ok(None) => bail!("the daemon exited before logging {needle:?}"),
-            Err(_) => bail!("no {needle:?} in the log within {limit:?}"),
-        }
-    }
-
-    fn signal(&self, signal: Signal) -> Result<()> {
-        let pid = self.child.id().context("already reaped")?;
-        killpg(Pid::from_raw(i32::try_from(pid)?), signal)?;
-        Ok(())
-    }
-
-    async fn wait_exit(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
-        Ok(timeout(limit, self.child.wait()).await??)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.signal(Signal::SIGKILL);
-    }
-}
-
-/// Polls `check` every 100 ms until it yields a value.
-async fn wait_until<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = check().await {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {limit:?} waiting for {what}");
-        }
-        sleep(Duration::from_millis(100)).await;
     }
 }
 

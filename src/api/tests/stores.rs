@@ -22,6 +22,7 @@ pub(super) fn empty_backend() -> Backend {
         hub: Hub::new(16),
         status: tokio::sync::watch::channel(crate::control::Status::default()).1,
         clock: Arc::new(crate::clock::ManualClock::at_unix(super::T0)),
+        leader_epoch: None,
     }
 }
 

@@ -158,6 +158,7 @@ fn status_says_paused_by_whom_and_lists_subjects_and_demotions() {
         store_up: true,
         version: "0.1.0".into(),
         open_incidents: 2,
+        leader_epoch: 0,
     };
     let text = status_text(&s, now());
     for want in [
@@ -173,6 +174,14 @@ fn status_says_paused_by_whom_and_lists_subjects_and_demotions() {
     }
     let v = status_json(&s);
     assert_eq!(v["paused"], true);
+    assert_eq!(v["leader_epoch"], Value::Null);
+    let leader = pb::GetStatusResponse {
+        leadership: pb::Leadership::Leader as i32,
+        leader_epoch: 3,
+        ..s.clone()
+    };
+    assert!(status_text(&leader, now()).contains("Leadership         leader (epoch 3)"));
+    assert_eq!(status_json(&leader)["leader_epoch"], 3);
     assert_eq!(v["subjects"][0]["state"], "failing");
     assert_eq!(v["leadership"], "sole");
     assert_eq!(v["demoted"][0]["runs"], 5);

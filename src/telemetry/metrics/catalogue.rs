@@ -15,6 +15,14 @@ use crate::model::{OutcomeKind, Severity, SymptomKind, Verification};
 /// When each metric moves (and anything its help text leaves out).
 const NOTES: &[(&str, &str)] = &[
     (
+        "spire_healer_leader",
+        "Set at start: 1 for role `all` and `node`; for role `cluster` 0 while standing by, 1 from the moment it leads. A leader that loses leadership exits (code 69).",
+    ),
+    (
+        "spire_healer_leader_epoch",
+        "Set when a cluster instance takes over: the epoch every write is fenced with.",
+    ),
+    (
         "spire_healer_paused",
         "Set every tick: 1 from the tick after `Pause` until the tick after `Resume`; a pause outlives a restart.",
     ),

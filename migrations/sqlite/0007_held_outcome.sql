@@ -1,13 +1,13 @@
 -- Actions an actuator held at execute time: outcome `held` (a
 -- PodDisruptionBudget refused an eviction, a workload mapped to no pods).
 -- Such an action did nothing; its verification is `skipped`. SQLite
--- flavour; migrations/postgres/0006_held_outcome.sql is the same logical
+-- flavour; migrations/postgres/0007_held_outcome.sql is the same logical
 -- schema. Conventions as in 0001_init.sql.
 
 -- Widening the outcome CHECK in SQLite means rebuilding the table: the
--- rows are carried over, then the indexes made again as 0001 and 0003
--- left them.
-CREATE TABLE actions_0006 (
+-- rows are carried over (with 0006's `epoch`), then the indexes made again
+-- as 0001 and 0003 left them.
+CREATE TABLE actions_0007 (
     id             TEXT    NOT NULL PRIMARY KEY,
     incident_id    TEXT    NOT NULL,
     symptom        TEXT    NOT NULL,
@@ -23,19 +23,21 @@ CREATE TABLE actions_0006 (
     error          TEXT,
     verification   TEXT    CHECK (verification IN ('verified', 'failed', 'skipped')),
     verified_at_ms INTEGER,
+    -- The leader epoch an action was started under (NULL: not fenced).
+    epoch          INTEGER,
     CHECK ((finished_at_ms IS NULL) = (outcome IS NULL)),
     CHECK ((verified_at_ms IS NULL) = (verification IS NULL))
 ) STRICT;
 
-INSERT INTO actions_0006
+INSERT INTO actions_0007
     (id, incident_id, symptom, rung, actuator, target, params, dry_run, started_at_ms,
-     finished_at_ms, outcome, detail, error, verification, verified_at_ms)
+     finished_at_ms, outcome, detail, error, verification, verified_at_ms, epoch)
     SELECT id, incident_id, symptom, rung, actuator, target, params, dry_run, started_at_ms,
-           finished_at_ms, outcome, detail, error, verification, verified_at_ms
+           finished_at_ms, outcome, detail, error, verification, verified_at_ms, epoch
     FROM actions;
 
 DROP TABLE actions;
-ALTER TABLE actions_0006 RENAME TO actions;
+ALTER TABLE actions_0007 RENAME TO actions;
 
 -- Cooldown lookups: last action of this actuator on this target.
 CREATE INDEX actions_cooldown ON actions (target, actuator, started_at_ms);
