@@ -349,13 +349,15 @@ impl Supervisor {
     /// Outcomes of the actions that returned. A step its actuator held at
     /// execute time (a PodDisruptionBudget, a mapping to no pods) is
     /// recorded as a hold with the actuator's reason and its rung re-armed:
-    /// no escalation, and the cooldown decides when it runs again.
+    /// no escalation, no charge to the hourly budget, and the cooldown
+    /// decides when it runs again.
     fn collect(&mut self, now: SystemTime, tick: &mut Tick<'_>) {
         for h in self.executor.collect(tick) {
             let (incident, actuator, target) = (&h.incident_id, &h.actuator, &h.target);
             self.incidents
                 .hold(incident, actuator, target, h.reason, now, tick);
             self.incidents.rearm(incident, h.rung, tick);
+            self.guards.released(h.started);
         }
     }
 

@@ -112,6 +112,8 @@ pub(super) struct HeldStep {
     pub target: String,
     /// The rung to try again (after the cooldown).
     pub rung: usize,
+    /// When it started (its booking against the hourly budget).
+    pub started: SystemTime,
     /// Closed-set reason ([`crate::actuators::HELD_REASONS`]).
     pub reason: &'static str,
 }
@@ -381,6 +383,7 @@ impl Executor {
                         actuator: p.step.actuator.clone(),
                         target: p.step.target.clone(),
                         rung: p.step.rung,
+                        started: p.started,
                         reason: outcome.held_reason(),
                     });
                 }
@@ -788,6 +791,7 @@ mod tests {
                 actuator: "evict".into(),
                 target: "web".into(),
                 rung: 2,
+                started: t(1),
                 reason: "pdb_blocked",
             }]
         );
