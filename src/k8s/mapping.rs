@@ -167,11 +167,13 @@ impl PodSelector {
         eq(&self.namespace, m.namespace.as_deref())
             && eq(&self.pod_name, m.name.as_deref())
             && eq(&self.pod_uid, m.uid.as_deref())
+            // As SPIRE's attestor reads it: the field as set (admission
+            // sets `default` when a pod names none).
             && eq(
                 &self.service_account,
                 Some(
                     spec.and_then(|s| s.service_account_name.as_deref())
-                        .unwrap_or("default"),
+                        .unwrap_or_default(),
                 ),
             )
             && eq(&self.node_name, spec.and_then(|s| s.node_name.as_deref()))
@@ -536,10 +538,11 @@ mod tests {
         for (sels, want) in cases {
             assert_eq!(selector(sels).matches(&web1), *want, "{sels:?}");
         }
-        // A pod without a service account name runs as `default`.
+        // The field as set, as SPIRE's attestor reads it.
         let mut bare = web1.clone();
         bare.spec.as_mut().unwrap().service_account_name = None;
-        assert!(selector(&[("k8s", "sa:default")]).matches(&bare));
+        assert!(!selector(&[("k8s", "sa:default")]).matches(&bare));
+        assert!(selector(&[("k8s", "sa:")]).matches(&bare));
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod handshakes;
 mod healing;
 mod helpers;
 mod idle;
+mod k8s;
 mod lab_peer;
 mod lab_smoke;
 mod leadership;
