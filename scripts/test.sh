@@ -92,6 +92,10 @@ command -v kubectl >/dev/null || die "kubectl is not installed; the Kubernetes t
 say "checking the Grafana dashboard (scripts/check-dashboard.sh)"
 "$root/scripts/check-dashboard.sh" || die "scripts/check-dashboard.sh failed"
 
+# --- Helm chart and plain manifests ------------------------------------------
+say "checking the Helm chart (scripts/check-helm.sh)"
+"$root/scripts/check-helm.sh" || die "scripts/check-helm.sh failed"
+
 # --- Rust ---------------------------------------------------------------------
 command -v cargo >/dev/null || die "cargo is not installed"
 

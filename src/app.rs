@@ -183,7 +183,10 @@ pub async fn start(
     // fenced by its epoch.
     let (lock, leader) = match &leadership {
         Some(lcfg) => {
-            metrics.leader.set(0);
+            metrics
+                .leader
+                .with_label_values(&[cfg.role.as_str()])
+                .set(0);
             let kube = match lcfg.backend {
                 crate::leadership::Backend::Lease => Some(crate::leadership::kube_client().await?),
                 crate::leadership::Backend::Postgres => None,
@@ -198,7 +201,10 @@ pub async fn start(
         }
         None => (scope_lock::acquire(url, &agents, &holder).await?, None),
     };
-    metrics.leader.set(1);
+    metrics
+        .leader
+        .with_label_values(&[cfg.role.as_str()])
+        .set(1);
     let lock = Arc::new(tokio::sync::Mutex::new(lock));
     // What a previous run could not write lands first, so the loop's
     // memory (cooldowns, budget, open incidents) is read from all of it.
@@ -455,7 +461,7 @@ pub async fn start(
     });
     if let Some(mut leader) = leader {
         let (stop, lost, every) = (shutdown.clone(), lock_lost.clone(), leadership_renew(cfg));
-        let (store, metrics) = (store.clone(), metrics.clone());
+        let (store, metrics, role) = (store.clone(), metrics.clone(), cfg.role.as_str());
         tasks.spawn(
             async move {
                 loop {
@@ -473,7 +479,7 @@ pub async fn start(
                             epoch = leader.fence.epoch,
                             "Leadership lost: another instance may lead now; stopping."
                         );
-                        metrics.leader.set(0);
+                        metrics.leader.with_label_values(&[role]).set(0);
                         store.set_fence(Some(crate::knowledge::leadership::Fence {
                             name: leader.fence.name.clone(),
                             epoch: -1,

@@ -56,6 +56,9 @@ pub enum Role {
 }
 
 impl Role {
+    /// Every role.
+    pub const ALL: [Role; 3] = [Role::Node, Role::Cluster, Role::All];
+
     /// Config name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -256,12 +259,14 @@ enum Held {
     /// The dedicated session holding the advisory lock.
     Postgres(Box<PgConnection>),
     /// The Lease, as last written by us, and the store the epoch lives in.
-    Lease {
-        api: Api<Lease>,
-        lease: Box<Lease>,
-        store: Arc<dyn Store>,
-        holder: String,
-    },
+    Lease(Box<HeldLease>),
+}
+
+struct HeldLease {
+    api: Api<Lease>,
+    lease: Lease,
+    store: Arc<dyn Store>,
+    holder: String,
 }
 
 impl Leader {
@@ -269,7 +274,7 @@ impl Leader {
     pub fn kind(&self) -> &'static str {
         match self.held {
             Held::Postgres(_) => "advisory_lock",
-            Held::Lease { .. } => "lease",
+            Held::Lease(_) => "lease",
         }
     }
 
@@ -293,16 +298,17 @@ impl Leader {
                     Err(_) => Err("no answer from the database".into()),
                 }
             }
-            Held::Lease {
-                api,
-                lease,
-                store,
-                holder,
-            } => {
+            Held::Lease(held) => {
+                let HeldLease {
+                    api,
+                    lease,
+                    store,
+                    holder,
+                } = &mut **held;
                 let renewed = tokio::time::timeout(bound, renew_lease(api, lease, holder)).await;
                 match renewed {
                     Ok(Ok(next)) => {
-                        **lease = next;
+                        *lease = next;
                         match tokio::time::timeout(
                             bound,
                             store.renew_leadership(&self.fence, self.lease),
@@ -564,12 +570,12 @@ async fn try_lease(
             epoch,
         },
         lease: cfg.lease_duration,
-        held: Held::Lease {
+        held: Held::Lease(Box::new(HeldLease {
             api,
-            lease: Box::new(lease),
+            lease,
             store,
             holder: label.to_string(),
-        },
+        })),
         renewed: Instant::now(),
     }))
 }
@@ -603,11 +609,11 @@ async fn renew_lease(api: &Api<Lease>, lease: &Lease, holder: &str) -> Result<Le
 /// Gives the Lease up on a clean exit, so a standby need not wait for it
 /// to expire (empty holder, as client-go's `ReleaseOnCancel`).
 pub async fn release(leader: Leader) {
-    if let Held::Lease {
-        api, lease, holder, ..
-    } = leader.held
-    {
-        let mut next = *lease;
+    if let Held::Lease(held) = leader.held {
+        let HeldLease {
+            api, lease, holder, ..
+        } = *held;
+        let mut next = lease;
         let name = next.metadata.name.clone().unwrap_or_default();
         if let Some(spec) = next.spec.as_mut()
             && spec.holder_identity.as_deref() == Some(holder.as_str())

@@ -40,7 +40,7 @@ fn label(n: u32) -> String {
 async fn terminate_holder(url: &str, cfg: &LeadershipConfig) -> u64 {
     let key = lock_key(&cfg.name);
     let mut admin = sqlx::PgConnection::connect(url).await.unwrap();
-    let n = sqlx::query(
+    sqlx::query(
         "SELECT pg_terminate_backend(l.pid) FROM pg_locks l WHERE l.locktype = 'advisory' \
          AND l.granted AND l.objsubid = 1 AND l.classid::bigint = $1 AND l.objid::bigint = $2",
     )
@@ -49,8 +49,7 @@ async fn terminate_holder(url: &str, cfg: &LeadershipConfig) -> u64 {
     .execute(&mut admin)
     .await
     .unwrap()
-    .rows_affected();
-    n
+    .rows_affected()
 }
 
 #[tokio::test]

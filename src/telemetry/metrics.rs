@@ -237,8 +237,8 @@ pub struct Metrics {
     pub incidents_held: IntGaugeVec,
     /// 1 while an operator has paused the supervisor.
     pub paused: IntGauge,
-    /// 1 while this instance leads (acts); 0 while it stands by.
-    pub leader: IntGauge,
+    /// 1 while this instance leads (acts); 0 while it stands by. By role.
+    pub leader: IntGaugeVec,
     /// The fencing epoch this instance leads under (0 while standing by).
     pub leader_epoch: IntGauge,
     /// 1 while dry run is on (configured or switched by an operator).
@@ -655,9 +655,10 @@ impl Metrics {
                 "spire_healer_paused",
                 "1 while an operator has paused the supervisor: no action starts."
             )),
-            leader: reg!(IntGauge::new(
+            leader: reg!(g(
                 "spire_healer_leader",
-                "1 while this instance acts: the sole instance, or the cluster role's leader; 0 while it stands by."
+                "1 while this instance acts: the sole instance, or the cluster role's leader; 0 while it stands by.",
+                &["role"]
             )),
             leader_epoch: reg!(IntGauge::new(
                 "spire_healer_leader_epoch",

@@ -16,6 +16,7 @@ mod ha_healer;
 mod ha_lab;
 mod handshakes;
 mod healing;
+mod helm_rbac;
 mod helpers;
 mod idle;
 mod k8s;

@@ -386,6 +386,17 @@ func build() *dashboard.DashboardBuilder {
 			qi("A", `sum(spire_healer_demoted_steps) or vector(0)`, "demoted")).
 			Thresholds(thresholds(1, 1)))
 
+	// === Instances and leadership ===
+	b.WithRow(row(n, "Instances and leadership")).
+		WithPanel(ts(n, "Acting instances by role",
+			"Instances acting per role: node instances one per node, the cluster role exactly one leader (0: SpireHealerNoLeader, 2: SpireHealerTwoLeaders).",
+			"none", 12,
+			q("A", `sum by (role) (spire_healer_leader)`, "{{role}}"))).
+		WithPanel(ts(n, "Cluster leader epoch",
+			"The fencing epoch of the cluster role's leader: one step up per handover; writes of a former leader are refused.",
+			"none", 12,
+			q("A", `max(spire_healer_leader_epoch)`, "epoch")))
+
 	// === Handshakes ===
 	b.WithRow(row(n, "Handshakes")).
 		WithPanel(ts(n, "Handshake failures by reason",

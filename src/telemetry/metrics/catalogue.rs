@@ -16,7 +16,7 @@ use crate::model::{OutcomeKind, Severity, SymptomKind, Verification};
 const NOTES: &[(&str, &str)] = &[
     (
         "spire_healer_leader",
-        "Set at start: 1 for role `all` and `node`; for role `cluster` 0 while standing by, 1 from the moment it leads. A leader that loses leadership exits (code 69).",
+        "Set at start, one series (this instance's `role`): 1 for `all` and `node`; for `cluster` 0 while standing by, 1 from the moment it leads. A leader that loses leadership sets 0 and exits (code 69).",
     ),
     (
         "spire_healer_leader_epoch",
@@ -283,6 +283,9 @@ fn label_values(metric: &str, label: &str) -> Option<String> {
         (_, "severity") => codes([Severity::Warning, Severity::Critical].map(Severity::as_str)),
         (_, "sensor") => codes(SENSORS),
         (_, "version") => "the crate version (`CARGO_PKG_VERSION`)".into(),
+        ("spire_healer_leader", "role") => {
+            codes(crate::leadership::Role::ALL.map(crate::leadership::Role::as_str))
+        }
         (_, "spiffe_id") => format!(
             "a SPIFFE ID, only for the top {} series",
             if metric.contains("predicted_outage") {
