@@ -937,6 +937,12 @@ impl Config {
                         "role = \"node\" acts locally: failover belongs to the cluster instance",
                     ));
                 }
+                if act.is_kubernetes() {
+                    errors.push(ConfigError::invalid(
+                        format!("actuators.{name}"),
+                        "role = \"node\" acts locally: evicting, deleting or restarting pods belongs to the cluster instance",
+                    ));
+                }
             }
         }
     }

@@ -222,24 +222,39 @@ pub async fn workload(kube: &Kube, owner: &Owner) -> Result<Option<Workload>, K8
 }
 
 /// The pods `w`'s owner controls now (terminating ones included): for a
-/// Deployment, those of every ReplicaSet it controls (read again each
-/// time: a rollout makes a new one).
+/// Deployment, those whose ReplicaSet it controls (each ReplicaSet read
+/// once per call, by name: a rollout makes a new one, and `get` is all the
+/// Role needs on ReplicaSets).
 ///
 /// # Errors
-/// A failed list.
+/// A failed list or read.
 pub async fn pods_of(kube: &Kube, w: &Workload) -> Result<Vec<Pod>, K8sError> {
     let ns = &w.owner.namespace;
-    let controllers: HashSet<String> = match w.owner.kind {
-        OwnerKind::Deployment => kube
-            .list::<ReplicaSet>(ns, Some(&w.selector))
-            .await?
-            .iter()
-            .filter(|rs| controller_uid(&rs.metadata) == Some(w.owner.uid.as_str()))
-            .filter_map(|rs| rs.metadata.uid.clone())
-            .collect(),
-        _ => HashSet::from([w.owner.uid.clone()]),
-    };
     let pods = kube.list_pods(ns, Some(&w.selector)).await?;
+    if w.owner.kind != OwnerKind::Deployment {
+        return Ok(owned_by(pods, &HashSet::from([w.owner.uid.clone()])));
+    }
+    let mut controllers = HashSet::new();
+    let mut seen = HashSet::new();
+    for p in &pods {
+        let Some(r) = controller(&p.metadata).filter(|r| apps_v1(r) && r.kind == "ReplicaSet")
+        else {
+            continue;
+        };
+        if !seen.insert(r.uid.clone()) {
+            continue;
+        }
+        let mine = kube
+            .get::<ReplicaSet>(ns, &r.name)
+            .await?
+            .is_some_and(|rs| {
+                rs.metadata.uid.as_deref() == Some(r.uid.as_str())
+                    && controller_uid(&rs.metadata) == Some(w.owner.uid.as_str())
+            });
+        if mine {
+            controllers.insert(r.uid.clone());
+        }
+    }
     Ok(owned_by(pods, &controllers))
 }
 

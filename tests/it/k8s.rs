@@ -63,7 +63,8 @@ const COOLDOWN: Duration = Duration::from_secs(3);
 const LIMIT: Duration = Duration::from_secs(90);
 
 /// Namespaces, the healer's Role (pods get/list/delete, evictions,
-/// ReplicaSets get/list, owners get/patch) in `apps` only, the same
+/// ReplicaSets get, owners get/patch: what the Helm chart grants, less
+/// `watch`) in `apps` only, the same
 /// Deployment of 3 in both namespaces, and a budget of 2 in `apps`.
 fn manifests() -> String {
     let deployment = |ns: &str| {
@@ -100,7 +101,7 @@ metadata: {{ name: spire-healer-actuators, namespace: {NS} }}
 rules:
 - {{ apiGroups: [""], resources: [pods], verbs: [get, list, delete] }}
 - {{ apiGroups: [""], resources: [pods/eviction], verbs: [create] }}
-- {{ apiGroups: [apps], resources: [replicasets], verbs: [get, list] }}
+- {{ apiGroups: [apps], resources: [replicasets], verbs: [get] }}
 - {{ apiGroups: [apps], resources: [deployments, statefulsets, daemonsets], verbs: [get, patch] }}
 ---
 apiVersion: rbac.authorization.k8s.io/v1
