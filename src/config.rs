@@ -27,6 +27,11 @@ pub const EXIT_CONFIG: i32 = 64;
 /// Reads environment variables; injectable so tests pass a map.
 pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
+/// The environment variable naming this node (`{node}` in agent names).
+pub const NODE_NAME_ENV: &str = "SPIRE_HEALER_NODE_NAME";
+/// Replaced in `[[agents]] name` by the node's name.
+pub const NODE_PLACEHOLDER: &str = "{node}";
+
 /// The process environment.
 pub fn process_env(key: &str) -> Option<String> {
     std::env::var(key).ok()
@@ -808,6 +813,40 @@ impl Config {
     /// Every problem found.
     pub fn validate(&self, env: Env<'_>) -> Result<Resolved, Vec<ConfigError>> {
         let mut errors = Vec::new();
+        let expanded = self.with_node_name(env, &mut errors);
+        expanded.validate_expanded(env, errors)
+    }
+
+    /// `{node}` in `[[agents]] name` replaced by this node's name from
+    /// `SPIRE_HEALER_NODE_NAME` (a DaemonSet passes `spec.nodeName`), with
+    /// dots as `_`: one config for every node instance, one agent name (and
+    /// advisory lock) per node.
+    fn with_node_name(&self, env: Env<'_>, errors: &mut Vec<ConfigError>) -> Config {
+        let mut cfg = self.clone();
+        let node = env(NODE_NAME_ENV).map(|n| n.trim().to_ascii_lowercase().replace('.', "_"));
+        for (i, a) in cfg.agents.iter_mut().enumerate() {
+            if !a.name.contains(NODE_PLACEHOLDER) {
+                continue;
+            }
+            match &node {
+                Some(n) if !n.is_empty() => a.name = a.name.replace(NODE_PLACEHOLDER, n),
+                _ => errors.push(ConfigError::invalid(
+                    format!("agents[{i}].name"),
+                    format!(
+                        "{:?} names {NODE_PLACEHOLDER} but {NODE_NAME_ENV} is not set (the node's name, e.g. from spec.nodeName)",
+                        a.name
+                    ),
+                )),
+            }
+        }
+        cfg
+    }
+
+    fn validate_expanded(
+        &self,
+        env: Env<'_>,
+        mut errors: Vec<ConfigError>,
+    ) -> Result<Resolved, Vec<ConfigError>> {
         let mut warnings = Vec::new();
         self.validate_supervisor(&mut errors);
         let database_url = self.validate_database(env, &mut errors, &mut warnings);
@@ -992,17 +1031,19 @@ impl Config {
         env: Env<'_>,
         errors: &mut Vec<ConfigError>,
     ) -> (Vec<Endpoint>, std::collections::BTreeSet<String>) {
-        if self.agents.is_empty() {
+        // The cluster role watches servers and the fleet: no local agent.
+        if self.agents.is_empty() && self.role != crate::leadership::Role::Cluster {
             errors.push(ConfigError::invalid(
                 "agents",
-                "at least one [[agents]] entry is required",
+                "at least one [[agents]] entry is required (role = \"cluster\" may have none)",
             ));
         }
         let mut endpoints = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
         for (i, a) in self.agents.iter().enumerate() {
             let key = format!("agents[{i}]");
-            if !valid_name(&a.name) {
+            // A `{node}` left unexpanded is reported already.
+            if !valid_name(&a.name) && !a.name.contains(NODE_PLACEHOLDER) {
                 errors.push(ConfigError::invalid(
                     format!("{key}.name"),
                     format!(

@@ -749,3 +749,23 @@ fn kubernetes_actuators_need_an_allow_list() {
         ["actuators.delete", "actuators.evict", "actuators.restart"]
     );
 }
+
+#[test]
+fn node_placeholder_names_the_agent_after_the_node_and_cluster_needs_no_agent() {
+    let text = GOOD.replace("name = \"node-a\"", "name = \"{node}\"");
+    let env = |k: &str| (k == NODE_NAME_ENV).then(|| "Ip-10-0-1-7.EC2.internal".to_string());
+    let r = Config::from_toml(&text, "t.toml")
+        .unwrap()
+        .validate(&env)
+        .unwrap();
+    assert_eq!(r.config.agents[0].name, "ip-10-0-1-7_ec2_internal");
+    // Without the variable: an error naming it.
+    assert_eq!(problem_keys(&text), ["agents[0].name"]);
+    // A cluster instance may watch no local agent; the others may not.
+    let none = "[database]\nurl = \"postgres://u:p@127.0.0.1/db\"\n";
+    assert!(problem_keys(&format!("role = \"cluster\"\n{none}")).is_empty());
+    assert_eq!(
+        problem_keys(&format!("role = \"node\"\n{none}")),
+        ["agents"]
+    );
+}

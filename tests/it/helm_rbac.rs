@@ -717,9 +717,14 @@ fn the_rendered_node_configuration_passes_check_config() -> Result<()> {
         "\"/var/lib/spire-healer/",
         &format!("\"{}/", dir.path().display()),
     );
-    let env = |k: &str| {
-        (k == "SPIRE_HEALER_DATABASE_URL")
-            .then(|| "postgres://spire_healer:secret@127.0.0.1:5432/spire_healer".to_string())
+    // The pod's environment: the database URL from the Secret, the node's
+    // name from spec.nodeName.
+    let env = |k: &str| match k {
+        "SPIRE_HEALER_DATABASE_URL" => {
+            Some("postgres://spire_healer:secret@127.0.0.1:5432/spire_healer".to_string())
+        }
+        "SPIRE_HEALER_NODE_NAME" => Some("kwok-node-0.example".to_string()),
+        _ => None,
     };
     match spire_healer::config::Config::check(&text, "node.toml", &env) {
         Ok(resolved) => {
@@ -728,6 +733,14 @@ fn the_rendered_node_configuration_passes_check_config() -> Result<()> {
                 "the node configuration resolved to role {:?}",
                 resolved.config.role
             );
+            // One agent name per node.
+            let names: Vec<&str> = resolved
+                .config
+                .agents
+                .iter()
+                .map(|a| a.name.as_str())
+                .collect();
+            ensure!(names == ["kwok-node-0_example"], "agent names {names:?}");
             Ok(())
         }
         Err(problems) => bail!(

@@ -280,7 +280,7 @@ spec:
             secretKeyRef:
               name: {{ include "spire-healer.databaseSecret" $root }}
               key: {{ include "spire-healer.databaseSecretKey" $root }}
-        - name: NODE_NAME
+        - name: SPIRE_HEALER_NODE_NAME
           valueFrom:
             fieldRef:
               fieldPath: spec.nodeName
