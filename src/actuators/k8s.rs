@@ -603,6 +603,18 @@ mod tests {
     }
 
     #[test]
+    fn every_refusal_and_the_budget_are_execute_time_hold_reasons() {
+        for r in crate::k8s::Refusal::ALL {
+            assert!(super::super::HELD_REASONS.contains(&r.as_str()), "{r:?}");
+        }
+        assert!(super::super::HELD_REASONS.contains(&PDB_BLOCKED));
+        assert_eq!(
+            Outcome::held(PDB_BLOCKED, json!({})).held_reason(),
+            "pdb_blocked"
+        );
+    }
+
+    #[test]
     fn the_restart_patch_is_conditional() {
         assert_eq!(
             restart_patch("17", "2025-01-01T00:00:00Z", "act-1"),
