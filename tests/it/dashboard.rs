@@ -261,7 +261,7 @@ pub fn lint(d: &Value, known: &dyn Fn(&str) -> bool) -> Findings {
     // Panels: ids, grid, datasource, unit.
     let all = panels(d);
     let mut ids = BTreeMap::new();
-    let mut rects: Vec<(serde_json::Value, (i64, i64, i64, i64))> = Vec::new();
+    let mut rects = Vec::new();
     for p in &all {
         let title = &p["title"];
         let id = p["id"].as_u64();
