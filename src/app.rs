@@ -279,7 +279,11 @@ pub async fn start(
             })
             .collect(),
     });
-    let registry = actuators::registry(&cfg.actuators, topo, streams.clone());
+    let kube = cfg
+        .kubernetes
+        .clone()
+        .map(|k| Arc::new(crate::k8s::Kube::new(k, metrics.clone(), clock.clone())));
+    let registry = actuators::registry(&cfg.actuators, topo, streams.clone(), kube);
     let mut actuator_names: Vec<String> = registry.keys().cloned().collect();
     actuator_names.sort();
     metrics.init_series(&actuator_names, &agents);
@@ -369,18 +373,26 @@ pub async fn start(
             wake,
             tick_interval: cfg.supervisor.tick_interval,
             handshakes,
-            targets: Targets::new(cfg.agents.iter().map(|a| a.name.clone()), [], probes)
-                .with_streams(streams)
-                .with_server_groups(
-                    cfg.agents
-                        .iter()
-                        .filter_map(|a| Some((a.name.clone(), a.config_file.clone()?)))
-                        .collect(),
-                    cfg.servers
-                        .iter()
-                        .filter_map(|s| Some((s.name.clone(), s.address.clone()?)))
-                        .collect(),
-                ),
+            targets: Targets::new(
+                cfg.agents.iter().map(|a| a.name.clone()),
+                // Configured Kubernetes workloads are peers actions may
+                // target, probed or not.
+                cfg.kubernetes
+                    .iter()
+                    .flat_map(|k| k.workloads.iter().map(|w| w.name.clone())),
+                probes,
+            )
+            .with_streams(streams)
+            .with_server_groups(
+                cfg.agents
+                    .iter()
+                    .filter_map(|a| Some((a.name.clone(), a.config_file.clone()?)))
+                    .collect(),
+                cfg.servers
+                    .iter()
+                    .filter_map(|s| Some((s.name.clone(), s.address.clone()?)))
+                    .collect(),
+            ),
         },
         knowledge,
     )

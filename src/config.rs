@@ -154,6 +154,11 @@ pub struct Config {
     /// Observation frames recorded for `spire-healer replay` (`[replay]`).
     #[serde(default)]
     pub replay: crate::replay::ReplayConfig,
+    /// The Kubernetes API (`[kubernetes]`): how to reach it, the
+    /// namespaces that may be touched and the workloads by name; required
+    /// by the `k8s_*` actuators.
+    #[serde(default)]
+    pub kubernetes: Option<crate::k8s::KubernetesConfig>,
 }
 
 /// One Envoy whose Prometheus stats (`/stats/prometheus`) are scraped for
@@ -852,6 +857,7 @@ impl Config {
         self.validate_agent_sources(&mut errors);
         self.validate_actuators(&mut errors);
         self.validate_handshakes(&mut errors);
+        self.validate_kubernetes(&mut errors);
         let policy = self.resolve_policy(&mut errors, &mut warnings);
         let otlp = otlp::resolve(self.telemetry.otlp.as_ref(), env, &mut errors);
 
@@ -968,6 +974,12 @@ impl Config {
                     errors.push(ConfigError::invalid(
                         format!("actuators.{name}"),
                         "role = \"node\" acts locally: failover belongs to the cluster instance",
+                    ));
+                }
+                if act.is_kubernetes() {
+                    errors.push(ConfigError::invalid(
+                        format!("actuators.{name}"),
+                        "role = \"node\" acts locally: evicting, deleting or restarting pods belongs to the cluster instance",
                     ));
                 }
             }
@@ -1208,6 +1220,43 @@ impl Config {
                 errors.push(ConfigError::invalid(
                     format!("{key}.restart"),
                     format!("{dep:?} must name a configured actuator of type \"command\""),
+                ));
+            }
+        }
+    }
+
+    /// `[kubernetes]`: present, with a namespace allow-list, when a
+    /// Kubernetes actuator is configured; each value valid; a workload's
+    /// name is not also an agent's or a server's.
+    fn validate_kubernetes(&self, errors: &mut Vec<ConfigError>) {
+        let k8s_actuators: Vec<&str> = self
+            .actuators
+            .iter()
+            .filter(|(_, a)| a.is_kubernetes())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let Some(k) = &self.kubernetes else {
+            if let Some(first) = k8s_actuators.first() {
+                errors.push(ConfigError::invalid(
+                    format!("actuators.{first}"),
+                    "a Kubernetes actuator needs a [kubernetes] section with the namespaces it may touch",
+                ));
+            }
+            return;
+        };
+        for (field, reason) in k.problems(!k8s_actuators.is_empty()) {
+            errors.push(ConfigError::invalid(format!("kubernetes.{field}"), reason));
+        }
+        for (i, w) in k.workloads.iter().enumerate() {
+            let clash = self.agents.iter().any(|a| a.name == w.name)
+                || self.servers.iter().any(|s| s.name == w.name);
+            if clash {
+                errors.push(ConfigError::invalid(
+                    format!("kubernetes.workloads[{i}].name"),
+                    format!(
+                        "{:?} names an agent or a server; a workload is a peer or certificate file",
+                        w.name
+                    ),
                 ));
             }
         }

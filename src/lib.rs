@@ -12,8 +12,11 @@
 //!   cooldowns, an hourly budget, dry-run, "blind → do nothing", "no
 //!   disruptive action while no server answers" and a cluster circuit breaker.
 //! - [`actuators`] (Execute): `refetch`, `command`, `entry_bump`,
-//!   `agent_evict`, `server_failover`; preconditions checked against the
-//!   latest observations; idempotent, cancel-safe.
+//!   `agent_evict`, `server_failover`, `signal`, `webhook`, and the
+//!   Kubernetes `k8s_evict`, `k8s_delete_pod`, `k8s_rollout_restart` (over
+//!   [`k8s`]: the API client, symptom → pods mapping, owner resolution);
+//!   preconditions checked against the latest observations; idempotent,
+//!   cancel-safe.
 //! - [`knowledge`] (Knowledge): SQLite or PostgreSQL; incidents, actions,
 //!   holds, SVID lifecycles; batched, buffered while the database is away.
 //! - [`replay`]: observation frames recorded around incidents, and
@@ -53,6 +56,7 @@ pub mod demo;
 pub mod endpoint;
 pub mod handshake;
 pub mod http_client;
+pub mod k8s;
 pub mod knowledge;
 pub mod leadership;
 pub mod model;

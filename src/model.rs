@@ -1068,11 +1068,24 @@ pub enum OutcomeKind {
     DryRun,
     /// Timed out.
     Timeout,
+    /// Held at execute time, neither done nor failed: what the step needs
+    /// is not possible now (a PodDisruptionBudget allows no eviction, the
+    /// workload maps to no pods). The detail's `held` names the closed-set
+    /// reason ([`crate::actuators::HELD_REASONS`]); the loop records it as a
+    /// hold, re-arms the same rung and lets the cooldown decide when it is
+    /// tried again. It is never verified as failed.
+    Held,
 }
 
 impl OutcomeKind {
     /// Every kind.
-    pub const ALL: [OutcomeKind; 4] = [Self::Ok, Self::Error, Self::DryRun, Self::Timeout];
+    pub const ALL: [OutcomeKind; 5] = [
+        Self::Ok,
+        Self::Error,
+        Self::DryRun,
+        Self::Timeout,
+        Self::Held,
+    ];
 
     /// From the stored name.
     pub fn parse(s: &str) -> Option<Self> {
@@ -1086,6 +1099,7 @@ impl OutcomeKind {
             OutcomeKind::Error => "error",
             OutcomeKind::DryRun => "dry_run",
             OutcomeKind::Timeout => "timeout",
+            OutcomeKind::Held => "held",
         }
     }
 }
@@ -1109,6 +1123,32 @@ impl Outcome {
             detail,
             error: None,
         }
+    }
+
+    /// Held at execute time for `reason` (one of
+    /// [`crate::actuators::HELD_REASONS`]), with details; `detail` must be
+    /// an object (anything else is wrapped under `detail`).
+    pub fn held(reason: &'static str, detail: serde_json::Value) -> Self {
+        let mut detail = match detail {
+            serde_json::Value::Object(_) => detail,
+            other => serde_json::json!({ "detail": other }),
+        };
+        detail["held"] = serde_json::json!(reason);
+        Self {
+            kind: OutcomeKind::Held,
+            detail,
+            error: None,
+        }
+    }
+
+    /// The execute-time hold reason of a [`OutcomeKind::Held`] outcome:
+    /// its detail's `held` when that is a known reason, else `held`.
+    pub fn held_reason(&self) -> &'static str {
+        let named = self.detail["held"].as_str().unwrap_or_default();
+        crate::actuators::HELD_REASONS
+            .into_iter()
+            .find(|r| *r == named)
+            .unwrap_or("held")
     }
 }
 

@@ -509,14 +509,18 @@ impl Planner<'_, '_> {
         if self.blind.contains(&inc.key()) {
             return held(HoldReason::Blind);
         }
-        if on_agent
+        // Agent guards protect agents; a workload's pods get their
+        // replacement's identity from SPIRE, so they are guarded wherever
+        // the symptom was seen.
+        let guarded = on_agent || class == Class::Workload;
+        if guarded
             && class != Class::Gentle
             && input.policy.guards.hold_disruptive_without_server
             && input.servers_reachable == Some(false)
         {
             return held(HoldReason::NoServerReachable);
         }
-        if on_agent && class == Class::AgentLocal && input.breaker_open {
+        if guarded && matches!(class, Class::AgentLocal | Class::Workload) && input.breaker_open {
             return held(HoldReason::CircuitOpen);
         }
         if class != Class::Gentle

@@ -18,8 +18,8 @@ pub use maintenance::MaintenanceWindow;
 pub const DEFAULT_POLICY: &str = include_str!("../policies/default.toml");
 
 /// How much an actuator disturbs its target: decides which do-no-harm
-/// guards apply. Named in the policy as `gentle`, `agent_local` and
-/// `failover`.
+/// guards apply. Named in the policy as `gentle`, `agent_local`,
+/// `failover` and `workload`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Class {
@@ -32,11 +32,25 @@ pub enum Class {
     /// Moves the agent to another server: held while no server answers, but
     /// not by the breaker (a dead server is exactly what it fixes).
     Failover,
+    /// Evicts, deletes or restarts a workload's pods through Kubernetes:
+    /// the workload runs short of a replica until the replacement is Ready,
+    /// and the replacement needs its SVID from SPIRE. Whatever its target
+    /// (a peer, a certificate file, an SVID), held while no server answers
+    /// (`hold_disruptive_without_server`) and while the cluster breaker is
+    /// open (the cause is upstream: replacing pods cannot fix it and takes
+    /// capacity away meanwhile); counted by the blast radius like every
+    /// disruptive class.
+    Workload,
 }
 
 impl Class {
     /// Every class.
-    pub const ALL: [Class; 3] = [Class::Gentle, Class::AgentLocal, Class::Failover];
+    pub const ALL: [Class; 4] = [
+        Class::Gentle,
+        Class::AgentLocal,
+        Class::Failover,
+        Class::Workload,
+    ];
 
     /// Policy name.
     pub fn as_str(self) -> &'static str {
@@ -44,6 +58,7 @@ impl Class {
             Class::Gentle => "gentle",
             Class::AgentLocal => "agent_local",
             Class::Failover => "failover",
+            Class::Workload => "workload",
         }
     }
 

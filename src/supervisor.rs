@@ -292,7 +292,7 @@ impl Supervisor {
         self.executor.follow(self.incidents.superseded(), &|k| {
             !policy.ladder(k).is_empty()
         });
-        self.executor.collect(&mut tick);
+        self.collect(now, &mut tick);
         self.verify(now, &mut tick);
         // What operators changed since the last tick.
         for reset in self.operations.intake(&mut self.incidents, now, &mut tick) {
@@ -343,6 +343,21 @@ impl Supervisor {
             symptoms,
             buffered: self.store.len(),
             ..tick.report
+        }
+    }
+
+    /// Outcomes of the actions that returned. A step its actuator held at
+    /// execute time (a PodDisruptionBudget, a mapping to no pods) is
+    /// recorded as a hold with the actuator's reason and its rung re-armed:
+    /// no escalation, no charge to the hourly budget, and the cooldown
+    /// decides when it runs again.
+    fn collect(&mut self, now: SystemTime, tick: &mut Tick<'_>) {
+        for h in self.executor.collect(tick) {
+            let (incident, actuator, target) = (&h.incident_id, &h.actuator, &h.target);
+            self.incidents
+                .hold(incident, actuator, target, h.reason, now, tick);
+            self.incidents.rearm(incident, h.rung, tick);
+            self.guards.released(h.started);
         }
     }
 
@@ -719,7 +734,7 @@ impl Supervisor {
         let all_returned = self.executor.wait(self.shutdown.grace).await;
         let now = self.clock.now();
         let mut tick = Tick::default();
-        self.executor.collect(&mut tick);
+        self.collect(now, &mut tick);
         if !all_returned {
             let n = self.executor.interrupt(now, &mut tick);
             self.shutdown

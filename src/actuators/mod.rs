@@ -5,6 +5,7 @@
 pub mod agent_config;
 pub mod agent_data;
 pub mod command;
+pub mod k8s;
 pub mod refetch;
 pub mod signal;
 pub mod spire;
@@ -27,6 +28,20 @@ pub use webhook::{WebhookActuator, WebhookConfig};
 
 /// Name of the built-in refetch actuator.
 pub const REFETCH: &str = "refetch";
+
+/// Why an actuator may hold its step at execute time (an outcome of kind
+/// [`OutcomeKind::Held`](crate::model::OutcomeKind::Held)): a
+/// PodDisruptionBudget refused the eviction (`pdb_blocked`), or the
+/// symptom maps to no pods the healer may act on (the
+/// [`Refusal`](crate::k8s::Refusal)s). A closed set: hold reasons are
+/// metric labels.
+pub const HELD_REASONS: [&str; 5] = [
+    k8s::PDB_BLOCKED,
+    "no_pods_matched",
+    "too_many_pods",
+    "namespace_not_allowed",
+    "no_k8s_selectors",
+];
 
 /// Errors at the actuator boundary.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +124,16 @@ pub enum ActuatorConfig {
     Signal(SignalConfig),
     /// POST the step as JSON to an HTTP endpoint (retried, idempotency-keyed).
     Webhook(WebhookConfig),
+    /// Evict the workload's pods through the Eviction API (under their
+    /// PodDisruptionBudget), waiting for each replacement.
+    K8sEvict(k8s::K8sPodConfig),
+    /// Delete the workload's pods (UID and resourceVersion preconditions),
+    /// waiting for each replacement.
+    K8sDeletePod(k8s::K8sPodConfig),
+    /// Restart the Deployment, DaemonSet or StatefulSet owning the
+    /// workload's pods (`kubectl rollout restart`), waiting until every pod
+    /// is replaced.
+    K8sRolloutRestart(k8s::K8sRolloutConfig),
 }
 
 impl ActuatorConfig {
@@ -118,9 +143,22 @@ impl ActuatorConfig {
             ActuatorConfig::Command(c) => c.problems(),
             ActuatorConfig::Signal(c) => c.problems(),
             ActuatorConfig::Webhook(c) => c.problems(),
+            ActuatorConfig::K8sEvict(c) | ActuatorConfig::K8sDeletePod(c) => c.problems(),
+            ActuatorConfig::K8sRolloutRestart(c) => c.problems(),
             ActuatorConfig::EntryBump(_) | ActuatorConfig::AgentEvict(_) => Vec::new(),
             ActuatorConfig::ServerFailover(_) => Vec::new(),
         }
+    }
+
+    /// Whether it acts through the Kubernetes API (`[kubernetes]` is then
+    /// required, with a namespace allow-list).
+    pub fn is_kubernetes(&self) -> bool {
+        matches!(
+            self,
+            ActuatorConfig::K8sEvict(_)
+                | ActuatorConfig::K8sDeletePod(_)
+                | ActuatorConfig::K8sRolloutRestart(_)
+        )
     }
 
     /// The other actuator this one runs (a restart), if any.
@@ -138,11 +176,15 @@ pub type Registry = HashMap<String, Arc<dyn Actuator>>;
 
 /// The built-in `refetch` plus every configured instance. Composite
 /// actuators (evict, failover) get the restart actuator they name; config
-/// validation guarantees it is a configured `command`.
+/// validation guarantees it is a configured `command`. Kubernetes
+/// actuators share `kube` (config validation guarantees `[kubernetes]`
+/// when one is configured; without it they are left out) and read
+/// registration entries from `topo`'s servers.
 pub fn registry(
     configured: &BTreeMap<String, ActuatorConfig>,
     topo: Arc<spire::Topology>,
     streams: HashMap<String, Arc<Shared>>,
+    kube: Option<Arc<crate::k8s::Kube>>,
 ) -> Registry {
     let mut r: Registry = HashMap::new();
     for (name, c) in configured {
@@ -164,6 +206,28 @@ pub fn registry(
             }
             (ActuatorConfig::ServerFailover(c), Some(restart)) => {
                 Arc::new(spire::Failover::new(c.clone(), topo.clone(), restart))
+            }
+            (ActuatorConfig::K8sEvict(c), _) => {
+                let Some(kube) = kube.clone() else { continue };
+                Arc::new(k8s::PodActuator::pods(
+                    k8s::Mode::Evict,
+                    c,
+                    kube,
+                    topo.clone(),
+                ))
+            }
+            (ActuatorConfig::K8sDeletePod(c), _) => {
+                let Some(kube) = kube.clone() else { continue };
+                Arc::new(k8s::PodActuator::pods(
+                    k8s::Mode::Delete,
+                    c,
+                    kube,
+                    topo.clone(),
+                ))
+            }
+            (ActuatorConfig::K8sRolloutRestart(c), _) => {
+                let Some(kube) = kube.clone() else { continue };
+                Arc::new(k8s::PodActuator::rollout(c, kube, topo.clone()))
             }
             (_, None) => continue,
         };

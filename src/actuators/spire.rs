@@ -57,7 +57,7 @@ impl Topology {
 }
 
 /// Runs `f` against each server until one succeeds.
-async fn on_any_server<T, F, Fut>(
+pub(crate) async fn on_any_server<T, F, Fut>(
     topo: &Topology,
     timeout: Duration,
     mut f: F,

@@ -20,7 +20,7 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use super::{Config, ConfigError, Location};
 
 /// The top-level keys of [`Config`], in file order of the docs.
-pub(super) const SECTIONS: [&str; 15] = [
+pub(super) const SECTIONS: [&str; 16] = [
     "supervisor",
     "database",
     "role",
@@ -36,6 +36,7 @@ pub(super) const SECTIONS: [&str; 15] = [
     "api",
     "telemetry",
     "replay",
+    "kubernetes",
 ];
 
 /// The text of a configuration file and the name it is reported under.
@@ -189,6 +190,7 @@ pub(super) fn sections(src: Source<'_>, root: &DeTable<'_>) -> Sections {
         replay: get("replay")
             .and_then(|v| p.value("replay", v))
             .unwrap_or_default(),
+        kubernetes: get("kubernetes").and_then(|v| p.value("kubernetes", v)),
     };
     Sections {
         config,

@@ -745,6 +745,50 @@ fn a_node_instance_leaves_the_agent_server_symptoms_to_the_cluster() {
 }
 
 #[test]
+fn kubernetes_actuators_need_an_allow_list() {
+    let evict = "\n[actuators.evict]\ntype = \"k8s_evict\"\n";
+    assert_eq!(invalid_keys(evict), ["actuators.evict"], "no [kubernetes]");
+    assert_eq!(
+        invalid_keys(&format!("{evict}\n[kubernetes]\n")),
+        ["kubernetes.namespaces"]
+    );
+    let ok = format!(
+        "{evict}\n[actuators.restart]\ntype = \"k8s_rollout_restart\"\npoll_interval = \"1s\"\n\n\
+         [actuators.delete]\ntype = \"k8s_delete_pod\"\ngrace_period = \"5s\"\n\n\
+         [kubernetes]\nnamespaces = [\"apps\"]\n\n\
+         [[kubernetes.workloads]]\nname = \"web\"\nnamespace = \"apps\"\nselector = \"app=web\"\n"
+    );
+    assert_eq!(invalid_keys(&ok), Vec::<String>::new());
+    let c = Config::from_toml(&format!("{GOOD}{ok}"), "t.toml").unwrap();
+    let k = c.kubernetes.as_ref().unwrap();
+    assert_eq!(k.namespaces, ["apps"]);
+    assert!(c.actuators["delete"].is_kubernetes());
+    // A workload is a peer or file: not an agent's name; its namespace is
+    // allowed and its selector parses.
+    let bad = format!(
+        "{evict}\n[actuators.slow]\ntype = \"k8s_evict\"\npoll_interval = \"0s\"\n\n\
+         [kubernetes]\nnamespaces = [\"apps\"]\n\n\
+         [[kubernetes.workloads]]\nname = \"node-a\"\nnamespace = \"kube-system\"\nselector = \"app in (web\"\n"
+    );
+    assert_eq!(
+        invalid_keys(&bad),
+        [
+            "actuators.slow.poll_interval",
+            "kubernetes.workloads[0].namespace",
+            "kubernetes.workloads[0].selector",
+            "kubernetes.workloads[0].name",
+        ]
+    );
+    // [kubernetes] alone (no actuator) needs no namespaces.
+    assert_eq!(invalid_keys("\n[kubernetes]\n"), Vec::<String>::new());
+    // Pods are the cluster instance's: a node instance does not evict.
+    assert_eq!(
+        role_keys("role = \"node\"", "postgres://u:p@127.0.0.1/db", &ok),
+        ["actuators.delete", "actuators.evict", "actuators.restart"]
+    );
+}
+
+#[test]
 fn node_placeholder_names_the_agent_after_the_node_and_cluster_needs_no_agent() {
     let text = GOOD.replace("name = \"node-a\"", "name = \"{node}\"");
     let env = |k: &str| (k == NODE_NAME_ENV).then(|| "Ip-10-0-1-7.EC2.internal".to_string());

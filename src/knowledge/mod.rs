@@ -155,7 +155,7 @@ pub struct ActionRecord {
     pub started_at_ms: i64,
     /// Finished (unix ms).
     pub finished_at_ms: Option<i64>,
-    /// `ok`, `error`, `timeout`, `dry_run`.
+    /// `ok`, `error`, `timeout`, `dry_run`, `held`.
     pub outcome: Option<String>,
     /// Outcome details JSON.
     pub detail: Option<serde_json::Value>,

@@ -65,6 +65,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "leadership",
         include_str!("../../migrations/postgres/0006_leadership.sql"),
     ),
+    (
+        7,
+        "held_outcome",
+        include_str!("../../migrations/postgres/0007_held_outcome.sql"),
+    ),
 ];
 
 /// Longest wait for a pooled connection (including connecting).

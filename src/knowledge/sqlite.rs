@@ -61,6 +61,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "leadership",
         include_str!("../../migrations/sqlite/0006_leadership.sql"),
     ),
+    (
+        7,
+        "held_outcome",
+        include_str!("../../migrations/sqlite/0007_held_outcome.sql"),
+    ),
 ];
 
 /// How long a writer waits for another writer's lock before failing.

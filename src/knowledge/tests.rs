@@ -680,6 +680,7 @@ contract!(
     verdict_window_restarts_at_a_reset,
     incident_by_id,
     fenced_writes_check_the_epoch,
+    a_held_action_round_trips,
 );
 
 /// The epoch an action row was stamped with.
@@ -1543,15 +1544,20 @@ async fn holds_listing(f: Fixture) {
 /// compiling when a variant is added: then extend the list and, if the
 /// store CHECKs that set, both migrations.
 async fn every_closed_set_value_is_accepted(f: Fixture) {
-    fn outcome_kinds() -> [OutcomeKind; 4] {
+    fn outcome_kinds() -> [OutcomeKind; 5] {
         match OutcomeKind::Ok {
-            OutcomeKind::Ok | OutcomeKind::Error | OutcomeKind::DryRun | OutcomeKind::Timeout => {}
+            OutcomeKind::Ok
+            | OutcomeKind::Error
+            | OutcomeKind::DryRun
+            | OutcomeKind::Timeout
+            | OutcomeKind::Held => {}
         }
         [
             OutcomeKind::Ok,
             OutcomeKind::Error,
             OutcomeKind::DryRun,
             OutcomeKind::Timeout,
+            OutcomeKind::Held,
         ]
     }
     fn verifications() -> [Verification; 3] {
@@ -1648,7 +1654,10 @@ async fn every_closed_set_value_is_accepted(f: Fixture) {
     assert_eq!(k.open_incidents.len(), SymptomKind::ALL.len() * 2);
     let sources: Vec<_> = k.agent_identities.iter().map(|i| i.source).collect();
     assert_eq!(sources, identity_sources());
-    assert_eq!(k.recent_actions.len(), 12);
+    assert_eq!(
+        k.recent_actions.len(),
+        outcome_kinds().len() * verifications().len()
+    );
     let outcomes: BTreeSet<_> = k
         .recent_actions
         .iter()
@@ -2727,6 +2736,42 @@ async fn incident_by_id(f: Fixture) {
     let listed = f.store.incidents(&q()).await.unwrap();
     assert_eq!(Some(&one), listed.iter().find(|i| i.id == "inc-1"));
     assert_eq!(f.store.incident("inc-none").await.unwrap(), None);
+}
+
+/// An action its actuator held at execute time: outcome `held` with the
+/// reason in its detail, verification `skipped`, read back as written and
+/// among the recent actions a restart resumes from (cooldown, budget).
+async fn a_held_action_round_trips(f: Fixture) {
+    let held = Outcome::held(
+        "pdb_blocked",
+        json!({ "pod": { "namespace": "apps", "name": "web-1" }, "message": "Cannot evict pod" }),
+    );
+    f.store
+        .apply(&[
+            opened(incident("inc-1", T0)),
+            started("act-1", "inc-1", T0 + 1),
+            Event::ActionFinished {
+                id: "act-1".into(),
+                outcome: held.clone(),
+                at: at(T0 + 2),
+            },
+            verified("act-1", Verification::Skipped, T0 + 3),
+        ])
+        .await
+        .unwrap();
+    let listed = f.store.actions(&q()).await.unwrap();
+    let a = &listed[0];
+    assert_eq!(a.outcome.as_deref(), Some("held"));
+    assert_eq!(a.detail.as_ref(), Some(&held.detail));
+    assert_eq!(a.detail.as_ref().unwrap()["held"], "pdb_blocked");
+    assert_eq!(a.error, None);
+    assert_eq!(a.verification.as_deref(), Some("skipped"));
+    let k = f.store.load_knowledge(at(T0)).await.unwrap();
+    assert_eq!(k.recent_actions.len(), 1);
+    assert_eq!(
+        OutcomeKind::parse(k.recent_actions[0].outcome.as_deref().unwrap()),
+        Some(OutcomeKind::Held)
+    );
 }
 
 // === Backend-specific ===

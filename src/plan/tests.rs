@@ -105,6 +105,7 @@ fn run(c: &Case, now: u64) -> Vec<Decision> {
         c.configured.contains(&a).then_some(match a {
             "refetch" | "reload-peer" => Class::Gentle,
             "failover" => Class::Failover,
+            "evict-pod" => Class::Workload,
             _ => Class::AgentLocal,
         })
     };
@@ -1122,4 +1123,105 @@ fn peer_groups() {
     assert_eq!(peer_group("web"), "web");
     assert_eq!(peer_group("web/a"), "web");
     assert_eq!(peer_group("envoy-1/listener/x"), "envoy-1");
+}
+
+/// A certificate file whose ladder evicts its workload's pods.
+fn evict_pods(p: &mut Policy) {
+    p.ladders.insert(
+        "stale_cert_file".into(),
+        vec![
+            toml::from_str("actuator = \"evict-pod\"\ntimeout = \"60s\"\nverify_within = \"30s\"")
+                .unwrap(),
+        ],
+    );
+}
+
+fn stale_file(id: &str, file: &str) -> Incident {
+    Incident {
+        subject: Subject::cert_file(file),
+        ..incident(id, SymptomKind::StaleCertFile, file, 0)
+    }
+}
+
+#[test]
+fn workload_class_guards() {
+    let base = || Case {
+        incidents: vec![stale_file("i1", "web/a")],
+        configured: &["evict-pod"],
+        peers: &["web/a", "web/b"],
+        servers_reachable: Some(true),
+        policy: evict_pods,
+        ..Case::default()
+    };
+    let cases: Vec<(&str, Case, Vec<&str>)> = vec![
+        ("acts", base(), vec!["act web/a evict-pod rung0 next1"]),
+        (
+            "a workload's pods are not replaced while no server answers, whatever the subject",
+            Case {
+                servers_reachable: Some(false),
+                ..base()
+            },
+            vec!["hold web/a no_server_reachable"],
+        ),
+        (
+            "nor while the breaker is open",
+            Case {
+                breaker_open: true,
+                ..base()
+            },
+            vec!["hold web/a circuit_open"],
+        ),
+        (
+            "the guard can be turned off like the agents'",
+            Case {
+                servers_reachable: Some(false),
+                policy: |p| {
+                    evict_pods(p);
+                    p.guards.hold_disruptive_without_server = false;
+                },
+                ..base()
+            },
+            vec!["act web/a evict-pod rung0 next1"],
+        ),
+        (
+            "disruptive: one peer of a name at a time (blast radius)",
+            Case {
+                in_flight: vec![("web/b", "evict-pod")],
+                ..base()
+            },
+            vec!["hold web/a blast_radius"],
+        ),
+        (
+            "approval by class",
+            Case {
+                policy: |p| {
+                    evict_pods(p);
+                    p.guards.approval.classes = vec![Class::Workload];
+                },
+                ..base()
+            },
+            vec!["approval web/a evict-pod rung0 next1"],
+        ),
+        (
+            "maintenance by class",
+            Case {
+                policy: |p| {
+                    evict_pods(p);
+                    p.maintenance.push(
+                        toml::from_str(
+                            "classes = [\"workload\"]\ncron = \"13 22 * * *\"\nduration = \"2m\"",
+                        )
+                        .unwrap(),
+                    );
+                },
+                ..base()
+            },
+            vec!["hold web/a maintenance_window"],
+        ),
+    ];
+    for (name, case, want) in cases {
+        assert_eq!(summary(&run(&case, 10)), want, "{name}");
+    }
+    assert_eq!(Class::Workload.as_str(), "workload");
+    assert!(Class::Workload.is_disruptive());
 }

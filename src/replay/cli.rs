@@ -239,7 +239,17 @@ pub fn setup(config: &Config, policy: Policy) -> Setup {
             })
             .collect(),
     });
-    let mut registry: Registry = actuators::registry(&config.actuators, topo, HashMap::new());
+    // Every replayed step is a dry run: the Kubernetes client is never
+    // built (it is built on first use), but its actuators are there to
+    // be planned with.
+    let kube = config.kubernetes.clone().map(|k| {
+        Arc::new(crate::k8s::Kube::new(
+            k,
+            Arc::new(crate::telemetry::Metrics::new()),
+            Arc::new(crate::clock::SystemClock),
+        ))
+    });
+    let mut registry: Registry = actuators::registry(&config.actuators, topo, HashMap::new(), kube);
     registry.insert(
         REFETCH.to_string(),
         Arc::new(RefetchPrecondition::new(agents.iter().cloned())),
@@ -248,6 +258,16 @@ pub fn setup(config: &Config, policy: Policy) -> Setup {
         policy,
         actuators: registry,
         agents,
-        peers: config.probes.iter().map(|p| p.name.clone()).collect(),
+        peers: config
+            .probes
+            .iter()
+            .map(|p| p.name.clone())
+            .chain(
+                config
+                    .kubernetes
+                    .iter()
+                    .flat_map(|k| k.workloads.iter().map(|w| w.name.clone())),
+            )
+            .collect(),
     }
 }

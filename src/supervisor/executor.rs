@@ -103,6 +103,21 @@ pub(super) struct Verdict {
     pub verified: bool,
 }
 
+/// A step an actuator held at execute time ([`OutcomeKind::Held`]): the
+/// loop records the hold and re-arms the rung.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct HeldStep {
+    pub incident_id: String,
+    pub actuator: String,
+    pub target: String,
+    /// The rung to try again (after the cooldown).
+    pub rung: usize,
+    /// When it started (its booking against the hourly budget).
+    pub started: SystemTime,
+    /// Closed-set reason ([`crate::actuators::HELD_REASONS`]).
+    pub reason: &'static str,
+}
+
 /// An action in flight or awaiting verification.
 #[derive(Debug, Clone)]
 struct Pending {
@@ -349,14 +364,28 @@ impl Executor {
         }
     }
 
-    /// Outcomes of the actions that returned since the last call.
-    pub(super) fn collect(&mut self, tick: &mut Tick<'_>) {
+    /// Outcomes of the actions that returned since the last call. Returns
+    /// the steps their actuator held at execute time: neither done nor
+    /// failed (their verdict is `skipped`), for the caller to record as
+    /// holds and re-arm.
+    pub(super) fn collect(&mut self, tick: &mut Tick<'_>) -> Vec<HeldStep> {
+        let mut held = Vec::new();
         while let Ok((id, outcome, at)) = self.results_rx.try_recv() {
             if let Some(p) = self.pending.get_mut(&id) {
                 p.finished = Some((at, outcome.kind));
                 p.span.record("outcome", outcome.kind.as_str());
                 if matches!(outcome.kind, OutcomeKind::Error | OutcomeKind::Timeout) {
                     p.span.record("otel.status_code", "ERROR");
+                }
+                if outcome.kind == OutcomeKind::Held {
+                    held.push(HeldStep {
+                        incident_id: p.step.incident_id.clone(),
+                        actuator: p.step.actuator.clone(),
+                        target: p.step.target.clone(),
+                        rung: p.step.rung,
+                        started: p.started,
+                        reason: outcome.held_reason(),
+                    });
                 }
                 tick.summary
                     .actions
@@ -371,6 +400,7 @@ impl Executor {
             self.aborts.remove(&id);
             tick.events.push(Event::ActionFinished { id, outcome, at });
         }
+        held
     }
 
     /// Decides the verification of every returned action whose verdict is
@@ -540,9 +570,11 @@ impl Executor {
 
 /// The verification of a returned action: `cleared` when its incident is
 /// closed, `deadline_passed` when `verify_within` has elapsed since it
-/// returned. `None`: not yet decided.
+/// returned. `None`: not yet decided. A step held at execute time did
+/// nothing: `skipped` at once (no futility, no demotion).
 fn verdict(kind: OutcomeKind, cleared: bool, deadline_passed: bool) -> Option<Verification> {
     match kind {
+        OutcomeKind::Held => Some(Verification::Skipped),
         OutcomeKind::DryRun if deadline_passed || cleared => Some(Verification::Skipped),
         OutcomeKind::Ok if cleared => Some(Verification::Verified),
         OutcomeKind::Ok if deadline_passed => Some(Verification::Failed),
@@ -715,6 +747,73 @@ mod tests {
         assert!(ex.agents().contains("a"));
     }
 
+    /// An actuator whose steps a PodDisruptionBudget blocks.
+    struct Blocked;
+
+    #[async_trait::async_trait]
+    impl crate::actuators::Actuator for Blocked {
+        fn name(&self) -> &'static str {
+            "blocked"
+        }
+        async fn execute(&self, _step: &Step) -> Result<Outcome, ActuatorError> {
+            Ok(Outcome::held(
+                "pdb_blocked",
+                serde_json::json!({ "pod": "apps/web-1" }),
+            ))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_step_held_at_execute_time_is_handed_back_and_skipped() {
+        let actuators: Registry = HashMap::from([(
+            "evict".to_string(),
+            Arc::new(Blocked) as Arc<dyn crate::actuators::Actuator>,
+        )]);
+        let mut ex = Executor::new(
+            actuators,
+            Targets::new([], ["web".to_string()], HashMap::new()),
+            Arc::new(ManualClock::new(t(0))),
+            Arc::new(Metrics::new()),
+            Arc::new(Notify::new()),
+        );
+        let mut s = step("a1", "web", false);
+        s.actuator = "evict".into();
+        s.rung = 2;
+        ex.track(&s, key("web"), &Span::none(), t(1));
+        ex.launch(s, t(1));
+        assert!(ex.wait(Duration::from_secs(5)).await);
+        let mut tick = Tick::default();
+        let held = ex.collect(&mut tick);
+        assert_eq!(
+            held,
+            [HeldStep {
+                incident_id: "i1".into(),
+                actuator: "evict".into(),
+                target: "web".into(),
+                rung: 2,
+                started: t(1),
+                reason: "pdb_blocked",
+            }]
+        );
+        assert_eq!(tick.summary.actions, [("evict".to_string(), "held")]);
+        // Skipped at once, whether or not the incident is open: no verdict
+        // for the futility or demotion ledgers.
+        let verdicts = ex.verify(&|_| true, t(2), &mut tick);
+        assert!(verdicts.is_empty());
+        assert_eq!(
+            tick.report.verified,
+            [("a1".to_string(), Verification::Skipped)]
+        );
+        assert!(ex.busy_targets().is_empty());
+        // An unknown reason in the detail is reported as `held`.
+        let odd = Outcome {
+            kind: OutcomeKind::Held,
+            detail: serde_json::json!({ "held": "made_up" }),
+            error: None,
+        };
+        assert_eq!(odd.held_reason(), "held");
+    }
+
     #[test]
     fn verdict_table() {
         use OutcomeKind::*;
@@ -730,6 +829,8 @@ mod tests {
             (DryRun, false, false, None),
             (DryRun, true, false, Some(Skipped)),
             (DryRun, false, true, Some(Skipped)),
+            (Held, false, false, Some(Skipped)),
+            (Held, true, true, Some(Skipped)),
         ];
         for (kind, cleared, passed, want) in cases {
             assert_eq!(

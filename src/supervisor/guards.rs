@@ -52,7 +52,8 @@ impl Guards {
             if g.last_run.get(&key).is_none_or(|t| *t < at) {
                 g.last_run.insert(key, at);
             }
-            if !a.dry_run {
+            // A step held at execute time did nothing: no charge.
+            if !a.dry_run && a.outcome.as_deref() != Some("held") {
                 g.recent_starts.push_back(at);
             }
         }
@@ -102,6 +103,14 @@ impl Guards {
             .insert((step.target.clone(), step.actuator.clone()), now);
         if !step.dry_run {
             self.recent_starts.push_back(now);
+        }
+    }
+
+    /// Takes back the budget a step started at `started` was charged: it
+    /// was held at execute time and did nothing. Its cooldown stays.
+    pub(super) fn released(&mut self, started: SystemTime) {
+        if let Some(i) = self.recent_starts.iter().position(|t| *t == started) {
+            self.recent_starts.remove(i);
         }
     }
 
@@ -242,6 +251,32 @@ mod tests {
         assert_eq!(g.actions_last_hour(t(3600)), 1);
         assert_eq!(g.actions_last_hour(t(3700)), 0);
         assert_eq!(g.last_run().len(), 4);
+    }
+
+    #[test]
+    fn a_step_held_at_execute_time_keeps_its_cooldown_but_costs_no_budget() {
+        let held = ActionRecord {
+            outcome: Some("held".into()),
+            ..record("web", "evict", 10, false)
+        };
+        let mut g = Guards::resume(&[held, record("a", "restart", 20, false)], &[]);
+        assert_eq!(g.actions_last_hour(t(30)), 1, "the held one is not charged");
+        assert_eq!(
+            g.last_run()[&("web".to_string(), "evict".to_string())],
+            t(10),
+            "its cooldown stands"
+        );
+        // At run time: charged at start, given back when it comes back held.
+        g.started(&step("web", "evict", false), t(40));
+        assert_eq!(g.actions_last_hour(t(41)), 2);
+        g.released(t(40));
+        assert_eq!(g.actions_last_hour(t(41)), 1);
+        g.released(t(40));
+        assert_eq!(g.actions_last_hour(t(41)), 1, "released once");
+        assert_eq!(
+            g.last_run()[&("web".to_string(), "evict".to_string())],
+            t(40)
+        );
     }
 
     #[test]

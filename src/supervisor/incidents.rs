@@ -248,6 +248,24 @@ impl Incidents {
         }
     }
 
+    /// Sets the ladder of the open incident `id` back to `rung` (recorded):
+    /// a step held at execute time is tried again, not passed over.
+    pub(super) fn rearm(&mut self, id: &str, rung: usize, tick: &mut Tick<'_>) {
+        if let Some(inc) = self
+            .open
+            .values_mut()
+            .flat_map(HashMap::values_mut)
+            .find(|i| i.id == id)
+            && inc.next_rung != rung
+        {
+            inc.next_rung = rung;
+            tick.events.push(Event::IncidentEscalated {
+                id: inc.id.clone(),
+                next_rung: rung,
+            });
+        }
+    }
+
     /// Nothing left on the incident's ladder can help: marks it (recorded
     /// once, with `reason`) and holds it as `needs_operator`.
     pub(super) fn needs_operator(

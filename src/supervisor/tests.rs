@@ -134,9 +134,15 @@ type Effect = Box<dyn Fn() + Send + Sync>;
 struct FakeActuator {
     calls: Mutex<Vec<Step>>,
     effect: Mutex<Option<Effect>>,
+    /// Set: every run is held at execute time with this reason.
+    held: Mutex<Option<&'static str>>,
 }
 
 impl FakeActuator {
+    fn hold_with(&self, reason: &'static str) {
+        *self.held.lock().unwrap() = Some(reason);
+    }
+
     fn on_run(&self, f: impl Fn() + Send + Sync + 'static) {
         *self.effect.lock().unwrap() = Some(Box::new(f));
     }
@@ -153,6 +159,9 @@ impl Actuator for FakeActuator {
     }
     async fn execute(&self, step: &Step) -> Result<Outcome, ActuatorError> {
         self.calls.lock().unwrap().push(step.clone());
+        if let Some(reason) = *self.held.lock().unwrap() {
+            return Ok(Outcome::held(reason, json!({ "fake": true })));
+        }
         if let Some(f) = &*self.effect.lock().unwrap() {
             f();
         }
@@ -1240,6 +1249,67 @@ async fn unreachable_waits_for_the_pending_verdict() {
 
 /// The built-in policy with the overdue ladder pinned to refetch →
 /// restart-agent, the two actuators these tests fake.
+/// A step its actuator holds at execute time (a PodDisruptionBudget) is a
+/// recorded hold: the same rung again after the cooldown, never the next
+/// one, no failed verification, no charge to the hourly budget.
+#[tokio::test]
+async fn a_step_held_at_execute_time_is_retried_on_the_same_rung_after_the_cooldown() {
+    let h = Harness::new(vec![view("a")]).await;
+    h.refetch.hold_with("pdb_blocked");
+    let mut sup = h.supervisor().await;
+    let r = h.tick(&mut sup, 70).await;
+    assert_eq!(r.started.len(), 1);
+    let incident = r.opened[0].clone();
+    h.action_finished().await;
+    // Collected: a hold with the actuator's reason, the verdict `skipped`
+    // at once, and the ladder back on rung 0; the cooldown (20 s) holds.
+    let r = h.tick(&mut sup, 71).await;
+    assert!(r.started.is_empty());
+    assert_eq!(r.verified.len(), 1);
+    assert_eq!(r.verified[0].1, Verification::Skipped);
+    let reasons: Vec<String> = h.holds().await.into_iter().map(|x| x.reason).collect();
+    assert!(reasons.contains(&"pdb_blocked".to_string()), "{reasons:?}");
+    assert!(reasons.contains(&"cooldown".to_string()), "{reasons:?}");
+    let inc = h.store.incident(&incident).await.unwrap().unwrap();
+    assert_eq!(inc.next_rung, 0, "re-armed, not escalated");
+    assert!(h.tick(&mut sup, 85).await.started.is_empty(), "cooldown");
+    // Past the cooldown: rung 0 again, not restart-agent.
+    let r = h.tick(&mut sup, 91).await;
+    assert_eq!(r.started.len(), 1);
+    assert_eq!(
+        (r.started[0].actuator.as_str(), r.started[0].rung),
+        ("refetch", 0)
+    );
+    h.action_finished().await;
+    h.tick(&mut sup, 92).await;
+    let actions = h.actions().await;
+    assert_eq!(actions.len(), 2);
+    for a in &actions {
+        assert_eq!(a.outcome.as_deref(), Some("held"));
+        assert_eq!(a.detail.as_ref().unwrap()["held"], "pdb_blocked");
+        assert_eq!(a.verification.as_deref(), Some("skipped"));
+    }
+    assert!(h.restart.calls().is_empty());
+    assert_eq!(
+        h.metric(r#"spire_healer_actions_total{actuator="refetch",outcome="held"}"#),
+        Some(2.0)
+    );
+    assert_eq!(
+        h.metric(r#"spire_healer_holds_total{reason="pdb_blocked"}"#),
+        Some(2.0),
+        "recorded again after the cooldown hold in between"
+    );
+    // Nothing was charged to the budget: a resumed supervisor sees none
+    // of the two (the cooldown stands).
+    let k = h.store.load_knowledge(t(0)).await.unwrap();
+    let mut g = super::guards::Guards::resume(&k.recent_actions, &k.open_incidents);
+    assert_eq!(g.actions_last_hour(t(93)), 0);
+    assert!(
+        g.last_run()
+            .contains_key(&("a".to_string(), "refetch".to_string()))
+    );
+}
+
 fn two_rung_policy() -> Policy {
     let mut p = Policy::builtin().unwrap();
     if let Some(l) = p.ladders.get_mut("svid_rotation_overdue") {

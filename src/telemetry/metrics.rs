@@ -212,6 +212,9 @@ pub struct Metrics {
     pub api_denied_total: IntCounterVec,
     /// `Watch` streams ended because the client did not keep up.
     pub api_watch_dropped_total: prometheus::IntCounter,
+    /// Kubernetes API calls, by verb and closed-set code
+    /// ([`crate::k8s::client::CODES`]).
+    pub k8s_requests_total: IntCounterVec,
     /// notAfter of the leaf in a watched certificate file, by file.
     pub cert_file_expiration_timestamp_seconds: GaugeVec,
     /// 1: the version of this build.
@@ -296,12 +299,7 @@ impl Metrics {
         }
         for a in actuators {
             self.action_duration_seconds.with_label_values(&[a]);
-            for o in [
-                OutcomeKind::Ok,
-                OutcomeKind::Error,
-                OutcomeKind::DryRun,
-                OutcomeKind::Timeout,
-            ] {
+            for o in OutcomeKind::ALL {
                 self.actions_total.with_label_values(&[a, o.as_str()]);
             }
             for v in [
@@ -315,6 +313,12 @@ impl Metrics {
         for r in crate::plan::HoldReason::ALL {
             self.holds_total.with_label_values(&[r.as_str()]);
             self.incidents_held.with_label_values(&[r.as_str()]);
+        }
+        for verb in crate::k8s::Verb::ALL {
+            for code in crate::k8s::client::CODES {
+                self.k8s_requests_total
+                    .with_label_values(&[verb.as_str(), code]);
+            }
         }
         for kind in ["io", "disk_full", "full", "torn"] {
             self.errors_total.with_label_values(&["spool", kind]);
@@ -581,6 +585,11 @@ impl Metrics {
             api_watch_dropped_total: reg!(prometheus::IntCounter::new(
                 "spire_healer_api_watch_dropped_total",
                 "Watch streams ended because the client fell behind the server's event ring."
+            )),
+            k8s_requests_total: reg!(c(
+                "spire_healer_k8s_requests_total",
+                "Calls to the Kubernetes API, by verb and result code.",
+                &["verb", "code"]
             )),
             cert_file_expiration_timestamp_seconds: reg!(GaugeVec::new(
                 Opts::new(

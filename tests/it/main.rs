@@ -19,6 +19,7 @@ mod healing;
 mod helm_rbac;
 mod helpers;
 mod idle;
+mod k8s;
 mod k8s_spire;
 mod lab_peer;
 mod lab_smoke;

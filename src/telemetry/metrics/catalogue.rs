@@ -100,6 +100,10 @@ const NOTES: &[(&str, &str)] = &[
         "Set after each probe that saw the peer's certificate.",
     ),
     (
+        "spire_healer_k8s_requests_total",
+        "+1 per call the Kubernetes actuators make (mappings, owner reads, evictions, deletions, patches, waits for replacements), when it is answered, refused, or times out; a call refused because its namespace is not allowed is never sent and not counted. Created at 0 per verb and code.",
+    ),
+    (
         "spire_healer_handshake_probe_duration_seconds",
         "Observed per active probe.",
     ),
@@ -265,8 +269,9 @@ fn label_values(metric: &str, label: &str) -> Option<String> {
     let symptoms = || codes(SymptomKind::ALL.map(SymptomKind::as_str));
     let holds = || {
         format!(
-            "{}; and an actuator's precondition reason (a fixed set in code, e.g. `not_an_svid`, `agent_id_unknown`, `current_server_healthy`)",
-            codes(crate::plan::HoldReason::ALL.map(|r| r.as_str()))
+            "{}; an actuator's execute-time hold, {}; and an actuator's precondition reason (a fixed set in code, e.g. `not_an_svid`, `agent_id_unknown`, `current_server_healthy`)",
+            codes(crate::plan::HoldReason::ALL.map(|r| r.as_str())),
+            codes(crate::actuators::HELD_REASONS)
         )
     };
     Some(match (metric, label) {
@@ -333,6 +338,13 @@ fn label_values(metric: &str, label: &str) -> Option<String> {
         ("spire_healer_handshake_reports_rejected_total", "kind") => {
             codes(crate::api::reports::RejectKind::ALL.map(|k| k.as_str()))
         }
+        ("spire_healer_k8s_requests_total", "verb") => {
+            codes(crate::k8s::Verb::ALL.map(crate::k8s::Verb::as_str))
+        }
+        ("spire_healer_k8s_requests_total", "code") => format!(
+            "{}: `ok` for any 2xx; the HTTP status of a refusal (`5xx` for every server error, `other` for the rest); `transport` when no answer came; `timeout` past `[kubernetes] request_timeout`",
+            codes(crate::k8s::client::CODES)
+        ),
         ("spire_healer_errors_total", "stage") => codes(["actuator", "sensor", "spool", "store"]),
         ("spire_healer_errors_total", "kind") => {
             "the closed-set `kind()` of the stage's error type (`SensorError`, `ActuatorError`, `StoreError`, the spool's errors), e.g. `unavailable`, `timeout`, `disk_full`".into()
