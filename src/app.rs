@@ -188,7 +188,9 @@ pub async fn start(
                 .with_label_values(&[cfg.role.as_str()])
                 .set(0);
             let kube = match lcfg.backend {
-                crate::leadership::Backend::Lease => Some(crate::leadership::kube_client().await?),
+                crate::leadership::Backend::Lease => {
+                    Some(crate::leadership::kube_client(cfg).await?)
+                }
                 crate::leadership::Backend::Postgres => None,
             };
             let leader =

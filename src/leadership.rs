@@ -223,13 +223,19 @@ pub fn of(cfg: &crate::config::Config, url: &str) -> Option<LeadershipConfig> {
     }
 }
 
-/// The Kubernetes client of the `lease` backend: `$KUBECONFIG`, else
-/// `~/.kube/config`, else the pod's service account; the client's default
-/// retry is off (a Lease conflict is an answer).
+/// The Kubernetes client of the `lease` backend: `[kubernetes]` when set
+/// (the same client the actuators use), else `$KUBECONFIG`,
+/// `~/.kube/config` or the pod's service account; the client's default
+/// retry is off either way (a Lease conflict is an answer).
 ///
 /// # Errors
 /// No usable configuration.
-pub async fn kube_client() -> Result<kube::Client, LeadershipError> {
+pub async fn kube_client(cfg: &crate::config::Config) -> Result<kube::Client, LeadershipError> {
+    if let Some(k) = &cfg.kubernetes {
+        return crate::k8s::client::build_client(k)
+            .await
+            .map_err(|e| LeadershipError::Kube(e.to_string()));
+    }
     let mut config = kube::Config::infer()
         .await
         .map_err(|e| LeadershipError::Kube(e.to_string()))?;

@@ -35,13 +35,19 @@ pub const REFETCH: &str = "refetch";
 /// symptom maps to no pods the healer may act on (the
 /// [`Refusal`](crate::k8s::Refusal)s). A closed set: hold reasons are
 /// metric labels.
-pub const HELD_REASONS: [&str; 5] = [
+pub const HELD_REASONS: [&str; 6] = [
     k8s::PDB_BLOCKED,
+    NOT_RECORDED,
     "no_pods_matched",
     "too_many_pods",
     "namespace_not_allowed",
     "no_k8s_selectors",
 ];
+
+/// A fenced leader did not start the step: the store has not recorded it
+/// under the leader's epoch (the store is away, or another instance leads
+/// now). Not an actuator's reason: the loop's.
+pub const NOT_RECORDED: &str = "not_recorded";
 
 /// Errors at the actuator boundary.
 #[derive(Debug, thiserror::Error)]

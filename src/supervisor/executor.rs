@@ -460,13 +460,14 @@ impl Executor {
     /// Returns `step` as failed without running it: a fenced leader whose
     /// store did not take the step's `ActionStarted` under its epoch (the
     /// store is away, or another leader took over) may not act on it.
+    /// Held, like an execute-time hold: the rung is tried again after its
+    /// cooldown, by whichever instance leads then.
     pub(super) fn refuse(&mut self, step: &Step, why: &str, now: SystemTime) {
-        let error = format!("not executed: {why}");
-        let _ = self.results_tx.send((
-            step.action_id.clone(),
-            outcome(OutcomeKind::Error, Some(error)),
-            now,
-        ));
+        let held = crate::model::Outcome::held(
+            crate::actuators::NOT_RECORDED,
+            serde_json::json!({ "executed": false, "why": why }),
+        );
+        let _ = self.results_tx.send((step.action_id.clone(), held, now));
     }
 
     pub(super) fn launch(&mut self, step: Step, now: SystemTime) {

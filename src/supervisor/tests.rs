@@ -1537,3 +1537,56 @@ async fn a_refusal_neither_clears_a_lifetime_incident_nor_credits_its_action() {
 }
 
 mod operator;
+
+#[tokio::test]
+async fn a_fenced_leader_starts_nothing_the_store_has_not_recorded() {
+    let h = Harness::new(vec![view("a")]).await;
+    let flaky = Arc::new(FlakyStore {
+        inner: h.store.clone(),
+        down: AtomicBool::new(false),
+    });
+    let mut sup = h.supervisor_over(flaky.clone()).await.fenced();
+    h.tick(&mut sup, 10).await;
+    // The store is away when the step is decided: it is not executed, it
+    // comes back held as not_recorded, and the ladder stays on rung 0.
+    flaky.down.store(true, Ordering::SeqCst);
+    let r = h.tick(&mut sup, 70).await;
+    assert_eq!(r.started.len(), 1, "decided");
+    // Its outcome is queued at once (nothing ran): the next tick takes it.
+    let r = h.tick(&mut sup, 71).await;
+    assert_eq!(r.verified.len(), 1);
+    assert_eq!(r.verified[0].1, Verification::Skipped);
+    assert!(h.refetch.calls().is_empty(), "nothing ran unrecorded");
+    // Back: after the cooldown rung 0 is tried again, recorded first, and
+    // runs.
+    flaky.down.store(false, Ordering::SeqCst);
+    sup.store_health()
+        .probe(&*flaky, &h.metrics, Duration::from_secs(1))
+        .await;
+    let r = h.tick(&mut sup, 91).await;
+    assert_eq!(r.started.len(), 1);
+    assert_eq!(
+        (r.started[0].actuator.as_str(), r.started[0].rung),
+        ("refetch", 0)
+    );
+    h.action_finished().await;
+    h.tick(&mut sup, 92).await;
+    assert_eq!(h.refetch.calls().len(), 1);
+    let actions = h.actions().await;
+    let summary: Vec<_> = actions
+        .iter()
+        .map(|a| {
+            (
+                a.outcome.as_deref(),
+                a.detail
+                    .as_ref()
+                    .and_then(|d| d["held"].as_str().map(str::to_string)),
+            )
+        })
+        .collect();
+    assert!(
+        summary.contains(&(Some("held"), Some("not_recorded".to_string()))),
+        "{summary:?}"
+    );
+    assert_eq!(summary.len(), 2, "{summary:?}");
+}
