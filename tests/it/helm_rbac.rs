@@ -698,27 +698,25 @@ fn config_map_entry(manifests: &str, key: &str) -> Option<String> {
     Some(text)
 }
 
-/// The node role's configuration as the chart renders it is a valid
+/// Each role's configuration as the chart renders it is a valid
 /// configuration of this build (`Config::check`, as `check-config` and
-/// `run` do), with the database URL from the environment as in the pod.
-/// (The cluster role's needs the Kubernetes actuators and `[kubernetes]`.)
-#[test]
-fn the_rendered_node_configuration_passes_check_config() -> Result<()> {
+/// `run` do), with the pod's environment: the database URL from the
+/// Secret, the node's name from `spec.nodeName`, the spool directory (an
+/// emptyDir) here a temporary one.
+fn rendered_config(role: &str) -> Result<spire_healer::config::Resolved> {
     let manifests = std::fs::read_to_string(root().join("deploy/kubernetes/spire-healer.yaml"))?;
+    let key = format!("{role}.toml");
     let text =
-        config_map_entry(&manifests, "node.toml").context("no node.toml in the ConfigMap")?;
+        config_map_entry(&manifests, &key).with_context(|| format!("no {key} in the ConfigMap"))?;
     ensure!(
-        text.contains("role = \"node\"\n"),
-        "node.toml names another role:\n{text}"
+        text.contains(&format!("role = \"{role}\"\n")),
+        "{key} names another role:\n{text}"
     );
-    // The pod's emptyDir, here a temporary directory.
     let dir = tempfile::tempdir()?;
     let text = text.replace(
         "\"/var/lib/spire-healer/",
         &format!("\"{}/", dir.path().display()),
     );
-    // The pod's environment: the database URL from the Secret, the node's
-    // name from spec.nodeName.
     let env = |k: &str| match k {
         "SPIRE_HEALER_DATABASE_URL" => {
             Some("postgres://spire_healer:secret@127.0.0.1:5432/spire_healer".to_string())
@@ -726,30 +724,52 @@ fn the_rendered_node_configuration_passes_check_config() -> Result<()> {
         "SPIRE_HEALER_NODE_NAME" => Some("kwok-node-0.example".to_string()),
         _ => None,
     };
-    match spire_healer::config::Config::check(&text, "node.toml", &env) {
-        Ok(resolved) => {
-            ensure!(
-                resolved.config.role == spire_healer::leadership::Role::Node,
-                "the node configuration resolved to role {:?}",
-                resolved.config.role
-            );
-            // One agent name per node.
-            let names: Vec<&str> = resolved
-                .config
-                .agents
-                .iter()
-                .map(|a| a.name.as_str())
-                .collect();
-            ensure!(names == ["kwok-node-0_example"], "agent names {names:?}");
-            Ok(())
-        }
-        Err(problems) => bail!(
-            "the chart's node.toml is refused:\n{}\n{text}",
+    spire_healer::config::Config::check(&text, &key, &env).map_err(|problems| {
+        anyhow::anyhow!(
+            "the chart's {key} is refused:\n{}\n{text}",
             problems
                 .iter()
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
                 .join("\n")
-        ),
-    }
+        )
+    })
+}
+
+#[test]
+fn the_rendered_node_configuration_passes_check_config() -> Result<()> {
+    let resolved = rendered_config("node")?;
+    ensure!(resolved.config.role == spire_healer::leadership::Role::Node);
+    // One agent name per node.
+    let names: Vec<&str> = resolved
+        .config
+        .agents
+        .iter()
+        .map(|a| a.name.as_str())
+        .collect();
+    ensure!(names == ["kwok-node-0_example"], "agent names {names:?}");
+    Ok(())
+}
+
+#[test]
+fn the_rendered_cluster_configuration_passes_check_config() -> Result<()> {
+    let resolved = rendered_config("cluster")?;
+    let c = &resolved.config;
+    ensure!(c.role == spire_healer::leadership::Role::Cluster);
+    ensure!(
+        c.agents.is_empty(),
+        "the cluster instance watches no local agent"
+    );
+    let lead = spire_healer::leadership::of(c, "postgres://x/y").context("no leadership")?;
+    ensure!(
+        lead.backend == spire_healer::leadership::Backend::Lease,
+        "{lead:?}"
+    );
+    let k = c.kubernetes.as_ref().context("no [kubernetes]")?;
+    ensure!(!k.namespaces.is_empty());
+    ensure!(
+        c.actuators.values().all(|a| a.is_kubernetes()),
+        "the cluster role's actuators are the Kubernetes ones"
+    );
+    Ok(())
 }
