@@ -74,9 +74,10 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// The child's next line of output (bounded).
+/// The child's next line of output (bounded generously: on a loaded
+/// machine the shell may wait a while for its turn to run the trap).
 async fn next_line(lines: &mut Lines<BufReader<ChildStdout>>, what: &str) -> String {
-    tokio::time::timeout(Duration::from_secs(5), lines.next_line())
+    tokio::time::timeout(Duration::from_secs(30), lines.next_line())
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
         .unwrap()
