@@ -58,9 +58,11 @@ fn deployment(d: usize) -> String {
     format!("d{d:02}")
 }
 
-/// File `f`: a file of Deployment `f % DEPLOYMENTS`.
+/// File `f`: a file of Deployment `f / (FILES / DEPLOYMENTS)`, so that
+/// the files of one Deployment come one after another in the config.
 fn file_name(f: usize) -> String {
-    format!("{}-f{:03}", deployment(f % DEPLOYMENTS), f / DEPLOYMENTS)
+    let per = FILES / DEPLOYMENTS;
+    format!("{}-f{:03}", deployment(f / per), f % per)
 }
 
 /// The Deployment a file (target) belongs to.
