@@ -323,10 +323,14 @@ async fn storm(plane: &spire_lab::ControlPlane, dir: &Path) -> Result<()> {
     let mut fixed: HashSet<String> = HashSet::new();
     let mut all_open_at = None;
     let deadline = Instant::now() + LIMIT;
+    let mut last: Vec<ActionRecord> = Vec::new();
     let actions = loop {
         ensure!(
             Instant::now() < deadline,
-            "the budget was not spent and verified within {LIMIT:?}"
+            "the budget was not spent and verified within {LIMIT:?}: {}; at most {} incidents open, {} ticks",
+            outcomes(&last),
+            samples.max_open,
+            samples.ticks()
         );
         samples.take(&healer).await?;
         if all_open_at.is_none() && samples.max_open >= FILES as f64 {
@@ -347,6 +351,7 @@ async fn storm(plane: &spire_lab::ControlPlane, dir: &Path) -> Result<()> {
         if actions.len() >= BUDGET && actions.iter().all(|a| a.verification.is_some()) {
             break actions;
         }
+        last = actions;
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let spent_in = storm_start.elapsed();
@@ -426,6 +431,23 @@ async fn storm(plane: &spire_lab::ControlPlane, dir: &Path) -> Result<()> {
     );
     drop(agent);
     Ok(())
+}
+
+/// Actions by (outcome, verification), and the first error or hold.
+fn outcomes(actions: &[ActionRecord]) -> String {
+    let mut by: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for a in actions {
+        let key = (
+            a.outcome.clone().unwrap_or_else(|| "running".into()),
+            a.verification.clone().unwrap_or_else(|| "pending".into()),
+        );
+        *by.entry(key).or_default() += 1;
+    }
+    let first = actions
+        .iter()
+        .find(|a| a.outcome.as_deref() != Some("ok"))
+        .map(|a| format!("{} {:?} {:?}", a.target, a.error, a.detail));
+    format!("{} actions {by:?}; first not ok: {first:?}", actions.len())
 }
 
 /// Prints what was measured.
