@@ -385,6 +385,19 @@ pub async fn start(
                 probes,
             )
             .with_streams(streams)
+            // Workloads selecting the same pods are one blast-radius group.
+            .with_peer_groups(
+                cfg.kubernetes
+                    .iter()
+                    .flat_map(|k| k.workloads.iter())
+                    .map(|w| {
+                        (
+                            w.name.clone(),
+                            format!("k8s:{}/{}", w.namespace, w.selector),
+                        )
+                    })
+                    .collect(),
+            )
             .with_server_groups(
                 cfg.agents
                     .iter()

@@ -281,6 +281,11 @@ pub struct PlanControls<'a> {
     /// The server each configured agent is behind (blast-radius groups);
     /// agents missing here are in no server group.
     pub agent_server: HashMap<&'a str, &'a str>,
+    /// The blast-radius group of a peer or certificate file that its name
+    /// does not give: configured Kubernetes workloads selecting the same
+    /// pods share one, whatever their names. Others are grouped by
+    /// [`peer_group`].
+    pub peer_groups: HashMap<&'a str, &'a str>,
 }
 
 /// Decides what to do for each open incident.
@@ -390,6 +395,15 @@ fn hold(inc: &Incident, actuator: &str, reason: HoldReason) -> Decision {
 /// of one service as `web/a`, `web/b`: both are peers of the name `web`.
 pub fn peer_group(name: &str) -> &str {
     name.split_once('/').map_or(name, |(group, _)| group)
+}
+
+/// The blast-radius group of a peer or file: as configured in `groups`,
+/// else by its name ([`peer_group`]).
+fn radius_group<'s>(groups: &HashMap<&'s str, &'s str>, name: &'s str) -> &'s str {
+    groups
+        .get(name)
+        .copied()
+        .unwrap_or_else(|| peer_group(name))
 }
 
 /// The guards' view while one tick is planned: targets taken and actions
@@ -625,15 +639,20 @@ impl Planner<'_, '_> {
             .collect();
         let is_agent = |t: &str| input.agents.contains(t);
         if !on_agent {
-            let group = peer_group(target);
+            let group = radius_group(&c.peer_groups, target);
+            let busy = under_action
+                .iter()
+                .filter(|t| !is_agent(t) && radius_group(&c.peer_groups, t) == group)
+                .count();
+            // Counted only when something of the group is under action:
+            // the peers are many in a storm, the busy few.
+            if busy == 0 {
+                return false;
+            }
             let size = input
                 .peers
                 .iter()
-                .filter(|p| peer_group(p) == group)
-                .count();
-            let busy = under_action
-                .iter()
-                .filter(|t| !is_agent(t) && peer_group(t) == group)
+                .filter(|p| radius_group(&c.peer_groups, p) == group)
                 .count();
             return busy >= limits.per_peer.of(size);
         }

@@ -399,7 +399,9 @@ pub struct BlastRadius {
     pub per_server: Limit,
     /// Of the peers of one name: the part of a peer's (or certificate
     /// file's) name before its first `/`, so `web/a` and `web/b` are two
-    /// instances of `web`.
+    /// instances of `web`. Configured Kubernetes workloads that select the
+    /// same pods (one namespace, one selector) are one group, whatever
+    /// their names.
     #[serde(default = "d_radius_peer")]
     pub per_peer: Limit,
 }

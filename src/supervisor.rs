@@ -441,6 +441,11 @@ impl Supervisor {
             .iter()
             .map(|(a, s)| (a.as_str(), s.as_str()))
             .collect();
+        controls.peer_groups = executor
+            .peer_groups()
+            .iter()
+            .map(|(p, g)| (p.as_str(), g.as_str()))
+            .collect();
         let in_flight = executor.in_flight();
         controls.in_flight = in_flight
             .iter()

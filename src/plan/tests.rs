@@ -47,6 +47,8 @@ struct Case {
     in_flight: Vec<(&'static str, &'static str)>,
     /// (agent, server).
     agent_server: Vec<(&'static str, &'static str)>,
+    /// (peer, blast-radius group).
+    peer_groups: Vec<(&'static str, &'static str)>,
 }
 
 impl Default for Case {
@@ -71,6 +73,7 @@ impl Default for Case {
             demoted: vec![],
             in_flight: vec![],
             agent_server: vec![],
+            peer_groups: vec![],
         }
     }
 }
@@ -120,6 +123,7 @@ fn run(c: &Case, now: u64) -> Vec<Decision> {
         demoted: c.demoted.iter().copied().collect(),
         in_flight: c.in_flight.clone(),
         agent_server: c.agent_server.iter().copied().collect(),
+        peer_groups: c.peer_groups.iter().copied().collect(),
     };
     plan(&PlanInput {
         symptoms: &symptoms,
@@ -1190,6 +1194,40 @@ fn workload_class_guards() {
                 ..base()
             },
             vec!["hold web/a blast_radius"],
+        ),
+        (
+            "files of one workload's pods are one group, whatever their names",
+            Case {
+                incidents: vec![
+                    stale_file("i1", "d00-f000"),
+                    stale_file("i2", "d00-f001"),
+                    stale_file("i3", "d01-f000"),
+                ],
+                peers: &["d00-f000", "d00-f001", "d01-f000"],
+                peer_groups: vec![
+                    ("d00-f000", "k8s:apps/app=d00"),
+                    ("d00-f001", "k8s:apps/app=d00"),
+                    ("d01-f000", "k8s:apps/app=d01"),
+                ],
+                ..base()
+            },
+            vec![
+                "act d00-f000 evict-pod rung0 next1",
+                "hold d00-f001 blast_radius",
+                "act d01-f000 evict-pod rung0 next1",
+            ],
+        ),
+        (
+            "without groups, each file is its own group",
+            Case {
+                incidents: vec![stale_file("i1", "d00-f000"), stale_file("i2", "d00-f001")],
+                peers: &["d00-f000", "d00-f001"],
+                ..base()
+            },
+            vec![
+                "act d00-f000 evict-pod rung0 next1",
+                "act d00-f001 evict-pod rung0 next1",
+            ],
         ),
         (
             "approval by class",

@@ -47,6 +47,8 @@ pub struct Targets {
     streams: HashMap<String, Arc<Shared>>,
     /// Which server each agent is behind (blast-radius groups).
     server_groups: super::groups::AgentServers,
+    /// Blast-radius groups of peers their names do not give.
+    peer_groups: HashMap<String, String>,
 }
 
 impl Targets {
@@ -70,7 +72,16 @@ impl Targets {
             probes,
             streams: HashMap::new(),
             server_groups: super::groups::AgentServers::default(),
+            peer_groups: HashMap::new(),
         }
+    }
+
+    /// Peers (peer or certificate-file names) and their blast-radius
+    /// group, for peers whose name does not say it: configured Kubernetes
+    /// workloads that select the same pods.
+    pub fn with_peer_groups(mut self, groups: HashMap<String, String>) -> Self {
+        self.peer_groups = groups;
+        self
     }
 
     /// Agents' config files (agent, path) and the servers (name,
@@ -278,6 +289,11 @@ impl Executor {
     /// Configured agents: the only agents actions may target.
     pub(super) fn agents(&self) -> &HashSet<String> {
         &self.targets.agents
+    }
+
+    /// Blast-radius groups of peers their names do not give.
+    pub(super) fn peer_groups(&self) -> &HashMap<String, String> {
+        &self.targets.peer_groups
     }
 
     /// The class of a configured actuator; `None` when not configured.

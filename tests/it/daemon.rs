@@ -66,6 +66,15 @@ impl Daemon {
         }
     }
 
+    /// The log lines received and not yet read, taken.
+    pub fn take_lines(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(line) = self.lines.try_recv() {
+            out.push(line);
+        }
+        out
+    }
+
     pub fn signal(&self, signal: Signal) -> Result<()> {
         let pid = self.child.id().context("already reaped")?;
         killpg(Pid::from_raw(i32::try_from(pid)?), signal)?;
