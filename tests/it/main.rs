@@ -20,6 +20,7 @@ mod helm_rbac;
 mod helpers;
 mod idle;
 mod k8s;
+mod k8s_servers;
 mod k8s_spire;
 mod lab_peer;
 mod lab_smoke;
