@@ -17,6 +17,10 @@
 //!    (a new UID; one eviction in `spire_healer_k8s_requests_total`),
 //!    `spire-server-1` is untouched, the step is verified and the incident
 //!    closed.
+//! 3. Agent 0 killed: its `agent_unreachable` ladder's `restart-agent`
+//!    rung (`k8s_delete_pod`, the agent mapped to the `spire-agent`
+//!    DaemonSet's pod on its node) deletes that pod; the test starts the
+//!    real agent again once the replacement is Ready; the step verifies.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -75,6 +79,17 @@ spec:
     spec:
       terminationGracePeriodSeconds: 1
       containers: [{{ name: spire-server, image: registry.invalid/spire-server:1 }}]
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {{ name: spire-agent, namespace: {NS} }}
+spec:
+  selector: {{ matchLabels: {{ app: spire-agent }} }}
+  template:
+    metadata: {{ labels: {{ app: spire-agent }} }}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers: [{{ name: spire-agent, image: registry.invalid/spire-agent:1 }}]
 "#
     )
 }
@@ -89,9 +104,14 @@ fn ready(p: &Pod) -> bool {
 
 /// UIDs of the Ready server pods by name (`spire-server-0`, `-1`).
 async fn server_pods(admin: &kube::Client) -> Option<Vec<(String, String)>> {
+    ready_pods(admin, "app=spire-server").await
+}
+
+/// (name, UID) of the Ready pods `labels` selects, by name.
+async fn ready_pods(admin: &kube::Client, labels: &str) -> Option<Vec<(String, String)>> {
     let api: Api<Pod> = Api::namespaced(admin.clone(), NS);
     let mut out: Vec<(String, String)> = api
-        .list(&ListParams::default().labels("app=spire-server"))
+        .list(&ListParams::default().labels(labels))
         .await
         .ok()?
         .items
@@ -164,6 +184,48 @@ request_timeout = "5s"
     text
 }
 
+/// The healer of agent 0's pod: agent 0 (its Workload API), its
+/// DaemonSet pod on the lab's node as a workload of its name, and
+/// `restart-agent` (the default ladder's rung) deleting that pod.
+fn agent_config(lab: &HaLab, plane: &ControlPlane, policy: &Path, db: &Path) -> String {
+    let a = lab.agent(0);
+    format!(
+        r#"role = "cluster"
+policy_file = "{policy}"
+[supervisor]
+tick_interval = "250ms"
+[database]
+url = "sqlite://{db}"
+[http]
+listen = "127.0.0.1:0"
+[actuators.restart-agent]
+type = "k8s_delete_pod"
+poll_interval = "250ms"
+[kubernetes]
+kubeconfig = "{kubeconfig}"
+namespaces = ["{NS}"]
+request_timeout = "5s"
+[[kubernetes.workloads]]
+name = "{name}"
+namespace = "{NS}"
+selector = "app=spire-agent"
+node = "{node}"
+[[agents]]
+name = "{name}"
+address = "unix://{socket}"
+poll_interval = "1s"
+answer_timeout = "2s"
+backoff_max = "2s"
+"#,
+        policy = policy.display(),
+        db = db.display(),
+        kubeconfig = plane.user_kubeconfig(USER).display(),
+        name = a.name(),
+        node = crate::spire_lab::k8s::FIRST_NODE,
+        socket = a.workload_socket().display(),
+    )
+}
+
 /// A running healer: its process, store and `/metrics` address.
 struct Healer {
     daemon: Daemon,
@@ -233,7 +295,7 @@ fn all() -> Query {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unhealthy_server_pod_is_evicted_never_the_last() -> Result<()> {
+async fn server_and_agent_pods_are_replaced_never_the_last_server() -> Result<()> {
     if ControlPlane::bin_dir_from_env().is_none() {
         eprintln!(
             "skipped: SPIRE_HEALER_K8S_BIN is not set (scripts/test.sh builds the control plane)"
@@ -260,6 +322,11 @@ async fn scenario() -> Result<()> {
         ..HaOptions::default()
     })
     .await?;
+    // The healer's identity from agent 0 (its Workload API stream is up
+    // only while the agent issues it one).
+    lab.register_entry(0, "/healer-0", nix::unistd::geteuid().as_raw(), 600)
+        .await?;
+    lab.wait_fetch_has(0, "/healer-0").await?;
     let setup = begun.elapsed();
     let files = dir.path().join("healer");
     std::fs::create_dir_all(&files)?;
@@ -376,16 +443,82 @@ async fn scenario() -> Result<()> {
     );
     let actions = healer.store.actions(&all()).await?;
     ensure!(actions.len() == 1, "{actions:#?}");
+    healer.stop().await?;
+
+    // --- 3. agent 0 dies: its DaemonSet pod on its node is replaced --------
+    let agent_pods = wait_until("one Ready agent pod", LIMIT, || async {
+        ready_pods(&admin, "app=spire-agent")
+            .await
+            .filter(|p| p.len() == 1)
+    })
+    .await?;
+    let name = "agent-down";
+    let healer = Healer::start(
+        &files,
+        name,
+        agent_config(&lab, &plane, &policy, &files.join(format!("{name}.db"))),
+    )
+    .await?;
+    let stream = format!(
+        "spire_healer_workload_api_stream_up{{agent=\"{}\"}}",
+        lab.agent(0).name()
+    );
+    wait_until("agent 0 watched", LIMIT, || async {
+        (healer.metric(&stream).await.ok()? == 1.0).then_some(())
+    })
+    .await?;
+    let agent_killed = Instant::now();
+    lab.kill_agent(0).await?;
+    let old_agent = agent_pods[0].1.clone();
+    let new_agent = wait_until("the agent pod replaced and Ready", LIMIT, || async {
+        ready_pods(&admin, "app=spire-agent")
+            .await?
+            .into_iter()
+            .find(|(_, uid)| *uid != old_agent)
+            .map(|(_, uid)| uid)
+    })
+    .await?;
+    let agent_replaced_after = agent_killed.elapsed();
+    lab.start_agent(0).await?;
+    let agent_action = wait_until("the pod delete verified", LIMIT, || async {
+        healer
+            .store
+            .actions(&all())
+            .await
+            .ok()?
+            .into_iter()
+            .find(|a| a.actuator == "restart-agent" && a.verification.is_some())
+    })
+    .await?;
+    let agent_verified_after = agent_killed.elapsed();
+    ensure!(
+        agent_action.target == lab.agent(0).name()
+            && agent_action.outcome.as_deref() == Some("ok")
+            && agent_action.verification.as_deref() == Some("verified"),
+        "{agent_action:#?}"
+    );
+    ensure!(
+        healer
+            .metric(r#"spire_healer_k8s_requests_total{code="ok",verb="delete"}"#)
+            .await?
+            == 1.0,
+        "not exactly one pod delete"
+    );
     println!(
         "k8s servers: setup {:.1}s; both down: held no_server_reachable {:.1}s after the healer \
          started, nothing evicted; server A killed: spire-server-0 replaced (uid {} -> {}) and \
-         Ready {:.1}s after the kill, the step verified {:.1}s after it; whole scenario {:.1}s",
+         Ready {:.1}s after the kill, the step verified {:.1}s after it; agent 0 killed: its pod \
+         replaced ({} -> {}) {:.1}s after, verified {:.1}s after; whole scenario {:.1}s",
         setup.as_secs_f64(),
         held_after.as_secs_f64(),
         old0,
         replaced.0,
         replaced_after.as_secs_f64(),
         verified_after.as_secs_f64(),
+        old_agent,
+        new_agent,
+        agent_replaced_after.as_secs_f64(),
+        agent_verified_after.as_secs_f64(),
         begun.elapsed().as_secs_f64(),
     );
     healer.stop().await?;
