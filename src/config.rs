@@ -1226,8 +1226,8 @@ impl Config {
     }
 
     /// `[kubernetes]`: present, with a namespace allow-list, when a
-    /// Kubernetes actuator is configured; each value valid; a workload's
-    /// name is not also an agent's or a server's.
+    /// Kubernetes actuator is configured; each value valid; a workload
+    /// named like an agent says its `node`.
     fn validate_kubernetes(&self, errors: &mut Vec<ConfigError>) {
         let k8s_actuators: Vec<&str> = self
             .actuators
@@ -1247,14 +1247,15 @@ impl Config {
         for (field, reason) in k.problems(!k8s_actuators.is_empty()) {
             errors.push(ConfigError::invalid(format!("kubernetes.{field}"), reason));
         }
+        // A workload named like a server is that server's pod; one named
+        // like an agent is its DaemonSet pod on its node, so it needs
+        // `node` (the selector alone matches every agent's pod).
         for (i, w) in k.workloads.iter().enumerate() {
-            let clash = self.agents.iter().any(|a| a.name == w.name)
-                || self.servers.iter().any(|s| s.name == w.name);
-            if clash {
+            if w.node.is_none() && self.agents.iter().any(|a| a.name == w.name) {
                 errors.push(ConfigError::invalid(
                     format!("kubernetes.workloads[{i}].name"),
                     format!(
-                        "{:?} names an agent or a server; a workload is a peer or certificate file",
+                        "{:?} names an agent: its pod needs `node` (the node its DaemonSet pod runs on)",
                         w.name
                     ),
                 ));

@@ -89,10 +89,14 @@ impl Role {
 /// fails the same agent over. So it only records them, and while one is
 /// open it keeps the agent's slot: the agent's stream dropping while the
 /// cluster instance restarts it is explained by it, not acted on.
-pub const CLUSTER_SYMPTOMS: [SymptomKind; 3] = [
+///
+/// An unhealthy server is the cluster instance's alone too: only it may
+/// replace a server's pod, and only while another server answers.
+pub const CLUSTER_SYMPTOMS: [SymptomKind; 4] = [
     SymptomKind::AgentSyncStale,
     SymptomKind::AgentNotRenewing,
     SymptomKind::AgentBanned,
+    SymptomKind::ServerUnhealthy,
 ];
 
 /// Where liveness comes from.

@@ -137,7 +137,8 @@ impl Subject {
     }
 
     /// Whether remediation may act on it: everything but servers and the
-    /// cluster, which are reported only.
+    /// cluster, which are reported only (a server's pod is the exception:
+    /// the plan lets a `workload` rung replace it).
     pub fn is_actionable(&self) -> bool {
         !matches!(self, Subject::Server { .. } | Subject::Cluster { .. })
     }

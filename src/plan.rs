@@ -442,7 +442,9 @@ impl Planner<'_, '_> {
         if ladder.is_empty() {
             return hold(inc, "", HoldReason::NoLadder);
         }
-        if !inc.subject.is_actionable() {
+        // A server is acted on through its pod only (a workload rung).
+        let on_server = matches!(inc.subject, crate::model::Subject::Server { .. });
+        if !inc.subject.is_actionable() && !on_server {
             return hold(inc, "", HoldReason::ObserveOnly);
         }
         if let crate::model::Subject::Peer { peer } | crate::model::Subject::Handshakes { peer, .. } =
@@ -517,6 +519,9 @@ impl Planner<'_, '_> {
         };
         let class = (input.class)(&rung.actuator).unwrap_or(Class::AgentLocal);
         let held = |reason| hold(inc, &rung.actuator, reason);
+        if on_server && class != Class::Workload {
+            return held(HoldReason::ObserveOnly);
+        }
         if self.busy.contains(&target) {
             return held(HoldReason::TargetBusy);
         }

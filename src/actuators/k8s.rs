@@ -162,16 +162,39 @@ impl Actuator for PodActuator {
         Class::Workload
     }
 
-    /// Workloads only: an agent's own incident is not about pods this
-    /// mapping can find. Notes the SPIFFE ID the symptom names (the
-    /// incident's evidence, or the SVID subject) for the mapping.
-    fn prepare(&self, step: &mut Step, _obs: &Observations) -> Prepared {
+    /// Workloads, and the pods of servers and agents configured as
+    /// workloads by name (`[[kubernetes.workloads]]`); any other agent,
+    /// server or cluster incident is not about pods this mapping can find.
+    /// Notes the SPIFFE ID the symptom names (the incident's evidence, or
+    /// the SVID subject) for the mapping; an SVID's pods are found by that
+    /// ID only, never by the name of the agent it lives on.
+    ///
+    /// A server's pod only while another configured server answers
+    /// ([`server_precondition`]): never the last one.
+    fn prepare(&self, step: &mut Step, obs: &Observations) -> Prepared {
         let subject = step.params["subject"].as_str().and_then(Subject::parse);
+        let named = || mapping::configured(self.kube.config(), &step.target, None).is_some();
         let id = match &subject {
-            Some(Subject::Agent { .. } | Subject::Server { .. } | Subject::Cluster { .. }) => {
-                return Prepared::Skip("not_a_workload");
+            Some(Subject::Server { server }) => {
+                if !named() {
+                    return Prepared::Skip("no_server_workload");
+                }
+                if let Some(wait) = server_precondition(server, obs) {
+                    return Prepared::Wait(wait);
+                }
+                None
             }
-            Some(Subject::Svid { spiffe_id, .. }) => Some(spiffe_id.clone()),
+            Some(Subject::Agent { .. }) => {
+                if !named() {
+                    return Prepared::Skip("not_a_workload");
+                }
+                None
+            }
+            Some(Subject::Cluster { .. }) => return Prepared::Skip("not_a_workload"),
+            Some(Subject::Svid { spiffe_id, .. }) => {
+                step.params["by_identity"] = json!(true);
+                Some(spiffe_id.clone())
+            }
             _ => step.params["evidence_spiffe_id"]
                 .as_str()
                 .map(str::to_string),
@@ -185,10 +208,15 @@ impl Actuator for PodActuator {
     async fn execute(&self, step: &Step) -> Result<Outcome, ActuatorError> {
         let deadline = tokio::time::Instant::now() + step.timeout * 9 / 10;
         let spiffe_id = step.params["spiffe_id"].as_str();
-        let Mapped { source, pods } =
-            mapping::map(&self.kube, &*self.entries, &step.target, spiffe_id)
-                .await
-                .map_err(|e| ActuatorError::Failed(e.to_string()))?;
+        // An SVID's target is the agent it lives on, not its workload.
+        let target = if step.params["by_identity"] == json!(true) {
+            ""
+        } else {
+            step.target.as_str()
+        };
+        let Mapped { source, pods } = mapping::map(&self.kube, &*self.entries, target, spiffe_id)
+            .await
+            .map_err(|e| ActuatorError::Failed(e.to_string()))?;
         let source = json!(source);
         let pods = match pods {
             Ok(pods) => pods,
@@ -209,6 +237,22 @@ impl Actuator for PodActuator {
             Mode::RolloutRestart => run.restart_owners(&pods, source).await,
         }
     }
+}
+
+/// Why a server's pod must not be replaced now (`None`: it may): as for
+/// `server_failover`, never the last server. `last_server`: no other
+/// server is watched; `no_other_server_reachable`: none of the others
+/// answered on the last poll (with no server answering, the plan holds
+/// every workload step as `no_server_reachable` before this is asked).
+pub fn server_precondition(server: &str, obs: &Observations) -> Option<&'static str> {
+    let mut others = obs.servers.iter().filter(|v| v.server != server).peekable();
+    if others.peek().is_none() {
+        return Some("last_server");
+    }
+    if !others.any(|v| v.reachable) {
+        return Some("no_other_server_reachable");
+    }
+    None
 }
 
 /// One execution: the actuator, its step and its deadline.
@@ -586,6 +630,10 @@ mod tests {
             a.prepare(&mut step("agent:node-a"), &obs),
             Prepared::Skip("not_a_workload")
         );
+        assert_eq!(
+            a.prepare(&mut step("cluster:td"), &obs),
+            Prepared::Skip("not_a_workload")
+        );
     }
 
     #[tokio::test]
@@ -612,6 +660,130 @@ mod tests {
             Outcome::held(PDB_BLOCKED, json!({})).held_reason(),
             "pdb_blocked"
         );
+    }
+
+    fn view(name: &str, reachable: bool) -> Arc<crate::model::ServerView> {
+        let t = std::time::UNIX_EPOCH;
+        Arc::new(crate::model::ServerView {
+            server: name.into(),
+            reachable,
+            last_error: (!reachable).then(|| "unavailable".into()),
+            since: t,
+            updated_at: t,
+            uptime_secs: 1,
+            svid_expires_at: None,
+            agents_count: 0,
+            entries_count: 0,
+            agents: vec![],
+            agents_truncated: false,
+            bundle: vec![],
+            bundle_sequence: 0,
+            entry_lookups: vec![],
+        })
+    }
+
+    /// Server `server-a` and agent `agent-a` configured as workloads.
+    fn named_actuator() -> PodActuator {
+        let w = |name: &str, selector: &str, node: Option<&str>| crate::k8s::WorkloadConfig {
+            name: name.into(),
+            namespace: "spire".into(),
+            selector: selector.into(),
+            spiffe_id: None,
+            node: node.map(str::to_string),
+        };
+        let kube = Arc::new(Kube::new(
+            KubernetesConfig {
+                namespaces: vec!["spire".into()],
+                kubeconfig: Some("/nonexistent/kubeconfig".into()),
+                workloads: vec![
+                    w(
+                        "server-a",
+                        "statefulset.kubernetes.io/pod-name=spire-server-0",
+                        None,
+                    ),
+                    w("agent-a", "app=spire-agent", Some("node-a")),
+                ],
+                ..KubernetesConfig::default()
+            },
+            Arc::new(Metrics::new()),
+            Arc::new(crate::clock::ManualClock::at_unix(0)),
+        ));
+        let config = K8sPodConfig {
+            grace_period: None,
+            poll_interval: default_poll(),
+        };
+        PodActuator::pods(Mode::Evict, &config, kube, Arc::new(NoEntries))
+    }
+
+    fn on(target: &str, subject: &str) -> Step {
+        Step {
+            target: target.into(),
+            params: json!({ "subject": subject }),
+            ..step(subject)
+        }
+    }
+
+    #[test]
+    fn a_server_pod_is_never_the_last_server() {
+        let a = named_actuator();
+        let obs = |views: Vec<Arc<crate::model::ServerView>>| Observations {
+            servers: views,
+            ..Observations::default()
+        };
+        let prep = |target: &str, o: &Observations| {
+            a.prepare(&mut on(target, &format!("server:{target}")), o)
+        };
+        let both = obs(vec![view("server-a", false), view("server-b", true)]);
+        assert_eq!(prep("server-a", &both), Prepared::Ready);
+        assert_eq!(
+            prep("server-a", &obs(vec![view("server-a", false)])),
+            Prepared::Wait("last_server")
+        );
+        assert_eq!(
+            prep(
+                "server-a",
+                &obs(vec![view("server-a", false), view("server-b", false)])
+            ),
+            Prepared::Wait("no_other_server_reachable")
+        );
+        // A server not configured as a workload has no pod to replace.
+        assert_eq!(
+            prep("server-b", &both),
+            Prepared::Skip("no_server_workload")
+        );
+    }
+
+    #[test]
+    fn an_agent_pod_needs_its_workload_and_an_svid_maps_by_identity() {
+        let a = named_actuator();
+        let obs = Observations::default();
+        assert_eq!(
+            a.prepare(&mut on("agent-a", "agent:agent-a"), &obs),
+            Prepared::Ready
+        );
+        assert_eq!(
+            a.prepare(&mut on("agent-b", "agent:agent-b"), &obs),
+            Prepared::Skip("not_a_workload")
+        );
+        let mut s = on("agent-a", "svid:agent-a/spiffe://td/web");
+        assert_eq!(a.prepare(&mut s, &obs), Prepared::Ready);
+        assert_eq!(s.params["by_identity"], true);
+        assert_eq!(s.params["spiffe_id"], "spiffe://td/web");
+    }
+
+    #[test]
+    fn a_workload_node_narrows_to_pods_on_it() {
+        let pod = |node: Option<&str>| Pod {
+            spec: Some(k8s_openapi::api::core::v1::PodSpec {
+                node_name: node.map(str::to_string),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(mapping::on_node(&pod(Some("node-a")), Some("node-a")));
+        assert!(!mapping::on_node(&pod(Some("node-b")), Some("node-a")));
+        assert!(!mapping::on_node(&pod(None), Some("node-a")));
+        assert!(mapping::on_node(&pod(None), None));
     }
 
     #[test]

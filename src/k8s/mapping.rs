@@ -3,9 +3,9 @@
 //! Two ways, tried in order:
 //!
 //! 1. **A configured workload** (`[[kubernetes.workloads]]`) whose `name` is
-//!    the step's target (a peer or certificate-file name), or whose
-//!    `spiffe_id` is the SPIFFE ID the symptom names: its label selector in
-//!    its namespace.
+//!    the step's target (a peer, certificate-file, server or agent name),
+//!    or whose `spiffe_id` is the SPIFFE ID the symptom names: its label
+//!    selector in its namespace (and its `node`, when set).
 //! 2. **The registration entries of the symptom's SPIFFE ID**, read over
 //!    the SPIRE server's Entry API: the `k8s:` selectors SPIRE's Kubernetes
 //!    workload attestor matches (`k8s:ns`, `k8s:sa`, `k8s:pod-label:K:V`,
@@ -324,6 +324,11 @@ pub fn configured<'c>(
         })
 }
 
+/// Whether `pod` runs on `node` (any node when `None`).
+pub fn on_node(pod: &Pod, node: Option<&str>) -> bool {
+    node.is_none_or(|n| pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(n))
+}
+
 /// Maps a step's target and SPIFFE ID to pods (see the module docs).
 ///
 /// # Errors
@@ -362,6 +367,7 @@ pub async fn map(
                     .labels
                     .as_ref()
                     .is_some_and(|l| selector.matches(l))
+                    && on_node(p, w.node.as_deref())
             })
             .collect();
         return Ok(Mapped {
@@ -611,12 +617,14 @@ mod tests {
                     namespace: "apps".into(),
                     selector: "app=web".into(),
                     spiffe_id: Some("spiffe://td/web".into()),
+                    node: None,
                 },
                 WorkloadConfig {
                     name: "api".into(),
                     namespace: "apps".into(),
                     selector: "app=api".into(),
                     spiffe_id: None,
+                    node: None,
                 },
             ],
             ..KubernetesConfig::default()

@@ -90,6 +90,10 @@ pub struct WorkloadConfig {
     /// A peer or certificate-file name as the config's `[[probes]]`,
     /// `[[cert_files]]` or handshake reports name it: a symptom about it
     /// maps to this workload's pods. Also a peer actions may target.
+    ///
+    /// Or a `[[servers]]` name (the server's own pod: `server_unhealthy`
+    /// evicts it so its StatefulSet replaces it), or an `[[agents]]` name
+    /// with `node` (that agent's DaemonSet pod on its node).
     pub name: String,
     /// Its namespace (one of `[kubernetes] namespaces`).
     pub namespace: String,
@@ -99,6 +103,10 @@ pub struct WorkloadConfig {
     /// a handshake report): such a symptom maps to this workload's pods.
     #[serde(default)]
     pub spiffe_id: Option<String>,
+    /// Only its pods on this node (`spec.nodeName`): how a spire-agent
+    /// DaemonSet's pod on one agent's node is named.
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 impl KubernetesConfig {
@@ -189,6 +197,14 @@ impl KubernetesConfig {
                 && let Err(e) = crate::spiffe_id::SpiffeId::parse(id)
             {
                 push(format!("{key}.spiffe_id"), format!("{id:?}: {e}"));
+            }
+            if let Some(node) = &w.node
+                && (node.is_empty() || node.len() > 253)
+            {
+                push(
+                    format!("{key}.node"),
+                    format!("{node:?} is not a node name (1-253 bytes)"),
+                );
             }
         }
         out

@@ -1263,3 +1263,151 @@ fn workload_class_guards() {
     assert_eq!(Class::Workload.as_str(), "workload");
     assert!(Class::Workload.is_disruptive());
 }
+
+/// An unhealthy server whose ladder evicts its pod (the opt-in ladder).
+fn evict_server_pod(p: &mut Policy) {
+    p.ladders.insert(
+        "server_unhealthy".into(),
+        vec![
+            toml::from_str("actuator = \"evict-pod\"\ntimeout = \"90s\"\nverify_within = \"60s\"")
+                .unwrap(),
+        ],
+    );
+}
+
+fn server_unhealthy(id: &str, server: &str) -> Incident {
+    Incident {
+        subject: Subject::server(server),
+        ..incident(id, SymptomKind::ServerUnhealthy, server, 0)
+    }
+}
+
+#[test]
+fn server_pod_guards() {
+    let base = || Case {
+        incidents: vec![server_unhealthy("i1", "server-a")],
+        configured: &["evict-pod", "restart-agent"],
+        servers_reachable: Some(true),
+        policy: evict_server_pod,
+        ..Case::default()
+    };
+    let cases: Vec<(&str, Case, Vec<&str>)> = vec![
+        (
+            "the cluster instance evicts the server's pod",
+            base(),
+            vec!["act server-a evict-pod rung0 next1"],
+        ),
+        (
+            "the default policy only observes an unhealthy server",
+            Case {
+                policy: |_| {},
+                ..base()
+            },
+            vec!["hold server-a no_ladder"],
+        ),
+        (
+            "never while no server answers",
+            Case {
+                servers_reachable: Some(false),
+                ..base()
+            },
+            vec!["hold server-a no_server_reachable"],
+        ),
+        (
+            "nor while the breaker is open",
+            Case {
+                breaker_open: true,
+                ..base()
+            },
+            vec!["hold server-a circuit_open"],
+        ),
+        (
+            "a node instance leaves servers to the cluster instance",
+            Case {
+                policy: |p| {
+                    evict_server_pod(p);
+                    p.left_to_cluster = crate::leadership::CLUSTER_SYMPTOMS.to_vec();
+                },
+                ..base()
+            },
+            vec!["hold server-a left_to_cluster"],
+        ),
+        (
+            "a server is acted on through its pod only: any other rung observes",
+            Case {
+                policy: |p| {
+                    p.ladders.insert(
+                        "server_unhealthy".into(),
+                        vec![
+                            toml::from_str(
+                                "actuator = \"restart-agent\"\ntimeout = \"9s\"\nverify_within = \"9s\"",
+                            )
+                            .unwrap(),
+                        ],
+                    );
+                },
+                ..base()
+            },
+            vec!["hold server-a observe_only"],
+        ),
+        (
+            "the cluster subject stays observed only",
+            Case {
+                incidents: vec![Incident {
+                    subject: Subject::Cluster {
+                        trust_domain: "td".into(),
+                    },
+                    ..incident("i1", SymptomKind::ServerUnhealthy, "td", 0)
+                }],
+                ..base()
+            },
+            vec!["hold td observe_only"],
+        ),
+    ];
+    for (name, case, want) in cases {
+        assert_eq!(summary(&run(&case, 10)), want, "{name}");
+    }
+}
+
+#[test]
+fn an_agent_pod_is_replaced_under_the_agent_guards() {
+    let base = || Case {
+        incidents: vec![incident("i1", SymptomKind::AgentUnreachable, "a", 0)],
+        configured: &["evict-pod"],
+        servers_reachable: Some(true),
+        policy: |p| {
+            p.ladders.insert(
+                "agent_unreachable".into(),
+                vec![
+                    toml::from_str(
+                        "actuator = \"evict-pod\"\ntimeout = \"60s\"\nverify_within = \"30s\"",
+                    )
+                    .unwrap(),
+                ],
+            );
+        },
+        ..Case::default()
+    };
+    let cases: Vec<(&str, Case, Vec<&str>)> = vec![
+        ("acts", base(), vec!["act a evict-pod rung0 next1"]),
+        (
+            "never while no server answers",
+            Case {
+                servers_reachable: Some(false),
+                ..base()
+            },
+            vec!["hold a no_server_reachable"],
+        ),
+        (
+            "nor while the breaker is open",
+            Case {
+                breaker_open: true,
+                ..base()
+            },
+            vec!["hold a circuit_open"],
+        ),
+    ];
+    for (name, case, want) in cases {
+        assert_eq!(summary(&run(&case, 10)), want, "{name}");
+    }
+}

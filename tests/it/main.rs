@@ -21,6 +21,7 @@ mod helpers;
 mod idle;
 mod k8s;
 mod k8s_fixtures;
+mod k8s_servers;
 mod k8s_spire;
 mod k8s_storm;
 mod lab_peer;
