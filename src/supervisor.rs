@@ -134,6 +134,11 @@ pub struct Supervisor {
     store: Recorder,
     /// Records observation frames for `replay`, when enabled.
     frames: Option<crate::replay::FrameRecorder>,
+    /// Until when the loop waits for every sensor's first reading before
+    /// judging anything (set at the first tick; `None` once warmed up).
+    warm_until: Option<SystemTime>,
+    /// Warm-up is over.
+    warmed: bool,
     /// A leader: acts only on what its store recorded under its epoch.
     fenced: bool,
     /// A new policy, from a reload (SIGHUP); applied between ticks.
@@ -215,6 +220,8 @@ impl Supervisor {
             reload: None,
             frames: None,
             fenced: false,
+            warm_until: None,
+            warmed: false,
             shutdown: ShutdownGrace::default(),
         }
     }
@@ -267,6 +274,27 @@ impl Supervisor {
         let timer = self.metrics.tick_duration_seconds.start_timer();
         // Monitor.
         let mut obs = self.sensing.sense(&self.metrics).await;
+        // Warm-up: nothing is judged until every sensor has given its first
+        // reading (at most `max_staleness` from the first tick). Otherwise
+        // an incident or a verification resumed from the store, whose
+        // sensor has not spoken yet, would look healed: closed, credited,
+        // and acted on again when the reading arrives.
+        if !self.warmed {
+            if self.sensing.all_reported() {
+                self.warmed = true;
+            } else {
+                let until = *self
+                    .warm_until
+                    .get_or_insert(now + self.policy.thresholds.max_staleness);
+                if now < until {
+                    self.cadence.health.ticked(now);
+                    timer.observe_duration();
+                    return TickReport::default();
+                }
+                warn!(sensors = ?self.sensing.silent(), "Some sensors gave no reading within the warm-up; judging without them.");
+                self.warmed = true;
+            }
+        }
         let mut tick = Tick::default();
         self.identities
             .observe(&obs, self.executor.agents(), now, &mut tick);

@@ -59,6 +59,12 @@ pub trait Sensor: Send + Sync {
     fn instance(&self) -> &str;
     /// One reading. Read-only and cancel-safe.
     async fn observe(&self) -> Result<Vec<Reading>, SensorError>;
+    /// Whether its task has published a view of its own yet (not just the
+    /// placeholder it starts with): the loop judges nothing before every
+    /// sensor has (bounded, see `Supervisor::tick`).
+    fn has_reported(&self) -> bool {
+        true
+    }
 }
 
 // === Sensors from the configuration ===
@@ -311,6 +317,12 @@ impl<V: Send + Sync + 'static> Sensor for Snapshot<V> {
     }
     async fn observe(&self) -> Result<Vec<Reading>, SensorError> {
         Ok(vec![(self.wrap)(self.view())])
+    }
+    fn has_reported(&self) -> bool {
+        // Views are read with `borrow`, which never marks them seen: the
+        // receiver has "changed" from the first publication on. A task
+        // that ended has nothing more to say.
+        self.view.has_changed().unwrap_or(true)
     }
 }
 

@@ -49,6 +49,20 @@ impl Sensing {
         obs
     }
 
+    /// Every sensor has published a reading of its own.
+    pub(super) fn all_reported(&self) -> bool {
+        self.sensors.iter().all(|s| s.has_reported())
+    }
+
+    /// `name/instance` of the sensors with no reading of their own yet.
+    pub(super) fn silent(&self) -> Vec<String> {
+        self.sensors
+            .iter()
+            .filter(|s| !s.has_reported())
+            .map(|s| format!("{}/{}", s.name(), s.instance()))
+            .collect()
+    }
+
     /// Per sensor name, how fresh its view is at `now`: the oldest of its
     /// instances' last refreshes, blind when older than the staleness
     /// limit analysis applies to its readings (`probe_max_staleness` for

@@ -495,9 +495,6 @@ async fn mark_victim(admin: &kube::Client, name: &str) -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "flaky (1 run in 4 here): the new leader resumes rung 0's verification \
-            before its cert_files sensor's first reading, judges it verified, closes the \
-            incident, and a new incident evicts again"]
 async fn on_a_lease_a_killed_leaders_eviction_is_not_repeated_by_the_standby() -> Result<()> {
     let dir = tempfile::Builder::new().prefix("k8s-lease").tempdir()?;
     let Some((plane, kubeconfig)) = lease_plane(&dir.path().join("plane")).await? else {
