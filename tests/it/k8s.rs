@@ -96,21 +96,7 @@ apiVersion: v1
 kind: Namespace
 metadata: {{ name: {OTHER_NS} }}
 ---
-apiVersion: rbac.authorization.k8s.io/v1
-kind: Role
-metadata: {{ name: spire-healer-actuators, namespace: {NS} }}
-rules:
-- {{ apiGroups: [""], resources: [pods], verbs: [get, list, delete] }}
-- {{ apiGroups: [""], resources: [pods/eviction], verbs: [create] }}
-- {{ apiGroups: [apps], resources: [replicasets], verbs: [get] }}
-- {{ apiGroups: [apps], resources: [deployments, statefulsets, daemonsets], verbs: [get, patch] }}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: RoleBinding
-metadata: {{ name: spire-healer-actuators, namespace: {NS} }}
-roleRef: {{ apiGroup: rbac.authorization.k8s.io, kind: Role, name: spire-healer-actuators }}
-subjects: [{{ apiGroup: rbac.authorization.k8s.io, kind: User, name: {USER} }}]
----
+{role}---
 {}
 ---
 {}
@@ -123,7 +109,8 @@ spec:
   selector: {{ matchLabels: {{ app: web }} }}
 "#,
         deployment(NS),
-        deployment(OTHER_NS)
+        deployment(OTHER_NS),
+        role = crate::k8s_fixtures::actuator_role(NS, USER),
     )
 }
 

@@ -13,6 +13,29 @@ use spire_healer::model::SymptomKind;
 
 use crate::daemon::{Daemon, wait_until};
 
+/// The Role the pod actuators need in `ns` (pods get/list/delete,
+/// evictions, ReplicaSets get, owners get/patch: what the Helm chart
+/// grants, less `watch`) and its binding to `user`, as YAML documents.
+pub fn actuator_role(ns: &str, user: &str) -> String {
+    format!(
+        r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{ name: spire-healer-actuators, namespace: {ns} }}
+rules:
+- {{ apiGroups: [""], resources: [pods], verbs: [get, list, delete] }}
+- {{ apiGroups: [""], resources: [pods/eviction], verbs: [create] }}
+- {{ apiGroups: [apps], resources: [replicasets], verbs: [get] }}
+- {{ apiGroups: [apps], resources: [deployments, statefulsets, daemonsets], verbs: [get, patch] }}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{ name: spire-healer-actuators, namespace: {ns} }}
+roleRef: {{ apiGroup: rbac.authorization.k8s.io, kind: Role, name: spire-healer-actuators }}
+subjects: [{{ apiGroup: rbac.authorization.k8s.io, kind: User, name: {user} }}]
+"#
+    )
+}
+
 /// How long one fact may take to appear.
 const LIMIT: Duration = Duration::from_secs(90);
 

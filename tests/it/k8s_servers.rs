@@ -51,21 +51,7 @@ apiVersion: v1
 kind: Namespace
 metadata: {{ name: {NS} }}
 ---
-apiVersion: rbac.authorization.k8s.io/v1
-kind: Role
-metadata: {{ name: spire-healer-actuators, namespace: {NS} }}
-rules:
-- {{ apiGroups: [""], resources: [pods], verbs: [get, list, delete] }}
-- {{ apiGroups: [""], resources: [pods/eviction], verbs: [create] }}
-- {{ apiGroups: [apps], resources: [replicasets], verbs: [get] }}
-- {{ apiGroups: [apps], resources: [deployments, statefulsets, daemonsets], verbs: [get, patch] }}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: RoleBinding
-metadata: {{ name: spire-healer-actuators, namespace: {NS} }}
-roleRef: {{ apiGroup: rbac.authorization.k8s.io, kind: Role, name: spire-healer-actuators }}
-subjects: [{{ apiGroup: rbac.authorization.k8s.io, kind: User, name: {USER} }}]
----
+{role}---
 apiVersion: apps/v1
 kind: StatefulSet
 metadata: {{ name: spire-server, namespace: {NS} }}
@@ -90,7 +76,8 @@ spec:
     spec:
       terminationGracePeriodSeconds: 1
       containers: [{{ name: spire-agent, image: registry.invalid/spire-agent:1 }}]
-"#
+"#,
+        role = crate::k8s_fixtures::actuator_role(NS, USER),
     )
 }
 

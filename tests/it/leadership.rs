@@ -397,28 +397,13 @@ async fn paused_leader(elect: Elect) -> Result<()> {
 }
 
 /// Issue 12 c on Kubernetes actuators: the API server's own record of the
-/// ladder's steps. The healer user's Role in `apps` (pods, evictions,
-/// ReplicaSets, owners) and a Deployment `web` of 3 under a budget
-/// allowing one disruption.
+/// ladder's steps. The namespace `apps` (the healer user's Role there is
+/// `k8s_fixtures::actuator_role`) and a Deployment `web` of 3 under a
+/// budget allowing one disruption.
 const APPS_MANIFESTS: &str = r#"
 apiVersion: v1
 kind: Namespace
 metadata: { name: apps }
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: Role
-metadata: { name: spire-healer-actuators, namespace: apps }
-rules:
-- { apiGroups: [""], resources: [pods], verbs: [get, list, delete] }
-- { apiGroups: [""], resources: [pods/eviction], verbs: [create] }
-- { apiGroups: [apps], resources: [replicasets], verbs: [get] }
-- { apiGroups: [apps], resources: [deployments, statefulsets, daemonsets], verbs: [get, patch] }
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: RoleBinding
-metadata: { name: spire-healer-actuators, namespace: apps }
-roleRef: { apiGroup: rbac.authorization.k8s.io, kind: Role, name: spire-healer-actuators }
-subjects: [{ apiGroup: rbac.authorization.k8s.io, kind: User, name: spire-healer }]
 ---
 apiVersion: apps/v1
 kind: Deployment
@@ -524,6 +509,9 @@ async fn killed_leader_k8s(
     use std::sync::Mutex;
     let started = tokio::time::Instant::now();
     plane.apply_yaml(APPS_MANIFESTS).await?;
+    plane
+        .apply_yaml(&crate::k8s_fixtures::actuator_role("apps", "spire-healer"))
+        .await?;
     plane
         .wait_deployment_ready("apps", "web", 3, Duration::from_secs(60))
         .await?;
