@@ -67,6 +67,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::process::Command;
 use tokio::time::timeout;
 
+pub mod chaos;
 pub mod cmd;
 mod conf;
 mod database;
