@@ -78,6 +78,7 @@ pub mod peer;
 mod process;
 pub mod psat;
 mod single;
+pub mod soak;
 pub mod svid_files;
 
 pub use database::{ScratchDatabase, database_exists};
