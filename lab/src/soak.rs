@@ -60,6 +60,9 @@ pub struct SoakArgs {
     /// and `agent_ttl`).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
     pub svid_ttl: Duration,
+    /// The agents' SVID TTL (`agent_ttl`; default: `--svid-ttl`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub agent_ttl: Option<Duration>,
     /// When to rotate the servers' X.509 CAs (default: half the duration).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub ca_rotation_at: Option<Duration>,
@@ -132,8 +135,10 @@ pub struct SoakSummary {
     pub planned_s: u64,
     /// Measured (healer ready to last sample), seconds.
     pub measured_s: f64,
-    /// SVID and agent TTL, seconds.
+    /// Workload SVID TTL, seconds.
     pub svid_ttl_s: u64,
+    /// Agent SVID TTL, seconds.
+    pub agent_ttl_s: u64,
     /// Agent sync interval.
     pub sync_interval: String,
     /// SVID rotations seen by the writers (all agents).
@@ -386,8 +391,8 @@ pub async fn main(args: SoakArgs, out: &mut dyn Write) -> i32 {
     let rotation_at = args.ca_rotation_at.unwrap_or(args.duration / 2);
     let problem = if args.duration.is_zero() {
         Some("--duration must be positive".to_owned())
-    } else if args.svid_ttl < Duration::from_secs(10) {
-        Some("--svid-ttl must be at least 10s".to_owned())
+    } else if args.svid_ttl.min(args.agent_ttl.unwrap_or(args.svid_ttl)) < Duration::from_secs(10) {
+        Some("--svid-ttl and --agent-ttl must be at least 10s".to_owned())
     } else if args.sample_every.is_zero() {
         Some("--sample-every must be positive".to_owned())
     } else if rotation_at >= args.duration {
@@ -444,7 +449,7 @@ pub async fn main(args: SoakArgs, out: &mut dyn Write) -> i32 {
         dir: Some(dir.join("lab")),
         sync_interval: "5s".into(),
         default_x509_svid_ttl: format!("{ttl}s"),
-        agent_ttl: format!("{ttl}s"),
+        agent_ttl: format!("{}s", args.agent_ttl.unwrap_or(args.svid_ttl).as_secs()),
         // Long enough that SPIRE never rotates the CA by itself mid-soak.
         ca_ttl: format!("{}s", (args.duration.as_secs() * 10).max(24 * 3600)),
         ..HaOptions::default()
@@ -601,8 +606,9 @@ async fn run(
         let _ = writeln!(
             config,
             "[[probes]]\nname = {n:?}\naddress = {addr:?}\nspiffe_id = {id:?}\nagent = {agent:?}\n\n\
-             [[cert_files]]\nname = {n:?}\ncert_path = {cert:?}\nbundle_path = {bundle:?}\nagent = {agent:?}\n",
-            n = format!("web-{}", w.agent),
+             [[cert_files]]\nname = {f:?}\ncert_path = {cert:?}\nbundle_path = {bundle:?}\nagent = {agent:?}\n",
+            n = format!("peer-{}", w.agent),
+            f = format!("svid-{}", w.agent),
             addr = w.peer_addr,
             id = w.spiffe_id,
             agent = w.agent,
@@ -622,10 +628,25 @@ async fn run(
         ],
         dir.join("healer.log"),
     )?;
-    let ready = wait_for("spire-healer's /healthz", WAIT, stop, || async {
-        (http_get_status(port, "/healthz").await.ok() == Some(200)).then_some(())
+    let mut early_exit = None;
+    let ready = wait_for("spire-healer's /healthz", WAIT, stop, || {
+        if early_exit.is_none() {
+            early_exit = healer.exited();
+        }
+        let gone = early_exit.is_some();
+        async move {
+            if gone {
+                return Some(false);
+            }
+            (http_get_status(port, "/healthz").await.ok() == Some(200)).then_some(true)
+        }
     })
     .await;
+    let ready = match ready {
+        Ok(false) => Err(LabError::State("spire-healer exited".into())),
+        Ok(true) => Ok(()),
+        Err(e) => Err(e),
+    };
     if let Err(e) = ready {
         let status = healer.exited().unwrap_or_else(|| "running".into());
         return Err(LabError::State(format!(
@@ -803,6 +824,7 @@ async fn run(
         planned_s: args.duration.as_secs(),
         measured_s: last.map_or(0.0, |s| s.elapsed_s),
         svid_ttl_s: args.svid_ttl.as_secs(),
+        agent_ttl_s: args.agent_ttl.unwrap_or(args.svid_ttl).as_secs(),
         sync_interval: "5s".into(),
         rotations_seen,
         rotations_after_ca,
@@ -972,10 +994,17 @@ async fn listing(bin: &Path, what: &str, store: &str, key: &str) -> Result<Vec<F
     };
     Ok(rows
         .into_iter()
-        .map(|r| Found {
-            kind: r[key].as_str().unwrap_or_default().to_owned(),
-            subject: r["subject"].as_str().unwrap_or_default().to_owned(),
-            record: r,
+        .map(|r| {
+            let subject = [&r["subject"], &r["params"]["subject"], &r["target"]]
+                .into_iter()
+                .find_map(|v| v.as_str().filter(|s| !s.is_empty()))
+                .unwrap_or_default()
+                .to_owned();
+            Found {
+                kind: r[key].as_str().unwrap_or_default().to_owned(),
+                subject,
+                record: r,
+            }
         })
         .collect())
 }
@@ -1009,8 +1038,8 @@ pub fn markdown(s: &SoakSummary) -> String {
     );
     let _ = writeln!(
         t,
-        "| SVID / agent TTL | {} s (agent sync interval {}) |",
-        s.svid_ttl_s, s.sync_interval
+        "| SVID / agent TTL | {} s / {} s (agent sync interval {}) |",
+        s.svid_ttl_s, s.agent_ttl_s, s.sync_interval
     );
     let _ = writeln!(
         t,
