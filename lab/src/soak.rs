@@ -27,7 +27,7 @@ use std::fmt::Write as _;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -1015,19 +1015,11 @@ fn write_results(dir: &Path, s: &SoakSummary) -> Result<(), LabError> {
     super::write_file(&dir.join("soak.md"), markdown(s).as_bytes())
 }
 
-fn now_utc() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
-}
-
 /// `soak.md`: the summary for people.
 pub fn markdown(s: &SoakSummary) -> String {
     let mut t = String::new();
     let verdict = if s.passed() { "PASSED" } else { "FAILED" };
     let _ = writeln!(t, "# spire-healer soak: {verdict}\n");
-    let _ = writeln!(t, "Written {}.\n", now_utc());
     let _ = writeln!(t, "| | |\n|---|---|");
     let _ = writeln!(
         t,

@@ -1,5 +1,5 @@
 //! `spire-lab soak`, short: 90 s of the real spire-healer binary on a healthy
-//! HA lab with 30 s workload SVIDs (5 min agent SVIDs) and a CA rotation at 45 s. Real rotations happen,
+//! HA lab with 90 s workload SVIDs (5 min agent SVIDs) and a CA rotation at 45 s. Real rotations happen,
 //! the CA rotation is done, samples are written, and the healer opens no
 //! incident and runs no action (a short check of false positives). Needs
 //! `SPIRE_HEALER_TEST_PG_URL`.
