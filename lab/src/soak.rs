@@ -698,7 +698,16 @@ async fn run(
             continue;
         }
         if now >= next_sample || now >= end {
-            let s = sample(start, healer_pid, port, ticks, &workloads, first_serials).await;
+            let s = sample(
+                start,
+                healer_pid,
+                port,
+                ticks,
+                &workloads,
+                first_serials,
+                samples.last(),
+            )
+            .await;
             let _ = writeln!(
                 csv,
                 "{:.1},{:.2},{},{},{},{},{}",
@@ -757,7 +766,16 @@ async fn run(
         }
     };
     if interrupted {
-        let s = sample(start, healer_pid, port, ticks, &workloads, first_serials).await;
+        let s = sample(
+            start,
+            healer_pid,
+            port,
+            ticks,
+            &workloads,
+            first_serials,
+            samples.last(),
+        )
+        .await;
         let _ = writeln!(
             csv,
             "{:.1},{:.2},{},{},{},{},{}",
@@ -840,7 +858,9 @@ async fn run(
     })
 }
 
-/// One sample.
+/// One sample. `/healthz` and `/metrics` get three tries, 1 s apart (a
+/// loaded machine may miss one deadline); counters `/metrics` did not give
+/// carry `prev`'s values.
 async fn sample(
     start: Instant,
     pid: i32,
@@ -848,16 +868,36 @@ async fn sample(
     ticks: f64,
     workloads: &[Workload],
     first_serials: u64,
+    prev: Option<&Sample>,
 ) -> Sample {
-    let metrics = http_get_body(port, "/metrics").await.unwrap_or_default();
-    let healthz = http_get_status(port, "/healthz").await.ok() == Some(200);
+    let mut metrics = None;
+    let mut healthz = false;
+    for attempt in 0..3 {
+        if attempt > 0 {
+            sleep(Duration::from_secs(1)).await;
+        }
+        if metrics.is_none() {
+            metrics = http_get_body(port, "/metrics").await;
+        }
+        healthz = healthz || http_get_status(port, "/healthz").await.ok() == Some(200);
+        if healthz && metrics.is_some() {
+            break;
+        }
+    }
     let serials: u64 = workloads.iter().map(|w| w.serials().len() as u64).sum();
+    let (incidents, actions) = match &metrics {
+        Some(m) => (
+            metric_sum(m, "spire_healer_incidents_opened_total") as u64,
+            metric_sum(m, "spire_healer_actions_total") as u64,
+        ),
+        None => prev.map_or((0, 0), |p| (p.incidents, p.actions)),
+    };
     Sample {
         elapsed_s: start.elapsed().as_secs_f64(),
         cpu_s: cpu_ticks(pid).map_or(0.0, |t| t as f64 / ticks),
         rss_kib: rss_kib(pid).unwrap_or(0),
-        incidents: metric_sum(&metrics, "spire_healer_incidents_opened_total") as u64,
-        actions: metric_sum(&metrics, "spire_healer_actions_total") as u64,
+        incidents,
+        actions,
         rotations: serials.saturating_sub(first_serials),
         healthz,
     }
