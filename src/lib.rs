@@ -65,6 +65,7 @@ pub mod policy;
 pub mod replay;
 pub mod sensors;
 pub mod simulated;
+pub mod slo;
 pub mod spiffe_id;
 pub mod spire_api;
 pub mod supervisor;
