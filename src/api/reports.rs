@@ -572,5 +572,14 @@ mod tests {
             sample(r#"spire_healer_handshake_reports_rejected_total{kind="empty_target"}"#),
             Some(1.0)
         );
+        // Handshake service level: the accepted outcomes, good when ok.
+        assert_eq!(
+            sample(r#"spire_healer_slo_events_total{result="good",slo="handshake"}"#),
+            Some(4.0)
+        );
+        assert_eq!(
+            sample(r#"spire_healer_slo_events_total{result="bad",slo="handshake"}"#),
+            Some(1.0)
+        );
     }
 }
