@@ -6,7 +6,9 @@
 //! (SIGSTOP), each healed before the next. All along spire-healer probes a
 //! lab peer serving a real X509-SVID (minted by server A) over mTLS; before
 //! the first fault a client reports one failed handshake with that peer
-//! through spire-healer's API, and one report the API refuses. Throughout,
+//! through spire-healer's API (a bad handshake event: against the default
+//! objective of 1 it fires the handshake burn-rate alert), and one report
+//! the API refuses. Throughout,
 //! a poller runs every dashboard query (variables substituted as "All") and
 //! reads the alerts. Asserted at the end:
 //!
@@ -46,7 +48,13 @@ const RATE_INTERVAL: &str = "30s";
 const INTERVAL: &str = "15s";
 
 /// Alerts the scenario must raise (pending or firing).
-const REQUIRED: &[&str] = &["SpireHealerAgentUnreachable", "SpireHealerAgentBanned"];
+/// `SpireHealerHandshakeBudgetBurnFast`: the reported failed handshake is
+/// a bad event against the default handshake objective of 1 (no budget).
+const REQUIRED: &[&str] = &[
+    "SpireHealerAgentUnreachable",
+    "SpireHealerAgentBanned",
+    "SpireHealerHandshakeBudgetBurnFast",
+];
 
 /// Alerts that may fire as well, and why.
 const ALLOWED: &[(&str, &str)] = &[
@@ -67,14 +75,33 @@ const ALLOWED: &[(&str, &str)] = &[
         "the ladder's first rung (refetch) is verified as failed for a dead agent before restart-agent heals it",
     ),
     (
+        "SpireHealerHandshakeBudgetBurnSlow",
+        "the reported failed handshake spends the whole budget of the default objective of 1 over its 1d and 2h windows too",
+    ),
+    (
+        "SpireHealerRenewalBudgetBurnFast",
+        "a killed or frozen agent's 40 s SVIDs pass their rotation point unrotated: a few bad events among a few dozen",
+    ),
+    (
+        "SpireHealerRenewalBudgetBurnSlow",
+        "the same missed rotations, over the 1d and 2h windows",
+    ),
+    (
         "SpireHealerRemediationHeldBack",
         "with every `for:` cut to 2 s, a hold that lasts seconds by design fires it (target_busy while an action awaits its verdict, a cooldown between rungs); its shipped `for:` is 30 m",
     ),
 ];
 
 /// Allowed alerts over windows longer than this run (the 1 h remediation
-/// success ratio): they need not resolve before the end.
-const STICKY: &[&str] = &["SpireHealerRemediationFailing"];
+/// success ratio; the service levels' burn rates, whose shortest windows
+/// are 5 and 30 minutes): they need not resolve before the end.
+const STICKY: &[&str] = &[
+    "SpireHealerRemediationFailing",
+    "SpireHealerHandshakeBudgetBurnFast",
+    "SpireHealerHandshakeBudgetBurnSlow",
+    "SpireHealerRenewalBudgetBurnFast",
+    "SpireHealerRenewalBudgetBurnSlow",
+];
 
 /// The probed lab peer: `[[probes]]` name and the path of its SPIFFE ID.
 const PEER: &str = "lab-peer";
