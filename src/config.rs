@@ -1655,5 +1655,7 @@ mod example_tests {
             r.endpoints[0].to_string(),
             "unix:///run/spire/agent/public/api.sock"
         );
+        // The example shows the [slo] defaults.
+        assert_eq!(c.slo, crate::slo::SloConfig::default());
     }
 }
