@@ -459,7 +459,10 @@ async fn observe(
         stop.clone(),
     ));
 
-    let result = drive(c, &prom, &seen, socket).await;
+    let mut result = drive(c, &prom, &seen, socket).await;
+    if result.is_ok() {
+        result = service_levels(&prom).await;
+    }
     stop.cancel();
     let _ = poller.await;
     let names = prom.metric_names().await;
@@ -609,6 +612,47 @@ async fn drive(c: &Cluster, prom: &Prometheus, seen: &Mutex<Seen>, socket: &Path
         "+{:.1}s alerts resolved; alerts first seen while frozen: {during:?}",
         at()
     );
+    Ok(())
+}
+
+/// The service-level events of the run, printed; real SPIRE's rotations of
+/// 40 s SVIDs must have been observed as issuances, and the servers' polls
+/// as availability events.
+async fn service_levels(prom: &Prometheus) -> Result<()> {
+    let mut events = prom
+        .query("sum by (slo, result) (spire_healer_slo_events_total)")
+        .await?
+        .into_iter()
+        .map(|(labels, v)| {
+            let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
+            (format!("{}/{}", get("slo"), get("result")), v)
+        })
+        .collect::<Vec<_>>();
+    events.sort_by(|a, b| a.0.cmp(&b.0));
+    println!("service-level events: {events:?}");
+    for q in [0.5, 0.99] {
+        let v = prom
+            .value(&format!(
+                "histogram_quantile({q}, sum by (le) (spire_healer_slo_svid_issuance_seconds_bucket))"
+            ))
+            .await?;
+        println!(
+            "SVID issuance latency q{q} over the run: {v:?} s (upper bound: notBefore is truncated to the second)"
+        );
+    }
+    let count = |name: &str| {
+        events
+            .iter()
+            .filter(|(k, _)| k.starts_with(name))
+            .map(|(_, v)| *v)
+            .sum::<f64>()
+    };
+    if count("svid_issuance/") < 1.0 {
+        bail!("no SVID issuance was observed: {events:?}");
+    }
+    if count("server_availability/good") < 1.0 {
+        bail!("no answered server poll was counted: {events:?}");
+    }
     Ok(())
 }
 
