@@ -158,12 +158,35 @@ async fn sync_loss_at_default_thresholds() -> Result<()> {
     );
     let killed = c.now_ms();
     c.lab.kill_server(0).await?;
-    let opened = c
-        .wait_for("agent-0 sync stale", Duration::from_secs(90), || async {
-            c.incident("agent_sync_stale", "agent:agent-0", killed)
-                .await
-        })
-        .await?;
+    // Meanwhile, agent-0's own sync counter: when does a failed sync show?
+    let metrics_url = c.lab.agent(0).metrics_url();
+    let mut first_failed: Option<(i64, String)> = None;
+    let opened = loop {
+        if let Some(i) = c
+            .incident("agent_sync_stale", "agent:agent-0", killed)
+            .await
+        {
+            break i;
+        }
+        ensure!(c.now_ms() - killed < 90_000, "agent-0 sync stale: not within 90 s");
+        if first_failed.is_none()
+            && let Ok(m) = sync_metrics(&metrics_url).await
+            && let Some(l) = m.lines().find(|l| {
+                l.starts_with("spire_agent_manager_sync_fetch_entries_updates{")
+                    && !l.contains(r#"status="OK""#)
+            })
+        {
+            first_failed = Some((c.now_ms(), l.to_string()));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    match &first_failed {
+        Some((at, line)) => println!(
+            "sync_loss: agent-0 metrics show a failed sync {:.1}s after the kill: {line}",
+            (at - killed) as f64 / 1000.0
+        ),
+        None => println!("sync_loss: agent-0 metrics showed no failed sync before the incident opened"),
+    }
     let after_kill = c.incidents().await;
     let first = after_kill
         .iter()
@@ -179,12 +202,6 @@ async fn sync_loss_at_default_thresholds() -> Result<()> {
         "sync_loss: agent_sync_stale opened {:.1}s after the kill, {:.1}s after agent-0's last successful sync (second-truncated); evidence {evidence}",
         (opened.opened_at_ms - killed) as f64 / 1000.0,
         (first.opened_at_ms - last_sync_ms) as f64 / 1000.0,
-    );
-    println!(
-        "sync_loss: agent-0 metrics after the kill:\n{}",
-        sync_metrics(&c.lab.agent(0).metrics_url())
-            .await
-            .unwrap_or_else(|e| format!("(agent metrics unreadable: {e})"))
     );
 
     // agent-1 (on B) keeps syncing: read it for another 30 s.
