@@ -16,7 +16,7 @@
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, ensure};
-use spire_healer::clock::unix_millis;
+use spire_healer::clock::{Clock, SystemClock, unix_millis};
 use spire_healer::spire_api::AgentAdminClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -53,7 +53,7 @@ impl Watch {
     }
 
     async fn read(&mut self) -> Result<()> {
-        let started = SystemTime::now();
+        let started = SystemClock.now();
         let info = self.client.agent_debug_info().await?;
         let Some(sync) = info.last_sync_success else {
             return Ok(());
@@ -68,7 +68,7 @@ impl Watch {
         self.last = Some((answer, started, after));
         let ms =
             |later: SystemTime| later.duration_since(sync).unwrap_or_default().as_millis() as u64;
-        self.ages.read_max = self.ages.read_max.max(ms(SystemTime::now()));
+        self.ages.read_max = self.ages.read_max.max(ms(SystemClock.now()));
         self.ages.answered_max = self.ages.answered_max.max(ms(after));
         self.ages.reads += 1;
         Ok(())
@@ -168,7 +168,10 @@ async fn sync_loss_at_default_thresholds() -> Result<()> {
         {
             break i;
         }
-        ensure!(c.now_ms() - killed < 90_000, "agent-0 sync stale: not within 90 s");
+        ensure!(
+            c.now_ms() - killed < 90_000,
+            "agent-0 sync stale: not within 90 s"
+        );
         if first_failed.is_none()
             && let Ok(m) = sync_metrics(&metrics_url).await
             && let Some(l) = m.lines().find(|l| {
@@ -185,7 +188,9 @@ async fn sync_loss_at_default_thresholds() -> Result<()> {
             "sync_loss: agent-0 metrics show a failed sync {:.1}s after the kill: {line}",
             (at - killed) as f64 / 1000.0
         ),
-        None => println!("sync_loss: agent-0 metrics showed no failed sync before the incident opened"),
+        None => {
+            println!("sync_loss: agent-0 metrics showed no failed sync before the incident opened")
+        }
     }
     let after_kill = c.incidents().await;
     let first = after_kill
@@ -226,7 +231,7 @@ async fn sync_loss_at_default_thresholds() -> Result<()> {
     println!(
         "sync_loss: run {:.0}s, unix ms {start}..{}",
         (c.now_ms() - start) as f64 / 1000.0,
-        unix_millis(SystemTime::now())
+        unix_millis(SystemClock.now())
     );
     c.stop().await;
     Ok(())
