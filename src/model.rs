@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -457,6 +457,10 @@ impl ServerView {
     }
 }
 
+/// How long spire-agent serves one computed Debug `GetInfo` answer
+/// (`cacheExpiry` in SPIRE's `pkg/agent/api/debug/v1/service.go`).
+pub const SPIRE_DEBUG_ANSWER_CACHE: Duration = Duration::from_secs(5);
+
 /// What the `agent_debug` sensor knows about one agent (admin socket).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentDebugView {
@@ -470,6 +474,13 @@ pub struct AgentDebugView {
     pub updated_at: SystemTime,
     /// Last successful sync with a server.
     pub last_sync_success: Option<SystemTime>,
+    /// The agent computed the answer this view holds after this instant (a
+    /// lower bound: SPIRE caches its Debug answer for 5 s, so the answer is
+    /// younger than the poll that read it minus 5 s, and younger than the
+    /// last poll that read a different answer). `last_sync_success` was the
+    /// agent's last sync at least until then.
+    #[serde(default)]
+    pub answered_after: Option<SystemTime>,
     /// Agent uptime.
     pub uptime_secs: u64,
     /// Cached X.509-SVIDs.

@@ -115,9 +115,10 @@ pub struct Thresholds {
     /// Sensor views older than this are blind.
     #[serde(with = "humantime_serde")]
     pub max_staleness: Duration,
-    /// `agent_sync_stale` opens when the agent's last successful sync is
-    /// older than this (SPIRE syncs every 5 s by default; its Debug API
-    /// caches answers for 5 s).
+    /// `agent_sync_stale` opens when the agent's last successful sync was
+    /// older than this when the agent computed its Debug answer (SPIRE syncs
+    /// every 5 s by default; its Debug API caches answers for 5 s, which the
+    /// `agent_debug` sensor accounts for in `answered_after`).
     #[serde(default = "d_sync_open", with = "humantime_serde")]
     pub sync_stale_open: Duration,
     /// … and closes when it is younger than this.
@@ -221,10 +222,10 @@ fn d_probe_staleness() -> Duration {
 }
 
 fn d_sync_open() -> Duration {
-    Duration::from_secs(30)
+    Duration::from_secs(8)
 }
 fn d_sync_close() -> Duration {
-    Duration::from_secs(15)
+    Duration::from_secs(6)
 }
 fn d_renew_open() -> f64 {
     0.4

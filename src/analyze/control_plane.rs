@@ -1,7 +1,8 @@
 //! Control-plane symptoms from the server and agent admin APIs and health
 //! probes. Pure: a function of the observations and `now`.
 //!
-//! - `agent_sync_stale`: the agent's Debug `last_sync_success` is old.
+//! - `agent_sync_stale`: the agent's Debug `last_sync_success` was already
+//!   old when the agent computed its (cached) answer.
 //! - `agent_not_renewing`: a server sees the agent's SVID with less than
 //!   `not_renewing_open` of its TTL left (a healthy agent renews at half).
 //!   The TTL is the server's as learned from its listing, or the policy's.
@@ -295,6 +296,14 @@ impl Found<'_> {
 }
 
 /// `agent_sync_stale`: the agent's last successful sync is old.
+///
+/// The age is taken when the agent computed its Debug answer
+/// (`answered_after`, a lower bound), not `now`: SPIRE serves one answer
+/// for 5 s, so `now − last_sync_success` of a healthy agent syncing every
+/// 5 s reaches 11 s and more, while the age at the answer stays below the
+/// sync interval (plus a second of truncation). The confirmed age only says
+/// "no sync until then": an answer about to be recomputed cannot make it
+/// smaller than the truth, so a healthy agent never opens.
 fn agent_sync_stale(cx: &Context<'_>, out: &mut Found<'_>) {
     let (th, now) = (cx.th, cx.now);
     for d in &cx.obs.agent_debug {
@@ -304,10 +313,15 @@ fn agent_sync_stale(cx: &Context<'_>, out: &mut Found<'_>) {
         let Some(last) = d.last_sync_success else {
             continue;
         };
-        let age = saturating_since(now, last);
+        let answered_after = d.answered_after.unwrap_or_else(|| {
+            d.updated_at
+                .checked_sub(crate::model::SPIRE_DEBUG_ANSWER_CACHE)
+                .unwrap_or(d.updated_at)
+        });
+        let confirmed = saturating_since(answered_after, last);
         let (open_if, close_if) = (
-            d.reachable && age > th.sync_stale_open,
-            d.reachable && age < th.sync_stale_close,
+            d.reachable && confirmed > th.sync_stale_open,
+            d.reachable && confirmed < th.sync_stale_close,
         );
         // This runs for every agent on every tick: build nothing for the
         // healthy ones.
@@ -328,8 +342,11 @@ fn agent_sync_stale(cx: &Context<'_>, out: &mut Found<'_>) {
                 ),
                 predicted_outage: outage,
                 evidence: json!({
+                    "signal": "agent_debug_last_sync",
                     "last_sync_success_ms": unix_millis(last),
-                    "age_ms": age.as_millis() as u64,
+                    "answered_after_ms": unix_millis(answered_after),
+                    "confirmed_age_ms": confirmed.as_millis() as u64,
+                    "age_ms": saturating_since(now, last).as_millis() as u64,
                     "agent_svid_expires_at_ms": d.svid_expires_at.map(unix_millis),
                     "spiffe_id": d.spiffe_id,
                 }),

@@ -6,15 +6,18 @@
 //! connectivity signal SPIRE exposes), uptime, cached X.509-SVIDs, and the
 //! agent's own SPIFFE ID and SVID expiry. A failed poll marks the view
 //! unreachable with a closed-set error kind and keeps the last answer's
-//! values. SPIRE caches the answer for 5 s, so `last_sync_success` may lag
-//! by that much.
+//! values. SPIRE caches the answer for 5 s ([`SPIRE_ANSWER_CACHE`]), so
+//! `last_sync_success` may lag by that much: the view says after which
+//! instant the agent computed its answer (`answered_after`), from the poll
+//! time minus the cache and from the last poll that read a different
+//! answer (the uptime moves with every fresh answer).
 //!
 //! The admin socket is off by default (`admin_socket_path`) and created
 //! 0770: a supervisor outside the agent's group gets `permission_denied`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -30,6 +33,8 @@ use crate::telemetry::Metrics;
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// Default deadline of one call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long spire-agent serves one computed `GetInfo` answer.
+pub use crate::model::SPIRE_DEBUG_ANSWER_CACHE as SPIRE_ANSWER_CACHE;
 
 /// Settings for one agent's Debug sensor.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +71,26 @@ pub struct AgentDebugTask {
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
+    /// The last answer read.
+    last_answer: std::sync::Mutex<Option<LastAnswer>>,
+}
+
+/// The last answer read, when, and since when it is known to exist.
+#[derive(Debug, Clone, Copy)]
+struct LastAnswer {
+    answer: Answer,
+    /// Start of the latest poll that read it.
+    read_at: SystemTime,
+    /// The agent computed it after this.
+    after: SystemTime,
+}
+
+/// What identifies one computed Debug answer: SPIRE recomputes uptime and
+/// last sync together when its cache expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Answer {
+    uptime_secs: u64,
+    last_sync_success: Option<SystemTime>,
 }
 
 /// Builds the sensor and its poll task. Until the first poll ends the view
@@ -83,6 +108,7 @@ pub fn build(
         last_error: None,
         updated_at: clock.now(),
         last_sync_success: None,
+        answered_after: None,
         uptime_secs: 0,
         cached_x509_svids: 0,
         spiffe_id: None,
@@ -102,6 +128,7 @@ pub fn build(
             clock,
             metrics,
             wake,
+            last_answer: std::sync::Mutex::new(None),
         },
     )
 }
@@ -120,12 +147,13 @@ impl AgentDebugTask {
                 match AgentAdminClient::new(&self.settings.admin_socket, self.settings.timeout) {
                     Ok(c) => client = Some(c),
                     Err(e) => {
-                        self.apply(Err(e));
+                        self.apply(Err(e), self.clock.now());
                         continue;
                     }
                 }
             }
             let Some(c) = &client else { continue };
+            let started = self.clock.now();
             let Some(result) = super::until_shutdown(
                 &shutdown,
                 super::timed(self.metrics.clone(), "agent_debug", c.agent_debug_info()),
@@ -134,12 +162,12 @@ impl AgentDebugTask {
             else {
                 return;
             };
-            self.apply(result);
+            self.apply(result, started);
         }
     }
 
-    /// Publishes the outcome of one poll.
-    fn apply(&self, result: Result<AgentDebugInfo, SpireApiError>) {
+    /// Publishes the outcome of one poll that started at `started`.
+    fn apply(&self, result: Result<AgentDebugInfo, SpireApiError>, started: SystemTime) {
         let now = self.clock.now();
         let prev = self.view.borrow().clone();
         let mut next = (*prev).clone();
@@ -153,6 +181,7 @@ impl AgentDebugTask {
                 }
                 next.reachable = true;
                 next.last_error = None;
+                next.answered_after = Some(self.answered_after(&info, started));
                 next.last_sync_success = info.last_sync_success;
                 next.uptime_secs = info.uptime_secs;
                 next.cached_x509_svids = info.cached_x509_svids;
@@ -169,12 +198,46 @@ impl AgentDebugTask {
                 next.last_error = Some(kind.to_string());
             }
         }
-        let changed = next != *prev;
+        // `answered_after` moves with every poll: only a new answer wakes
+        // the loop (its tick re-reads the view anyway).
+        let changed = AgentDebugView {
+            answered_after: prev.answered_after,
+            ..next.clone()
+        } != *prev;
         next.updated_at = now;
         self.view.send_replace(Arc::new(next));
         if changed {
             self.wake.notify_one();
         }
+    }
+
+    /// The instant after which the agent computed `info`, read by a poll
+    /// that started at `now`: the latest of `now` minus SPIRE's cache (the
+    /// answer was served after `now`), the start of the latest poll that
+    /// read a different answer (that one was still cached then), and what
+    /// was known of this answer before.
+    fn answered_after(&self, info: &AgentDebugInfo, now: SystemTime) -> SystemTime {
+        let answer = Answer {
+            uptime_secs: info.uptime_secs,
+            last_sync_success: info.last_sync_success,
+        };
+        let by_cache = now.checked_sub(SPIRE_ANSWER_CACHE).unwrap_or(now);
+        let mut last = self
+            .last_answer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let after = match *last {
+            Some(l) if l.answer != answer => by_cache.max(l.read_at),
+            Some(l) => by_cache.max(l.after),
+            None => by_cache,
+        }
+        .min(now);
+        *last = Some(LastAnswer {
+            answer,
+            read_at: now,
+            after,
+        });
+        after
     }
 }
 

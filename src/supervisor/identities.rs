@@ -115,6 +115,7 @@ mod tests {
             last_error: None,
             updated_at: t(0),
             last_sync_success: None,
+            answered_after: None,
             uptime_secs: 0,
             cached_x509_svids: 0,
             spiffe_id: id.map(str::to_string),

@@ -38,4 +38,5 @@ mod spire_api_tls;
 mod spire_lab;
 mod spool;
 mod stuck_agent;
+mod sync_loss;
 mod traces;

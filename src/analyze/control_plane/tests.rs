@@ -22,6 +22,7 @@ fn debug(agent: &str, last_sync: u64, updated: u64) -> Arc<AgentDebugView> {
         last_error: None,
         updated_at: t(updated),
         last_sync_success: Some(t(last_sync)),
+        answered_after: Some(t(updated)),
         uptime_secs: 100,
         cached_x509_svids: 1,
         spiffe_id: Some(format!("spiffe://td/spire/agent/join_token/{agent}")),
@@ -120,19 +121,182 @@ fn sync_stale_opens_after_threshold_and_predicts_agent_svid_expiry() {
 #[test]
 fn sync_stale_has_hysteresis() {
     let obs = Observations {
-        agent_debug: vec![debug("a", 80, 100)],
+        agent_debug: vec![debug("a", 93, 100)],
         ..Default::default()
     };
-    // 20 s: between close (15 s) and open (30 s).
+    // 7 s: between close (6 s) and open (8 s).
     assert!(run(&obs, 100).is_empty());
     let open = |k: &SymptomKey| k.kind == SymptomKind::AgentSyncStale;
     let got = control_plane(&obs, 0, &open, &th(), &hour(), t(100));
     assert_eq!(got.len(), 1);
     let fresh = Observations {
-        agent_debug: vec![debug("a", 90, 100)],
+        agent_debug: vec![debug("a", 95, 100)],
         ..Default::default()
     };
     assert!(control_plane(&fresh, 0, &open, &th(), &hour(), t(100)).is_empty());
+}
+
+/// The age that counts is the one when the agent computed its (cached)
+/// answer, with the built-in 8 s / 6 s thresholds. Times are seconds after
+/// `t(0)`; `answered` is `answered_after` (`None`: an old view, taken as
+/// `updated` − 5 s).
+#[test]
+fn sync_stale_judges_the_age_at_the_agents_answer() {
+    struct Case {
+        name: &'static str,
+        last_sync: u64,
+        answered: Option<u64>,
+        updated: u64,
+        reachable: bool,
+        now: u64,
+        was_open: bool,
+        present: bool,
+    }
+    let cases = [
+        Case {
+            name: "healthy: 11 s old now, 5 s old at the answer",
+            last_sync: 100,
+            answered: Some(105),
+            updated: 110,
+            reachable: true,
+            now: 111,
+            was_open: false,
+            present: false,
+        },
+        Case {
+            name: "healthy worst case: interval + truncation, 6 s at the answer",
+            last_sync: 100,
+            answered: Some(106),
+            updated: 111,
+            reachable: true,
+            now: 112,
+            was_open: false,
+            present: false,
+        },
+        Case {
+            name: "exactly the open bar does not open",
+            last_sync: 100,
+            answered: Some(108),
+            updated: 109,
+            reachable: true,
+            now: 109,
+            was_open: false,
+            present: false,
+        },
+        Case {
+            name: "past the open bar at the answer opens",
+            last_sync: 100,
+            answered: Some(109),
+            updated: 110,
+            reachable: true,
+            now: 110,
+            was_open: false,
+            present: true,
+        },
+        Case {
+            name: "old now but not at the answer: the cache, not a lost sync",
+            last_sync: 100,
+            answered: Some(104),
+            updated: 113,
+            reachable: true,
+            now: 114,
+            was_open: false,
+            present: false,
+        },
+        Case {
+            name: "no answered_after: the poll time minus the 5 s cache",
+            last_sync: 100,
+            answered: None,
+            updated: 114,
+            reachable: true,
+            now: 114,
+            was_open: false,
+            present: true,
+        },
+        Case {
+            name: "no answered_after, within the cache",
+            last_sync: 100,
+            answered: None,
+            updated: 112,
+            reachable: true,
+            now: 112,
+            was_open: false,
+            present: false,
+        },
+        Case {
+            name: "unreachable never opens",
+            last_sync: 100,
+            answered: Some(130),
+            updated: 131,
+            reachable: false,
+            now: 131,
+            was_open: false,
+            present: false,
+        },
+        Case {
+            name: "unreachable keeps an open one",
+            last_sync: 100,
+            answered: Some(102),
+            updated: 131,
+            reachable: false,
+            now: 131,
+            was_open: true,
+            present: true,
+        },
+        Case {
+            name: "open stays open between close and open",
+            last_sync: 100,
+            answered: Some(107),
+            updated: 108,
+            reachable: true,
+            now: 108,
+            was_open: true,
+            present: true,
+        },
+        Case {
+            name: "open closes below the close bar",
+            last_sync: 100,
+            answered: Some(105),
+            updated: 106,
+            reachable: true,
+            now: 106,
+            was_open: true,
+            present: false,
+        },
+    ];
+    for c in cases {
+        let mut d = (*debug("a", c.last_sync, c.updated)).clone();
+        d.answered_after = c.answered.map(t);
+        d.reachable = c.reachable;
+        let obs = Observations {
+            agent_debug: vec![Arc::new(d)],
+            ..Default::default()
+        };
+        let open = |k: &SymptomKey| c.was_open && k.kind == SymptomKind::AgentSyncStale;
+        let got = control_plane(&obs, 0, &open, &th(), &hour(), t(c.now));
+        assert!(
+            got.iter().all(|s| s.kind == SymptomKind::AgentSyncStale),
+            "{}: {got:#?}",
+            c.name
+        );
+        assert_eq!(!got.is_empty(), c.present, "{}: {got:#?}", c.name);
+        if let Some(s) = got.first() {
+            let answered = c.answered.unwrap_or(c.updated - 5);
+            assert_eq!(s.evidence["signal"], "agent_debug_last_sync", "{}", c.name);
+            assert_eq!(
+                s.evidence["confirmed_age_ms"],
+                (answered - c.last_sync) * 1000,
+                "{}",
+                c.name
+            );
+            assert_eq!(
+                s.evidence["age_ms"],
+                (c.now - c.last_sync) * 1000,
+                "{}",
+                c.name
+            );
+        }
+    }
 }
 
 #[test]

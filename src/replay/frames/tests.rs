@@ -92,6 +92,7 @@ fn observations() -> Observations {
         last_error: Some("x".into()),
         updated_at: t(4),
         last_sync_success: Some(t(3)),
+        answered_after: None,
         uptime_secs: 10,
         cached_x509_svids: 4,
         spiffe_id: Some("spiffe://example.org/spire/agent/x".into()),

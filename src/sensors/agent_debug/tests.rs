@@ -211,3 +211,39 @@ async fn bad_peers_and_paths() {
     }
     raw.abort();
 }
+
+/// `answered_after`, poll by poll (2 s apart, times in seconds after
+/// `t0`): the poll time minus SPIRE's 5 s cache, or the previous poll when
+/// the answer changed since (it was still cached then).
+#[test]
+fn answered_after_bounds_when_the_agent_computed_its_answer() {
+    let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    let info = |uptime: u64, last_sync: u64| AgentDebugInfo {
+        uptime_secs: uptime,
+        last_sync_success: Some(at(last_sync)),
+        cached_x509_svids: 0,
+        cached_jwt_svids: 0,
+        cached_svidstore_x509_svids: 0,
+        svid_chain: Vec::new(),
+    };
+    let (_sensor, task) = build(
+        Settings::new(AGENT, "/nonexistent"),
+        Arc::new(SystemClock),
+        Arc::new(Metrics::new()),
+        Arc::new(Notify::new()),
+    );
+    // (poll start, uptime, last sync, expected answered_after).
+    let polls = [
+        (10, 60, 8, 5),   // first answer: the cache bound only
+        (12, 60, 8, 7),   // same answer: the cache bound moves on
+        (14, 66, 13, 12), // new answer: after the poll at 12 (> 14 − 5)
+        (16, 66, 13, 12), // same answer: 12 is still known (> 16 − 5)
+        (18, 66, 13, 13), // the cache bound passes it
+        (30, 78, 13, 25), // changed after a gap: the cache bound (> 18)
+    ];
+    for (poll, uptime, last, want) in polls {
+        let got = task.answered_after(&info(uptime, last), at(poll));
+        assert_eq!(got, at(want), "poll at {poll}");
+    }
+}
