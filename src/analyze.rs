@@ -16,7 +16,8 @@ use serde_json::json;
 
 use crate::clock::{saturating_since, unix_millis};
 use crate::model::{
-    AgentView, NO_IDENTITY, Severity, StreamStatus, Subject, Symptom, SymptomKey, SymptomKind,
+    AgentView, NO_IDENTITY, Severity, StreamStatus, Subject, SvidObservation, Symptom, SymptomKey,
+    SymptomKind,
 };
 use crate::policy::Thresholds;
 
@@ -126,6 +127,17 @@ fn agent_symptoms(
     svid_symptoms(view, false, is_open, th, now, blind, out);
 }
 
+/// The share of `svid`'s lifetime past which it is overdue:
+/// `rotation_overdue_open` plus `rotation_check_slack` (SPIRE only rotates
+/// when it looks, up to a check period after the point).
+fn overdue_open(svid: &SvidObservation, th: &Thresholds) -> f64 {
+    let life = svid.lifetime().as_secs_f64();
+    if life <= 0.0 {
+        return th.rotation_overdue_open;
+    }
+    th.rotation_overdue_open + th.rotation_check_slack.as_secs_f64() / life
+}
+
 /// Lifetime and validity symptoms of the SVIDs the agent serves us.
 ///
 /// Only what is `served` now is judged: while the stream is not up, the
@@ -171,7 +183,7 @@ fn svid_symptoms(
             ),
             (
                 SymptomKind::SvidRotationOverdue,
-                timed && !expired && frac >= th.rotation_overdue_open,
+                timed && !expired && frac >= overdue_open(svid, th),
                 expired || frac < th.rotation_overdue_close,
                 Severity::Warning,
             ),
@@ -239,7 +251,12 @@ mod tests {
     }
 
     fn th() -> Thresholds {
-        Policy::builtin().unwrap().thresholds
+        // The tables below were written for the rotation point itself;
+        // `rotation_check_slack` has tests of its own.
+        Thresholds {
+            rotation_check_slack: Duration::ZERO,
+            ..Policy::builtin().unwrap().thresholds
+        }
     }
 
     /// A view of agent `a` serving one SVID valid from t(0) to t(100).
@@ -300,6 +317,34 @@ mod tests {
             let got = analyze(&[v], &|k| none.contains(k), &th(), t(*at));
             assert_eq!(kinds(&got), want.to_vec(), "at {at}s");
         }
+    }
+
+    /// Short SVIDs: SPIRE rotates only when it looks (every sync, 5 s), so
+    /// a healthy 30 s SVID (40 s from its backdated notBefore) may still be
+    /// served at 0.675 of its lifetime; the check slack keeps that quiet and
+    /// a really stuck one is overdue 10 s after the rotation point.
+    #[test]
+    fn overdue_waits_for_the_check_slack_on_short_svids() {
+        let builtin = Policy::builtin().unwrap().thresholds;
+        assert_eq!(builtin.rotation_check_slack, Duration::from_secs(10));
+        let mut v = view(StreamStatus::Up, 0, 27);
+        v.svids[0].not_after = t(40);
+        // (seconds from notBefore, overdue?): the point is 0.65 × 40 = 26 s.
+        for (at, want) in [(26, false), (27, false), (35, false), (36, true)] {
+            v.updated_at = t(at);
+            let got = analyze(std::slice::from_ref(&v), &|_| false, &builtin, t(at));
+            let overdue = got
+                .iter()
+                .any(|s| s.kind == SymptomKind::SvidRotationOverdue);
+            assert_eq!(overdue, want, "at {at}s");
+        }
+        // A 1 h SVID: 10 s is 0.3 % of its lifetime.
+        let mut v = view(StreamStatus::Up, 0, 0);
+        v.svids[0].not_after = t(3600);
+        let at = 2340 + 11; // 0.65 × 3600 = 2340 s, plus the slack
+        v.updated_at = t(at);
+        let got = analyze(&[v], &|_| false, &builtin, t(at));
+        assert_eq!(kinds(&got), vec![SymptomKind::SvidRotationOverdue]);
     }
 
     #[test]

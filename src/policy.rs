@@ -100,6 +100,14 @@ pub struct Thresholds {
     pub rotation_overdue_open: f64,
     /// Overdue closes below this share (a new serial).
     pub rotation_overdue_close: f64,
+    /// Added to the rotation point before an SVID is overdue and taken off
+    /// the share an agent SVID must keep before it is not renewing: SPIRE
+    /// decides to rotate only when it looks (at each sync, every 5 s by
+    /// default, and on its rotator's tick), so a healthy rotation lands up
+    /// to about one check period after the point. Negligible for 1 h SVIDs,
+    /// decisive for short ones (a 30 s agent SVID renews with 38 % left).
+    #[serde(default = "d_rotation_slack", with = "humantime_serde")]
+    pub rotation_check_slack: Duration,
     /// Share of lifetime past which an SVID is expiring.
     pub expiring_open: f64,
     /// Expiring closes below this share.
@@ -226,6 +234,9 @@ fn d_sync_open() -> Duration {
 }
 fn d_sync_close() -> Duration {
     Duration::from_secs(6)
+}
+fn d_rotation_slack() -> Duration {
+    Duration::from_secs(10)
 }
 fn d_renew_open() -> f64 {
     0.4

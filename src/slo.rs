@@ -247,13 +247,15 @@ impl Renewals {
     /// stream is up, so what it lists is what workloads get; while it is
     /// not, a missed rotation point is not judged (the next answer shows
     /// when the new serial was signed). `share` is the rotation point as a
-    /// share of the lifetime.
+    /// share of the lifetime, and `slack` how long after it SPIRE may still
+    /// rotate on time (it only looks once per check period).
     pub fn observe(
         &mut self,
         agent: &str,
         served: bool,
         svids: &[SvidObservation],
         share: f64,
+        slack: Duration,
         now: SystemTime,
     ) -> Judged {
         let mut out = Judged::default();
@@ -308,7 +310,7 @@ impl Renewals {
                 }
                 !gone
             });
-            let due = rotation_due(s.not_before, s.not_after, share);
+            let due = rotation_due(s.not_before, s.not_after, share) + slack;
             // First seen already past its rotation point (e.g. after a
             // restart of spire-healer): missed.
             let judged = now >= due;
@@ -393,6 +395,36 @@ mod tests {
     }
 
     #[test]
+    fn the_check_slack_moves_the_rotation_point() {
+        let svid = |serial: &str, nb: u64| SvidObservation {
+            spiffe_id: "spiffe://td/w".into(),
+            serial: serial.into(),
+            not_before: t(nb),
+            not_after: t(nb + 40),
+            invalid: None,
+            first_seen: t(nb),
+            issuer: String::new(),
+        };
+        let slack = Duration::from_secs(10);
+        let mut r = Renewals::default();
+        // Point at 0.65 × 40 = 26 s; the replacement signed at 17 + 10 = 27 s
+        // (notBefore is backdated 10 s) is on time with the slack.
+        assert_eq!(
+            r.observe("x", true, &[svid("a", 0)], 0.65, slack, t(1)),
+            Judged::default()
+        );
+        assert_eq!(
+            r.observe("x", true, &[svid("a", 0)], 0.65, slack, t(30)),
+            Judged::default()
+        );
+        let got = r.observe("x", true, &[svid("b", 17)], 0.65, slack, t(31));
+        assert_eq!(got, Judged { good: 1, bad: 0 });
+        // Without a replacement the point passes at 26 + 10 s.
+        let got = r.observe("x", true, &[svid("b", 17)], 0.65, slack, t(17 + 36));
+        assert_eq!(got, Judged { good: 0, bad: 1 });
+    }
+
+    #[test]
     fn rotation_due_is_a_share_of_the_lifetime() {
         let cases = [
             (t(0), t(3_600), 0.5, t(1_800)),
@@ -433,7 +465,7 @@ mod tests {
         ];
         let mut r = Renewals::default();
         for (i, (now, served, svids, (good, bad))) in steps.into_iter().enumerate() {
-            let got = r.observe("agent", served, &svids, 0.65, t(now));
+            let got = r.observe("agent", served, &svids, 0.65, Duration::ZERO, t(now));
             assert_eq!(got, Judged { good, bad }, "step {i} at {now}");
         }
     }
@@ -444,26 +476,29 @@ mod tests {
         let b = "spiffe://td/b";
         let mut r = Renewals::default();
         let both = [svid(a, "01", 0, 1_000), svid(b, "0b", 0, 1_000)];
-        assert_eq!(r.observe("x", true, &both, 0.5, t(10)), Judged::default());
         assert_eq!(
-            r.observe("y", true, &both[..1], 0.5, t(10)),
+            r.observe("x", true, &both, 0.5, Duration::ZERO, t(10)),
+            Judged::default()
+        );
+        assert_eq!(
+            r.observe("y", true, &both[..1], 0.5, Duration::ZERO, t(10)),
             Judged::default()
         );
         // b's entry deleted before its point: forgotten, not bad.
         let only_a = [svid(a, "02", 100, 1_100)];
         assert_eq!(
-            r.observe("x", true, &only_a, 0.5, t(120)),
+            r.observe("x", true, &only_a, 0.5, Duration::ZERO, t(120)),
             Judged { good: 1, bad: 0 }
         );
         r.retain_agents(&["x"]);
         // y forgotten: its SVID is tracked afresh, nothing counted.
         assert_eq!(
-            r.observe("y", true, &both[..1], 0.5, t(130)),
+            r.observe("y", true, &both[..1], 0.5, Duration::ZERO, t(130)),
             Judged::default()
         );
         // x's a at 100 + 500 = 600 missed.
         assert_eq!(
-            r.observe("x", true, &only_a, 0.5, t(600)),
+            r.observe("x", true, &only_a, 0.5, Duration::ZERO, t(600)),
             Judged { good: 0, bad: 1 }
         );
     }
@@ -473,7 +508,10 @@ mod tests {
         let mut r = Renewals::default();
         let mut s = svid("spiffe://td/a", "", 0, 10);
         s.invalid = Some("no leaf".into());
-        assert_eq!(r.observe("x", true, &[s], 0.5, t(100)), Judged::default());
+        assert_eq!(
+            r.observe("x", true, &[s], 0.5, Duration::ZERO, t(100)),
+            Judged::default()
+        );
     }
 
     #[test]

@@ -274,13 +274,17 @@ impl Supervisor {
     }
 
     /// Counts renewal service-level events: SVIDs rotated before their
-    /// rotation point (`rotation_overdue_open` of their lifetime), or not.
+    /// rotation point (`rotation_overdue_open` of their lifetime, plus
+    /// `rotation_check_slack`), or not.
     fn judge_renewals(&mut self, obs: &Observations, now: SystemTime) {
-        let share = self.policy.thresholds.rotation_overdue_open;
+        let th = &self.policy.thresholds;
+        let (share, slack) = (th.rotation_overdue_open, th.rotation_check_slack);
         let (mut good, mut bad) = (0, 0);
         for v in &obs.agents {
             let up = v.status == crate::model::StreamStatus::Up;
-            let j = self.renewals.observe(&v.agent, up, &v.svids, share, now);
+            let j = self
+                .renewals
+                .observe(&v.agent, up, &v.svids, share, slack, now);
             good += j.good;
             bad += j.bad;
         }

@@ -367,14 +367,20 @@ fn agent_not_renewing(cx: &Context<'_>, out: &mut Found<'_>) {
         let ttl = cx.agent_ttl(l.server);
         let left = a.expires_at.duration_since(now).unwrap_or_default();
         let share = match ttl {
-            _ if left.is_zero() => Some(0.0),
-            Some(t) if !t.ttl.is_zero() => Some(left.as_secs_f64() / t.ttl.as_secs_f64()),
+            _ if left.is_zero() => Some((0.0, 0.0)),
+            Some(t) if !t.ttl.is_zero() => {
+                let ttl = t.ttl.as_secs_f64();
+                // SPIRE renews only when its rotator looks: a healthy
+                // renewal lands up to `rotation_check_slack` past half-life.
+                let slack = th.rotation_check_slack.as_secs_f64() / ttl;
+                Some((left.as_secs_f64() / ttl, slack))
+            }
             // No TTL known yet: nothing opens, and nothing open clears.
             _ => None,
         };
         let (open_if, close_if) = match share {
-            Some(share) => (
-                !a.banned && share < th.not_renewing_open,
+            Some((share, slack)) => (
+                !a.banned && share < th.not_renewing_open - slack,
                 a.banned || share > th.not_renewing_close,
             ),
             None => (false, a.banned),
@@ -395,7 +401,7 @@ fn agent_not_renewing(cx: &Context<'_>, out: &mut Found<'_>) {
                     "server": l.server,
                     "serial": a.serial,
                     "expires_at_ms": unix_millis(a.expires_at),
-                    "ttl_share_left": share.map(|s| (s * 1000.0).round() / 1000.0),
+                    "ttl_share_left": share.map(|(s, _)| (s * 1000.0).round() / 1000.0),
                     "ttl_secs": ttl.map(|t| t.ttl.as_secs()),
                     "ttl_source": ttl.map(|t| t.source.as_str()),
                 }),

@@ -109,6 +109,9 @@ fn rung(actuator: &str, verify_secs: u64) -> Rung {
 /// The built-in policy with `ladder` for `svid_rotation_overdue`.
 fn policy(ladder: Vec<Rung>) -> Policy {
     let mut p = Policy::builtin().unwrap();
+    // Overdue at the rotation point itself (the check slack is tested in
+    // `analyze`).
+    p.thresholds.rotation_check_slack = Duration::ZERO;
     p.ladders.insert("svid_rotation_overdue".into(), ladder);
     p
 }
@@ -353,7 +356,18 @@ async fn the_command_line_replays_a_store_and_prints_json() {
     )
     .unwrap();
     let policy_file = dir.path().join("other.toml");
-    std::fs::write(&policy_file, include_str!("../../policies/default.toml")).unwrap();
+    // The default policy, overdue at the rotation point itself (the frames'
+    // SVID runs from t(0) to t(100)).
+    let default = include_str!("../../policies/default.toml");
+    assert!(default.contains("rotation_check_slack = \"10s\""));
+    std::fs::write(
+        &policy_file,
+        default.replace(
+            "rotation_check_slack = \"10s\"",
+            "rotation_check_slack = \"0s\"",
+        ),
+    )
+    .unwrap();
     let args = ReplayArgs {
         store: Some(url),
         config,

@@ -12,7 +12,12 @@ fn t(secs: u64) -> SystemTime {
 }
 
 fn th() -> Thresholds {
-    Policy::builtin().unwrap().thresholds
+    // The tables below were written for the rotation point itself;
+    // `rotation_check_slack` has tests of its own.
+    Thresholds {
+        rotation_check_slack: Duration::ZERO,
+        ..Policy::builtin().unwrap().thresholds
+    }
 }
 
 fn debug(agent: &str, last_sync: u64, updated: u64) -> Arc<AgentDebugView> {
@@ -855,6 +860,31 @@ fn not_renewing_is_judged_by_the_servers_learned_ttl() {
     assert_eq!(c.severity, Severity::Critical);
     // Judged by a 1 h TTL instead, the healthy agent would be flagged too.
     assert_eq!(not_renewing(&obs, &th(), &hour(), 100).len(), 3);
+}
+
+/// A 30 s agent SVID renewed with 38 % left (SPIRE's rotator looks every
+/// few seconds) is healthy under the check slack; one with 5 % left is not.
+#[test]
+fn not_renewing_allows_the_check_slack_on_short_ttls() {
+    let obs = Observations {
+        servers: vec![server(
+            "s1",
+            true,
+            vec![listed("a", 100 + 11, false), listed("b", 100 + 2, false)],
+            &[],
+        )],
+        ..Default::default()
+    };
+    let thirty = learned(30, TtlSource::Learned);
+    let builtin = Policy::builtin().unwrap().thresholds;
+    let got = not_renewing(&obs, &builtin, &thirty, 100);
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert_eq!(
+        got[0].evidence["spiffe_id"],
+        "spiffe://td/spire/agent/join_token/b"
+    );
+    // Without the slack, both are flagged.
+    assert_eq!(not_renewing(&obs, &th(), &thirty, 100).len(), 2);
 }
 
 #[test]
