@@ -257,7 +257,7 @@ impl ServerTimeline {
             .iter()
             .rev()
             .find(|(t, _)| *t <= at_s)
-            .map_or(true, |(_, a)| *a)
+            .is_none_or(|(_, a)| *a)
     }
 }
 

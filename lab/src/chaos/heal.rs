@@ -20,6 +20,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
+use spire_healer::clock::{Clock as _, SystemClock};
 use spire_healer::endpoint::Endpoint;
 use spire_healer::proto::workload::X509svidRequest;
 use spire_healer::proto::workload::X509svidResponse;
@@ -182,7 +183,7 @@ pub async fn fetch_valid(
             NotHealed::NoSvid(format!("{wanted} not among {ids:?}"))
         })?;
     let inspection = svid::inspect(&s.spiffe_id, &s.x509_svid, server_bundle);
-    let leaf = judge(&inspection, SystemTime::now(), tainted)?;
+    let leaf = judge(&inspection, SystemClock.now(), tainted)?;
     let identity =
         raw_identity(s).ok_or_else(|| NotHealed::Invalid("unparsable chain or bundle".into()))?;
     let only = X509svidResponse {

@@ -12,6 +12,13 @@
 //! check ([`heal`]) every 250 ms until healed or `--window` passes. Every
 //! process a run starts is killed at its end.
 //!
+//! Injection: the moment the fault is made, except where the fault only
+//! takes effect at the agent's next sync: for `entry_deleted` the moment
+//! agent 0 stops serving the workload's SVID, for `peer_never_reloads` the
+//! moment it serves the new SVID after the entry bump (the rotation the
+//! peer misses). `both_servers_killed` starts whichever server is still
+//! down after `--servers-down` (an operator bringing them back).
+//!
 //! Timing: `detect_s` is the first incident spire-healer opened after the
 //! injection, or a baseline's first `LivenessFailed`/`Exited` event on a
 //! unit in the fault's scope; `heal_s` is the first passing heal check.
@@ -22,7 +29,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
@@ -30,6 +37,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;
 
+use spire_healer::clock::{Clock as _, SystemClock};
 use spire_healer::endpoint::Endpoint;
 use spire_healer::knowledge::{ActionRecord, IncidentRecord, Query, Store};
 use spire_healer::sensors::server_api::error_chain;
@@ -263,7 +271,8 @@ fn one_line(s: &str) -> String {
 }
 
 fn unix_ms() -> i64 {
-    SystemTime::now()
+    SystemClock
+        .now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
@@ -480,9 +489,8 @@ async fn run_on(
     };
 
     // Inject.
-    let t0 = Instant::now();
-    let t0_ms = unix_ms();
-    let t0_unix = t0_ms / 1000;
+    let mut t0 = Instant::now();
+    let mut t0_ms = unix_ms();
     let mut notes = Vec::new();
     match p.fault {
         Fault::AgentKilled => lab.kill_agent(0).await?,
@@ -510,6 +518,19 @@ async fn run_on(
         Fault::EntryDeleted => {
             lab.server_cli(1, &["entry", "delete", "-entryID", &entry_id])
                 .await?;
+            // The fault starts when the agent stops serving the SVID (at
+            // its next sync).
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while issued_serial(lab, &workload_id).await.is_some() {
+                if Instant::now() >= deadline {
+                    return Err(LabError::State(
+                        "agent 0 kept serving the deleted entry's SVID".into(),
+                    ));
+                }
+                sleep(POLL).await;
+            }
+            t0 = Instant::now();
+            t0_ms = unix_ms();
         }
         Fault::DataDirWiped => {
             lab.kill_agent(0).await?;
@@ -525,10 +546,28 @@ async fn run_on(
         Fault::PeerNeverReloads => {
             let client = ServerAdminClient::new(lab.server(1).socket(), Duration::from_secs(5))
                 .map_err(|e| LabError::State(error_chain(&e)))?;
+            let before = issued_serial(lab, &workload_id).await;
             client
                 .bump_entry(&entry_id)
                 .await
                 .map_err(|e| LabError::State(format!("entry bump: {}", error_chain(&e))))?;
+            // The fault is the rotation the peer misses: it starts when
+            // the agent issues the new SVID.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let now = issued_serial(lab, &workload_id).await;
+                if now.is_some() && now != before {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(LabError::State(
+                        "the entry bump never rotated the workload SVID".into(),
+                    ));
+                }
+                sleep(POLL).await;
+            }
+            t0 = Instant::now();
+            t0_ms = unix_ms();
         }
         Fault::CaTaint => {
             for (i, id) in old_authorities.iter().flatten().enumerate() {
@@ -539,6 +578,7 @@ async fn run_on(
         }
     }
 
+    let t0_unix = t0_ms / 1000;
     // Poll until healed or the window ends.
     let end = t0 + opts.window;
     let mut timeline = ServerTimeline::default();
@@ -682,6 +722,14 @@ async fn check(
         }
     }
     Ok(())
+}
+
+/// The serial agent 0 currently issues for `workload_id`.
+async fn issued_serial(lab: &HaLab, workload_id: &str) -> Option<String> {
+    let resp = heal::fetch_message(lab.agent(0).workload_socket())
+        .await
+        .ok()?;
+    heal::pick(&resp, workload_id).map(|f| f.serial)
 }
 
 /// Points agent `j`'s `agent.conf` from `from` to `to` (`server_port`).
@@ -842,7 +890,7 @@ async fn start_faulted_peer(
         addr = q(&addr),
         bin = q(&opts.lab_bin),
         dir = q(&dir),
-        listen = format!("'unix://{}'", sock.display()),
+        listen = q(Path::new(&format!("unix://{}", sock.display()))),
         pid = q(&pidfile),
         log = q(&log),
     );
