@@ -435,9 +435,9 @@ async fn run_on(
         }
         SupervisorKind::Kubelet | SupervisorKind::Systemd => {
             let baseline = if p.supervisor == SupervisorKind::Kubelet {
-                Baseline::Kubelet(kubelet_defaults())
+                Baseline::Kubelet(KubeletSettings::default())
             } else {
-                Baseline::Systemd(systemd_defaults())
+                Baseline::Systemd(SystemdSettings::default())
             };
             cleanup.baseline = Some(supervise::spawn(
                 baseline,
@@ -1027,33 +1027,6 @@ fn baseline_view(
         })
         .collect();
     (detect, seen)
-}
-
-/// Kubernetes' defaults for a container with a liveness probe (probe
-/// fields as documented for `Probe`; CrashLoopBackOff 10 s doubling to
-/// 5 min, reset after 10 min; PLEG relist 1 s).
-pub fn kubelet_defaults() -> KubeletSettings {
-    KubeletSettings {
-        period: Duration::from_secs(10),
-        timeout: Duration::from_secs(1),
-        failure_threshold: 3,
-        termination_grace: Duration::from_secs(30),
-        backoff_initial: Duration::from_secs(10),
-        backoff_max: Duration::from_secs(300),
-        backoff_reset: Duration::from_secs(600),
-        relist: Duration::from_secs(1),
-    }
-}
-
-/// systemd's defaults for `Restart=always` (`RestartSec=100ms`,
-/// `StartLimitIntervalSec=10s`, `StartLimitBurst=5`).
-pub fn systemd_defaults() -> SystemdSettings {
-    SystemdSettings {
-        restart_sec: Duration::from_millis(100),
-        start_limit_interval: Duration::from_secs(10),
-        start_limit_burst: 5,
-        exit_poll: Duration::from_millis(100),
-    }
 }
 
 /// Both agents (started by their restart command) and both servers.
