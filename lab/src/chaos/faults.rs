@@ -16,9 +16,13 @@
 //!    the agent that serves the workload (e.g. restarting `agent-1` after
 //!    `agent-0` was killed, or restarting a server after an entry was
 //!    deleted); or
-//! 2. it restarts or starts an agent while no server answered (the last
-//!    sample of the servers' `/ready` before the action was negative): the
-//!    new agent cannot attest or sync, and its cached SVIDs are lost.
+//! 2. it restarts (or starts) an agent in place while the server that
+//!    agent is configured for did not answer it (the last sample before the
+//!    action: that server's `/ready`, and for agent 0 also the path through
+//!    its proxy): the new agent can neither attest nor sync, and it drops
+//!    the workload SVIDs it still had cached; or
+//! 3. it fails over or evicts an agent while no server answered at all:
+//!    there is nowhere to go.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -171,13 +175,6 @@ pub enum Disruption {
     Failover,
 }
 
-impl Disruption {
-    /// Whether it (re)starts an agent process.
-    fn starts(self) -> bool {
-        !matches!(self, Disruption::Kill)
-    }
-}
-
 /// How a spire-healer actuator disrupts, by its configured name; `None`
 /// for the gentle ones (refetch, signals, entry bumps).
 pub fn healer_disruption(actuator: &str) -> Option<Disruption> {
@@ -222,6 +219,9 @@ pub struct SeenAction {
     pub kind: Disruption,
     /// Whether some server answered `/ready` at the last sample before it.
     pub server_answered: bool,
+    /// For an agent: whether the server its config names answered it at
+    /// the last sample before the action (`true` for other units).
+    pub own_server_answered: bool,
     /// Who did it (actuator or event name), for the notes.
     pub by: String,
 }
@@ -231,33 +231,68 @@ pub fn classify(fault: Fault, action: &SeenAction) -> Option<&'static str> {
     if !Scope::of(fault).contains(&action.unit) {
         return Some("outside the fault's scope");
     }
-    if action.unit.starts_with("agent-") && action.kind.starts() && !action.server_answered {
-        return Some("agent (re)started while no server answered");
+    if !action.unit.starts_with("agent-") {
+        return None;
     }
-    None
+    match action.kind {
+        Disruption::Restart if !action.own_server_answered => {
+            Some("agent restarted while its server did not answer it")
+        }
+        Disruption::Failover | Disruption::Evict if !action.server_answered => {
+            Some("agent failed over or evicted while no server answered")
+        }
+        _ => None,
+    }
 }
 
-/// Samples of "some server answered" over time, to judge actions after
-/// the fact.
+/// One sample of which servers answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reach {
+    /// Some server answered `/ready`.
+    pub any: bool,
+    /// Per agent (`agent-<j>`): the server its config names answered it.
+    pub agents: Vec<bool>,
+}
+
+/// Samples of [`Reach`] over time, to judge actions after the fact.
 #[derive(Debug, Clone, Default)]
 pub struct ServerTimeline {
-    samples: Vec<(f64, bool)>,
+    samples: Vec<(f64, Reach)>,
 }
 
 impl ServerTimeline {
     /// Records a sample at `at_s` (seconds from the injection; may be
     /// negative), in time order.
-    pub fn record(&mut self, at_s: f64, answered: bool) {
-        self.samples.push((at_s, answered));
+    pub fn record(&mut self, at_s: f64, reach: Reach) {
+        self.samples.push((at_s, reach));
     }
 
-    /// The last sample at or before `at_s`; `true` before the first one.
-    pub fn answered_at(&self, at_s: f64) -> bool {
+    fn last(&self, at_s: f64) -> Option<&Reach> {
         self.samples
             .iter()
             .rev()
             .find(|(t, _)| *t <= at_s)
-            .is_none_or(|(_, a)| *a)
+            .map(|(_, r)| r)
+    }
+
+    /// Whether some server answered at the last sample at or before
+    /// `at_s`; `true` before the first one.
+    pub fn answered_at(&self, at_s: f64) -> bool {
+        self.last(at_s).is_none_or(|r| r.any)
+    }
+
+    /// Whether `unit`'s own server answered it at the last sample at or
+    /// before `at_s`; `true` for units that are not agents and before the
+    /// first sample.
+    pub fn own_answered_at(&self, at_s: f64, unit: &str) -> bool {
+        let Some(j) = unit
+            .strip_prefix("agent-")
+            .and_then(|j| j.parse::<usize>().ok())
+        else {
+            return true;
+        };
+        self.last(at_s)
+            .is_none_or(|r| r.agents.get(j).copied().unwrap_or(true))
     }
 }
 
@@ -333,6 +368,11 @@ impl CutProxy {
         self.cut_tx.send_modify(|g| *g += 1);
     }
 
+    /// Whether it is cut.
+    pub fn is_cut(&self) -> bool {
+        self.cut.load(Ordering::SeqCst)
+    }
+
     /// Forwards new connections again.
     pub fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
@@ -376,12 +416,13 @@ mod tests {
         assert_eq!(Xorshift64::new(0).below(0), 0);
     }
 
-    fn act(unit: &str, kind: Disruption, server_answered: bool) -> SeenAction {
+    fn act(unit: &str, kind: Disruption, any: bool, own: bool) -> SeenAction {
         SeenAction {
             at_s: 1.0,
             unit: unit.into(),
             kind,
-            server_answered,
+            server_answered: any,
+            own_server_answered: own,
             by: "test".into(),
         }
     }
@@ -389,41 +430,41 @@ mod tests {
     #[test]
     fn wrong_actions_are_classified() {
         use Disruption::*;
-        // In scope, a server answering: right.
-        assert_eq!(
-            classify(Fault::AgentKilled, &act(AGENT_0, Restart, true)),
-            None
-        );
+        let right = |f, a: SeenAction| assert_eq!(classify(f, &a), None, "{f} {a:?}");
+        let wrong = |f, a: SeenAction| assert!(classify(f, &a).is_some(), "{f} {a:?}");
+        // In scope, its server answering: right.
+        right(Fault::AgentKilled, act(AGENT_0, Restart, true, true));
         // Another agent: out of scope.
-        assert!(classify(Fault::AgentKilled, &act(AGENT_1, Restart, true)).is_some());
+        wrong(Fault::AgentKilled, act(AGENT_1, Restart, true, true));
         // A server restarted for an agent fault.
-        assert!(classify(Fault::EntryDeleted, &act(SERVER_A, Restart, true)).is_some());
-        // Failing over agent 0 when its server died: right.
-        assert_eq!(
-            classify(Fault::ServerKilled, &act(AGENT_0, Failover, true)),
-            None
+        wrong(Fault::EntryDeleted, act(SERVER_A, Restart, true, true));
+        // Agent 0's server died: failing over is right, restarting it in
+        // place (still pointed at the dead server) is wrong.
+        right(Fault::ServerKilled, act(AGENT_0, Failover, true, false));
+        wrong(Fault::ServerKilled, act(AGENT_0, Restart, true, false));
+        // Cut from its server: the same.
+        wrong(Fault::SyncLoss, act(AGENT_0, Restart, true, false));
+        right(Fault::SyncLoss, act(AGENT_0, Failover, true, false));
+        // Both servers down: restarting or failing over agents is wrong;
+        // once they answer again, a restart is not.
+        wrong(
+            Fault::BothServersKilled,
+            act(AGENT_1, Restart, false, false),
         );
-        // Restarting the agents while both servers are down: wrong.
-        assert!(classify(Fault::BothServersKilled, &act(AGENT_1, Restart, false)).is_some());
-        assert_eq!(
-            classify(Fault::BothServersKilled, &act(AGENT_1, Restart, true)),
-            None
+        wrong(
+            Fault::BothServersKilled,
+            act(AGENT_0, Failover, false, false),
         );
+        right(Fault::BothServersKilled, act(AGENT_1, Restart, true, true));
         // Restarting a server while none answers is what heals it.
-        assert_eq!(
-            classify(Fault::BothServersKilled, &act(SERVER_A, Restart, false)),
-            None
+        right(
+            Fault::BothServersKilled,
+            act(SERVER_A, Restart, false, true),
         );
-        // A kill alone starts nothing.
-        assert_eq!(
-            classify(Fault::BothServersKilled, &act(AGENT_0, Kill, false)),
-            None
-        );
-        assert!(classify(Fault::PeerNeverReloads, &act(AGENT_0, Restart, true)).is_some());
-        assert_eq!(
-            classify(Fault::PeerNeverReloads, &act(PEER, Restart, true)),
-            None
-        );
+        // A kill alone is judged by scope only.
+        right(Fault::BothServersKilled, act(AGENT_0, Kill, false, false));
+        wrong(Fault::PeerNeverReloads, act(AGENT_0, Restart, true, true));
+        right(Fault::PeerNeverReloads, act(PEER, Restart, true, true));
     }
 
     #[test]
@@ -446,14 +487,22 @@ mod tests {
 
     #[test]
     fn the_timeline_answers_for_the_last_sample() {
+        let r = |any, a0, a1| Reach {
+            any,
+            agents: vec![a0, a1],
+        };
         let mut t = ServerTimeline::default();
         assert!(t.answered_at(0.0), "no sample: assume answering");
-        t.record(-1.0, true);
-        t.record(0.5, false);
-        t.record(20.0, true);
+        assert!(t.own_answered_at(0.0, AGENT_0));
+        t.record(-1.0, r(true, true, true));
+        t.record(0.5, r(true, false, true));
+        t.record(20.0, r(false, false, false));
         assert!(t.answered_at(0.0));
-        assert!(!t.answered_at(10.0));
-        assert!(t.answered_at(21.0));
+        assert!(t.own_answered_at(0.0, AGENT_0));
+        assert!(!t.own_answered_at(10.0, AGENT_0));
+        assert!(t.own_answered_at(10.0, AGENT_1));
+        assert!(!t.answered_at(21.0));
+        assert!(t.own_answered_at(21.0, SERVER_A), "not an agent");
     }
 
     #[tokio::test]
@@ -477,6 +526,7 @@ mod tests {
         c.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"hello");
         proxy.cut();
+        assert!(proxy.is_cut());
         // The open connection is dropped: the read ends.
         let mut rest = Vec::new();
         let n = tokio::time::timeout(std::time::Duration::from_secs(5), c.read_to_end(&mut rest))
@@ -492,6 +542,7 @@ mod tests {
             .unwrap();
         assert!(matches!(got, Ok(0) | Err(_)), "{got:?}");
         proxy.restore();
+        assert!(!proxy.is_cut());
         let mut e = TcpStream::connect(proxy.local_addr()).await.unwrap();
         e.write_all(b"again").await.unwrap();
         e.read_exact(&mut buf).await.unwrap();

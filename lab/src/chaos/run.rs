@@ -43,7 +43,9 @@ use spire_healer::knowledge::{ActionRecord, IncidentRecord, Query, Store};
 use spire_healer::sensors::server_api::error_chain;
 use spire_healer::spire_api::ServerAdminClient;
 
-use super::faults::{self, AGENT_0, CutProxy, PEER, PlannedRun, Scope, SeenAction, ServerTimeline};
+use super::faults::{
+    self, AGENT_0, CutProxy, PEER, PlannedRun, Reach, Scope, SeenAction, ServerTimeline,
+};
 use super::heal::{self, Fetched, NotHealed, RefPeer};
 use super::supervise::{self, Baseline, Event, EventKind, KubeletSettings, SystemdSettings, Unit};
 use super::{ChaosOptions, Fault, RunRecord, SupervisorKind, report};
@@ -284,6 +286,7 @@ fn unix_ms() -> i64 {
 struct Cleanup {
     shutdown: CancellationToken,
     healer_pgid: Option<i32>,
+    healer: Option<tokio::process::Child>,
     pidfiles: Vec<PathBuf>,
     baseline: Option<tokio::task::JoinHandle<()>>,
 }
@@ -297,6 +300,8 @@ impl Cleanup {
         if let Some(pg) = self.healer_pgid.take() {
             let _ = killpg(Pid::from_raw(pg), Signal::SIGKILL);
         }
+        // Dropped with kill_on_drop: tokio reaps it.
+        self.healer.take();
         for pf in &self.pidfiles {
             if let Some(pid) = std::fs::read_to_string(pf)
                 .ok()
@@ -366,6 +371,7 @@ async fn run_on(
     let mut cleanup = Cleanup {
         shutdown: CancellationToken::new(),
         healer_pgid: None,
+        healer: None,
         pidfiles: Vec::new(),
         baseline: None,
     };
@@ -429,8 +435,8 @@ async fn run_on(
                     opts.healer_bin.display()
                 )))?;
             cleanup.healer_pgid = child.id().map(|p| p as i32);
-            // The child is killed by group in Cleanup; keep the handle.
-            std::mem::forget(child);
+            // Killed by group in Cleanup.
+            cleanup.healer = Some(child);
             store = Some(open_store(&w.join("healer.db"), &w.join("healer.log")).await?);
         }
         SupervisorKind::Kubelet | SupervisorKind::Systemd => {
@@ -595,7 +601,7 @@ async fn run_on(
     loop {
         let now = Instant::now();
         let at_s = now.duration_since(t0).as_secs_f64();
-        timeline.record(at_s, any_server_ready(lab).await);
+        timeline.record(at_s, reach(lab, &proxy).await);
         while let Ok(e) = events_rx.try_recv() {
             events.push(e);
         }
@@ -775,15 +781,53 @@ async fn fresh_bundle(lab: &HaLab) -> Result<Vec<u8>, LabError> {
     Err(last.unwrap_or_else(|| LabError::State("no server runs".into())))
 }
 
-/// Whether some server answers `/ready`.
-async fn any_server_ready(lab: &HaLab) -> bool {
+/// Which servers answer `/ready`, and whether each agent's configured
+/// server answers it (agent 0's through the proxy while its config names
+/// the proxy).
+async fn reach(lab: &HaLab, proxy: &CutProxy) -> Reach {
+    let mut ready = Vec::with_capacity(lab.servers().len());
     for s in lab.servers() {
-        if s.pid().is_some() && matches!(http_get_status(s.health_port(), "/ready").await, Ok(200))
-        {
-            return true;
-        }
+        ready.push(
+            s.pid().is_some()
+                && matches!(http_get_status(s.health_port(), "/ready").await, Ok(200)),
+        );
     }
-    false
+    let agents = lab
+        .agents()
+        .iter()
+        .map(|a| {
+            let port = std::fs::read_to_string(a.conf())
+                .ok()
+                .and_then(|t| configured_port(&t));
+            let Some(port) = port else {
+                return false;
+            };
+            if port == proxy.local_addr().port() {
+                return !proxy.is_cut() && ready.first().copied().unwrap_or(false);
+            }
+            lab.servers()
+                .iter()
+                .position(|s| s.bind_port() == port)
+                .is_some_and(|i| ready[i])
+        })
+        .collect();
+    Reach {
+        any: ready.iter().any(|r| *r),
+        agents,
+    }
+}
+
+/// The `server_port` an agent config names.
+fn configured_port(conf: &str) -> Option<u16> {
+    conf.lines().find_map(|l| {
+        let rest = l.trim_start().strip_prefix("server_port")?;
+        rest.trim_start()
+            .strip_prefix('=')?
+            .trim()
+            .trim_matches('"')
+            .parse()
+            .ok()
+    })
 }
 
 /// `localauthority x509 prepare` then `activate` on every server, once
@@ -981,6 +1025,8 @@ fn healer_view(
                 unit: faults::unit_of_target(&a.target),
                 kind,
                 server_answered: timeline.answered_at(at_s),
+                own_server_answered: timeline
+                    .own_answered_at(at_s, &faults::unit_of_target(&a.target)),
                 by: a.actuator.clone(),
             })
         })
@@ -1022,6 +1068,7 @@ fn baseline_view(
                 unit: e.unit.clone(),
                 kind,
                 server_answered: timeline.answered_at(*t),
+                own_server_answered: timeline.own_answered_at(*t, &e.unit),
                 by: by.into(),
             })
         })
@@ -1140,6 +1187,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_configured_port_is_read() {
+        assert_eq!(
+            configured_port(
+                "agent {\n    server_address = \"127.0.0.1\"\n    server_port = \"8081\"\n}"
+            ),
+            Some(8081)
+        );
+        assert_eq!(configured_port("  server_port = 9\n"), Some(9));
+        assert_eq!(configured_port("server_address = 1"), None);
+    }
+
+    #[test]
     fn one_line_keeps_csv_fields_whole() {
         assert_eq!(one_line("a, b\nc"), "a; b");
         assert_eq!(secs(None), "-");
@@ -1161,7 +1220,13 @@ mod tests {
             ev(1700, "agent-1", EventKind::Started),
         ];
         let mut tl = ServerTimeline::default();
-        tl.record(0.0, true);
+        tl.record(
+            0.0,
+            Reach {
+                any: true,
+                agents: vec![true, true],
+            },
+        );
         let (detect, seen) = baseline_view(&events, t0, &Scope::of(Fault::AgentKilled), &tl);
         assert_eq!(detect, Some(1.5));
         assert_eq!(seen.len(), 2);
