@@ -179,7 +179,8 @@ pub async fn main(args: ChaosArgs, out: &mut (dyn Write + Send)) -> i32 {
 /// Runs every planned run in order, writing `runs.json` after each, then
 /// the report files; prints one line per run and the Markdown table to
 /// `out`. A run whose setup fails is recorded (not healed, the error in its
-/// notes) and the benchmark goes on.
+/// notes) and the benchmark goes on. SIGINT or SIGTERM ends the current
+/// run (its lab and processes are stopped) and reports the runs done.
 ///
 /// # Errors
 /// [`LabError::Io`] when the output directory or a file cannot be written.
@@ -202,7 +203,15 @@ pub async fn benchmark(
             p.run
         );
         let _ = out.flush();
-        let record = match run_one(opts, *p).await {
+        let outcome = tokio::select! {
+            r = run_one(opts, *p) => r,
+            _ = spire_healer::term::shutdown_signal() => {
+                // The run's future is dropped: its lab and processes with it.
+                let _ = writeln!(out, "Interrupted: {} runs recorded in runs.json.", records.len());
+                break;
+            }
+        };
+        let record = match outcome {
             Ok(r) => r,
             Err(e) => RunRecord {
                 fault: p.fault,
