@@ -289,6 +289,7 @@ pub async fn start(
     let mut actuator_names: Vec<String> = registry.keys().cloned().collect();
     actuator_names.sort();
     metrics.init_series(&actuator_names, &agents);
+    metrics.set_slo(&cfg.slo);
     let mut api_tcp_addr = None;
     if let Some(api_cfg) = &cfg.api {
         // The API reads and changes what the loop uses: one set of

@@ -159,6 +159,11 @@ pub struct Config {
     /// by the `k8s_*` actuators.
     #[serde(default)]
     pub kubernetes: Option<crate::k8s::KubernetesConfig>,
+    /// Service-level objectives for SPIRE itself (`[slo]`): what the
+    /// shipped burn-rate alerts hold issuance, renewal, handshakes and
+    /// server availability to.
+    #[serde(default)]
+    pub slo: crate::slo::SloConfig,
 }
 
 /// One Envoy whose Prometheus stats (`/stats/prometheus`) are scraped for
@@ -590,7 +595,7 @@ impl ConfigError {
         }
     }
 
-    fn invalid(key: impl Into<String>, reason: impl fmt::Display) -> Self {
+    pub(crate) fn invalid(key: impl Into<String>, reason: impl fmt::Display) -> Self {
         ConfigError::Invalid {
             key: key.into(),
             at: None,
@@ -858,6 +863,7 @@ impl Config {
         self.validate_actuators(&mut errors);
         self.validate_handshakes(&mut errors);
         self.validate_kubernetes(&mut errors);
+        self.slo.validate(&mut errors);
         let policy = self.resolve_policy(&mut errors, &mut warnings);
         let otlp = otlp::resolve(self.telemetry.otlp.as_ref(), env, &mut errors);
 
@@ -1649,5 +1655,7 @@ mod example_tests {
             r.endpoints[0].to_string(),
             "unix:///run/spire/agent/public/api.sock"
         );
+        // The example shows the [slo] defaults.
+        assert_eq!(c.slo, crate::slo::SloConfig::default());
     }
 }

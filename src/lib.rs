@@ -19,6 +19,8 @@
 //!   cancel-safe.
 //! - [`knowledge`] (Knowledge): SQLite or PostgreSQL; incidents, actions,
 //!   holds, SVID lifecycles; batched, buffered while the database is away.
+//! - [`slo`]: service levels of SPIRE itself (issuance latency, renewal,
+//!   handshakes, server availability) and their `[slo]` objectives.
 //! - [`replay`]: observation frames recorded around incidents, and
 //!   `spire-healer replay`, which runs analyze and plan over them again
 //!   under another policy and sets what it would do beside what was done.
@@ -65,6 +67,7 @@ pub mod policy;
 pub mod replay;
 pub mod sensors;
 pub mod simulated;
+pub mod slo;
 pub mod spiffe_id;
 pub mod spire_api;
 pub mod supervisor;

@@ -126,6 +126,9 @@ pub struct Supervisor {
     demotions: demotion::Demotions,
     sensing: Sensing,
     changes: Changes,
+    /// Renewal service-level events: each SVID judged once against its
+    /// rotation point.
+    renewals: crate::slo::Renewals,
     handshakes: Handshakes,
     identities: Identities,
     incidents: Incidents,
@@ -206,6 +209,7 @@ impl Supervisor {
             executor,
             sensing: Sensing::new(parts.sensors),
             changes: Changes::default(),
+            renewals: crate::slo::Renewals::default(),
             cadence: Cadence {
                 interval: parts.tick_interval,
                 wake: parts.wake,
@@ -269,6 +273,22 @@ impl Supervisor {
         self.incidents.iter().cloned().collect()
     }
 
+    /// Counts renewal service-level events: SVIDs rotated before their
+    /// rotation point (`rotation_overdue_open` of their lifetime), or not.
+    fn judge_renewals(&mut self, obs: &Observations, now: SystemTime) {
+        let share = self.policy.thresholds.rotation_overdue_open;
+        let (mut good, mut bad) = (0, 0);
+        for v in &obs.agents {
+            let up = v.status == crate::model::StreamStatus::Up;
+            let j = self.renewals.observe(&v.agent, up, &v.svids, share, now);
+            good += j.good;
+            bad += j.bad;
+        }
+        let seen: Vec<&str> = obs.agents.iter().map(|v| v.agent.as_str()).collect();
+        self.renewals.retain_agents(&seen);
+        self.metrics.slo_events(crate::slo::Sli::Renewal, good, bad);
+    }
+
     /// One pass of the loop at `now`.
     pub async fn tick(&mut self, now: SystemTime) -> TickReport {
         let timer = self.metrics.tick_duration_seconds.start_timer();
@@ -300,6 +320,7 @@ impl Supervisor {
             .observe(&obs, self.executor.agents(), now, &mut tick);
         obs.agent_ids = self.identities.shared();
         self.changes.observe(&obs, now, &mut tick);
+        self.judge_renewals(&obs, now);
         // Analyze.
         let symptoms = self.analyze(&obs, now);
         if let Some(f) = &self.frames {

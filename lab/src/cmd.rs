@@ -79,6 +79,10 @@ pub enum LabCommand {
     /// baselines; writes runs.csv, summary.csv, chaos.md, chaos.svg and
     /// runs.json.
     Chaos(super::chaos::run::ChaosArgs),
+    /// Watch a healthy HA lab with the real spire-healer for a long time,
+    /// through SVID and CA rotations; write samples.csv, soak.json and
+    /// soak.md; exit 1 on any incident or action.
+    Soak(super::soak::SoakArgs),
 }
 
 /// `spire-lab k8s`.
@@ -149,6 +153,7 @@ pub async fn run(cmd: LabCommand) -> i32 {
         LabCommand::Peer(args) => super::peer::main(args, &mut out).await,
         LabCommand::K8s(args) => k8s(args, &mut out).await,
         LabCommand::Chaos(args) => super::chaos::run::main(args, &mut out).await,
+        LabCommand::Soak(args) => super::soak::main(args, &mut out).await,
         LabCommand::Status(args) => match status(&args.dir, &mut out) {
             Ok(true) => 0,
             // Like `systemctl status`: 3 when not (fully) running.

@@ -18,7 +18,8 @@
 //! - [`cmd`]: the `spire-lab` binary. `up|down|status` runs an [`HaLab`] in
 //!   a directory the operator keeps, describes it in `lab.json`
 //!   ([`LabManifest`]) and writes a ready `spire-healer.toml` for it
-//!   ([`healer_config`]); `scripts/lab.sh` wraps it.
+//!   ([`healer_config`]); `scripts/lab.sh` wraps it. `soak` ([`soak`])
+//!   watches a healthy lab with the real spire-healer binary for a long time.
 //!
 //! # SPIRE behaviour the HA lab relies on
 //! An agent persists the bundle it got at attestation, and v1.15.3 does not
@@ -78,6 +79,7 @@ pub mod peer;
 mod process;
 pub mod psat;
 mod single;
+pub mod soak;
 pub mod svid_files;
 
 pub use database::{ScratchDatabase, database_exists};

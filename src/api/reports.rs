@@ -238,6 +238,9 @@ pub struct Limits {
 struct ReportMetrics {
     outcomes: [IntCounter; Reason::COUNT],
     rejected: [IntCounter; RejectKind::COUNT],
+    /// Handshake service-level events: good (`ok`), bad (the rest).
+    slo_good: IntCounter,
+    slo_bad: IntCounter,
 }
 
 impl ReportMetrics {
@@ -251,13 +254,24 @@ impl ReportMetrics {
                 m.handshake_reports_rejected_total
                     .with_label_values(&[k.as_str()])
             }),
+            slo_good: m
+                .slo_events_total
+                .with_label_values(&[crate::slo::Sli::Handshake.as_str(), "good"]),
+            slo_bad: m
+                .slo_events_total
+                .with_label_values(&[crate::slo::Sli::Handshake.as_str(), "bad"]),
         }
     }
 
     fn record(&self, applied: &Applied) {
-        for (c, n) in self.outcomes.iter().zip(applied.outcomes) {
+        for ((c, n), r) in self.outcomes.iter().zip(applied.outcomes).zip(Reason::ALL) {
             if n > 0 {
                 c.inc_by(n);
+                if r == Reason::Ok {
+                    self.slo_good.inc_by(n);
+                } else {
+                    self.slo_bad.inc_by(n);
+                }
             }
         }
         self.reject(&applied.rejected);
@@ -556,6 +570,15 @@ mod tests {
         );
         assert_eq!(
             sample(r#"spire_healer_handshake_reports_rejected_total{kind="empty_target"}"#),
+            Some(1.0)
+        );
+        // Handshake service level: the accepted outcomes, good when ok.
+        assert_eq!(
+            sample(r#"spire_healer_slo_events_total{result="good",slo="handshake"}"#),
+            Some(4.0)
+        );
+        assert_eq!(
+            sample(r#"spire_healer_slo_events_total{result="bad",slo="handshake"}"#),
             Some(1.0)
         );
     }

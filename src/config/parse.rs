@@ -20,7 +20,7 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use super::{Config, ConfigError, Location};
 
 /// The top-level keys of [`Config`], in file order of the docs.
-pub(super) const SECTIONS: [&str; 16] = [
+pub(super) const SECTIONS: [&str; 17] = [
     "supervisor",
     "database",
     "role",
@@ -37,6 +37,7 @@ pub(super) const SECTIONS: [&str; 16] = [
     "telemetry",
     "replay",
     "kubernetes",
+    "slo",
 ];
 
 /// The text of a configuration file and the name it is reported under.
@@ -191,6 +192,9 @@ pub(super) fn sections(src: Source<'_>, root: &DeTable<'_>) -> Sections {
             .and_then(|v| p.value("replay", v))
             .unwrap_or_default(),
         kubernetes: get("kubernetes").and_then(|v| p.value("kubernetes", v)),
+        slo: get("slo")
+            .and_then(|v| p.value("slo", v))
+            .unwrap_or_default(),
     };
     Sections {
         config,

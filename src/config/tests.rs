@@ -807,3 +807,35 @@ fn node_placeholder_names_the_agent_after_the_node_and_cluster_needs_no_agent() 
         ["agents"]
     );
 }
+
+#[test]
+fn slo_objectives_default_and_parse() {
+    let c = Config::from_toml(GOOD, "t.toml").unwrap();
+    assert_eq!(c.slo, crate::slo::SloConfig::default());
+    assert_eq!(c.slo.issuance_latency, Duration::from_millis(100));
+    assert_eq!(c.slo.renewal_objective, 0.999);
+    let text =
+        format!("{GOOD}\n[slo]\nissuance_latency = \"250ms\"\nhandshake_objective = 0.999\n");
+    let c = Config::from_toml(&text, "t.toml").unwrap();
+    assert!(c.validate(&no_env).is_ok());
+    assert_eq!(c.slo.issuance_latency, Duration::from_millis(250));
+    assert_eq!(c.slo.handshake_objective, 0.999);
+    assert_eq!(c.slo.server_availability_objective, 0.9999);
+}
+
+#[test]
+fn every_invalid_slo_objective_is_listed() {
+    assert_eq!(
+        invalid_keys(
+            "\n[slo]\nissuance_latency = \"0s\"\nissuance_objective = 0\nrenewal_objective = 1.01\nhandshake_objective = 1.0\nserver_availability_objective = -0.5\n"
+        ),
+        [
+            "slo.issuance_objective",
+            "slo.renewal_objective",
+            "slo.server_availability_objective",
+            "slo.issuance_latency",
+        ]
+    );
+    let e = Config::from_toml(&format!("{GOOD}\n[slo]\nobjective = 0.9\n"), "t.toml").unwrap_err();
+    assert_eq!(e.kind(), "unknown_key");
+}

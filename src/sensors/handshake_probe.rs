@@ -989,10 +989,7 @@ impl ProbeTask {
                 if let Err(refused) = self.counter.add(name, r.reason, 1, Source::Probe) {
                     self.metrics.error("sensor", refused.kind());
                 }
-                self.metrics
-                    .handshakes_total
-                    .with_label_values(&[Source::Probe.as_str(), r.reason.as_str()])
-                    .inc();
+                self.metrics.count_handshakes(Source::Probe, r.reason, 1);
                 self.metrics
                     .handshake_probe_duration_seconds
                     .with_label_values(&[name])

@@ -369,11 +369,7 @@ impl MetricsScrapeTask {
         }
         for (target, reason, n) in deltas {
             match counter.add(&target, reason, n, Source::Envoy) {
-                Ok(()) => self
-                    .metrics
-                    .handshakes_total
-                    .with_label_values(&[Source::Envoy.as_str(), reason.as_str()])
-                    .inc_by(n),
+                Ok(()) => self.metrics.count_handshakes(Source::Envoy, reason, n),
                 Err(refused) => self
                     .metrics
                     .handshake_reports_rejected_total

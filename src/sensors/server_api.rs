@@ -258,6 +258,13 @@ impl ServerApiTask {
     fn apply(&self, result: Result<Polled, SpireApiError>) {
         let now = self.clock.now();
         let prev = self.view.borrow().clone();
+        // Server availability: one event per poll, good when answered.
+        let answered = result.is_ok();
+        self.metrics.slo_events(
+            crate::slo::Sli::ServerAvailability,
+            u64::from(answered),
+            u64::from(!answered),
+        );
         let mut next = match result {
             Ok(p) => {
                 if !prev.reachable {

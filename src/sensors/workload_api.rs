@@ -422,8 +422,11 @@ impl WorkloadApiTask {
                         if !answered {
                             info!(agent = %agent, "Workload API answered.");
                         }
+                        // The session's first answer lists what the agent
+                        // already served: not a new issuance.
+                        let first = !answered;
                         answered = true;
-                        self.on_svids(resp);
+                        self.on_svids(resp, !first);
                     }
                     Ok(None) => return End::Failed { code: "stream_ended", detail: "server closed the X.509-SVID stream".into(), retry: true, unanswered: false },
                     Err(status) => return failed(&status),
@@ -448,7 +451,10 @@ impl WorkloadApiTask {
         }
     }
 
-    fn on_svids(&self, resp: X509svidResponse) {
+    /// Publishes one X.509-SVID answer. `live`: an earlier answer of the
+    /// same stream came first, so a serial not in the view is a new
+    /// issuance, observed as `spire_healer_slo_svid_issuance_seconds`.
+    fn on_svids(&self, resp: X509svidResponse, live: bool) {
         let now = self.clock.now();
         let previous: HashMap<String, SvidObservation> = self
             .shared
@@ -502,6 +508,16 @@ impl WorkloadApiTask {
             .identity
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = identity;
+        if live {
+            for s in svids.iter().filter(|s| {
+                !s.serial.is_empty()
+                    && s.invalid.is_none()
+                    && !previous.contains_key(&format!("{}\u{0}{}", s.spiffe_id, s.serial))
+            }) {
+                self.metrics
+                    .observe_svid_issuance(crate::slo::issuance_latency(now, s.not_before));
+            }
+        }
         for s in &svids {
             if let Some(reason) = &s.invalid {
                 self.metrics

@@ -597,7 +597,38 @@ async fn overdue_escalates_from_refetch_to_restart_and_closes() {
         h.metric(r#"spiffe_certificate_rotation_total{agent="a"}"#),
         Some(1.0)
     );
+    // Renewal service level: the first SVID passed its rotation point while
+    // served (bad, once); the new one is not due yet.
+    assert_eq!(
+        h.metric(r#"spire_healer_slo_events_total{result="bad",slo="renewal"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        h.metric(r#"spire_healer_slo_events_total{result="good",slo="renewal"}"#),
+        Some(0.0)
+    );
     assert_eq!(h.metric("spire_healer_store_up"), Some(1.0));
+}
+
+#[tokio::test]
+async fn an_on_time_rotation_is_a_good_renewal_counted_once() {
+    let h = Harness::new(vec![view("a")]).await;
+    let agent = h.agent("a");
+    let mut sup = h.supervisor().await;
+    let renewal = |result: &str| {
+        h.metric(&format!(
+            r#"spire_healer_slo_events_total{{result="{result}",slo="renewal"}}"#
+        ))
+    };
+    h.tick(&mut sup, 10).await;
+    assert_eq!((renewal("good"), renewal("bad")), (Some(0.0), Some(0.0)));
+    // Serial 02, notBefore t(40) (signed at t(50) with SPIRE's 10 s
+    // backdate), replaces 01 before its rotation point t(65).
+    agent.rotate("02", 40);
+    h.tick(&mut sup, 50).await;
+    assert_eq!((renewal("good"), renewal("bad")), (Some(1.0), Some(0.0)));
+    h.tick(&mut sup, 51).await;
+    assert_eq!((renewal("good"), renewal("bad")), (Some(1.0), Some(0.0)));
 }
 
 #[tokio::test]

@@ -27,6 +27,13 @@ const FAST_BUCKETS: &[f64] = &[
 const ACTION_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
 ];
+/// Buckets for SVID issuance latencies (signing to served), around the
+/// default 100 ms objective; values carry up to a second of notBefore
+/// truncation ([`crate::slo::NOT_BEFORE_RESOLUTION`]), hence the buckets
+/// past 1 s.
+const ISSUANCE_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.1, 1.25, 1.5, 2.0, 2.5, 5.0,
+];
 /// Buckets for times to recover.
 const MTTR_BUCKETS: &[f64] = &[
     0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0,
@@ -247,6 +254,18 @@ pub struct Metrics {
     pub approvals_pending: IntGauge,
     /// Per (symptom, actuator) step of the ladders: 1 while demoted.
     pub demoted_steps: IntGaugeVec,
+    /// Service-level events of SPIRE, by indicator (`crate::slo::Sli`) and
+    /// result (`good`, `bad`).
+    pub slo_events_total: IntCounterVec,
+    /// SVID issuance latency: signing to served on a Workload API stream.
+    pub slo_svid_issuance_seconds: Histogram,
+    /// The configured objective of each indicator (`[slo]`).
+    pub slo_objective: GaugeVec,
+    /// The configured `[slo] issuance_latency`, in seconds.
+    pub slo_issuance_latency_threshold_seconds: prometheus::Gauge,
+    /// `[slo] issuance_latency` in nanoseconds, read by
+    /// [`Metrics::observe_svid_issuance`].
+    issuance_threshold_nanos: std::sync::atomic::AtomicU64,
     /// Per-agent set of labelled SVID series currently exported, so stale
     /// ones can be removed.
     exported_svids: std::sync::Mutex<Vec<(String, String)>>,
@@ -677,6 +696,30 @@ impl Metrics {
                 "1 while the (symptom, actuator) ladder step is demoted for verifying too rarely (skipped until an operator resets it), else 0.",
                 &["symptom", "actuator"]
             )),
+            slo_events_total: reg!(c(
+                "spire_healer_slo_events_total",
+                "Service-level events of SPIRE by indicator and result: svid_issuance (a new SVID served within [slo] issuance_latency of signing), renewal (an SVID rotated before its rotation point), handshake (an mTLS handshake completed), server_availability (an admin-API poll answered).",
+                &["slo", "result"]
+            )),
+            slo_svid_issuance_seconds: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "spire_healer_slo_svid_issuance_seconds",
+                    "Time from SPIRE signing an SVID (its notBefore + 10 s backdate) to a Workload API stream serving it, for rotations and new entries. Assumes the server's clock agrees with ours (skew adds, or is clamped at 0); notBefore's one-second resolution makes each value up to 1 s high."
+                )
+                .buckets(ISSUANCE_BUCKETS.to_vec())
+            )),
+            slo_objective: reg!(GaugeVec::new(
+                Opts::new(
+                    "spire_healer_slo_objective",
+                    "The configured objective of each service-level indicator ([slo]): the share of good events aimed for."
+                ),
+                &["slo"]
+            )),
+            slo_issuance_latency_threshold_seconds: reg!(prometheus::Gauge::new(
+                "spire_healer_slo_issuance_latency_threshold_seconds",
+                "The configured [slo] issuance_latency: an SVID served later than this (plus notBefore's 1 s resolution) after signing is a bad issuance."
+            )),
+            issuance_threshold_nanos: std::sync::atomic::AtomicU64::new(0),
             exported_svids: std::sync::Mutex::new(Vec::new()),
             exported_incidents: std::sync::Mutex::new(Vec::new()),
             held_reasons: std::sync::Mutex::new(std::collections::BTreeSet::new()),
@@ -686,7 +729,75 @@ impl Metrics {
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        m.set_slo(&crate::slo::SloConfig::default());
+        for sli in crate::slo::Sli::ALL {
+            for r in crate::slo::RESULTS {
+                m.slo_events_total.with_label_values(&[sli.as_str(), r]);
+            }
+        }
         m
+    }
+
+    /// Exports the objectives of `slo` and judges issuances by its
+    /// latency from now on.
+    pub fn set_slo(&self, slo: &crate::slo::SloConfig) {
+        for sli in crate::slo::Sli::ALL {
+            self.slo_objective
+                .with_label_values(&[sli.as_str()])
+                .set(slo.objective(sli));
+        }
+        self.slo_issuance_latency_threshold_seconds
+            .set(slo.issuance_latency.as_secs_f64());
+        let nanos = u64::try_from(slo.issuance_latency.as_nanos()).unwrap_or(u64::MAX);
+        self.issuance_threshold_nanos
+            .store(nanos, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts `good` and `bad` events of `sli`.
+    pub fn slo_events(&self, sli: crate::slo::Sli, good: u64, bad: u64) {
+        for (n, r) in [(good, "good"), (bad, "bad")] {
+            if n > 0 {
+                self.slo_events_total
+                    .with_label_values(&[sli.as_str(), r])
+                    .inc_by(n);
+            }
+        }
+    }
+
+    /// Counts handshake outcomes as `spire_healer_handshakes_total` and as
+    /// handshake service-level events (good when `reason` is `ok`).
+    pub fn count_handshakes(
+        &self,
+        source: crate::handshake::Source,
+        reason: crate::handshake::Reason,
+        n: u64,
+    ) {
+        self.handshakes_total
+            .with_label_values(&[source.as_str(), reason.as_str()])
+            .inc_by(n);
+        if reason == crate::handshake::Reason::Ok {
+            self.slo_events(crate::slo::Sli::Handshake, n, 0);
+        } else {
+            self.slo_events(crate::slo::Sli::Handshake, 0, n);
+        }
+    }
+
+    /// Observes one SVID issuance of `latency`
+    /// ([`crate::slo::issuance_latency`]) and counts it good or bad
+    /// against the configured `issuance_latency`.
+    pub fn observe_svid_issuance(&self, latency: Duration) {
+        self.slo_svid_issuance_seconds
+            .observe(latency.as_secs_f64());
+        let threshold = Duration::from_nanos(
+            self.issuance_threshold_nanos
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+        let good = crate::slo::issuance_good(latency, threshold);
+        self.slo_events(
+            crate::slo::Sli::SvidIssuance,
+            u64::from(good),
+            u64::from(!good),
+        );
     }
 
     /// Every metric this set declares, sorted by name: the source of the

@@ -6,7 +6,9 @@
 //! (SIGSTOP), each healed before the next. All along spire-healer probes a
 //! lab peer serving a real X509-SVID (minted by server A) over mTLS; before
 //! the first fault a client reports one failed handshake with that peer
-//! through spire-healer's API, and one report the API refuses. Throughout,
+//! through spire-healer's API (a bad handshake event: against the default
+//! objective of 1 it fires the handshake burn-rate alert), and one report
+//! the API refuses. Throughout,
 //! a poller runs every dashboard query (variables substituted as "All") and
 //! reads the alerts. Asserted at the end:
 //!
@@ -46,7 +48,13 @@ const RATE_INTERVAL: &str = "30s";
 const INTERVAL: &str = "15s";
 
 /// Alerts the scenario must raise (pending or firing).
-const REQUIRED: &[&str] = &["SpireHealerAgentUnreachable", "SpireHealerAgentBanned"];
+/// `SpireHealerHandshakeBudgetBurnFast`: the reported failed handshake is
+/// a bad event against the default handshake objective of 1 (no budget).
+const REQUIRED: &[&str] = &[
+    "SpireHealerAgentUnreachable",
+    "SpireHealerAgentBanned",
+    "SpireHealerHandshakeBudgetBurnFast",
+];
 
 /// Alerts that may fire as well, and why.
 const ALLOWED: &[(&str, &str)] = &[
@@ -67,14 +75,33 @@ const ALLOWED: &[(&str, &str)] = &[
         "the ladder's first rung (refetch) is verified as failed for a dead agent before restart-agent heals it",
     ),
     (
+        "SpireHealerHandshakeBudgetBurnSlow",
+        "the reported failed handshake spends the whole budget of the default objective of 1 over its 1d and 2h windows too",
+    ),
+    (
+        "SpireHealerRenewalBudgetBurnFast",
+        "a killed or frozen agent's 40 s SVIDs pass their rotation point unrotated: a few bad events among a few dozen",
+    ),
+    (
+        "SpireHealerRenewalBudgetBurnSlow",
+        "the same missed rotations, over the 1d and 2h windows",
+    ),
+    (
         "SpireHealerRemediationHeldBack",
         "with every `for:` cut to 2 s, a hold that lasts seconds by design fires it (target_busy while an action awaits its verdict, a cooldown between rungs); its shipped `for:` is 30 m",
     ),
 ];
 
 /// Allowed alerts over windows longer than this run (the 1 h remediation
-/// success ratio): they need not resolve before the end.
-const STICKY: &[&str] = &["SpireHealerRemediationFailing"];
+/// success ratio; the service levels' burn rates, whose shortest windows
+/// are 5 and 30 minutes): they need not resolve before the end.
+const STICKY: &[&str] = &[
+    "SpireHealerRemediationFailing",
+    "SpireHealerHandshakeBudgetBurnFast",
+    "SpireHealerHandshakeBudgetBurnSlow",
+    "SpireHealerRenewalBudgetBurnFast",
+    "SpireHealerRenewalBudgetBurnSlow",
+];
 
 /// The probed lab peer: `[[probes]]` name and the path of its SPIFFE ID.
 const PEER: &str = "lab-peer";
@@ -432,7 +459,10 @@ async fn observe(
         stop.clone(),
     ));
 
-    let result = drive(c, &prom, &seen, socket).await;
+    let mut result = drive(c, &prom, &seen, socket).await;
+    if result.is_ok() {
+        result = service_levels(&prom).await;
+    }
     stop.cancel();
     let _ = poller.await;
     let names = prom.metric_names().await;
@@ -582,6 +612,47 @@ async fn drive(c: &Cluster, prom: &Prometheus, seen: &Mutex<Seen>, socket: &Path
         "+{:.1}s alerts resolved; alerts first seen while frozen: {during:?}",
         at()
     );
+    Ok(())
+}
+
+/// The service-level events of the run, printed; real SPIRE's rotations of
+/// 40 s SVIDs must have been observed as issuances, and the servers' polls
+/// as availability events.
+async fn service_levels(prom: &Prometheus) -> Result<()> {
+    let mut events = prom
+        .query("sum by (slo, result) (spire_healer_slo_events_total)")
+        .await?
+        .into_iter()
+        .map(|(labels, v)| {
+            let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
+            (format!("{}/{}", get("slo"), get("result")), v)
+        })
+        .collect::<Vec<_>>();
+    events.sort_by(|a, b| a.0.cmp(&b.0));
+    println!("service-level events: {events:?}");
+    for q in [0.5, 0.99] {
+        let v = prom
+            .value(&format!(
+                "histogram_quantile({q}, sum by (le) (spire_healer_slo_svid_issuance_seconds_bucket))"
+            ))
+            .await?;
+        println!(
+            "SVID issuance latency q{q} over the run: {v:?} s (upper bound: notBefore is truncated to the second)"
+        );
+    }
+    let count = |name: &str| {
+        events
+            .iter()
+            .filter(|(k, _)| k.starts_with(name))
+            .map(|(_, v)| *v)
+            .sum::<f64>()
+    };
+    if count("svid_issuance/") < 1.0 {
+        bail!("no SVID issuance was observed: {events:?}");
+    }
+    if count("server_availability/good") < 1.0 {
+        bail!("no answered server poll was counted: {events:?}");
+    }
     Ok(())
 }
 

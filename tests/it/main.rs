@@ -33,6 +33,7 @@ mod operate;
 mod prom_server;
 mod prometheus;
 mod replay;
+mod soak;
 mod spire_api;
 mod spire_api_tls;
 mod spire_lab;

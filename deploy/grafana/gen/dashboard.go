@@ -221,7 +221,7 @@ func build() *dashboard.DashboardBuilder {
 	n := &ids{}
 	b := dashboard.NewDashboardBuilder("spire-healer").
 		Uid("spire-healer").
-		Description("Self-healing supervisor for SPIFFE/SPIRE: fleet health, SVID lifetimes, incidents and remediation, holds, handshakes, and the supervisor's own loop and store.").
+		Description("Self-healing supervisor for SPIFFE/SPIRE: fleet health, SVID lifetimes, incidents and remediation, holds, handshakes, SPIRE's service levels, and the supervisor's own loop and store.").
 		Tags([]string{"spire-healer", "spiffe", "spire"}).
 		Refresh("30s").
 		Time("now-6h", "now").
@@ -415,6 +415,43 @@ func build() *dashboard.DashboardBuilder {
 			"Handshake outcomes or reports refused, per kind.",
 			"none", 12,
 			q("A", `sum by (kind) (increase(spire_healer_handshake_reports_rejected_total[$__rate_interval]))`, "{{kind}}")))
+
+	// === Service levels (SPIRE) ===
+	// The indicators of spire_healer_slo_events_total against the [slo]
+	// objectives; the ratios are the recording rules the burn-rate alerts
+	// use (deploy/prometheus/spire-healer.rules.yaml).
+	b.WithRow(row(n, "Service levels (SPIRE)")).
+		WithPanel(st(n, "Error budget remaining",
+			"Per indicator, the share of its error budget (1 - objective) left over the dashboard's time range: 1 - (bad / all events) / budget. Below 0: overspent. No value for an objective of 1 (no budget: any bad event overspends it) or while no event was counted.",
+			"percentunit", 24,
+			qi("A", `1 - (sum by (slo) (increase(spire_healer_slo_events_total{result="bad"}[$__range])) / sum by (slo) (increase(spire_healer_slo_events_total[$__range]))) / on (slo) (max by (slo) (1 - spire_healer_slo_objective) > 0)`, "{{slo}}")).
+			Thresholds(dashboard.NewThresholdsConfigBuilder().
+				Mode(dashboard.ThresholdsModeAbsolute).
+				Steps([]dashboard.Threshold{
+					{Color: "red"},
+					{Value: cog.ToPtr(0.0), Color: "orange"},
+					{Value: cog.ToPtr(0.25), Color: "green"},
+				}))).
+		WithPanel(ts(n, "SLI vs objective",
+			"Per indicator, the share of good events over the last hour (svid_issuance: served within [slo] issuance_latency of signing; renewal: rotated before the rotation point; handshake: completed; server_availability: admin-API poll answered), and its configured objective.",
+			"percentunit", 12,
+			q("A", `1 - spire_healer:slo_error_ratio:rate1h`, "{{slo}}"),
+			q("B", `max by (slo) (spire_healer_slo_objective)`, "{{slo}} objective"))).
+		WithPanel(ts(n, "Error budget burn rate",
+			"Error ratio per error budget over 1h and 6h: 1 spends the budget exactly over 30 days; the alerts page at 14.4 (1h and 5m) or 6 (6h and 30m) and open a ticket at 3 (1d and 2h) or 1 (3d and 6h). No value for an objective of 1.",
+			"none", 12,
+			q("A", `spire_healer:slo_error_ratio:rate1h / (spire_healer:slo_error_budget:ratio > 0)`, "{{slo}} 1h"),
+			q("B", `spire_healer:slo_error_ratio:rate6h / (spire_healer:slo_error_budget:ratio > 0)`, "{{slo}} 6h"))).
+		WithPanel(ts(n, "SVID issuance latency",
+			"99th and 50th percentile time from SPIRE signing a new SVID (notBefore + 10 s) to a Workload API stream serving it, and the [slo] issuance_latency. Each value may be up to 1 s high (notBefore has one-second resolution); clocks are assumed in sync.",
+			"s", 12,
+			q("A", `histogram_quantile(0.99, sum by (le) (rate(spire_healer_slo_svid_issuance_seconds_bucket[$__rate_interval])))`, "p99"),
+			q("B", `histogram_quantile(0.5, sum by (le) (rate(spire_healer_slo_svid_issuance_seconds_bucket[$__rate_interval])))`, "p50"),
+			q("C", `max(spire_healer_slo_issuance_latency_threshold_seconds)`, "objective"))).
+		WithPanel(ts(n, "Service-level events",
+			"Good and bad events per indicator.",
+			"none", 12,
+			q("A", `sum by (slo, result) (increase(spire_healer_slo_events_total[$__rate_interval]))`, "{{slo}} {{result}}")))
 
 	// === Store and loop health ===
 	b.WithRow(row(n, "Store and loop health")).

@@ -849,6 +849,15 @@ async fn sensor_counts_publishes_and_exports() {
         ) >= Some(1.0)
     );
     assert!(run.counter.drain()["web"].get(Reason::Refused) >= 1);
+    // The handshake service level counts the same outcomes.
+    let slo = |result: &str| {
+        sample(
+            &text,
+            &format!(r#"spire_healer_slo_events_total{{result="{result}",slo="handshake"}}"#),
+        )
+    };
+    assert!(slo("good") >= Some(1.0), "{:?}", slo("good"));
+    assert!(slo("bad") >= Some(1.0), "{:?}", slo("bad"));
     run.stop().await;
 }
 

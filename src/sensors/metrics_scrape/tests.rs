@@ -977,6 +977,14 @@ async fn envoy_scrapes_feed_the_handshake_counter() {
     assert_eq!(total("ok"), Some(8.0));
     assert_eq!(total("unknown_ca"), Some(2.0));
     assert_eq!(total("refused"), Some(1.0));
+    let slo = |result: &str| {
+        sample(
+            &text,
+            &format!(r#"spire_healer_slo_events_total{{result="{result}",slo="handshake"}}"#),
+        )
+    };
+    assert_eq!(slo("good"), Some(8.0));
+    assert_eq!(slo("bad"), Some(3.0));
     assert_eq!(r.errors("http_status") + r.errors("parse"), 0.0);
     r.stop().await;
 }

@@ -176,6 +176,18 @@ async fn server_loss_keeps_the_last_data() {
         .await;
     assert_eq!(later.since, down.since);
     assert!(r.errors("socket_missing") >= 1.0);
+    // Availability: one event per poll, good while answered, bad since.
+    let slo = |result: &str| {
+        sample(
+            &r.metrics.render(),
+            &format!(
+                r#"spire_healer_slo_events_total{{result="{result}",slo="server_availability"}}"#
+            ),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(slo("good") >= 1.0, "{}", slo("good"));
+    assert!(slo("bad") >= 2.0, "{}", slo("bad"));
 
     server.start().expect("rebind");
     let back = r.wait_for("reachable again", |v| v.reachable).await;

@@ -40,6 +40,9 @@ const SPIFFE_ID: &str = "spiffe://example.org/workload/web";
 /// Upper bound for any state change we wait for.
 const WAIT: Duration = Duration::from_secs(10);
 const STREAM_UP: &str = r#"spire_healer_workload_api_stream_up{agent="a"}"#;
+const ISSUANCE_COUNT: &str = "spire_healer_slo_svid_issuance_seconds_count";
+const ISSUANCE_GOOD: &str = r#"spire_healer_slo_events_total{result="good",slo="svid_issuance"}"#;
+const ISSUANCE_BAD: &str = r#"spire_healer_slo_events_total{result="bad",slo="svid_issuance"}"#;
 
 // === Fixtures ===
 
@@ -367,6 +370,9 @@ async fn rotation_delivers_a_new_serial() {
 
     let first = run.wait_for("first SVID", is_up_with_svid).await;
     let first_serial = first.svids[0].serial.clone();
+    // The stream's first answer is what the agent already served: not an
+    // issuance.
+    assert_eq!(run.metric(ISSUANCE_COUNT), Some(0.0));
     let next = run
         .wait_for("a rotated serial", |v| {
             v.svids.first().is_some_and(|s| s.serial != first_serial)
@@ -381,6 +387,12 @@ async fn rotation_delivers_a_new_serial() {
     assert!(s.not_after >= first.svids[0].not_after, "{next:#?}");
     assert!(s.first_seen >= first.svids[0].first_seen);
     assert_eq!(next.status, StreamStatus::Up);
+    // The rotation is an issuance: observed and judged (the simulated agent
+    // backdates less than SPIRE's 10 s, so its latency reads as 0: good).
+    let issued = run.metric(ISSUANCE_COUNT).unwrap_or(0.0);
+    assert!(issued >= 1.0, "{issued}");
+    assert_eq!(run.metric(ISSUANCE_GOOD), Some(issued));
+    assert_eq!(run.metric(ISSUANCE_BAD), Some(0.0));
 
     assert_eq!(run.metric(STREAM_UP), Some(1.0));
     assert_eq!(run.all_errors(), 0.0);

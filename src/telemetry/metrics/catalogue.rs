@@ -60,6 +60,22 @@ const NOTES: &[(&str, &str)] = &[
     ),
     ("spire_healer_agents_at_risk", "Set every tick."),
     (
+        "spire_healer_slo_events_total",
+        "`svid_issuance`: +1 per new serial on a Workload API stream after the stream's first answer (a rotation or a new entry), `bad` when even its latency minus notBefore's 1 s resolution exceeds `[slo] issuance_latency`. `renewal`: +1 once per SVID each tick judges it, `good` when a serial signed before its rotation point (`rotation_overdue_open` of the lifetime) replaced it, `bad` when the point passed while it was served. `handshake`: +n beside `spire_healer_handshakes_total`, `good` for `reason=\"ok\"`. `server_availability`: +1 per admin-API poll of each server, `good` when answered. Created at 0 for every `slo` and `result`.",
+    ),
+    (
+        "spire_healer_slo_svid_issuance_seconds",
+        "Observed with each `svid_issuance` event: `seen − (notBefore + 10 s)`, 0 when negative.",
+    ),
+    (
+        "spire_healer_slo_objective",
+        "Set at start from `[slo]` (the defaults until then): one series per `slo`.",
+    ),
+    (
+        "spire_healer_slo_issuance_latency_threshold_seconds",
+        "Set at start from `[slo] issuance_latency`.",
+    ),
+    (
         "spire_healer_approvals_pending",
         "Set every tick: approvals asked for and not yet approved, rejected or expired.",
     ),
@@ -338,6 +354,8 @@ fn label_values(metric: &str, label: &str) -> Option<String> {
         ("spire_healer_handshake_reports_rejected_total", "kind") => {
             codes(crate::api::reports::RejectKind::ALL.map(|k| k.as_str()))
         }
+        (_, "slo") => codes(crate::slo::Sli::ALL.map(crate::slo::Sli::as_str)),
+        ("spire_healer_slo_events_total", "result") => codes(crate::slo::RESULTS),
         ("spire_healer_k8s_requests_total", "verb") => {
             codes(crate::k8s::Verb::ALL.map(crate::k8s::Verb::as_str))
         }
