@@ -1109,13 +1109,30 @@ fn units(lab: &Arc<HaLab>) -> Vec<Unit> {
         let (l1, l2) = (lab.clone(), lab.clone());
         out.push(Unit {
             name: lab.server(i).name().to_string(),
-            // Spawns and returns; readiness is the baseline's business.
+            // Returns once the process runs; readiness is the baseline's
+            // business (the start goes on waiting for it in the background).
             start: Arc::new(move || {
                 let lab = l1.clone();
                 Box::pin(async move {
-                    tokio::spawn(async move {
-                        let _ = lab.start_server(i).await;
-                    });
+                    let starting = lab.clone();
+                    let task = tokio::spawn(async move { starting.start_server(i).await });
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while lab.server(i).pid().is_none() {
+                        if task.is_finished() {
+                            return match task.await {
+                                Ok(Err(e)) => Err(e.to_string()),
+                                _ if lab.server(i).pid().is_some() => Ok(()),
+                                _ => Err(format!("{} did not start", lab.server(i).name())),
+                            };
+                        }
+                        if Instant::now() >= deadline {
+                            return Err(format!(
+                                "{} has no process 10 s after its start",
+                                lab.server(i).name()
+                            ));
+                        }
+                        sleep(Duration::from_millis(20)).await;
+                    }
                     Ok(())
                 })
             }),
