@@ -565,7 +565,22 @@ pub enum ApprovalMode {
     NotRequired,
 }
 
+/// The largest share of a lifetime [`Thresholds::rotation_check_slack`]
+/// may take: overdue stays well before expiring (0.65 + 0.1 < 0.85), and
+/// `agent_not_renewing` still opens with 30 % of the TTL left.
+pub const MAX_ROTATION_SLACK_SHARE: f64 = 0.1;
+
 impl Thresholds {
+    /// `rotation_check_slack` as a share of `lifetime`, at most
+    /// [`MAX_ROTATION_SLACK_SHARE`] (0 for an empty lifetime).
+    pub fn rotation_slack_share(&self, lifetime: Duration) -> f64 {
+        let life = lifetime.as_secs_f64();
+        if life <= 0.0 {
+            return 0.0;
+        }
+        (self.rotation_check_slack.as_secs_f64() / life).min(MAX_ROTATION_SLACK_SHARE)
+    }
+
     /// The agent SVID TTL to judge a server's agents by: the policy's
     /// `agent_svid_ttl` when set, else what was `learned` about the server.
     pub fn agent_ttl(&self, learned: Option<AgentTtl>) -> Option<AgentTtl> {

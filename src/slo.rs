@@ -310,6 +310,10 @@ impl Renewals {
                 }
                 !gone
             });
+            // The slack, at most a tenth of the lifetime (as the overdue
+            // symptom has it).
+            let life = saturating_since(s.not_after, s.not_before);
+            let slack = slack.min(life.mul_f64(crate::policy::MAX_ROTATION_SLACK_SHARE));
             let due = rotation_due(s.not_before, s.not_after, share) + slack;
             // First seen already past its rotation point (e.g. after a
             // restart of spire-healer): missed.
@@ -407,19 +411,20 @@ mod tests {
         };
         let slack = Duration::from_secs(10);
         let mut r = Renewals::default();
-        // Point at 0.65 × 40 = 26 s; the replacement signed at 17 + 10 = 27 s
-        // (notBefore is backdated 10 s) is on time with the slack.
+        // Point at 0.65 × 40 = 26 s, plus the slack (10 s, at most a tenth of
+        // the lifetime: 4 s); the replacement signed at 17 + 10 = 27 s
+        // (notBefore is backdated 10 s) is on time with it.
         assert_eq!(
             r.observe("x", true, &[svid("a", 0)], 0.65, slack, t(1)),
             Judged::default()
         );
         assert_eq!(
-            r.observe("x", true, &[svid("a", 0)], 0.65, slack, t(30)),
+            r.observe("x", true, &[svid("a", 0)], 0.65, slack, t(29)),
             Judged::default()
         );
-        let got = r.observe("x", true, &[svid("b", 17)], 0.65, slack, t(31));
+        let got = r.observe("x", true, &[svid("b", 17)], 0.65, slack, t(29));
         assert_eq!(got, Judged { good: 1, bad: 0 });
-        // Without a replacement the point passes at 26 + 10 s.
+        // Without a replacement the point passes at 26 + 4 s.
         let got = r.observe("x", true, &[svid("b", 17)], 0.65, slack, t(17 + 36));
         assert_eq!(got, Judged { good: 0, bad: 1 });
     }

@@ -369,11 +369,10 @@ fn agent_not_renewing(cx: &Context<'_>, out: &mut Found<'_>) {
         let share = match ttl {
             _ if left.is_zero() => Some((0.0, 0.0)),
             Some(t) if !t.ttl.is_zero() => {
-                let ttl = t.ttl.as_secs_f64();
                 // SPIRE renews only when its rotator looks: a healthy
                 // renewal lands up to `rotation_check_slack` past half-life.
-                let slack = th.rotation_check_slack.as_secs_f64() / ttl;
-                Some((left.as_secs_f64() / ttl, slack))
+                let slack = th.rotation_slack_share(t.ttl);
+                Some((left.as_secs_f64() / t.ttl.as_secs_f64(), slack))
             }
             // No TTL known yet: nothing opens, and nothing open clears.
             _ => None,

@@ -31,6 +31,8 @@ const DEMO_POLICY: &str = r#"
 [thresholds]
 rotation_overdue_open = 0.65
 rotation_overdue_close = 0.6
+# The simulated agent rotates the moment it is told (no sync period).
+rotation_check_slack = "0s"
 expiring_open = 0.85
 expiring_close = 0.8
 unreachable_after = "0s"

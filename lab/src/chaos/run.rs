@@ -98,6 +98,10 @@ pub struct ChaosArgs {
     /// Output directory (created).
     #[arg(long)]
     pub out: PathBuf,
+    /// Run nothing: write the report files into `--out` from the records in
+    /// these `runs.json` files (e.g. of runs split over several processes).
+    #[arg(long, value_delimiter = ',')]
+    pub report_from: Vec<PathBuf>,
 }
 
 impl ChaosArgs {
@@ -160,6 +164,15 @@ impl ChaosArgs {
 /// Markdown table; returns the exit code (64 for bad arguments, 1 when the
 /// output cannot be written).
 pub async fn main(args: ChaosArgs, out: &mut (dyn Write + Send)) -> i32 {
+    if !args.report_from.is_empty() {
+        return match report_from(&args.report_from, &args.out, out) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {e}");
+                65
+            }
+        };
+    }
     let opts = match args.options() {
         Ok(o) => o,
         Err(e) => {
@@ -238,18 +251,7 @@ pub async fn benchmark(
         records.push(record);
         write_json(&opts.out.join("runs.json"), &records)?;
     }
-    let summaries = report::summarize(&records);
-    write_file(
-        &opts.out.join("runs.csv"),
-        report::records_csv(&records).as_bytes(),
-    )?;
-    write_file(
-        &opts.out.join("summary.csv"),
-        report::summary_csv(&summaries).as_bytes(),
-    )?;
-    let md = report::markdown(&summaries);
-    write_file(&opts.out.join("chaos.md"), md.as_bytes())?;
-    report::svg_chart(&summaries, &opts.out.join("chaos.svg"))?;
+    let md = write_reports(&records, &opts.out)?;
     let _ = writeln!(
         out,
         "\n{md}\n{} runs in {:.0} s; files in {}",
@@ -258,6 +260,56 @@ pub async fn benchmark(
         opts.out.display()
     );
     Ok(records)
+}
+
+/// Reads the records of every `runs.json` in `from` and writes the report
+/// files for all of them into `dir`; prints the Markdown table to `out`.
+///
+/// # Errors
+/// [`LabError::Io`] when a file cannot be read or written,
+/// [`LabError::State`] when one does not hold run records.
+pub fn report_from(
+    from: &[PathBuf],
+    dir: &Path,
+    out: &mut (dyn Write + Send),
+) -> Result<(), LabError> {
+    let mut records: Vec<RunRecord> = Vec::new();
+    for path in from {
+        let text =
+            std::fs::read(path).map_err(LabError::io(format!("reading {}", path.display())))?;
+        let mut these: Vec<RunRecord> = serde_json::from_slice(&text).map_err(|e| {
+            LabError::State(format!("{} holds no run records: {e}", path.display()))
+        })?;
+        records.append(&mut these);
+    }
+    crate::make_dir(dir)?;
+    write_json(&dir.join("runs.json"), &records)?;
+    let md = write_reports(&records, dir)?;
+    let _ = writeln!(
+        out,
+        "\n{md}\n{} runs; files in {}",
+        records.len(),
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Writes runs.csv, summary.csv, chaos.md and chaos.svg for `records` into
+/// `dir`; returns the Markdown table.
+fn write_reports(records: &[RunRecord], dir: &Path) -> Result<String, LabError> {
+    let summaries = report::summarize(records);
+    write_file(
+        &dir.join("runs.csv"),
+        report::records_csv(records).as_bytes(),
+    )?;
+    write_file(
+        &dir.join("summary.csv"),
+        report::summary_csv(&summaries).as_bytes(),
+    )?;
+    let md = report::markdown(&summaries);
+    write_file(&dir.join("chaos.md"), md.as_bytes())?;
+    report::svg_chart(&summaries, &dir.join("chaos.svg"))?;
+    Ok(md)
 }
 
 fn write_json(path: &Path, records: &[RunRecord]) -> Result<(), LabError> {
@@ -1211,6 +1263,57 @@ fn healer_toml(lab: &HaLab, w: &Path, proxy: SocketAddr, peer: Option<&FaultedPe
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reports_are_written_from_runs_split_over_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = |fault: Fault, supervisor: SupervisorKind, heal: Option<f64>| RunRecord {
+            fault,
+            supervisor,
+            run: 0,
+            seed: 13,
+            detect_s: heal.map(|h| h / 2.0),
+            heal_s: heal,
+            window_s: 120.0,
+            disruptive_actions: u32::from(heal.is_some()),
+            wrong_actions: 0,
+            notes: String::new(),
+        };
+        let a = dir.path().join("a.json");
+        let b = dir.path().join("b.json");
+        write_json(
+            &a,
+            &[record(
+                Fault::AgentKilled,
+                SupervisorKind::Healer,
+                Some(4.0),
+            )],
+        )
+        .unwrap();
+        write_json(
+            &b,
+            &[record(Fault::AgentKilled, SupervisorKind::None, None)],
+        )
+        .unwrap();
+        let out_dir = dir.path().join("out");
+        let mut out = Vec::new();
+        report_from(&[a, b.clone()], &out_dir, &mut out).unwrap();
+        let all: Vec<RunRecord> =
+            serde_json::from_slice(&std::fs::read(out_dir.join("runs.json")).unwrap()).unwrap();
+        assert_eq!(all.len(), 2);
+        for f in ["runs.csv", "summary.csv", "chaos.md", "chaos.svg"] {
+            assert!(out_dir.join(f).is_file(), "{f}");
+        }
+        let printed = String::from_utf8(out).unwrap();
+        assert!(
+            printed.contains("agent_killed") && printed.contains("2 runs"),
+            "{printed}"
+        );
+        // A file that holds something else is refused, naming it.
+        std::fs::write(&b, "{}").unwrap();
+        let err = report_from(&[b], &out_dir, &mut Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("b.json"), "{err}");
+    }
 
     #[test]
     fn the_configured_port_is_read() {
