@@ -74,6 +74,11 @@ pub enum LabCommand {
     /// print its admin kubeconfig and URL; stay in the foreground until
     /// SIGINT/SIGTERM.
     K8s(K8sArgs),
+    /// Run the chaos benchmark: faults injected on fresh HA labs, handled
+    /// by spire-healer and by the kubelet, systemd and no-supervision
+    /// baselines; writes runs.csv, summary.csv, chaos.md, chaos.svg and
+    /// runs.json.
+    Chaos(super::chaos::run::ChaosArgs),
     /// Watch a healthy HA lab with the real spire-healer for a long time,
     /// through SVID and CA rotations; write samples.csv, soak.json and
     /// soak.md; exit 1 on any incident or action.
@@ -147,6 +152,7 @@ pub async fn run(cmd: LabCommand) -> i32 {
         LabCommand::SvidFiles(args) => super::svid_files::main(args, &mut out).await,
         LabCommand::Peer(args) => super::peer::main(args, &mut out).await,
         LabCommand::K8s(args) => k8s(args, &mut out).await,
+        LabCommand::Chaos(args) => super::chaos::run::main(args, &mut out).await,
         LabCommand::Soak(args) => super::soak::main(args, &mut out).await,
         LabCommand::Status(args) => match status(&args.dir, &mut out) {
             Ok(true) => 0,

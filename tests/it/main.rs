@@ -6,6 +6,7 @@ mod agent_ttl;
 mod alert_rules;
 mod api_tcp;
 mod ca_rotation;
+mod chaos;
 mod cli;
 mod cluster;
 mod control_plane;

@@ -9,13 +9,21 @@
 //!   semantics of their sources (documented there).
 //! - [`report`]: per-(fault, supervisor) summaries, ratios against each
 //!   baseline, Markdown, CSV and the SVG chart.
+//! - [`run`]: the runner (`spire-lab chaos`): one fresh lab per run, the
+//!   fault injected, the heal check polled ([`heal`]), the actions judged
+//!   ([`faults`]).
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod faults;
+pub mod heal;
 pub mod report;
+pub mod run;
 pub mod supervise;
 
 /// A fault the benchmark injects on one agent (or on the servers) of the lab.
@@ -189,4 +197,36 @@ pub struct RunRecord {
     pub wrong_actions: u32,
     /// Free text: what was seen (short; no commas needed in CSV, it is quoted).
     pub notes: String,
+}
+
+/// Settings of a chaos benchmark ([`run::benchmark`]).
+#[derive(Debug, Clone)]
+pub struct ChaosOptions {
+    /// Runs per (fault, supervisor).
+    pub runs: u32,
+    /// Seed of the order of runs.
+    pub seed: u64,
+    /// Faults injected.
+    pub faults: Vec<Fault>,
+    /// Supervisors compared.
+    pub supervisors: Vec<SupervisorKind>,
+    /// The servers' `default_x509_svid_ttl` and `agent_ttl`, and the
+    /// workload entries' X.509-SVID TTL.
+    pub svid_ttl: Duration,
+    /// How long a run waits for healing after the injection.
+    pub window: Duration,
+    /// How long both servers stay down in [`Fault::BothServersKilled`]
+    /// before the run starts whichever is still down.
+    pub servers_down: Duration,
+    /// The `spire-healer` binary.
+    pub healer_bin: PathBuf,
+    /// The `spire-lab` binary (runs the peer of
+    /// [`Fault::PeerNeverReloads`]).
+    pub lab_bin: PathBuf,
+    /// PostgreSQL URL with CREATEDB, for the labs' databases.
+    pub postgres_url: String,
+    /// Folder of `spire-server` and `spire-agent`.
+    pub bin_dir: PathBuf,
+    /// Where runs.csv, summary.csv, chaos.md, chaos.svg and runs.json go.
+    pub out: PathBuf,
 }
