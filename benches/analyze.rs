@@ -95,6 +95,8 @@ fn server_view(now: SystemTime) -> ServerView {
         bundle: Vec::new(),
         bundle_sequence: 1,
         entry_lookups: Vec::new(),
+        address_reachable: None,
+        address_error: None,
     }
 }
 

@@ -1353,6 +1353,7 @@ impl Resolved {
             let admin = |socket: &Path| server_api::Settings {
                 poll_interval: s.poll_interval,
                 timeout: s.timeout,
+                address: s.address.clone(),
                 ..server_api::Settings::new(&s.name, socket)
             };
             if let Some(socket) = &s.admin_socket {

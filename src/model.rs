@@ -396,6 +396,24 @@ pub struct ServerView {
     pub bundle_sequence: u64,
     /// Registration entries looked up for SPIFFE IDs an agent refuses us.
     pub entry_lookups: Vec<EntryLookup>,
+    /// A TLS handshake to the server's agent-facing `address` (the
+    /// `host:port` agents dial) succeeded from this node on the last poll;
+    /// `None` when no address is configured (or before the first poll). The
+    /// admin API can answer while agents cannot reach the server.
+    #[serde(default)]
+    pub address_reachable: Option<bool>,
+    /// Closed-set error class of the last failed address check
+    /// (`refused`, `timeout`, `protocol`, `unresolved`).
+    #[serde(default)]
+    pub address_error: Option<String>,
+}
+
+impl ServerView {
+    /// Agents can reach the server, as far as we know: its admin API answers
+    /// and its agent-facing address is not known to be unreachable.
+    pub fn serves_agents(&self) -> bool {
+        self.reachable && self.address_reachable != Some(false)
+    }
 }
 
 /// What a server holds for a SPIFFE ID: one an agent refuses to issue us,
@@ -453,6 +471,8 @@ impl ServerView {
                 .collect(),
             bundle_sequence: 0,
             entry_lookups: Vec::new(),
+            address_reachable: None,
+            address_error: None,
         }
     }
 }

@@ -679,6 +679,8 @@ mod tests {
             bundle: vec![],
             bundle_sequence: 0,
             entry_lookups: vec![],
+            address_reachable: None,
+            address_error: None,
         })
     }
 

@@ -346,7 +346,11 @@ impl Actuator for Failover {
         Class::Failover
     }
     /// Preconditions: the agent's config names a watched server that is
-    /// unhealthy; another watched server answers; every authority in that
+    /// unhealthy (its admin API fails, or its agent-facing address is known
+    /// unreachable from this node: a partition the admin API cannot see);
+    /// another watched server answers on its admin API and, when its address
+    /// is checked, there too ([`crate::model::ServerView::serves_agents`]);
+    /// every authority in that
     /// server's bundle is in the agent's own bundle (else the agent would
     /// refuse it and exit: "Synchronize failed, non-recoverable error").
     fn prepare(&self, step: &mut Step, obs: &Observations) -> Prepared {
@@ -370,7 +374,7 @@ impl Actuator for Failover {
             .iter()
             .find(|(_, _, a)| a.as_deref() == Some(current_addr.as_str()));
         if let Some((name, ..)) = current
-            && view(name).is_some_and(|v| v.reachable)
+            && view(name).is_some_and(|v| v.serves_agents())
         {
             return Prepared::Skip("current_server_healthy");
         }
@@ -391,7 +395,7 @@ impl Actuator for Failover {
             if *target_addr == current_addr {
                 continue;
             }
-            let Some(v) = view(name).filter(|v| v.reachable) else {
+            let Some(v) = view(name).filter(|v| v.serves_agents()) else {
                 continue;
             };
             if agent_bundle.is_empty() {
@@ -530,7 +534,18 @@ mod tests {
                 .collect(),
             bundle_sequence: 1,
             entry_lookups: Vec::new(),
+            address_reachable: None,
+            address_error: None,
         })
+    }
+
+    /// `server` whose admin API answers (or not) and whose agent-facing
+    /// address was checked with `address` (`None`: not checked).
+    fn server_at(name: &str, admin: bool, address: Option<bool>) -> Arc<ServerView> {
+        let mut v = (*server(name, admin, &["ca-a", "ca-b"])).clone();
+        v.address_reachable = address;
+        v.address_error = (address == Some(false)).then(|| "timeout".into());
+        Arc::new(v)
     }
 
     fn agent(bundle: &[&str]) -> Arc<AgentView> {
@@ -651,6 +666,90 @@ mod tests {
             f.prepare(&mut step(), &obs(false, true, &["ca-a", "ca-b"])),
             Prepared::Skip("agent_config_unparsable")
         );
+    }
+
+    /// The agent's server answers on its admin socket but not on the address
+    /// agents dial (a partition between this node and it): the agent is moved.
+    #[test]
+    fn failover_judges_servers_by_the_address_agents_dial() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = failover(Some(conf_file(dir.path())));
+        type Case = (
+            (bool, Option<bool>),
+            (bool, Option<bool>),
+            Prepared,
+            Option<&'static str>,
+        );
+        let cases: [Case; 7] = [
+            // Admin ok, address unreachable: failover to B.
+            (
+                (true, Some(false)),
+                (true, Some(true)),
+                Prepared::Ready,
+                Some("s-b"),
+            ),
+            // B's address not checked: its admin API is enough.
+            (
+                (true, Some(false)),
+                (true, None),
+                Prepared::Ready,
+                Some("s-b"),
+            ),
+            // Admin ok, address ok (or not checked): nothing to do.
+            (
+                (true, Some(true)),
+                (true, Some(true)),
+                Prepared::Skip("current_server_healthy"),
+                None,
+            ),
+            (
+                (true, None),
+                (true, Some(true)),
+                Prepared::Skip("current_server_healthy"),
+                None,
+            ),
+            // B's address unreachable too: B is no target.
+            (
+                (true, Some(false)),
+                (true, Some(false)),
+                Prepared::Wait("no_ready_target"),
+                None,
+            ),
+            (
+                (false, None),
+                (true, Some(false)),
+                Prepared::Wait("no_ready_target"),
+                None,
+            ),
+            // B's address answers but its admin API does not: no target.
+            (
+                (true, Some(false)),
+                (false, Some(true)),
+                Prepared::Wait("no_ready_target"),
+                None,
+            ),
+        ];
+        for ((a_admin, a_addr), (b_admin, b_addr), want, to) in cases {
+            let obs = Observations {
+                servers: vec![
+                    server_at("s-a", a_admin, a_addr),
+                    server_at("s-b", b_admin, b_addr),
+                ],
+                agents: vec![agent(&["ca-a", "ca-b"])],
+                ..Default::default()
+            };
+            let mut s = step();
+            let got = f.prepare(&mut s, &obs);
+            let case = format!(
+                "A admin {a_admin} address {a_addr:?}, B admin {b_admin} address {b_addr:?}"
+            );
+            assert_eq!(got, want, "{case}");
+            if let Some(to) = to {
+                assert_eq!(s.params["to_server"], to, "{case}");
+                assert_eq!(s.params["from_server"], "s-a", "{case}");
+                assert_eq!(s.params["to"], "127.0.0.1:8082", "{case}");
+            }
+        }
     }
 
     #[tokio::test]

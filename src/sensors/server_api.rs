@@ -15,6 +15,21 @@
 //! last poll, good or bad; `last_error` is the kind of the last failed poll
 //! and is cleared by a good one.
 //!
+//! Agent-facing address: when [`Settings::address`] is set (the
+//! `[[servers]] address`, `host:port` agents dial), every poll also runs a
+//! TLS handshake to it, concurrently with the admin calls and under the same
+//! `timeout` ([`probe_address`]), and records the outcome in
+//! `address_reachable` / `address_error`. The healer runs on the agent's
+//! node, so this approximates what the agent can reach: a network partition
+//! between node and server leaves the admin API answering while agents
+//! cannot sync. The check presents no client certificate (SPIRE does not
+//! require one for the handshake), offers ALPN `h2` like gRPC, accepts the
+//! server's certificate without validating its chain (reachability only:
+//! [`ReachabilityVerifier`]) but still verifies the handshake signatures,
+//! and sends nothing after the handshake: it closes the connection at once.
+//! Each check is counted in
+//! `spire_healer_server_address_checks_total{server,outcome}`.
+//!
 //! Transport: the local socket by default; [`ServerApiTask::with_client`]
 //! hands in a prebuilt client, e.g. [`ServerAdminClient::tcp_mtls`] for a
 //! server reached on its TCP port. SPIRE serves no Debug there, so such a
@@ -26,6 +41,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -62,6 +83,9 @@ pub struct Settings {
     /// ListAgents pages per poll at most; beyond it the listing is marked
     /// truncated.
     pub max_pages: u32,
+    /// The server's agent-facing `host:port` (`[[servers]] address`): when
+    /// set, each poll also checks it with a TLS handshake.
+    pub address: Option<String>,
 }
 
 impl Settings {
@@ -74,6 +98,7 @@ impl Settings {
             timeout: DEFAULT_TIMEOUT,
             page_size: DEFAULT_PAGE_SIZE,
             max_pages: DEFAULT_MAX_PAGES,
+            address: None,
         }
     }
 }
@@ -117,6 +142,8 @@ pub fn build(
         bundle: Vec::new(),
         bundle_sequence: 0,
         entry_lookups: Vec::new(),
+        address_reachable: None,
+        address_error: None,
     };
     let (tx, rx) = watch::channel(Arc::new(initial));
     (
@@ -192,21 +219,24 @@ impl ServerApiTask {
                 match ServerAdminClient::new(&self.settings.admin_socket, self.settings.timeout) {
                     Ok(c) => client = Some(c),
                     Err(e) => {
-                        self.apply(Err(e));
+                        let address = self.check_address().await;
+                        self.apply(Err(e), address);
                         continue;
                     }
                 }
             }
             let Some(c) = &client else { continue };
-            let Some(result) = super::until_shutdown(
+            let Some((result, address)) = super::until_shutdown(
                 &shutdown,
-                super::timed(self.metrics.clone(), "server_api", self.poll(c)),
+                super::timed(self.metrics.clone(), "server_api", async {
+                    tokio::join!(self.poll(c), self.check_address())
+                }),
             )
             .await
             else {
                 return;
             };
-            self.apply(result);
+            self.apply(result, address);
         }
     }
 
@@ -254,8 +284,26 @@ impl ServerApiTask {
         })
     }
 
-    /// Publishes the outcome of one poll.
-    fn apply(&self, result: Result<Polled, SpireApiError>) {
+    /// Checks the agent-facing address, if one is configured, and counts the
+    /// outcome.
+    async fn check_address(&self) -> Option<Result<(), AddressError>> {
+        let address = self.settings.address.as_deref()?;
+        let result = probe_address(address, self.settings.timeout).await;
+        let outcome = match &result {
+            Ok(()) => "ok",
+            Err(e) => e.kind(),
+        };
+        self.metrics
+            .count_server_address_check(&self.settings.server, outcome);
+        Some(result)
+    }
+
+    /// Publishes the outcome of one poll and of its address check.
+    fn apply(
+        &self,
+        result: Result<Polled, SpireApiError>,
+        address: Option<Result<(), AddressError>>,
+    ) {
         let now = self.clock.now();
         let prev = self.view.borrow().clone();
         // Server availability: one event per poll, good when answered.
@@ -295,6 +343,8 @@ impl ServerApiTask {
                     bundle: p.bundle,
                     bundle_sequence: p.sequence,
                     entry_lookups: p.entry_lookups,
+                    address_reachable: None,
+                    address_error: None,
                 }
             }
             Err(e) => {
@@ -310,6 +360,29 @@ impl ServerApiTask {
                 v
             }
         };
+        match &address {
+            None => {
+                next.address_reachable = None;
+                next.address_error = None;
+            }
+            Some(Ok(())) => {
+                if prev.address_reachable == Some(false) {
+                    info!(address = ?self.settings.address, "Server address reachable again.");
+                }
+                next.address_reachable = Some(true);
+                next.address_error = None;
+            }
+            Some(Err(e)) => {
+                if prev.address_reachable != Some(false)
+                    || prev.address_error.as_deref() != Some(e.kind())
+                {
+                    warn!(address = ?self.settings.address, kind = e.kind(), error = %e,
+                        "Server address unreachable from this node.");
+                }
+                next.address_reachable = Some(false);
+                next.address_error = Some(e.kind().to_string());
+            }
+        }
         if next.reachable != prev.reachable {
             next.since = now;
         }
@@ -321,6 +394,142 @@ impl ServerApiTask {
             self.wake.notify_one();
         }
     }
+}
+
+/// Why the agent-facing address failed its check.
+#[derive(Debug, thiserror::Error)]
+pub enum AddressError {
+    /// The `host:port` does not resolve, or is not `host:port`.
+    #[error("address {0:?} does not resolve")]
+    Unresolved(String),
+    /// Connection refused, or reset / closed before the handshake ended.
+    #[error("connection refused or closed during the handshake: {0}")]
+    Refused(#[source] std::io::Error),
+    /// Connect plus handshake took longer than the poll timeout.
+    #[error("no handshake within {0:?}")]
+    Timeout(Duration),
+    /// The peer spoke, but not TLS we can complete.
+    #[error("TLS handshake failed: {0}")]
+    Protocol(#[source] std::io::Error),
+}
+
+impl AddressError {
+    /// Every outcome of a check: `ok` and each kind.
+    pub const OUTCOMES: [&'static str; 5] = ["ok", "unresolved", "refused", "timeout", "protocol"];
+
+    /// Closed-set kind: `unresolved`, `refused`, `timeout`, `protocol`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Unresolved(_) => "unresolved",
+            Self::Refused(_) => "refused",
+            Self::Timeout(_) => "timeout",
+            Self::Protocol(_) => "protocol",
+        }
+    }
+}
+
+/// Accepts any server certificate but verifies the handshake signatures
+/// with it, so the peer must hold the key of the certificate it sent.
+///
+/// For reachability checks only: it proves that a TLS server answers at the
+/// address, not who it is. Nothing is sent over such a connection after the
+/// handshake.
+#[derive(Debug)]
+pub struct ReachabilityVerifier {
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl Default for ReachabilityVerifier {
+    fn default() -> Self {
+        Self {
+            algs: crate::spire_api::tls::provider().signature_verification_algorithms,
+        }
+    }
+}
+
+impl ServerCertVerifier for ReachabilityVerifier {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// The client configuration of address checks: `ring`, TLS 1.3 and 1.2,
+/// ALPN `h2`, no client certificate, [`ReachabilityVerifier`].
+fn reachability_config() -> Result<ClientConfig, rustls::Error> {
+    let mut cfg = ClientConfig::builder_with_provider(Arc::new(crate::spire_api::tls::provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ReachabilityVerifier::default()))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+/// Connects to `address` (`host:port`) and completes a TLS handshake, all
+/// within `timeout`; then closes the connection without sending anything
+/// else. SNI is the host when it is a DNS name, none for an IP.
+///
+/// # Errors
+/// [`AddressError`], classified by [`AddressError::kind`].
+pub async fn probe_address(address: &str, timeout: Duration) -> Result<(), AddressError> {
+    let unresolved = || AddressError::Unresolved(address.to_string());
+    let (host, _) = address.rsplit_once(':').ok_or_else(unresolved)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = ServerName::try_from(host.to_string()).map_err(|_| unresolved())?;
+    let cfg =
+        reachability_config().map_err(|e| AddressError::Protocol(std::io::Error::other(e)))?;
+    let attempt = async {
+        let addr = tokio::net::lookup_host(address)
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(unresolved)?;
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(AddressError::Refused)?;
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::InvalidData => AddressError::Protocol(e),
+                _ => AddressError::Refused(e),
+            })?;
+        // close_notify only; a close failure does not undo the handshake.
+        let _ = tls.shutdown().await;
+        Ok(())
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| AddressError::Timeout(timeout))?
 }
 
 /// `error: cause: cause` for logs.

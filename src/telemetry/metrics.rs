@@ -195,6 +195,9 @@ pub struct Metrics {
     pub predicted_outage_timestamp_seconds: prometheus::Gauge,
     /// Servers whose admin API answers.
     pub servers_up: IntGauge,
+    /// TLS handshake checks of a server's agent-facing address, by server
+    /// and outcome.
+    pub server_address_checks_total: IntCounterVec,
     /// Seconds since the agent's last successful server sync (Debug API).
     pub agent_last_sync_age_seconds: GaugeVec,
     /// The agent SVID TTL `agent_not_renewing` judges a server's agents by,
@@ -563,6 +566,11 @@ impl Metrics {
                 ),
                 &["server"]
             )),
+            server_address_checks_total: reg!(c(
+                "spire_healer_server_address_checks_total",
+                "TLS handshake checks of a server's agent-facing address from this node, by server and outcome.",
+                &["server", "outcome"]
+            )),
             handshakes_total: reg!(c(
                 "spire_healer_handshakes_total",
                 "mTLS handshake outcomes counted, by source and reason.",
@@ -780,6 +788,15 @@ impl Metrics {
         } else {
             self.slo_events(crate::slo::Sli::Handshake, 0, n);
         }
+    }
+
+    /// Counts one check of a server's agent-facing address
+    /// (`outcome`: `ok` or an [`crate::sensors::server_api::AddressError`]
+    /// kind).
+    pub fn count_server_address_check(&self, server: &str, outcome: &str) {
+        self.server_address_checks_total
+            .with_label_values(&[server, outcome])
+            .inc();
     }
 
     /// Observes one SVID issuance of `latency`

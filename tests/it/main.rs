@@ -30,6 +30,7 @@ mod lab_smoke;
 mod leadership;
 mod metrics_lint;
 mod operate;
+mod partition_failover;
 mod prom_server;
 mod prometheus;
 mod replay;

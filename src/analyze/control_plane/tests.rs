@@ -65,6 +65,8 @@ fn server(
         bundle: bundle.iter().map(|f| authority(f, 86_400)).collect(),
         bundle_sequence: 1,
         entry_lookups: Vec::new(),
+        address_reachable: None,
+        address_error: None,
     })
 }
 

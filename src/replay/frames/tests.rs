@@ -85,6 +85,8 @@ fn observations() -> Observations {
             }]),
             error: Some("timeout".into()),
         }],
+        address_reachable: Some(false),
+        address_error: Some("refused".into()),
     };
     let debug = AgentDebugView {
         agent: "node-a".into(),

@@ -266,3 +266,225 @@ async fn polls_on_its_interval() {
     assert!((6..=24).contains(&polls), "{polls} calls in 500 ms");
     r.stop().await;
 }
+
+// === The agent-facing address check ===
+
+/// A TLS listener like SPIRE's agent port: a self-signed certificate (the
+/// check does not validate it), ALPN `h2`, no client certificate asked.
+/// Returns its address and the ALPN protocols the server negotiated.
+async fn tls_listener() -> (String, Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("self-signed");
+    let mut cfg =
+        rustls::ServerConfig::builder_with_provider(Arc::new(crate::spire_api::tls::provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .expect("server config");
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let alpn = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = alpn.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(tcp).await
+                    && let Some(p) = tls.get_ref().1.alpn_protocol()
+                {
+                    seen.lock().expect("lock").push(p.to_vec());
+                }
+            });
+        }
+    });
+    (addr, alpn)
+}
+
+/// A listener that accepts each connection and closes it at once (a
+/// partition that resets, or a proxy cut from its upstream).
+async fn closing_listener() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            drop(tcp);
+        }
+    });
+    addr
+}
+
+/// A listener that accepts and never answers (a black-holing partition
+/// past the connect).
+async fn silent_listener() -> (String, tokio::sync::mpsc::UnboundedReceiver<TcpStream>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            // Held open by the test, never read.
+            if tx.send(tcp).is_err() {
+                return;
+            }
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn address_check_completes_a_tls_handshake_offering_h2() {
+    let (addr, alpn) = tls_listener().await;
+    probe_address(&addr, Duration::from_secs(5))
+        .await
+        .expect("handshake with a self-signed server");
+    // The server side finishes its half after ours: wait for the fact.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while alpn.lock().expect("lock").is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(*alpn.lock().expect("lock"), vec![b"h2".to_vec()]);
+    // By host name too (SNI sent, name not checked against the certificate).
+    let port = addr.rsplit_once(':').expect("port").1;
+    probe_address(&format!("localhost:{port}"), Duration::from_secs(5))
+        .await
+        .expect("handshake by name");
+}
+
+#[tokio::test]
+async fn address_check_classifies_failures() {
+    let closing = closing_listener().await;
+    let e = probe_address(&closing, Duration::from_secs(5))
+        .await
+        .expect_err("closed at once");
+    assert_eq!(e.kind(), "refused", "{e}");
+
+    // Nothing listening.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let free_addr = free.local_addr().expect("addr").to_string();
+    drop(free);
+    let e = probe_address(&free_addr, Duration::from_secs(5))
+        .await
+        .expect_err("nothing listens");
+    assert_eq!(e.kind(), "refused", "{e}");
+
+    // Something that is not TLS.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let plain = listener.local_addr().expect("addr").to_string();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let _ = tcp
+                .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                .await;
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while matches!(tokio::io::AsyncReadExt::read(&mut tcp, &mut buf).await, Ok(n) if n > 0)
+                {
+                }
+            });
+        }
+    });
+    let e = probe_address(&plain, Duration::from_secs(5))
+        .await
+        .expect_err("not TLS");
+    assert_eq!(e.kind(), "protocol", "{e}");
+
+    for bad in ["no-port", "name.invalid:8081"] {
+        let e = probe_address(bad, Duration::from_secs(5))
+            .await
+            .expect_err("unresolvable");
+        assert_eq!(e.kind(), "unresolved", "{bad}: {e}");
+    }
+}
+
+#[tokio::test]
+async fn a_silent_address_times_out_within_the_poll_timeout() {
+    let (addr, _held) = silent_listener().await;
+    let e = tokio::time::timeout(WAIT, probe_address(&addr, Duration::from_millis(300)))
+        .await
+        .expect("the check is bounded by its timeout")
+        .expect_err("silent peer");
+    assert_eq!(e.kind(), "timeout", "{e}");
+}
+
+/// The admin API answers, the address agents dial does not: the view says
+/// both, and the check is counted per outcome.
+#[tokio::test]
+async fn the_view_records_the_address_beside_the_admin_api() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _server = fake(&dir, 2);
+    let closing = closing_listener().await;
+    let r = start(Settings {
+        address: Some(closing),
+        ..settings(&dir.path().join("api.sock"))
+    });
+    let v = r
+        .wait_for("admin up, address refused", |v| {
+            v.reachable && v.address_reachable == Some(false)
+        })
+        .await;
+    assert_eq!(v.address_error.as_deref(), Some("refused"));
+    assert!(!v.serves_agents());
+    let refused = sample(
+        &r.metrics.render(),
+        &format!(
+            r#"spire_healer_server_address_checks_total{{outcome="refused",server="{SERVER}"}}"#
+        ),
+    );
+    assert!(refused.is_some_and(|n| n >= 1.0), "{refused:?}");
+    r.stop().await;
+
+    let (tls, _) = tls_listener().await;
+    let r = start(Settings {
+        address: Some(tls),
+        ..settings(&dir.path().join("api.sock"))
+    });
+    let v = r
+        .wait_for("admin and address up", |v| {
+            v.reachable && v.address_reachable == Some(true)
+        })
+        .await;
+    assert_eq!(v.address_error, None);
+    assert!(v.serves_agents());
+    assert_eq!(r.all_errors(), 0.0);
+    r.stop().await;
+
+    // No address configured: not checked.
+    let r = start(settings(&dir.path().join("api.sock")));
+    let v = r.wait_for("admin up", |v| v.reachable).await;
+    assert_eq!(v.address_reachable, None);
+    assert!(
+        !r.metrics
+            .render()
+            .contains("spire_healer_server_address_checks_total{")
+    );
+    r.stop().await;
+}
+
+/// Views recorded before the address check (replay frames) still read.
+#[test]
+fn views_without_the_address_fields_still_deserialize() {
+    let v = ServerView::test(SERVER, true, &["f"], SystemClock.now());
+    let mut json = serde_json::to_value(&v).expect("serialize");
+    let map = json.as_object_mut().expect("object");
+    assert!(map.remove("address_reachable").is_some());
+    assert!(map.remove("address_error").is_some());
+    let back: ServerView = serde_json::from_value(json).expect("older view");
+    assert_eq!(back, v);
+}

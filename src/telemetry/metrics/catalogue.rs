@@ -96,6 +96,10 @@ const NOTES: &[(&str, &str)] = &[
         "+1 per connection to `[api.tcp]` whose TLS handshake fails or times out; the caller never reaches a handler.",
     ),
     (
+        "spire_healer_server_address_checks_total",
+        "+1 per poll of a server with an `address` configured (the `host:port` agents dial): a TLS handshake from this node, bounded by the poll `timeout`; `ok` when it completes.",
+    ),
+    (
         "spire_healer_build_info",
         "Set once at start; join on it to show the version.",
     ),
@@ -323,6 +327,9 @@ fn label_values(metric: &str, label: &str) -> Option<String> {
         }
         ("spire_healer_api_denied_total", "reason") => {
             codes(crate::api::authz::Denial::ALL.map(crate::api::authz::Denial::as_str))
+        }
+        ("spire_healer_server_address_checks_total", "outcome") => {
+            codes(crate::sensors::server_api::AddressError::OUTCOMES)
         }
         ("spire_healer_api_tls_handshake_failures_total", "reason") => {
             codes(crate::api::tcp::HandshakeFailure::ALL.map(|r| r.as_str()))
