@@ -167,7 +167,15 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements((AGENTS * SVIDS_PER_AGENT) as u64));
     g.sample_size(20);
     g.bench_function("100k_svids", |b| {
-        b.iter(|| analyze(&fleet, &|_| false, &policy.thresholds, now))
+        b.iter(|| {
+            analyze(
+                &fleet,
+                &Default::default(),
+                &|_| false,
+                &policy.thresholds,
+                now,
+            )
+        })
     });
     g.finish();
 

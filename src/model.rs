@@ -490,6 +490,13 @@ pub struct AgentDebugView {
     pub reachable: bool,
     /// Closed-set error class of the last failed poll.
     pub last_error: Option<String>,
+    /// Start of the first of the polls in a row, up to the last one, that
+    /// got no answer within the deadline (`timeout`): the socket accepted
+    /// but the process did not answer, as a stopped (hung) agent does.
+    /// `None` after an answer or any other failure (a refused or missing
+    /// socket is an agent that is down, which its stream sees).
+    #[serde(default)]
+    pub unanswered_since: Option<SystemTime>,
     /// When the sensor last refreshed this view.
     pub updated_at: SystemTime,
     /// Last successful sync with a server.

@@ -120,6 +120,15 @@ pub struct Thresholds {
     /// agent refuses until its first sync delivers our entry.
     #[serde(default = "d_identity_grace", with = "humantime_serde")]
     pub identity_grace: Duration,
+    /// How long an agent's Debug API must have answered no poll in time
+    /// (the socket accepts, the process does not answer: a stopped agent),
+    /// with nothing on its Workload API stream either, before
+    /// `agent_unreachable` opens while the stream still looks up. Measured
+    /// from the start of the first poll that timed out to the end of the
+    /// latest, so one slow answer never opens it: with the default 2 s
+    /// poll deadline, 5 s takes three polls in a row.
+    #[serde(default = "d_hung_after", with = "humantime_serde")]
+    pub hung_after: Duration,
     /// Sensor views older than this are blind.
     #[serde(with = "humantime_serde")]
     pub max_staleness: Duration,
@@ -518,6 +527,10 @@ fn d_identity_grace() -> Duration {
     Duration::from_secs(10)
 }
 
+fn d_hung_after() -> Duration {
+    Duration::from_secs(5)
+}
+
 fn d_futile_after() -> u32 {
     2
 }
@@ -619,6 +632,12 @@ impl Policy {
         }
         if t.max_staleness.is_zero() {
             out.push("thresholds.max_staleness must be greater than zero".into());
+        }
+        if t.hung_after.is_zero() {
+            out.push(
+                "thresholds.hung_after must be greater than zero (one slow Debug answer must not open agent_unreachable)"
+                    .into(),
+            );
         }
         if t.burst_window.is_zero() || t.burst_baseline.is_zero() {
             out.push("thresholds.burst_window and burst_baseline must be greater than zero".into());

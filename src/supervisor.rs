@@ -36,7 +36,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::actuators::{Prepared, Registry};
-use crate::analyze::{HandshakeInput, analyze, control_plane, explain_refusals, handshakes};
+use crate::analyze::{
+    HandshakeInput, LocalSignals, analyze, control_plane, explain_refusals, handshakes,
+};
 use crate::clock::{Clock, saturating_since};
 use crate::handshake::Counter;
 use crate::knowledge::{Buffer, Knowledge};
@@ -451,7 +453,11 @@ impl Supervisor {
         let incidents = &self.incidents;
         let is_open = |k: &SymptomKey| incidents.is_open(k);
         let th = &self.policy.thresholds;
-        let mut s = analyze(&obs.agents, &is_open, th, now);
+        let local = LocalSignals {
+            debug: &obs.agent_debug,
+            health: &obs.health,
+        };
+        let mut s = analyze(&obs.agents, &local, &is_open, th, now);
         let ttls = self.changes.agent_ttls();
         s.extend(control_plane(
             obs,

@@ -6,7 +6,9 @@
 //! connectivity signal SPIRE exposes), uptime, cached X.509-SVIDs, and the
 //! agent's own SPIFFE ID and SVID expiry. A failed poll marks the view
 //! unreachable with a closed-set error kind and keeps the last answer's
-//! values. SPIRE caches the answer for 5 s ([`SPIRE_ANSWER_CACHE`]), so
+//! values; polls that time out in a row (the socket accepts, the process
+//! does not answer: a stopped agent) are dated by `unanswered_since`, which
+//! an answer or any other failure clears. SPIRE caches the answer for 5 s ([`SPIRE_ANSWER_CACHE`]), so
 //! `last_sync_success` may lag by that much: the view says after which
 //! instant the agent computed its answer (`answered_after`), from the poll
 //! time minus the cache and from the last poll that read a different
@@ -33,6 +35,8 @@ use crate::telemetry::Metrics;
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// Default deadline of one call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The error kind of a poll that got no answer within its deadline.
+const TIMEOUT_KIND: &str = "timeout";
 /// How long spire-agent serves one computed `GetInfo` answer.
 pub use crate::model::SPIRE_DEBUG_ANSWER_CACHE as SPIRE_ANSWER_CACHE;
 
@@ -106,6 +110,7 @@ pub fn build(
         agent: settings.agent.clone(),
         reachable: false,
         last_error: None,
+        unanswered_since: None,
         updated_at: clock.now(),
         last_sync_success: None,
         answered_after: None,
@@ -181,6 +186,7 @@ impl AgentDebugTask {
                 }
                 next.reachable = true;
                 next.last_error = None;
+                next.unanswered_since = None;
                 next.answered_after = Some(self.answered_after(&info, started));
                 next.last_sync_success = info.last_sync_success;
                 next.uptime_secs = info.uptime_secs;
@@ -196,6 +202,10 @@ impl AgentDebugTask {
                 }
                 next.reachable = false;
                 next.last_error = Some(kind.to_string());
+                // Only polls that got no answer in time, in a row, count
+                // towards a hung agent.
+                next.unanswered_since =
+                    (kind == TIMEOUT_KIND).then(|| prev.unanswered_since.unwrap_or(started));
             }
         }
         // `answered_after` moves with every poll: only a new answer wakes

@@ -113,6 +113,7 @@ mod tests {
             agent: agent.into(),
             reachable: id.is_some(),
             last_error: None,
+            unanswered_since: None,
             updated_at: t(0),
             last_sync_success: None,
             answered_after: None,

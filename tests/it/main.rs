@@ -13,6 +13,7 @@ mod control_plane;
 mod daemon;
 mod dashboard;
 mod dashboard_live;
+mod frozen_agent;
 mod ha_healer;
 mod ha_lab;
 mod handshakes;

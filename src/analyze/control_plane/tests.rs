@@ -25,6 +25,7 @@ fn debug(agent: &str, last_sync: u64, updated: u64) -> Arc<AgentDebugView> {
         agent: agent.into(),
         reachable: true,
         last_error: None,
+        unanswered_since: None,
         updated_at: t(updated),
         last_sync_success: Some(t(last_sync)),
         answered_after: Some(t(updated)),

@@ -92,6 +92,7 @@ fn observations() -> Observations {
         agent: "node-a".into(),
         reachable: true,
         last_error: Some("x".into()),
+        unanswered_since: None,
         updated_at: t(4),
         last_sync_success: Some(t(3)),
         answered_after: None,

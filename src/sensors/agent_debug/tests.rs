@@ -247,3 +247,71 @@ fn answered_after_bounds_when_the_agent_computed_its_answer() {
         assert_eq!(got, at(want), "poll at {poll}");
     }
 }
+
+/// A socket that accepts but never answers (a stopped agent: the kernel
+/// queues the connection) dates its first timed-out poll and keeps that
+/// date poll after poll; a missing socket (an agent that is down) and a
+/// refused one never set it.
+#[tokio::test]
+async fn unanswered_since_dates_polls_that_time_out_in_a_row() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let silent = dir.path().join("silent.sock");
+    let raw = serve_raw(&silent, RawFault::Silent).expect("bind");
+    let r = start(settings(&silent));
+    let first = r
+        .wait_for("a timed-out poll", |v| v.unanswered_since.is_some())
+        .await;
+    assert!(!first.reachable);
+    assert_eq!(first.last_error.as_deref(), Some("timeout"));
+    let since = first.unanswered_since.expect("set");
+    assert!(since < first.updated_at);
+    let later = r
+        .wait_for("two more polls", |v| v.updated_at > first.updated_at)
+        .await;
+    let later = r
+        .wait_for("another poll", |v| v.updated_at > later.updated_at)
+        .await;
+    assert_eq!(later.unanswered_since, Some(since), "kept across polls");
+    assert!(r.errors("timeout") >= 2.0);
+    r.stop().await;
+    raw.abort();
+
+    // Absent, and bound by nobody: the agent is down, not hung.
+    let refused = dir.path().join("refused.sock");
+    drop(std::os::unix::net::UnixListener::bind(&refused).expect("bind"));
+    for (path, kind) in [
+        (dir.path().join("absent.sock"), "socket_missing"),
+        (refused, "connection_refused"),
+    ] {
+        let r = start(settings(&path));
+        let v = r.wait_for(kind, |v| v.last_error.is_some()).await;
+        assert_eq!(v.last_error.as_deref(), Some(kind), "{}", path.display());
+        let v = r
+            .wait_for("another poll", |n| n.updated_at > v.updated_at)
+            .await;
+        assert_eq!(v.unanswered_since, None, "{kind}");
+        r.stop().await;
+    }
+}
+
+/// A hung Debug service after answers: dated from the first poll that
+/// timed out; an answer clears it.
+#[tokio::test]
+async fn an_answer_clears_unanswered_since() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("admin.sock");
+    let (fake, server) = serve(&socket, answer(1_800_000_000, 3));
+    let r = start(settings(&socket));
+    let v = r.wait_for("reachable", |v| v.reachable).await;
+    assert_eq!(v.unanswered_since, None);
+    *fake.0.lock().expect("lock") = None;
+    let v = r
+        .wait_for("timed out", |v| v.unanswered_since.is_some())
+        .await;
+    assert_eq!(v.last_error.as_deref(), Some("timeout"));
+    *fake.0.lock().expect("lock") = Some(answer(1_800_000_000, 3));
+    let v = r.wait_for("answers again", |v| v.reachable).await;
+    assert_eq!(v.unanswered_since, None);
+    r.stop().await;
+    server.abort();
+}
