@@ -4,13 +4,12 @@
 //! without supervision it stays broken; the report files are written.
 //! Needs `SPIRE_HEALER_TEST_PG_URL`.
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, ensure};
-use spire_lab::chaos::{Fault, RunRecord, SupervisorKind};
+use anyhow::{Context as _, Result};
+use spire_lab::chaos::{Fault, SupervisorKind};
 
-use crate::spire_lab::{lab_bin, test_pg_url};
+use crate::spire_lab::run_chaos;
 
 /// Bound of the whole smoke run (4 runs of at most a 40 s window, plus
 /// lab setup each).
@@ -18,47 +17,8 @@ const LIMIT: Duration = Duration::from_secs(600);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_smoke_agent_killed_under_every_supervisor() -> Result<()> {
-    let out = tempfile::tempdir()?;
-    let child = tokio::process::Command::new(lab_bin())
-        .args([
-            "chaos",
-            "--runs",
-            "1",
-            "--seed",
-            "13",
-            "--faults",
-            "agent_killed",
-            "--svid-ttl",
-            "60s",
-            "--window",
-            "40s",
-            "--healer-bin",
-            env!("CARGO_BIN_EXE_spire-healer"),
-            "--postgres-url",
-            &test_pg_url(),
-            "--out",
-        ])
-        .arg(out.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting spire-lab chaos")?;
-    let done = tokio::time::timeout(LIMIT, child.wait_with_output())
-        .await
-        .context("spire-lab chaos did not finish in time")??;
-    let stdout = String::from_utf8_lossy(&done.stdout);
-    let stderr = String::from_utf8_lossy(&done.stderr);
-    ensure!(
-        done.status.success(),
-        "spire-lab chaos failed ({}):\n{stdout}\n{stderr}",
-        done.status
-    );
-
-    let records: Vec<RunRecord> =
-        serde_json::from_slice(&std::fs::read(out.path().join("runs.json"))?)
-            .context("runs.json")?;
+    let run = run_chaos(&["--faults", "agent_killed", "--window", "40s"], LIMIT).await?;
+    let (records, stdout, out) = (&run.records, &run.stdout, &run.out);
     assert_eq!(records.len(), 4, "{records:#?}");
     for kind in SupervisorKind::ALL {
         let r = records

@@ -5,61 +5,31 @@
 //! syncs again. The heal time is printed, never asserted.
 //! Needs `SPIRE_HEALER_TEST_PG_URL`.
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, ensure};
-use spire_lab::chaos::{Fault, RunRecord, SupervisorKind};
+use anyhow::Result;
+use spire_lab::chaos::{Fault, SupervisorKind};
 
-use crate::spire_lab::{lab_bin, test_pg_url};
+use crate::spire_lab::run_chaos;
 
 /// Bound of the whole run (lab setup plus a 90 s window).
 const LIMIT: Duration = Duration::from_secs(400);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_from_server_a_fails_over_to_b() -> Result<()> {
-    let out = tempfile::tempdir()?;
-    let child = tokio::process::Command::new(lab_bin())
-        .args([
-            "chaos",
-            "--runs",
-            "1",
-            "--seed",
-            "13",
+    let run = run_chaos(
+        &[
             "--faults",
             "sync_loss",
             "--supervisors",
             "spire-healer",
-            "--svid-ttl",
-            "60s",
             "--window",
             "90s",
-            "--healer-bin",
-            env!("CARGO_BIN_EXE_spire-healer"),
-            "--postgres-url",
-            &test_pg_url(),
-            "--out",
-        ])
-        .arg(out.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting spire-lab chaos")?;
-    let done = tokio::time::timeout(LIMIT, child.wait_with_output())
-        .await
-        .context("spire-lab chaos did not finish in time")??;
-    let stdout = String::from_utf8_lossy(&done.stdout);
-    let stderr = String::from_utf8_lossy(&done.stderr);
-    ensure!(
-        done.status.success(),
-        "spire-lab chaos failed ({}):\n{stdout}\n{stderr}",
-        done.status
-    );
-    let records: Vec<RunRecord> =
-        serde_json::from_slice(&std::fs::read(out.path().join("runs.json"))?)
-            .context("runs.json")?;
+        ],
+        LIMIT,
+    )
+    .await?;
+    let (records, stdout) = (&run.records, &run.stdout);
     let [r] = records.as_slice() else {
         anyhow::bail!("one run expected: {records:#?}");
     };

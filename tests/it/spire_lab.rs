@@ -101,3 +101,56 @@ pub fn lab_bin() -> &'static Path {
         }
     })
 }
+
+/// What one `spire-lab chaos` run left: its records (`runs.json`), its
+/// standard output and the folder holding the report files.
+pub struct ChaosRun {
+    pub records: Vec<chaos::RunRecord>,
+    pub stdout: String,
+    pub out: tempfile::TempDir,
+}
+
+/// Runs `spire-lab chaos` with seed 13, one run per pair, 60 s SVIDs, the
+/// spire-healer binary under test and the tests' PostgreSQL, plus `args`
+/// (faults, supervisors, window); fails when it does not finish within
+/// `limit` or exits non-zero.
+///
+/// # Errors
+/// The run could not start, took longer than `limit`, failed, or left no
+/// readable `runs.json`.
+pub async fn run_chaos(args: &[&str], limit: std::time::Duration) -> anyhow::Result<ChaosRun> {
+    use anyhow::Context as _;
+    let out = tempfile::tempdir()?;
+    let child = tokio::process::Command::new(lab_bin())
+        .args(["chaos", "--runs", "1", "--seed", "13", "--svid-ttl", "60s"])
+        .args(args)
+        .arg("--healer-bin")
+        .arg(env!("CARGO_BIN_EXE_spire-healer"))
+        .arg("--postgres-url")
+        .arg(test_pg_url())
+        .arg("--out")
+        .arg(out.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting spire-lab chaos")?;
+    let done = tokio::time::timeout(limit, child.wait_with_output())
+        .await
+        .context("spire-lab chaos did not finish in time")??;
+    let stdout = String::from_utf8_lossy(&done.stdout).into_owned();
+    anyhow::ensure!(
+        done.status.success(),
+        "spire-lab chaos failed ({}):\n{stdout}\n{}",
+        done.status,
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let records = serde_json::from_slice(&std::fs::read(out.path().join("runs.json"))?)
+        .context("runs.json")?;
+    Ok(ChaosRun {
+        records,
+        stdout,
+        out,
+    })
+}
