@@ -18,14 +18,15 @@
 //! Events are counted in `spire_healer_slo_events_total{slo, result}`; the
 //! alert rules compare their error ratio with `spire_healer_slo_objective`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
 use crate::clock::saturating_since;
 use crate::config::ConfigError;
-use crate::model::SvidObservation;
+use crate::model::{AgentView, StreamStatus, SvidObservation};
 
 /// How far SPIRE backdates an X.509-SVID's notBefore from the moment it
 /// signs it (`NotBeforeCushion` in SPIRE's `pkg/server/credtemplate`,
@@ -229,8 +230,50 @@ struct Tracked {
 /// replaced it).
 #[derive(Debug, Default)]
 pub struct Renewals {
-    /// Agent → SPIFFE ID → the serials it serves.
-    agents: HashMap<String, HashMap<String, Vec<Tracked>>>,
+    /// Agent → its ledger.
+    agents: HashMap<String, Ledger>,
+    /// Counts [`Renewals::end_tick`] calls.
+    generation: u64,
+}
+
+/// What one agent serves, as far as renewals are concerned.
+#[derive(Debug, Default)]
+struct Ledger {
+    /// SPIFFE ID → the serials it serves.
+    ids: HashMap<String, Vec<Tracked>>,
+    /// The answer judged last: the same view (or one listing the same
+    /// SVIDs in the same order) before `next_due` has nothing to judge, so
+    /// the steady tick looks no SVID up. Held, so the pointer comparison
+    /// cannot meet a freed and reused allocation.
+    last: Option<Arc<AgentView>>,
+    /// The earliest rotation point of a serial not judged yet.
+    next_due: Option<SystemTime>,
+    /// The [`Renewals::end_tick`] generation that last observed the agent.
+    seen: u64,
+}
+
+impl Ledger {
+    /// Whether `v` lists, in order, the SVIDs judged last.
+    fn unchanged(&self, v: &Arc<AgentView>) -> bool {
+        self.last.as_ref().is_some_and(|p| {
+            Arc::ptr_eq(p, v)
+                || (p.svids.len() == v.svids.len()
+                    && p.svids
+                        .iter()
+                        .zip(&v.svids)
+                        .all(|(a, b)| a.serial == b.serial && a.spiffe_id == b.spiffe_id))
+        })
+    }
+
+    /// The earliest rotation point still to judge.
+    fn next_due(&self) -> Option<SystemTime> {
+        self.ids
+            .values()
+            .flatten()
+            .filter(|t| !t.judged)
+            .map(|t| t.due)
+            .min()
+    }
 }
 
 /// Good and bad renewal events of one observation.
@@ -243,33 +286,52 @@ pub struct Judged {
 }
 
 impl Renewals {
-    /// Judges what `agent` serves at `now`. `served`: the Workload API
-    /// stream is up, so what it lists is what workloads get; while it is
-    /// not, a missed rotation point is not judged (the next answer shows
+    /// Judges what the agent of `v` serves at `now`. Only while its
+    /// Workload API stream is up is what it lists what workloads get; while
+    /// it is not, a missed rotation point is not judged (the next answer shows
     /// when the new serial was signed). `share` is the rotation point as a
     /// share of the lifetime, and `slack` how long after it SPIRE may still
     /// rotate on time (it only looks once per check period).
     pub fn observe(
         &mut self,
-        agent: &str,
-        served: bool,
+        v: &Arc<AgentView>,
+        share: f64,
+        slack: Duration,
+        now: SystemTime,
+    ) -> Judged {
+        if !self.agents.contains_key(v.agent.as_str()) {
+            self.agents.insert(v.agent.clone(), Ledger::default());
+        }
+        let generation = self.generation;
+        let Some(ledger) = self.agents.get_mut(v.agent.as_str()) else {
+            return Judged::default();
+        };
+        ledger.seen = generation;
+        if v.status != StreamStatus::Up {
+            return Judged::default();
+        }
+        let unchanged = ledger.unchanged(v);
+        ledger.last = Some(Arc::clone(v));
+        if unchanged && ledger.next_due.is_none_or(|due| now < due) {
+            return Judged::default();
+        }
+        let out = Self::judge(&mut ledger.ids, &v.svids, share, slack, now);
+        ledger.next_due = ledger.next_due();
+        out
+    }
+
+    /// [`Renewals::observe`] of an answer that changed, or past a
+    /// rotation point.
+    fn judge(
+        ids: &mut HashMap<String, Vec<Tracked>>,
         svids: &[SvidObservation],
         share: f64,
         slack: Duration,
         now: SystemTime,
     ) -> Judged {
         let mut out = Judged::default();
-        if !self.agents.contains_key(agent) {
-            self.agents.insert(agent.to_string(), HashMap::new());
-        }
-        let Some(ids) = self.agents.get_mut(agent) else {
-            return out;
-        };
-        if !served {
-            return out;
-        }
-        // The steady case: every serial already tracked; only rotation
-        // points that passed are looked for (one look-up per SVID).
+        // Every serial already tracked: only rotation points that passed
+        // are looked for (one look-up per SVID).
         let mut news = false;
         for s in svids.iter().filter(|s| !s.serial.is_empty()) {
             match ids
@@ -288,8 +350,15 @@ impl Renewals {
         if !news {
             return out;
         }
+        // Sets, not searches: a node serving thousands of SVIDs sees a new
+        // serial on most ticks.
+        let served: HashSet<(&str, &str)> = svids
+            .iter()
+            .map(|s| (s.spiffe_id.as_str(), s.serial.as_str()))
+            .collect();
+        let served_ids: HashSet<&str> = served.iter().map(|(id, _)| *id).collect();
         // SPIFFE IDs no longer served (entry deleted) are dropped unjudged.
-        ids.retain(|id, _| svids.iter().any(|s| &s.spiffe_id == id));
+        ids.retain(|id, _| served_ids.contains(id.as_str()));
         for s in svids.iter().filter(|s| !s.serial.is_empty()) {
             let tracked = ids.entry(s.spiffe_id.clone()).or_default();
             if tracked.iter().any(|t| t.serial == s.serial) {
@@ -298,9 +367,7 @@ impl Renewals {
             // A new serial: it replaces every tracked serial no longer served.
             let signed = s.not_before + NOT_BEFORE_CUSHION;
             tracked.retain(|t| {
-                let gone = !svids
-                    .iter()
-                    .any(|o| o.spiffe_id == s.spiffe_id && o.serial == t.serial);
+                let gone = !served.contains(&(s.spiffe_id.as_str(), t.serial.as_str()));
                 if gone && !t.judged {
                     if signed <= t.due {
                         out.good += 1;
@@ -330,15 +397,52 @@ impl Renewals {
         out
     }
 
-    /// Forgets agents not in `agents` (no longer configured or observed).
-    pub fn retain_agents(&mut self, agents: &[&str]) {
-        self.agents.retain(|a, _| agents.contains(&a.as_str()));
+    /// Ends a tick: forgets the agents [`Renewals::observe`] was not
+    /// called for since the previous call (no longer configured or
+    /// observed).
+    pub fn end_tick(&mut self) {
+        let generation = self.generation;
+        self.agents.retain(|_, l| l.seen == generation);
+        self.generation += 1;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A view of `agent` listing `svids`, its stream up when `served`.
+    fn view(agent: &str, served: bool, svids: &[SvidObservation]) -> Arc<AgentView> {
+        Arc::new(AgentView {
+            agent: agent.into(),
+            status: if served {
+                StreamStatus::Up
+            } else {
+                StreamStatus::Down
+            },
+            status_since: UNIX_EPOCH,
+            last_error: None,
+            last_message: None,
+            svids: svids.to_vec(),
+            bundle_authorities: 0,
+            bundle: Vec::new(),
+            rotations: 0,
+            updated_at: UNIX_EPOCH,
+        })
+    }
+
+    /// [`Renewals::observe`] of a fresh [`view`].
+    fn observe(
+        r: &mut Renewals,
+        agent: &str,
+        served: bool,
+        svids: &[SvidObservation],
+        share: f64,
+        slack: Duration,
+        now: SystemTime,
+    ) -> Judged {
+        r.observe(&view(agent, served, svids), share, slack, now)
+    }
     use std::time::UNIX_EPOCH;
 
     fn t(secs: u64) -> SystemTime {
@@ -415,17 +519,17 @@ mod tests {
         // the lifetime: 4 s); the replacement signed at 17 + 10 = 27 s
         // (notBefore is backdated 10 s) is on time with it.
         assert_eq!(
-            r.observe("x", true, &[svid("a", 0)], 0.65, slack, t(1)),
+            observe(&mut r, "x", true, &[svid("a", 0)], 0.65, slack, t(1)),
             Judged::default()
         );
         assert_eq!(
-            r.observe("x", true, &[svid("a", 0)], 0.65, slack, t(29)),
+            observe(&mut r, "x", true, &[svid("a", 0)], 0.65, slack, t(29)),
             Judged::default()
         );
-        let got = r.observe("x", true, &[svid("b", 17)], 0.65, slack, t(29));
+        let got = observe(&mut r, "x", true, &[svid("b", 17)], 0.65, slack, t(29));
         assert_eq!(got, Judged { good: 1, bad: 0 });
         // Without a replacement the point passes at 26 + 4 s.
-        let got = r.observe("x", true, &[svid("b", 17)], 0.65, slack, t(17 + 36));
+        let got = observe(&mut r, "x", true, &[svid("b", 17)], 0.65, slack, t(17 + 36));
         assert_eq!(got, Judged { good: 0, bad: 1 });
     }
 
@@ -445,6 +549,42 @@ mod tests {
     }
 
     /// Table of (now, served, svids) → (good, bad) for one agent, in order.
+    #[test]
+    fn an_unchanged_answer_is_judged_at_each_rotation_point_it_passes() {
+        let (a, b) = ("spiffe://td/a", "spiffe://td/b");
+        // a due at 650, b at 1_300 (share 0.65).
+        let both = vec![svid(a, "01", 0, 1_000), svid(b, "02", 0, 2_000)];
+        let swapped: Vec<_> = both.iter().rev().cloned().collect();
+        let mut r = Renewals::default();
+        let mut at = |now, svids: &[SvidObservation]| {
+            observe(&mut r, "agent", true, svids, 0.65, Duration::ZERO, t(now))
+        };
+        assert_eq!(at(10, &both), Judged::default());
+        assert_eq!(at(600, &both), Judged::default());
+        assert_eq!(at(700, &both), Judged { good: 0, bad: 1 }, "a missed");
+        // The same SVIDs in another order: nothing new, nothing judged twice.
+        assert_eq!(at(800, &swapped), Judged::default());
+        assert_eq!(at(1_200, &both), Judged::default());
+        assert_eq!(at(1_400, &both), Judged { good: 0, bad: 1 }, "b missed");
+        assert_eq!(at(1_500, &both), Judged::default());
+
+        // One view held across ticks (the steady daemon): its point is
+        // still judged when it passes, once.
+        let mut r = Renewals::default();
+        let v = view("held", true, &both);
+        let mut held = |now| {
+            let j = r.observe(&v, 0.65, Duration::ZERO, t(now));
+            r.end_tick();
+            j
+        };
+        assert_eq!(held(10), Judged::default());
+        assert_eq!(held(600), Judged::default());
+        assert_eq!(held(700), Judged { good: 0, bad: 1 });
+        assert_eq!(held(800), Judged::default());
+        assert_eq!(held(1_400), Judged { good: 0, bad: 1 });
+        assert_eq!(held(1_500), Judged::default());
+    }
+
     #[test]
     fn renewals_are_judged_once_per_svid() {
         let a = "spiffe://td/a";
@@ -470,7 +610,15 @@ mod tests {
         ];
         let mut r = Renewals::default();
         for (i, (now, served, svids, (good, bad))) in steps.into_iter().enumerate() {
-            let got = r.observe("agent", served, &svids, 0.65, Duration::ZERO, t(now));
+            let got = observe(
+                &mut r,
+                "agent",
+                served,
+                &svids,
+                0.65,
+                Duration::ZERO,
+                t(now),
+            );
             assert_eq!(got, Judged { good, bad }, "step {i} at {now}");
         }
     }
@@ -482,28 +630,31 @@ mod tests {
         let mut r = Renewals::default();
         let both = [svid(a, "01", 0, 1_000), svid(b, "0b", 0, 1_000)];
         assert_eq!(
-            r.observe("x", true, &both, 0.5, Duration::ZERO, t(10)),
+            observe(&mut r, "x", true, &both, 0.5, Duration::ZERO, t(10)),
             Judged::default()
         );
         assert_eq!(
-            r.observe("y", true, &both[..1], 0.5, Duration::ZERO, t(10)),
+            observe(&mut r, "y", true, &both[..1], 0.5, Duration::ZERO, t(10)),
             Judged::default()
         );
         // b's entry deleted before its point: forgotten, not bad.
         let only_a = [svid(a, "02", 100, 1_100)];
         assert_eq!(
-            r.observe("x", true, &only_a, 0.5, Duration::ZERO, t(120)),
+            observe(&mut r, "x", true, &only_a, 0.5, Duration::ZERO, t(120)),
             Judged { good: 1, bad: 0 }
         );
-        r.retain_agents(&["x"]);
+        // A tick that observes only x forgets y.
+        r.end_tick();
+        observe(&mut r, "x", true, &only_a, 0.5, Duration::ZERO, t(125));
+        r.end_tick();
         // y forgotten: its SVID is tracked afresh, nothing counted.
         assert_eq!(
-            r.observe("y", true, &both[..1], 0.5, Duration::ZERO, t(130)),
+            observe(&mut r, "y", true, &both[..1], 0.5, Duration::ZERO, t(130)),
             Judged::default()
         );
         // x's a at 100 + 500 = 600 missed.
         assert_eq!(
-            r.observe("x", true, &only_a, 0.5, Duration::ZERO, t(600)),
+            observe(&mut r, "x", true, &only_a, 0.5, Duration::ZERO, t(600)),
             Judged { good: 0, bad: 1 }
         );
     }
@@ -514,7 +665,7 @@ mod tests {
         let mut s = svid("spiffe://td/a", "", 0, 10);
         s.invalid = Some("no leaf".into());
         assert_eq!(
-            r.observe("x", true, &[s], 0.5, Duration::ZERO, t(100)),
+            observe(&mut r, "x", true, &[s], 0.5, Duration::ZERO, t(100)),
             Judged::default()
         );
     }

@@ -283,15 +283,11 @@ impl Supervisor {
         let (share, slack) = (th.rotation_overdue_open, th.rotation_check_slack);
         let (mut good, mut bad) = (0, 0);
         for v in &obs.agents {
-            let up = v.status == crate::model::StreamStatus::Up;
-            let j = self
-                .renewals
-                .observe(&v.agent, up, &v.svids, share, slack, now);
+            let j = self.renewals.observe(v, share, slack, now);
             good += j.good;
             bad += j.bad;
         }
-        let seen: Vec<&str> = obs.agents.iter().map(|v| v.agent.as_str()).collect();
-        self.renewals.retain_agents(&seen);
+        self.renewals.end_tick();
         self.metrics.slo_events(crate::slo::Sli::Renewal, good, bad);
     }
 
