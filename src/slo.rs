@@ -216,10 +216,20 @@ pub fn rotation_due(not_before: SystemTime, not_after: SystemTime, share: f64) -
     not_before + lifetime.mul_f64(share)
 }
 
+/// A 64-bit digest of a SPIFFE ID or a serial: the ledger holds one per
+/// served SVID, so it keeps digests, not copies (a collision between two
+/// SVIDs of one agent is ~n²/2⁶⁵ likely).
+fn digest(s: &str) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(s, &mut h);
+    std::hash::Hasher::finish(&h)
+}
+
 /// One served serial, until it is judged.
 #[derive(Debug, Clone, PartialEq)]
 struct Tracked {
-    serial: String,
+    /// [`digest`] of the serial.
+    serial: u64,
     due: SystemTime,
     judged: bool,
 }
@@ -239,8 +249,8 @@ pub struct Renewals {
 /// What one agent serves, as far as renewals are concerned.
 #[derive(Debug, Default)]
 struct Ledger {
-    /// SPIFFE ID → the serials it serves.
-    ids: HashMap<String, Vec<Tracked>>,
+    /// [`digest`] of a SPIFFE ID → the serials it serves.
+    ids: HashMap<u64, Vec<Tracked>>,
     /// The answer judged last: the same view (or one listing the same
     /// SVIDs in the same order) before `next_due` has nothing to judge, so
     /// the steady tick looks no SVID up. Held, so the pointer comparison
@@ -323,7 +333,7 @@ impl Renewals {
     /// [`Renewals::observe`] of an answer that changed, or past a
     /// rotation point.
     fn judge(
-        ids: &mut HashMap<String, Vec<Tracked>>,
+        ids: &mut HashMap<u64, Vec<Tracked>>,
         svids: &[SvidObservation],
         share: f64,
         slack: Duration,
@@ -333,10 +343,18 @@ impl Renewals {
         // Every serial already tracked: only rotation points that passed
         // are looked for (one look-up per SVID).
         let mut news = false;
-        for s in svids.iter().filter(|s| !s.serial.is_empty()) {
+        // (SPIFFE ID, serial) by their digests, as the ledger keeps them.
+        let listed: Vec<(u64, u64)> = svids
+            .iter()
+            .map(|s| (digest(&s.spiffe_id), digest(&s.serial)))
+            .collect();
+        for (s, &(id, serial)) in svids.iter().zip(&listed) {
+            if s.serial.is_empty() {
+                continue;
+            }
             match ids
-                .get_mut(&s.spiffe_id)
-                .and_then(|ts| ts.iter_mut().find(|t| t.serial == s.serial))
+                .get_mut(&id)
+                .and_then(|ts| ts.iter_mut().find(|t| t.serial == serial))
             {
                 Some(t) => {
                     if !t.judged && now >= t.due {
@@ -352,22 +370,22 @@ impl Renewals {
         }
         // Sets, not searches: a node serving thousands of SVIDs sees a new
         // serial on most ticks.
-        let served: HashSet<(&str, &str)> = svids
-            .iter()
-            .map(|s| (s.spiffe_id.as_str(), s.serial.as_str()))
-            .collect();
-        let served_ids: HashSet<&str> = served.iter().map(|(id, _)| *id).collect();
+        let served: HashSet<(u64, u64)> = listed.iter().copied().collect();
+        let served_ids: HashSet<u64> = served.iter().map(|&(id, _)| id).collect();
         // SPIFFE IDs no longer served (entry deleted) are dropped unjudged.
-        ids.retain(|id, _| served_ids.contains(id.as_str()));
-        for s in svids.iter().filter(|s| !s.serial.is_empty()) {
-            let tracked = ids.entry(s.spiffe_id.clone()).or_default();
-            if tracked.iter().any(|t| t.serial == s.serial) {
+        ids.retain(|id, _| served_ids.contains(id));
+        for (s, &(id, serial)) in svids.iter().zip(&listed) {
+            if s.serial.is_empty() {
+                continue;
+            }
+            let tracked = ids.entry(id).or_default();
+            if tracked.iter().any(|t| t.serial == serial) {
                 continue;
             }
             // A new serial: it replaces every tracked serial no longer served.
             let signed = s.not_before + NOT_BEFORE_CUSHION;
             tracked.retain(|t| {
-                let gone = !served.contains(&(s.spiffe_id.as_str(), t.serial.as_str()));
+                let gone = !served.contains(&(id, t.serial));
                 if gone && !t.judged {
                     if signed <= t.due {
                         out.good += 1;
@@ -389,7 +407,7 @@ impl Renewals {
                 out.bad += 1;
             }
             tracked.push(Tracked {
-                serial: s.serial.clone(),
+                serial,
                 due,
                 judged,
             });
