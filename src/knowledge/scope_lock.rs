@@ -252,7 +252,9 @@ async fn postgres(url: &str, agents: &[String], holder: &Holder) -> Result<Scope
         let held_by: Option<String> = sqlx::query(
             "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
              WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
-             AND l.classid::bigint = $1 AND l.objid::bigint = $2 LIMIT 1",
+             AND l.classid::bigint = $1 AND l.objid::bigint = $2 \
+             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             LIMIT 1",
         )
         .bind((key >> 32) & 0xffff_ffff)
         .bind(key & 0xffff_ffff)

@@ -38,13 +38,15 @@ fn label(n: u32) -> String {
 }
 
 /// Ends the session that holds `cfg`'s advisory lock, as the database does
-/// when its process is killed.
+/// when its process is killed. Advisory locks are per database and every
+/// test uses the same name in its own database: only this one's holder.
 async fn terminate_holder(url: &str, cfg: &LeadershipConfig) -> u64 {
     let key = lock_key(&cfg.name);
     let mut admin = sqlx::PgConnection::connect(url).await.unwrap();
     sqlx::query(
         "SELECT pg_terminate_backend(l.pid) FROM pg_locks l WHERE l.locktype = 'advisory' \
-         AND l.granted AND l.objsubid = 1 AND l.classid::bigint = $1 AND l.objid::bigint = $2",
+         AND l.granted AND l.objsubid = 1 AND l.classid::bigint = $1 AND l.objid::bigint = $2 \
+         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
     )
     .bind((key >> 32) & 0xffff_ffff)
     .bind(key & 0xffff_ffff)
