@@ -581,6 +581,47 @@ pub struct MetricsView {
     pub updated_at: SystemTime,
     /// Samples kept (filtered by the sensor's name list).
     pub samples: Vec<Sample>,
+    /// Agent: its syncs with its server as its counters showed them from
+    /// scrape to scrape; kept through failed scrapes, `None` until the
+    /// agent has counted a sync.
+    #[serde(default)]
+    pub sync: Option<SyncCounters>,
+}
+
+/// An agent's syncs with its server, from its own counters
+/// (`spire_agent_manager_sync_fetch_entries_updates`, one per sync, labelled
+/// by status) as successive scrapes read them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SyncCounters {
+    /// Successful syncs counted, as last read.
+    pub ok: f64,
+    /// Failed syncs counted, as last read.
+    pub failed: f64,
+    /// Failed syncs counted at `ok_seen_at`.
+    pub failed_at_ok: f64,
+    /// The scrape that first showed the latest successful sync (its count
+    /// rose): that sync happened before it, and none since, up to
+    /// `read_at`.
+    pub ok_seen_at: SystemTime,
+    /// The latest scrape that read the counters.
+    pub read_at: SystemTime,
+    /// `spire_agent_uptime_in_ms` as last read: a drop is a restart.
+    pub uptime_ms: Option<f64>,
+}
+
+impl SyncCounters {
+    /// How long the agent has certainly not synced: `read_at − ok_seen_at`
+    /// (a lower bound of the age of its last successful sync; a healthy
+    /// agent stays below its sync interval plus one sync's duration,
+    /// whatever the scrape period).
+    pub fn confirmed_stale(&self) -> Duration {
+        crate::clock::saturating_since(self.read_at, self.ok_seen_at)
+    }
+
+    /// Failed syncs counted since the latest successful one was seen.
+    pub fn failed_since_ok(&self) -> f64 {
+        (self.failed - self.failed_at_ok).max(0.0)
+    }
 }
 
 /// The leaf certificate a peer presented in a handshake.

@@ -26,7 +26,7 @@ use serde_json::json;
 use crate::clock::{saturating_since, unix_millis};
 use crate::model::{
     AgentDebugView, AgentTtl, EntryLookup, EntrySummary, LearnedTtls, Observations, Role,
-    ServerAgent, ServerView, Severity, Subject, Symptom, SymptomKey, SymptomKind,
+    ServerAgent, ServerView, Severity, Subject, Symptom, SymptomKey, SymptomKind, SyncCounters,
 };
 use crate::policy::Thresholds;
 
@@ -84,6 +84,9 @@ struct Context<'a> {
     /// learned): servers are few, so a scan beats hashing a name per
     /// listed agent.
     ttls: Vec<(&'a str, Option<AgentTtl>)>,
+    /// Per configured agent name, its sync counters from a metrics
+    /// endpoint that answered at the last scrape.
+    sync_counters: HashMap<&'a str, &'a SyncCounters>,
 }
 
 /// One agent as listed by a server.
@@ -166,6 +169,12 @@ impl<'a> Context<'a> {
             }
         }
         let current = current.into_iter().map(|(n, (id, _))| (n, id)).collect();
+        let sync_counters = obs
+            .metrics
+            .iter()
+            .filter(|m| m.role == Role::Agent && m.reachable)
+            .filter_map(|m| m.sync.as_ref().map(|c| (m.target.as_str(), c)))
+            .collect();
         Self {
             obs,
             th,
@@ -175,6 +184,7 @@ impl<'a> Context<'a> {
             trust_domain,
             listed,
             current,
+            sync_counters,
             ttls: obs
                 .servers
                 .iter()
@@ -304,6 +314,11 @@ impl Found<'_> {
 /// sync interval (plus a second of truncation). The confirmed age only says
 /// "no sync until then": an answer about to be recomputed cannot make it
 /// smaller than the truth, so a healthy agent never opens.
+///
+/// When the agent's metrics endpoint is scraped, its sync counters give a
+/// second confirmed age with no cache in the way ([`SyncCounters::confirmed_stale`]):
+/// either one past `sync_stale_open` opens, and it closes only when the
+/// Debug API's is below `sync_stale_close` and the counters' too.
 fn agent_sync_stale(cx: &Context<'_>, out: &mut Found<'_>) {
     let (th, now) = (cx.th, cx.now);
     for d in &cx.obs.agent_debug {
@@ -319,9 +334,15 @@ fn agent_sync_stale(cx: &Context<'_>, out: &mut Found<'_>) {
                 .unwrap_or(d.updated_at)
         });
         let confirmed = saturating_since(answered_after, last);
+        let counters = cx.sync_counters.get(d.agent.as_str()).copied();
+        let counted = counters.map(SyncCounters::confirmed_stale);
         let (open_if, close_if) = (
-            d.reachable && confirmed > th.sync_stale_open,
-            d.reachable && confirmed < th.sync_stale_close,
+            d.reachable
+                && (confirmed > th.sync_stale_open
+                    || counted.is_some_and(|c| c > th.sync_stale_open)),
+            d.reachable
+                && confirmed < th.sync_stale_close
+                && counted.is_none_or(|c| c < th.sync_stale_close),
         );
         // This runs for every agent on every tick: build nothing for the
         // healthy ones.
@@ -342,7 +363,15 @@ fn agent_sync_stale(cx: &Context<'_>, out: &mut Found<'_>) {
                 ),
                 predicted_outage: outage,
                 evidence: json!({
-                    "signal": "agent_debug_last_sync",
+                    "signal": if confirmed <= th.sync_stale_open
+                        && counted.is_some_and(|c| c > th.sync_stale_open)
+                    {
+                        "agent_metrics_sync_counters"
+                    } else {
+                        "agent_debug_last_sync"
+                    },
+                    "metrics_confirmed_age_ms": counted.map(|c| c.as_millis() as u64),
+                    "metrics_failed_syncs": counters.map(SyncCounters::failed_since_ok),
                     "last_sync_success_ms": unix_millis(last),
                     "answered_after_ms": unix_millis(answered_after),
                     "confirmed_age_ms": confirmed.as_millis() as u64,

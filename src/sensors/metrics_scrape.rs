@@ -33,7 +33,7 @@ use super::envoy_tls::{DEFAULT_MAX_SERIES, ENVOY_KEEP, EnvoyTls};
 use crate::clock::Clock;
 use crate::handshake::{Counter, Source};
 use crate::http_client::{self, DEFAULT_MAX_BODY, Options};
-use crate::model::{MetricsView, Reading, Role, Sample};
+use crate::model::{MetricsView, Reading, Role, Sample, SyncCounters};
 use crate::telemetry::Metrics;
 
 /// `Accept` header: the text format, which is all we parse.
@@ -182,6 +182,50 @@ pub fn sync_successes(samples: &[Sample]) -> Option<f64> {
     )
 }
 
+/// Agent: its sync counters after a scrape at `at` read `samples`, given
+/// what the previous scrapes read (`prev`).
+///
+/// `None` while the agent has counted no sync (the metric is absent: it
+/// has just started). The latest successful sync is "seen" at the first
+/// scrape whose OK count is higher than the previous one's, or after a
+/// restart (uptime dropped), or when the OK series reappears with a lower
+/// count (go-metrics' Prometheus sink drops a series left unchanged for a
+/// while and starts it again at the next increment). An OK series gone
+/// while failures are still counted (`0`) is such an expiry: nothing
+/// succeeded, so the count read before is kept.
+pub fn track_sync(
+    prev: Option<&SyncCounters>,
+    samples: &[Sample],
+    at: SystemTime,
+) -> Option<SyncCounters> {
+    let ok = sync_successes(samples)?;
+    let failed = sync_failures(samples).unwrap_or(0.0);
+    let uptime_ms = gauge(samples, "spire_agent_uptime_in_ms");
+    let fresh = SyncCounters {
+        ok,
+        failed,
+        failed_at_ok: failed,
+        ok_seen_at: at,
+        read_at: at,
+        uptime_ms,
+    };
+    let Some(p) = prev else {
+        return Some(fresh);
+    };
+    let restarted = matches!((p.uptime_ms, uptime_ms), (Some(before), Some(now)) if now < before);
+    if restarted || ok > p.ok || (ok > 0.0 && ok < p.ok) {
+        return Some(fresh);
+    }
+    Some(SyncCounters {
+        ok: p.ok,
+        failed,
+        failed_at_ok: p.failed_at_ok.min(failed),
+        ok_seen_at: p.ok_seen_at,
+        read_at: at,
+        uptime_ms: uptime_ms.or(p.uptime_ms),
+    })
+}
+
 /// Agent: failed renewals of the agent's own SVID,
 /// `sum(spire_agent_agent_svid_rotate{status!="OK"})`.
 pub fn agent_svid_rotate_failures(samples: &[Sample]) -> Option<f64> {
@@ -268,6 +312,7 @@ pub fn build(
         last_error: None,
         updated_at: clock.now(),
         samples: Vec::new(),
+        sync: None,
     }));
     (
         super::Snapshot::new(
@@ -428,6 +473,10 @@ impl MetricsScrapeTask {
             }
         };
         let changed = previous.reachable != reachable || previous.last_error != last_error;
+        let sync = match (self.settings.role, reachable) {
+            (Role::Agent, true) => track_sync(previous.sync.as_ref(), &samples, now),
+            _ => previous.sync,
+        };
         self.send_view(MetricsView {
             target: target.clone(),
             role: self.settings.role,
@@ -435,6 +484,7 @@ impl MetricsScrapeTask {
             last_error,
             updated_at: now,
             samples,
+            sync,
         });
         if changed {
             self.wake.notify_one();

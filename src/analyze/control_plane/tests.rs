@@ -953,3 +953,67 @@ fn sync_stale_severity_uses_the_listing_servers_ttl() {
     assert_eq!(stale(&learned(600, TtlSource::Learned)), Severity::Warning);
     assert_eq!(stale(&hour()), Severity::Critical);
 }
+
+/// Agent `agent`'s metrics view: sync counters that last rose at
+/// `ok_seen` and were read at `read`.
+fn counters(
+    agent: &str,
+    ok_seen: u64,
+    read: u64,
+    reachable: bool,
+) -> Arc<crate::model::MetricsView> {
+    Arc::new(crate::model::MetricsView {
+        target: agent.into(),
+        role: Role::Agent,
+        reachable,
+        last_error: None,
+        updated_at: t(read),
+        samples: Vec::new(),
+        sync: Some(SyncCounters {
+            ok: 10.0,
+            failed: 3.0,
+            failed_at_ok: 1.0,
+            ok_seen_at: t(ok_seen),
+            read_at: t(read),
+            uptime_ms: Some(1e6),
+        }),
+    })
+}
+
+/// The agent's sync counters open `agent_sync_stale` before its cached
+/// Debug answer shows the age, and it closes only when both are fresh.
+#[test]
+fn sync_counters_open_sync_loss_before_the_debug_answer_and_both_close_it() {
+    let open = |k: &SymptomKey| k.kind == SymptomKind::AgentSyncStale;
+    let judge = |debug_sync: u64, ok_seen: u64, reachable: bool, is_open: bool| {
+        // The Debug answer was computed at 100 (cached); counters read at 101.
+        let obs = Observations {
+            agent_debug: vec![debug("a", debug_sync, 100)],
+            metrics: vec![counters("a", ok_seen, 101, reachable)],
+            ..Default::default()
+        };
+        let none = |_: &SymptomKey| false;
+        let is_open: &dyn Fn(&SymptomKey) -> bool = if is_open { &open } else { &none };
+        control_plane(&obs, 0, is_open, &th(), &hour(), t(101))
+    };
+    // Debug says 4 s, the counters 9 s: opens, on the counters' word.
+    let got = judge(96, 92, true, false);
+    assert_eq!(
+        kinds(&got),
+        vec![(SymptomKind::AgentSyncStale, "agent:a".into())]
+    );
+    assert_eq!(got[0].evidence["signal"], "agent_metrics_sync_counters");
+    assert_eq!(got[0].evidence["metrics_confirmed_age_ms"], 9_000);
+    assert_eq!(got[0].evidence["metrics_failed_syncs"], 2.0);
+    // Healthy by both: nothing.
+    assert!(judge(97, 98, true, false).is_empty());
+    // The counters of an endpoint that did not answer say nothing.
+    assert!(judge(96, 92, false, false).is_empty());
+    // Open: the Debug answer is fresh but the counters are still 7 s old
+    // (between close and open): stays open; fresh counters close it.
+    assert_eq!(judge(97, 94, true, true).len(), 1);
+    assert!(judge(97, 97, true, true).is_empty());
+    // Debug stale, counters fresh: Debug's word opens (and keeps) it.
+    let got = judge(90, 100, true, false);
+    assert_eq!(got[0].evidence["signal"], "agent_debug_last_sync");
+}

@@ -120,6 +120,7 @@ fn observations() -> Observations {
             labels: vec![("listener".into(), "l1".into())],
             value: 12.5,
         }],
+        sync: None,
     };
     let probe_result = ProbeResult {
         reason: Reason::UnknownCa,

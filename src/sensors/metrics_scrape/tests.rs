@@ -1001,3 +1001,62 @@ async fn agents_ignore_the_handshake_counter() {
     assert!(counter.drain().is_empty());
     r.stop().await;
 }
+
+/// Agent sync counters from scrape to scrape: a rise is a sync seen, a
+/// stall ages, a restart or an expired-then-recreated OK series starts
+/// afresh, an OK series gone while failures count keeps the age.
+#[test]
+fn sync_counters_follow_the_agents_syncs() {
+    use std::time::{Duration, UNIX_EPOCH};
+    let t = |s: u64| UNIX_EPOCH + Duration::from_secs(1_700_000_000 + s);
+    let sample = |status: &str, v: f64| Sample {
+        name: "spire_agent_manager_sync_fetch_entries_updates".into(),
+        labels: vec![
+            ("host".into(), "h".into()),
+            ("status".into(), status.into()),
+        ],
+        value: v,
+    };
+    let uptime = |ms: f64| Sample {
+        name: "spire_agent_uptime_in_ms".into(),
+        labels: vec![("host".into(), "h".into())],
+        value: ms,
+    };
+    // No sync counted yet: unknown.
+    assert_eq!(track_sync(None, &[uptime(1_000.0)], t(0)), None);
+    let c = track_sync(None, &[sample("OK", 5.0), uptime(5_000.0)], t(1)).unwrap();
+    assert_eq!((c.ok_seen_at, c.confirmed_stale()), (t(1), Duration::ZERO));
+    // A sync: seen at the scrape that shows it.
+    let c = track_sync(Some(&c), &[sample("OK", 6.0), uptime(6_000.0)], t(2)).unwrap();
+    assert_eq!(c.ok_seen_at, t(2));
+    // The server is lost: failures, no OK rise; the age grows.
+    let failing = [
+        sample("OK", 6.0),
+        sample("Unavailable", 2.0),
+        uptime(9_000.0),
+    ];
+    let c = track_sync(Some(&c), &failing, t(9)).unwrap();
+    assert_eq!(c.confirmed_stale(), Duration::from_secs(7));
+    assert_eq!(c.failed_since_ok(), 2.0);
+    // The OK series expired (go-metrics) while failures go on: still stale.
+    let expired = [sample("Unavailable", 5.0), uptime(20_000.0)];
+    let c = track_sync(Some(&c), &expired, t(20)).unwrap();
+    assert_eq!((c.ok, c.confirmed_stale()), (6.0, Duration::from_secs(18)));
+    assert_eq!(c.failed_since_ok(), 5.0);
+    // Back: the OK series starts again lower: a sync.
+    let back = [
+        sample("OK", 1.0),
+        sample("Unavailable", 5.0),
+        uptime(21_000.0),
+    ];
+    let c = track_sync(Some(&c), &back, t(21)).unwrap();
+    assert_eq!((c.ok_seen_at, c.failed_since_ok()), (t(21), 0.0));
+    // A restart (uptime dropped) with an OK count equal by chance: afresh.
+    let restarted = [sample("OK", 1.0), uptime(500.0)];
+    let c2 = track_sync(Some(&c), &restarted, t(40)).unwrap();
+    assert_eq!(c2.ok_seen_at, t(40));
+    // Without the restart, the same count at 40 is 19 s without a sync.
+    let same = [sample("OK", 1.0), uptime(40_000.0)];
+    let c3 = track_sync(Some(&c), &same, t(40)).unwrap();
+    assert_eq!(c3.confirmed_stale(), Duration::from_secs(19));
+}
