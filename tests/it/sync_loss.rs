@@ -18,6 +18,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, ensure};
 use spire_healer::clock::{Clock, SystemClock, unix_millis};
+use spire_healer::model::SyncCounters;
+use spire_healer::sensors::metrics_scrape;
 use spire_healer::spire_api::AgentAdminClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -123,21 +125,33 @@ async fn sync_loss_at_default_thresholds() -> Result<()> {
     })
     .await?;
 
-    // 1. Healthy.
+    // 1. Healthy. Each agent's sync counters are followed too, as the
+    // metrics sensor does (every 500 ms here; the sensor scrapes every poll).
     let healthy_until = tokio::time::Instant::now() + Duration::from_secs(healthy_secs);
+    let mut counters: Vec<Option<SyncCounters>> = vec![None; watches.len()];
+    let mut counted_max = vec![Duration::ZERO; watches.len()];
     while tokio::time::Instant::now() < healthy_until {
         for w in &mut watches {
             w.read().await?;
+        }
+        for (j, tracked) in counters.iter_mut().enumerate() {
+            let text = sync_metrics(&c.lab.agent(j).metrics_url()).await?;
+            let samples = metrics_scrape::parse(&text)?;
+            *tracked = metrics_scrape::track_sync(tracked.as_ref(), &samples, SystemClock.now());
+            if let Some(t) = tracked {
+                counted_max[j] = counted_max[j].max(t.confirmed_stale());
+            }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let healthy: Vec<Ages> = watches.iter().map(|w| w.ages).collect();
     for (j, a) in healthy.iter().enumerate() {
         println!(
-            "sync_loss: healthy agent-{j} over {healthy_secs}s ({} reads): max age as read {:.1}s, max age at the answer {:.1}s",
+            "sync_loss: healthy agent-{j} over {healthy_secs}s ({} reads): max age as read {:.1}s, max age at the answer {:.1}s, max age by its sync counters {:.1}s",
             a.reads,
             a.read_max as f64 / 1000.0,
             a.answered_max as f64 / 1000.0,
+            counted_max[j].as_secs_f64(),
         );
     }
     let stale: Vec<_> = c
