@@ -1007,7 +1007,6 @@ async fn agents_ignore_the_handshake_counter() {
 /// afresh, an OK series gone while failures count keeps the age.
 #[test]
 fn sync_counters_follow_the_agents_syncs() {
-    use std::time::{Duration, UNIX_EPOCH};
     let t = |s: u64| UNIX_EPOCH + Duration::from_secs(1_700_000_000 + s);
     let sample = |status: &str, v: f64| Sample {
         name: "spire_agent_manager_sync_fetch_entries_updates".into(),
