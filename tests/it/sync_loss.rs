@@ -228,8 +228,10 @@ async fn sync_loss_at_default_thresholds() -> Result<()> {
         "{evidence:#}"
     );
     if signal == "agent_metrics_sync_counters" {
+        // Past 8 s when judged; the evidence truncates to whole
+        // milliseconds, so it may read 8000.
         let counted = evidence["metrics_confirmed_age_ms"].as_u64().unwrap_or(0);
-        assert!(counted > 8_000, "{evidence:#}");
+        assert!(counted >= 8_000, "{evidence:#}");
     }
     println!(
         "sync_loss: agent_sync_stale opened {:.1}s after the kill, {:.1}s after agent-0's last successful sync (second-truncated); evidence {evidence}",
